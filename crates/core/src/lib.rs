@@ -1,0 +1,65 @@
+//! fieldsync-core: what an entity is and how it merges, with no IO and no clock.
+//!
+//! - [`schema`]: collections, fields and their merge [`schema::Rule`]s, parsed from TOML.
+//! - [`patch`]: the JSON patch language, checked against the schema before any write.
+//! - [`entity`]: one Automerge document per entity; the view, conflicts, proposals and
+//!   history are pure functions of the document, so replicas with the same changes agree.
+//! - [`authority`]: confirmed values signed by the workspace authority.
+//! - [`bundle`]: the file format that carries documents between nodes with no network.
+//! - [`workspace`]: the workspace identity and the invite that carries it.
+//!
+//! Time, randomness and storage come from the caller (see the `fieldsync` crate).
+
+pub mod authority;
+pub mod bundle;
+pub mod entity;
+pub mod ids;
+pub mod patch;
+pub mod schema;
+pub mod workspace;
+
+pub use entity::{Conflict, ConflictState, Entity, HistoryEntry, Proposal, View, Writer};
+pub use ids::{ConflictId, EntityId, PeerId, ProposalId, Seq, WorkspaceId};
+pub use patch::{FieldOp, Patch};
+pub use schema::{Collection, OnDelete, Rule, Schema};
+pub use workspace::{Invite, Workspace};
+
+/// Everything that can go wrong in the core. Expected outcomes of merging (conflicts,
+/// proposals, forged values being ignored) are data, not errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The schema text is not valid.
+    #[error("invalid schema: {0}")]
+    Schema(String),
+    /// A patch does not fit its collection's schema.
+    #[error("invalid patch: {0}")]
+    Patch(String),
+    /// The named collection is not in the schema.
+    #[error("unknown collection {name:?}; the schema has: {known}")]
+    UnknownCollection { name: String, known: String },
+    /// The entity is deleted and its collection does not let updates revive it.
+    #[error("entity {0} is deleted")]
+    Deleted(EntityId),
+    /// A conflict or proposal that does not exist (or no longer does).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// Only the workspace authority may do this.
+    #[error("only the workspace authority can settle proposals; this node is a device")]
+    NotAuthority,
+    /// A document could not be read or written.
+    #[error("bad document: {0}")]
+    Document(String),
+    /// A bundle file is not valid.
+    #[error("invalid bundle: {0}")]
+    Bundle(String),
+    /// An invite is not valid.
+    #[error("invalid invite: {0}")]
+    Invite(String),
+}
+
+impl Error {
+    pub(crate) fn automerge(e: impl std::fmt::Display) -> Self {
+        Error::Document(e.to_string())
+    }
+}

@@ -1,0 +1,259 @@
+//! The workspace schema: collections, their fields and each field's merge rule.
+//!
+//! Written in TOML and fixed at `init`; every node of a workspace holds the same text.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::Error;
+
+/// How concurrent writes to one field merge. Semantics in ARCHITECTURE.md.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rule {
+    /// Automerge's deterministic winner.
+    Lww,
+    /// The highest value in `order` wins among concurrent values.
+    Rank { order: Vec<String> },
+    /// Largest concurrent number wins.
+    Max,
+    /// Smallest concurrent number wins.
+    Min,
+    /// Increments add up.
+    Counter,
+    /// Add-wins set of scalars.
+    Set,
+    /// Character-level merge of a string.
+    Text,
+    /// Only values signed by the workspace authority count; other writes are proposals.
+    Authority,
+    /// Concurrent values open a conflict until a write that has seen them all.
+    Manual,
+}
+
+impl Rule {
+    /// The rule's name as written in the schema.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Rule::Lww => "lww",
+            Rule::Rank { .. } => "rank",
+            Rule::Max => "max",
+            Rule::Min => "min",
+            Rule::Counter => "counter",
+            Rule::Set => "set",
+            Rule::Text => "text",
+            Rule::Authority => "authority",
+            Rule::Manual => "manual",
+        }
+    }
+}
+
+/// What a delete does against a concurrent update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDelete {
+    /// The entity stays deleted (default).
+    #[default]
+    DeleteWins,
+    /// A concurrent update revives the entity.
+    UpdateWins,
+}
+
+/// One declared field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldSpec {
+    pub rule: Rule,
+    /// For `authority` fields: the authority confirms valid proposals on receipt.
+    pub auto_accept: bool,
+}
+
+/// One collection of entities.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Collection {
+    pub on_delete: OnDelete,
+    pub fields: BTreeMap<String, FieldSpec>,
+}
+
+impl Collection {
+    /// The rule of `field`; undeclared fields are `lww`.
+    pub fn rule(&self, field: &str) -> &Rule {
+        static LWW: Rule = Rule::Lww;
+        self.fields.get(field).map(|f| &f.rule).unwrap_or(&LWW)
+    }
+}
+
+/// The parsed schema plus the exact text it came from (which travels in invites).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Schema {
+    pub collections: BTreeMap<String, Collection>,
+    source: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchema {
+    #[serde(default)]
+    collections: BTreeMap<String, RawCollection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCollection {
+    #[serde(default)]
+    on_delete: OnDelete,
+    #[serde(default)]
+    fields: BTreeMap<String, RawField>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawField {
+    rule: String,
+    order: Option<Vec<String>>,
+    #[serde(default)]
+    auto_accept: bool,
+}
+
+/// Collection and field names: letters, digits, `_` and `-`, not starting with `_`
+/// (reserved keys start with `_`).
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl Schema {
+    /// Parses and checks a schema written in TOML.
+    pub fn from_toml(text: &str) -> Result<Self, Error> {
+        let raw: RawSchema = toml::from_str(text).map_err(|e| Error::Schema(e.to_string()))?;
+        if raw.collections.is_empty() {
+            return Err(Error::Schema("the schema declares no collection; add a [collections.NAME] table".into()));
+        }
+        let mut collections = BTreeMap::new();
+        for (cname, rc) in raw.collections {
+            if !valid_name(&cname) {
+                return Err(Error::Schema(format!(
+                    "collection name {cname:?} must use letters, digits, '_' or '-' and not start with '_'"
+                )));
+            }
+            let mut fields = BTreeMap::new();
+            for (fname, rf) in rc.fields {
+                if !valid_name(&fname) {
+                    return Err(Error::Schema(format!(
+                        "field name {cname}.{fname:?} must use letters, digits, '_' or '-' and not start with '_'"
+                    )));
+                }
+                let rule = match (rf.rule.as_str(), rf.order) {
+                    ("rank", Some(order)) => {
+                        let mut seen = std::collections::BTreeSet::new();
+                        if order.is_empty() || !order.iter().all(|v| seen.insert(v.clone())) {
+                            return Err(Error::Schema(format!(
+                                "{cname}.{fname}: `order` must list distinct values, lowest rank first"
+                            )));
+                        }
+                        Rule::Rank { order }
+                    }
+                    ("rank", None) => {
+                        return Err(Error::Schema(format!(
+                            "{cname}.{fname}: rule \"rank\" needs `order = [lowest, …, highest]`"
+                        )))
+                    }
+                    (other, Some(_)) => {
+                        return Err(Error::Schema(format!(
+                            "{cname}.{fname}: `order` only applies to rule \"rank\", not {other:?}"
+                        )))
+                    }
+                    ("lww", None) => Rule::Lww,
+                    ("max", None) => Rule::Max,
+                    ("min", None) => Rule::Min,
+                    ("counter", None) => Rule::Counter,
+                    ("set", None) => Rule::Set,
+                    ("text", None) => Rule::Text,
+                    ("authority", None) => Rule::Authority,
+                    ("manual", None) => Rule::Manual,
+                    (other, None) => {
+                        return Err(Error::Schema(format!(
+                            "{cname}.{fname}: unknown rule {other:?}; expected one of lww, rank, max, min, counter, set, text, authority, manual"
+                        )))
+                    }
+                };
+                if rf.auto_accept && rule != Rule::Authority {
+                    return Err(Error::Schema(format!(
+                        "{cname}.{fname}: `auto_accept` only applies to rule \"authority\""
+                    )));
+                }
+                fields.insert(fname, FieldSpec { rule, auto_accept: rf.auto_accept });
+            }
+            collections.insert(cname, Collection { on_delete: rc.on_delete, fields });
+        }
+        Ok(Schema { collections, source: text.to_owned() })
+    }
+
+    /// The TOML text this schema was parsed from.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The named collection, or [`Error::UnknownCollection`].
+    pub fn collection(&self, name: &str) -> Result<&Collection, Error> {
+        self.collections.get(name).ok_or_else(|| Error::UnknownCollection {
+            name: name.to_owned(),
+            known: self.collections.keys().cloned().collect::<Vec<_>>().join(", "),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+[collections.tasks]
+on_delete = "delete_wins"
+[collections.tasks.fields]
+status   = { rule = "rank", order = ["open", "in_progress", "completed"] }
+progress = { rule = "max" }
+tags     = { rule = "set" }
+notes    = { rule = "text" }
+[collections.inventory.fields]
+stock    = { rule = "counter" }
+[collections.payments.fields]
+amount   = { rule = "authority" }
+status   = { rule = "authority", auto_accept = true }
+[collections.shifts]
+on_delete = "update_wins"
+[collections.shifts.fields]
+start    = { rule = "manual" }
+"#;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let s = Schema::from_toml(EXAMPLE).unwrap();
+        assert_eq!(s.collections.len(), 4);
+        let tasks = s.collection("tasks").unwrap();
+        assert_eq!(tasks.rule("status").name(), "rank");
+        assert_eq!(tasks.rule("undeclared"), &Rule::Lww);
+        assert!(s.collection("payments").unwrap().fields["status"].auto_accept);
+        assert_eq!(s.collection("shifts").unwrap().on_delete, OnDelete::UpdateWins);
+        assert!(matches!(s.collection("nope"), Err(Error::UnknownCollection { .. })));
+    }
+
+    #[test]
+    fn rejects_bad_schemas_with_a_reason() {
+        for (bad, needle) in [
+            ("[collections.t.fields]\nx = { rule = \"rank\" }", "needs `order"),
+            ("[collections.t.fields]\nx = { rule = \"bogus\" }", "unknown rule"),
+            ("[collections.t.fields]\nx = { rule = \"max\", order = [\"a\"] }", "only applies"),
+            ("[collections.t.fields]\n_x = { rule = \"max\" }", "must use letters"),
+            ("[collections.t.fields]\nx = { rule = \"max\", auto_accept = true }", "auto_accept"),
+            ("[collections.t]\non_delete = \"sometimes\"", "unknown variant"),
+            ("", "no collection"),
+            ("[collections.t.fields]\nx = { rule = \"rank\", order = [\"a\", \"a\"] }", "distinct"),
+        ] {
+            let err = Schema::from_toml(bad).unwrap_err().to_string();
+            assert!(err.contains(needle), "{bad:?} gave {err:?}");
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! The workspace a node belongs to: its id, schema and authority key; and the invite that
+//! carries them to a joining device.
+
+use libp2p_identity::ed25519;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{PeerId, WorkspaceId};
+use crate::schema::Schema;
+use crate::Error;
+
+/// Everything a node needs to read and check a workspace's documents.
+#[derive(Clone, Debug)]
+pub struct Workspace {
+    pub id: WorkspaceId,
+    pub schema: Schema,
+    /// The authority's public key: only values signed with it show as confirmed.
+    pub authority: ed25519::PublicKey,
+}
+
+impl Workspace {
+    /// The authority's peer id.
+    pub fn authority_peer(&self) -> PeerId {
+        libp2p_identity::PublicKey::from(self.authority.clone()).to_peer_id()
+    }
+}
+
+/// The JSON an authority hands to a device so it can join (`fieldsync invite`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Invite {
+    /// Always `"fieldsync-invite/1"`.
+    pub format: String,
+    pub workspace: WorkspaceId,
+    /// The schema's TOML text.
+    pub schema: String,
+    /// The authority's ed25519 public key, hex.
+    pub authority_public_key: String,
+    pub authority_peer_id: String,
+}
+
+/// The `format` tag of invites this version writes and reads.
+pub const INVITE_FORMAT: &str = "fieldsync-invite/1";
+/// Invites larger than this are refused before parsing.
+pub const MAX_INVITE_BYTES: usize = 1 << 20;
+
+impl Invite {
+    /// The invite for `workspace`.
+    pub fn new(workspace: &Workspace) -> Self {
+        Invite {
+            format: INVITE_FORMAT.into(),
+            workspace: workspace.id,
+            schema: workspace.schema.source().to_owned(),
+            authority_public_key: hex::encode(workspace.authority.to_bytes()),
+            authority_peer_id: workspace.authority_peer().to_string(),
+        }
+    }
+
+    /// Parses and checks an invite; the workspace it describes.
+    pub fn decode(bytes: &[u8]) -> Result<Workspace, Error> {
+        if bytes.len() > MAX_INVITE_BYTES {
+            return Err(Error::Invite(format!("{} bytes is over the {MAX_INVITE_BYTES}-byte limit", bytes.len())));
+        }
+        let invite: Invite = serde_json::from_slice(bytes).map_err(|e| Error::Invite(e.to_string()))?;
+        if invite.format != INVITE_FORMAT {
+            return Err(Error::Invite(format!("format {:?} is not {INVITE_FORMAT:?}", invite.format)));
+        }
+        let key_bytes = hex::decode(&invite.authority_public_key)
+            .map_err(|e| Error::Invite(format!("authority_public_key: {e}")))?;
+        let authority = ed25519::PublicKey::try_from_bytes(&key_bytes)
+            .map_err(|e| Error::Invite(format!("authority_public_key: {e}")))?;
+        let workspace = Workspace { id: invite.workspace, schema: Schema::from_toml(&invite.schema)?, authority };
+        if workspace.authority_peer().to_string() != invite.authority_peer_id {
+            return Err(Error::Invite("authority_peer_id does not match authority_public_key".into()));
+        }
+        Ok(workspace)
+    }
+}

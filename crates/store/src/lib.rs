@@ -1,0 +1,492 @@
+//! fieldsync-store: durable storage of entity documents, the local changes feed, derived
+//! indexes and node metadata, behind the narrow [`Store`] trait, with a sled engine.
+//!
+//! # Layout (one sled tree, keys by prefix)
+//! | prefix | key | value |
+//! |---|---|---|
+//! | `d` | entity id | compact document snapshot |
+//! | `c` | entity id, u32 chunk no | a change chunk appended since the snapshot |
+//! | `e` | entity id | [`EntityRecord`] (collection, feed seq, chunk count, index keys) |
+//! | `v` | collection, `0`, entity id | the entity's view (JSON), for list and filter |
+//! | `f` | u64 seq | entity id: the changes feed, one live entry per entity |
+//! | `x` | index name, `0`, key | derived index entry (conflicts, proposals) |
+//! | `m` | name | metadata (identity, workspace, checkpoints) |
+//!
+//! Every [`Store::commit`] is one atomic sled batch. It is durable once
+//! [`Store::wait_durable`] returns: concurrent writers share one flush (group commit).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+
+/// An entity id as stored: 16 bytes (a UUID).
+pub type EntityKey = [u8; 16];
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The storage engine failed (disk full, permissions, corruption).
+    #[error("storage failed: {0}. Check the disk and permissions of the data directory, then retry")]
+    Engine(#[from] sled::Error),
+    /// Stored bytes could not be decoded.
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    /// An earlier flush failed, so durability is unknown.
+    #[error("a previous flush failed ({0}); close and reopen the store")]
+    FlushFailed(String),
+}
+
+/// How an entity's document changes in a commit.
+#[derive(Debug, Clone)]
+pub enum DocWrite {
+    /// Replace snapshot and all chunks with this compact document.
+    Snapshot(Vec<u8>),
+    /// Append one change chunk.
+    Append(Vec<u8>),
+}
+
+/// One entity's part of a commit.
+#[derive(Debug, Clone)]
+pub struct EntityWrite {
+    pub id: EntityKey,
+    pub collection: String,
+    pub doc: DocWrite,
+    /// The view (JSON) for list and filter.
+    pub view: Vec<u8>,
+    /// The entity's derived index entries, replacing its previous ones:
+    /// (index name, key, value).
+    pub index: Vec<(String, Vec<u8>, Vec<u8>)>,
+}
+
+/// What the store keeps per entity besides its document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntityRecord {
+    pub collection: String,
+    /// Position of the entity's live entry in the changes feed.
+    pub seq: u64,
+    /// Change chunks appended since the snapshot.
+    pub chunks: u32,
+    /// Bytes in those chunks.
+    pub chunk_bytes: u64,
+    /// Snapshot size.
+    pub snapshot_bytes: u64,
+    index_keys: Vec<Vec<u8>>,
+}
+
+/// A document as stored: snapshot and the chunks appended since.
+#[derive(Debug, Clone)]
+pub struct StoredDoc {
+    pub snapshot: Vec<u8>,
+    pub chunks: Vec<Vec<u8>>,
+}
+
+/// A commit's durability ticket, for [`Store::wait_durable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ticket(u64);
+
+/// The storage a replica needs. Narrow on purpose, so another engine can replace sled.
+pub trait Store: Send + Sync {
+    /// Applies entity writes and metadata changes atomically; every written entity moves
+    /// to the head of the changes feed. Returns a ticket to wait on for durability.
+    fn commit(&self, entities: Vec<EntityWrite>, meta: Vec<(String, Option<Vec<u8>>)>) -> Result<Ticket, Error>;
+    /// Blocks until the commit behind `ticket` is on disk.
+    fn wait_durable(&self, ticket: Ticket) -> Result<(), Error>;
+    /// An entity's stored document.
+    fn load_doc(&self, id: &EntityKey) -> Result<Option<StoredDoc>, Error>;
+    /// An entity's record.
+    fn record(&self, id: &EntityKey) -> Result<Option<EntityRecord>, Error>;
+    /// An entity's stored view.
+    fn view(&self, collection: &str, id: &EntityKey) -> Result<Option<Vec<u8>>, Error>;
+    /// Views of a collection in id order, starting after `after`, at most `limit`.
+    fn views(&self, collection: &str, after: Option<&EntityKey>, limit: usize) -> Result<Vec<(EntityKey, Vec<u8>)>, Error>;
+    /// Feed entries with seq greater than `after`, at most `limit`, ascending.
+    fn feed_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, EntityKey)>, Error>;
+    /// The highest feed seq assigned (0 when empty).
+    fn last_seq(&self) -> u64;
+    /// All entries of a derived index.
+    fn index(&self, name: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error>;
+    /// One derived index entry.
+    fn index_get(&self, name: &str, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
+    /// A metadata value.
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, Error>;
+    /// Metadata values whose names start with `prefix`.
+    fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, Error>;
+    /// Number of entities per collection.
+    fn counts(&self) -> Result<Vec<(String, u64)>, Error>;
+}
+
+fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
+    k.push(prefix);
+    for p in parts {
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+fn view_key(collection: &str, id: &EntityKey) -> Vec<u8> {
+    key(b'v', &[collection.as_bytes(), &[0], id])
+}
+
+fn index_key(name: &str, k: &[u8]) -> Vec<u8> {
+    key(b'x', &[name.as_bytes(), &[0], k])
+}
+
+fn chunk_key(id: &EntityKey, n: u32) -> Vec<u8> {
+    key(b'c', &[id, &n.to_be_bytes()])
+}
+
+impl EntityRecord {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = vec![1u8];
+        let put = |out: &mut Vec<u8>, b: &[u8]| {
+            out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+            out.extend_from_slice(b);
+        };
+        put(&mut out, self.collection.as_bytes());
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.chunks.to_be_bytes());
+        out.extend_from_slice(&self.chunk_bytes.to_be_bytes());
+        out.extend_from_slice(&self.snapshot_bytes.to_be_bytes());
+        out.extend_from_slice(&(self.index_keys.len() as u32).to_be_bytes());
+        for k in &self.index_keys {
+            put(&mut out, k);
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, Error> {
+        let corrupt = || Error::Corrupt("entity record".into());
+        let mut r = bytes.strip_prefix(&[1u8]).ok_or_else(corrupt)?;
+        let mut take = |n: usize| -> Result<&[u8], Error> {
+            if r.len() < n {
+                return Err(corrupt());
+            }
+            let (a, b) = r.split_at(n);
+            r = b;
+            Ok(a)
+        };
+        let u32_of = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        let u64_of = |b: &[u8]| u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        let clen = u32_of(take(4)?) as usize;
+        let collection = String::from_utf8(take(clen)?.to_vec()).map_err(|_| corrupt())?;
+        let seq = u64_of(take(8)?);
+        let chunks = u32_of(take(4)?);
+        let chunk_bytes = u64_of(take(8)?);
+        let snapshot_bytes = u64_of(take(8)?);
+        let n = u32_of(take(4)?) as usize;
+        let mut index_keys = Vec::with_capacity(n.min(1024));
+        for _ in 0..n {
+            let len = u32_of(take(4)?) as usize;
+            index_keys.push(take(len)?.to_vec());
+        }
+        Ok(EntityRecord { collection, seq, chunks, chunk_bytes, snapshot_bytes, index_keys })
+    }
+}
+
+/// Group commit: writers wait for a flush that started after their commit; one of them
+/// performs it for all.
+#[derive(Debug, Default)]
+struct FlushState {
+    durable: u64,
+    flushing: bool,
+    failed: Option<String>,
+}
+
+/// The sled engine.
+#[derive(Debug)]
+pub struct SledStore {
+    db: sled::Db,
+    tree: sled::Tree,
+    /// Serialises commits, so feed seqs follow commit order and record updates don't race.
+    commit_lock: Mutex<()>,
+    last_seq: AtomicU64,
+    committed: AtomicU64,
+    flush: Mutex<FlushState>,
+    flushed: Condvar,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &std::path::Path) -> Result<Self, Error> {
+        let db = sled::Config::new().path(dir).cache_capacity(64 << 20).open()?;
+        let tree = db.open_tree("fieldsync")?;
+        let last_seq = match tree.scan_prefix([b'f']).next_back() {
+            Some(kv) => {
+                let (k, _) = kv?;
+                let b: [u8; 8] = k[1..].try_into().map_err(|_| Error::Corrupt("feed key".into()))?;
+                u64::from_be_bytes(b)
+            }
+            None => 0,
+        };
+        Ok(SledStore {
+            db,
+            tree,
+            commit_lock: Mutex::new(()),
+            last_seq: AtomicU64::new(last_seq),
+            committed: AtomicU64::new(0),
+            flush: Mutex::new(FlushState::default()),
+            flushed: Condvar::new(),
+        })
+    }
+
+    /// Bytes the store takes on disk.
+    pub fn size_on_disk(&self) -> Result<u64, Error> {
+        Ok(self.db.size_on_disk()?)
+    }
+}
+
+impl Store for SledStore {
+    fn commit(&self, entities: Vec<EntityWrite>, meta: Vec<(String, Option<Vec<u8>>)>) -> Result<Ticket, Error> {
+        let _guard = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut batch = sled::Batch::default();
+        let mut seq = self.last_seq.load(Ordering::SeqCst);
+        for w in entities {
+            let old = self.record(&w.id)?;
+            seq += 1;
+            let mut rec = EntityRecord {
+                collection: w.collection.clone(),
+                seq,
+                chunks: 0,
+                chunk_bytes: 0,
+                snapshot_bytes: 0,
+                index_keys: Vec::with_capacity(w.index.len()),
+            };
+            if let Some(old) = &old {
+                batch.remove(key(b'f', &[&old.seq.to_be_bytes()]));
+                for k in &old.index_keys {
+                    batch.remove(k.as_slice());
+                }
+                if old.collection != w.collection {
+                    batch.remove(view_key(&old.collection, &w.id));
+                }
+                rec.chunks = old.chunks;
+                rec.chunk_bytes = old.chunk_bytes;
+                rec.snapshot_bytes = old.snapshot_bytes;
+            }
+            match w.doc {
+                DocWrite::Snapshot(bytes) => {
+                    for n in 0..rec.chunks {
+                        batch.remove(chunk_key(&w.id, n));
+                    }
+                    rec.chunks = 0;
+                    rec.chunk_bytes = 0;
+                    rec.snapshot_bytes = bytes.len() as u64;
+                    batch.insert(key(b'd', &[&w.id]), bytes);
+                }
+                DocWrite::Append(bytes) => {
+                    rec.chunk_bytes += bytes.len() as u64;
+                    batch.insert(chunk_key(&w.id, rec.chunks), bytes);
+                    rec.chunks += 1;
+                }
+            }
+            for (name, k, v) in w.index {
+                let full = index_key(&name, &k);
+                batch.insert(full.clone(), v);
+                rec.index_keys.push(full);
+            }
+            batch.insert(view_key(&w.collection, &w.id), w.view);
+            batch.insert(key(b'f', &[&seq.to_be_bytes()]), &w.id[..]);
+            batch.insert(key(b'e', &[&w.id]), rec.encode());
+        }
+        for (name, value) in meta {
+            match value {
+                Some(v) => batch.insert(key(b'm', &[name.as_bytes()]), v),
+                None => batch.remove(key(b'm', &[name.as_bytes()])),
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        self.last_seq.store(seq, Ordering::SeqCst);
+        Ok(Ticket(self.committed.fetch_add(1, Ordering::SeqCst) + 1))
+    }
+
+    fn wait_durable(&self, ticket: Ticket) -> Result<(), Error> {
+        let mut st = self.flush.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(e) = &st.failed {
+                return Err(Error::FlushFailed(e.clone()));
+            }
+            if st.durable >= ticket.0 {
+                return Ok(());
+            }
+            if st.flushing {
+                st = self.flushed.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            // Become the flusher for every commit made so far.
+            st.flushing = true;
+            let target = self.committed.load(Ordering::SeqCst);
+            drop(st);
+            let result = self.db.flush();
+            st = self.flush.lock().unwrap_or_else(|p| p.into_inner());
+            st.flushing = false;
+            match result {
+                Ok(_) => st.durable = st.durable.max(target),
+                Err(e) => st.failed = Some(e.to_string()),
+            }
+            self.flushed.notify_all();
+        }
+    }
+
+    fn load_doc(&self, id: &EntityKey) -> Result<Option<StoredDoc>, Error> {
+        let Some(snapshot) = self.tree.get(key(b'd', &[id]))? else { return Ok(None) };
+        let chunks = self
+            .tree
+            .scan_prefix(key(b'c', &[id]))
+            .values()
+            .map(|v| v.map(|v| v.to_vec()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(StoredDoc { snapshot: snapshot.to_vec(), chunks }))
+    }
+
+    fn record(&self, id: &EntityKey) -> Result<Option<EntityRecord>, Error> {
+        self.tree.get(key(b'e', &[id]))?.map(|b| EntityRecord::decode(&b)).transpose()
+    }
+
+    fn view(&self, collection: &str, id: &EntityKey) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.tree.get(view_key(collection, id))?.map(|v| v.to_vec()))
+    }
+
+    fn views(&self, collection: &str, after: Option<&EntityKey>, limit: usize) -> Result<Vec<(EntityKey, Vec<u8>)>, Error> {
+        let prefix = key(b'v', &[collection.as_bytes(), &[0]]);
+        let start = match after {
+            Some(id) => {
+                let mut k = view_key(collection, id);
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        for kv in self.tree.range(start..) {
+            let (k, v) = kv?;
+            if !k.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            let id: EntityKey = k[prefix.len()..].try_into().map_err(|_| Error::Corrupt("view key".into()))?;
+            out.push((id, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn feed_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, EntityKey)>, Error> {
+        let start = key(b'f', &[&(after.saturating_add(1)).to_be_bytes()]);
+        let mut out = Vec::new();
+        for kv in self.tree.range(start..key(b'g', &[])) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = kv?;
+            let seq: [u8; 8] = k[1..].try_into().map_err(|_| Error::Corrupt("feed key".into()))?;
+            let id: EntityKey = v.as_ref().try_into().map_err(|_| Error::Corrupt("feed entry".into()))?;
+            out.push((u64::from_be_bytes(seq), id));
+        }
+        Ok(out)
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.last_seq.load(Ordering::SeqCst)
+    }
+
+    fn index(&self, name: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+        let prefix = index_key(name, &[]);
+        self.tree
+            .scan_prefix(&prefix)
+            .map(|kv| kv.map(|(k, v)| (k[prefix.len()..].to_vec(), v.to_vec())).map_err(Error::from))
+            .collect()
+    }
+
+    fn index_get(&self, name: &str, k: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.tree.get(index_key(name, k))?.map(|v| v.to_vec()))
+    }
+
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.tree.get(key(b'm', &[name.as_bytes()]))?.map(|v| v.to_vec()))
+    }
+
+    fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, Error> {
+        self.tree
+            .scan_prefix(key(b'm', &[prefix.as_bytes()]))
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((String::from_utf8_lossy(&k[1..]).into_owned(), v.to_vec()))
+            })
+            .collect()
+    }
+
+    fn counts(&self) -> Result<Vec<(String, u64)>, Error> {
+        let mut out: Vec<(String, u64)> = Vec::new();
+        for k in self.tree.scan_prefix([b'v']).keys() {
+            let k = k?;
+            let name = &k[1..k.len().saturating_sub(17)];
+            match out.last_mut() {
+                Some((n, c)) if n.as_bytes() == name => *c += 1,
+                _ => out.push((String::from_utf8_lossy(name).into_owned(), 1)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(id: u8, doc: DocWrite, index: Vec<(String, Vec<u8>, Vec<u8>)>) -> EntityWrite {
+        EntityWrite { id: [id; 16], collection: "tasks".into(), doc, view: vec![id], index }
+    }
+
+    #[test]
+    fn feed_keeps_one_live_entry_per_entity_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            let t = s.commit(vec![write(1, DocWrite::Snapshot(vec![9]), vec![])], vec![]).unwrap();
+            s.commit(vec![write(2, DocWrite::Snapshot(vec![8]), vec![])], vec![]).unwrap();
+            let t2 = s
+                .commit(vec![write(1, DocWrite::Append(vec![7]), vec![("conflict".into(), b"k1".to_vec(), b"v".to_vec())])], vec![("x".into(), Some(b"y".to_vec()))])
+                .unwrap();
+            assert!(t2 > t);
+            s.wait_durable(t2).unwrap();
+            assert_eq!(s.feed_since(0, 10).unwrap(), vec![(2, [2; 16]), (3, [1; 16])]);
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.last_seq(), 3);
+        assert_eq!(s.feed_since(2, 10).unwrap(), vec![(3, [1; 16])]);
+        let doc = s.load_doc(&[1; 16]).unwrap().unwrap();
+        assert_eq!((doc.snapshot, doc.chunks), (vec![9], vec![vec![7]]));
+        assert_eq!(s.index("conflict").unwrap(), vec![(b"k1".to_vec(), b"v".to_vec())]);
+        assert_eq!(s.meta("x").unwrap(), Some(b"y".to_vec()));
+        assert_eq!(s.counts().unwrap(), vec![("tasks".into(), 2)]);
+        // A snapshot replaces chunks; index entries not rewritten disappear.
+        s.commit(vec![write(1, DocWrite::Snapshot(vec![6]), vec![])], vec![]).unwrap();
+        let doc = s.load_doc(&[1; 16]).unwrap().unwrap();
+        assert_eq!((doc.snapshot, doc.chunks.len()), (vec![6], 0));
+        assert!(s.index("conflict").unwrap().is_empty());
+        assert_eq!(s.views("tasks", Some(&[1; 16]), 10).unwrap(), vec![([2; 16], vec![2])]);
+    }
+
+    #[test]
+    fn concurrent_writers_share_flushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
+        let threads: Vec<_> = (0..8u8)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20u8 {
+                        let mut w = write(t, DocWrite::Append(vec![i]), vec![]);
+                        w.id[1] = i;
+                        let ticket = s.commit(vec![w], vec![]).unwrap();
+                        s.wait_durable(ticket).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(s.last_seq(), 160);
+        assert_eq!(s.feed_since(0, 1000).unwrap().len(), 160);
+    }
+}
