@@ -1,1 +1,24 @@
-fn main(){}
+//! The `fieldsync` binary: parses the command line, sets up logging, runs the command.
+//! Output is JSON on stdout; messages and progress on stderr.
+//! Exit codes: 0 ok · 1 runtime error · 2 invalid input or usage · 3 not found.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = cli::Cli::parse();
+    match cli::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

@@ -122,6 +122,8 @@ pub struct HistoryEntry {
 pub struct Entity {
     id: EntityId,
     doc: AutoCommit,
+    /// Heads already in storage: `save_incremental` returns what came after them.
+    persisted: Vec<ChangeHash>,
 }
 
 impl Entity {
@@ -151,7 +153,7 @@ impl Entity {
             Ok(())
         };
         init().map_err(Error::automerge)?;
-        let mut entity = Entity { id, doc };
+        let mut entity = Entity { id, doc, persisted: vec![] };
         entity.write_patch(ws, coll, w, patch, new_proposal, true)?;
         entity.commit(w, "create", patch.fields());
         Ok(entity)
@@ -163,14 +165,16 @@ impl Entity {
         for c in changes {
             doc.load_incremental(c).map_err(Error::automerge)?;
         }
-        Ok(Entity { id, doc })
+        let persisted = doc.get_heads();
+        Ok(Entity { id, doc, persisted })
     }
 
     /// Loads an entity received from elsewhere (a bundle), checking that it is one:
     /// it must name a collection.
     pub fn load_received(id: EntityId, bytes: &[u8]) -> Result<Self, Error> {
         let doc = AutoCommit::load(bytes).map_err(Error::automerge)?;
-        let entity = Entity { id, doc };
+        // Not persisted here yet: the first save stores it whole.
+        let entity = Entity { id, doc, persisted: vec![] };
         if entity.collection().is_none() {
             return Err(Error::Document(format!("entity {id} has no _collection")));
         }
@@ -202,14 +206,23 @@ impl Entity {
         self.doc.get_heads()
     }
 
-    /// The whole document, compacted.
+    /// The whole document, compacted; marks everything as persisted.
     pub fn save(&mut self) -> Vec<u8> {
-        self.doc.save()
+        let bytes = self.doc.save();
+        self.persisted = self.doc.get_heads();
+        bytes
     }
 
-    /// The changes made since the last `save` or `save_incremental`.
+    /// The changes not yet persisted (since load or the last save), as one chunk.
     pub fn save_incremental(&mut self) -> Vec<u8> {
-        self.doc.save_incremental()
+        let bytes = self.doc.save_after(&self.persisted);
+        self.persisted = self.doc.get_heads();
+        bytes
+    }
+
+    /// Whether the document was never persisted (created here or received whole).
+    pub fn is_new(&self) -> bool {
+        self.persisted.is_empty()
     }
 
     /// Merges another copy's document bytes; whether anything new arrived.

@@ -1,1 +1,28 @@
+//! fieldsync: one node's replica — the core's entities and rules on a durable store, with
+//! the node's identity and the clock.
+//!
+//! # Typical workflow
+//! ```no_run
+//! # fn main() -> Result<(), fieldsync::Error> {
+//! use fieldsync::Replica;
+//! let schema = r#"[collections.tasks.fields]
+//! status = { rule = "rank", order = ["open", "in_progress", "completed"] }"#;
+//! let hq = Replica::init_authority("hq-data".as_ref(), schema, "hq")?;
+//! let invite = hq.invite();
+//! let device = Replica::init_join("device-data".as_ref(), &invite, "ana")?;
+//! let id = device.put("tasks", None, r#"{"status": "open", "title": "Fit boiler"}"#)?;
+//! let bundle = device.export_bundle(None, &mut |_, _| {})?;
+//! hq.import_bundle(&bundle.bytes, &mut |_, _| {})?;
+//! assert_eq!(hq.get("tasks", id)?["status"], "open");
+//! # Ok(()) }
+//! ```
 
+mod error;
+mod replica;
+mod transfer;
+
+pub use error::{Error, ErrorKind};
+pub use fieldsync_core as core;
+pub use fieldsync_core::{Conflict, ConflictId, EntityId, HistoryEntry, PeerId, Proposal, ProposalId, View};
+pub use replica::{Replica, Status};
+pub use transfer::{ExportedBundle, ImportSummary};

@@ -1,0 +1,69 @@
+use std::path::PathBuf;
+
+/// What a caller should do about an error; the CLI maps it to its exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Bad input or usage: fix the request (exit 2).
+    Invalid,
+    /// The thing asked for does not exist (exit 3).
+    NotFound,
+    /// Something failed at run time (exit 1).
+    Runtime,
+}
+
+/// Errors of a replica.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A rule, patch, schema, bundle or invite problem from the core.
+    #[error(transparent)]
+    Core(#[from] fieldsync_core::Error),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] fieldsync_store::Error),
+    /// No node was initialised in this data directory.
+    #[error("no fieldsync node in {0}; run `fieldsync init --schema FILE` or `fieldsync init --join INVITE` first")]
+    NotInitialized(PathBuf),
+    /// `init` on a directory that already holds a node.
+    #[error("{0} already holds a fieldsync node; use another --data directory")]
+    AlreadyInitialized(PathBuf),
+    /// No entity with this id in this collection.
+    #[error("no entity {id} in collection {collection:?}")]
+    EntityNotFound { collection: String, id: fieldsync_core::EntityId },
+    /// The entity exists in another collection.
+    #[error("entity {id} belongs to collection {actual:?}, not {asked:?}")]
+    WrongCollection { id: fieldsync_core::EntityId, actual: String, asked: String },
+    /// A bundle written for another workspace.
+    #[error("the bundle is from workspace {theirs}, this node is in workspace {ours}; nothing was imported")]
+    ForeignWorkspace { theirs: String, ours: String },
+    /// A line of a bulk-import file is not valid.
+    #[error("line {line}: {message}; nothing was imported")]
+    ImportLine { line: usize, message: String },
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    File { path: PathBuf, source: std::io::Error },
+    /// Stored node metadata could not be read.
+    #[error("stored node metadata is corrupt: {0}")]
+    CorruptMeta(String),
+}
+
+impl Error {
+    /// What the caller should do about it.
+    pub fn kind(&self) -> ErrorKind {
+        use fieldsync_core::Error as C;
+        match self {
+            Error::Core(C::NotFound(_) | C::Deleted(_)) | Error::EntityNotFound { .. } => ErrorKind::NotFound,
+            Error::Core(C::Document(_)) | Error::Store(_) | Error::File { .. } | Error::CorruptMeta(_) => ErrorKind::Runtime,
+            Error::Core(_)
+            | Error::NotInitialized(_)
+            | Error::AlreadyInitialized(_)
+            | Error::WrongCollection { .. }
+            | Error::ForeignWorkspace { .. }
+            | Error::ImportLine { .. } => ErrorKind::Invalid,
+        }
+    }
+
+    pub(crate) fn file(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |source| Error::File { path: path.to_owned(), source }
+    }
+}

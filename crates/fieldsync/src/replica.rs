@@ -1,0 +1,443 @@
+//! The replica: entity operations made durable.
+//!
+//! Every write follows the same steps: 1. check the input against the schema (nothing is
+//! written on bad input); 2. lock the entity; 3. load its document; 4. apply the change in
+//! the core; 5. derive view and indexes; 6. commit them atomically; 7. **wait until the
+//! commit is durable before reporting success** (concurrent writers share one flush).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use fieldsync_core::patch::{matches_filter, parse_filter};
+use fieldsync_core::workspace::Invite;
+use fieldsync_core::{
+    Conflict, ConflictId, ConflictState, Entity, EntityId, HistoryEntry, Patch, PeerId, Proposal, ProposalId, Schema, View, Workspace,
+    WorkspaceId, Writer,
+};
+use fieldsync_store::{DocWrite, EntityWrite, SledStore, Store, Ticket};
+use libp2p_identity::ed25519;
+use serde::Serialize;
+use serde_json::Value as Json;
+
+use crate::Error;
+
+const META_IDENTITY: &str = "identity";
+const META_NODE: &str = "node";
+const META_WORKSPACE: &str = "workspace";
+/// `ckin/<peer>`: the peer's feed seq up to which this node has applied everything.
+pub(crate) const META_CHECKPOINT_IN: &str = "ckin/";
+/// `ckout/<peer>`: this node's feed seq up to which the peer has applied everything.
+pub(crate) const META_CHECKPOINT_OUT: &str = "ckout/";
+pub(crate) const INDEX_CONFLICT: &str = "conflict";
+pub(crate) const INDEX_PROPOSAL: &str = "proposal";
+
+/// Compact a document when this many chunks were appended since its snapshot…
+const COMPACT_AFTER_CHUNKS: u32 = 32;
+/// …or when the chunks outweigh the snapshot.
+const COMPACT_RATIO: u64 = 1;
+/// Entity lock stripes: writes to one entity are serialised, others run in parallel.
+const LOCK_STRIPES: usize = 256;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NodeMeta {
+    name: String,
+    authority: bool,
+}
+
+/// What `fieldsync status` reports.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub peer_id: String,
+    pub name: String,
+    pub workspace: WorkspaceId,
+    pub authority: bool,
+    pub entities: serde_json::Map<String, Json>,
+    pub open_conflicts: usize,
+    pub pending_proposals: usize,
+    pub feed_seq: u64,
+    pub data_dir: PathBuf,
+}
+
+/// One node's replica of its workspace.
+pub struct Replica {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) ws: Workspace,
+    pub(crate) key: ed25519::Keypair,
+    pub(crate) peer: PeerId,
+    pub(crate) name: String,
+    pub(crate) authority: bool,
+    dir: PathBuf,
+    locks: Vec<Mutex<()>>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica").field("peer", &self.peer).field("workspace", &self.ws.id).field("dir", &self.dir).finish()
+    }
+}
+
+fn db_dir(dir: &Path) -> PathBuf {
+    dir.join("db")
+}
+
+impl Replica {
+    /// Creates a new workspace in `dir` with this node as its authority.
+    pub fn init_authority(dir: &Path, schema_toml: &str, name: &str) -> Result<Self, Error> {
+        let schema = Schema::from_toml(schema_toml)?;
+        let key = ed25519::Keypair::generate();
+        let ws = Workspace { id: WorkspaceId(uuid::Uuid::now_v7()), schema, authority: key.public() };
+        Self::init(dir, ws, key, name, true)
+    }
+
+    /// Joins the workspace of `invite` (JSON bytes from `fieldsync invite`) as a device.
+    pub fn init_join(dir: &Path, invite: &[u8], name: &str) -> Result<Self, Error> {
+        let ws = Invite::decode(invite)?;
+        Self::init(dir, ws, ed25519::Keypair::generate(), name, false)
+    }
+
+    fn init(dir: &Path, ws: Workspace, key: ed25519::Keypair, name: &str, authority: bool) -> Result<Self, Error> {
+        if db_dir(dir).exists() {
+            return Err(Error::AlreadyInitialized(dir.to_owned()));
+        }
+        std::fs::create_dir_all(dir).map_err(Error::file(dir))?;
+        let store = SledStore::open(&db_dir(dir))?;
+        let node = NodeMeta { name: name.to_owned(), authority };
+        let invite = serde_json::to_vec(&Invite::new(&ws)).map_err(|e| Error::CorruptMeta(e.to_string()))?;
+        let meta = vec![
+            (META_IDENTITY.to_owned(), Some(key.to_bytes().to_vec())),
+            (META_NODE.to_owned(), Some(serde_json::to_vec(&node).map_err(|e| Error::CorruptMeta(e.to_string()))?)),
+            (META_WORKSPACE.to_owned(), Some(invite)),
+        ];
+        let ticket = store.commit(vec![], meta)?;
+        store.wait_durable(ticket)?;
+        Ok(Self::assemble(Arc::new(store), ws, key, node, dir))
+    }
+
+    /// Opens the node in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, Error> {
+        if !db_dir(dir).exists() {
+            return Err(Error::NotInitialized(dir.to_owned()));
+        }
+        let store = SledStore::open(&db_dir(dir))?;
+        let missing = |what: &str| Error::CorruptMeta(format!("{what} is missing"));
+        let mut key_bytes = store.meta(META_IDENTITY)?.ok_or_else(|| missing("identity"))?;
+        let key = ed25519::Keypair::try_from_bytes(&mut key_bytes).map_err(|e| Error::CorruptMeta(e.to_string()))?;
+        let node: NodeMeta = serde_json::from_slice(&store.meta(META_NODE)?.ok_or_else(|| missing("node"))?)
+            .map_err(|e| Error::CorruptMeta(e.to_string()))?;
+        let ws = Invite::decode(&store.meta(META_WORKSPACE)?.ok_or_else(|| missing("workspace"))?)?;
+        Ok(Self::assemble(Arc::new(store), ws, key, node, dir))
+    }
+
+    fn assemble(store: Arc<dyn Store>, ws: Workspace, key: ed25519::Keypair, node: NodeMeta, dir: &Path) -> Self {
+        let peer = libp2p_identity::PublicKey::from(key.public()).to_peer_id();
+        Replica {
+            store,
+            ws,
+            key,
+            peer,
+            name: node.name,
+            authority: node.authority,
+            dir: dir.to_owned(),
+            locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer
+    }
+
+    /// The workspace.
+    pub fn workspace(&self) -> &Workspace {
+        &self.ws
+    }
+
+    /// Whether this node is the workspace authority.
+    pub fn is_authority(&self) -> bool {
+        self.authority
+    }
+
+    /// The invite a device joins with (JSON).
+    pub fn invite(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(&Invite::new(&self.ws)).unwrap_or_default()
+    }
+
+    pub(crate) fn writer(&self, now_ms: i64) -> Writer<'_> {
+        Writer { peer: self.peer, user: &self.name, now_ms, authority_key: self.authority.then_some(&self.key) }
+    }
+
+    pub(crate) fn now_ms() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    }
+
+    fn stripe(id: EntityId) -> usize {
+        id.as_bytes()[15] as usize % LOCK_STRIPES
+    }
+
+    pub(crate) fn lock(&self, id: EntityId) -> MutexGuard<'_, ()> {
+        self.locks[Self::stripe(id)].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Locks several entities until the guards drop (stripes in ascending order, so two
+    /// callers cannot deadlock).
+    pub(crate) fn lock_many(&self, ids: impl IntoIterator<Item = EntityId>) -> Vec<MutexGuard<'_, ()>> {
+        let stripes: std::collections::BTreeSet<usize> = ids.into_iter().map(Self::stripe).collect();
+        stripes.into_iter().map(|s| self.locks[s].lock().unwrap_or_else(|p| p.into_inner())).collect()
+    }
+
+    /// Loads an entity's document, if stored.
+    pub(crate) fn load(&self, id: EntityId) -> Result<Option<Entity>, Error> {
+        match self.store.load_doc(id.as_bytes())? {
+            Some(doc) => Ok(Some(Entity::load(id, &doc.snapshot, &doc.chunks)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn load_in(&self, collection: &str, id: EntityId) -> Result<Entity, Error> {
+        let entity = self.load(id)?.ok_or_else(|| Error::EntityNotFound { collection: collection.to_owned(), id })?;
+        match entity.collection() {
+            Some(c) if c == collection => Ok(entity),
+            Some(actual) => Err(Error::WrongCollection { id, actual, asked: collection.to_owned() }),
+            None => Err(Error::EntityNotFound { collection: collection.to_owned(), id }),
+        }
+    }
+
+    /// The store write for an entity's new state: its new changes (or a fresh snapshot
+    /// when new or due for compaction), view and derived index entries.
+    pub(crate) fn entity_write(&self, entity: &mut Entity) -> Result<EntityWrite, Error> {
+        let id = entity.id();
+        let view = entity.view(&self.ws)?;
+        let collection = entity.collection().unwrap_or_default();
+        let compact = entity.is_new()
+            || match self.store.record(id.as_bytes())? {
+                Some(r) => r.chunks >= COMPACT_AFTER_CHUNKS || r.chunk_bytes > r.snapshot_bytes * COMPACT_RATIO,
+                None => true,
+            };
+        let doc = if compact { DocWrite::Snapshot(entity.save()) } else { DocWrite::Append(entity.save_incremental()) };
+        let mut index = Vec::new();
+        for c in entity.conflicts(&self.ws) {
+            index.push((INDEX_CONFLICT.to_owned(), c.id.as_str().as_bytes().to_vec(), to_json_bytes(&c)));
+        }
+        for p in entity.proposals() {
+            index.push((INDEX_PROPOSAL.to_owned(), p.id.as_bytes().to_vec(), to_json_bytes(&p)));
+        }
+        Ok(EntityWrite { id: *id.as_bytes(), collection, doc, view: to_json_bytes(&view), index })
+    }
+
+    /// Commits entity writes and waits until they are durable.
+    pub(crate) fn commit_durable(&self, writes: Vec<EntityWrite>, meta: Vec<(String, Option<Vec<u8>>)>) -> Result<(), Error> {
+        let ticket: Ticket = self.store.commit(writes, meta)?;
+        self.store.wait_durable(ticket)?;
+        Ok(())
+    }
+
+    fn new_proposal_id() -> ProposalId {
+        ProposalId(uuid::Uuid::now_v7())
+    }
+
+    /// Creates (no `id`, or an id not stored yet) or updates an entity with a JSON patch.
+    pub fn put(&self, collection: &str, id: Option<EntityId>, patch_json: &str) -> Result<EntityId, Error> {
+        let coll = self.ws.schema.collection(collection)?;
+        let patch = Patch::parse(coll, patch_json)?;
+        self.put_patch(collection, id, &patch)
+    }
+
+    pub(crate) fn put_patch(&self, collection: &str, id: Option<EntityId>, patch: &Patch) -> Result<EntityId, Error> {
+        let id = id.unwrap_or_else(|| EntityId(uuid::Uuid::now_v7()));
+        let _guard = self.lock(id);
+        let w = self.writer(Self::now_ms());
+        let mut entity = match self.load(id)? {
+            None => Entity::create(&self.ws, id, collection, &w, patch, &mut Self::new_proposal_id)?,
+            Some(mut e) => {
+                let actual = e.collection().unwrap_or_default();
+                if actual != collection {
+                    return Err(Error::WrongCollection { id, actual, asked: collection.to_owned() });
+                }
+                e.update(&self.ws, &w, patch, &mut Self::new_proposal_id)?;
+                e
+            }
+        };
+        let write = self.entity_write(&mut entity)?;
+        self.commit_durable(vec![write], vec![])?;
+        Ok(id)
+    }
+
+    /// The view of an entity. Deleted entities are returned with `"_deleted": true`.
+    pub fn get(&self, collection: &str, id: EntityId) -> Result<View, Error> {
+        let bytes = self
+            .store
+            .view(collection, id.as_bytes())?
+            .ok_or_else(|| Error::EntityNotFound { collection: collection.to_owned(), id })?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::CorruptMeta(format!("stored view of {id}: {e}")))
+    }
+
+    /// Views of a collection in id (= creation) order, filtered by `FIELD=VALUE` strings.
+    /// Calls `each` per view; stops early if it returns false.
+    pub fn list(&self, collection: &str, filters: &[String], include_deleted: bool, each: &mut dyn FnMut(View) -> bool) -> Result<(), Error> {
+        self.ws.schema.collection(collection)?;
+        let filters = filters.iter().map(|f| parse_filter(f)).collect::<Result<Vec<_>, _>>()?;
+        let mut after: Option<[u8; 16]> = None;
+        loop {
+            let page = self.store.views(collection, after.as_ref(), 1024)?;
+            let Some((last, _)) = page.last() else { return Ok(()) };
+            after = Some(*last);
+            for (id, bytes) in page {
+                let view: View = serde_json::from_slice(&bytes)
+                    .map_err(|e| Error::CorruptMeta(format!("stored view of {}: {e}", EntityId::from_bytes(id))))?;
+                if !include_deleted && view.contains_key("_deleted") {
+                    continue;
+                }
+                if filters.iter().all(|(f, v)| matches_filter(&view, f, v)) && !each(view) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Deletes an entity (a tombstone that syncs).
+    pub fn delete(&self, collection: &str, id: EntityId) -> Result<(), Error> {
+        self.ws.schema.collection(collection)?;
+        let _guard = self.lock(id);
+        let mut entity = self.load_in(collection, id)?;
+        entity.delete(&self.ws, &self.writer(Self::now_ms()))?;
+        let write = self.entity_write(&mut entity)?;
+        self.commit_durable(vec![write], vec![])
+    }
+
+    /// Every change of an entity: device, user, time, kind, fields.
+    pub fn history(&self, collection: &str, id: EntityId) -> Result<Vec<HistoryEntry>, Error> {
+        self.ws.schema.collection(collection)?;
+        Ok(self.load_in(collection, id)?.history())
+    }
+
+    /// Conflicts: open ones, or with `all` also those settled by a rule.
+    pub fn conflicts(&self, all: bool) -> Result<Vec<Conflict>, Error> {
+        let mut out = Vec::new();
+        for (_, bytes) in self.store.index(INDEX_CONFLICT)? {
+            let c: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::CorruptMeta(e.to_string()))?;
+            let c = conflict_from_json(&c).ok_or_else(|| Error::CorruptMeta("conflict index entry".into()))?;
+            if all || c.state == ConflictState::Open {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Settles a conflict by writing `value_json` to its field.
+    pub fn resolve(&self, conflict: &ConflictId, value_json: &str) -> Result<EntityId, Error> {
+        let value: Json = serde_json::from_str(value_json)
+            .map_err(|e| fieldsync_core::Error::Patch(format!("malformed JSON value: {e}")))?;
+        let entry = self
+            .store
+            .index_get(INDEX_CONFLICT, conflict.as_str().as_bytes())?
+            .ok_or_else(|| fieldsync_core::Error::NotFound(format!("conflict {conflict} (already resolved?)")))?;
+        let entry: Json = serde_json::from_slice(&entry).map_err(|e| Error::CorruptMeta(e.to_string()))?;
+        let id: EntityId = entry["entity"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| Error::CorruptMeta("conflict index entry".into()))?;
+        let _guard = self.lock(id);
+        let mut entity = self.load(id)?.ok_or_else(|| Error::CorruptMeta(format!("conflict {conflict} names missing entity {id}")))?;
+        entity.resolve(&self.ws, &self.writer(Self::now_ms()), conflict, &value)?;
+        let write = self.entity_write(&mut entity)?;
+        self.commit_durable(vec![write], vec![])?;
+        Ok(id)
+    }
+
+    /// Pending proposals (authority only).
+    pub fn proposals(&self) -> Result<Vec<Proposal>, Error> {
+        if !self.authority {
+            return Err(fieldsync_core::Error::NotAuthority.into());
+        }
+        self.store
+            .index(INDEX_PROPOSAL)?
+            .into_iter()
+            .map(|(_, bytes)| proposal_from_json(&bytes))
+            .collect()
+    }
+
+    fn settle(&self, id: ProposalId, accept: bool) -> Result<EntityId, Error> {
+        if !self.authority {
+            return Err(fieldsync_core::Error::NotAuthority.into());
+        }
+        let entry = self
+            .store
+            .index_get(INDEX_PROPOSAL, id.as_bytes())?
+            .ok_or_else(|| fieldsync_core::Error::NotFound(format!("proposal {id} (already settled?)")))?;
+        let entity_id = proposal_from_json(&entry)?.entity;
+        let _guard = self.lock(entity_id);
+        let mut entity = self.load(entity_id)?.ok_or_else(|| Error::CorruptMeta(format!("proposal {id} names missing entity")))?;
+        let w = self.writer(Self::now_ms());
+        if accept {
+            entity.accept(&self.ws, &w, id, "accept")?;
+        } else {
+            entity.reject(&w, id)?;
+        }
+        let write = self.entity_write(&mut entity)?;
+        self.commit_durable(vec![write], vec![])?;
+        Ok(entity_id)
+    }
+
+    /// Confirms a proposal (authority only).
+    pub fn accept(&self, id: ProposalId) -> Result<EntityId, Error> {
+        self.settle(id, true)
+    }
+
+    /// Drops a proposal (authority only).
+    pub fn reject(&self, id: ProposalId) -> Result<EntityId, Error> {
+        self.settle(id, false)
+    }
+
+    /// A summary of the node.
+    pub fn status(&self) -> Result<Status, Error> {
+        let entities = self.store.counts()?.into_iter().map(|(c, n)| (c, Json::from(n))).collect();
+        Ok(Status {
+            peer_id: self.peer.to_string(),
+            name: self.name.clone(),
+            workspace: self.ws.id,
+            authority: self.authority,
+            entities,
+            open_conflicts: self.conflicts(false)?.len(),
+            pending_proposals: self.store.index(INDEX_PROPOSAL)?.len(),
+            feed_seq: self.store.last_seq(),
+            data_dir: self.dir.clone(),
+        })
+    }
+}
+
+pub(crate) fn to_json_bytes<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn proposal_from_json(bytes: &[u8]) -> Result<Proposal, Error> {
+    let v: Json = serde_json::from_slice(bytes).map_err(|e| Error::CorruptMeta(e.to_string()))?;
+    let bad = || Error::CorruptMeta("proposal index entry".into());
+    Ok(Proposal {
+        id: v["id"].as_str().and_then(|s| s.parse().ok()).ok_or_else(bad)?,
+        entity: v["entity"].as_str().and_then(|s| s.parse().ok()).ok_or_else(bad)?,
+        collection: v["collection"].as_str().unwrap_or_default().to_owned(),
+        record: serde_json::from_value(v).map_err(|_| bad())?,
+    })
+}
+
+fn conflict_from_json(v: &Json) -> Option<Conflict> {
+    Some(Conflict {
+        id: v["id"].as_str()?.parse().ok()?,
+        collection: v["collection"].as_str()?.to_owned(),
+        entity: v["entity"].as_str()?.parse().ok()?,
+        field: v["field"].as_str()?.to_owned(),
+        values: v["values"].as_array()?.clone(),
+        rule: rule_name(v["rule"].as_str()?),
+        state: if v["state"] == "open" { ConflictState::Open } else { ConflictState::Auto },
+    })
+}
+
+fn rule_name(s: &str) -> &'static str {
+    ["lww", "rank", "max", "min", "counter", "set", "text", "authority", "manual"]
+        .into_iter()
+        .find(|r| *r == s)
+        .unwrap_or("lww")
+}

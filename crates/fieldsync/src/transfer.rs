@@ -1,0 +1,243 @@
+//! Moving entities in and out in bulk: bundles (file-based sync between nodes) and JSON
+//! Lines import/export.
+//!
+//! Bundle checkpoints work like CouchDB's: a node remembers, per peer, the peer's feed seq up
+//! to which it has applied everything (`ckin`), and learns from the acks in the peer's
+//! bundles how far the peer has applied its own feed (`ckout`), so `--since PEER` sends only
+//! what changed after that.
+
+use std::collections::BTreeMap;
+
+use fieldsync_core::bundle::{Bundle, BundleEncoder, BundleEntity, BundleHeader, Limits};
+use fieldsync_core::{Entity, EntityId, Patch, PeerId};
+use rayon::prelude::*;
+use serde::Serialize;
+use serde_json::Value as Json;
+
+use crate::replica::{Replica, META_CHECKPOINT_IN, META_CHECKPOINT_OUT};
+use crate::Error;
+
+/// Entities per store commit during bulk work.
+const BATCH: usize = 512;
+
+/// A bundle ready to be written to a file.
+#[derive(Debug)]
+pub struct ExportedBundle {
+    pub bytes: Vec<u8>,
+    pub entities: usize,
+    pub since: u64,
+    pub upto: u64,
+}
+
+/// What an import did.
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct ImportSummary {
+    pub entities: usize,
+    pub created: usize,
+    pub updated: usize,
+    pub unchanged: usize,
+    pub auto_accepted: usize,
+}
+
+fn seq_of(bytes: Option<Vec<u8>>) -> u64 {
+    bytes.and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0)
+}
+
+impl Replica {
+    /// Every entity changed since `peer` last acknowledged this node's feed (all of them if
+    /// `peer` is unknown or `None`). `progress(done, total)` is called as it goes.
+    pub fn export_bundle(&self, peer: Option<PeerId>, progress: &mut dyn FnMut(usize, usize)) -> Result<ExportedBundle, Error> {
+        let since = match peer {
+            Some(p) => seq_of(self.store.meta(&format!("{META_CHECKPOINT_OUT}{p}"))?),
+            None => 0,
+        };
+        let upto = self.store.last_seq();
+        let acks: BTreeMap<String, u64> = self
+            .store
+            .meta_prefix(META_CHECKPOINT_IN)?
+            .into_iter()
+            .map(|(k, v)| (k[META_CHECKPOINT_IN.len()..].to_owned(), seq_of(Some(v))))
+            .collect();
+        let header = BundleHeader { workspace: self.ws.id, from: self.peer.to_string(), since, upto, acks };
+        let mut enc = BundleEncoder::new(&header);
+        let mut out = Vec::new();
+        let mut after = since;
+        let mut count = 0;
+        let total = (upto - since.min(upto)) as usize;
+        loop {
+            let page = self.store.feed_since(after, BATCH)?;
+            let page: Vec<_> = page.into_iter().filter(|(seq, _)| *seq <= upto).collect();
+            let Some((last, _)) = page.last() else { break };
+            after = *last;
+            let docs: Vec<_> = page.iter().map(|(_, id)| self.store.load_doc(id)).collect::<Result<_, _>>()?;
+            let entities: Vec<BundleEntity> = page
+                .par_iter()
+                .zip(docs)
+                .filter_map(|((_, id), doc)| doc.map(|d| (EntityId::from_bytes(*id), d)))
+                .map(|(id, d)| {
+                    let mut e = Entity::load(id, &d.snapshot, &d.chunks)?;
+                    Ok(BundleEntity { id, collection: e.collection().unwrap_or_default(), doc: e.save() })
+                })
+                .collect::<Result<_, Error>>()?;
+            for e in &entities {
+                enc.push(e);
+            }
+            count += entities.len();
+            out.extend(enc.take_written());
+            progress(count.min(total), total);
+        }
+        out.extend(enc.finish());
+        Ok(ExportedBundle { bytes: out, entities: count, since, upto })
+    }
+
+    /// Merges a bundle. A bundle that is not valid, or is from another workspace, is refused
+    /// whole: every entity is checked before any is applied. Importing the same bundle again,
+    /// or bundles in any order, gives the same result.
+    pub fn import_bundle(&self, bytes: &[u8], progress: &mut dyn FnMut(usize, usize)) -> Result<ImportSummary, Error> {
+        let bundle = Bundle::decode(bytes, Limits::default())?;
+        if bundle.header.workspace != self.ws.id {
+            return Err(Error::ForeignWorkspace { theirs: bundle.header.workspace.to_string(), ours: self.ws.id.to_string() });
+        }
+        let from: PeerId = bundle
+            .header
+            .from
+            .parse()
+            .map_err(|_| fieldsync_core::Error::Bundle(format!("sender {:?} is not a peer id", bundle.header.from)))?;
+        // Check everything first; nothing is applied from a bundle with one bad entity.
+        let received: Vec<Entity> = bundle
+            .entities
+            .par_iter()
+            .map(|be| {
+                let e = Entity::load_received(be.id, &be.doc)?;
+                let collection = e.collection().unwrap_or_default();
+                if collection != be.collection {
+                    return Err(fieldsync_core::Error::Bundle(format!("entity {} claims collection {:?} but holds {collection:?}", be.id, be.collection)));
+                }
+                self.ws.schema.collection(&collection)?;
+                Ok(e)
+            })
+            .collect::<Result<_, fieldsync_core::Error>>()?;
+
+        let mut summary = ImportSummary { entities: received.len(), ..Default::default() };
+        let total = received.len();
+        let mut done = 0;
+        let mut received = received.into_iter();
+        loop {
+            let chunk: Vec<Entity> = received.by_ref().take(BATCH).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            done += chunk.len();
+            self.merge_batch(chunk, &mut summary)?;
+            progress(done, total);
+        }
+
+        let mut meta = Vec::new();
+        let in_key = format!("{META_CHECKPOINT_IN}{from}");
+        // Advance only over a contiguous range: the bundle covers (since, upto].
+        if seq_of(self.store.meta(&in_key)?) >= bundle.header.since {
+            meta.push((in_key, Some(bundle.header.upto.to_be_bytes().to_vec())));
+        }
+        if let Some(ack) = bundle.header.acks.get(&self.peer.to_string()) {
+            let out_key = format!("{META_CHECKPOINT_OUT}{from}");
+            if *ack > seq_of(self.store.meta(&out_key)?) {
+                meta.push((out_key, Some(ack.to_be_bytes().to_vec())));
+            }
+        }
+        self.commit_durable(vec![], meta)?;
+        Ok(summary)
+    }
+
+    /// Merges received documents into the store; on the authority, then confirms proposals
+    /// of `auto_accept` fields.
+    fn merge_batch(&self, chunk: Vec<Entity>, summary: &mut ImportSummary) -> Result<(), Error> {
+        let now = Self::now_ms();
+        let w = self.writer(now);
+        let mut writes = Vec::with_capacity(chunk.len());
+        // Held until the commit, so no local write to these entities slips in between.
+        let _guards = self.lock_many(chunk.iter().map(Entity::id));
+        for mut incoming in chunk {
+            let id = incoming.id();
+            let mut entity = match self.load(id)? {
+                None => {
+                    summary.created += 1;
+                    incoming
+                }
+                Some(mut local) => {
+                    if local.collection() != incoming.collection() {
+                        return Err(fieldsync_core::Error::Bundle(format!("entity {id} is in another collection here")).into());
+                    }
+                    if !local.merge_bytes(&incoming.save())? {
+                        summary.unchanged += 1;
+                        continue;
+                    }
+                    summary.updated += 1;
+                    local
+                }
+            };
+            if self.authority {
+                for pid in entity.auto_acceptable(&self.ws) {
+                    entity.accept(&self.ws, &w, pid, "auto_accept")?;
+                    summary.auto_accepted += 1;
+                }
+            }
+            writes.push(self.entity_write(&mut entity)?);
+        }
+        self.commit_durable(writes, vec![])
+    }
+
+    /// Creates (or, for lines with an `_id` already stored, updates) one entity per line of
+    /// JSON Lines text. Every line is checked before anything is written.
+    pub fn bulk_import(&self, collection: &str, jsonl: &str, progress: &mut dyn FnMut(usize, usize)) -> Result<usize, Error> {
+        let coll = self.ws.schema.collection(collection)?;
+        let lines: Vec<(usize, &str)> = jsonl.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| (i + 1, l)).collect();
+        let parsed: Vec<(Option<EntityId>, Patch)> = lines
+            .par_iter()
+            .map(|(n, line)| {
+                let bad = |message: String| Error::ImportLine { line: *n, message };
+                let mut json: Json = serde_json::from_str(line).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+                let id = match json.as_object_mut().and_then(|m| m.remove("_id")) {
+                    None => None,
+                    Some(Json::String(s)) => Some(s.parse::<EntityId>().map_err(|e| bad(format!("_id: {e}")))?),
+                    Some(_) => return Err(bad("_id must be a UUID string".into())),
+                };
+                let patch = Patch::from_json(coll, &json).map_err(|e| bad(e.to_string()))?;
+                Ok((id, patch))
+            })
+            .collect::<Result<_, Error>>()?;
+        let mut seen = std::collections::HashMap::new();
+        for ((n, _), (id, _)) in lines.iter().zip(&parsed) {
+            if let Some(id) = id {
+                if let Some(first) = seen.insert(*id, *n) {
+                    return Err(Error::ImportLine { line: *n, message: format!("_id {id} repeats line {first}") });
+                }
+            }
+        }
+        let total = parsed.len();
+        let mut done = 0;
+        for chunk in parsed.chunks(BATCH) {
+            // New entities are built in parallel and committed together; updates go one by one.
+            let (fresh, existing): (Vec<_>, Vec<_>) = chunk
+                .iter()
+                .map(|(id, p)| (id.unwrap_or_else(|| EntityId(uuid::Uuid::now_v7())), p))
+                .partition(|(id, _)| matches!(self.store.record(id.as_bytes()), Ok(None)));
+            let now = Self::now_ms();
+            let writes = fresh
+                .par_iter()
+                .map(|(id, patch)| {
+                    let w = self.writer(now);
+                    let mut e = Entity::create(&self.ws, *id, collection, &w, patch, &mut || fieldsync_core::ProposalId(uuid::Uuid::now_v7()))?;
+                    self.entity_write(&mut e)
+                })
+                .collect::<Result<Vec<_>, Error>>()?;
+            self.store.commit(writes, vec![])?;
+            for (id, patch) in existing {
+                self.put_patch(collection, Some(id), patch)?;
+            }
+            done += chunk.len();
+            progress(done, total);
+        }
+        self.commit_durable(vec![], vec![])?;
+        Ok(total)
+    }
+}

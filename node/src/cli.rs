@@ -1,0 +1,330 @@
+//! Command-line interface: the contract other tools and tests drive.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+use fieldsync::{ConflictId, EntityId, ErrorKind, PeerId, ProposalId, Replica};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value as Json};
+
+/// fieldsync: offline-first replication of business entities between devices.
+///
+/// Output is JSON on stdout (one object, or JSON Lines for lists); messages and progress go
+/// to stderr. Exit codes: 0 ok, 1 runtime error, 2 invalid input or usage, 3 not found.
+#[derive(Debug, Parser)]
+#[command(name = "fieldsync", version)]
+pub struct Cli {
+    /// Data directory of this node.
+    #[arg(long, global = true, env = "FIELDSYNC_DATA", default_value = "./fieldsync-data")]
+    data: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a node: a new workspace (--schema, this node is its authority) or join one (--join).
+    Init {
+        /// Schema TOML file: creates a workspace with this node as its authority.
+        #[arg(long, conflicts_with = "join", required_unless_present = "join")]
+        schema: Option<PathBuf>,
+        /// Invite file from `fieldsync invite`: joins that workspace as a device.
+        #[arg(long)]
+        join: Option<PathBuf>,
+        /// Name of the user or device, recorded in every change's history.
+        #[arg(long, env = "USER", default_value = "fieldsync")]
+        name: String,
+    },
+    /// Print an invite (JSON) that lets a device join this workspace.
+    Invite,
+    /// Create or update an entity: `put COLLECTION [ID] PATCH_JSON`.
+    ///
+    /// PATCH_JSON is an object: plain values set fields, null removes one, {"$inc": n} adds
+    /// to a counter, {"$add": [..]} / {"$remove": [..]} change a set.
+    Put {
+        collection: String,
+        /// ID of the entity to update (or create with this id); omit to create a new one.
+        #[arg(value_name = "ID")]
+        id_or_patch: String,
+        #[arg(value_name = "PATCH_JSON")]
+        patch: Option<String>,
+    },
+    /// Print an entity's view.
+    Get { collection: String, id: String },
+    /// List a collection's views as JSON Lines.
+    List {
+        collection: String,
+        /// Keep entities whose FIELD equals VALUE (or whose set FIELD contains it). Repeatable.
+        #[arg(long = "where", value_name = "FIELD=VALUE")]
+        filters: Vec<String>,
+        /// Include deleted entities.
+        #[arg(long)]
+        include_deleted: bool,
+    },
+    /// Delete an entity (a tombstone that syncs like any write).
+    Delete { collection: String, id: String },
+    /// Print an entity's history as JSON Lines (device, user, time, fields touched).
+    History { collection: String, id: String },
+    /// List open conflicts as JSON Lines.
+    Conflicts {
+        /// Also list conflicts settled by a rule.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Settle a conflict by writing a value that has seen every alternative.
+    Resolve {
+        conflict_id: String,
+        value_json: String,
+    },
+    /// List pending proposals to authority fields (authority only).
+    Proposals,
+    /// Confirm a proposal (authority only).
+    Accept { proposal_id: String },
+    /// Reject a proposal (authority only).
+    Reject { proposal_id: String },
+    /// Print the node's status.
+    Status,
+    /// File-based sync for sites with no network.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// Bulk-create entities from a JSON Lines file (an optional "_id" per line).
+    Import { collection: String, file: PathBuf },
+    /// Print a collection's live entities as JSON Lines (re-importable).
+    Export { collection: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum BundleCommand {
+    /// Write the changes another node lacks to FILE (all of them if PEER is unknown).
+    Export {
+        file: PathBuf,
+        /// Peer id of the node the bundle is for.
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Merge a bundle; importing it again, or bundles in any order, gives the same result.
+    Import { file: PathBuf },
+}
+
+/// A CLI failure with its exit code.
+#[derive(Debug)]
+pub struct CliError {
+    message: String,
+    code: u8,
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        self.code
+    }
+    fn invalid(message: impl Into<String>) -> Self {
+        CliError { message: message.into(), code: 2 }
+    }
+    fn runtime(message: impl Into<String>) -> Self {
+        CliError { message: message.into(), code: 1 }
+    }
+}
+
+impl From<fieldsync::Error> for CliError {
+    fn from(e: fieldsync::Error) -> Self {
+        let code = match e.kind() {
+            ErrorKind::Invalid => 2,
+            ErrorKind::NotFound => 3,
+            _ => 1,
+        };
+        CliError { message: e.to_string(), code }
+    }
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> Self {
+        CliError::runtime(e.to_string())
+    }
+}
+
+type Result<T> = std::result::Result<T, CliError>;
+
+fn parse_id<T: std::str::FromStr>(what: &str, text: &str) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    text.parse().map_err(|e| CliError::invalid(format!("{what} {text:?} is not valid: {e}")))
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| CliError::invalid(format!("cannot read {}: {e}", path.display())))
+}
+
+fn emit(value: &impl serde::Serialize) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, value).map_err(|e| CliError::runtime(e.to_string()))?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn emit_lines<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> Result<()> {
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    for item in items {
+        serde_json::to_writer(&mut out, &item).map_err(|e| CliError::runtime(e.to_string()))?;
+        writeln!(out)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// A progress bar on stderr (drawn only when stderr is a terminal).
+fn progress_bar(what: &'static str) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what);
+    bar
+}
+
+fn with_progress<T>(what: &'static str, work: impl FnOnce(&mut dyn FnMut(usize, usize)) -> T) -> T {
+    let bar = progress_bar(what);
+    let result = work(&mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    result
+}
+
+/// Runs one command.
+pub fn run(cli: Cli) -> Result<()> {
+    let dir = cli.data;
+    match cli.command {
+        Command::Init { schema, join, name } => {
+            let replica = match (schema, join) {
+                (Some(schema), None) => {
+                    let text = String::from_utf8(read_file(&schema)?)
+                        .map_err(|_| CliError::invalid(format!("{} is not UTF-8 text", schema.display())))?;
+                    Replica::init_authority(&dir, &text, &name)?
+                }
+                (None, Some(invite)) => Replica::init_join(&dir, &read_file(&invite)?, &name)?,
+                _ => return Err(CliError::invalid("give exactly one of --schema FILE or --join INVITE_FILE")),
+            };
+            eprintln!("initialised {} in {}", if replica.is_authority() { "workspace authority" } else { "device" }, dir.display());
+            emit(&json!({
+                "peer_id": replica.peer_id().to_string(),
+                "workspace": replica.workspace().id.to_string(),
+                "authority": replica.is_authority(),
+            }))
+        }
+        command => run_on(&Replica::open(&dir)?, command),
+    }
+}
+
+fn run_on(replica: &Replica, command: Command) -> Result<()> {
+    match command {
+        Command::Init { .. } => unreachable!("handled by run"),
+        Command::Invite => {
+            if !replica.is_authority() {
+                return Err(CliError::invalid("only the workspace authority issues invites"));
+            }
+            std::io::stdout().write_all(&replica.invite())?;
+            println!();
+            Ok(())
+        }
+        Command::Put { collection, id_or_patch, patch } => {
+            let (id, patch) = match patch {
+                Some(patch) => (Some(parse_id::<EntityId>("entity id", &id_or_patch)?), patch),
+                None => (None, id_or_patch),
+            };
+            let id = replica.put(&collection, id, &patch)?;
+            emit(&json!({ "id": id.to_string() }))
+        }
+        Command::Get { collection, id } => emit(&replica.get(&collection, parse_id("entity id", &id)?)?),
+        Command::List { collection, filters, include_deleted } => {
+            let mut out = BufWriter::new(std::io::stdout().lock());
+            let mut failed = None;
+            replica.list(&collection, &filters, include_deleted, &mut |view| {
+                let r = serde_json::to_writer(&mut out, &view).map_err(std::io::Error::from).and_then(|_| writeln!(out));
+                failed = r.err();
+                failed.is_none()
+            })?;
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            out.flush()?;
+            Ok(())
+        }
+        Command::Delete { collection, id } => {
+            let id: EntityId = parse_id("entity id", &id)?;
+            replica.delete(&collection, id)?;
+            emit(&json!({ "id": id.to_string(), "deleted": true }))
+        }
+        Command::History { collection, id } => emit_lines(replica.history(&collection, parse_id("entity id", &id)?)?),
+        Command::Conflicts { all } => emit_lines(replica.conflicts(all)?),
+        Command::Resolve { conflict_id, value_json } => {
+            let conflict: ConflictId = parse_id("conflict id", &conflict_id)?;
+            let entity = replica.resolve(&conflict, &value_json)?;
+            emit(&json!({ "conflict": conflict.to_string(), "entity": entity.to_string(), "resolved": true }))
+        }
+        Command::Proposals => emit_lines(replica.proposals()?),
+        Command::Accept { proposal_id } => {
+            let entity = replica.accept(parse_id::<ProposalId>("proposal id", &proposal_id)?)?;
+            emit(&json!({ "proposal": proposal_id, "entity": entity.to_string(), "accepted": true }))
+        }
+        Command::Reject { proposal_id } => {
+            let entity = replica.reject(parse_id::<ProposalId>("proposal id", &proposal_id)?)?;
+            emit(&json!({ "proposal": proposal_id, "entity": entity.to_string(), "rejected": true }))
+        }
+        Command::Status => emit(&replica.status()?),
+        Command::Bundle(BundleCommand::Export { file, since }) => {
+            let peer = since.map(|p| parse_id::<PeerId>("peer id", &p)).transpose()?;
+            let bundle = with_progress("exporting", |p| replica.export_bundle(peer, p))?;
+            // Write beside the target, then rename: a half-written bundle never has the name.
+            let tmp = file.with_extension("partial");
+            std::fs::write(&tmp, &bundle.bytes).map_err(|e| CliError::runtime(format!("{}: {e}", tmp.display())))?;
+            std::fs::rename(&tmp, &file).map_err(|e| CliError::runtime(format!("{}: {e}", file.display())))?;
+            eprintln!("wrote {} entities to {}", bundle.entities, file.display());
+            emit(&json!({
+                "file": file.display().to_string(),
+                "entities": bundle.entities,
+                "bytes": bundle.bytes.len(),
+                "since": bundle.since,
+                "upto": bundle.upto,
+            }))
+        }
+        Command::Bundle(BundleCommand::Import { file }) => {
+            let bytes = read_file(&file)?;
+            let summary = with_progress("importing", |p| replica.import_bundle(&bytes, p))?;
+            eprintln!("merged {} entities from {}", summary.entities, file.display());
+            emit(&summary)
+        }
+        Command::Import { collection, file } => {
+            let text = String::from_utf8(read_file(&file)?)
+                .map_err(|_| CliError::invalid(format!("{} is not UTF-8 text", file.display())))?;
+            let n = with_progress("importing", |p| replica.bulk_import(&collection, &text, p))?;
+            eprintln!("imported {n} entities into {collection}");
+            emit(&json!({ "collection": collection, "imported": n }))
+        }
+        Command::Export { collection } => {
+            let mut out = BufWriter::new(std::io::stdout().lock());
+            let mut failed = None;
+            replica.list(&collection, &[], false, &mut |mut view| {
+                view.retain(|k, _| k == "_id" || !k.starts_with('_'));
+                let r = serde_json::to_writer(&mut out, &Json::Object(view)).map_err(std::io::Error::from).and_then(|_| writeln!(out));
+                failed = r.err();
+                failed.is_none()
+            })?;
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            out.flush()?;
+            Ok(())
+        }
+    }
+}
