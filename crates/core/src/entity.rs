@@ -340,13 +340,15 @@ impl Entity {
                 (Rule::Authority, FieldOp::Remove) => self.write_authority(ws, w, field, Json::Null, new_proposal)?,
                 (Rule::Counter, FieldOp::Inc(n)) => self.increment(field, *n)?,
                 (Rule::Counter, FieldOp::Set(v)) => {
-                    if !creating {
-                        return Err(Error::Patch(format!(
-                            "field {field:?} is a counter: set its value only at creation, then use {{\"$inc\": n}}"
-                        )));
-                    }
                     let n = v.as_i64().unwrap_or(0);
-                    self.doc.put(ROOT, field.as_str(), ScalarValue::counter(n)).map_err(Error::automerge)?;
+                    if creating {
+                        self.doc.put(ROOT, field.as_str(), ScalarValue::counter(n)).map_err(Error::automerge)?;
+                    } else {
+                        // "Set to n" is the increment from the value this writer sees, so
+                        // concurrent increments elsewhere still add up.
+                        let current = self.field_value(ws, field, rule).and_then(|v| v.as_i64()).unwrap_or(0);
+                        self.increment(field, n - current)?;
+                    }
                 }
                 (Rule::Set, FieldOp::Add(items)) => self.set_add(field, items)?,
                 (Rule::Set, FieldOp::RemoveElems(items)) => self.set_remove(field, items)?,

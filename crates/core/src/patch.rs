@@ -142,7 +142,7 @@ fn parse_op(field: &str, rule: &Rule, value: &Json) -> Result<FieldOp, Error> {
         }
         (Rule::Max | Rule::Min, _) => Err(wrong("a number")),
         (Rule::Counter, Json::Number(n)) if n.as_i64().is_some() => Ok(FieldOp::Set(value.clone())),
-        (Rule::Counter, _) => Err(wrong("an integer (initial value) or {\"$inc\": n}")),
+        (Rule::Counter, _) => Err(wrong("an integer or {\"$inc\": n}")),
         (Rule::Set, Json::Array(_)) => Ok(FieldOp::Set(Json::Array(set_elements(field, value)?))),
         (Rule::Set, _) => Err(wrong("an array of strings, numbers or booleans, {\"$add\": [..]} or {\"$remove\": [..]}")),
         (Rule::Text, Json::String(_)) => Ok(FieldOp::Set(value.clone())),

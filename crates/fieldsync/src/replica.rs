@@ -83,6 +83,7 @@ fn db_dir(dir: &Path) -> PathBuf {
 impl Replica {
     /// Creates a new workspace in `dir` with this node as its authority.
     pub fn init_authority(dir: &Path, schema_toml: &str, name: &str) -> Result<Self, Error> {
+        Self::ensure_free(dir)?;
         let schema = Schema::from_toml(schema_toml)?;
         let key = ed25519::Keypair::generate();
         let ws = Workspace { id: WorkspaceId(uuid::Uuid::now_v7()), schema, authority: key.public() };
@@ -91,14 +92,20 @@ impl Replica {
 
     /// Joins the workspace of `invite` (JSON bytes from `fieldsync invite`) as a device.
     pub fn init_join(dir: &Path, invite: &[u8], name: &str) -> Result<Self, Error> {
+        Self::ensure_free(dir)?;
         let ws = Invite::decode(invite)?;
         Self::init(dir, ws, ed25519::Keypair::generate(), name, false)
     }
 
-    fn init(dir: &Path, ws: Workspace, key: ed25519::Keypair, name: &str, authority: bool) -> Result<Self, Error> {
+    fn ensure_free(dir: &Path) -> Result<(), Error> {
         if db_dir(dir).exists() {
             return Err(Error::AlreadyInitialized(dir.to_owned()));
         }
+        Ok(())
+    }
+
+    fn init(dir: &Path, ws: Workspace, key: ed25519::Keypair, name: &str, authority: bool) -> Result<Self, Error> {
+        Self::ensure_free(dir)?;
         std::fs::create_dir_all(dir).map_err(Error::file(dir))?;
         let store = SledStore::open(&db_dir(dir))?;
         let node = NodeMeta { name: name.to_owned(), authority };
