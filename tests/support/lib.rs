@@ -1,1 +1,26 @@
+//! Shared helpers for fieldsync's cross-crate tests and examples.
 
+use std::path::Path;
+
+use fieldsync::Replica;
+
+/// The schema the examples and tests use (`examples/schema.toml`).
+pub const SCHEMA: &str = include_str!("../../examples/schema.toml");
+
+/// An authority and `devices` joined devices in fresh directories under `root`.
+pub fn workspace(root: &Path, devices: &[&str]) -> Result<(Replica, Vec<Replica>), fieldsync::Error> {
+    let hq = Replica::init_authority(&root.join("hq"), SCHEMA, "hq")?;
+    let invite = hq.invite();
+    let devices = devices
+        .iter()
+        .map(|name| Replica::init_join(&root.join(name), &invite, name))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((hq, devices))
+}
+
+/// Brings `to` up to date with `from` through a bundle, as two offline sites would.
+pub fn exchange(from: &Replica, to: &Replica) -> Result<(), fieldsync::Error> {
+    let bundle = from.export_bundle(Some(to.peer_id()), &mut |_, _| {})?;
+    to.import_bundle(&bundle.bytes, &mut |_, _| {})?;
+    Ok(())
+}

@@ -1,1 +1,85 @@
-fn main(){}
+//! Local write benchmark: acknowledged (durable) single-entity writes per second with
+//! concurrent writers sharing flushes, and the bulk-import rate.
+//!
+//! Run: `cargo bench -p fieldsync --bench local_writes` (env `BENCH_ENTITIES` sets the bulk
+//! size, default 100000; `BENCH_SECONDS` the length of each write run, default 3).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fieldsync::Replica;
+
+const SCHEMA: &str = r#"
+[collections.tasks.fields]
+status   = { rule = "rank", order = ["open", "in_progress", "completed"] }
+progress = { rule = "max" }
+tags     = { rule = "set" }
+"#;
+
+fn ten_fields(i: usize) -> String {
+    format!(
+        r#"{{"title":"Task {i}","status":"open","progress":{p},"tags":["t{t}"],"site":"Site {s}","assignee":"user{u}","priority":{pr},"notes_short":"call before","customer":"Customer {c}","due":"2026-12-{d:02}"}}"#,
+        p = i % 100,
+        t = i % 7,
+        s = i % 50,
+        u = i % 20,
+        pr = i % 5,
+        c = i % 1000,
+        d = i % 28 + 1
+    )
+}
+
+fn writes_per_second(writers: usize, seconds: f64) -> (f64, u64) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let replica = Replica::init_authority(&tmp.path().join("n"), SCHEMA, "bench").expect("init");
+    let done = AtomicU64::new(0);
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for w in 0..writers {
+            let (replica, done) = (&replica, &done);
+            s.spawn(move || {
+                // Each writer creates one entity, then keeps updating a small rotating set.
+                let mut ids = Vec::new();
+                let mut i = 0usize;
+                while Instant::now() < deadline {
+                    let target = if ids.len() < 8 { None } else { Some(ids[i % ids.len()]) };
+                    let patch = if target.is_none() { ten_fields(w * 1_000_000 + i) } else { format!(r#"{{"progress":{}}}"#, i % 100) };
+                    let id = replica.put("tasks", target, &patch).expect("put");
+                    if target.is_none() {
+                        ids.push(id);
+                    }
+                    i += 1;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let n = done.load(Ordering::Relaxed);
+    (n as f64 / start.elapsed().as_secs_f64(), n)
+}
+
+fn bulk_import(n: usize) -> (f64, f64) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let replica = Replica::init_authority(&tmp.path().join("n"), SCHEMA, "bench").expect("init");
+    let text: String = (0..n).map(|i| ten_fields(i) + "\n").collect();
+    let start = Instant::now();
+    let imported = replica.bulk_import("tasks", &text, &mut |_, _| {}).expect("import");
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(imported, n);
+    (n as f64 / secs, secs)
+}
+
+fn main() {
+    let seconds: f64 = std::env::var("BENCH_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3.0);
+    let entities: usize = std::env::var("BENCH_ENTITIES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    // `cargo bench` passes --bench; ignore arguments.
+    println!("| benchmark | result | target |");
+    println!("|---|---|---|");
+    for writers in [1, 16, 64] {
+        let (rate, n) = writes_per_second(writers, seconds);
+        println!("| acknowledged single-entity writes, {writers} writers | {rate:.0} writes/s ({n} in {seconds}s) | ≥ 5,000/s |");
+    }
+    let (rate, secs) = bulk_import(entities);
+    println!("| bulk import, {entities} 10-field entities | {rate:.0} entities/s ({secs:.2} s) | ≥ 50,000/s |");
+}
