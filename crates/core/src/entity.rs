@@ -13,10 +13,10 @@
 //! counters, text fields Automerge text. Each change's message records the user, the kind
 //! of write and the fields touched; the change's actor is the writing peer.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{ActorId, AutoCommit, ChangeHash, ObjId, ObjType, Prop, ReadDoc, ScalarValue, Value, ROOT};
+use automerge::{hydrate, ActorId, AutoCommit, ChangeHash, ObjId, ObjType, Prop, ReadDoc, ScalarValue, Value, ROOT};
 use libp2p_identity::ed25519;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
@@ -32,6 +32,8 @@ const K_COLLECTION: &str = "_collection";
 const K_DELETED: &str = "_deleted";
 const K_AUTH: &str = "_auth";
 const K_PROP: &str = "_prop";
+/// Latest change time stored (ms since the Unix epoch).
+const MAX_TIME_MS: i64 = 1 << 52;
 
 /// An app's view of an entity: its fields plus `_id`, `_collection` and, when present,
 /// `_conflicts`, `_pending` and `_deleted`.
@@ -117,6 +119,14 @@ pub struct HistoryEntry {
     pub fields: Vec<String>,
 }
 
+/// What is derived from an entity's document: its view, conflicts and pending proposals.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Derived {
+    pub view: View,
+    pub conflicts: Vec<Conflict>,
+    pub proposals: Vec<Proposal>,
+}
+
 /// An entity's document with the operations fieldsync performs on it.
 #[derive(Debug)]
 pub struct Entity {
@@ -131,30 +141,14 @@ impl Entity {
     pub fn create(ws: &Workspace, id: EntityId, collection: &str, w: &Writer<'_>, patch: &Patch, new_proposal: &mut dyn FnMut() -> ProposalId) -> Result<Self, Error> {
         let coll = ws.schema.collection(collection)?;
         let mut doc = AutoCommit::new().with_actor(w.actor());
-        let mut init = || -> Result<(), automerge::AutomergeError> {
-            doc.put(ROOT, K_COLLECTION, collection)?;
-            // Containers of merging fields are made once, here, so that replicas never race
-            // to create them (two concurrent creations would be two separate objects).
-            for (name, spec) in &coll.fields {
-                match spec.rule {
-                    Rule::Counter => doc.put(ROOT, name.as_str(), ScalarValue::counter(0))?,
-                    Rule::Set => drop(doc.put_object(ROOT, name.as_str(), ObjType::Map)?),
-                    Rule::Text => drop(doc.put_object(ROOT, name.as_str(), ObjType::Text)?),
-                    _ => {}
-                }
-            }
-            if coll.fields.values().any(|f| f.rule == Rule::Authority) {
-                doc.put_object(ROOT, K_AUTH, ObjType::Map)?;
-                doc.put_object(ROOT, K_PROP, ObjType::Map)?;
-            }
-            if coll.on_delete == OnDelete::UpdateWins {
-                doc.put(ROOT, K_DELETED, false)?;
-            }
-            Ok(())
-        };
-        init().map_err(Error::automerge)?;
+        let root = initial_root(coll, collection, patch, doc.text_encoding());
+        doc.init_root_from_hydrate(&root).map_err(Error::automerge)?;
         let mut entity = Entity { id, doc, persisted: vec![] };
-        entity.write_patch(ws, coll, w, patch, new_proposal, true)?;
+        // Authority fields need the entity id in their signature, so they go the normal way.
+        let authority_ops = Patch {
+            ops: patch.ops.iter().filter(|(f, _)| *coll.rule(f) == Rule::Authority).cloned().collect(),
+        };
+        entity.write_patch(ws, coll, w, &authority_ops, new_proposal, true)?;
         entity.commit(w, "create", patch.fields());
         Ok(entity)
     }
@@ -245,8 +239,10 @@ impl Entity {
         self.set_writer(w);
         if coll.on_delete == OnDelete::UpdateWins {
             // Every update re-asserts "alive"; a delete that saw it overwrites it, a
-            // concurrent delete does not (see `is_deleted`).
-            self.doc.put(ROOT, K_DELETED, false).map_err(Error::automerge)?;
+            // concurrent delete does not (see `is_deleted`). The marker must differ from the
+            // current value: Automerge drops a put of the value already there.
+            let marker = self.next_marker(&ROOT, K_DELETED);
+            self.doc.put(ROOT, K_DELETED, marker).map_err(Error::automerge)?;
         }
         if let Err(e) = self.write_patch(ws, coll, w, patch, new_proposal, false) {
             self.doc.rollback();
@@ -329,7 +325,10 @@ impl Entity {
     fn commit(&mut self, w: &Writer<'_>, kind: &str, fields: Vec<String>) {
         let note = ChangeNote { user: w.user.to_owned(), kind: kind.to_owned(), fields };
         let msg = serde_json::to_string(&note).unwrap_or_default();
-        self.doc.commit_with(CommitOptions::default().with_message(msg).with_time(w.now_ms));
+        // Automerge delta-encodes change times; clamping to a sane range (0 to year ~144,000)
+        // keeps a bad clock from overflowing that encoding.
+        let time = w.now_ms.clamp(0, MAX_TIME_MS);
+        self.doc.commit_with(CommitOptions::default().with_message(msg).with_time(time));
     }
 
     fn write_patch(&mut self, ws: &Workspace, coll: &Collection, w: &Writer<'_>, patch: &Patch, new_proposal: &mut dyn FnMut() -> ProposalId, creating: bool) -> Result<(), Error> {
@@ -346,7 +345,8 @@ impl Entity {
                     } else {
                         // "Set to n" is the increment from the value this writer sees, so
                         // concurrent increments elsewhere still add up.
-                        let current = self.field_value(ws, field, rule).and_then(|v| v.as_i64()).unwrap_or(0);
+                        let all = self.doc.get_all(ROOT, field.as_str()).map_err(Error::automerge)?;
+                        let current = self.field_value(rule, &all).and_then(|v| v.as_i64()).unwrap_or(0);
                         self.increment(field, n - current)?;
                     }
                 }
@@ -371,7 +371,12 @@ impl Entity {
                     self.doc.update_text(&text, s).map_err(Error::automerge)?;
                 }
                 (_, FieldOp::Set(v)) => put_json(&mut self.doc, &ROOT, Prop::Map(field.clone()), v).map_err(Error::automerge)?,
-                (_, FieldOp::Remove) => self.doc.delete(ROOT, field.as_str()).map_err(Error::automerge)?,
+                (_, FieldOp::Remove) => {
+                    // Removing an absent field is a no-op, not an error.
+                    if self.doc.get(ROOT, field.as_str()).map_err(Error::automerge)?.is_some() {
+                        self.doc.delete(ROOT, field.as_str()).map_err(Error::automerge)?;
+                    }
+                }
                 (rule, op) => {
                     return Err(Error::Patch(format!("field {field:?} (rule {}) does not take {op:?}", rule.name())))
                 }
@@ -400,9 +405,32 @@ impl Entity {
     fn set_add(&mut self, field: &str, items: &[Json]) -> Result<(), Error> {
         let obj = self.set_obj(field)?;
         for item in items {
-            self.doc.put(&obj, element_key(item), true).map_err(Error::automerge)?;
+            // A fresh marker, so re-adding a present element is a new add that a concurrent
+            // remove has not seen (add-wins), not a put Automerge would drop as unchanged.
+            let key = element_key(item);
+            let marker = self.next_marker(&obj, &key);
+            self.doc.put(&obj, key, marker).map_err(Error::automerge)?;
         }
         Ok(())
+    }
+
+    /// An integer one above every integer concurrently stored at `obj.key`.
+    fn next_marker(&self, obj: &ObjId, key: &str) -> i64 {
+        let highest = self
+            .doc
+            .get_all(obj, key)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|(v, _)| match v {
+                Value::Scalar(s) => match s.as_ref() {
+                    ScalarValue::Int(i) => Some(*i),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        highest.saturating_add(1)
     }
 
     fn set_remove(&mut self, field: &str, items: &[Json]) -> Result<(), Error> {
@@ -430,15 +458,7 @@ impl Entity {
 
     /// Set members (canonical key → element), the union over concurrent copies.
     fn set_members(&self, field: &str) -> BTreeMap<String, Json> {
-        let mut out = BTreeMap::new();
-        for (_, obj) in self.set_objects(field) {
-            for k in self.doc.keys(&obj) {
-                if let Ok(v) = serde_json::from_str(&k) {
-                    out.insert(k, v);
-                }
-            }
-        }
-        out
+        self.members_of(&self.doc.get_all(ROOT, field).unwrap_or_default())
     }
 
     fn write_authority(&mut self, ws: &Workspace, w: &Writer<'_>, field: &str, value: Json, new_proposal: &mut dyn FnMut() -> ProposalId) -> Result<(), Error> {
@@ -548,77 +568,121 @@ impl Entity {
         out
     }
 
-    /// Whether the tombstone holds. `delete_wins`: any concurrent `true` wins.
-    /// `update_wins`: every update writes `false`, so any concurrent `false` revives.
+    /// Whether the tombstone holds. A delete writes `true`; in `update_wins` collections
+    /// every update writes an "alive" integer marker. `delete_wins`: any concurrent `true`
+    /// wins. `update_wins`: any concurrent alive marker revives.
     pub fn is_deleted(&self, coll: &Collection) -> bool {
-        let values: Vec<bool> = self
+        let tombstones: Vec<bool> = self
             .doc
             .get_all(ROOT, K_DELETED)
             .unwrap_or_default()
             .into_iter()
-            .filter_map(|(v, _)| match v {
-                Value::Scalar(s) => match s.as_ref() {
-                    ScalarValue::Boolean(b) => Some(*b),
-                    _ => None,
-                },
-                _ => None,
-            })
+            .map(|(v, _)| matches!(v, Value::Scalar(s) if matches!(s.as_ref(), ScalarValue::Boolean(true))))
             .collect();
         match coll.on_delete {
-            OnDelete::DeleteWins => values.contains(&true),
-            OnDelete::UpdateWins => !values.is_empty() && values.iter().all(|b| *b),
+            OnDelete::DeleteWins => tombstones.contains(&true),
+            OnDelete::UpdateWins => !tombstones.is_empty() && tombstones.iter().all(|t| *t),
         }
     }
 
-    /// The value of one field under its rule, if set.
-    fn field_value(&self, ws: &Workspace, field: &str, rule: &Rule) -> Option<Json> {
-        if *rule == Rule::Authority {
-            return self.confirmations(ws, field).pop().map(|c| c.value).filter(|v| !v.is_null());
+    /// Every non-reserved root field with all its concurrent values, in one pass over the
+    /// root map; `get_all` only where Automerge reports a conflict.
+    fn root_fields(&self) -> Vec<(String, Vec<(Value<'static>, ObjId)>)> {
+        self.doc
+            .map_range(ROOT, ..)
+            .filter(|item| !item.key.starts_with('_'))
+            .map(|item| {
+                let key = item.key.to_string();
+                let values = if item.conflict {
+                    self.doc.get_all(ROOT, key.as_str()).unwrap_or_default().into_iter().map(|(v, id)| (v.into_owned(), id)).collect()
+                } else {
+                    vec![(item.value.clone().into_value(), item.id())]
+                };
+                (key, values)
+            })
+            .collect()
+    }
+
+    /// Members of a set field given its concurrent values: the union of their keys.
+    fn members_of(&self, all: &[(Value<'_>, ObjId)]) -> BTreeMap<String, Json> {
+        let mut out = BTreeMap::new();
+        for (v, obj) in all {
+            if matches!(v, Value::Object(ObjType::Map)) {
+                for k in self.doc.keys(obj) {
+                    if let Ok(j) = serde_json::from_str(&k) {
+                        out.insert(k, j);
+                    }
+                }
+            }
         }
-        let all = self.doc.get_all(ROOT, field).unwrap_or_default();
-        if all.is_empty() {
-            return None;
-        }
+        out
+    }
+
+    /// The value of one field under its rule, from its concurrent values (the last entry is
+    /// Automerge's own winner).
+    fn field_value(&self, rule: &Rule, all: &[(Value<'_>, ObjId)]) -> Option<Json> {
+        let (last_v, last_id) = all.last()?;
+        let winner = || to_json(&self.doc, last_v, last_id);
         let values = || all.iter().map(|(v, id)| to_json(&self.doc, v, id));
         Some(match rule {
             Rule::Rank { order } => {
                 let rank = |v: &Json| v.as_str().and_then(|s| order.iter().position(|o| o == s));
-                // Later entries of get_all win ties, matching Automerge's own winner.
+                // max_by_key keeps the last of equals, matching Automerge's winner on ties.
                 values().max_by_key(|v| rank(v).map(|r| r as i64).unwrap_or(-1))?
             }
-            Rule::Max => values().filter(Json::is_number).max_by(|a, b| cmp_num(a, b)).unwrap_or_else(|| winner(&self.doc, field)),
-            Rule::Min => values().filter(Json::is_number).min_by(|a, b| cmp_num(a, b)).unwrap_or_else(|| winner(&self.doc, field)),
+            Rule::Max => values().filter(Json::is_number).max_by(cmp_num).unwrap_or_else(winner),
+            Rule::Min => values().filter(Json::is_number).min_by(cmp_num).unwrap_or_else(winner),
             Rule::Counter => Json::from(all.iter().map(|(v, _)| counter_value(v)).sum::<i64>()),
-            Rule::Set => Json::Array(self.set_members(field).into_values().collect()),
-            _ => winner(&self.doc, field),
+            Rule::Set => Json::Array(self.members_of(all).into_values().collect()),
+            _ => winner(),
         })
     }
 
-    /// The view of the entity: a pure function of the document (and the workspace).
-    pub fn view(&self, ws: &Workspace) -> Result<View, Error> {
+    /// The view, conflicts and proposals of the entity, derived together in one pass.
+    /// All three are pure functions of the document (and the workspace).
+    pub fn derive(&self, ws: &Workspace) -> Result<Derived, Error> {
         let collection = self.collection().ok_or_else(|| Error::Document(format!("entity {} has no _collection", self.id)))?;
         let coll = ws.schema.collection(&collection)?;
         let mut view = View::new();
-        let mut fields: BTreeSet<String> = self.doc.keys(ROOT).filter(|k| !k.starts_with('_')).collect();
-        fields.extend(coll.fields.iter().filter(|(_, s)| s.rule == Rule::Authority).map(|(n, _)| n.clone()));
-        for field in &fields {
-            if let Some(v) = self.field_value(ws, field, coll.rule(field)) {
+        let mut conflicts = Vec::new();
+        for (field, all) in self.root_fields() {
+            let rule = coll.rule(&field);
+            if *rule == Rule::Authority {
+                continue;
+            }
+            if let Some(v) = self.field_value(rule, &all) {
                 view.insert(field.clone(), v);
             }
+            if all.len() > 1 && !matches!(rule, Rule::Counter | Rule::Set | Rule::Text) {
+                if let Some(c) = self.conflict(&collection, field, rule, &all) {
+                    conflicts.push(c);
+                }
+            }
         }
-        let open: Map<String, Json> = self
-            .conflicts(ws)
-            .into_iter()
+        for (field, spec) in &coll.fields {
+            if spec.rule == Rule::Authority {
+                if let Some(c) = self.confirmations(ws, field).pop().filter(|c| !c.value.is_null()) {
+                    view.insert(field.clone(), c.value);
+                }
+            }
+        }
+        let open: Map<String, Json> = conflicts
+            .iter()
             .filter(|c| c.state == ConflictState::Open)
-            .map(|c| (c.field, Json::Array(c.values)))
+            .map(|c| (c.field.clone(), Json::Array(c.values.clone())))
             .collect();
         if !open.is_empty() {
             view.insert("_conflicts".into(), Json::Object(open));
         }
+        let proposals: Vec<Proposal> = self
+            .proposal_records()
+            .into_iter()
+            .map(|(id, record)| Proposal { id, entity: self.id, collection: collection.clone(), record })
+            .collect();
         let mut pending = Map::new();
-        for (_, record) in self.proposal_records() {
-            // Records are in id order, so the newest proposal per field wins.
-            pending.insert(record.field, record.value);
+        for p in &proposals {
+            // Proposals are in id order, so the newest per field wins.
+            pending.insert(p.record.field.clone(), p.record.value.clone());
         }
         if !pending.is_empty() {
             view.insert("_pending".into(), Json::Object(pending));
@@ -628,46 +692,42 @@ impl Entity {
         }
         view.insert("_id".into(), Json::String(self.id.to_string()));
         view.insert("_collection".into(), Json::String(collection));
-        Ok(view)
+        Ok(Derived { view, conflicts, proposals })
+    }
+
+    /// A conflict on `field` if its concurrent values are not all equal.
+    fn conflict(&self, collection: &str, field: String, rule: &Rule, all: &[(Value<'_>, ObjId)]) -> Option<Conflict> {
+        let mut values: Vec<Json> = Vec::new();
+        for (v, id) in all {
+            let j = to_json(&self.doc, v, id);
+            if !values.contains(&j) {
+                values.push(j);
+            }
+        }
+        if values.len() < 2 {
+            return None;
+        }
+        let op_ids: Vec<String> = all.iter().map(|(_, id)| id.to_string()).collect();
+        Some(Conflict {
+            id: ConflictId::derive(self.id, &field, &op_ids),
+            collection: collection.to_owned(),
+            entity: self.id,
+            field,
+            values,
+            rule: rule.name(),
+            state: if *rule == Rule::Manual { ConflictState::Open } else { ConflictState::Auto },
+        })
+    }
+
+    /// The view of the entity (see [`Entity::derive`]).
+    pub fn view(&self, ws: &Workspace) -> Result<View, Error> {
+        Ok(self.derive(ws)?.view)
     }
 
     /// Fields with several distinct concurrent values. Counters, sets and text merge and
     /// never conflict; `manual` fields conflict `open`, the others `auto`.
     pub fn conflicts(&self, ws: &Workspace) -> Vec<Conflict> {
-        let Some(collection) = self.collection() else { return vec![] };
-        let Ok(coll) = ws.schema.collection(&collection) else { return vec![] };
-        let mut out = Vec::new();
-        for field in self.doc.keys(ROOT).filter(|k| !k.starts_with('_')) {
-            let rule = coll.rule(&field);
-            if matches!(rule, Rule::Counter | Rule::Set | Rule::Text | Rule::Authority) {
-                continue;
-            }
-            let all = self.doc.get_all(ROOT, field.as_str()).unwrap_or_default();
-            if all.len() < 2 {
-                continue;
-            }
-            let mut values: Vec<Json> = Vec::new();
-            for (v, id) in &all {
-                let j = to_json(&self.doc, v, id);
-                if !values.contains(&j) {
-                    values.push(j);
-                }
-            }
-            if values.len() < 2 {
-                continue;
-            }
-            let op_ids: Vec<String> = all.iter().map(|(_, id)| id.to_string()).collect();
-            out.push(Conflict {
-                id: ConflictId::derive(self.id, &field, &op_ids),
-                collection: collection.clone(),
-                entity: self.id,
-                field,
-                values,
-                rule: rule.name(),
-                state: if *rule == Rule::Manual { ConflictState::Open } else { ConflictState::Auto },
-            });
-        }
-        out
+        self.derive(ws).map(|d| d.conflicts).unwrap_or_default()
     }
 
     /// Pending proposals, oldest first.
@@ -709,16 +769,66 @@ impl Entity {
     }
 }
 
+/// The root of a new entity: `_collection`, the containers of merging fields (made once,
+/// here, so replicas never race to create them — two concurrent creations would be two
+/// separate objects), and the patch's non-authority fields. Built as one value so
+/// Automerge inserts it in a single batch.
+fn initial_root(coll: &Collection, collection: &str, patch: &Patch, encoding: automerge::TextEncoding) -> hydrate::Map {
+    let mut root: HashMap<String, hydrate::Value> = HashMap::new();
+    root.insert(K_COLLECTION.into(), ScalarValue::Str(collection.into()).into());
+    for (name, spec) in &coll.fields {
+        let empty = match spec.rule {
+            Rule::Counter => ScalarValue::counter(0).into(),
+            Rule::Set => hydrate::Value::Map(hydrate::Map::from(HashMap::<String, hydrate::Value>::new())),
+            Rule::Text => hydrate::Value::Text(hydrate::Text::new(encoding, "")),
+            _ => continue,
+        };
+        root.insert(name.clone(), empty);
+    }
+    if coll.fields.values().any(|f| f.rule == Rule::Authority) {
+        root.insert(K_AUTH.into(), hydrate::Value::Map(HashMap::<String, hydrate::Value>::new().into()));
+        root.insert(K_PROP.into(), hydrate::Value::Map(HashMap::<String, hydrate::Value>::new().into()));
+    }
+    if coll.on_delete == OnDelete::UpdateWins {
+        root.insert(K_DELETED.into(), ScalarValue::Int(1).into());
+    }
+    for (field, op) in &patch.ops {
+        let value = match (coll.rule(field), op) {
+            (Rule::Authority, _) | (_, FieldOp::RemoveElems(_)) => continue,
+            (_, FieldOp::Remove) => {
+                root.remove(field);
+                continue;
+            }
+            (Rule::Counter, FieldOp::Set(v)) => ScalarValue::counter(v.as_i64().unwrap_or(0)).into(),
+            (_, FieldOp::Inc(n)) => ScalarValue::counter(*n).into(),
+            (Rule::Set, FieldOp::Set(Json::Array(items)) | FieldOp::Add(items)) => {
+                let members: HashMap<String, hydrate::Value> =
+                    items.iter().map(|i| (element_key(i), ScalarValue::Int(1).into())).collect();
+                hydrate::Value::Map(members.into())
+            }
+            (Rule::Text, FieldOp::Set(Json::String(t))) => hydrate::Value::Text(hydrate::Text::new(encoding, t)),
+            (_, FieldOp::Set(v)) => json_hydrate(v, encoding),
+            (_, FieldOp::Add(_)) => continue,
+        };
+        root.insert(field.clone(), value);
+    }
+    root.into()
+}
+
+fn json_hydrate(v: &Json, encoding: automerge::TextEncoding) -> hydrate::Value {
+    match v {
+        Json::Object(m) => {
+            let map: HashMap<String, hydrate::Value> = m.iter().map(|(k, v)| (k.clone(), json_hydrate(v, encoding))).collect();
+            hydrate::Value::Map(map.into())
+        }
+        Json::Array(a) => hydrate::Value::List(a.iter().map(|v| json_hydrate(v, encoding)).collect::<Vec<_>>().into()),
+        scalar => json_scalar(scalar).into(),
+    }
+}
+
 fn unreachable_proposal() -> ProposalId {
     // `resolve` writes only fields that can conflict, which excludes authority fields.
     ProposalId(uuid::Uuid::nil())
-}
-
-fn winner(doc: &AutoCommit, field: &str) -> Json {
-    match doc.get(ROOT, field) {
-        Ok(Some((v, id))) => to_json(doc, &v, &id),
-        _ => Json::Null,
-    }
 }
 
 fn cmp_num(a: &Json, b: &Json) -> std::cmp::Ordering {

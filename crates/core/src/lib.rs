@@ -18,7 +18,7 @@ pub mod patch;
 pub mod schema;
 pub mod workspace;
 
-pub use entity::{Conflict, ConflictState, Entity, HistoryEntry, Proposal, View, Writer};
+pub use entity::{Conflict, ConflictState, Derived, Entity, HistoryEntry, Proposal, View, Writer};
 pub use ids::{ConflictId, EntityId, PeerId, ProposalId, Seq, WorkspaceId};
 pub use patch::{FieldOp, Patch};
 pub use schema::{Collection, OnDelete, Rule, Schema};

@@ -37,6 +37,8 @@ const COMPACT_AFTER_CHUNKS: u32 = 32;
 const COMPACT_RATIO: u64 = 1;
 /// Entity lock stripes: writes to one entity are serialised, others run in parallel.
 const LOCK_STRIPES: usize = 256;
+/// Documents kept in memory after use, so repeated writes skip loading from the store.
+const DOC_CACHE_ENTRIES: usize = 4096;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct NodeMeta {
@@ -68,6 +70,9 @@ pub struct Replica {
     pub(crate) authority: bool,
     dir: PathBuf,
     locks: Vec<Mutex<()>>,
+    /// Recently used documents, all fully persisted. An entity is taken out while a writer
+    /// holds its lock and put back only after its write is durable.
+    cache: Mutex<lru::LruCache<EntityId, Entity>>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -146,6 +151,7 @@ impl Replica {
             authority: node.authority,
             dir: dir.to_owned(),
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            cache: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(DOC_CACHE_ENTRIES).unwrap_or(std::num::NonZeroUsize::MIN))),
         }
     }
 
@@ -195,8 +201,12 @@ impl Replica {
         stripes.into_iter().map(|s| self.locks[s].lock().unwrap_or_else(|p| p.into_inner())).collect()
     }
 
-    /// Loads an entity's document, if stored.
+    /// Loads an entity's document, if stored: from the cache, else from the store. The
+    /// caller holds the entity's lock and hands the entity back with [`Self::cache`].
     pub(crate) fn load(&self, id: EntityId) -> Result<Option<Entity>, Error> {
+        if let Some(e) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).pop(&id) {
+            return Ok(Some(e));
+        }
         match self.store.load_doc(id.as_bytes())? {
             Some(doc) => Ok(Some(Entity::load(id, &doc.snapshot, &doc.chunks)?)),
             None => Ok(None),
@@ -212,11 +222,16 @@ impl Replica {
         }
     }
 
+    /// Keeps a fully persisted entity in memory for its next use.
+    pub(crate) fn cache(&self, entity: Entity) {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(entity.id(), entity);
+    }
+
     /// The store write for an entity's new state: its new changes (or a fresh snapshot
     /// when new or due for compaction), view and derived index entries.
     pub(crate) fn entity_write(&self, entity: &mut Entity) -> Result<EntityWrite, Error> {
         let id = entity.id();
-        let view = entity.view(&self.ws)?;
+        let derived = entity.derive(&self.ws)?;
         let collection = entity.collection().unwrap_or_default();
         let compact = entity.is_new()
             || match self.store.record(id.as_bytes())? {
@@ -225,13 +240,13 @@ impl Replica {
             };
         let doc = if compact { DocWrite::Snapshot(entity.save()) } else { DocWrite::Append(entity.save_incremental()) };
         let mut index = Vec::new();
-        for c in entity.conflicts(&self.ws) {
-            index.push((INDEX_CONFLICT.to_owned(), c.id.as_str().as_bytes().to_vec(), to_json_bytes(&c)));
+        for c in &derived.conflicts {
+            index.push((INDEX_CONFLICT.to_owned(), c.id.as_str().as_bytes().to_vec(), to_json_bytes(c)));
         }
-        for p in entity.proposals() {
-            index.push((INDEX_PROPOSAL.to_owned(), p.id.as_bytes().to_vec(), to_json_bytes(&p)));
+        for p in &derived.proposals {
+            index.push((INDEX_PROPOSAL.to_owned(), p.id.as_bytes().to_vec(), to_json_bytes(p)));
         }
-        Ok(EntityWrite { id: *id.as_bytes(), collection, doc, view: to_json_bytes(&view), index })
+        Ok(EntityWrite { id: *id.as_bytes(), collection, doc, view: to_json_bytes(&derived.view), index })
     }
 
     /// Commits entity writes and waits until they are durable.
@@ -269,6 +284,7 @@ impl Replica {
         };
         let write = self.entity_write(&mut entity)?;
         self.commit_durable(vec![write], vec![])?;
+        self.cache(entity);
         Ok(id)
     }
 
@@ -311,13 +327,19 @@ impl Replica {
         let mut entity = self.load_in(collection, id)?;
         entity.delete(&self.ws, &self.writer(Self::now_ms()))?;
         let write = self.entity_write(&mut entity)?;
-        self.commit_durable(vec![write], vec![])
+        self.commit_durable(vec![write], vec![])?;
+        self.cache(entity);
+        Ok(())
     }
 
     /// Every change of an entity: device, user, time, kind, fields.
     pub fn history(&self, collection: &str, id: EntityId) -> Result<Vec<HistoryEntry>, Error> {
         self.ws.schema.collection(collection)?;
-        Ok(self.load_in(collection, id)?.history())
+        let _guard = self.lock(id);
+        let mut entity = self.load_in(collection, id)?;
+        let history = entity.history();
+        self.cache(entity);
+        Ok(history)
     }
 
     /// Conflicts: open ones, or with `all` also those settled by a rule.
@@ -351,6 +373,7 @@ impl Replica {
         entity.resolve(&self.ws, &self.writer(Self::now_ms()), conflict, &value)?;
         let write = self.entity_write(&mut entity)?;
         self.commit_durable(vec![write], vec![])?;
+        self.cache(entity);
         Ok(id)
     }
 
@@ -385,6 +408,7 @@ impl Replica {
         }
         let write = self.entity_write(&mut entity)?;
         self.commit_durable(vec![write], vec![])?;
+        self.cache(entity);
         Ok(entity_id)
     }
 

@@ -154,6 +154,7 @@ impl Replica {
         let now = Self::now_ms();
         let w = self.writer(now);
         let mut writes = Vec::with_capacity(chunk.len());
+        let mut merged = Vec::with_capacity(chunk.len());
         // Held until the commit, so no local write to these entities slips in between.
         let _guards = self.lock_many(chunk.iter().map(Entity::id));
         for mut incoming in chunk {
@@ -182,8 +183,13 @@ impl Replica {
                 }
             }
             writes.push(self.entity_write(&mut entity)?);
+            merged.push(entity);
         }
-        self.commit_durable(writes, vec![])
+        self.commit_durable(writes, vec![])?;
+        for entity in merged {
+            self.cache(entity);
+        }
+        Ok(())
     }
 
     /// Creates (or, for lines with an `_id` already stored, updates) one entity per line of
