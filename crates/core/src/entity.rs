@@ -659,11 +659,16 @@ impl Entity {
                 }
             }
         }
-        for (field, spec) in &coll.fields {
-            if spec.rule == Rule::Authority {
-                if let Some(c) = self.confirmations(ws, field).pop().filter(|c| !c.value.is_null()) {
-                    view.insert(field.clone(), c.value);
-                }
+        // The newest valid confirmation of each authority field.
+        let confirmed: BTreeMap<&str, Confirmation> = coll
+            .fields
+            .iter()
+            .filter(|(_, spec)| spec.rule == Rule::Authority)
+            .filter_map(|(name, _)| Some((name.as_str(), self.confirmations(ws, name).pop()?)))
+            .collect();
+        for (field, c) in &confirmed {
+            if !c.value.is_null() {
+                view.insert((*field).to_owned(), c.value.clone());
             }
         }
         let open: Map<String, Json> = conflicts
@@ -674,9 +679,14 @@ impl Entity {
         if !open.is_empty() {
             view.insert("_conflicts".into(), Json::Object(open));
         }
+        // A proposal is settled once the newest confirmation of its field accepted it or a
+        // newer one, even if it reached the authority only after that acceptance.
+        let accepted_upto: BTreeMap<&str, ProposalId> =
+            confirmed.iter().filter_map(|(field, c)| Some((*field, c.accepts?))).collect();
         let proposals: Vec<Proposal> = self
             .proposal_records()
             .into_iter()
+            .filter(|(id, record)| accepted_upto.get(record.field.as_str()).is_none_or(|upto| id > upto))
             .map(|(id, record)| Proposal { id, entity: self.id, collection: collection.clone(), record })
             .collect();
         let mut pending = Map::new();

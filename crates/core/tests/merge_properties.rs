@@ -13,6 +13,10 @@
 //!   never appear as the confirmed value; an `accept` by the authority shows the proposal's
 //!   value everywhere and settles it and older proposals;
 //! - delete: `delete_wins` keeps a delete concurrent with an update, `update_wins` revives.
+//!
+//! The model follows Automerge in one respect: writing a register the scalar value it already
+//! holds (or removing an absent field, or writing unchanged text) is no write, so it does not
+//! compete with concurrent writes. Set adds and `update_wins` updates always are writes.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 
 use fieldsync::Replica;
 
+// The allocator the `fieldsync` binary uses.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SCHEMA: &str = r#"
 [collections.tasks.fields]
 status   = { rule = "rank", order = ["open", "in_progress", "completed"] }
@@ -56,6 +60,8 @@ fn writes_per_second(writers: usize, seconds: f64) -> (f64, u64) {
         }
     });
     let n = done.load(Ordering::Relaxed);
+    let (commits, flushes) = replica.commit_stats();
+    eprintln!("  {writers} writers: {commits} commits shared {flushes} flushes");
     (n as f64 / start.elapsed().as_secs_f64(), n)
 }
 

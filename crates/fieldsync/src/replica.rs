@@ -170,6 +170,11 @@ impl Replica {
         self.authority
     }
 
+    /// (commits, flushes) of the store since open.
+    pub fn commit_stats(&self) -> (u64, u64) {
+        self.store.commit_stats()
+    }
+
     /// The invite a device joins with (JSON).
     pub fn invite(&self) -> Vec<u8> {
         serde_json::to_vec_pretty(&Invite::new(&self.ws)).unwrap_or_default()

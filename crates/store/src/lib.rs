@@ -113,6 +113,8 @@ pub trait Store: Send + Sync {
     fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, Error>;
     /// Number of entities per collection.
     fn counts(&self) -> Result<Vec<(String, u64)>, Error>;
+    /// (commits, flushes) since open: their ratio is how many commits share a flush.
+    fn commit_stats(&self) -> (u64, u64);
 }
 
 fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
@@ -190,8 +192,15 @@ impl EntityRecord {
 struct FlushState {
     durable: u64,
     flushing: bool,
+    /// Writers inside `wait_durable`.
+    waiting: usize,
     failed: Option<String>,
 }
+
+/// The longest a flusher waits for other writers' commits to join its flush…
+const FLUSH_LINGER: std::time::Duration = std::time::Duration::from_micros(5000);
+/// …checking this often whether commits still arrive (it flushes once they stop).
+const FLUSH_LINGER_STEP: std::time::Duration = std::time::Duration::from_micros(300);
 
 /// The sled engine.
 #[derive(Debug)]
@@ -202,6 +211,7 @@ pub struct SledStore {
     commit_lock: Mutex<()>,
     last_seq: AtomicU64,
     committed: AtomicU64,
+    flushes: AtomicU64,
     flush: Mutex<FlushState>,
     flushed: Condvar,
 }
@@ -209,7 +219,7 @@ pub struct SledStore {
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &std::path::Path) -> Result<Self, Error> {
-        let db = sled::Config::new().path(dir).cache_capacity(64 << 20).open()?;
+        let db = sled::Config::new().path(dir).cache_capacity(64 << 20).mode(sled::Mode::HighThroughput).open()?;
         let tree = db.open_tree("fieldsync")?;
         let last_seq = match tree.scan_prefix([b'f']).next_back() {
             Some(kv) => {
@@ -225,9 +235,53 @@ impl SledStore {
             commit_lock: Mutex::new(()),
             last_seq: AtomicU64::new(last_seq),
             committed: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
             flush: Mutex::new(FlushState::default()),
             flushed: Condvar::new(),
         })
+    }
+
+    fn wait_durable_locked<'a>(&'a self, mut st: std::sync::MutexGuard<'a, FlushState>, ticket: Ticket) -> Result<(), Error> {
+        loop {
+            if let Some(e) = &st.failed {
+                return Err(Error::FlushFailed(e.clone()));
+            }
+            if st.durable >= ticket.0 {
+                return Ok(());
+            }
+            if st.flushing {
+                st = self.flushed.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            // Become the flusher for every commit made so far. When other writers are
+            // waiting too, linger a moment so the commits they are about to make share it.
+            st.flushing = true;
+            let linger = st.waiting > 1;
+            drop(st);
+            if linger {
+                // Keep waiting while commits keep arriving, up to FLUSH_LINGER.
+                let start = std::time::Instant::now();
+                let mut seen = self.committed.load(Ordering::SeqCst);
+                while start.elapsed() < FLUSH_LINGER {
+                    std::thread::sleep(FLUSH_LINGER_STEP);
+                    let now = self.committed.load(Ordering::SeqCst);
+                    if now == seen {
+                        break;
+                    }
+                    seen = now;
+                }
+            }
+            let target = self.committed.load(Ordering::SeqCst);
+            let result = self.db.flush();
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+            st = self.flush.lock().unwrap_or_else(|p| p.into_inner());
+            st.flushing = false;
+            match result {
+                Ok(_) => st.durable = st.durable.max(target),
+                Err(e) => st.failed = Some(e.to_string()),
+            }
+            self.flushed.notify_all();
+        }
     }
 
     /// Bytes the store takes on disk.
@@ -302,30 +356,10 @@ impl Store for SledStore {
 
     fn wait_durable(&self, ticket: Ticket) -> Result<(), Error> {
         let mut st = self.flush.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(e) = &st.failed {
-                return Err(Error::FlushFailed(e.clone()));
-            }
-            if st.durable >= ticket.0 {
-                return Ok(());
-            }
-            if st.flushing {
-                st = self.flushed.wait(st).unwrap_or_else(|p| p.into_inner());
-                continue;
-            }
-            // Become the flusher for every commit made so far.
-            st.flushing = true;
-            let target = self.committed.load(Ordering::SeqCst);
-            drop(st);
-            let result = self.db.flush();
-            st = self.flush.lock().unwrap_or_else(|p| p.into_inner());
-            st.flushing = false;
-            match result {
-                Ok(_) => st.durable = st.durable.max(target),
-                Err(e) => st.failed = Some(e.to_string()),
-            }
-            self.flushed.notify_all();
-        }
+        st.waiting += 1;
+        let result = self.wait_durable_locked(st, ticket);
+        self.flush.lock().unwrap_or_else(|p| p.into_inner()).waiting -= 1;
+        result
     }
 
     fn load_doc(&self, id: &EntityKey) -> Result<Option<StoredDoc>, Error> {
@@ -412,6 +446,10 @@ impl Store for SledStore {
                 Ok((String::from_utf8_lossy(&k[1..]).into_owned(), v.to_vec()))
             })
             .collect()
+    }
+
+    fn commit_stats(&self) -> (u64, u64) {
+        (self.committed.load(Ordering::Relaxed), self.flushes.load(Ordering::Relaxed))
     }
 
     fn counts(&self) -> Result<Vec<(String, u64)>, Error> {
