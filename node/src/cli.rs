@@ -201,6 +201,22 @@ fn with_progress<T>(what: &'static str, work: impl FnOnce(&mut dyn FnMut(usize, 
     result
 }
 
+/// Prints a collection's views as JSON Lines, each passed through `shape`.
+fn stream_views(replica: &Replica, collection: &str, filters: &[String], include_deleted: bool, shape: impl Fn(fieldsync::View) -> fieldsync::View) -> Result<()> {
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    let mut failed = None;
+    replica.list(collection, filters, include_deleted, &mut |view| {
+        let written = serde_json::to_writer(&mut out, &Json::Object(shape(view))).map_err(std::io::Error::from).and_then(|_| writeln!(out));
+        failed = written.err();
+        failed.is_none()
+    })?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    out.flush()?;
+    Ok(())
+}
+
 /// Runs one command.
 pub fn run(cli: Cli) -> Result<()> {
     let dir = cli.data;
@@ -246,20 +262,7 @@ fn run_on(replica: &Replica, command: Command) -> Result<()> {
             emit(&json!({ "id": id.to_string() }))
         }
         Command::Get { collection, id } => emit(&replica.get(&collection, parse_id("entity id", &id)?)?),
-        Command::List { collection, filters, include_deleted } => {
-            let mut out = BufWriter::new(std::io::stdout().lock());
-            let mut failed = None;
-            replica.list(&collection, &filters, include_deleted, &mut |view| {
-                let r = serde_json::to_writer(&mut out, &view).map_err(std::io::Error::from).and_then(|_| writeln!(out));
-                failed = r.err();
-                failed.is_none()
-            })?;
-            if let Some(e) = failed {
-                return Err(e.into());
-            }
-            out.flush()?;
-            Ok(())
-        }
+        Command::List { collection, filters, include_deleted } => stream_views(replica, &collection, &filters, include_deleted, |v| v),
         Command::Delete { collection, id } => {
             let id: EntityId = parse_id("entity id", &id)?;
             replica.delete(&collection, id)?;
@@ -311,20 +314,10 @@ fn run_on(replica: &Replica, command: Command) -> Result<()> {
             eprintln!("imported {n} entities into {collection}");
             emit(&json!({ "collection": collection, "imported": n }))
         }
-        Command::Export { collection } => {
-            let mut out = BufWriter::new(std::io::stdout().lock());
-            let mut failed = None;
-            replica.list(&collection, &[], false, &mut |mut view| {
-                view.retain(|k, _| k == "_id" || !k.starts_with('_'));
-                let r = serde_json::to_writer(&mut out, &Json::Object(view)).map_err(std::io::Error::from).and_then(|_| writeln!(out));
-                failed = r.err();
-                failed.is_none()
-            })?;
-            if let Some(e) = failed {
-                return Err(e.into());
-            }
-            out.flush()?;
-            Ok(())
-        }
+        Command::Export { collection } => stream_views(replica, &collection, &[], false, |mut view| {
+            // Plain data plus the id: what `import` takes back.
+            view.retain(|k, _| k == "_id" || !k.starts_with('_'));
+            view
+        }),
     }
 }
