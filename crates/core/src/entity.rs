@@ -134,6 +134,8 @@ pub struct Entity {
     doc: AutoCommit,
     /// Heads already in storage: `save_incremental` returns what came after them.
     persisted: Vec<ChangeHash>,
+    /// `_collection`, read once per document state (it is written only at creation).
+    collection: Option<String>,
 }
 
 impl Entity {
@@ -143,7 +145,7 @@ impl Entity {
         let mut doc = AutoCommit::new().with_actor(w.actor());
         let root = initial_root(coll, collection, patch, doc.text_encoding());
         doc.init_root_from_hydrate(&root).map_err(Error::automerge)?;
-        let mut entity = Entity { id, doc, persisted: vec![] };
+        let mut entity = Entity { id, doc, persisted: vec![], collection: Some(collection.to_owned()) };
         // Authority fields need the entity id in their signature, so they go the normal way.
         let authority_ops = Patch {
             ops: patch.ops.iter().filter(|(f, _)| *coll.rule(f) == Rule::Authority).cloned().collect(),
@@ -160,7 +162,8 @@ impl Entity {
             doc.load_incremental(c).map_err(Error::automerge)?;
         }
         let persisted = doc.get_heads();
-        Ok(Entity { id, doc, persisted })
+        let collection = read_collection(&doc);
+        Ok(Entity { id, doc, persisted, collection })
     }
 
     /// Loads an entity received from elsewhere (a bundle), checking that it is one:
@@ -168,7 +171,8 @@ impl Entity {
     pub fn load_received(id: EntityId, bytes: &[u8]) -> Result<Self, Error> {
         let doc = AutoCommit::load(bytes).map_err(Error::automerge)?;
         // Not persisted here yet: the first save stores it whole.
-        let entity = Entity { id, doc, persisted: vec![] };
+        let collection = read_collection(&doc);
+        let entity = Entity { id, doc, persisted: vec![], collection };
         if entity.collection().is_none() {
             return Err(Error::Document(format!("entity {id} has no _collection")));
         }
@@ -186,13 +190,7 @@ impl Entity {
 
     /// The collection named at creation.
     pub fn collection(&self) -> Option<String> {
-        match self.doc.get(ROOT, K_COLLECTION) {
-            Ok(Some((Value::Scalar(s), _))) => match s.as_ref() {
-                ScalarValue::Str(s) => Some(s.to_string()),
-                _ => None,
-            },
-            _ => None,
-        }
+        self.collection.clone()
     }
 
     /// The current heads.
@@ -223,6 +221,7 @@ impl Entity {
     pub fn merge_bytes(&mut self, bytes: &[u8]) -> Result<bool, Error> {
         let before = self.doc.get_heads();
         self.doc.load_incremental(bytes).map_err(Error::automerge)?;
+        self.collection = read_collection(&self.doc);
         Ok(self.doc.get_heads() != before)
     }
 
@@ -839,6 +838,16 @@ fn json_hydrate(v: &Json, encoding: automerge::TextEncoding) -> hydrate::Value {
 fn unreachable_proposal() -> ProposalId {
     // `resolve` writes only fields that can conflict, which excludes authority fields.
     ProposalId(uuid::Uuid::nil())
+}
+
+fn read_collection(doc: &AutoCommit) -> Option<String> {
+    match doc.get(ROOT, K_COLLECTION) {
+        Ok(Some((Value::Scalar(s), _))) => match s.as_ref() {
+            ScalarValue::Str(s) => Some(s.to_string()),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 fn cmp_num(a: &Json, b: &Json) -> std::cmp::Ordering {
