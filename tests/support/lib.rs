@@ -1,5 +1,7 @@
 //! Shared helpers for fieldsync's cross-crate tests and examples.
 
+pub mod sim;
+
 use std::path::Path;
 
 use fieldsync::Replica;

@@ -217,6 +217,13 @@ impl Entity {
         self.persisted.is_empty()
     }
 
+    /// The changes after `have` (heads of another copy), as one chunk. Heads this copy does
+    /// not know are ignored, so the result may hold more than needed, never less.
+    pub fn changes_after(&mut self, have: &[ChangeHash]) -> Vec<u8> {
+        let known: Vec<ChangeHash> = have.iter().filter(|h| self.doc.get_change_by_hash(h).is_some()).copied().collect();
+        self.doc.save_after(&known)
+    }
+
     /// Merges another copy's document bytes; whether anything new arrived.
     pub fn merge_bytes(&mut self, bytes: &[u8]) -> Result<bool, Error> {
         let before = self.doc.get_heads();

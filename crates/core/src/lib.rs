@@ -7,6 +7,7 @@
 //! - [`authority`]: confirmed values signed by the workspace authority.
 //! - [`bundle`]: the file format that carries documents between nodes with no network.
 //! - [`workspace`]: the workspace identity and the invite that carries it.
+//! - [`protocol`]: the sync protocol's frames and their size-limited codec.
 //!
 //! Time, randomness and storage come from the caller (see the `fieldsync` crate).
 
@@ -15,6 +16,7 @@ pub mod bundle;
 pub mod entity;
 pub mod ids;
 pub mod patch;
+pub mod protocol;
 pub mod schema;
 pub mod workspace;
 
@@ -56,6 +58,9 @@ pub enum Error {
     /// An invite is not valid.
     #[error("invalid invite: {0}")]
     Invite(String),
+    /// A sync frame is not valid.
+    #[error("protocol error: {0}")]
+    Protocol(String),
 }
 
 impl Error {

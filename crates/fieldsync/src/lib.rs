@@ -19,6 +19,7 @@
 
 mod error;
 mod replica;
+pub mod sync;
 mod transfer;
 
 pub use error::{Error, ErrorKind};

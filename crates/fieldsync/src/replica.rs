@@ -244,6 +244,7 @@ impl Replica {
                 None => true,
             };
         let doc = if compact { DocWrite::Snapshot(entity.save()) } else { DocWrite::Append(entity.save_incremental()) };
+        let heads = entity.heads().into_iter().map(|h| h.0).collect();
         let mut index = Vec::new();
         for c in &derived.conflicts {
             index.push((INDEX_CONFLICT.to_owned(), c.id.as_str().as_bytes().to_vec(), to_json_bytes(c)));
@@ -251,7 +252,7 @@ impl Replica {
         for p in &derived.proposals {
             index.push((INDEX_PROPOSAL.to_owned(), p.id.as_bytes().to_vec(), to_json_bytes(p)));
         }
-        Ok(EntityWrite { id: *id.as_bytes(), collection, doc, view: to_json_bytes(&derived.view), index })
+        Ok(EntityWrite { id: *id.as_bytes(), collection, doc, view: to_json_bytes(&derived.view), heads, index })
     }
 
     /// Commits entity writes and waits until they are durable.

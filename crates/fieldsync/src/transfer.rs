@@ -29,6 +29,59 @@ pub struct ExportedBundle {
     pub upto: u64,
 }
 
+/// A received entity, checked: a whole document (`entity` loaded from `chunks`), or change
+/// chunks for an entity this node has.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    Whole { entity: Entity, collection: String, chunks: Vec<Vec<u8>> },
+    Changes { id: EntityId, collection: String, chunks: Vec<Vec<u8>> },
+}
+
+impl Incoming {
+    fn id(&self) -> EntityId {
+        match self {
+            Incoming::Whole { entity, .. } => entity.id(),
+            Incoming::Changes { id, .. } => *id,
+        }
+    }
+}
+
+/// One item per entity: a repeated entity's chunks join its first occurrence (two writes
+/// for one entity in a commit would each start from the same stored state).
+fn dedupe(items: Vec<Incoming>) -> Result<Vec<Incoming>, Error> {
+    let mut at: std::collections::HashMap<EntityId, usize> = std::collections::HashMap::new();
+    let mut out: Vec<Incoming> = Vec::with_capacity(items.len());
+    for item in items {
+        match at.get(&item.id()) {
+            Some(&i) => {
+                let extra = match item {
+                    Incoming::Whole { chunks, .. } | Incoming::Changes { chunks, .. } => chunks,
+                };
+                match &mut out[i] {
+                    Incoming::Whole { entity, chunks, .. } => {
+                        for c in &extra {
+                            entity.merge_bytes(c)?;
+                        }
+                        chunks.extend(extra);
+                    }
+                    Incoming::Changes { chunks, .. } => chunks.extend(extra),
+                }
+            }
+            None => {
+                at.insert(item.id(), out.len());
+                out.push(item);
+            }
+        }
+    }
+    Ok(out)
+}
+
+enum Merged {
+    Created,
+    Updated,
+    Accepted(usize),
+}
+
 /// What an import did.
 #[derive(Debug, Default, Serialize, PartialEq, Eq)]
 pub struct ImportSummary {
@@ -104,9 +157,9 @@ impl Replica {
             .parse()
             .map_err(|_| fieldsync_core::Error::Bundle(format!("sender {:?} is not a peer id", bundle.header.from)))?;
         // Check everything first; nothing is applied from a bundle with one bad entity.
-        let received: Vec<Entity> = bundle
+        let received: Vec<Incoming> = bundle
             .entities
-            .par_iter()
+            .into_par_iter()
             .map(|be| {
                 let e = Entity::load_received(be.id, &be.doc)?;
                 let collection = e.collection().unwrap_or_default();
@@ -114,7 +167,7 @@ impl Replica {
                     return Err(fieldsync_core::Error::Bundle(format!("entity {} claims collection {:?} but holds {collection:?}", be.id, be.collection)));
                 }
                 self.ws.schema.collection(&collection)?;
-                Ok(e)
+                Ok(Incoming::Whole { entity: e, collection, chunks: vec![be.doc] })
             })
             .collect::<Result<_, fieldsync_core::Error>>()?;
 
@@ -123,12 +176,12 @@ impl Replica {
         let mut done = 0;
         let mut received = received.into_iter();
         loop {
-            let chunk: Vec<Entity> = received.by_ref().take(BATCH).collect();
+            let chunk: Vec<Incoming> = received.by_ref().take(BATCH).collect();
             if chunk.is_empty() {
                 break;
             }
             done += chunk.len();
-            self.merge_batch(chunk, &mut summary)?;
+            self.merge_incoming(chunk, vec![], &mut summary)?;
             progress(done, total);
         }
 
@@ -148,44 +201,70 @@ impl Replica {
         Ok(summary)
     }
 
-    /// Merges received documents into the store; on the authority, then confirms proposals
-    /// of `auto_accept` fields.
-    fn merge_batch(&self, chunk: Vec<Entity>, summary: &mut ImportSummary) -> Result<(), Error> {
+    /// Merges received documents into the store in one durable commit together with `meta`
+    /// (e.g. a checkpoint); on the authority, then confirms proposals of `auto_accept`
+    /// fields. Entities are merged in parallel; if any fails, nothing is written.
+    pub(crate) fn merge_incoming(&self, items: Vec<Incoming>, meta: Vec<(String, Option<Vec<u8>>)>, summary: &mut ImportSummary) -> Result<(), Error> {
         let now = Self::now_ms();
-        let w = self.writer(now);
-        let mut writes = Vec::with_capacity(chunk.len());
-        let mut merged = Vec::with_capacity(chunk.len());
+        let items = dedupe(items)?;
         // Held until the commit, so no local write to these entities slips in between.
-        let _guards = self.lock_many(chunk.iter().map(Entity::id));
-        for mut incoming in chunk {
-            let id = incoming.id();
-            let mut entity = match self.load(id)? {
-                None => {
-                    summary.created += 1;
-                    incoming
-                }
-                Some(mut local) => {
-                    if local.collection() != incoming.collection() {
-                        return Err(fieldsync_core::Error::Bundle(format!("entity {id} is in another collection here")).into());
+        let _guards = self.lock_many(items.iter().map(Incoming::id));
+        let results: Vec<Option<(fieldsync_store::EntityWrite, Entity, Merged)>> = items
+            .into_par_iter()
+            .map(|item| {
+                let w = self.writer(now);
+                let id = item.id();
+                let (mut entity, how) = match (self.load(id)?, item) {
+                    (None, Incoming::Whole { entity, .. }) => (entity, Merged::Created),
+                    (None, Incoming::Changes { .. }) => {
+                        return Err(fieldsync_core::Error::Protocol(format!("changes for entity {id}, which this node does not have")).into())
                     }
-                    if !local.merge_bytes(&incoming.save())? {
-                        summary.unchanged += 1;
-                        continue;
+                    (Some(mut local), Incoming::Whole { chunks, collection, .. } | Incoming::Changes { chunks, collection, .. }) => {
+                        if local.collection().as_deref() != Some(collection.as_str()) {
+                            return Err(fieldsync_core::Error::Protocol(format!("entity {id} is in another collection here")).into());
+                        }
+                        let mut changed = false;
+                        for chunk in &chunks {
+                            changed |= local.merge_bytes(chunk)?;
+                        }
+                        if !changed {
+                            self.cache(local);
+                            return Ok(None);
+                        }
+                        (local, Merged::Updated)
                     }
-                    summary.updated += 1;
-                    local
+                };
+                let mut accepted = 0;
+                if self.authority {
+                    for pid in entity.auto_acceptable(&self.ws) {
+                        entity.accept(&self.ws, &w, pid, "auto_accept")?;
+                        accepted += 1;
+                    }
                 }
-            };
-            if self.authority {
-                for pid in entity.auto_acceptable(&self.ws) {
-                    entity.accept(&self.ws, &w, pid, "auto_accept")?;
-                    summary.auto_accepted += 1;
+                let write = self.entity_write(&mut entity)?;
+                Ok(Some((write, entity, if accepted > 0 { Merged::Accepted(accepted) } else { how })))
+            })
+            .collect::<Result<_, Error>>()?;
+        let mut writes = Vec::with_capacity(results.len());
+        let mut merged = Vec::with_capacity(results.len());
+        for r in results {
+            match r {
+                None => summary.unchanged += 1,
+                Some((write, entity, how)) => {
+                    match how {
+                        Merged::Created => summary.created += 1,
+                        Merged::Updated => summary.updated += 1,
+                        Merged::Accepted(n) => {
+                            summary.updated += 1;
+                            summary.auto_accepted += n;
+                        }
+                    }
+                    writes.push(write);
+                    merged.push(entity);
                 }
             }
-            writes.push(self.entity_write(&mut entity)?);
-            merged.push(entity);
         }
-        self.commit_durable(writes, vec![])?;
+        self.commit_durable(writes, meta)?;
         for entity in merged {
             self.cache(entity);
         }

@@ -53,6 +53,8 @@ pub struct EntityWrite {
     pub doc: DocWrite,
     /// The view (JSON) for list and filter.
     pub view: Vec<u8>,
+    /// The document's heads (change hashes), so sync can offer it without loading it.
+    pub heads: Vec<[u8; 32]>,
     /// The entity's derived index entries, replacing its previous ones:
     /// (index name, key, value).
     pub index: Vec<(String, Vec<u8>, Vec<u8>)>,
@@ -70,6 +72,8 @@ pub struct EntityRecord {
     pub chunk_bytes: u64,
     /// Snapshot size.
     pub snapshot_bytes: u64,
+    /// The document's heads.
+    pub heads: Vec<[u8; 32]>,
     index_keys: Vec<Vec<u8>>,
 }
 
@@ -154,6 +158,10 @@ impl EntityRecord {
         for k in &self.index_keys {
             put(&mut out, k);
         }
+        out.extend_from_slice(&(self.heads.len() as u32).to_be_bytes());
+        for h in &self.heads {
+            out.extend_from_slice(h);
+        }
         out
     }
 
@@ -182,7 +190,12 @@ impl EntityRecord {
             let len = u32_of(take(4)?) as usize;
             index_keys.push(take(len)?.to_vec());
         }
-        Ok(EntityRecord { collection, seq, chunks, chunk_bytes, snapshot_bytes, index_keys })
+        let n = u32_of(take(4)?) as usize;
+        let mut heads = Vec::with_capacity(n.min(1024));
+        for _ in 0..n {
+            heads.push(take(32)?.try_into().map_err(|_| corrupt())?);
+        }
+        Ok(EntityRecord { collection, seq, chunks, chunk_bytes, snapshot_bytes, heads, index_keys })
     }
 }
 
@@ -304,6 +317,7 @@ impl Store for SledStore {
                 chunks: 0,
                 chunk_bytes: 0,
                 snapshot_bytes: 0,
+                heads: w.heads,
                 index_keys: Vec::with_capacity(w.index.len()),
             };
             if let Some(old) = &old {
@@ -471,7 +485,7 @@ mod tests {
     use super::*;
 
     fn write(id: u8, doc: DocWrite, index: Vec<(String, Vec<u8>, Vec<u8>)>) -> EntityWrite {
-        EntityWrite { id: [id; 16], collection: "tasks".into(), doc, view: vec![id], index }
+        EntityWrite { id: [id; 16], collection: "tasks".into(), doc, view: vec![id], heads: vec![[id; 32]], index }
     }
 
     #[test]

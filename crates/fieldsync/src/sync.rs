@@ -1,0 +1,488 @@
+//! The sync engine: a deterministic state machine per node that opens no socket, reads no
+//! clock and spawns nothing. A driver (the simulator, later libp2p) feeds it [`Input`]s and
+//! drains its outputs with [`Engine::poll_transmit`] and [`Engine::poll_event`].
+//!
+//! Storage goes through the node's [`Replica`] synchronously: received data is applied and
+//! made durable inside `handle`, before the acknowledgement that covers it is queued.
+//!
+//! # The drive loop
+//! 1. Call [`Engine::handle`] with the input (connection up/down, frame, local change, tick).
+//! 2. **Drain [`Engine::poll_transmit`] and [`Engine::poll_event`] completely after every
+//!    `handle`**: frames go to their peer in order; a [`Event::SessionFailed`] means the
+//!    driver must close that connection.
+//!
+//! # Conversation (per direction; both directions run at once)
+//! `Hello` both ways → the server offers pages of its changes feed after the client's
+//! checkpoint (`Offer`: ids and heads) → the client answers what it lacks (`Want`) → the server
+//! sends it (`Data`: whole documents for entities the client lacks, changes after the
+//! client's heads otherwise) → the client applies a page durably, advances its checkpoint
+//! over contiguous pages and sends `Ack`. At most `window` pages are in flight. After
+//! catch-up the same loop carries live changes: a local change moves the feed head and the
+//! server offers it. See docs/protocol.md.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use automerge::ChangeHash;
+use fieldsync_core::protocol::{Frame, Head, Limits, OfferEntry, PageRange, Payload, Role, WantEntry, VERSION};
+use fieldsync_core::{Entity, EntityId, PeerId};
+
+use crate::replica::{Replica, META_CHECKPOINT_IN, META_CHECKPOINT_OUT};
+use crate::transfer::{ImportSummary, Incoming};
+use crate::Error;
+
+/// Frames received before the peer's `Hello` that are kept for after it.
+const MAX_EARLY_FRAMES: usize = 64;
+/// Entities per session whose heads at the peer are remembered (to skip echoing them back).
+const MAX_REMEMBERED_HEADS: usize = 250_000;
+
+/// Engine settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    pub role: Role,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { role: Role::Device, limits: Limits::default() }
+    }
+}
+
+impl Config {
+    pub fn with_role(mut self, role: Role) -> Self {
+        self.role = role;
+        self
+    }
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+}
+
+/// What happens to the engine.
+#[derive(Debug)]
+pub enum Input {
+    /// A connection to `peer` is up (the transport authenticated the peer id).
+    Connected(PeerId),
+    /// The connection to `peer` is gone.
+    Disconnected(PeerId),
+    /// A frame arrived from `peer`.
+    Frame(PeerId, Vec<u8>),
+    /// Something was written locally: offer it to connected peers.
+    LocalChange,
+}
+
+/// What the engine reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Catch-up from `peer` began; `total` feed entries to go (an upper bound).
+    SyncStarted { peer: PeerId, total: u64 },
+    /// `done` of `total` feed entries from `peer` are applied.
+    SyncProgress { peer: PeerId, done: u64, total: u64 },
+    /// Everything `peer` had when the session began is applied here.
+    SyncCompleted { peer: PeerId },
+    /// `peer` has durably applied this node's feed up to `upto` (a relay's ack means an
+    /// entity with a feed seq ≤ `upto` is safe there).
+    Acknowledged { peer: PeerId, upto: u64 },
+    /// The session with `peer` ended; the driver should close the connection.
+    SessionFailed { peer: PeerId, reason: String },
+}
+
+#[derive(Debug, Default)]
+struct Session {
+    /// The peer's Hello, once received.
+    remote: Option<RemoteHello>,
+    early: VecDeque<Vec<u8>>,
+    // Serving: this node's feed to the peer.
+    serve_cursor: u64,
+    in_flight: BTreeMap<u64, PageRange>,
+    acked: u64,
+    remote_heads: HashMap<EntityId, Vec<Head>>,
+    // Receiving: the peer's feed to this node.
+    checkpoint: u64,
+    /// Pages complete but not yet contiguous with the checkpoint: from → upto.
+    done_pages: BTreeMap<u64, u64>,
+    /// Pages asked for and not complete: from → (page, entities still to come).
+    wanted: BTreeMap<u64, (PageRange, HashSet<EntityId>)>,
+    started_at: u64,
+    target: u64,
+    completed: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RemoteHello {
+    limits: Limits,
+}
+
+/// One node's sync engine.
+pub struct Engine {
+    replica: Arc<Replica>,
+    config: Config,
+    sessions: HashMap<PeerId, Session>,
+    transmit: VecDeque<(PeerId, Vec<u8>)>,
+    events: VecDeque<Event>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("peer", &self.replica.peer_id()).field("sessions", &self.sessions.len()).finish()
+    }
+}
+
+fn seq_meta(replica: &Replica, key: &str) -> Result<u64, Error> {
+    Ok(replica.store.meta(key)?.and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0))
+}
+
+impl Engine {
+    pub fn new(replica: Arc<Replica>, config: Config) -> Self {
+        Engine { replica, config, sessions: HashMap::new(), transmit: VecDeque::new(), events: VecDeque::new() }
+    }
+
+    /// The replica this engine syncs.
+    pub fn replica(&self) -> &Arc<Replica> {
+        &self.replica
+    }
+
+    /// Peers with a session.
+    pub fn peers(&self) -> Vec<PeerId> {
+        self.sessions.keys().copied().collect()
+    }
+
+    /// The next frame to send: (peer, bytes).
+    pub fn poll_transmit(&mut self) -> Option<(PeerId, Vec<u8>)> {
+        self.transmit.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn send(&mut self, peer: PeerId, frame: &Frame) {
+        self.transmit.push_back((peer, frame.encode()));
+    }
+
+    fn fail(&mut self, peer: PeerId, reason: String) {
+        tracing::warn!(%peer, %reason, "sync session failed");
+        self.send(peer, &Frame::Goodbye { reason: reason.clone() });
+        self.sessions.remove(&peer);
+        self.events.push_back(Event::SessionFailed { peer, reason });
+    }
+
+    /// Handles one input. An `Err` is a local storage failure; protocol problems end the
+    /// session with [`Event::SessionFailed`] instead.
+    pub fn handle(&mut self, input: Input) -> Result<(), Error> {
+        match input {
+            Input::Connected(peer) => {
+                let resume_from = seq_meta(&self.replica, &format!("{META_CHECKPOINT_IN}{peer}"))?;
+                let session = Session { checkpoint: resume_from, started_at: resume_from, ..Default::default() };
+                self.sessions.insert(peer, session);
+                let hello = Frame::Hello {
+                    version: VERSION,
+                    workspace: self.replica.workspace().id,
+                    role: self.config.role,
+                    limits: self.config.limits,
+                    feed_seq: self.replica.store.last_seq(),
+                    resume_from,
+                };
+                self.send(peer, &hello);
+                Ok(())
+            }
+            Input::Disconnected(peer) => {
+                self.sessions.remove(&peer);
+                Ok(())
+            }
+            Input::Frame(peer, bytes) => self.handle_frame(peer, bytes),
+            Input::LocalChange => {
+                let peers: Vec<PeerId> = self.sessions.keys().copied().collect();
+                for peer in peers {
+                    self.pump(peer)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn handle_frame(&mut self, peer: PeerId, bytes: Vec<u8>) -> Result<(), Error> {
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            // A frame for a session that ended: late, ignore it.
+            return Ok(());
+        };
+        let frame = match Frame::decode(&bytes, self.config.limits.max_frame) {
+            Ok(f) => f,
+            Err(e) => {
+                self.fail(peer, e.to_string());
+                return Ok(());
+            }
+        };
+        if session.remote.is_none() && !matches!(frame, Frame::Hello { .. } | Frame::Goodbye { .. }) {
+            // Frames can overtake the Hello on a reordering network: keep a few for later.
+            if session.early.len() >= MAX_EARLY_FRAMES {
+                self.fail(peer, "too many frames before Hello".into());
+            } else {
+                session.early.push_back(bytes);
+            }
+            return Ok(());
+        }
+        match frame {
+            Frame::Hello { version, workspace, role: _, limits, feed_seq, resume_from } => {
+                if session.remote.is_some() {
+                    return Ok(()); // a duplicate Hello changes nothing
+                }
+                if version != VERSION {
+                    self.fail(peer, format!("protocol version {version} is not supported (this node speaks {VERSION})"));
+                    return Ok(());
+                }
+                if workspace != self.replica.workspace().id {
+                    self.fail(peer, format!("peer is in workspace {workspace}, this node in {}", self.replica.workspace().id));
+                    return Ok(());
+                }
+                if limits.window == 0 || limits.page_entities == 0 || limits.max_frame < 4096 {
+                    self.fail(peer, format!("unusable limits {limits:?}"));
+                    return Ok(());
+                }
+                session.remote = Some(RemoteHello { limits });
+                session.serve_cursor = resume_from;
+                session.acked = resume_from;
+                session.target = feed_seq;
+                let total = feed_seq.saturating_sub(session.checkpoint);
+                self.events.push_back(Event::SyncStarted { peer, total });
+                if total == 0 {
+                    session.completed = true;
+                    self.events.push_back(Event::SyncCompleted { peer });
+                }
+                let early: Vec<Vec<u8>> = session.early.drain(..).collect();
+                for bytes in early {
+                    self.handle_frame(peer, bytes)?;
+                }
+                self.pump(peer)
+            }
+            Frame::Goodbye { reason } => {
+                self.sessions.remove(&peer);
+                self.events.push_back(Event::SessionFailed { peer, reason: format!("peer ended the session: {reason}") });
+                Ok(())
+            }
+            Frame::Offer { page, entries } => self.on_offer(peer, page, entries),
+            Frame::Want { page, wants } => self.on_want(peer, page, wants),
+            Frame::Data { page, payloads, skipped } => self.on_data(peer, page, payloads, skipped),
+            Frame::Ack { upto } => {
+                if upto > session.acked {
+                    session.acked = upto;
+                    session.in_flight.retain(|u, _| *u > upto);
+                    let key = format!("{META_CHECKPOINT_OUT}{peer}");
+                    self.replica.commit_durable(vec![], vec![(key, Some(upto.to_be_bytes().to_vec()))])?;
+                    self.events.push_back(Event::Acknowledged { peer, upto });
+                }
+                self.pump(peer)
+            }
+        }
+    }
+
+    /// Offers the next pages of this node's feed to `peer`, within its window.
+    fn pump(&mut self, peer: PeerId) -> Result<(), Error> {
+        loop {
+            let Some(session) = self.sessions.get_mut(&peer) else { return Ok(()) };
+            let Some(remote) = session.remote else { return Ok(()) };
+            let last = self.replica.store.last_seq();
+            if session.in_flight.len() >= remote.limits.window as usize || session.serve_cursor >= last {
+                return Ok(());
+            }
+            let limit = remote.limits.page_entities.min(self.config.limits.page_entities) as usize;
+            let feed = self.replica.store.feed_since(session.serve_cursor, limit)?;
+            let upto = feed.last().map(|(s, _)| *s).unwrap_or(last);
+            let page = PageRange { from: session.serve_cursor, upto };
+            let mut entries = Vec::with_capacity(feed.len());
+            for (_, key) in feed {
+                let id = EntityId::from_bytes(key);
+                let Some(record) = self.replica.store.record(&key)? else { continue };
+                // Skip what the peer is known to hold already (typically what it just sent).
+                if session.remote_heads.get(&id) == Some(&record.heads) {
+                    continue;
+                }
+                entries.push(OfferEntry { id, heads: record.heads });
+            }
+            session.serve_cursor = upto;
+            session.in_flight.insert(upto, page);
+            self.send(peer, &Frame::Offer { page, entries });
+        }
+    }
+
+    fn on_offer(&mut self, peer: PeerId, page: PageRange, entries: Vec<OfferEntry>) -> Result<(), Error> {
+        let Some(session) = self.sessions.get_mut(&peer) else { return Ok(()) };
+        let Some(remote) = session.remote else { return Ok(()) };
+        if page.upto <= session.checkpoint || session.done_pages.contains_key(&page.from) || session.wanted.contains_key(&page.from) {
+            return Ok(()); // a replayed or duplicated offer
+        }
+        if page.upto < page.from || entries.len() > self.config.limits.page_entities.max(remote.limits.page_entities) as usize {
+            self.fail(peer, format!("bad offer for page {page:?} with {} entries", entries.len()));
+            return Ok(());
+        }
+        if session.wanted.len() + session.done_pages.len() >= 4 * self.config.limits.window.max(remote.limits.window) as usize {
+            self.fail(peer, "too many pages in flight".into());
+            return Ok(());
+        }
+        let mut wants = Vec::new();
+        for entry in entries {
+            let local = self.replica.store.record(entry.id.as_bytes())?.map(|r| r.heads);
+            match local {
+                Some(heads) if heads == entry.heads => {}
+                Some(heads) => wants.push(WantEntry { id: entry.id, have: heads }),
+                None => wants.push(WantEntry { id: entry.id, have: vec![] }),
+            }
+            if session.remote_heads.len() < MAX_REMEMBERED_HEADS || session.remote_heads.contains_key(&entry.id) {
+                session.remote_heads.insert(entry.id, entry.heads);
+            }
+        }
+        let outstanding: HashSet<EntityId> = wants.iter().map(|w| w.id).collect();
+        let nothing_wanted = outstanding.is_empty();
+        session.wanted.insert(page.from, (page, outstanding));
+        self.send(peer, &Frame::Want { page, wants });
+        if nothing_wanted {
+            // No data will be needed: the page is complete now.
+            self.on_data(peer, page, vec![], vec![])?;
+        }
+        Ok(())
+    }
+
+    fn on_want(&mut self, peer: PeerId, page: PageRange, wants: Vec<WantEntry>) -> Result<(), Error> {
+        let Some(remote) = self.sessions.get(&peer).and_then(|s| s.remote) else { return Ok(()) };
+        if wants.len() > remote.limits.page_entities.max(self.config.limits.page_entities) as usize {
+            self.fail(peer, format!("a Want of {} entities is over the page limit", wants.len()));
+            return Ok(());
+        }
+        // Leave room for framing within the peer's frame limit.
+        let budget = remote.limits.max_frame as usize * 7 / 8;
+        let mut payloads = Vec::new();
+        let mut skipped = Vec::new();
+        let mut size = 0;
+        for want in wants {
+            let Some(payload) = self.payload(&want)? else {
+                skipped.push(want.id);
+                continue;
+            };
+            let len: usize = payload.chunks.iter().map(|c| c.len()).sum::<usize>() + 64;
+            if size + len > budget && !payloads.is_empty() {
+                self.send(peer, &Frame::Data { page, payloads: std::mem::take(&mut payloads), skipped: vec![] });
+                size = 0;
+            }
+            size += len;
+            payloads.push(payload);
+        }
+        self.send(peer, &Frame::Data { page, payloads, skipped });
+        Ok(())
+    }
+
+    /// The data for one want: stored snapshot and chunks as they are when the peer lacks the
+    /// entity, else the changes after the peer's heads.
+    fn payload(&self, want: &WantEntry) -> Result<Option<Payload>, Error> {
+        let key = want.id.as_bytes();
+        let Some(record) = self.replica.store.record(key)? else { return Ok(None) };
+        let chunks = if want.have.is_empty() {
+            let Some(doc) = self.replica.store.load_doc(key)? else { return Ok(None) };
+            std::iter::once(doc.snapshot).chain(doc.chunks).collect()
+        } else {
+            let _guard = self.replica.lock(want.id);
+            let Some(mut entity) = self.replica.load(want.id)? else { return Ok(None) };
+            let have: Vec<ChangeHash> = want.have.iter().map(|h| ChangeHash(*h)).collect();
+            let changes = entity.changes_after(&have);
+            self.replica.cache(entity);
+            vec![changes]
+        };
+        Ok(Some(Payload {
+            id: want.id,
+            collection: record.collection,
+            full: want.have.is_empty(),
+            chunks: chunks.into_iter().map(serde_bytes::ByteBuf::from).collect(),
+        }))
+    }
+
+    fn on_data(&mut self, peer: PeerId, page: PageRange, payloads: Vec<Payload>, skipped: Vec<EntityId>) -> Result<(), Error> {
+        let Some(session) = self.sessions.get_mut(&peer) else { return Ok(()) };
+        let Some((_, outstanding)) = session.wanted.get(&page.from) else {
+            return Ok(()); // data for a page already complete: a replay
+        };
+        // Only what is still outstanding counts; repeats are dropped.
+        let mut remaining = outstanding.clone();
+        let payloads: Vec<Payload> = payloads.into_iter().filter(|p| remaining.remove(&p.id)).collect();
+        for id in &skipped {
+            remaining.remove(id);
+        }
+        let complete = remaining.is_empty();
+        let mut done_pages = session.done_pages.clone();
+        let mut checkpoint = session.checkpoint;
+        let mut meta = Vec::new();
+        if complete {
+            done_pages.insert(page.from, page.upto);
+            while let Some(upto) = done_pages.remove(&checkpoint) {
+                checkpoint = upto;
+            }
+            if checkpoint > session.checkpoint {
+                meta.push((format!("{META_CHECKPOINT_IN}{peer}"), Some(checkpoint.to_be_bytes().to_vec())));
+            }
+        }
+        // Check every payload before applying any; then apply them and the checkpoint they
+        // complete in one durable commit.
+        let items = match self.check_payloads(payloads) {
+            Ok(items) => items,
+            Err(reason) => {
+                self.fail(peer, reason);
+                return Ok(());
+            }
+        };
+        if !items.is_empty() || !meta.is_empty() {
+            let mut summary = ImportSummary::default();
+            if let Err(e) = self.replica.merge_incoming(items, meta, &mut summary) {
+                if matches!(e, Error::Store(_) | Error::File { .. }) {
+                    return Err(e);
+                }
+                self.fail(peer, format!("received data could not be applied: {e}"));
+                return Ok(());
+            }
+        }
+        let Some(session) = self.sessions.get_mut(&peer) else { return Ok(()) };
+        if !complete {
+            if let Some((_, outstanding)) = session.wanted.get_mut(&page.from) {
+                *outstanding = remaining;
+            }
+            return Ok(());
+        }
+        session.wanted.remove(&page.from);
+        session.done_pages = done_pages;
+        session.checkpoint = checkpoint;
+        let total = session.target.saturating_sub(session.started_at);
+        let done = checkpoint.saturating_sub(session.started_at).min(total);
+        self.events.push_back(Event::SyncProgress { peer, done, total });
+        if !session.completed && checkpoint >= session.target {
+            session.completed = true;
+            self.events.push_back(Event::SyncCompleted { peer });
+        }
+        self.send(peer, &Frame::Ack { upto: checkpoint });
+        // Applying moved entities in the local feed: offer them on (to other peers too).
+        self.handle(Input::LocalChange)
+    }
+
+    fn check_payloads(&self, payloads: Vec<Payload>) -> Result<Vec<Incoming>, String> {
+        use rayon::prelude::*;
+        let ws = self.replica.workspace();
+        payloads
+            .into_par_iter()
+            .map(|p| {
+                if ws.schema.collection(&p.collection).is_err() {
+                    return Err(format!("entity {} is in unknown collection {:?}", p.id, p.collection));
+                }
+                let chunks: Vec<Vec<u8>> = p.chunks.into_iter().map(|c| c.into_vec()).collect();
+                if p.full {
+                    let (first, rest) = chunks.split_first().ok_or_else(|| format!("entity {} came with no data", p.id))?;
+                    let entity = Entity::load(p.id, first, rest).map_err(|e| format!("entity {}: {e}", p.id))?;
+                    if entity.collection().as_deref() != Some(p.collection.as_str()) {
+                        return Err(format!("entity {} claims collection {:?} but holds {:?}", p.id, p.collection, entity.collection()));
+                    }
+                    Ok(Incoming::Whole { entity, collection: p.collection, chunks })
+                } else {
+                    Ok(Incoming::Changes { id: p.id, collection: p.collection, chunks })
+                }
+            })
+            .collect()
+    }
+}

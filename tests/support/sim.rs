@@ -1,0 +1,381 @@
+//! A seeded multi-device simulator: real engines and real (temporary) sled stores on a
+//! virtual network with latency, duplication, reordering, partitions, heals and crashes.
+//!
+//! Everything random comes from one seed, so a failing run is reproduced from its number.
+//! Time is virtual: frames are delivered in order of their (random) arrival times.
+//!
+//! A crash drops a node's engine and replica and reopens the replica from its directory.
+//! Every write fieldsync acknowledges is durable before the acknowledgement, so what a real
+//! crash would lose (unacknowledged, unflushed writes) is never visible to the others.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use fieldsync::core::protocol::{Limits, Role};
+use fieldsync::sync::{Config, Engine, Event, Input};
+use fieldsync::{EntityId, PeerId, Replica, View};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::SCHEMA;
+
+/// A node's index in the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(pub usize);
+
+/// Network faults, all driven by the seed.
+#[derive(Clone, Copy, Debug)]
+pub struct Faults {
+    /// Frame latency range in virtual ms; frames on one link may overtake each other.
+    pub latency_ms: (u64, u64),
+    /// Probability that a frame is delivered twice.
+    pub duplicate: f64,
+    /// Probability that a frame kills its connection instead of arriving (a lost link);
+    /// the nodes reconnect and resume.
+    pub drop_connection: f64,
+}
+
+impl Faults {
+    /// A perfect network with zero latency.
+    pub fn none() -> Self {
+        Faults { latency_ms: (0, 0), duplicate: 0.0, drop_connection: 0.0 }
+    }
+    /// Latency, reordering, duplication and dropped connections.
+    pub fn hostile() -> Self {
+        Faults { latency_ms: (1, 40), duplicate: 0.05, drop_connection: 0.002 }
+    }
+}
+
+struct Node {
+    name: String,
+    dir: PathBuf,
+    role: Role,
+    live: Option<(Arc<Replica>, Engine)>,
+    events: Vec<Event>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Link {
+    /// The links the topology wants (both nodes up and no partition ⇒ connected).
+    wanted: bool,
+    partitioned: bool,
+    connected: bool,
+    /// Bumped on every disconnect, so frames of an old connection are dropped.
+    epoch: u64,
+}
+
+/// Counters of what crossed the network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub frames: u64,
+    pub bytes: u64,
+}
+
+struct Delivery {
+    from: NodeId,
+    to: NodeId,
+    epoch: u64,
+    bytes: Vec<u8>,
+}
+
+/// The simulated network.
+pub struct Network {
+    pub seed: u64,
+    rng: StdRng,
+    now: u64,
+    seq: u64,
+    pub faults: Faults,
+    limits: Limits,
+    _tmp: tempfile::TempDir,
+    invite: Option<Vec<u8>>,
+    nodes: Vec<Node>,
+    links: BTreeMap<(NodeId, NodeId), Link>,
+    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    deliveries: BTreeMap<usize, Delivery>,
+    next_delivery: usize,
+    pub traffic: Traffic,
+    /// Upper bound on deliveries in one `run_until_quiescent`, so a livelock fails loudly.
+    pub max_steps: u64,
+}
+
+fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
+    if a < b {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
+
+impl Network {
+    /// A new empty network driven by `seed`.
+    pub fn new(seed: u64, faults: Faults) -> Self {
+        Network {
+            seed,
+            rng: StdRng::seed_from_u64(seed),
+            now: 0,
+            seq: 0,
+            faults,
+            limits: Limits::default(),
+            _tmp: tempfile::tempdir().expect("tempdir"),
+            invite: None,
+            nodes: Vec::new(),
+            links: BTreeMap::new(),
+            queue: BinaryHeap::new(),
+            deliveries: BTreeMap::new(),
+            next_delivery: 0,
+            traffic: Traffic::default(),
+            max_steps: 5_000_000,
+        }
+    }
+
+    /// Sets the engines' limits (for nodes added afterwards).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    fn engine(&self, replica: &Arc<Replica>, role: Role) -> Engine {
+        Engine::new(replica.clone(), Config::default().with_role(role).with_limits(self.limits))
+    }
+
+    /// Adds the workspace's relay, which is its authority. Must be the first node.
+    pub fn add_relay(&mut self, name: &str) -> NodeId {
+        assert!(self.invite.is_none(), "the first relay creates the workspace");
+        let dir = self._tmp.path().join(name);
+        let replica = Arc::new(Replica::init_authority(&dir, SCHEMA, name).expect("init relay"));
+        self.invite = Some(replica.invite());
+        self.push_node(name, dir, Role::Relay, replica)
+    }
+
+    /// Adds a device that joined the workspace.
+    pub fn add_device(&mut self, name: &str) -> NodeId {
+        let invite = self.invite.clone().expect("add a relay first");
+        let dir = self._tmp.path().join(name);
+        let replica = Arc::new(Replica::init_join(&dir, &invite, name).expect("init device"));
+        self.push_node(name, dir, Role::Device, replica)
+    }
+
+    fn push_node(&mut self, name: &str, dir: PathBuf, role: Role, replica: Arc<Replica>) -> NodeId {
+        let engine = self.engine(&replica, role);
+        self.nodes.push(Node { name: name.into(), dir, role, live: Some((replica, engine)), events: Vec::new() });
+        NodeId(self.nodes.len() - 1)
+    }
+
+    /// The node's replica (panics if it is crashed).
+    pub fn replica(&self, n: NodeId) -> &Arc<Replica> {
+        &self.nodes[n.0].live.as_ref().unwrap_or_else(|| panic!("{} is down", self.nodes[n.0].name)).0
+    }
+
+    fn peer(&self, n: NodeId) -> PeerId {
+        self.replica(n).peer_id()
+    }
+
+    /// Events the node's engine reported so far.
+    pub fn events(&self, n: NodeId) -> &[Event] {
+        &self.nodes[n.0].events
+    }
+
+    /// Wants `a` and `b` connected (whenever both are up and not partitioned).
+    pub fn connect(&mut self, a: NodeId, b: NodeId) {
+        self.links.entry(pair(a, b)).or_default().wanted = true;
+        self.settle_links();
+    }
+
+    /// Cuts `a` from `b` until `heal`.
+    pub fn partition(&mut self, a: NodeId, b: NodeId) {
+        self.links.entry(pair(a, b)).or_default().partitioned = true;
+        self.settle_links();
+    }
+
+    /// Cuts `n` from everyone until `heal_all`.
+    pub fn isolate(&mut self, n: NodeId) {
+        let keys: Vec<_> = self.links.keys().copied().filter(|(a, b)| *a == n || *b == n).collect();
+        for k in keys {
+            self.links.get_mut(&k).expect("link").partitioned = true;
+        }
+        self.settle_links();
+    }
+
+    /// Ends every partition.
+    pub fn heal_all(&mut self) {
+        for link in self.links.values_mut() {
+            link.partitioned = false;
+        }
+        self.settle_links();
+    }
+
+    /// Crashes `n`: its engine and replica are dropped; its peers see the connection drop.
+    pub fn crash(&mut self, n: NodeId) {
+        let keys: Vec<_> = self.links.keys().copied().filter(|(a, b)| *a == n || *b == n).collect();
+        for k in keys {
+            self.disconnect(k);
+        }
+        self.nodes[n.0].live = None;
+    }
+
+    /// Restarts a crashed node from its store.
+    pub fn restart(&mut self, n: NodeId) {
+        let node = &self.nodes[n.0];
+        let replica = Arc::new(Replica::open(&node.dir).unwrap_or_else(|e| panic!("{} does not reopen: {e}", node.name)));
+        let engine = self.engine(&replica, node.role);
+        self.nodes[n.0].live = Some((replica, engine));
+        self.settle_links();
+    }
+
+    fn disconnect(&mut self, k: (NodeId, NodeId)) {
+        let Some(link) = self.links.get_mut(&k) else { return };
+        if !link.connected {
+            return;
+        }
+        link.connected = false;
+        link.epoch += 1;
+        for (me, other) in [(k.0, k.1), (k.1, k.0)] {
+            if self.nodes[me.0].live.is_some() && self.nodes[other.0].live.is_some() {
+                let peer = self.peer(other);
+                self.input(me, Input::Disconnected(peer));
+            }
+        }
+    }
+
+    /// Connects or disconnects links to match what is wanted, up and unpartitioned.
+    fn settle_links(&mut self) {
+        let keys: Vec<_> = self.links.keys().copied().collect();
+        for k in keys {
+            let link = self.links[&k];
+            let should = link.wanted && !link.partitioned && self.nodes[k.0 .0].live.is_some() && self.nodes[k.1 .0].live.is_some();
+            if should && !link.connected {
+                self.links.get_mut(&k).expect("link").connected = true;
+                let (pa, pb) = (self.peer(k.0), self.peer(k.1));
+                self.input(k.0, Input::Connected(pb));
+                self.input(k.1, Input::Connected(pa));
+            } else if !should && link.connected {
+                self.disconnect(k);
+            }
+        }
+    }
+
+    /// Feeds an input to a node's engine and routes everything it produces.
+    fn input(&mut self, n: NodeId, input: Input) {
+        let Some((_, engine)) = self.nodes[n.0].live.as_mut() else { return };
+        engine.handle(input).unwrap_or_else(|e| panic!("seed {}: engine of {} failed: {e}", self.seed, self.nodes[n.0].name));
+        self.drain(n);
+    }
+
+    fn drain(&mut self, n: NodeId) {
+        let mut failed = Vec::new();
+        loop {
+            let Some((_, engine)) = self.nodes[n.0].live.as_mut() else { return };
+            let Some((peer, bytes)) = engine.poll_transmit() else { break };
+            let Some(to) = self.node_of(peer) else { continue };
+            let Some(link) = self.links.get(&pair(n, to)).copied() else { continue };
+            if !link.connected {
+                continue;
+            }
+            self.traffic.frames += 1;
+            self.traffic.bytes += bytes.len() as u64;
+            let copies = if self.rng.random_bool(self.faults.duplicate) { 2 } else { 1 };
+            for _ in 0..copies {
+                let (lo, hi) = self.faults.latency_ms;
+                let at = self.now + if hi > lo { self.rng.random_range(lo..=hi) } else { lo };
+                let id = self.next_delivery;
+                self.next_delivery += 1;
+                self.deliveries.insert(id, Delivery { from: n, to, epoch: link.epoch, bytes: bytes.clone() });
+                self.seq += 1;
+                self.queue.push(Reverse((at, self.seq, id)));
+            }
+        }
+        let node = &mut self.nodes[n.0];
+        let Some((_, engine)) = node.live.as_mut() else { return };
+        while let Some(event) = engine.poll_event() {
+            if let Event::SessionFailed { peer, .. } = &event {
+                failed.push(*peer);
+            }
+            node.events.push(event);
+        }
+        for peer in failed {
+            if let Some(to) = self.node_of(peer) {
+                self.disconnect(pair(n, to));
+            }
+        }
+    }
+
+    fn node_of(&self, peer: PeerId) -> Option<NodeId> {
+        self.nodes.iter().position(|node| node.live.as_ref().is_some_and(|(r, _)| r.peer_id() == peer)).map(NodeId)
+    }
+
+    /// Writes on a node, as its app would, and lets its engine offer the change.
+    pub fn put(&mut self, n: NodeId, collection: &str, id: Option<EntityId>, patch: &str) -> EntityId {
+        let id = self.replica(n).put(collection, id, patch).unwrap_or_else(|e| panic!("put on {}: {e}", self.nodes[n.0].name));
+        self.input(n, Input::LocalChange);
+        id
+    }
+
+    /// Runs `f` against a node's replica, then lets its engine offer what changed.
+    pub fn write<T>(&mut self, n: NodeId, f: impl FnOnce(&Replica) -> T) -> T {
+        let out = f(self.replica(n));
+        self.input(n, Input::LocalChange);
+        out
+    }
+
+    /// Delivers frames until none are left, reconnecting dropped links. Returns the
+    /// number of deliveries.
+    pub fn run_until_quiescent(&mut self) -> u64 {
+        let steps = self.run_steps(self.max_steps);
+        assert!(self.queue.is_empty(), "seed {}: no quiescence after {steps} deliveries", self.seed);
+        steps
+    }
+
+    /// Delivers at most `max` frames (fewer if the network goes quiet).
+    pub fn run_steps(&mut self, max: u64) -> u64 {
+        let mut steps = 0;
+        loop {
+            self.settle_links();
+            if steps >= max {
+                return steps;
+            }
+            let Some(Reverse((at, _, id))) = self.queue.pop() else { return steps };
+            steps += 1;
+            self.now = self.now.max(at);
+            let d = self.deliveries.remove(&id).expect("delivery");
+            let k = pair(d.from, d.to);
+            let Some(link) = self.links.get(&k).copied() else { continue };
+            if !link.connected || link.epoch != d.epoch {
+                continue; // sent on a connection that is gone
+            }
+            if self.rng.random_bool(self.faults.drop_connection) {
+                self.disconnect(k);
+                continue;
+            }
+            let from = self.peer(d.from);
+            self.input(d.to, Input::Frame(from, d.bytes));
+        }
+    }
+
+    /// The view of an entity on a node (None if absent).
+    pub fn view(&self, n: NodeId, collection: &str, id: EntityId) -> Option<View> {
+        self.replica(n).get(collection, id).ok()
+    }
+
+    /// Every view of a collection on a node, including deleted ones.
+    pub fn views(&self, n: NodeId, collection: &str) -> Vec<View> {
+        let mut out = Vec::new();
+        self.replica(n).list(collection, &[], true, &mut |v| {
+            out.push(v);
+            true
+        })
+        .expect("list");
+        out
+    }
+
+    /// The node's name.
+    pub fn name(&self, n: NodeId) -> &str {
+        &self.nodes[n.0].name
+    }
+
+    /// A random number from the network's seeded generator.
+    pub fn random_range(&mut self, range: std::ops::Range<usize>) -> usize {
+        self.rng.random_range(range)
+    }
+}
