@@ -1,0 +1,139 @@
+//! The engine at the frame level: strangers, wrong versions, malformed, oversized and
+//! replayed frames end the session with a reason or change nothing, and nothing stored is
+//! lost.
+
+use std::sync::Arc;
+
+use fieldsync::core::protocol::{Frame, Limits, Role};
+use fieldsync::sync::{Config, Engine, Event, Input};
+use fieldsync::Replica;
+use fieldsync_tests::SCHEMA;
+
+struct Pair {
+    _tmp: tempfile::TempDir,
+    a: Engine,
+    b: Engine,
+}
+
+fn engines(same_workspace: bool) -> Pair {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Arc::new(Replica::init_authority(&tmp.path().join("a"), SCHEMA, "a").unwrap());
+    let b = if same_workspace {
+        Arc::new(Replica::init_join(&tmp.path().join("b"), &a.invite(), "b").unwrap())
+    } else {
+        Arc::new(Replica::init_authority(&tmp.path().join("b"), SCHEMA, "b").unwrap())
+    };
+    let cfg = Config::default().with_role(Role::Device).with_limits(Limits { max_frame: 64 << 10, ..Default::default() });
+    Pair { a: Engine::new(a, cfg), b: Engine::new(b, cfg), _tmp: tmp }
+}
+
+/// Shuttles frames both ways until none are left; returns every frame a sent to b.
+fn run(p: &mut Pair) -> Vec<Vec<u8>> {
+    let (pa, pb) = (p.a.replica().peer_id(), p.b.replica().peer_id());
+    let mut a_to_b = Vec::new();
+    loop {
+        let mut moved = false;
+        while let Some((_, bytes)) = p.a.poll_transmit() {
+            a_to_b.push(bytes.clone());
+            p.b.handle(Input::Frame(pa, bytes)).unwrap();
+            moved = true;
+        }
+        while let Some((_, bytes)) = p.b.poll_transmit() {
+            p.a.handle(Input::Frame(pb, bytes)).unwrap();
+            moved = true;
+        }
+        if !moved {
+            return a_to_b;
+        }
+    }
+}
+
+fn connect(p: &mut Pair) {
+    let (pa, pb) = (p.a.replica().peer_id(), p.b.replica().peer_id());
+    p.a.handle(Input::Connected(pb)).unwrap();
+    p.b.handle(Input::Connected(pa)).unwrap();
+}
+
+fn events(e: &mut Engine) -> Vec<Event> {
+    std::iter::from_fn(|| e.poll_event()).collect()
+}
+
+fn failure(events: &[Event]) -> Option<String> {
+    events.iter().find_map(|e| match e {
+        Event::SessionFailed { reason, .. } => Some(reason.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn another_workspace_is_refused_on_both_sides_before_any_data() {
+    let mut p = engines(false);
+    p.a.replica().put("tasks", None, r#"{"title":"secret"}"#).unwrap();
+    connect(&mut p);
+    run(&mut p);
+    let (ea, eb) = (events(&mut p.a), events(&mut p.b));
+    assert!(failure(&ea).unwrap().contains("workspace"), "{ea:?}");
+    assert!(failure(&eb).unwrap().contains("workspace"), "{eb:?}");
+    assert_eq!(p.b.replica().status().unwrap().feed_seq, 0, "data crossed to a stranger");
+}
+
+#[test]
+fn a_wrong_version_is_refused_with_a_reason() {
+    let mut p = engines(true);
+    let pa = p.a.replica().peer_id();
+    p.b.handle(Input::Connected(pa)).unwrap();
+    let hello = Frame::Hello { version: 99, workspace: p.b.replica().workspace().id, role: Role::Device, limits: Limits::default(), feed_seq: 0, resume_from: 0 };
+    p.b.handle(Input::Frame(pa, hello.encode())).unwrap();
+    let reason = failure(&events(&mut p.b)).unwrap();
+    assert!(reason.contains("version 99"), "{reason}");
+    let goodbye = std::iter::from_fn(|| p.b.poll_transmit()).last().unwrap().1;
+    assert!(matches!(Frame::decode(&goodbye, 1 << 20).unwrap(), Frame::Goodbye { .. }));
+}
+
+#[test]
+fn malformed_truncated_and_oversized_frames_end_the_session_and_lose_nothing() {
+    for bad in [b"\xff\xfe not cbor".to_vec(), Frame::Ack { upto: 3 }.encode()[..2].to_vec(), vec![0u8; 70 << 10]] {
+        let mut p = engines(true);
+        let id = p.b.replica().put("tasks", None, r#"{"title":"mine"}"#).unwrap();
+        connect(&mut p);
+        run(&mut p);
+        events(&mut p.b);
+        let before = p.b.replica().status().unwrap().feed_seq;
+        let pa = p.a.replica().peer_id();
+        p.b.handle(Input::Frame(pa, bad)).unwrap();
+        let reason = failure(&events(&mut p.b)).expect("session ends");
+        assert!(reason.contains("malformed") || reason.contains("limit"), "{reason}");
+        assert_eq!(p.b.replica().status().unwrap().feed_seq, before);
+        assert_eq!(p.b.replica().get("tasks", id).unwrap()["title"], "mine");
+        assert!(p.b.peers().is_empty(), "the session is gone");
+    }
+}
+
+#[test]
+fn replayed_and_duplicated_frames_change_nothing() {
+    let mut p = engines(true);
+    for i in 0..20 {
+        p.a.replica().put("tasks", None, &format!(r#"{{"title":"t{i}"}}"#)).unwrap();
+    }
+    connect(&mut p);
+    let sent = run(&mut p);
+    assert_eq!(p.b.replica().status().unwrap().entities["tasks"], 20);
+    let views = |e: &Engine| {
+        let mut v = Vec::new();
+        e.replica().list("tasks", &[], true, &mut |x| {
+            v.push(x);
+            true
+        })
+        .unwrap();
+        v
+    };
+    let before = (views(&p.b), p.b.replica().status().unwrap().feed_seq);
+    // Every frame again, in reverse order, twice.
+    let pa = p.a.replica().peer_id();
+    for bytes in sent.iter().rev().chain(sent.iter()) {
+        p.b.handle(Input::Frame(pa, bytes.clone())).unwrap();
+    }
+    run(&mut p);
+    assert!(failure(&events(&mut p.b)).is_none());
+    assert_eq!((views(&p.b), p.b.replica().status().unwrap().feed_seq), before);
+}
