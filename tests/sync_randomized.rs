@@ -141,5 +141,7 @@ fn random_operations_under_faults_converge_on_every_seed() {
     for seed in first..first + seeds {
         ops += run_seed(seed);
     }
-    println!("randomized sync: {seeds} seeds from {first}, {ops} simulated writes by {DEVICES} devices and a relay, all converged");
+    // Written to the stderr handle, not with eprintln!, so the test harness does not capture it.
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "randomized sync: {seeds} seeds from {first}, {ops} simulated writes by {DEVICES} devices and a relay, all converged");
 }

@@ -235,6 +235,12 @@ impl Replica {
     /// The store write for an entity's new state: its new changes (or a fresh snapshot
     /// when new or due for compaction), view and derived index entries.
     pub(crate) fn entity_write(&self, entity: &mut Entity) -> Result<EntityWrite, Error> {
+        self.entity_write_from(entity, None)
+    }
+
+    /// Like [`Self::entity_write`]; `snapshot`, when given, is a compact save of exactly this
+    /// document (as received) and is stored as it is instead of saving again.
+    pub(crate) fn entity_write_from(&self, entity: &mut Entity, snapshot: Option<Vec<u8>>) -> Result<EntityWrite, Error> {
         let id = entity.id();
         let derived = entity.derive(&self.ws)?;
         let collection = entity.collection().unwrap_or_default();
@@ -243,7 +249,11 @@ impl Replica {
                 Some(r) => r.chunks >= COMPACT_AFTER_CHUNKS || r.chunk_bytes > r.snapshot_bytes * COMPACT_RATIO,
                 None => true,
             };
-        let doc = if compact { DocWrite::Snapshot(entity.save()) } else { DocWrite::Append(entity.save_incremental()) };
+        let doc = match snapshot {
+            Some(bytes) => DocWrite::Snapshot(bytes),
+            None if compact => DocWrite::Snapshot(entity.save()),
+            None => DocWrite::Append(entity.save_incremental()),
+        };
         let heads = entity.heads().into_iter().map(|h| h.0).collect();
         let mut index = Vec::new();
         for c in &derived.conflicts {

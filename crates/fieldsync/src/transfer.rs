@@ -214,8 +214,15 @@ impl Replica {
             .map(|item| {
                 let w = self.writer(now);
                 let id = item.id();
+                let mut as_received = None;
                 let (mut entity, how) = match (self.load(id)?, item) {
-                    (None, Incoming::Whole { entity, .. }) => (entity, Merged::Created),
+                    (None, Incoming::Whole { entity, mut chunks, .. }) => {
+                        // A lone compact document can be stored exactly as received.
+                        if chunks.len() == 1 {
+                            as_received = chunks.pop();
+                        }
+                        (entity, Merged::Created)
+                    }
                     (None, Incoming::Changes { .. }) => {
                         return Err(fieldsync_core::Error::Protocol(format!("changes for entity {id}, which this node does not have")).into())
                     }
@@ -241,7 +248,7 @@ impl Replica {
                         accepted += 1;
                     }
                 }
-                let write = self.entity_write(&mut entity)?;
+                let write = self.entity_write_from(&mut entity, as_received.filter(|_| accepted == 0))?;
                 Ok(Some((write, entity, if accepted > 0 { Merged::Accepted(accepted) } else { how })))
             })
             .collect::<Result<_, Error>>()?;
