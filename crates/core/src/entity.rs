@@ -155,9 +155,19 @@ impl Entity {
         Ok(entity)
     }
 
-    /// Loads an entity from its stored snapshot and appended changes.
+    /// Loads an entity from a snapshot and appended changes, verifying every change hash
+    /// (for data from elsewhere).
     pub fn load(id: EntityId, snapshot: &[u8], changes: &[Vec<u8>]) -> Result<Self, Error> {
-        let mut doc = AutoCommit::load(snapshot).map_err(Error::automerge)?;
+        Self::load_with(id, AutoCommit::load(snapshot).map_err(Error::automerge)?, changes)
+    }
+
+    /// Loads an entity this node stored itself: the heads' hashes were verified when the
+    /// data arrived, so loading skips recomputing them (about twice as fast).
+    pub fn load_stored(id: EntityId, snapshot: &[u8], changes: &[Vec<u8>]) -> Result<Self, Error> {
+        Self::load_with(id, AutoCommit::load_unverified_heads(snapshot).map_err(Error::automerge)?, changes)
+    }
+
+    fn load_with(id: EntityId, mut doc: AutoCommit, changes: &[Vec<u8>]) -> Result<Self, Error> {
         for c in changes {
             doc.load_incremental(c).map_err(Error::automerge)?;
         }

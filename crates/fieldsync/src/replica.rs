@@ -213,7 +213,7 @@ impl Replica {
             return Ok(Some(e));
         }
         match self.store.load_doc(id.as_bytes())? {
-            Some(doc) => Ok(Some(Entity::load(id, &doc.snapshot, &doc.chunks)?)),
+            Some(doc) => Ok(Some(Entity::load_stored(id, &doc.snapshot, &doc.chunks)?)),
             None => Ok(None),
         }
     }

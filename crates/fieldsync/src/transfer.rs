@@ -128,7 +128,7 @@ impl Replica {
                 .zip(docs)
                 .filter_map(|((_, id), doc)| doc.map(|d| (EntityId::from_bytes(*id), d)))
                 .map(|(id, d)| {
-                    let mut e = Entity::load(id, &d.snapshot, &d.chunks)?;
+                    let mut e = Entity::load_stored(id, &d.snapshot, &d.chunks)?;
                     Ok(BundleEntity { id, collection: e.collection().unwrap_or_default(), doc: e.save() })
                 })
                 .collect::<Result<_, Error>>()?;
