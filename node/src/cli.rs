@@ -23,7 +23,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {
+pub(crate) enum Command {
     /// Create a node: a new workspace (--schema, this node is its authority) or join one (--join).
     Init {
         /// Schema TOML file: creates a workspace with this node as its authority.
@@ -92,10 +92,44 @@ enum Command {
     Import { collection: String, file: PathBuf },
     /// Print a collection's live entities as JSON Lines (re-importable).
     Export { collection: String },
+    /// Run this node as a device: sync with relays and peers, serve the local HTTP API.
+    ///
+    /// Prints JSON Lines on stdout as it goes (listening, api, peer_connected,
+    /// sync_completed, sync_failed); stops on Ctrl-C or SIGTERM.
+    Run {
+        /// A relay to keep connected to, e.g. /ip4/203.0.113.5/tcp/4001. Repeatable.
+        #[arg(long = "relay", value_name = "MULTIADDR")]
+        relays: Vec<libp2p::Multiaddr>,
+        /// Another device to keep connected to. Repeatable.
+        #[arg(long = "peer", value_name = "MULTIADDR")]
+        peers: Vec<libp2p::Multiaddr>,
+        /// Discover devices on the LAN with mDNS (off unless given).
+        #[arg(long)]
+        mdns: bool,
+        /// Address to accept peers on. Repeatable.
+        #[arg(long = "listen", value_name = "MULTIADDR", default_value = "/ip4/0.0.0.0/tcp/0")]
+        listen: Vec<libp2p::Multiaddr>,
+        /// Address of the local HTTP API (keep it on localhost).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        api: std::net::SocketAddr,
+    },
+    /// Run this node as an always-on relay: serves catch-up and live sync to every device
+    /// (and, on the authority, confirms auto_accept proposals as they arrive).
+    Relay {
+        /// Address to accept devices on. Repeatable.
+        #[arg(long = "listen", value_name = "MULTIADDR", default_values = ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"])]
+        listen: Vec<libp2p::Multiaddr>,
+        /// Another relay to keep connected to. Repeatable.
+        #[arg(long = "peer", value_name = "MULTIADDR")]
+        peers: Vec<libp2p::Multiaddr>,
+        /// Address of the local HTTP API (keep it on localhost).
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        api: std::net::SocketAddr,
+    },
 }
 
 #[derive(Debug, Subcommand)]
-enum BundleCommand {
+pub(crate) enum BundleCommand {
     /// Write the changes another node lacks to FILE (all of them if PEER is unknown).
     Export {
         file: PathBuf,
@@ -124,10 +158,13 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         self.code
     }
-    fn invalid(message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
         CliError { message: message.into(), code: 2 }
     }
-    fn runtime(message: impl Into<String>) -> Self {
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
+        CliError { message: message.into(), code: 3 }
+    }
+    pub(crate) fn runtime(message: impl Into<String>) -> Self {
         CliError { message: message.into(), code: 1 }
     }
 }
@@ -149,9 +186,9 @@ impl From<std::io::Error> for CliError {
     }
 }
 
-type Result<T> = std::result::Result<T, CliError>;
+pub(crate) type Result<T> = std::result::Result<T, CliError>;
 
-fn parse_id<T: std::str::FromStr>(what: &str, text: &str) -> Result<T>
+pub(crate) fn parse_id<T: std::str::FromStr>(what: &str, text: &str) -> Result<T>
 where
     T::Err: std::fmt::Display,
 {
@@ -162,7 +199,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| CliError::invalid(format!("cannot read {}: {e}", path.display())))
 }
 
-fn emit(value: &impl serde::Serialize) -> Result<()> {
+pub(crate) fn emit(value: &impl serde::Serialize) -> Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, value).map_err(|e| CliError::runtime(e.to_string()))?;
     writeln!(out)?;
@@ -238,13 +275,25 @@ pub fn run(cli: Cli) -> Result<()> {
                 "authority": replica.is_authority(),
             }))
         }
-        command => run_on(&Replica::open(&dir)?, command),
+        Command::Run { relays, peers, mdns, listen, api } => crate::daemon::run(
+            &dir,
+            crate::daemon::Options { role: fieldsync::core::protocol::Role::Device, listen, dial: relays.into_iter().chain(peers).collect(), mdns, api },
+        ),
+        Command::Relay { listen, peers, api } => crate::daemon::run(
+            &dir,
+            crate::daemon::Options { role: fieldsync::core::protocol::Role::Relay, listen, dial: peers, mdns: false, api },
+        ),
+        command => match crate::remote::daemon_api(&dir) {
+            // A daemon holds the store: data commands go through its API.
+            Some(api) => crate::remote::run(&api, command),
+            None => run_on(&Replica::open(&dir)?, command),
+        },
     }
 }
 
 fn run_on(replica: &Replica, command: Command) -> Result<()> {
     match command {
-        Command::Init { .. } => unreachable!("handled by run"),
+        Command::Init { .. } | Command::Run { .. } | Command::Relay { .. } => unreachable!("handled by run"),
         Command::Invite => {
             if !replica.is_authority() {
                 return Err(CliError::invalid("only the workspace authority issues invites"));

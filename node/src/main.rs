@@ -3,6 +3,8 @@
 //! Exit codes: 0 ok · 1 runtime error · 2 invalid input or usage · 3 not found.
 
 mod cli;
+mod daemon;
+mod remote;
 
 use std::process::ExitCode;
 

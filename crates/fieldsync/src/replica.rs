@@ -170,6 +170,11 @@ impl Replica {
         self.authority
     }
 
+    /// This node's libp2p identity (the same ed25519 key that signs as authority).
+    pub fn keypair(&self) -> libp2p_identity::Keypair {
+        libp2p_identity::Keypair::from(self.key.clone())
+    }
+
     /// (commits, flushes) of the store since open.
     pub fn commit_stats(&self) -> (u64, u64) {
         self.store.commit_stats()

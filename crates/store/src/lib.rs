@@ -31,6 +31,9 @@ pub enum Error {
     /// Stored bytes could not be decoded.
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
+    /// Another process holds the store.
+    #[error("the data directory is in use by another fieldsync process (a running daemon?); stop it or use its API")]
+    Locked,
     /// An earlier flush failed, so durability is unknown.
     #[error("a previous flush failed ({0}); close and reopen the store")]
     FlushFailed(String),
@@ -232,7 +235,11 @@ pub struct SledStore {
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &std::path::Path) -> Result<Self, Error> {
-        let db = sled::Config::new().path(dir).cache_capacity(64 << 20).mode(sled::Mode::HighThroughput).open()?;
+        let db = match sled::Config::new().path(dir).cache_capacity(64 << 20).mode(sled::Mode::HighThroughput).open() {
+            Ok(db) => db,
+            Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") => return Err(Error::Locked),
+            Err(e) => return Err(e.into()),
+        };
         let tree = db.open_tree("fieldsync")?;
         let last_seq = match tree.scan_prefix([b'f']).next_back() {
             Some(kv) => {

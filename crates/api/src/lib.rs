@@ -1,0 +1,218 @@
+//! fieldsync-api: the local HTTP API of a node (see `docs/openapi.yaml`).
+//!
+//! Entity CRUD and lists take the same patch language and return the same views as the CLI.
+//! Store calls block (they wait for durability), so they run on tokio's blocking pool.
+//! Every write nudges the sync engine through the `on_change` callback.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use fieldsync::{ErrorKind, Replica};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Counters exported at `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub http_requests: AtomicU64,
+    pub http_errors: AtomicU64,
+    pub sync_sessions: AtomicU64,
+    pub sync_completed: AtomicU64,
+    pub sync_failed: AtomicU64,
+    pub peers_connected: AtomicU64,
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub replica: Arc<Replica>,
+    /// Called after every successful write (wakes the sync engine).
+    pub on_change: Arc<dyn Fn() + Send + Sync>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").field("replica", &self.replica).field("metrics", &self.metrics).finish()
+    }
+}
+
+/// An API error: HTTP status from the error kind, JSON body `{"error": message}`.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<fieldsync::Error> for ApiError {
+    fn from(e: fieldsync::Error) -> Self {
+        let status = match e.kind() {
+            ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+/// Runs a blocking replica call on the blocking pool.
+async fn blocking<T: Send + 'static>(state: &AppState, f: impl FnOnce(&Replica) -> Result<T, fieldsync::Error> + Send + 'static) -> Result<T, ApiError> {
+    state.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
+    let replica = state.replica.clone();
+    let result = tokio::task::spawn_blocking(move || f(&replica))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if result.is_err() {
+        state.metrics.http_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(result?)
+}
+
+fn parse<T: std::str::FromStr>(what: &str, text: &str) -> Result<T, ApiError>
+where
+    T::Err: std::fmt::Display,
+{
+    text.parse().map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{what} {text:?} is not valid: {e}")))
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/collections/{collection}", get(list).post(create))
+        .route("/v1/collections/{collection}/{id}", get(read).patch(update).put(update).delete(remove))
+        .route("/v1/collections/{collection}/{id}/history", get(history))
+        .route("/v1/conflicts", get(conflicts))
+        .route("/v1/conflicts/{id}/resolve", post(resolve))
+        .route("/v1/proposals", get(proposals))
+        .route("/v1/proposals/{id}/accept", post(accept))
+        .route("/v1/proposals/{id}/reject", post(reject))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn status(State(s): State<AppState>) -> ApiResult {
+    let st = blocking(&s, |r| r.status()).await?;
+    Ok(Json(serde_json::to_value(st).unwrap_or(Value::Null)))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    /// `FIELD=VALUE` filters, comma-separated.
+    #[serde(default, rename = "where")]
+    filters: Option<String>,
+    #[serde(default)]
+    include_deleted: bool,
+}
+
+async fn list(State(s): State<AppState>, Path(collection): Path<String>, Query(q): Query<ListQuery>) -> ApiResult {
+    let filters: Vec<String> = q.filters.map(|f| f.split(',').map(str::to_owned).collect()).unwrap_or_default();
+    let views = blocking(&s, move |r| {
+        let mut out = Vec::new();
+        r.list(&collection, &filters, q.include_deleted, &mut |v| {
+            out.push(Value::Object(v));
+            true
+        })?;
+        Ok(out)
+    })
+    .await?;
+    Ok(Json(Value::Array(views)))
+}
+
+async fn create(State(s): State<AppState>, Path(collection): Path<String>, body: String) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let id = blocking(&s, move |r| r.put(&collection, None, &body)).await?;
+    (s.on_change)();
+    Ok((StatusCode::CREATED, Json(json!({ "id": id.to_string() }))))
+}
+
+async fn read(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>) -> ApiResult {
+    let id = parse("entity id", &id)?;
+    Ok(Json(Value::Object(blocking(&s, move |r| r.get(&collection, id)).await?)))
+}
+
+async fn update(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>, body: String) -> ApiResult {
+    let id = parse("entity id", &id)?;
+    let id = blocking(&s, move |r| r.put(&collection, Some(id), &body)).await?;
+    (s.on_change)();
+    Ok(Json(json!({ "id": id.to_string() })))
+}
+
+async fn remove(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>) -> ApiResult {
+    let id = parse("entity id", &id)?;
+    blocking(&s, move |r| r.delete(&collection, id)).await?;
+    (s.on_change)();
+    Ok(Json(json!({ "id": id.to_string(), "deleted": true })))
+}
+
+async fn history(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>) -> ApiResult {
+    let id = parse("entity id", &id)?;
+    let h = blocking(&s, move |r| r.history(&collection, id)).await?;
+    Ok(Json(serde_json::to_value(h).unwrap_or(Value::Null)))
+}
+
+#[derive(Deserialize)]
+struct ConflictsQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+async fn conflicts(State(s): State<AppState>, Query(q): Query<ConflictsQuery>) -> ApiResult {
+    let c = blocking(&s, move |r| r.conflicts(q.all)).await?;
+    Ok(Json(serde_json::to_value(c).unwrap_or(Value::Null)))
+}
+
+async fn resolve(State(s): State<AppState>, Path(id): Path<String>, body: String) -> ApiResult {
+    let conflict: fieldsync::ConflictId = parse("conflict id", &id)?;
+    let entity = blocking(&s, move |r| r.resolve(&conflict, &body)).await?;
+    (s.on_change)();
+    Ok(Json(json!({ "conflict": id, "entity": entity.to_string(), "resolved": true })))
+}
+
+async fn proposals(State(s): State<AppState>) -> ApiResult {
+    let p = blocking(&s, |r| r.proposals()).await?;
+    Ok(Json(serde_json::to_value(p).unwrap_or(Value::Null)))
+}
+
+async fn accept(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    let pid: fieldsync::ProposalId = parse("proposal id", &id)?;
+    let entity = blocking(&s, move |r| r.accept(pid)).await?;
+    (s.on_change)();
+    Ok(Json(json!({ "proposal": id, "entity": entity.to_string(), "accepted": true })))
+}
+
+async fn reject(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    let pid: fieldsync::ProposalId = parse("proposal id", &id)?;
+    let entity = blocking(&s, move |r| r.reject(pid)).await?;
+    (s.on_change)();
+    Ok(Json(json!({ "proposal": id, "entity": entity.to_string(), "rejected": true })))
+}
+
+async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
+    let st = blocking(&s, |r| Ok((r.status()?, r.commit_stats()))).await?;
+    let (status, (commits, flushes)) = st;
+    let m = &s.metrics;
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, kind: &str, value: u64| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+    };
+    gauge("fieldsync_http_requests_total", "HTTP API requests.", "counter", m.http_requests.load(Ordering::Relaxed));
+    gauge("fieldsync_http_errors_total", "HTTP API requests that failed.", "counter", m.http_errors.load(Ordering::Relaxed));
+    gauge("fieldsync_sync_sessions_total", "Sync sessions started.", "counter", m.sync_sessions.load(Ordering::Relaxed));
+    gauge("fieldsync_sync_completed_total", "Catch-ups completed.", "counter", m.sync_completed.load(Ordering::Relaxed));
+    gauge("fieldsync_sync_failed_total", "Sync sessions that failed (rejected frames, wrong workspace…).", "counter", m.sync_failed.load(Ordering::Relaxed));
+    gauge("fieldsync_peers_connected", "Peers with a sync session.", "gauge", m.peers_connected.load(Ordering::Relaxed));
+    gauge("fieldsync_feed_seq", "Head of the local changes feed.", "gauge", status.feed_seq);
+    gauge("fieldsync_open_conflicts", "Open manual conflicts.", "gauge", status.open_conflicts as u64);
+    gauge("fieldsync_store_commits_total", "Store commits since start.", "counter", commits);
+    gauge("fieldsync_store_flushes_total", "Store flushes since start (commits share them).", "counter", flushes);
+    Ok(out)
+}

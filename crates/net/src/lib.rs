@@ -1,0 +1,379 @@
+//! fieldsync-net: puts the sans-IO sync engine on libp2p.
+//!
+//! One task owns the libp2p swarm and the [`Engine`]; per peer, one stream of the
+//! `/fieldsync/sync/1` protocol carries the engine's frames, each prefixed with its length
+//! (u32, big-endian). The peer with the lower peer id opens the stream, so a pair has one
+//! session however many connections it has. Readers and writers of streams are tasks that
+//! talk to the owner through bounded channels.
+//!
+//! Transports: TCP and QUIC, noise, yamux; identify and ping; a connection limit; mDNS LAN
+//! discovery only when [`Config::mdns`] is set. Configured peers are redialled with
+//! exponential backoff and jitter.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fieldsync::core::protocol::Role;
+use fieldsync::sync::{Config as EngineConfig, Engine, Event, Input};
+use fieldsync::Replica;
+use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::{identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
+use rand::Rng as _;
+use tokio::sync::mpsc;
+
+/// The sync protocol's libp2p name.
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/fieldsync/sync/1");
+
+/// Frames a stream's writer may queue before the owner waits for it.
+const WRITER_QUEUE: usize = 256;
+/// Inputs (frames read, app notifications) queued for the owner.
+const INPUT_QUEUE: usize = 1024;
+/// Notices queued for the embedding application; more are dropped (and logged).
+pub const NOTICE_QUEUE: usize = 1024;
+
+/// Errors of the network layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The transport could not be set up.
+    #[error("network setup failed: {0}")]
+    Setup(String),
+    /// An address to listen on could not be used.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    /// The sync engine's store failed.
+    #[error(transparent)]
+    Replica(#[from] fieldsync::Error),
+}
+
+/// Network settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Addresses to listen on (e.g. `/ip4/127.0.0.1/tcp/0`).
+    pub listen: Vec<Multiaddr>,
+    /// Peers to keep connected to (relays, known devices).
+    pub dial: Vec<Multiaddr>,
+    /// Discover peers on the LAN with mDNS (opt-in).
+    pub mdns: bool,
+    /// This node's role in the sync protocol.
+    pub role: Role,
+    /// Most established connections.
+    pub max_connections: u32,
+    /// First redial delay; doubles per failure up to `max_backoff`.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: vec![],
+            dial: vec![],
+            mdns: false,
+            role: Role::Device,
+            max_connections: 256,
+            min_backoff: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the node tells its embedder.
+#[derive(Debug, Clone)]
+pub enum Notice {
+    /// The node listens on this address (with `/p2p/<peer id>` appended).
+    Listening(Multiaddr),
+    /// A sync session with the peer started.
+    PeerConnected(PeerId),
+    /// The sync session with the peer ended.
+    PeerDisconnected(PeerId),
+    /// An event of the sync engine.
+    Sync(Event),
+}
+
+/// A handle to a running node: tell it about local writes.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    inputs: mpsc::Sender<Owned>,
+}
+
+impl Handle {
+    /// Something was written locally: offer it to connected peers.
+    pub async fn local_change(&self) {
+        let _ = self.inputs.send(Owned::LocalChange).await;
+    }
+
+    /// Like [`Self::local_change`], from synchronous code; drops the nudge if the queue is full
+    /// (a nudge already queued covers it).
+    pub fn try_local_change(&self) {
+        let _ = self.inputs.try_send(Owned::LocalChange);
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    limits: libp2p::connection_limits::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    stream: libp2p_stream::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// What the owner task receives from stream tasks and the app.
+#[derive(Debug)]
+enum Owned {
+    Frame { peer: PeerId, gen: u64, bytes: Vec<u8> },
+    Closed { peer: PeerId, gen: u64 },
+    Opened { peer: PeerId, stream: libp2p::Stream },
+    LocalChange,
+}
+
+struct Session {
+    gen: u64,
+    writer: mpsc::Sender<Vec<u8>>,
+}
+
+struct Redial {
+    addr: Multiaddr,
+    failures: u32,
+    due: Option<tokio::time::Instant>,
+    connection: Option<ConnectionId>,
+}
+
+/// Creates the node's channels: pass the [`Handle`] to the app and the receiver to [`run`].
+pub fn channel() -> (Handle, Inbox) {
+    let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+    (Handle { inputs: tx.clone() }, Inbox { tx, rx })
+}
+
+/// The node's input queue, consumed by [`run`].
+#[derive(Debug)]
+pub struct Inbox {
+    tx: mpsc::Sender<Owned>,
+    rx: mpsc::Receiver<Owned>,
+}
+
+/// Runs the node until `shutdown` resolves.
+pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: mpsc::Sender<Notice>, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let keypair = replica.keypair();
+    let local = keypair.public().to_peer_id();
+    let mdns_on = config.mdns;
+    let max_connections = config.max_connections;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| Error::Setup(e.to_string()))?
+        .with_quic()
+        .with_behaviour(|key| {
+            let mdns = if mdns_on { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), key.public().to_peer_id())?) } else { None };
+            Ok(Behaviour {
+                limits: libp2p::connection_limits::Behaviour::new(
+                    libp2p::connection_limits::ConnectionLimits::default().with_max_established(Some(max_connections)),
+                ),
+                identify: identify::Behaviour::new(identify::Config::new("/fieldsync/1".into(), key.public())),
+                ping: ping::Behaviour::default(),
+                stream: libp2p_stream::Behaviour::new(),
+                mdns: Toggle::from(mdns),
+            })
+        })
+        .map_err(|e| Error::Setup(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    for addr in &config.listen {
+        swarm.listen_on(addr.clone()).map_err(|e| Error::Listen { addr: addr.clone(), reason: e.to_string() })?;
+    }
+    let mut control = swarm.behaviour().stream.new_control();
+    let mut incoming = control.accept(PROTOCOL).map_err(|e| Error::Setup(e.to_string()))?;
+
+    let mut engine = Engine::new(replica.clone(), EngineConfig::default().with_role(config.role));
+    let Inbox { tx: inputs, rx: mut inbox } = inbox;
+    let mut sessions: HashMap<PeerId, Session> = HashMap::new();
+    let mut next_gen = 0u64;
+    let mut redials: Vec<Redial> = config.dial.iter().map(|a| Redial { addr: a.clone(), failures: 0, due: Some(tokio::time::Instant::now()), connection: None }).collect();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tokio::pin!(shutdown);
+
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = tick.tick() => {
+                let now = tokio::time::Instant::now();
+                for r in redials.iter_mut().filter(|r| r.connection.is_none() && r.due.is_some_and(|d| d <= now)) {
+                    let opts = DialOpts::unknown_peer_id().address(r.addr.clone()).build();
+                    r.connection = Some(opts.connection_id());
+                    r.due = None;
+                    if let Err(e) = swarm.dial(opts) {
+                        tracing::debug!(addr = %r.addr, %e, "dial failed");
+                        r.connection = None;
+                        schedule(r, &config);
+                    }
+                }
+            }
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::NewListenAddr { address, .. } => {
+                    let full = address.with(libp2p::multiaddr::Protocol::P2p(local));
+                    tracing::info!(%full, "listening");
+                    notify(&notices, Notice::Listening(full));
+                }
+                SwarmEvent::ConnectionEstablished { peer_id, connection_id, num_established, .. } => {
+                    if let Some(r) = redials.iter_mut().find(|r| r.connection == Some(connection_id)) {
+                        r.failures = 0;
+                    }
+                    // One session per pair: the lower peer id opens it.
+                    if num_established.get() == 1 && local < peer_id && !sessions.contains_key(&peer_id) {
+                        let mut control = control.clone();
+                        let tx = inputs.clone();
+                        tokio::spawn(async move {
+                            match control.open_stream(peer_id, PROTOCOL).await {
+                                Ok(stream) => {
+                                    let _ = tx.send(Owned::Opened { peer: peer_id, stream }).await;
+                                }
+                                Err(e) => tracing::warn!(peer = %peer_id, %e, "cannot open the sync stream"),
+                            }
+                        });
+                    }
+                }
+                SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, .. } => {
+                    if let Some(r) = redials.iter_mut().find(|r| r.connection == Some(connection_id)) {
+                        r.connection = None;
+                        schedule(r, &config);
+                    }
+                    if num_established == 0 && sessions.remove(&peer_id).is_some() {
+                        engine.handle(Input::Disconnected(peer_id))?;
+                        notify(&notices, Notice::PeerDisconnected(peer_id));
+                    }
+                }
+                SwarmEvent::OutgoingConnectionError { connection_id, error, .. } => {
+                    if let Some(r) = redials.iter_mut().find(|r| r.connection == Some(connection_id)) {
+                        tracing::debug!(addr = %r.addr, %error, "connection failed");
+                        r.connection = None;
+                        schedule(r, &config);
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                    for (peer, addr) in found {
+                        if peer != local && !swarm.is_connected(&peer) {
+                            tracing::info!(%peer, %addr, "discovered on the LAN");
+                            let _ = swarm.dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
+                        }
+                    }
+                }
+                _ => {}
+            },
+            Some((peer, stream)) = incoming.next() => {
+                attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, peer, stream)?;
+            }
+            Some(msg) = inbox.recv() => match msg {
+                Owned::Opened { peer, stream } => attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, peer, stream)?,
+                Owned::Frame { peer, gen, bytes } => {
+                    if sessions.get(&peer).is_some_and(|s| s.gen == gen) {
+                        engine.handle(Input::Frame(peer, bytes))?;
+                    }
+                }
+                Owned::Closed { peer, gen } => {
+                    if sessions.get(&peer).is_some_and(|s| s.gen == gen) {
+                        sessions.remove(&peer);
+                        engine.handle(Input::Disconnected(peer))?;
+                        notify(&notices, Notice::PeerDisconnected(peer));
+                    }
+                }
+                Owned::LocalChange => engine.handle(Input::LocalChange)?,
+            },
+        }
+        drain(&mut engine, &mut sessions, &notices).await;
+    }
+    Ok(())
+}
+
+fn schedule(r: &mut Redial, config: &Config) {
+    r.failures = r.failures.saturating_add(1);
+    let base = config.min_backoff.saturating_mul(1u32 << r.failures.min(16)).min(config.max_backoff);
+    let jitter = rand::rng().random_range(0.5..1.5);
+    r.due = Some(tokio::time::Instant::now() + base.mul_f64(jitter));
+}
+
+fn notify(notices: &mpsc::Sender<Notice>, notice: Notice) {
+    if notices.try_send(notice).is_err() {
+        tracing::debug!("notice queue full; notice dropped");
+    }
+}
+
+fn attach(
+    engine: &mut Engine,
+    sessions: &mut HashMap<PeerId, Session>,
+    next_gen: &mut u64,
+    inputs: &mpsc::Sender<Owned>,
+    notices: &mpsc::Sender<Notice>,
+    peer: PeerId,
+    stream: libp2p::Stream,
+) -> Result<(), Error> {
+    if sessions.contains_key(&peer) {
+        return Ok(()); // one session per peer; the extra stream is dropped
+    }
+    *next_gen += 1;
+    let gen = *next_gen;
+    let (mut read, mut write) = stream.split();
+    let (writer, mut frames) = mpsc::channel::<Vec<u8>>(WRITER_QUEUE);
+    tokio::spawn(async move {
+        while let Some(bytes) = frames.recv().await {
+            let len = (bytes.len() as u32).to_be_bytes();
+            if write.write_all(&len).await.is_err() || write.write_all(&bytes).await.is_err() || write.flush().await.is_err() {
+                break;
+            }
+        }
+        let _ = write.close().await;
+    });
+    let max_frame = fieldsync::core::protocol::Limits::default().max_frame as usize;
+    let tx = inputs.clone();
+    tokio::spawn(async move {
+        loop {
+            let mut len = [0u8; 4];
+            if read.read_exact(&mut len).await.is_err() {
+                break;
+            }
+            let len = u32::from_be_bytes(len) as usize;
+            if len > max_frame {
+                tracing::warn!(%peer, len, "frame over the size limit; closing the stream");
+                break;
+            }
+            let mut bytes = vec![0u8; len];
+            if read.read_exact(&mut bytes).await.is_err() {
+                break;
+            }
+            if tx.send(Owned::Frame { peer, gen, bytes }).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(Owned::Closed { peer, gen }).await;
+    });
+    sessions.insert(peer, Session { gen, writer });
+    engine.handle(Input::Connected(peer))?;
+    notify(notices, Notice::PeerConnected(peer));
+    Ok(())
+}
+
+/// Sends every queued frame to its stream's writer and reports every event.
+async fn drain(engine: &mut Engine, sessions: &mut HashMap<PeerId, Session>, notices: &mpsc::Sender<Notice>) {
+    loop {
+        while let Some((peer, bytes)) = engine.poll_transmit() {
+            if let Some(s) = sessions.get(&peer) {
+                // Waiting here is the backpressure of a slow peer (its queue is bounded).
+                if s.writer.send(bytes).await.is_err() {
+                    sessions.remove(&peer);
+                }
+            }
+        }
+        let Some(event) = engine.poll_event() else { return };
+        if let Event::SessionFailed { peer, reason } = &event {
+            tracing::warn!(%peer, %reason, "sync session ended");
+            // Dropping the writer closes the stream; the connection idles out.
+            sessions.remove(peer);
+        }
+        notify(notices, Notice::Sync(event));
+    }
+}

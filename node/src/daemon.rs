@@ -1,0 +1,155 @@
+//! `fieldsync run` and `fieldsync relay`: the long-running node — libp2p sync plus the local
+//! HTTP API — until Ctrl-C or SIGTERM.
+//!
+//! It prints JSON Lines on stdout as things happen (`listening`, `api`, `peer_connected`,
+//! `sync_completed`, …) so scripts and tests can follow it, and writes `daemon.json` in the
+//! data directory so CLI data commands go through its API while it runs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use fieldsync::core::protocol::Role;
+use fieldsync::sync::Event;
+use fieldsync::Replica;
+use fieldsync_api::{AppState, Metrics};
+use fieldsync_net::{Config, Notice, NOTICE_QUEUE};
+use serde_json::json;
+
+use crate::cli::CliError;
+
+/// The file a running daemon leaves in its data directory.
+pub const DAEMON_FILE: &str = "daemon.json";
+
+/// What to run.
+#[derive(Debug)]
+pub struct Options {
+    pub role: Role,
+    pub listen: Vec<libp2p::Multiaddr>,
+    pub dial: Vec<libp2p::Multiaddr>,
+    pub mdns: bool,
+    pub api: SocketAddr,
+}
+
+fn print(value: serde_json::Value) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{value}");
+    let _ = out.flush();
+}
+
+/// Removes `daemon.json` when the daemon stops, however it stops.
+struct DaemonFile(PathBuf);
+
+impl Drop for DaemonFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Runs the node in `dir` until shutdown.
+pub fn run(dir: &Path, options: Options) -> Result<(), CliError> {
+    let replica = Arc::new(Replica::open(dir)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::runtime(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(serve(dir, replica, options))
+}
+
+async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<(), CliError> {
+    let metrics = Arc::new(Metrics::default());
+    let (handle, inbox) = fieldsync_net::channel();
+    let (notice_tx, mut notices) = tokio::sync::mpsc::channel(NOTICE_QUEUE);
+
+    let nudge = handle.clone();
+    let state = AppState { replica: replica.clone(), on_change: Arc::new(move || nudge.try_local_change()), metrics: metrics.clone() };
+    let listener = tokio::net::TcpListener::bind(options.api)
+        .await
+        .map_err(|e| CliError::runtime(format!("cannot serve the API on {}: {e}", options.api)))?;
+    let api_addr = listener.local_addr().map_err(|e| CliError::runtime(e.to_string()))?;
+    let _daemon_file = {
+        let path = dir.join(DAEMON_FILE);
+        let body = json!({ "api": format!("http://{api_addr}"), "pid": std::process::id() });
+        std::fs::write(&path, body.to_string()).map_err(|e| CliError::runtime(format!("{}: {e}", path.display())))?;
+        DaemonFile(path)
+    };
+    print(json!({ "event": "api", "addr": api_addr.to_string(), "peer_id": replica.peer_id().to_string() }));
+    let app = fieldsync_api::router(state);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut api_stop = stop_rx.clone();
+    let api = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = api_stop.changed().await;
+        })
+        .await;
+    });
+
+    let config = Config { listen: options.listen, dial: options.dial, mdns: options.mdns, role: options.role, ..Config::default() };
+    let mut net_stop = stop_rx.clone();
+    let net = tokio::spawn(fieldsync_net::run(replica.clone(), config, inbox, notice_tx, async move {
+        let _ = net_stop.changed().await;
+    }));
+
+    let reporter = tokio::spawn(async move {
+        while let Some(notice) = notices.recv().await {
+            match notice {
+                Notice::Listening(addr) => print(json!({ "event": "listening", "addr": addr.to_string() })),
+                Notice::PeerConnected(peer) => {
+                    metrics.peers_connected.fetch_add(1, Ordering::Relaxed);
+                    metrics.sync_sessions.fetch_add(1, Ordering::Relaxed);
+                    print(json!({ "event": "peer_connected", "peer": peer.to_string() }));
+                }
+                Notice::PeerDisconnected(peer) => {
+                    metrics.peers_connected.fetch_sub(1, Ordering::Relaxed);
+                    print(json!({ "event": "peer_disconnected", "peer": peer.to_string() }));
+                }
+                Notice::Sync(Event::SyncCompleted { peer }) => {
+                    metrics.sync_completed.fetch_add(1, Ordering::Relaxed);
+                    print(json!({ "event": "sync_completed", "peer": peer.to_string() }));
+                }
+                Notice::Sync(Event::SessionFailed { peer, reason }) => {
+                    metrics.sync_failed.fetch_add(1, Ordering::Relaxed);
+                    print(json!({ "event": "sync_failed", "peer": peer.to_string(), "reason": reason }));
+                }
+                Notice::Sync(Event::SyncProgress { peer, done, total }) => {
+                    tracing::debug!(%peer, done, total, "sync progress");
+                }
+                Notice::Sync(_) => {}
+            }
+        }
+    });
+
+    shutdown_signal().await;
+    print(json!({ "event": "stopping" }));
+    let _ = stop_tx.send(true);
+    let result = net.await;
+    let _ = api.await;
+    reporter.abort();
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(CliError::runtime(e.to_string())),
+        Err(e) => Err(CliError::runtime(e.to_string())),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

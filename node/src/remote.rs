@@ -1,0 +1,116 @@
+//! CLI data commands through a running daemon's HTTP API, so the CLI and the daemon can be
+//! used on one data directory at once (the daemon holds the store).
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::cli::{emit, parse_id, BundleCommand, CliError, Command, Result};
+use crate::daemon::DAEMON_FILE;
+
+/// The API address of a daemon running on `dir`, if one answers.
+pub fn daemon_api(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(DAEMON_FILE)).ok()?;
+    let api = serde_json::from_str::<Value>(&text).ok()?["api"].as_str()?.to_owned();
+    // A daemon killed with SIGKILL leaves its file behind: only trust one that answers.
+    agent().get(format!("{api}/v1/status")).call().ok().filter(|r| r.status().is_success()).map(|_| api)
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+/// Sends one request; the JSON answer, or the API's error mapped to the CLI's exit codes.
+fn call(method: &str, url: &str, body: Option<&str>) -> Result<Value> {
+    let agent = agent();
+    let sent = match (method, body) {
+        ("GET", _) => agent.get(url).call(),
+        ("DELETE", _) => agent.delete(url).call(),
+        ("POST", b) => agent.post(url).header("content-type", "application/json").send(b.unwrap_or("")),
+        ("PATCH", b) => agent.patch(url).header("content-type", "application/json").send(b.unwrap_or("")),
+        _ => return Err(CliError::runtime(format!("unsupported method {method}"))),
+    };
+    let mut response = sent.map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().map_err(|e| CliError::runtime(e.to_string()))?;
+    let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    let message = || value["error"].as_str().unwrap_or("request failed").to_owned();
+    match status {
+        200..=299 => Ok(value),
+        400 => Err(CliError::invalid(message())),
+        404 => Err(CliError::not_found(message())),
+        _ => Err(CliError::runtime(message())),
+    }
+}
+
+fn emit_array(value: Value) -> Result<()> {
+    for item in value.as_array().cloned().unwrap_or_default() {
+        emit(&item)?;
+    }
+    Ok(())
+}
+
+/// Percent-encodes a query value.
+fn query(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Runs a data command against the daemon at `api`.
+pub fn run(api: &str, command: Command) -> Result<()> {
+    match command {
+        Command::Put { collection, id_or_patch, patch } => match patch {
+            Some(patch) => {
+                let id: fieldsync::EntityId = parse_id("entity id", &id_or_patch)?;
+                emit(&call("PATCH", &format!("{api}/v1/collections/{collection}/{id}"), Some(&patch))?)
+            }
+            None => emit(&call("POST", &format!("{api}/v1/collections/{collection}"), Some(&id_or_patch))?),
+        },
+        Command::Get { collection, id } => {
+            let id: fieldsync::EntityId = parse_id("entity id", &id)?;
+            emit(&call("GET", &format!("{api}/v1/collections/{collection}/{id}"), None)?)
+        }
+        Command::List { collection, filters, include_deleted } => {
+            let mut url = format!("{api}/v1/collections/{collection}?include_deleted={include_deleted}");
+            if !filters.is_empty() {
+                url.push_str(&format!("&where={}", query(&filters.join(","))));
+            }
+            emit_array(call("GET", &url, None)?)
+        }
+        Command::Delete { collection, id } => {
+            let id: fieldsync::EntityId = parse_id("entity id", &id)?;
+            emit(&call("DELETE", &format!("{api}/v1/collections/{collection}/{id}"), None)?)
+        }
+        Command::History { collection, id } => {
+            let id: fieldsync::EntityId = parse_id("entity id", &id)?;
+            emit_array(call("GET", &format!("{api}/v1/collections/{collection}/{id}/history"), None)?)
+        }
+        Command::Conflicts { all } => emit_array(call("GET", &format!("{api}/v1/conflicts?all={all}"), None)?),
+        Command::Resolve { conflict_id, value_json } => {
+            let id: fieldsync::ConflictId = parse_id("conflict id", &conflict_id)?;
+            emit(&call("POST", &format!("{api}/v1/conflicts/{id}/resolve"), Some(&value_json))?)
+        }
+        Command::Proposals => emit_array(call("GET", &format!("{api}/v1/proposals"), None)?),
+        Command::Accept { proposal_id } => {
+            let id: fieldsync::ProposalId = parse_id("proposal id", &proposal_id)?;
+            emit(&call("POST", &format!("{api}/v1/proposals/{id}/accept"), None)?)
+        }
+        Command::Reject { proposal_id } => {
+            let id: fieldsync::ProposalId = parse_id("proposal id", &proposal_id)?;
+            emit(&call("POST", &format!("{api}/v1/proposals/{id}/reject"), None)?)
+        }
+        Command::Status => emit(&call("GET", &format!("{api}/v1/status"), None)?),
+        Command::Invite | Command::Bundle(BundleCommand::Export { .. } | BundleCommand::Import { .. }) | Command::Import { .. } | Command::Export { .. } => {
+            Err(CliError::invalid("a daemon is running on this data directory; stop it (Ctrl-C) for this command"))
+        }
+        Command::Init { .. } | Command::Run { .. } | Command::Relay { .. } => Err(CliError::invalid("a daemon is already running on this data directory")),
+    }
+}

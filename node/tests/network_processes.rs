@@ -1,0 +1,224 @@
+//! Real processes on 127.0.0.1: a relay and devices running `fieldsync relay` / `fieldsync
+//! run`, driven through the CLI (which goes through each daemon's HTTP API) — offline edits
+//! merge after a restart, devices keep syncing directly while the relay is down, a late
+//! device catches up, and every node ends with identical views.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const SCHEMA: &str = include_str!("../../examples/schema.toml");
+const WAIT: Duration = Duration::from_secs(30);
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fieldsync"));
+    c.env_remove("FIELDSYNC_DATA").env("RUST_LOG", "warn");
+    c
+}
+
+fn cli(dir: &Path, args: &[&str]) -> Value {
+    let out = bin().arg("--data").arg(dir).args(args).output().expect("run fieldsync");
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+    if lines.len() == 1 {
+        lines.into_iter().next().expect("one")
+    } else {
+        Value::Array(lines)
+    }
+}
+
+fn list(dir: &Path, collection: &str) -> Vec<Value> {
+    match cli(dir, &["list", collection, "--include-deleted"]) {
+        Value::Array(items) => items,
+        one => vec![one],
+    }
+}
+
+/// A running daemon; killed when dropped.
+struct Daemon {
+    child: Child,
+    events: mpsc::Receiver<Value>,
+    seen: Vec<Value>,
+}
+
+impl Daemon {
+    fn start(dir: &Path, args: &[&str]) -> Daemon {
+        let mut child = bin().arg("--data").arg(dir).args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn daemon");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if tx.send(v).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        Daemon { child, events, seen: vec![] }
+    }
+
+    /// Waits for an event of this kind; returns it.
+    fn wait_for(&mut self, event: &str) -> Value {
+        if let Some(v) = self.seen.iter().find(|v| v["event"] == event) {
+            return v.clone();
+        }
+        let deadline = Instant::now() + WAIT;
+        while let Ok(v) = self.events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            self.seen.push(v.clone());
+            if v["event"] == event {
+                return v;
+            }
+        }
+        panic!("no {event} event within {WAIT:?}; saw {:?}", self.seen);
+    }
+
+    /// The first TCP address it listens on.
+    fn addr(&mut self) -> String {
+        self.wait_for("listening")["addr"].as_str().expect("addr").to_owned()
+    }
+
+    fn api(&mut self) -> String {
+        format!("http://{}", self.wait_for("api")["addr"].as_str().expect("api"))
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("daemon did not stop on SIGTERM");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls until `check` holds.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+struct Site {
+    _tmp: tempfile::TempDir,
+    relay: PathBuf,
+    devices: Vec<PathBuf>,
+}
+
+fn site(devices: usize) -> Site {
+    let tmp = tempfile::tempdir().unwrap();
+    let schema = tmp.path().join("schema.toml");
+    std::fs::write(&schema, SCHEMA).unwrap();
+    let relay = tmp.path().join("relay");
+    cli(&relay, &["init", "--schema", schema.to_str().unwrap(), "--name", "relay"]);
+    let invite = tmp.path().join("invite.json");
+    let out = bin().arg("--data").arg(&relay).arg("invite").output().unwrap();
+    std::fs::write(&invite, out.stdout).unwrap();
+    let devices = (0..devices)
+        .map(|i| {
+            let d = tmp.path().join(format!("device{i}"));
+            cli(&d, &["init", "--join", invite.to_str().unwrap(), "--name", &format!("device{i}")]);
+            d
+        })
+        .collect();
+    Site { _tmp: tmp, relay, devices }
+}
+
+const LOCAL: &[&str] = &["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"];
+
+fn start_relay(dir: &Path) -> (Daemon, String) {
+    let mut relay = Daemon::start(dir, &[&["relay"], LOCAL].concat());
+    let addr = relay.addr();
+    relay.wait_for("api");
+    (relay, addr)
+}
+
+/// Starts a device daemon and waits until its API serves (so CLI commands go through it).
+fn start_device(dir: &Path, relay: &str, extra: &[&str]) -> Daemon {
+    let mut d = Daemon::start(dir, &[&["run", "--relay", relay], LOCAL, extra].concat());
+    d.wait_for("api");
+    d
+}
+
+#[test]
+fn devices_sync_through_the_relay_and_merge_offline_edits_after_a_restart() {
+    let s = site(2);
+    let (_relay, raddr) = start_relay(&s.relay);
+    let a = start_device(&s.devices[0], &raddr, &[]);
+    let b = start_device(&s.devices[1], &raddr, &[]);
+
+    // Live: a write on one device reaches the other through the relay.
+    let task = cli(&s.devices[0], &["put", "tasks", r#"{"title":"Fit boiler","status":"open","tags":["gas"]}"#])["id"].as_str().unwrap().to_owned();
+    eventually("the task reaches device1", || bin().arg("--data").arg(&s.devices[1]).args(["get", "tasks", &task]).output().unwrap().status.success());
+
+    // Device1 goes offline; both edit; device1 comes back and everything merges.
+    b.stop();
+    cli(&s.devices[1], &["put", "tasks", &task, r#"{"status":"completed","tags":{"$add":["done"]}}"#]);
+    cli(&s.devices[0], &["put", "tasks", &task, r#"{"status":"in_progress","title":"Fit boiler, 2nd floor"}"#]);
+    let _b = start_device(&s.devices[1], &raddr, &[]);
+    eventually("the offline edits merge everywhere", || {
+        [&s.relay, &s.devices[0], &s.devices[1]].iter().all(|d| {
+            let v = cli(d, &["get", "tasks", &task]);
+            v["status"] == "completed" && v["title"] == "Fit boiler, 2nd floor" && v["tags"] == serde_json::json!(["done", "gas"])
+        })
+    });
+    let views: Vec<Vec<Value>> = [&s.relay, &s.devices[0], &s.devices[1]].iter().map(|d| list(d, "tasks")).collect();
+    assert!(views.iter().all(|v| *v == views[0]), "views differ: {views:?}");
+    drop(a);
+}
+
+#[test]
+fn devices_keep_syncing_directly_while_the_relay_is_down_and_a_late_device_catches_up() {
+    let s = site(3);
+    let (relay, raddr) = start_relay(&s.relay);
+    let mut a = start_device(&s.devices[0], &raddr, &[]);
+    let a_addr = a.addr();
+    let mut b = start_device(&s.devices[1], &raddr, &["--peer", &a_addr]);
+    for i in 0..50 {
+        cli(&s.devices[0], &["put", "inventory", &format!(r#"{{"item":"part {i}","stock":{i}}}"#)]);
+    }
+    eventually("50 items on device1", || list(&s.devices[1], "inventory").len() == 50);
+
+    // The relay goes down; the devices still sync with each other.
+    relay.stop();
+    let item = cli(&s.devices[1], &["put", "inventory", r#"{"item":"valve","stock":7}"#])["id"].as_str().unwrap().to_owned();
+    eventually("a direct write reaches device0", || bin().arg("--data").arg(&s.devices[0]).args(["get", "inventory", &item]).output().unwrap().status.success());
+
+    // The relay returns, and a device started long after catches up with everything.
+    let (_relay, raddr) = start_relay(&s.relay);
+    // The devices redial the relay's old address; point a new device at the new one.
+    let mut c = start_device(&s.devices[2], &raddr, &["--peer", &a_addr]);
+    c.wait_for("peer_connected");
+    eventually("device2 catches up", || list(&s.devices[2], "inventory").len() == 51);
+    eventually("the relay has everything", || list(&s.relay, "inventory").len() == 51);
+
+    // Views are identical through the CLI and through the HTTP API.
+    let reference = list(&s.devices[0], "inventory");
+    for d in [&s.devices[1], &s.devices[2], &s.relay] {
+        assert_eq!(list(d, "inventory"), reference);
+    }
+    let api = c.api();
+    let via_http: Value = ureq::get(format!("{api}/v1/collections/inventory?include_deleted=true")).call().unwrap().body_mut().read_json().unwrap();
+    assert_eq!(via_http, Value::Array(reference));
+    let _ = b.wait_for("api");
+}
