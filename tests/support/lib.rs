@@ -1,5 +1,6 @@
 //! Shared helpers for fieldsync's cross-crate tests and examples.
 
+pub mod live;
 pub mod sim;
 
 use std::path::Path;
