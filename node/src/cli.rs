@@ -106,25 +106,32 @@ pub(crate) enum Command {
         /// Discover devices on the LAN with mDNS (off unless given).
         #[arg(long)]
         mdns: bool,
-        /// Address to accept peers on. Repeatable.
-        #[arg(long = "listen", value_name = "MULTIADDR", default_value = "/ip4/0.0.0.0/tcp/0")]
+        /// Address to accept peers on. Repeatable. [default: /ip4/0.0.0.0/tcp/0]
+        #[arg(long = "listen", value_name = "MULTIADDR")]
         listen: Vec<libp2p::Multiaddr>,
-        /// Address of the local HTTP API (keep it on localhost).
-        #[arg(long, default_value = "127.0.0.1:0")]
-        api: std::net::SocketAddr,
+        /// Address of the local HTTP API (keep it on localhost). [default: 127.0.0.1:0]
+        #[arg(long)]
+        api: Option<std::net::SocketAddr>,
+        /// TOML file with defaults for these options (see example.config.toml); flags win.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Run this node as an always-on relay: serves catch-up and live sync to every device
     /// (and, on the authority, confirms auto_accept proposals as they arrive).
     Relay {
         /// Address to accept devices on. Repeatable.
-        #[arg(long = "listen", value_name = "MULTIADDR", default_values = ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"])]
+        /// [default: /ip4/0.0.0.0/tcp/4001 and /ip4/0.0.0.0/udp/4001/quic-v1]
+        #[arg(long = "listen", value_name = "MULTIADDR")]
         listen: Vec<libp2p::Multiaddr>,
         /// Another relay to keep connected to. Repeatable.
         #[arg(long = "peer", value_name = "MULTIADDR")]
         peers: Vec<libp2p::Multiaddr>,
-        /// Address of the local HTTP API (keep it on localhost).
-        #[arg(long, default_value = "127.0.0.1:7070")]
-        api: std::net::SocketAddr,
+        /// Address of the local HTTP API (keep it on localhost). [default: 127.0.0.1:7070]
+        #[arg(long)]
+        api: Option<std::net::SocketAddr>,
+        /// TOML file with defaults for these options (see example.config.toml); flags win.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -275,14 +282,33 @@ pub fn run(cli: Cli) -> Result<()> {
                 "authority": replica.is_authority(),
             }))
         }
-        Command::Run { relays, peers, mdns, listen, api } => crate::daemon::run(
-            &dir,
-            crate::daemon::Options { role: fieldsync::core::protocol::Role::Device, listen, dial: relays.into_iter().chain(peers).collect(), mdns, api },
-        ),
-        Command::Relay { listen, peers, api } => crate::daemon::run(
-            &dir,
-            crate::daemon::Options { role: fieldsync::core::protocol::Role::Relay, listen, dial: peers, mdns: false, api },
-        ),
+        Command::Run { relays, peers, mdns, listen, api, config } => {
+            let file = crate::config::load(config.as_deref())?;
+            let c = file.run;
+            let dial = if relays.is_empty() && peers.is_empty() { c.relays.into_iter().chain(c.peers).collect() } else { relays.into_iter().chain(peers).collect() };
+            let options = crate::daemon::Options {
+                role: fieldsync::core::protocol::Role::Device,
+                listen: if listen.is_empty() { c.listen } else { listen },
+                dial,
+                mdns: mdns || c.mdns,
+                api: api.unwrap_or(c.api),
+                net: file.net,
+            };
+            crate::daemon::run(&dir, options)
+        }
+        Command::Relay { listen, peers, api, config } => {
+            let file = crate::config::load(config.as_deref())?;
+            let c = file.relay;
+            let options = crate::daemon::Options {
+                role: fieldsync::core::protocol::Role::Relay,
+                listen: if listen.is_empty() { c.listen } else { listen },
+                dial: if peers.is_empty() { c.peers } else { peers },
+                mdns: false,
+                api: api.unwrap_or(c.api),
+                net: file.net,
+            };
+            crate::daemon::run(&dir, options)
+        }
         command => match crate::remote::daemon_api(&dir) {
             // A daemon holds the store: data commands go through its API.
             Some(api) => crate::remote::run(&api, command),

@@ -30,6 +30,7 @@ pub struct Options {
     pub dial: Vec<libp2p::Multiaddr>,
     pub mdns: bool,
     pub api: SocketAddr,
+    pub net: crate::config::Net,
 }
 
 fn print(value: serde_json::Value) {
@@ -86,7 +87,15 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         .await;
     });
 
-    let config = Config { listen: options.listen, dial: options.dial, mdns: options.mdns, role: options.role, ..Config::default() };
+    let config = Config {
+        listen: options.listen,
+        dial: options.dial,
+        mdns: options.mdns,
+        role: options.role,
+        max_connections: options.net.max_connections,
+        min_backoff: std::time::Duration::from_millis(options.net.min_backoff_ms),
+        max_backoff: std::time::Duration::from_millis(options.net.max_backoff_ms),
+    };
     let mut net_stop = stop_rx.clone();
     let net = tokio::spawn(fieldsync_net::run(replica.clone(), config, inbox, notice_tx, async move {
         let _ = net_stop.changed().await;

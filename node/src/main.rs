@@ -3,6 +3,7 @@
 //! Exit codes: 0 ok · 1 runtime error · 2 invalid input or usage · 3 not found.
 
 mod cli;
+mod config;
 mod daemon;
 mod remote;
 

@@ -1,0 +1,102 @@
+//! The `--config` TOML file of `fieldsync run` / `fieldsync relay`: defaults for everything
+//! their flags set (flags win). `example.config.toml` documents every key and default.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use libp2p::Multiaddr;
+use serde::Deserialize;
+
+use crate::cli::CliError;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct File {
+    pub run: Run,
+    pub relay: Relay,
+    pub net: Net,
+}
+
+/// `[run]`: the device daemon.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Run {
+    pub relays: Vec<Multiaddr>,
+    pub peers: Vec<Multiaddr>,
+    pub mdns: bool,
+    pub listen: Vec<Multiaddr>,
+    pub api: SocketAddr,
+}
+
+impl Default for Run {
+    fn default() -> Self {
+        Run { relays: vec![], peers: vec![], mdns: false, listen: vec![multiaddr("/ip4/0.0.0.0/tcp/0")], api: SocketAddr::from(([127, 0, 0, 1], 0)) }
+    }
+}
+
+/// `[relay]`: the relay daemon.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Relay {
+    pub listen: Vec<Multiaddr>,
+    pub peers: Vec<Multiaddr>,
+    pub api: SocketAddr,
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Relay {
+            listen: vec![multiaddr("/ip4/0.0.0.0/tcp/4001"), multiaddr("/ip4/0.0.0.0/udp/4001/quic-v1")],
+            peers: vec![],
+            api: SocketAddr::from(([127, 0, 0, 1], 7070)),
+        }
+    }
+}
+
+/// `[net]`: connection handling for both.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Net {
+    pub max_connections: u32,
+    pub min_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+impl Default for Net {
+    fn default() -> Self {
+        let d = fieldsync_net::Config::default();
+        Net { max_connections: d.max_connections, min_backoff_ms: d.min_backoff.as_millis() as u64, max_backoff_ms: d.max_backoff.as_millis() as u64 }
+    }
+}
+
+fn multiaddr(s: &str) -> Multiaddr {
+    s.parse().unwrap_or_else(|_| Multiaddr::empty())
+}
+
+/// Reads the file at `path`, or the defaults when there is none.
+pub fn load(path: Option<&Path>) -> Result<File, CliError> {
+    let Some(path) = path else { return Ok(File::default()) };
+    let text = std::fs::read_to_string(path).map_err(|e| CliError::invalid(format!("cannot read {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| CliError::invalid(format!("{}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_file_parses_to_the_defaults() {
+        let example: File = toml::from_str(include_str!("../../example.config.toml")).expect("example parses");
+        let d = File::default();
+        assert_eq!(example.run.listen, d.run.listen);
+        assert_eq!(example.run.api, d.run.api);
+        assert_eq!(example.relay.listen, d.relay.listen);
+        assert_eq!(example.relay.api, d.relay.api);
+        assert_eq!(example.net.max_connections, d.net.max_connections);
+        assert_eq!(example.net.min_backoff_ms, d.net.min_backoff_ms);
+        assert_eq!(example.net.max_backoff_ms, d.net.max_backoff_ms);
+        assert!(toml::from_str::<File>("[run]\nlisten = [\"not an address\"]").is_err());
+        assert!(toml::from_str::<File>("[run]\nbogus = 1").is_err());
+    }
+}
