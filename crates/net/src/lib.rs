@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,10 +97,20 @@ pub enum Notice {
     Sync(Event),
 }
 
-/// A handle to a running node: tell it about local writes.
+/// Traffic counters of a node's sync streams.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub frames_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub frames_received: AtomicU64,
+    pub bytes_received: AtomicU64,
+}
+
+/// A handle to a running node: tell it about local writes, read its traffic counters.
 #[derive(Clone, Debug)]
 pub struct Handle {
     inputs: mpsc::Sender<Owned>,
+    pub stats: Arc<Stats>,
 }
 
 impl Handle {
@@ -148,7 +159,8 @@ struct Redial {
 /// Creates the node's channels: pass the [`Handle`] to the app and the receiver to [`run`].
 pub fn channel() -> (Handle, Inbox) {
     let (tx, rx) = mpsc::channel(INPUT_QUEUE);
-    (Handle { inputs: tx.clone() }, Inbox { tx, rx })
+    let stats = Arc::new(Stats::default());
+    (Handle { inputs: tx.clone(), stats: stats.clone() }, Inbox { tx, rx, stats })
 }
 
 /// The node's input queue, consumed by [`run`].
@@ -156,6 +168,7 @@ pub fn channel() -> (Handle, Inbox) {
 pub struct Inbox {
     tx: mpsc::Sender<Owned>,
     rx: mpsc::Receiver<Owned>,
+    stats: Arc<Stats>,
 }
 
 /// Runs the node until `shutdown` resolves.
@@ -191,7 +204,7 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
     let mut incoming = control.accept(PROTOCOL).map_err(|e| Error::Setup(e.to_string()))?;
 
     let mut engine = Engine::new(replica.clone(), EngineConfig::default().with_role(config.role));
-    let Inbox { tx: inputs, rx: mut inbox } = inbox;
+    let Inbox { tx: inputs, rx: mut inbox, stats } = inbox;
     let mut sessions: HashMap<PeerId, Session> = HashMap::new();
     let mut next_gen = 0u64;
     let mut redials: Vec<Redial> = config.dial.iter().map(|a| Redial { addr: a.clone(), failures: 0, due: Some(tokio::time::Instant::now()), connection: None }).collect();
@@ -266,10 +279,10 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                 _ => {}
             },
             Some((peer, stream)) = incoming.next() => {
-                attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, peer, stream)?;
+                attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, &stats, peer, stream)?;
             }
             Some(msg) = inbox.recv() => match msg {
-                Owned::Opened { peer, stream } => attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, peer, stream)?,
+                Owned::Opened { peer, stream } => attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, &stats, peer, stream)?,
                 Owned::Frame { peer, gen, bytes } => {
                     if sessions.get(&peer).is_some_and(|s| s.gen == gen) {
                         engine.handle(Input::Frame(peer, bytes))?;
@@ -303,12 +316,14 @@ fn notify(notices: &mpsc::Sender<Notice>, notice: Notice) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn attach(
     engine: &mut Engine,
     sessions: &mut HashMap<PeerId, Session>,
     next_gen: &mut u64,
     inputs: &mpsc::Sender<Owned>,
     notices: &mpsc::Sender<Notice>,
+    stats: &Arc<Stats>,
     peer: PeerId,
     stream: libp2p::Stream,
 ) -> Result<(), Error> {
@@ -319,17 +334,21 @@ fn attach(
     let gen = *next_gen;
     let (mut read, mut write) = stream.split();
     let (writer, mut frames) = mpsc::channel::<Vec<u8>>(WRITER_QUEUE);
+    let out_stats = stats.clone();
     tokio::spawn(async move {
         while let Some(bytes) = frames.recv().await {
             let len = (bytes.len() as u32).to_be_bytes();
             if write.write_all(&len).await.is_err() || write.write_all(&bytes).await.is_err() || write.flush().await.is_err() {
                 break;
             }
+            out_stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+            out_stats.bytes_sent.fetch_add(4 + bytes.len() as u64, Ordering::Relaxed);
         }
         let _ = write.close().await;
     });
     let max_frame = fieldsync::core::protocol::Limits::default().max_frame as usize;
     let tx = inputs.clone();
+    let in_stats = stats.clone();
     tokio::spawn(async move {
         loop {
             let mut len = [0u8; 4];
@@ -345,6 +364,8 @@ fn attach(
             if read.read_exact(&mut bytes).await.is_err() {
                 break;
             }
+            in_stats.frames_received.fetch_add(1, Ordering::Relaxed);
+            in_stats.bytes_received.fetch_add(4 + len as u64, Ordering::Relaxed);
             if tx.send(Owned::Frame { peer, gen, bytes }).await.is_err() {
                 return;
             }

@@ -1,0 +1,129 @@
+//! Sync benchmark over libp2p on 127.0.0.1 with sled on both ends: first sync relay → new
+//! device, reconnect after 10 changed entities, and live latency device → relay → device.
+//!
+//! Run: `cargo bench -p fieldsync-tests --bench network` (env `BENCH_SIZES=10000,100000`,
+//! `BENCH_LIVE_WRITES=200`).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fieldsync::core::protocol::Role;
+use fieldsync::Replica;
+use fieldsync_tests::live::{until, LiveNode};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn ten_fields(i: usize) -> String {
+    format!(
+        r#"{{"title":"Task {i}","status":"open","progress":{},"tags":["t{}"],"site":"Site {}","assignee":"user{}","priority":{},"notes":"call before","customer":"Customer {}","due":"2026-12-{:02}"}}"#,
+        i % 100,
+        i % 7,
+        i % 50,
+        i % 20,
+        i % 5,
+        i % 1000,
+        i % 28 + 1
+    )
+}
+
+fn count(r: &Replica) -> u64 {
+    r.status().ok().and_then(|s| s.entities.get("tasks").and_then(|v| v.as_u64())).unwrap_or(0)
+}
+
+fn received(n: &LiveNode) -> u64 {
+    n.handle.stats.bytes_received.load(Ordering::Relaxed)
+}
+
+async fn sizes(n: usize) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let hq = Arc::new(Replica::init_authority(&tmp.path().join("relay"), fieldsync_tests::SCHEMA, "relay")?);
+    let device = Arc::new(Replica::init_join(&tmp.path().join("device"), &hq.invite(), "device")?);
+    let lines: String = (0..n).map(|i| ten_fields(i) + "\n").collect();
+    hq.bulk_import("tasks", &lines, &mut |_, _| {})?;
+    let relay = LiveNode::start("relay", hq, Role::Relay, &[]).await?;
+    let dial = [relay.addr.clone()];
+
+    let t = Instant::now();
+    let node = LiveNode::start("device", device, Role::Device, &dial).await?;
+    until("first sync", || count(&node.replica) == n as u64).await?;
+    let first = t.elapsed();
+    let first_bytes = received(&node);
+    println!("| first sync, {n} entities relay → new device | {:.2} s | {:.1} MB | {} |", first.as_secs_f64(), first_bytes as f64 / 1e6, if n == 10_000 { "≤ 0.7 s" } else if n == 100_000 { "≤ 7 s" } else { "" });
+
+    // Reconnect after 10 changes made while the device was away.
+    let device = node.stop().await;
+    let mut ids = Vec::new();
+    relay.replica.list("tasks", &[], false, &mut |v| {
+        ids.push(v["_id"].as_str().unwrap_or_default().parse::<fieldsync::EntityId>());
+        ids.len() < 10
+    })?;
+    for id in ids.into_iter().flatten() {
+        relay.put("tasks", Some(id), r#"{"status":"completed"}"#).await?;
+    }
+    let seq = relay.replica.status()?.feed_seq;
+    let t = Instant::now();
+    let node = LiveNode::start("device", device, Role::Device, &dial).await?;
+    until("reconnect", || {
+        node.replica.list("tasks", &["status=completed".into()], false, &mut |_| true).is_ok()
+            && {
+                let mut c = 0;
+                let _ = node.replica.list("tasks", &["status=completed".into()], false, &mut |_| {
+                    c += 1;
+                    true
+                });
+                c == 10
+            }
+    })
+    .await?;
+    let reconnect = t.elapsed();
+    println!(
+        "| reconnect, 10 changed among {n} (relay feed at {seq}) | {:.1} ms | {:.1} KB | ≤ 100 ms, ≤ 20 KB |",
+        reconnect.as_secs_f64() * 1000.0,
+        received(&node) as f64 / 1e3
+    );
+    node.stop().await;
+    relay.stop().await;
+    Ok(())
+}
+
+async fn live(writes: usize) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (hq, devices) = fieldsync_tests::live::replicas(tmp.path(), &["a", "b"])?;
+    let relay = LiveNode::start("relay", hq, Role::Relay, &[]).await?;
+    let dial = [relay.addr.clone()];
+    let a = LiveNode::start("a", devices[0].clone(), Role::Device, &dial).await?;
+    let b = LiveNode::start("b", devices[1].clone(), Role::Device, &dial).await?;
+    let warm = a.put("tasks", None, r#"{"title":"warm-up"}"#).await?;
+    until("warm-up", || b.replica.get("tasks", warm).is_ok()).await?;
+    let mut samples = Vec::with_capacity(writes);
+    for i in 0..writes {
+        let t = Instant::now();
+        let id = a.put("tasks", None, &format!(r#"{{"title":"live {i}"}}"#)).await?;
+        while b.replica.get("tasks", id).is_err() {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+            anyhow::ensure!(t.elapsed() < Duration::from_secs(10), "write {i} never arrived");
+        }
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    let p = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
+    println!("| live latency device → relay → device, {writes} writes (incl. the durable local write) | p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms | | p50 ≤ 20 ms |", p(0.5), p(0.9), p(0.99));
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let sizes_env: Vec<usize> = std::env::var("BENCH_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![10_000, 100_000]);
+    let writes: usize = std::env::var("BENCH_LIVE_WRITES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    println!("| benchmark (libp2p on 127.0.0.1, sled both ends) | time | received by device | target |");
+    println!("|---|---|---|---|");
+    for n in sizes_env {
+        sizes(n).await?;
+    }
+    live(writes).await
+}
