@@ -178,7 +178,7 @@ fn a_device_offline_for_10000_changes_catches_up_from_its_checkpoint() {
     assert_eq!(net.views(d[0], "tasks").len(), 12_000);
     assert_converged(&net, &[relay, d[0], d[1]], "tasks");
     let started = net.events(d[0]).iter().rev().find_map(|e| match e {
-        Event::SyncStarted { peer, total } if *peer == net.replica(relay).peer_id() => Some(*total),
+        Event::SyncStarted { peer, total, .. } if *peer == net.replica(relay).peer_id() => Some(*total),
         _ => None,
     });
     // The relay's feed holds 12,000 entries; the device resumed after the first 2,000.

@@ -83,8 +83,16 @@ pub(crate) enum Command {
     Accept { proposal_id: String },
     /// Reject a proposal (authority only).
     Reject { proposal_id: String },
-    /// Print the node's status.
+    /// Print the node's status (with a running daemon: also its peers, per-peer last sync,
+    /// progress and how many local changes no relay has acknowledged yet).
     Status,
+    /// Sync now, through the running daemon, with a progress bar; returns when every
+    /// connected peer is caught up and the relay has acknowledged every local change.
+    Sync {
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
     /// File-based sync for sites with no network.
     #[command(subcommand)]
     Bundle(BundleCommand),
@@ -360,6 +368,7 @@ fn run_on(replica: &Replica, command: Command) -> Result<()> {
             emit(&json!({ "proposal": proposal_id, "entity": entity.to_string(), "rejected": true }))
         }
         Command::Status => emit(&replica.status()?),
+        Command::Sync { .. } => Err(CliError::invalid("`fieldsync sync` needs a running daemon (`fieldsync run`) on this data directory")),
         Command::Bundle(BundleCommand::Export { file, since }) => {
             let peer = since.map(|p| parse_id::<PeerId>("peer id", &p)).transpose()?;
             let bundle = with_progress("exporting", |p| replica.export_bundle(peer, p))?;

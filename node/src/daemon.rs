@@ -13,7 +13,7 @@ use std::sync::Arc;
 use fieldsync::core::protocol::Role;
 use fieldsync::sync::Event;
 use fieldsync::Replica;
-use fieldsync_api::{AppState, Metrics};
+use fieldsync_api::{AppState, Live, Metrics};
 use fieldsync_net::{Config, Notice, NOTICE_QUEUE};
 use serde_json::json;
 
@@ -65,7 +65,8 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
     let (notice_tx, mut notices) = tokio::sync::mpsc::channel(NOTICE_QUEUE);
 
     let nudge = handle.clone();
-    let state = AppState { replica: replica.clone(), on_change: Arc::new(move || nudge.try_local_change()), metrics: metrics.clone() };
+    let live = Arc::new(Live::new());
+    let state = AppState { replica: replica.clone(), on_change: Arc::new(move || nudge.try_local_change()), metrics: metrics.clone(), live: live.clone() };
     let listener = tokio::net::TcpListener::bind(options.api)
         .await
         .map_err(|e| CliError::runtime(format!("cannot serve the API on {}: {e}", options.api)))?;
@@ -101,34 +102,15 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         let _ = net_stop.changed().await;
     }));
 
-    let reporter = tokio::spawn(async move {
-        while let Some(notice) = notices.recv().await {
-            match notice {
-                Notice::Listening(addr) => print(json!({ "event": "listening", "addr": addr.to_string() })),
-                Notice::PeerConnected(peer) => {
-                    metrics.peers_connected.fetch_add(1, Ordering::Relaxed);
-                    metrics.sync_sessions.fetch_add(1, Ordering::Relaxed);
-                    print(json!({ "event": "peer_connected", "peer": peer.to_string() }));
-                }
-                Notice::PeerDisconnected(peer) => {
-                    metrics.peers_connected.fetch_sub(1, Ordering::Relaxed);
-                    print(json!({ "event": "peer_disconnected", "peer": peer.to_string() }));
-                }
-                Notice::Sync(Event::SyncCompleted { peer }) => {
-                    metrics.sync_completed.fetch_add(1, Ordering::Relaxed);
-                    print(json!({ "event": "sync_completed", "peer": peer.to_string() }));
-                }
-                Notice::Sync(Event::SessionFailed { peer, reason }) => {
-                    metrics.sync_failed.fetch_add(1, Ordering::Relaxed);
-                    print(json!({ "event": "sync_failed", "peer": peer.to_string(), "reason": reason }));
-                }
-                Notice::Sync(Event::SyncProgress { peer, done, total }) => {
-                    tracing::debug!(%peer, done, total, "sync progress");
-                }
-                Notice::Sync(_) => {}
+    let reporter = {
+        let live = live.clone();
+        tokio::spawn(async move {
+            while let Some(notice) = notices.recv().await {
+                report(&live, &metrics, notice);
             }
-        }
-    });
+        })
+    };
+    let watcher = tokio::spawn(watch_feed(replica.clone(), live.clone()));
 
     shutdown_signal().await;
     print(json!({ "event": "stopping" }));
@@ -136,10 +118,96 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
     let result = net.await;
     let _ = api.await;
     reporter.abort();
+    watcher.abort();
     match result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(CliError::runtime(e.to_string())),
         Err(e) => Err(CliError::runtime(e.to_string())),
+    }
+}
+
+fn peer_entry<'a>(peers: &'a mut serde_json::Map<String, serde_json::Value>, peer: &libp2p::PeerId) -> &'a mut serde_json::Value {
+    peers.entry(peer.to_string()).or_insert_with(|| json!({ "connected": false, "completed": false, "done": 0, "total": 0, "acked_upto": 0 }))
+}
+
+/// Turns a network notice into a stdout line, metrics, peer status and an SSE event.
+fn report(live: &Live, metrics: &Metrics, notice: Notice) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let mut peers = live.peers.lock().unwrap_or_else(|p| p.into_inner());
+    let event = match notice {
+        Notice::Listening(addr) => json!({ "event": "listening", "addr": addr.to_string() }),
+        Notice::PeerConnected(peer) => {
+            metrics.peers_connected.fetch_add(1, Ordering::Relaxed);
+            metrics.sync_sessions.fetch_add(1, Ordering::Relaxed);
+            let p = peer_entry(&mut peers, &peer);
+            p["connected"] = json!(true);
+            p["completed"] = json!(false);
+            json!({ "event": "peer_connected", "peer": peer.to_string() })
+        }
+        Notice::PeerDisconnected(peer) => {
+            metrics.peers_connected.fetch_sub(1, Ordering::Relaxed);
+            peer_entry(&mut peers, &peer)["connected"] = json!(false);
+            json!({ "event": "peer_disconnected", "peer": peer.to_string() })
+        }
+        Notice::Sync(Event::SyncStarted { peer, role, total }) => {
+            let p = peer_entry(&mut peers, &peer);
+            p["role"] = json!(match role {
+                Role::Relay => "relay",
+                Role::Device => "device",
+            });
+            p["total"] = json!(total);
+            p["done"] = json!(0);
+            json!({ "event": "sync_started", "peer": peer.to_string(), "total": total })
+        }
+        Notice::Sync(Event::SyncProgress { peer, done, total }) => {
+            let p = peer_entry(&mut peers, &peer);
+            p["done"] = json!(done);
+            p["total"] = json!(total);
+            drop(peers);
+            live.publish(&json!({ "event": "sync_progress", "peer": peer.to_string(), "done": done, "total": total }));
+            return;
+        }
+        Notice::Sync(Event::SyncCompleted { peer }) => {
+            metrics.sync_completed.fetch_add(1, Ordering::Relaxed);
+            let p = peer_entry(&mut peers, &peer);
+            p["completed"] = json!(true);
+            p["last_sync_ms"] = json!(now);
+            json!({ "event": "sync_completed", "peer": peer.to_string() })
+        }
+        Notice::Sync(Event::Acknowledged { peer, upto }) => {
+            peer_entry(&mut peers, &peer)["acked_upto"] = json!(upto);
+            drop(peers);
+            live.publish(&json!({ "event": "acknowledged", "peer": peer.to_string(), "upto": upto }));
+            return;
+        }
+        Notice::Sync(Event::SessionFailed { peer, reason }) => {
+            metrics.sync_failed.fetch_add(1, Ordering::Relaxed);
+            json!({ "event": "sync_failed", "peer": peer.to_string(), "reason": reason })
+        }
+    };
+    drop(peers);
+    print(event.clone());
+    live.publish(&event);
+}
+
+/// Publishes an `entity_changed` event for every entity the local feed moves past
+/// (local writes and merged sync data alike).
+async fn watch_feed(replica: Arc<Replica>, live: Arc<Live>) {
+    let mut seen = replica.feed_seq();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        if replica.feed_seq() == seen || live.events.receiver_count() == 0 {
+            seen = replica.feed_seq();
+            continue;
+        }
+        let r = replica.clone();
+        let after = seen;
+        let Ok(Ok(changes)) = tokio::task::spawn_blocking(move || r.changes_since(after, 10_000)).await else { continue };
+        for (seq, collection, id) in changes {
+            live.publish(&json!({ "event": "entity_changed", "collection": collection, "id": id.to_string(), "seq": seq }));
+            seen = seen.max(seq);
+        }
     }
 }
 

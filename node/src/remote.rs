@@ -64,6 +64,37 @@ fn query(v: &str) -> String {
         .collect()
 }
 
+/// Asks the daemon to sync and follows its progress until it is caught up.
+fn sync(api: &str, timeout: std::time::Duration) -> Result<()> {
+    let started = std::time::Instant::now();
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("syncing [{bar:30}] {pos}/{len} feed entries ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut status = call("POST", &format!("{api}/v1/sync"), None)?;
+    loop {
+        let peers: Vec<&Value> = status["peers"].as_object().map(|p| p.values().filter(|v| v["connected"] == true).collect()).unwrap_or_default();
+        let (done, total) = peers.iter().fold((0, 0), |(d, t), p| (d + p["done"].as_u64().unwrap_or(0), t + p["total"].as_u64().unwrap_or(0)));
+        bar.set_length(total);
+        bar.set_position(done);
+        let caught_up = !peers.is_empty() && peers.iter().all(|p| p["completed"] == true) && status["pending_to_relay"] == 0;
+        if caught_up {
+            bar.finish_and_clear();
+            eprintln!("in sync with {} peer(s)", peers.len());
+            return emit(&status);
+        }
+        if started.elapsed() > timeout {
+            bar.finish_and_clear();
+            let why = if peers.is_empty() { "no peer is connected" } else { "peers are still catching up" };
+            return Err(CliError::runtime(format!("not in sync after {}s: {why}", timeout.as_secs())));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        status = call("GET", &format!("{api}/v1/status"), None)?;
+    }
+}
+
 /// Runs a data command against the daemon at `api`.
 pub fn run(api: &str, command: Command) -> Result<()> {
     match command {
@@ -108,6 +139,7 @@ pub fn run(api: &str, command: Command) -> Result<()> {
             emit(&call("POST", &format!("{api}/v1/proposals/{id}/reject"), None)?)
         }
         Command::Status => emit(&call("GET", &format!("{api}/v1/status"), None)?),
+        Command::Sync { timeout } => sync(api, std::time::Duration::from_secs(timeout)),
         Command::Invite | Command::Bundle(BundleCommand::Export { .. } | BundleCommand::Import { .. }) | Command::Import { .. } | Command::Export { .. } => {
             Err(CliError::invalid("a daemon is running on this data directory; stop it (Ctrl-C) for this command"))
         }

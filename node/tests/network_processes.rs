@@ -222,3 +222,47 @@ fn devices_keep_syncing_directly_while_the_relay_is_down_and_a_late_device_catch
     assert_eq!(via_http, Value::Array(reference));
     let _ = b.wait_for("api");
 }
+
+#[test]
+fn sync_status_events_and_metrics_of_a_running_device() {
+    let s = site(1);
+    let (_relay, raddr) = start_relay(&s.relay);
+    let mut dev = start_device(&s.devices[0], &raddr, &[]);
+    let api = dev.api();
+    dev.wait_for("sync_completed");
+
+    // An SSE subscriber sees the entity change a CLI write makes.
+    let (tx, rx) = mpsc::channel();
+    let events_url = format!("{api}/v1/events");
+    std::thread::spawn(move || {
+        let Ok(mut resp) = ureq::get(&events_url).call() else { return };
+        let reader = BufReader::new(resp.body_mut().as_reader());
+        for line in reader.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let id = cli(&s.devices[0], &["put", "tasks", r#"{"title":"watched"}"#])["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("an entity_changed event");
+        if line.contains("entity_changed") && line.contains(&id) {
+            break;
+        }
+    }
+
+    // `fieldsync sync` returns once the relay has acknowledged everything.
+    let status = cli(&s.devices[0], &["sync", "--timeout", "30"]);
+    assert_eq!(status["pending_to_relay"], 0, "{status}");
+    let peers = status["peers"].as_object().expect("peers");
+    assert_eq!(peers.len(), 1);
+    let relay_peer = peers.values().next().unwrap();
+    assert_eq!((relay_peer["role"].as_str(), relay_peer["connected"].as_bool(), relay_peer["completed"].as_bool()), (Some("relay"), Some(true), Some(true)));
+    assert!(cli(&s.relay, &["get", "tasks", &id])["title"] == "watched");
+
+    let metrics = ureq::get(format!("{api}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
+    assert!(metrics.contains("fieldsync_sync_completed_total 1"), "{metrics}");
+    assert!(metrics.contains("fieldsync_peers_connected 1"), "{metrics}");
+}

@@ -27,6 +27,32 @@ pub struct Metrics {
     pub peers_connected: AtomicU64,
 }
 
+/// What a running daemon knows beyond the store: its peers and an event stream.
+#[derive(Debug)]
+pub struct Live {
+    /// Per peer: `{"connected", "completed", "done", "total", "acked_upto", "last_sync_ms"}`.
+    pub peers: std::sync::Mutex<serde_json::Map<String, Value>>,
+    /// Events for `/v1/events` (JSON text); bounded, slow subscribers miss events.
+    pub events: tokio::sync::broadcast::Sender<String>,
+}
+
+impl Live {
+    pub fn new() -> Self {
+        Live { peers: std::sync::Mutex::new(serde_json::Map::new()), events: tokio::sync::broadcast::channel(1024).0 }
+    }
+
+    /// Publishes an event to `/v1/events` subscribers.
+    pub fn publish(&self, event: &Value) {
+        let _ = self.events.send(event.to_string());
+    }
+}
+
+impl Default for Live {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
@@ -34,9 +60,11 @@ pub struct AppState {
     /// Called after every successful write (wakes the sync engine).
     pub on_change: Arc<dyn Fn() + Send + Sync>,
     pub metrics: Arc<Metrics>,
+    pub live: Arc<Live>,
 }
 
 impl std::fmt::Debug for AppState {
+    // (Debug shows the replica and metrics; the callback has nothing to show.)
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AppState").field("replica", &self.replica).field("metrics", &self.metrics).finish()
     }
@@ -96,13 +124,48 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/proposals", get(proposals))
         .route("/v1/proposals/{id}/accept", post(accept))
         .route("/v1/proposals/{id}/reject", post(reject))
+        .route("/v1/sync", post(sync_now))
+        .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
 
 async fn status(State(s): State<AppState>) -> ApiResult {
     let st = blocking(&s, |r| r.status()).await?;
-    Ok(Json(serde_json::to_value(st).unwrap_or(Value::Null)))
+    let mut v = serde_json::to_value(st).unwrap_or(Value::Null);
+    let peers = s.live.peers.lock().map(|p| p.clone()).unwrap_or_default();
+    // Local changes a relay (or, with none, any peer) has not acknowledged yet.
+    let acked = peers
+        .values()
+        .filter(|p| p["role"] == "relay" || peers.values().all(|q| q["role"] != "relay"))
+        .filter_map(|p| p["acked_upto"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let pending = blocking(&s, move |r| Ok(r.changes_since(acked, 1_000_000)?.len())).await?;
+    v["pending_to_relay"] = json!(pending);
+    v["peers"] = Value::Object(peers);
+    Ok(Json(v))
+}
+
+async fn sync_now(State(s): State<AppState>) -> ApiResult {
+    (s.on_change)();
+    status(State(s)).await
+}
+
+async fn events(State(s): State<AppState>) -> axum::response::sse::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let rx = s.live.events.subscribe();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(text) => return Some((Ok(Event::default().data(text)), rx)),
+                // A slow subscriber skips what it missed rather than holding the queue.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 #[derive(Deserialize)]

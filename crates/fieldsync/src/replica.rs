@@ -443,6 +443,22 @@ impl Replica {
         self.settle(id, false)
     }
 
+    /// Entities changed after feed position `after` (at most `limit`), oldest change first:
+    /// (seq, collection, id).
+    pub fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, String, EntityId)>, Error> {
+        let mut out = Vec::new();
+        for (seq, key) in self.store.feed_since(after, limit)? {
+            let collection = self.store.record(&key)?.map(|r| r.collection).unwrap_or_default();
+            out.push((seq, collection, EntityId::from_bytes(key)));
+        }
+        Ok(out)
+    }
+
+    /// The head of the local changes feed.
+    pub fn feed_seq(&self) -> u64 {
+        self.store.last_seq()
+    }
+
     /// A summary of the node.
     pub fn status(&self) -> Result<Status, Error> {
         let entities = self.store.counts()?.into_iter().map(|(c, n)| (c, Json::from(n))).collect();

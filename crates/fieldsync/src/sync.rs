@@ -77,7 +77,7 @@ pub enum Input {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// Catch-up from `peer` began; `total` feed entries to go (an upper bound).
-    SyncStarted { peer: PeerId, total: u64 },
+    SyncStarted { peer: PeerId, role: Role, total: u64 },
     /// `done` of `total` feed entries from `peer` are applied.
     SyncProgress { peer: PeerId, done: u64, total: u64 },
     /// Everything `peer` had when the session began is applied here.
@@ -226,7 +226,7 @@ impl Engine {
             return Ok(());
         }
         match frame {
-            Frame::Hello { version, workspace, role: _, limits, feed_seq, resume_from } => {
+            Frame::Hello { version, workspace, role, limits, feed_seq, resume_from } => {
                 if session.remote.is_some() {
                     return Ok(()); // a duplicate Hello changes nothing
                 }
@@ -243,11 +243,12 @@ impl Engine {
                     return Ok(());
                 }
                 session.remote = Some(RemoteHello { limits });
+                let remote_role = role;
                 session.serve_cursor = resume_from;
                 session.acked = resume_from;
                 session.target = feed_seq;
                 let total = feed_seq.saturating_sub(session.checkpoint);
-                self.events.push_back(Event::SyncStarted { peer, total });
+                self.events.push_back(Event::SyncStarted { peer, role: remote_role, total });
                 if total == 0 {
                     session.completed = true;
                     self.events.push_back(Event::SyncCompleted { peer });

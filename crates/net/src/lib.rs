@@ -34,6 +34,8 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/fieldsync/sync/1");
 const WRITER_QUEUE: usize = 256;
 /// Inputs (frames read, app notifications) queued for the owner.
 const INPUT_QUEUE: usize = 1024;
+/// How long a peer whose session failed (wrong workspace, bad frames) is left alone.
+const SESSION_COOLDOWN: Duration = Duration::from_secs(10);
 /// Notices queued for the embedding application; more are dropped (and logged).
 pub const NOTICE_QUEUE: usize = 1024;
 
@@ -141,6 +143,7 @@ enum Owned {
     Frame { peer: PeerId, gen: u64, bytes: Vec<u8> },
     Closed { peer: PeerId, gen: u64 },
     Opened { peer: PeerId, stream: libp2p::Stream },
+    OpenFailed { peer: PeerId },
     LocalChange,
 }
 
@@ -207,6 +210,11 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
     let Inbox { tx: inputs, rx: mut inbox, stats } = inbox;
     let mut sessions: HashMap<PeerId, Session> = HashMap::new();
     let mut next_gen = 0u64;
+    // Peers with at least one connection, and those this node is opening a stream to.
+    let mut connected: std::collections::HashSet<PeerId> = std::collections::HashSet::new();
+    let mut opening: std::collections::HashSet<PeerId> = std::collections::HashSet::new();
+    // Peers whose session failed recently are not reopened before this time.
+    let mut cooldown: HashMap<PeerId, tokio::time::Instant> = HashMap::new();
     let mut redials: Vec<Redial> = config.dial.iter().map(|a| Redial { addr: a.clone(), failures: 0, due: Some(tokio::time::Instant::now()), connection: None }).collect();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tokio::pin!(shutdown);
@@ -215,7 +223,30 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
         tokio::select! {
             () = &mut shutdown => break,
             _ = tick.tick() => {
+                // One session per pair: the lower peer id opens it, and retries until it exists.
                 let now = tokio::time::Instant::now();
+                cooldown.retain(|_, until| *until > now);
+                let to_open: Vec<PeerId> = connected
+                    .iter()
+                    .filter(|p| local < **p && !sessions.contains_key(p) && !opening.contains(p) && !cooldown.contains_key(p))
+                    .copied()
+                    .collect();
+                for peer in to_open {
+                    opening.insert(peer);
+                    let (mut control, tx) = (control.clone(), inputs.clone());
+                    tokio::spawn(async move {
+                        match control.open_stream(peer, PROTOCOL).await {
+                            Ok(stream) => {
+                                let _ = tx.send(Owned::Opened { peer, stream }).await;
+                            }
+                            Err(e) => {
+                                tracing::warn!(%peer, %e, "cannot open the sync stream; will retry");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                let _ = tx.send(Owned::OpenFailed { peer }).await;
+                            }
+                        }
+                    });
+                }
                 for r in redials.iter_mut().filter(|r| r.connection.is_none() && r.due.is_some_and(|d| d <= now)) {
                     let opts = DialOpts::unknown_peer_id().address(r.addr.clone()).build();
                     r.connection = Some(opts.connection_id());
@@ -233,32 +264,24 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                     tracing::info!(%full, "listening");
                     notify(&notices, Notice::Listening(full));
                 }
-                SwarmEvent::ConnectionEstablished { peer_id, connection_id, num_established, .. } => {
+                SwarmEvent::ConnectionEstablished { peer_id, connection_id, .. } => {
                     if let Some(r) = redials.iter_mut().find(|r| r.connection == Some(connection_id)) {
                         r.failures = 0;
                     }
-                    // One session per pair: the lower peer id opens it.
-                    if num_established.get() == 1 && local < peer_id && !sessions.contains_key(&peer_id) {
-                        let mut control = control.clone();
-                        let tx = inputs.clone();
-                        tokio::spawn(async move {
-                            match control.open_stream(peer_id, PROTOCOL).await {
-                                Ok(stream) => {
-                                    let _ = tx.send(Owned::Opened { peer: peer_id, stream }).await;
-                                }
-                                Err(e) => tracing::warn!(peer = %peer_id, %e, "cannot open the sync stream"),
-                            }
-                        });
-                    }
+                    // The next tick opens the sync stream if this node is the lower peer id.
+                    connected.insert(peer_id);
                 }
                 SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, .. } => {
                     if let Some(r) = redials.iter_mut().find(|r| r.connection == Some(connection_id)) {
                         r.connection = None;
                         schedule(r, &config);
                     }
-                    if num_established == 0 && sessions.remove(&peer_id).is_some() {
-                        engine.handle(Input::Disconnected(peer_id))?;
-                        notify(&notices, Notice::PeerDisconnected(peer_id));
+                    if num_established == 0 {
+                        connected.remove(&peer_id);
+                        if sessions.remove(&peer_id).is_some() {
+                            engine.handle(Input::Disconnected(peer_id))?;
+                            notify(&notices, Notice::PeerDisconnected(peer_id));
+                        }
                     }
                 }
                 SwarmEvent::OutgoingConnectionError { connection_id, error, .. } => {
@@ -282,7 +305,13 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                 attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, &stats, peer, stream)?;
             }
             Some(msg) = inbox.recv() => match msg {
-                Owned::Opened { peer, stream } => attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, &stats, peer, stream)?,
+                Owned::Opened { peer, stream } => {
+                    opening.remove(&peer);
+                    attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, &stats, peer, stream)?;
+                }
+                Owned::OpenFailed { peer } => {
+                    opening.remove(&peer);
+                }
                 Owned::Frame { peer, gen, bytes } => {
                     if sessions.get(&peer).is_some_and(|s| s.gen == gen) {
                         engine.handle(Input::Frame(peer, bytes))?;
@@ -298,7 +327,9 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                 Owned::LocalChange => engine.handle(Input::LocalChange)?,
             },
         }
-        drain(&mut engine, &mut sessions, &notices).await;
+        for peer in drain(&mut engine, &mut sessions, &notices).await {
+            cooldown.insert(peer, tokio::time::Instant::now() + SESSION_COOLDOWN);
+        }
     }
     Ok(())
 }
@@ -378,8 +409,10 @@ fn attach(
     Ok(())
 }
 
-/// Sends every queued frame to its stream's writer and reports every event.
-async fn drain(engine: &mut Engine, sessions: &mut HashMap<PeerId, Session>, notices: &mpsc::Sender<Notice>) {
+/// Sends every queued frame to its stream's writer and reports every event; returns the
+/// peers whose session failed.
+async fn drain(engine: &mut Engine, sessions: &mut HashMap<PeerId, Session>, notices: &mpsc::Sender<Notice>) -> Vec<PeerId> {
+    let mut failed = Vec::new();
     loop {
         while let Some((peer, bytes)) = engine.poll_transmit() {
             if let Some(s) = sessions.get(&peer) {
@@ -389,11 +422,12 @@ async fn drain(engine: &mut Engine, sessions: &mut HashMap<PeerId, Session>, not
                 }
             }
         }
-        let Some(event) = engine.poll_event() else { return };
+        let Some(event) = engine.poll_event() else { return failed };
         if let Event::SessionFailed { peer, reason } = &event {
             tracing::warn!(%peer, %reason, "sync session ended");
             // Dropping the writer closes the stream; the connection idles out.
             sessions.remove(peer);
+            failed.push(*peer);
         }
         notify(notices, Notice::Sync(event));
     }
