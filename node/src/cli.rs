@@ -293,11 +293,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Run { relays, peers, mdns, listen, api, config } => {
             let file = crate::config::load(config.as_deref())?;
             let c = file.run;
-            let dial = if relays.is_empty() && peers.is_empty() { c.relays.into_iter().chain(c.peers).collect() } else { relays.into_iter().chain(peers).collect() };
+            let (relays, peers) = if relays.is_empty() && peers.is_empty() { (c.relays, c.peers) } else { (relays, peers) };
             let options = crate::daemon::Options {
                 role: fieldsync::core::protocol::Role::Device,
                 listen: if listen.is_empty() { c.listen } else { listen },
-                dial,
+                dial: relays.iter().cloned().chain(peers).collect(),
+                relays,
                 mdns: mdns || c.mdns,
                 api: api.unwrap_or(c.api),
                 net: file.net,
@@ -311,6 +312,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 role: fieldsync::core::protocol::Role::Relay,
                 listen: if listen.is_empty() { c.listen } else { listen },
                 dial: if peers.is_empty() { c.peers } else { peers },
+                relays: vec![],
                 mdns: false,
                 api: api.unwrap_or(c.api),
                 net: file.net,

@@ -28,6 +28,8 @@ pub struct Options {
     pub role: Role,
     pub listen: Vec<libp2p::Multiaddr>,
     pub dial: Vec<libp2p::Multiaddr>,
+    /// The subset of `dial` that are relays (for circuit reservations).
+    pub relays: Vec<libp2p::Multiaddr>,
     pub mdns: bool,
     pub api: SocketAddr,
     pub net: crate::config::Net,
@@ -90,6 +92,8 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
 
     let config = Config {
         listen: options.listen,
+        circuit_relays: options.relays.clone(),
+        relay_server: options.role == Role::Relay,
         dial: options.dial,
         mdns: options.mdns,
         role: options.role,

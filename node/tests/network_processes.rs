@@ -266,3 +266,26 @@ fn sync_status_events_and_metrics_of_a_running_device() {
     assert!(metrics.contains("fieldsync_sync_completed_total 1"), "{metrics}");
     assert!(metrics.contains("fieldsync_peers_connected 1"), "{metrics}");
 }
+
+#[test]
+fn a_device_is_reachable_through_a_relay_circuit() {
+    // Device b knows device a only by a's circuit address on the relay (as when a is behind
+    // NAT); they still get a direct sync session with each other.
+    let s = site(2);
+    let (_relay, raddr) = start_relay(&s.relay);
+    let mut a = start_device(&s.devices[0], &raddr, &[]);
+    let a_peer = a.wait_for("api")["peer_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + WAIT;
+    let circuit = loop {
+        let v = a.events.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("a listens through the relay");
+        a.seen.push(v.clone());
+        if v["event"] == "listening" && v["addr"].as_str().is_some_and(|x| x.contains("p2p-circuit")) {
+            break v["addr"].as_str().unwrap().to_owned();
+        }
+    };
+    let mut b = Daemon::start(&s.devices[1], &[&["run", "--peer", &circuit], LOCAL].concat());
+    b.wait_for("api");
+    eventually("b has a session with a", || cli(&s.devices[1], &["status"])["peers"][&a_peer]["connected"] == true);
+    let id = cli(&s.devices[0], &["put", "tasks", r#"{"title":"via the circuit"}"#])["id"].as_str().unwrap().to_owned();
+    eventually("the task reaches b", || bin().arg("--data").arg(&s.devices[1]).args(["get", "tasks", &id]).output().unwrap().status.success());
+}

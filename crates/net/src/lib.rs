@@ -23,7 +23,7 @@ use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
-use libp2p::{identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
+use libp2p::{dcutr, identify, mdns, noise, ping, relay, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
 use rand::Rng as _;
 use tokio::sync::mpsc;
 
@@ -61,6 +61,12 @@ pub struct Config {
     pub listen: Vec<Multiaddr>,
     /// Peers to keep connected to (relays, known devices).
     pub dial: Vec<Multiaddr>,
+    /// Relays (addresses ending in `/p2p/<id>`) to reserve a circuit on, so devices that
+    /// cannot reach this one directly can dial it through the relay (circuit relay v2,
+    /// upgraded to a direct connection by DCUtR where the NATs allow).
+    pub circuit_relays: Vec<Multiaddr>,
+    /// Serve circuit relay v2 to others (relays).
+    pub relay_server: bool,
     /// Discover peers on the LAN with mDNS (opt-in).
     pub mdns: bool,
     /// This node's role in the sync protocol.
@@ -77,6 +83,8 @@ impl Default for Config {
         Config {
             listen: vec![],
             dial: vec![],
+            circuit_relays: vec![],
+            relay_server: false,
             mdns: false,
             role: Role::Device,
             max_connections: 256,
@@ -135,6 +143,9 @@ struct Behaviour {
     ping: ping::Behaviour,
     stream: libp2p_stream::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    relay_server: Toggle<relay::Behaviour>,
+    relay_client: relay::client::Behaviour,
+    dcutr: dcutr::Behaviour,
 }
 
 /// What the owner task receives from stream tasks and the app.
@@ -179,13 +190,17 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
     let keypair = replica.keypair();
     let local = keypair.public().to_peer_id();
     let mdns_on = config.mdns;
+    let relay_server = config.relay_server;
     let max_connections = config.max_connections;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
         .map_err(|e| Error::Setup(e.to_string()))?
         .with_quic()
-        .with_behaviour(|key| {
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| Error::Setup(e.to_string()))?
+        .with_behaviour(|key, relay_client| {
+            let id = key.public().to_peer_id();
             let mdns = if mdns_on { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), key.public().to_peer_id())?) } else { None };
             Ok(Behaviour {
                 limits: libp2p::connection_limits::Behaviour::new(
@@ -195,6 +210,9 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                 ping: ping::Behaviour::default(),
                 stream: libp2p_stream::Behaviour::new(),
                 mdns: Toggle::from(mdns),
+                relay_server: Toggle::from(relay_server.then(|| relay::Behaviour::new(id, relay::Config::default()))),
+                relay_client,
+                dcutr: dcutr::Behaviour::new(id),
             })
         })
         .map_err(|e| Error::Setup(e.to_string()))?
@@ -213,6 +231,8 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
     // Peers with at least one connection, and those this node is opening a stream to.
     let mut connected: std::collections::HashSet<PeerId> = std::collections::HashSet::new();
     let mut opening: std::collections::HashSet<PeerId> = std::collections::HashSet::new();
+    // Relays this node holds a circuit reservation on (or is making one).
+    let mut circuits: std::collections::HashSet<PeerId> = std::collections::HashSet::new();
     // Peers whose session failed recently are not reopened before this time.
     let mut cooldown: HashMap<PeerId, tokio::time::Instant> = HashMap::new();
     let mut redials: Vec<Redial> = config.dial.iter().map(|a| Redial { addr: a.clone(), failures: 0, due: Some(tokio::time::Instant::now()), connection: None }).collect();
@@ -260,7 +280,13 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
             }
             event = swarm.select_next_some() => match event {
                 SwarmEvent::NewListenAddr { address, .. } => {
-                    let full = address.with(libp2p::multiaddr::Protocol::P2p(local));
+                    // A relay is reachable where it listens; devices' circuit reservations
+                    // need those addresses.
+                    if config.relay_server && !address.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit)) {
+                        swarm.add_external_address(address.clone());
+                    }
+                    // Relayed addresses already end in this node's id.
+                    let full = if peer_of(&address) == Some(local) { address } else { address.with(libp2p::multiaddr::Protocol::P2p(local)) };
                     tracing::info!(%full, "listening");
                     notify(&notices, Notice::Listening(full));
                 }
@@ -270,6 +296,16 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                     }
                     // The next tick opens the sync stream if this node is the lower peer id.
                     connected.insert(peer_id);
+                    // Reserve a circuit on each relay we reach, once per relay.
+                    for relay_addr in config.circuit_relays.iter().filter(|a| peer_of(a) == Some(peer_id)) {
+                        if circuits.insert(peer_id) {
+                            let circuit = relay_addr.clone().with(libp2p::multiaddr::Protocol::P2pCircuit);
+                            if let Err(e) = swarm.listen_on(circuit.clone()) {
+                                tracing::warn!(%circuit, %e, "cannot listen through the relay");
+                                circuits.remove(&peer_id);
+                            }
+                        }
+                    }
                 }
                 SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, .. } => {
                     if let Some(r) = redials.iter_mut().find(|r| r.connection == Some(connection_id)) {
@@ -278,6 +314,7 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                     }
                     if num_established == 0 {
                         connected.remove(&peer_id);
+                        circuits.remove(&peer_id);
                         if sessions.remove(&peer_id).is_some() {
                             engine.handle(Input::Disconnected(peer_id))?;
                             notify(&notices, Notice::PeerDisconnected(peer_id));
@@ -332,6 +369,14 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
         }
     }
     Ok(())
+}
+
+/// The peer id at the end of an address (`…/p2p/<id>`), if any.
+fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().last().and_then(|p| match p {
+        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
 }
 
 fn schedule(r: &mut Redial, config: &Config) {
