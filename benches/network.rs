@@ -15,19 +15,6 @@ use fieldsync_tests::live::{until, LiveNode};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn ten_fields(i: usize) -> String {
-    format!(
-        r#"{{"title":"Task {i}","status":"open","progress":{},"tags":["t{}"],"site":"Site {}","assignee":"user{}","priority":{},"notes":"call before","customer":"Customer {}","due":"2026-12-{:02}"}}"#,
-        i % 100,
-        i % 7,
-        i % 50,
-        i % 20,
-        i % 5,
-        i % 1000,
-        i % 28 + 1
-    )
-}
-
 fn count(r: &Replica) -> u64 {
     r.status().ok().and_then(|s| s.entities.get("tasks").and_then(|v| v.as_u64())).unwrap_or(0)
 }
@@ -40,7 +27,7 @@ async fn sizes(n: usize) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let hq = Arc::new(Replica::init_authority(&tmp.path().join("relay"), fieldsync_tests::SCHEMA, "relay")?);
     let device = Arc::new(Replica::init_join(&tmp.path().join("device"), &hq.invite(), "device")?);
-    let lines: String = (0..n).map(|i| ten_fields(i) + "\n").collect();
+    let lines: String = (0..n).map(|i| fieldsync_tests::ten_field_task(i) + "\n").collect();
     hq.bulk_import("tasks", &lines, &mut |_, _| {})?;
     let relay = LiveNode::start("relay", hq, Role::Relay, &[]).await?;
     let dial = [relay.addr.clone()];

@@ -11,19 +11,6 @@ use fieldsync_tests::sim::{Faults, Network, NodeId};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn ten_fields(i: usize) -> String {
-    format!(
-        r#"{{"title":"Task {i}","status":"open","progress":{},"tags":["t{}"],"site":"Site {}","assignee":"user{}","priority":{},"notes":"call before","customer":"Customer {}","due":"2026-12-{:02}"}}"#,
-        i % 100,
-        i % 7,
-        i % 50,
-        i % 20,
-        i % 5,
-        i % 1000,
-        i % 28 + 1
-    )
-}
-
 struct Figures {
     seconds: f64,
     frames: u64,
@@ -42,7 +29,7 @@ fn scenario(n: usize) -> (Figures, Figures) {
     let mut net = Network::new(1, Faults::none());
     let relay = net.add_relay("relay");
     let device: NodeId = net.add_device("device");
-    let lines: String = (0..n).map(|i| ten_fields(i) + "\n").collect();
+    let lines: String = (0..n).map(|i| fieldsync_tests::ten_field_task(i) + "\n").collect();
     net.replica(relay).bulk_import("tasks", &lines, &mut |_, _| {}).expect("import");
     let first = measure(&mut net, |net| net.connect(device, relay));
     assert_eq!(net.views(device, "tasks").len(), n, "first sync incomplete");

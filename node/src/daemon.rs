@@ -106,6 +106,7 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         let _ = net_stop.changed().await;
     }));
 
+    let metrics_for_traffic = metrics.clone();
     let reporter = {
         let live = live.clone();
         tokio::spawn(async move {
@@ -115,6 +116,19 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         })
     };
     let watcher = tokio::spawn(watch_feed(replica.clone(), live.clone()));
+    let traffic = {
+        let (stats, metrics) = (handle.stats.clone(), metrics_for_traffic);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                metrics.frames_sent.store(stats.frames_sent.load(Ordering::Relaxed), Ordering::Relaxed);
+                metrics.bytes_sent.store(stats.bytes_sent.load(Ordering::Relaxed), Ordering::Relaxed);
+                metrics.frames_received.store(stats.frames_received.load(Ordering::Relaxed), Ordering::Relaxed);
+                metrics.bytes_received.store(stats.bytes_received.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        })
+    };
 
     shutdown_signal().await;
     print(json!({ "event": "stopping" }));
@@ -123,6 +137,7 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
     let _ = api.await;
     reporter.abort();
     watcher.abort();
+    traffic.abort();
     match result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(CliError::runtime(e.to_string())),

@@ -265,6 +265,7 @@ fn sync_status_events_and_metrics_of_a_running_device() {
     let metrics = ureq::get(format!("{api}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
     assert!(metrics.contains("fieldsync_sync_completed_total 1"), "{metrics}");
     assert!(metrics.contains("fieldsync_peers_connected 1"), "{metrics}");
+    assert!(metrics.contains("fieldsync_frames_sent_total"), "{metrics}");
 }
 
 #[test]

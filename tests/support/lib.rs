@@ -27,3 +27,17 @@ pub fn exchange(from: &Replica, to: &Replica) -> Result<(), fieldsync::Error> {
     to.import_bundle(&bundle.bytes, &mut |_, _| {})?;
     Ok(())
 }
+
+/// A task with ten fields, as the benchmarks use (values vary with `i`).
+pub fn ten_field_task(i: usize) -> String {
+    format!(
+        r#"{{"title":"Task {i}","status":"open","progress":{},"tags":["t{}"],"site":"Site {}","assignee":"user{}","priority":{},"notes":"call before","customer":"Customer {}","due":"2026-12-{:02}"}}"#,
+        i % 100,
+        i % 7,
+        i % 50,
+        i % 20,
+        i % 5,
+        i % 1000,
+        i % 28 + 1
+    )
+}

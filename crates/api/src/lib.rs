@@ -25,6 +25,10 @@ pub struct Metrics {
     pub sync_completed: AtomicU64,
     pub sync_failed: AtomicU64,
     pub peers_connected: AtomicU64,
+    pub frames_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub frames_received: AtomicU64,
+    pub bytes_received: AtomicU64,
 }
 
 /// What a running daemon knows beyond the store: its peers and an event stream.
@@ -273,6 +277,10 @@ async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
     gauge("fieldsync_sync_completed_total", "Catch-ups completed.", "counter", m.sync_completed.load(Ordering::Relaxed));
     gauge("fieldsync_sync_failed_total", "Sync sessions that failed (rejected frames, wrong workspace…).", "counter", m.sync_failed.load(Ordering::Relaxed));
     gauge("fieldsync_peers_connected", "Peers with a sync session.", "gauge", m.peers_connected.load(Ordering::Relaxed));
+    gauge("fieldsync_frames_sent_total", "Sync frames sent.", "counter", m.frames_sent.load(Ordering::Relaxed));
+    gauge("fieldsync_bytes_sent_total", "Sync bytes sent.", "counter", m.bytes_sent.load(Ordering::Relaxed));
+    gauge("fieldsync_frames_received_total", "Sync frames received.", "counter", m.frames_received.load(Ordering::Relaxed));
+    gauge("fieldsync_bytes_received_total", "Sync bytes received.", "counter", m.bytes_received.load(Ordering::Relaxed));
     gauge("fieldsync_feed_seq", "Head of the local changes feed.", "gauge", status.feed_seq);
     gauge("fieldsync_open_conflicts", "Open manual conflicts.", "gauge", status.open_conflicts as u64);
     gauge("fieldsync_store_commits_total", "Store commits since start.", "counter", commits);
