@@ -11,15 +11,38 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use fieldsync::core::protocol::{Limits, Role};
 use fieldsync::sync::{Config, Engine, Event, Input};
-use fieldsync::{EntityId, PeerId, Replica, View};
+use fieldsync::{Clock, EntityId, PeerId, Replica, View};
+use libp2p_identity::ed25519;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::SCHEMA;
+
+/// Virtual time plus seeded ids: what makes a run reproducible from its seed.
+struct SimClock {
+    /// Virtual ms since the network started, shared by all nodes.
+    now: Arc<AtomicU64>,
+    rng: Mutex<StdRng>,
+}
+
+/// 2026-01-01 in ms: virtual time starts here.
+const EPOCH_MS: u64 = 1_767_225_600_000;
+
+impl Clock for SimClock {
+    fn now_ms(&self) -> i64 {
+        (EPOCH_MS + self.now.load(Ordering::Relaxed)) as i64
+    }
+    fn new_id(&self) -> uuid::Uuid {
+        let mut random = [0u8; 10];
+        self.rng.lock().unwrap_or_else(|p| p.into_inner()).fill(&mut random);
+        uuid::Builder::from_unix_timestamp_millis(EPOCH_MS + self.now.load(Ordering::Relaxed), &random).into_uuid()
+    }
+}
 
 /// A node's index in the network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -50,6 +73,8 @@ impl Faults {
 
 struct Node {
     name: String,
+    /// Seed of the node's key and ids.
+    node_seed: u64,
     dir: PathBuf,
     role: Role,
     live: Option<(Arc<Replica>, Engine)>,
@@ -85,6 +110,7 @@ pub struct Network {
     pub seed: u64,
     rng: StdRng,
     now: u64,
+    clock_now: Arc<AtomicU64>,
     seq: u64,
     pub faults: Faults,
     limits: Limits,
@@ -115,6 +141,7 @@ impl Network {
             seed,
             rng: StdRng::seed_from_u64(seed),
             now: 0,
+            clock_now: Arc::new(AtomicU64::new(0)),
             seq: 0,
             faults,
             limits: Limits::default(),
@@ -140,26 +167,46 @@ impl Network {
         Engine::new(replica.clone(), Config::default().with_role(role).with_limits(self.limits))
     }
 
+    /// The seed of the next node's key and ids.
+    fn node_seed(&self) -> u64 {
+        self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(self.nodes.len() as u64 + 1)
+    }
+
+    fn key(node_seed: u64) -> ed25519::Keypair {
+        let mut bytes = [0u8; 32];
+        StdRng::seed_from_u64(node_seed).fill(&mut bytes);
+        let secret = ed25519::SecretKey::try_from_bytes(&mut bytes).expect("32 bytes make a key");
+        ed25519::Keypair::from(secret)
+    }
+
+    fn clock(&self, node_seed: u64) -> Arc<dyn Clock> {
+        Arc::new(SimClock { now: self.clock_now.clone(), rng: Mutex::new(StdRng::seed_from_u64(node_seed ^ 0xC10C)) })
+    }
+
     /// Adds the workspace's relay, which is its authority. Must be the first node.
     pub fn add_relay(&mut self, name: &str) -> NodeId {
         assert!(self.invite.is_none(), "the first relay creates the workspace");
         let dir = self._tmp.path().join(name);
-        let replica = Arc::new(Replica::init_authority(&dir, SCHEMA, name).expect("init relay"));
+        let node_seed = self.node_seed();
+        let replica = Replica::init_authority_with_key(&dir, SCHEMA, name, Self::key(node_seed)).expect("init relay");
+        let replica = Arc::new(replica.with_clock(self.clock(node_seed)));
         self.invite = Some(replica.invite());
-        self.push_node(name, dir, Role::Relay, replica)
+        self.push_node(name, node_seed, dir, Role::Relay, replica)
     }
 
     /// Adds a device that joined the workspace.
     pub fn add_device(&mut self, name: &str) -> NodeId {
         let invite = self.invite.clone().expect("add a relay first");
         let dir = self._tmp.path().join(name);
-        let replica = Arc::new(Replica::init_join(&dir, &invite, name).expect("init device"));
-        self.push_node(name, dir, Role::Device, replica)
+        let node_seed = self.node_seed();
+        let replica = Replica::init_join_with_key(&dir, &invite, name, Self::key(node_seed)).expect("init device");
+        let replica = Arc::new(replica.with_clock(self.clock(node_seed)));
+        self.push_node(name, node_seed, dir, Role::Device, replica)
     }
 
-    fn push_node(&mut self, name: &str, dir: PathBuf, role: Role, replica: Arc<Replica>) -> NodeId {
+    fn push_node(&mut self, name: &str, node_seed: u64, dir: PathBuf, role: Role, replica: Arc<Replica>) -> NodeId {
         let engine = self.engine(&replica, role);
-        self.nodes.push(Node { name: name.into(), dir, role, live: Some((replica, engine)), events: Vec::new() });
+        self.nodes.push(Node { name: name.into(), node_seed, dir, role, live: Some((replica, engine)), events: Vec::new() });
         NodeId(self.nodes.len() - 1)
     }
 
@@ -218,7 +265,9 @@ impl Network {
     /// Restarts a crashed node from its store.
     pub fn restart(&mut self, n: NodeId) {
         let node = &self.nodes[n.0];
-        let replica = Arc::new(Replica::open(&node.dir).unwrap_or_else(|e| panic!("{} does not reopen: {e}", node.name)));
+        let replica = Replica::open(&node.dir).unwrap_or_else(|e| panic!("{} does not reopen: {e}", node.name));
+        // A restarted node continues its id stream from a fresh, still seeded, generator.
+        let replica = Arc::new(replica.with_clock(self.clock(node.node_seed ^ self.now.rotate_left(17))));
         let engine = self.engine(&replica, node.role);
         self.nodes[n.0].live = Some((replica, engine));
         self.settle_links();
@@ -338,6 +387,7 @@ impl Network {
             let Some(Reverse((at, _, id))) = self.queue.pop() else { return steps };
             steps += 1;
             self.now = self.now.max(at);
+            self.clock_now.store(self.now, Ordering::Relaxed);
             let d = self.deliveries.remove(&id).expect("delivery");
             let k = pair(d.from, d.to);
             let Some(link) = self.links.get(&k).copied() else { continue };

@@ -25,5 +25,5 @@ mod transfer;
 pub use error::{Error, ErrorKind};
 pub use fieldsync_core as core;
 pub use fieldsync_core::{Conflict, ConflictId, EntityId, HistoryEntry, PeerId, Proposal, ProposalId, View};
-pub use replica::{Replica, Status};
+pub use replica::{Clock, Replica, Status, SystemClock};
 pub use transfer::{ExportedBundle, ImportSummary};

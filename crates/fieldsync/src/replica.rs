@@ -40,6 +40,28 @@ const LOCK_STRIPES: usize = 256;
 /// Documents kept in memory after use, so repeated writes skip loading from the store.
 const DOC_CACHE_ENTRIES: usize = 4096;
 
+/// Where a replica gets time and new ids. The system clock by default; the simulator
+/// injects a seeded one so a run is reproducible from its seed.
+pub trait Clock: Send + Sync {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> i64;
+    /// A new UUID v7 (time-ordered).
+    fn new_id(&self) -> uuid::Uuid;
+}
+
+/// The system clock and OS randomness.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    }
+    fn new_id(&self) -> uuid::Uuid {
+        uuid::Uuid::now_v7()
+    }
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 struct NodeMeta {
     name: String,
@@ -69,6 +91,7 @@ pub struct Replica {
     pub(crate) name: String,
     pub(crate) authority: bool,
     dir: PathBuf,
+    clock: Arc<dyn Clock>,
     locks: Vec<Mutex<()>>,
     /// Recently used documents, all fully persisted. An entity is taken out while a writer
     /// holds its lock and put back only after its write is durable.
@@ -88,18 +111,33 @@ fn db_dir(dir: &Path) -> PathBuf {
 impl Replica {
     /// Creates a new workspace in `dir` with this node as its authority.
     pub fn init_authority(dir: &Path, schema_toml: &str, name: &str) -> Result<Self, Error> {
+        Self::init_authority_with_key(dir, schema_toml, name, ed25519::Keypair::generate())
+    }
+
+    /// Like [`Self::init_authority`] with a given identity key (the simulator's are seeded).
+    pub fn init_authority_with_key(dir: &Path, schema_toml: &str, name: &str, key: ed25519::Keypair) -> Result<Self, Error> {
         Self::ensure_free(dir)?;
         let schema = Schema::from_toml(schema_toml)?;
-        let key = ed25519::Keypair::generate();
         let ws = Workspace { id: WorkspaceId(uuid::Uuid::now_v7()), schema, authority: key.public() };
         Self::init(dir, ws, key, name, true)
     }
 
     /// Joins the workspace of `invite` (JSON bytes from `fieldsync invite`) as a device.
     pub fn init_join(dir: &Path, invite: &[u8], name: &str) -> Result<Self, Error> {
+        Self::init_join_with_key(dir, invite, name, ed25519::Keypair::generate())
+    }
+
+    /// Like [`Self::init_join`] with a given identity key.
+    pub fn init_join_with_key(dir: &Path, invite: &[u8], name: &str, key: ed25519::Keypair) -> Result<Self, Error> {
         Self::ensure_free(dir)?;
         let ws = Invite::decode(invite)?;
-        Self::init(dir, ws, ed25519::Keypair::generate(), name, false)
+        Self::init(dir, ws, key, name, false)
+    }
+
+    /// Uses `clock` for time and new ids from now on.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     fn ensure_free(dir: &Path) -> Result<(), Error> {
@@ -150,6 +188,7 @@ impl Replica {
             name: node.name,
             authority: node.authority,
             dir: dir.to_owned(),
+            clock: Arc::new(SystemClock),
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             cache: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(DOC_CACHE_ENTRIES).unwrap_or(std::num::NonZeroUsize::MIN))),
         }
@@ -189,11 +228,12 @@ impl Replica {
         Writer { peer: self.peer, user: &self.name, now_ms, authority_key: self.authority.then_some(&self.key) }
     }
 
-    pub(crate) fn now_ms() -> i64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0)
+    pub(crate) fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    pub(crate) fn new_id(&self) -> uuid::Uuid {
+        self.clock.new_id()
     }
 
     fn stripe(id: EntityId) -> usize {
@@ -277,8 +317,8 @@ impl Replica {
         Ok(())
     }
 
-    fn new_proposal_id() -> ProposalId {
-        ProposalId(uuid::Uuid::now_v7())
+    pub(crate) fn new_proposal_id(&self) -> ProposalId {
+        ProposalId(self.new_id())
     }
 
     /// Creates (no `id`, or an id not stored yet) or updates an entity with a JSON patch.
@@ -289,17 +329,17 @@ impl Replica {
     }
 
     pub(crate) fn put_patch(&self, collection: &str, id: Option<EntityId>, patch: &Patch) -> Result<EntityId, Error> {
-        let id = id.unwrap_or_else(|| EntityId(uuid::Uuid::now_v7()));
+        let id = id.unwrap_or_else(|| EntityId(self.new_id()));
         let _guard = self.lock(id);
-        let w = self.writer(Self::now_ms());
+        let w = self.writer(self.now_ms());
         let mut entity = match self.load(id)? {
-            None => Entity::create(&self.ws, id, collection, &w, patch, &mut Self::new_proposal_id)?,
+            None => Entity::create(&self.ws, id, collection, &w, patch, &mut || self.new_proposal_id())?,
             Some(mut e) => {
                 let actual = e.collection().unwrap_or_default();
                 if actual != collection {
                     return Err(Error::WrongCollection { id, actual, asked: collection.to_owned() });
                 }
-                e.update(&self.ws, &w, patch, &mut Self::new_proposal_id)?;
+                e.update(&self.ws, &w, patch, &mut || self.new_proposal_id())?;
                 e
             }
         };
@@ -346,7 +386,7 @@ impl Replica {
         self.ws.schema.collection(collection)?;
         let _guard = self.lock(id);
         let mut entity = self.load_in(collection, id)?;
-        entity.delete(&self.ws, &self.writer(Self::now_ms()))?;
+        entity.delete(&self.ws, &self.writer(self.now_ms()))?;
         let write = self.entity_write(&mut entity)?;
         self.commit_durable(vec![write], vec![])?;
         self.cache(entity);
@@ -391,7 +431,7 @@ impl Replica {
             .ok_or_else(|| Error::CorruptMeta("conflict index entry".into()))?;
         let _guard = self.lock(id);
         let mut entity = self.load(id)?.ok_or_else(|| Error::CorruptMeta(format!("conflict {conflict} names missing entity {id}")))?;
-        entity.resolve(&self.ws, &self.writer(Self::now_ms()), conflict, &value)?;
+        entity.resolve(&self.ws, &self.writer(self.now_ms()), conflict, &value)?;
         let write = self.entity_write(&mut entity)?;
         self.commit_durable(vec![write], vec![])?;
         self.cache(entity);
@@ -421,7 +461,7 @@ impl Replica {
         let entity_id = proposal_from_json(&entry)?.entity;
         let _guard = self.lock(entity_id);
         let mut entity = self.load(entity_id)?.ok_or_else(|| Error::CorruptMeta(format!("proposal {id} names missing entity")))?;
-        let w = self.writer(Self::now_ms());
+        let w = self.writer(self.now_ms());
         if accept {
             entity.accept(&self.ws, &w, id, "accept")?;
         } else {

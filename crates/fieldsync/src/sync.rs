@@ -119,7 +119,8 @@ struct RemoteHello {
 pub struct Engine {
     replica: Arc<Replica>,
     config: Config,
-    sessions: HashMap<PeerId, Session>,
+    /// Ordered, so pumping sessions happens in the same order on every run.
+    sessions: BTreeMap<PeerId, Session>,
     transmit: VecDeque<(PeerId, Vec<u8>)>,
     events: VecDeque<Event>,
 }
@@ -136,7 +137,7 @@ fn seq_meta(replica: &Replica, key: &str) -> Result<u64, Error> {
 
 impl Engine {
     pub fn new(replica: Arc<Replica>, config: Config) -> Self {
-        Engine { replica, config, sessions: HashMap::new(), transmit: VecDeque::new(), events: VecDeque::new() }
+        Engine { replica, config, sessions: BTreeMap::new(), transmit: VecDeque::new(), events: VecDeque::new() }
     }
 
     /// The replica this engine syncs.

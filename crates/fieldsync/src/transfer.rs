@@ -205,7 +205,7 @@ impl Replica {
     /// (e.g. a checkpoint); on the authority, then confirms proposals of `auto_accept`
     /// fields. Entities are merged in parallel; if any fails, nothing is written.
     pub(crate) fn merge_incoming(&self, items: Vec<Incoming>, meta: Vec<(String, Option<Vec<u8>>)>, summary: &mut ImportSummary) -> Result<(), Error> {
-        let now = Self::now_ms();
+        let now = self.now_ms();
         let items = dedupe(items)?;
         // Held until the commit, so no local write to these entities slips in between.
         let _guards = self.lock_many(items.iter().map(Incoming::id));
@@ -311,14 +311,14 @@ impl Replica {
             // New entities are built in parallel and committed together; updates go one by one.
             let (fresh, existing): (Vec<_>, Vec<_>) = chunk
                 .iter()
-                .map(|(id, p)| (id.unwrap_or_else(|| EntityId(uuid::Uuid::now_v7())), p))
+                .map(|(id, p)| (id.unwrap_or_else(|| EntityId(self.new_id())), p))
                 .partition(|(id, _)| matches!(self.store.record(id.as_bytes()), Ok(None)));
-            let now = Self::now_ms();
+            let now = self.now_ms();
             let writes = fresh
                 .par_iter()
                 .map(|(id, patch)| {
                     let w = self.writer(now);
-                    let mut e = Entity::create(&self.ws, *id, collection, &w, patch, &mut || fieldsync_core::ProposalId(uuid::Uuid::now_v7()))?;
+                    let mut e = Entity::create(&self.ws, *id, collection, &w, patch, &mut || self.new_proposal_id())?;
                     self.entity_write(&mut e)
                 })
                 .collect::<Result<Vec<_>, Error>>()?;
