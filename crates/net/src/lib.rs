@@ -463,7 +463,11 @@ async fn drain(engine: &mut Engine, sessions: &mut HashMap<PeerId, Session>, not
             if let Some(s) = sessions.get(&peer) {
                 // Waiting here is the backpressure of a slow peer (its queue is bounded).
                 if s.writer.send(bytes).await.is_err() {
+                    // The stream is gone: end the engine's session too (its reader's own
+                    // notice will no longer match a session).
                     sessions.remove(&peer);
+                    let _ = engine.handle(Input::Disconnected(peer));
+                    notify(notices, Notice::PeerDisconnected(peer));
                 }
             }
         }
