@@ -451,7 +451,7 @@ impl Entity {
 
     fn set_remove(&mut self, field: &str, items: &[Json]) -> Result<(), Error> {
         // Remove from every concurrent copy of the set object: the remove has seen them all.
-        for (_, obj) in self.set_objects(field) {
+        for obj in self.set_objects(field) {
             for item in items {
                 let key = element_key(item);
                 if self.doc.get(&obj, key.as_str()).map_err(Error::automerge)?.is_some() {
@@ -462,13 +462,12 @@ impl Entity {
         Ok(())
     }
 
-    fn set_objects(&self, field: &str) -> Vec<(usize, ObjId)> {
+    fn set_objects(&self, field: &str) -> Vec<ObjId> {
         self.doc
             .get_all(ROOT, field)
             .unwrap_or_default()
             .into_iter()
-            .enumerate()
-            .filter_map(|(i, (v, id))| matches!(v, Value::Object(ObjType::Map)).then_some((i, id)))
+            .filter_map(|(v, id)| matches!(v, Value::Object(ObjType::Map)).then_some(id))
             .collect()
     }
 
@@ -756,13 +755,9 @@ impl Entity {
         self.derive(ws).map(|d| d.conflicts).unwrap_or_default()
     }
 
-    /// Pending proposals, oldest first.
-    pub fn proposals(&self) -> Vec<Proposal> {
-        let collection = self.collection().unwrap_or_default();
-        self.proposal_records()
-            .into_iter()
-            .map(|(id, record)| Proposal { id, entity: self.id, collection: collection.clone(), record })
-            .collect()
+    /// Pending proposals, oldest first (see [`Entity::derive`]).
+    pub fn proposals(&self, ws: &Workspace) -> Vec<Proposal> {
+        self.derive(ws).map(|d| d.proposals).unwrap_or_default()
     }
 
     /// Fields with proposals the authority confirms on receipt (`auto_accept = true`):
@@ -833,7 +828,7 @@ fn initial_root(coll: &Collection, collection: &str, patch: &Patch, encoding: au
                 hydrate::Value::Map(members.into())
             }
             (Rule::Text, FieldOp::Set(Json::String(t))) => hydrate::Value::Text(hydrate::Text::new(encoding, t)),
-            (_, FieldOp::Set(v)) => json_hydrate(v, encoding),
+            (_, FieldOp::Set(v)) => json_hydrate(v),
             (_, FieldOp::Add(_)) => continue,
         };
         root.insert(field.clone(), value);
@@ -841,13 +836,13 @@ fn initial_root(coll: &Collection, collection: &str, patch: &Patch, encoding: au
     root.into()
 }
 
-fn json_hydrate(v: &Json, encoding: automerge::TextEncoding) -> hydrate::Value {
+fn json_hydrate(v: &Json) -> hydrate::Value {
     match v {
         Json::Object(m) => {
-            let map: HashMap<String, hydrate::Value> = m.iter().map(|(k, v)| (k.clone(), json_hydrate(v, encoding))).collect();
+            let map: HashMap<String, hydrate::Value> = m.iter().map(|(k, v)| (k.clone(), json_hydrate(v))).collect();
             hydrate::Value::Map(map.into())
         }
-        Json::Array(a) => hydrate::Value::List(a.iter().map(|v| json_hydrate(v, encoding)).collect::<Vec<_>>().into()),
+        Json::Array(a) => hydrate::Value::List(a.iter().map(|v| json_hydrate(v)).collect::<Vec<_>>().into()),
         scalar => json_scalar(scalar).into(),
     }
 }

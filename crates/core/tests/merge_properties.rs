@@ -754,8 +754,8 @@ fn deliveries(plan: &Plan, reps: &[Replica], forged: &[Vec<u8>]) -> Vec<Vec<u8>>
     order.into_iter().map(|i| pool[i].clone()).collect()
 }
 
-fn state_of(e: &mut Entity, ws: &Workspace) -> Result<(Map<String, Json>, Vec<Conflict>, Vec<Proposal>), TestCaseError> {
-    Ok((e.view(ws).map_err(|err| fail("view", err))?, e.conflicts(ws), e.proposals()))
+fn state_of(e: &mut Entity, ws: &Workspace) -> Result<fieldsync_core::Derived, TestCaseError> {
+    e.derive(ws).map_err(|err| fail("derive", err))
 }
 
 /// All targets agree on heads, view, conflicts and proposals, which match `exp`.
@@ -763,11 +763,11 @@ fn check_all(stage: &str, targets: &mut [(String, Entity)], ws: &Workspace, exp:
     let (first_name, first) = &mut targets[0];
     let first_name = first_name.clone();
     let heads = first.heads();
-    let (view, conflicts, proposals) = state_of(first, ws)?;
+    let fieldsync_core::Derived { view, conflicts, proposals } = state_of(first, ws)?;
     check(&format!("{stage} {first_name}"), &view, &conflicts, &proposals, exp)?;
     for (name, e) in targets.iter_mut().skip(1) {
         prop_assert_eq!(e.heads(), heads.clone(), "{} {}: heads differ from {}", stage, name, first_name);
-        let (v, c, p) = state_of(e, ws)?;
+        let fieldsync_core::Derived { view: v, conflicts: c, proposals: p } = state_of(e, ws)?;
         prop_assert_eq!(&v, &view, "{} {}: view differs from {}", stage, name, first_name);
         prop_assert_eq!(&c, &conflicts, "{} {}: conflicts differ from {}", stage, name, first_name);
         prop_assert_eq!(&p, &proposals, "{} {}: proposals differ from {}", stage, name, first_name);
@@ -810,7 +810,7 @@ fn run(case: Case) -> Result<(), TestCaseError> {
         run_steps(&mut rep, steps, &ws, &auth_kp, coll, &base, case.update_wins)?;
         // Alone, a replica shows its own writes under the same rules.
         let own = expect(&base, &[&rep.model], case.update_wins);
-        let (v, c, p) = state_of(&mut rep.entity, &ws)?;
+        let fieldsync_core::Derived { view: v, conflicts: c, proposals: p } = state_of(&mut rep.entity, &ws)?;
         check(&format!("{} alone", rep.user), &v, &c, &p, &own)?;
         reps.push(rep);
     }
@@ -950,7 +950,7 @@ proptest! {
         prop_assert_eq!(v.get("_deleted"), want_deleted.then_some(&Json::Bool(true)), "concurrent delete and update ({})", coll);
         let exp = expect(&state, &[&a.model, &b.model], update_wins);
         prop_assert_eq!(exp.deleted, want_deleted);
-        let (c, p) = (merged.conflicts(&ws), merged.proposals());
+        let (c, p) = (merged.conflicts(&ws), merged.proposals(&ws));
         check("delete vs update", &v, &c, &p, &exp)?;
 
         // An update that has seen only the delete.
@@ -1015,6 +1015,6 @@ proptest! {
         let tags = v.get("tags").and_then(Json::as_array).cloned().unwrap_or_default();
         prop_assert!(tags.contains(&elem(x)), "{} added on one replica and removed on the other must stay: {:?}", elem(x), tags);
         let exp = expect(&state, &[&reps[0].model, &reps[1].model], update_wins);
-        check("add vs remove", &v, &merged.conflicts(&ws), &merged.proposals(), &exp)?;
+        check("add vs remove", &v, &merged.conflicts(&ws), &merged.proposals(&ws), &exp)?;
     }
 }

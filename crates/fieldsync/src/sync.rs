@@ -480,7 +480,7 @@ impl Engine {
                     if entity.collection().as_deref() != Some(p.collection.as_str()) {
                         return Err(format!("entity {} claims collection {:?} but holds {:?}", p.id, p.collection, entity.collection()));
                     }
-                    Ok(Incoming::Whole { entity, collection: p.collection, chunks })
+                    Ok(Incoming::Whole { entity: Box::new(entity), collection: p.collection, chunks })
                 } else {
                     Ok(Incoming::Changes { id: p.id, collection: p.collection, chunks })
                 }

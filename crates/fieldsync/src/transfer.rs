@@ -33,7 +33,7 @@ pub struct ExportedBundle {
 /// chunks for an entity this node has.
 #[derive(Debug)]
 pub(crate) enum Incoming {
-    Whole { entity: Entity, collection: String, chunks: Vec<Vec<u8>> },
+    Whole { entity: Box<Entity>, collection: String, chunks: Vec<Vec<u8>> },
     Changes { id: EntityId, collection: String, chunks: Vec<Vec<u8>> },
 }
 
@@ -167,7 +167,7 @@ impl Replica {
                     return Err(fieldsync_core::Error::Bundle(format!("entity {} claims collection {:?} but holds {collection:?}", be.id, be.collection)));
                 }
                 self.ws.schema.collection(&collection)?;
-                Ok(Incoming::Whole { entity: e, collection, chunks: vec![be.doc] })
+                Ok(Incoming::Whole { entity: Box::new(e), collection, chunks: vec![be.doc] })
             })
             .collect::<Result<_, fieldsync_core::Error>>()?;
 
@@ -221,7 +221,7 @@ impl Replica {
                         if chunks.len() == 1 {
                             as_received = chunks.pop();
                         }
-                        (entity, Merged::Created)
+                        (*entity, Merged::Created)
                     }
                     (None, Incoming::Changes { .. }) => {
                         return Err(fieldsync_core::Error::Protocol(format!("changes for entity {id}, which this node does not have")).into())

@@ -80,6 +80,9 @@ pub struct EntityRecord {
     index_keys: Vec<Vec<u8>>,
 }
 
+/// A derived index entry: (key, value).
+pub type IndexEntry = (Vec<u8>, Vec<u8>);
+
 /// A document as stored: snapshot and the chunks appended since.
 #[derive(Debug, Clone)]
 pub struct StoredDoc {
@@ -111,7 +114,7 @@ pub trait Store: Send + Sync {
     /// The highest feed seq assigned (0 when empty).
     fn last_seq(&self) -> u64;
     /// All entries of a derived index.
-    fn index(&self, name: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error>;
+    fn index(&self, name: &str) -> Result<Vec<IndexEntry>, Error>;
     /// One derived index entry.
     fn index_get(&self, name: &str, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
     /// A metadata value.
@@ -443,7 +446,7 @@ impl Store for SledStore {
         self.last_seq.load(Ordering::SeqCst)
     }
 
-    fn index(&self, name: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+    fn index(&self, name: &str) -> Result<Vec<IndexEntry>, Error> {
         let prefix = index_key(name, &[]);
         self.tree
             .scan_prefix(&prefix)
