@@ -71,9 +71,12 @@ impl Drop for Daemon {
 }
 
 fn start(ns: &str, dir: &Path, listen: &str) -> Daemon {
+    // The daemon's log goes beside its data, to be shown if the test fails.
+    let log = std::fs::File::create(dir.with_extension("log")).expect("log");
     let mut child = in_ns(ns, dir, &["run", "--mdns", "--listen", listen, "--api", "127.0.0.1:0"])
+        .env("RUST_LOG", "fieldsync_net=debug,libp2p_mdns=debug")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("spawn daemon");
     // Wait until the API serves, so CLI commands go through the daemon.
@@ -117,7 +120,10 @@ fn two_devices_on_a_lan_find_each_other_with_mdns_and_sync_without_a_relay() {
     let _da = start(&lan.a, &a, "/ip4/10.231.0.1/tcp/0");
     let _db = start(&lan.b, &b, "/ip4/10.231.0.2/tcp/0");
     let id = run_ok(in_ns(&lan.a, &a, &["put", "tasks", r#"{"title":"found over the LAN"}"#]))["id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let logs = || {
+        [&a, &b].iter().map(|d| format!("--- {} ---\n{}", d.display(), std::fs::read_to_string(d.with_extension("log")).unwrap_or_default())).collect::<String>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let out = in_ns(&lan.b, &b, &["get", "tasks", &id]).output().unwrap();
         if out.status.success() {
@@ -125,14 +131,14 @@ fn two_devices_on_a_lan_find_each_other_with_mdns_and_sync_without_a_relay() {
             assert_eq!(v["title"], "found over the LAN");
             break;
         }
-        assert!(Instant::now() < deadline, "device b never received the task over mDNS");
+        assert!(Instant::now() < deadline, "device b never received the task over mDNS; daemon logs:\n{}", logs());
         std::thread::sleep(Duration::from_millis(200));
     }
     // And back the other way.
     run_ok(in_ns(&lan.b, &b, &["put", "tasks", &id, r#"{"status":"completed"}"#]));
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while run_ok(in_ns(&lan.a, &a, &["get", "tasks", &id]))["status"] != "completed" {
-        assert!(Instant::now() < deadline, "device a never received the update");
+        assert!(Instant::now() < deadline, "device a never received the update; daemon logs:\n{}", logs());
         std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -34,6 +34,8 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/fieldsync/sync/1");
 const WRITER_QUEUE: usize = 256;
 /// Inputs (frames read, app notifications) queued for the owner.
 const INPUT_QUEUE: usize = 1024;
+/// How long opening the sync stream may take before it is retried.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a peer whose session failed (wrong workspace, bad frames) is left alone.
 const SESSION_COOLDOWN: Duration = Duration::from_secs(10);
 /// Notices queued for the embedding application; more are dropped (and logged).
@@ -201,7 +203,9 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
         .map_err(|e| Error::Setup(e.to_string()))?
         .with_behaviour(|key, relay_client| {
             let id = key.public().to_peer_id();
-            let mdns = if mdns_on { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), key.public().to_peer_id())?) } else { None };
+            // Query every 5 s (libp2p's default is 5 min): a device that missed the first
+            // announcement still finds its peers quickly.
+            let mdns = if mdns_on { Some(mdns::tokio::Behaviour::new(mdns::Config { query_interval: Duration::from_secs(5), ..Default::default() }, key.public().to_peer_id())?) } else { None };
             Ok(Behaviour {
                 limits: libp2p::connection_limits::Behaviour::new(
                     libp2p::connection_limits::ConnectionLimits::default().with_max_established(Some(max_connections)),
@@ -255,11 +259,14 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                     opening.insert(peer);
                     let (mut control, tx) = (control.clone(), inputs.clone());
                     tokio::spawn(async move {
-                        match control.open_stream(peer, PROTOCOL).await {
-                            Ok(stream) => {
+                        // Bounded: with simultaneous dials the chosen connection can close
+                        // under the request, which would otherwise wait forever.
+                        match tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, PROTOCOL)).await {
+                            Ok(Ok(stream)) => {
                                 let _ = tx.send(Owned::Opened { peer, stream }).await;
                             }
-                            Err(e) => {
+                            result => {
+                                let e = result.map(|r| r.err().map(|e| e.to_string()).unwrap_or_default()).unwrap_or_else(|_| "timed out".into());
                                 tracing::warn!(%peer, %e, "cannot open the sync stream; will retry");
                                 tokio::time::sleep(Duration::from_secs(1)).await;
                                 let _ = tx.send(Owned::OpenFailed { peer }).await;
@@ -295,6 +302,7 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                         r.failures = 0;
                     }
                     // The next tick opens the sync stream if this node is the lower peer id.
+                    tracing::debug!(peer = %peer_id, %connection_id, "connection established");
                     connected.insert(peer_id);
                     // Reserve a circuit on each relay we reach, once per relay.
                     for relay_addr in config.circuit_relays.iter().filter(|a| peer_of(a) == Some(peer_id)) {
@@ -307,7 +315,8 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                         }
                     }
                 }
-                SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, .. } => {
+                SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
+                    tracing::debug!(peer = %peer_id, %connection_id, num_established, ?cause, "connection closed");
                     if let Some(r) = redials.iter_mut().find(|r| r.connection == Some(connection_id)) {
                         r.connection = None;
                         schedule(r, &config);
@@ -330,10 +339,19 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                     for (peer, addr) in found {
-                        if peer != local && !swarm.is_connected(&peer) {
-                            tracing::info!(%peer, %addr, "discovered on the LAN");
-                            let _ = swarm.dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
+                        tracing::info!(%peer, %addr, "discovered on the LAN");
+                        // Only the lower peer id dials: two devices that find each other at
+                        // the same moment would otherwise cross dials and both fail. The
+                        // redial list retries with backoff until connected.
+                        if local < peer && !redials.iter().any(|r| r.addr == addr) {
+                            redials.push(Redial { addr, failures: 0, due: Some(tokio::time::Instant::now()), connection: None });
                         }
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(gone))) => {
+                    for (peer, addr) in gone {
+                        tracing::info!(%peer, %addr, "gone from the LAN");
+                        redials.retain(|r| r.addr != addr || r.connection.is_some());
                     }
                 }
                 _ => {}
@@ -404,8 +422,10 @@ fn attach(
     stream: libp2p::Stream,
 ) -> Result<(), Error> {
     if sessions.contains_key(&peer) {
+        tracing::debug!(%peer, "extra sync stream dropped");
         return Ok(()); // one session per peer; the extra stream is dropped
     }
+    tracing::debug!(%peer, "sync stream attached");
     *next_gen += 1;
     let gen = *next_gen;
     let (mut read, mut write) = stream.split();
