@@ -82,7 +82,7 @@ fn a_wrong_version_is_refused_with_a_reason() {
     let mut p = engines(true);
     let pa = p.a.replica().peer_id();
     p.b.handle(Input::Connected(pa)).unwrap();
-    let hello = Frame::Hello { version: 99, workspace: p.b.replica().workspace().id, role: Role::Device, limits: Limits::default(), feed_seq: 0, resume_from: 0 };
+    let hello = Frame::Hello { version: 99, workspace: p.b.replica().workspace().id, role: Role::Device, limits: Limits::default(), feed_seq: 0, resume_from: 0, credential: None };
     p.b.handle(Input::Frame(pa, hello.encode())).unwrap();
     let reason = failure(&events(&mut p.b)).unwrap();
     assert!(reason.contains("version 99"), "{reason}");

@@ -61,12 +61,20 @@ pub struct Net {
     pub max_connections: u32,
     pub min_backoff_ms: u64,
     pub max_backoff_ms: u64,
+    pub ban_secs: u64,
+    pub max_frames_per_sec: u32,
 }
 
 impl Default for Net {
     fn default() -> Self {
         let d = fieldsync_net::Config::default();
-        Net { max_connections: d.max_connections, min_backoff_ms: d.min_backoff.as_millis() as u64, max_backoff_ms: d.max_backoff.as_millis() as u64 }
+        Net {
+            max_connections: d.max_connections,
+            min_backoff_ms: d.min_backoff.as_millis() as u64,
+            max_backoff_ms: d.max_backoff.as_millis() as u64,
+            ban_secs: d.ban.as_secs(),
+            max_frames_per_sec: d.max_frames_per_sec,
+        }
     }
 }
 
@@ -96,6 +104,8 @@ mod tests {
         assert_eq!(example.net.max_connections, d.net.max_connections);
         assert_eq!(example.net.min_backoff_ms, d.net.min_backoff_ms);
         assert_eq!(example.net.max_backoff_ms, d.net.max_backoff_ms);
+        assert_eq!(example.net.ban_secs, d.net.ban_secs);
+        assert_eq!(example.net.max_frames_per_sec, d.net.max_frames_per_sec);
         assert!(toml::from_str::<File>("[run]\nlisten = [\"not an address\"]").is_err());
         assert!(toml::from_str::<File>("[run]\nbogus = 1").is_err());
     }

@@ -62,8 +62,8 @@ pub fn run(dir: &Path, options: Options) -> Result<(), CliError> {
 }
 
 async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<(), CliError> {
-    let metrics = Arc::new(Metrics::default());
     let (handle, inbox) = fieldsync_net::channel();
+    let metrics = Arc::new(Metrics { security: handle.stats.security.clone(), ..Default::default() });
     let (notice_tx, mut notices) = tokio::sync::mpsc::channel(NOTICE_QUEUE);
 
     let nudge = handle.clone();
@@ -100,6 +100,8 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         max_connections: options.net.max_connections,
         min_backoff: std::time::Duration::from_millis(options.net.min_backoff_ms),
         max_backoff: std::time::Duration::from_millis(options.net.max_backoff_ms),
+        ban: std::time::Duration::from_secs(options.net.ban_secs),
+        max_frames_per_sec: options.net.max_frames_per_sec,
     };
     let mut net_stop = stop_rx.clone();
     let net = tokio::spawn(fieldsync_net::run(replica.clone(), config, inbox, notice_tx, async move {
@@ -202,6 +204,10 @@ fn report(live: &Live, metrics: &Metrics, notice: Notice) {
         Notice::Sync(Event::SessionFailed { peer, reason }) => {
             metrics.sync_failed.fetch_add(1, Ordering::Relaxed);
             json!({ "event": "sync_failed", "peer": peer.to_string(), "reason": reason })
+        }
+        Notice::Sync(Event::PeerRefused { peer, reason }) => json!({ "event": "peer_refused", "peer": peer.to_string(), "reason": reason }),
+        Notice::Sync(Event::WritesRefused { peer, reasons }) => {
+            json!({ "event": "writes_refused", "peer": peer.to_string(), "reasons": reasons })
         }
     };
     drop(peers);

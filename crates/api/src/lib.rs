@@ -29,6 +29,8 @@ pub struct Metrics {
     pub bytes_sent: AtomicU64,
     pub frames_received: AtomicU64,
     pub bytes_received: AtomicU64,
+    /// What the sync engine and network refused (shared with them).
+    pub security: Arc<fieldsync::sync::SecurityStats>,
 }
 
 /// What a running daemon knows beyond the store: its peers and an event stream.
@@ -281,6 +283,14 @@ async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
     gauge("fieldsync_bytes_sent_total", "Sync bytes sent.", "counter", m.bytes_sent.load(Ordering::Relaxed));
     gauge("fieldsync_frames_received_total", "Sync frames received.", "counter", m.frames_received.load(Ordering::Relaxed));
     gauge("fieldsync_bytes_received_total", "Sync bytes received.", "counter", m.bytes_received.load(Ordering::Relaxed));
+    let sec = &m.security;
+    gauge("fieldsync_sessions_refused_total", "Sessions refused: not a member, revoked, wrong workspace, bad invite.", "counter", sec.sessions_refused.load(Ordering::Relaxed));
+    gauge("fieldsync_protocol_violations_total", "Sessions ended for malformed, oversized or out-of-order frames.", "counter", sec.protocol_violations.load(Ordering::Relaxed));
+    gauge("fieldsync_writes_refused_total", "Received entity writes refused (partitions, forged or removed authority values, member list).", "counter", sec.writes_refused.load(Ordering::Relaxed));
+    gauge("fieldsync_forged_refused_total", "Received writes refused for forging or removing authority-confirmed values.", "counter", sec.forged_refused.load(Ordering::Relaxed));
+    gauge("fieldsync_reads_refused_total", "Entities a peer asked for outside its partitions.", "counter", sec.reads_refused.load(Ordering::Relaxed));
+    gauge("fieldsync_peers_banned_total", "Peers disconnected and refused for a while.", "counter", sec.peers_banned.load(Ordering::Relaxed));
+    gauge("fieldsync_frame_floods_total", "Sessions ended for sending frames too fast.", "counter", sec.floods.load(Ordering::Relaxed));
     gauge("fieldsync_feed_seq", "Head of the local changes feed.", "gauge", status.feed_seq);
     gauge("fieldsync_open_conflicts", "Open manual conflicts.", "gauge", status.open_conflicts as u64);
     gauge("fieldsync_store_commits_total", "Store commits since start.", "counter", commits);

@@ -44,6 +44,9 @@ pub struct BundleHeader {
     /// The exporter's checkpoints: for each peer, the feed seq of that peer it has fully
     /// applied. A receiver learns from this what it no longer needs to send.
     pub acks: BTreeMap<String, u64>,
+    /// What the exporter presents as a member (as in a sync `Hello`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<crate::membership::Credential>,
 }
 
 /// One entity's whole document.
@@ -191,6 +194,7 @@ mod tests {
                 since: 0,
                 upto: 2,
                 acks: BTreeMap::from([("other".into(), 5)]),
+                credential: None,
             },
             entities: vec![
                 BundleEntity { id: EntityId(uuid::Uuid::from_u128(1)), collection: "tasks".into(), doc: vec![1, 2, 3] },

@@ -127,6 +127,21 @@ pub struct Derived {
     pub proposals: Vec<Proposal>,
 }
 
+/// Authority records and other contents of a document, as [`Entity::integrity`] finds them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Integrity {
+    /// Signatures of the valid confirmations present.
+    pub confirmed: BTreeSet<String>,
+    /// Authority records that do not verify (`field/seq`).
+    pub forged: BTreeSet<String>,
+    /// Non-reserved root fields.
+    pub plain_fields: usize,
+    /// Pending proposal records.
+    pub proposals: usize,
+    /// Whether a tombstone was ever written.
+    pub tombstone: bool,
+}
+
 /// An entity's document with the operations fieldsync performs on it.
 #[derive(Debug)]
 pub struct Entity {
@@ -580,6 +595,66 @@ impl Entity {
             }
         }
         out.sort_by(|a, b| a.seq.cmp(&b.seq).then_with(|| a.sig.cmp(&b.sig)));
+        out
+    }
+
+    /// The newest valid confirmation of an authority `field`.
+    pub fn confirmed(&self, ws: &Workspace, field: &str) -> Option<Confirmation> {
+        self.confirmations(ws, field).pop()
+    }
+
+    /// The user an entity belongs to: its collection's `owner` field, when that holds text.
+    pub fn owner(&self, ws: &Workspace) -> Option<String> {
+        let field = self.schema_collection(ws).ok()?.owner.as_deref()?;
+        match self.doc.get(ROOT, field).ok()?? {
+            (Value::Scalar(s), _) => match s.as_ref() {
+                ScalarValue::Str(t) => Some(t.to_string()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// What a receiver checks before and after merging another node's changes: which
+    /// authority records verify and which do not, and what else the document holds.
+    pub fn integrity(&self, ws: &Workspace) -> Integrity {
+        let mut out = Integrity {
+            plain_fields: self.doc.map_range(ROOT, ..).filter(|i| !i.key.starts_with('_')).count(),
+            proposals: self.proposal_records().len(),
+            tombstone: self.doc.get(ROOT, K_DELETED).ok().flatten().is_some(),
+            ..Default::default()
+        };
+        for (v, auth) in self.doc.get_all(ROOT, K_AUTH).unwrap_or_default() {
+            if !matches!(v, Value::Object(ObjType::Map)) {
+                out.forged.insert(K_AUTH.to_owned());
+                continue;
+            }
+            for field in self.doc.keys(&auth) {
+                for (v, per_field) in self.doc.get_all(&auth, field.as_str()).unwrap_or_default() {
+                    if !matches!(v, Value::Object(ObjType::Map)) {
+                        out.forged.insert(field.clone());
+                        continue;
+                    }
+                    for key in self.doc.keys(&per_field) {
+                        for (v, _) in self.doc.get_all(&per_field, key.as_str()).unwrap_or_default() {
+                            let valid = match &v {
+                                Value::Scalar(s) => match s.as_ref() {
+                                    ScalarValue::Str(text) => serde_json::from_str::<Confirmation>(text)
+                                        .ok()
+                                        .filter(|c| seq_key(c.seq) == key && c.verify(&ws.authority, ws.id, self.id, &field)),
+                                    _ => None,
+                                },
+                                _ => None,
+                            };
+                            match valid {
+                                Some(c) => out.confirmed.insert(c.sig),
+                                None => out.forged.insert(format!("{field}/{key}")),
+                            };
+                        }
+                    }
+                }
+            }
+        }
         out
     }
 

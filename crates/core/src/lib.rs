@@ -7,6 +7,7 @@
 //! - [`authority`]: confirmed values signed by the workspace authority.
 //! - [`bundle`]: the file format that carries documents between nodes with no network.
 //! - [`workspace`]: the workspace identity and the invite that carries it.
+//! - [`membership`]: the signed member list, invite tokens and per-user partitions.
 //! - [`protocol`]: the sync protocol's frames and their size-limited codec.
 //!
 //! Time, randomness and storage come from the caller (see the `fieldsync` crate).
@@ -15,6 +16,7 @@ pub mod authority;
 pub mod bundle;
 pub mod entity;
 pub mod ids;
+pub mod membership;
 pub mod patch;
 pub mod protocol;
 pub mod schema;
@@ -23,7 +25,7 @@ pub mod workspace;
 pub use entity::{Conflict, ConflictState, Derived, Entity, HistoryEntry, Proposal, View, Writer};
 pub use ids::{ConflictId, EntityId, PeerId, ProposalId, Seq, WorkspaceId};
 pub use patch::{FieldOp, Patch};
-pub use schema::{Collection, OnDelete, Rule, Schema};
+pub use schema::{Access, Collection, OnDelete, Rule, Schema};
 pub use workspace::{Invite, Workspace};
 
 /// Everything that can go wrong in the core. Expected outcomes of merging (conflicts,

@@ -83,6 +83,9 @@ pub enum Frame {
         feed_seq: u64,
         /// The sender's checkpoint of the receiver's feed: serve from here.
         resume_from: u64,
+        /// Proof that the sender is a member (absent for the authority).
+        #[serde(default)]
+        credential: Option<crate::membership::Credential>,
     },
     /// The session ends; why.
     Goodbye { reason: String },

@@ -68,11 +68,40 @@ pub struct FieldSpec {
     pub auto_accept: bool,
 }
 
+/// What a device member may see and write of a collection (relays and admins see all).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    /// Every entity.
+    #[default]
+    All,
+    /// Entities whose owner field (the collection's `owner`) holds the member's user name.
+    Own,
+    /// Nothing.
+    None,
+}
+
+impl std::str::FromStr for Access {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Access::All),
+            "own" => Ok(Access::Own),
+            "none" => Ok(Access::None),
+            other => Err(format!("access {other:?} is not one of all, own, none")),
+        }
+    }
+}
+
 /// One collection of entities.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Collection {
     pub on_delete: OnDelete,
     pub fields: BTreeMap<String, FieldSpec>,
+    /// The field naming the user an entity belongs to (for [`Access::Own`]).
+    pub owner: Option<String>,
+    /// What device members get unless their membership says otherwise.
+    pub access: Access,
 }
 
 impl Collection {
@@ -104,6 +133,9 @@ struct RawCollection {
     on_delete: OnDelete,
     #[serde(default)]
     fields: BTreeMap<String, RawField>,
+    owner: Option<String>,
+    #[serde(default)]
+    access: Access,
 }
 
 #[derive(Deserialize)]
@@ -186,8 +218,20 @@ impl Schema {
                 }
                 fields.insert(fname, FieldSpec { rule, auto_accept: rf.auto_accept });
             }
-            collections.insert(cname, Collection { on_delete: rc.on_delete, fields });
+            if let Some(owner) = &rc.owner {
+                if !valid_name(owner) {
+                    return Err(Error::Schema(format!("{cname}: owner field {owner:?} must use letters, digits, '_' or '-'")));
+                }
+                if fields.get(owner).is_some_and(|f: &FieldSpec| f.rule != Rule::Lww) {
+                    return Err(Error::Schema(format!("{cname}: owner field {owner:?} must use rule \"lww\"")));
+                }
+            }
+            if rc.access == Access::Own && rc.owner.is_none() {
+                return Err(Error::Schema(format!("{cname}: access \"own\" needs `owner = \"<field naming the user>\"`")));
+            }
+            collections.insert(cname, Collection { on_delete: rc.on_delete, fields, owner: rc.owner, access: rc.access });
         }
+        collections.insert(crate::membership::MEMBERS.to_owned(), crate::membership::members_collection());
         Ok(Schema { collections, source: text.to_owned() })
     }
 
@@ -200,7 +244,7 @@ impl Schema {
     pub fn collection(&self, name: &str) -> Result<&Collection, Error> {
         self.collections.get(name).ok_or_else(|| Error::UnknownCollection {
             name: name.to_owned(),
-            known: self.collections.keys().cloned().collect::<Vec<_>>().join(", "),
+            known: self.collections.keys().filter(|k| !k.starts_with('_')).cloned().collect::<Vec<_>>().join(", "),
         })
     }
 }
@@ -231,7 +275,7 @@ start    = { rule = "manual" }
     #[test]
     fn parses_the_documented_example() {
         let s = Schema::from_toml(EXAMPLE).unwrap();
-        assert_eq!(s.collections.len(), 4);
+        assert_eq!(s.collections.len(), 5, "four declared plus the built-in _members");
         let tasks = s.collection("tasks").unwrap();
         assert_eq!(tasks.rule("status").name(), "rank");
         assert_eq!(tasks.rule("undeclared"), &Rule::Lww);
@@ -251,6 +295,9 @@ start    = { rule = "manual" }
             ("[collections.t]\non_delete = \"sometimes\"", "unknown variant"),
             ("", "no collection"),
             ("[collections.t.fields]\nx = { rule = \"rank\", order = [\"a\", \"a\"] }", "distinct"),
+            ("[collections.t]\naccess = \"own\"", "needs `owner"),
+            ("[collections.t]\naccess = \"some\"", "unknown variant"),
+            ("[collections.t]\nowner = \"who\"\n[collections.t.fields]\nwho = { rule = \"set\" }", "must use rule"),
         ] {
             let err = Schema::from_toml(bad).unwrap_err().to_string();
             assert!(err.contains(needle), "{bad:?} gave {err:?}");

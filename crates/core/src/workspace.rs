@@ -36,6 +36,10 @@ pub struct Invite {
     /// The authority's ed25519 public key, hex.
     pub authority_public_key: String,
     pub authority_peer_id: String,
+    /// The membership this invite grants (one device, until it expires). Absent in the
+    /// copy a node keeps of its own workspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<crate::membership::InviteToken>,
 }
 
 /// The `format` tag of invites this version writes and reads.
@@ -52,11 +56,18 @@ impl Invite {
             schema: workspace.schema.source().to_owned(),
             authority_public_key: hex::encode(workspace.authority.to_bytes()),
             authority_peer_id: workspace.authority_peer().to_string(),
+            token: None,
         }
     }
 
     /// Parses and checks an invite; the workspace it describes.
     pub fn decode(bytes: &[u8]) -> Result<Workspace, Error> {
+        Self::decode_with_token(bytes).map(|(ws, _)| ws)
+    }
+
+    /// Parses and checks an invite: the workspace, and the membership token if it has one
+    /// (its signature is checked here, its expiry when it is used).
+    pub fn decode_with_token(bytes: &[u8]) -> Result<(Workspace, Option<crate::membership::InviteToken>), Error> {
         if bytes.len() > MAX_INVITE_BYTES {
             return Err(Error::Invite(format!("{} bytes is over the {MAX_INVITE_BYTES}-byte limit", bytes.len())));
         }
@@ -72,6 +83,10 @@ impl Invite {
         if workspace.authority_peer().to_string() != invite.authority_peer_id {
             return Err(Error::Invite("authority_peer_id does not match authority_public_key".into()));
         }
-        Ok(workspace)
+        if let Some(token) = &invite.token {
+            token.verify(&workspace.authority, workspace.id, i64::MIN).map_err(Error::Invite)?;
+            token.grant.check(&workspace.schema)?;
+        }
+        Ok((workspace, invite.token))
     }
 }

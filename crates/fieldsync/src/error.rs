@@ -42,6 +42,10 @@ pub enum Error {
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     File { path: PathBuf, source: std::io::Error },
+    /// Refused by the workspace's membership rules (not a member, revoked, outside the
+    /// member's partitions).
+    #[error("refused: {0}")]
+    Refused(String),
     /// Stored node metadata could not be read.
     #[error("stored node metadata is corrupt: {0}")]
     CorruptMeta(String),
@@ -59,7 +63,8 @@ impl Error {
             | Error::AlreadyInitialized(_)
             | Error::WrongCollection { .. }
             | Error::ForeignWorkspace { .. }
-            | Error::ImportLine { .. } => ErrorKind::Invalid,
+            | Error::ImportLine { .. }
+            | Error::Refused(_) => ErrorKind::Invalid,
         }
     }
 

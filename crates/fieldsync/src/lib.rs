@@ -18,6 +18,7 @@
 //! ```
 
 mod error;
+mod members;
 mod replica;
 pub mod sync;
 mod transfer;

@@ -28,6 +28,8 @@ const META_WORKSPACE: &str = "workspace";
 pub(crate) const META_CHECKPOINT_IN: &str = "ckin/";
 /// `ckout/<peer>`: this node's feed seq up to which the peer has applied everything.
 pub(crate) const META_CHECKPOINT_OUT: &str = "ckout/";
+/// The invite token this device joined with (presented until its member record arrives).
+pub(crate) const META_INVITE_TOKEN: &str = "invite_token";
 pub(crate) const INDEX_CONFLICT: &str = "conflict";
 pub(crate) const INDEX_PROPOSAL: &str = "proposal";
 
@@ -96,6 +98,10 @@ pub struct Replica {
     /// Recently used documents, all fully persisted. An entity is taken out while a writer
     /// holds its lock and put back only after its write is durable.
     cache: Mutex<lru::LruCache<EntityId, Entity>>,
+    /// The member list read from the store, with the `members_version` it was read at
+    /// (starts at 1, so the first use reads it).
+    pub(crate) members: Mutex<(u64, crate::members::MemberCache)>,
+    pub(crate) members_version: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Replica {
@@ -130,8 +136,12 @@ impl Replica {
     /// Like [`Self::init_join`] with a given identity key.
     pub fn init_join_with_key(dir: &Path, invite: &[u8], name: &str, key: ed25519::Keypair) -> Result<Self, Error> {
         Self::ensure_free(dir)?;
-        let ws = Invite::decode(invite)?;
-        Self::init(dir, ws, key, name, false)
+        let (ws, token) = Invite::decode_with_token(invite)?;
+        let replica = Self::init(dir, ws, key, name, false)?;
+        if let Some(token) = token {
+            replica.commit_durable(vec![], vec![(META_INVITE_TOKEN.to_owned(), Some(to_json_bytes(&token)))])?;
+        }
+        Ok(replica)
     }
 
     /// Uses `clock` for time and new ids from now on.
@@ -191,6 +201,8 @@ impl Replica {
             clock: Arc::new(SystemClock),
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             cache: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(DOC_CACHE_ENTRIES).unwrap_or(std::num::NonZeroUsize::MIN))),
+            members: Mutex::new((0, Default::default())),
+            members_version: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
@@ -217,11 +229,6 @@ impl Replica {
     /// (commits, flushes) of the store since open.
     pub fn commit_stats(&self) -> (u64, u64) {
         self.store.commit_stats()
-    }
-
-    /// The invite a device joins with (JSON).
-    pub fn invite(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(&Invite::new(&self.ws)).unwrap_or_default()
     }
 
     pub(crate) fn writer(&self, now_ms: i64) -> Writer<'_> {
@@ -312,8 +319,10 @@ impl Replica {
 
     /// Commits entity writes and waits until they are durable.
     pub(crate) fn commit_durable(&self, writes: Vec<EntityWrite>, meta: Vec<(String, Option<Vec<u8>>)>) -> Result<(), Error> {
+        let touched: Vec<String> = writes.iter().filter(|w| w.collection.starts_with('_')).map(|w| w.collection.clone()).collect();
         let ticket: Ticket = self.store.commit(writes, meta)?;
         self.store.wait_durable(ticket)?;
+        self.note_written(touched);
         Ok(())
     }
 
@@ -323,6 +332,9 @@ impl Replica {
 
     /// Creates (no `id`, or an id not stored yet) or updates an entity with a JSON patch.
     pub fn put(&self, collection: &str, id: Option<EntityId>, patch_json: &str) -> Result<EntityId, Error> {
+        if collection.starts_with('_') {
+            return Err(Error::Refused(format!("{collection} is built in: members change with `fieldsync invite` and `fieldsync revoke`")));
+        }
         let coll = self.ws.schema.collection(collection)?;
         let patch = Patch::parse(coll, patch_json)?;
         self.put_patch(collection, id, &patch)

@@ -21,10 +21,12 @@
 //! server offers it. See docs/protocol.md.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use automerge::ChangeHash;
 use fieldsync_core::protocol::{Frame, Head, Limits, OfferEntry, PageRange, Payload, Role, WantEntry, VERSION};
+use fieldsync_core::membership::{Grant, RefusalKind};
 use fieldsync_core::{Entity, EntityId, PeerId};
 
 use crate::replica::{Replica, META_CHECKPOINT_IN, META_CHECKPOINT_OUT};
@@ -35,6 +37,36 @@ use crate::Error;
 const MAX_EARLY_FRAMES: usize = 64;
 /// Entities per session whose heads at the peer are remembered (to skip echoing them back).
 const MAX_REMEMBERED_HEADS: usize = 250_000;
+/// Largest entity document (all its chunks) accepted in one payload.
+pub const MAX_ENTITY_BYTES: usize = 8 << 20;
+/// Most chunks in one entity's payload.
+pub const MAX_CHUNKS_PER_ENTITY: usize = 1024;
+
+/// What the engine refused, for metrics. Shared with the driver, which adds what it
+/// refuses itself (banned peers, frame floods).
+#[derive(Debug, Default)]
+pub struct SecurityStats {
+    /// Sessions refused: strangers, revoked members, expired or reused invites.
+    pub sessions_refused: AtomicU64,
+    /// Sessions ended for breaking the protocol: malformed, oversized or out-of-order frames.
+    pub protocol_violations: AtomicU64,
+    /// Entities whose received changes were refused (any reason, forged ones included).
+    pub writes_refused: AtomicU64,
+    /// Of those: carrying authority values the authority did not sign, or removing some.
+    pub forged_refused: AtomicU64,
+    /// Entities a peer asked for but may not see.
+    pub reads_refused: AtomicU64,
+    /// Peers the driver disconnected and refuses for a while.
+    pub peers_banned: AtomicU64,
+    /// Sessions the driver ended for sending frames too fast.
+    pub floods: AtomicU64,
+}
+
+impl SecurityStats {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 /// Engine settings.
 #[derive(Clone, Copy, Debug)]
@@ -87,6 +119,11 @@ pub enum Event {
     Acknowledged { peer: PeerId, upto: u64 },
     /// The session with `peer` ended; the driver should close the connection.
     SessionFailed { peer: PeerId, reason: String },
+    /// `peer` was refused (not a member, revoked) or broke the protocol; follows its
+    /// `SessionFailed`. The driver should refuse it for a while.
+    PeerRefused { peer: PeerId, reason: String },
+    /// Entities `peer` sent were refused by the write check and not applied.
+    WritesRefused { peer: PeerId, reasons: Vec<String> },
 }
 
 #[derive(Debug, Default)]
@@ -108,6 +145,8 @@ struct Session {
     started_at: u64,
     target: u64,
     completed: bool,
+    /// What the peer's member may see and write, once its Hello was accepted.
+    grant: Option<Grant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -123,6 +162,9 @@ pub struct Engine {
     sessions: BTreeMap<PeerId, Session>,
     transmit: VecDeque<(PeerId, Vec<u8>)>,
     events: VecDeque<Event>,
+    security: Arc<SecurityStats>,
+    /// The replica's member list version when sessions were last checked against it.
+    members_seen: u64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -137,7 +179,27 @@ fn seq_meta(replica: &Replica, key: &str) -> Result<u64, Error> {
 
 impl Engine {
     pub fn new(replica: Arc<Replica>, config: Config) -> Self {
-        Engine { replica, config, sessions: BTreeMap::new(), transmit: VecDeque::new(), events: VecDeque::new() }
+        let members_seen = replica.members_version();
+        Engine {
+            replica,
+            config,
+            sessions: BTreeMap::new(),
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            security: Arc::default(),
+            members_seen,
+        }
+    }
+
+    /// Counts refusals into `stats` (shared with the driver and the metrics endpoint).
+    pub fn with_security(mut self, stats: Arc<SecurityStats>) -> Self {
+        self.security = stats;
+        self
+    }
+
+    /// Counters of what this engine refused.
+    pub fn security(&self) -> Arc<SecurityStats> {
+        self.security.clone()
     }
 
     /// The replica this engine syncs.
@@ -171,9 +233,39 @@ impl Engine {
         self.events.push_back(Event::SessionFailed { peer, reason });
     }
 
+    /// Ends the session with a peer that may not sync or broke the protocol: counted, and
+    /// the driver is told to keep it away.
+    fn refuse(&mut self, peer: PeerId, reason: String, protocol: bool) {
+        SecurityStats::bump(if protocol { &self.security.protocol_violations } else { &self.security.sessions_refused });
+        tracing::warn!(%peer, %reason, "peer refused");
+        self.fail(peer, reason.clone());
+        self.events.push_back(Event::PeerRefused { peer, reason });
+    }
+
+    /// Ends sessions of peers the member list no longer admits (a revocation arrived).
+    fn recheck_members(&mut self) -> Result<(), Error> {
+        let version = self.replica.members_version();
+        if version == self.members_seen {
+            return Ok(());
+        }
+        self.members_seen = version;
+        let peers: Vec<PeerId> = self.sessions.iter().filter(|(_, s)| s.grant.is_some()).map(|(p, _)| *p).collect();
+        for peer in peers {
+            if let Some(why) = self.replica.revoked(&peer)? {
+                self.refuse(peer, why, false);
+            }
+        }
+        Ok(())
+    }
+
     /// Handles one input. An `Err` is a local storage failure; protocol problems end the
     /// session with [`Event::SessionFailed`] instead.
     pub fn handle(&mut self, input: Input) -> Result<(), Error> {
+        self.handle_input(input)?;
+        self.recheck_members()
+    }
+
+    fn handle_input(&mut self, input: Input) -> Result<(), Error> {
         match input {
             Input::Connected(peer) => {
                 let resume_from = seq_meta(&self.replica, &format!("{META_CHECKPOINT_IN}{peer}"))?;
@@ -186,6 +278,7 @@ impl Engine {
                     limits: self.config.limits,
                     feed_seq: self.replica.store.last_seq(),
                     resume_from,
+                    credential: self.replica.credential()?,
                 };
                 self.send(peer, &hello);
                 Ok(())
@@ -213,21 +306,21 @@ impl Engine {
         let frame = match Frame::decode(&bytes, self.config.limits.max_frame) {
             Ok(f) => f,
             Err(e) => {
-                self.fail(peer, e.to_string());
+                self.refuse(peer, e.to_string(), true);
                 return Ok(());
             }
         };
         if session.remote.is_none() && !matches!(frame, Frame::Hello { .. } | Frame::Goodbye { .. }) {
             // Frames can overtake the Hello on a reordering network: keep a few for later.
             if session.early.len() >= MAX_EARLY_FRAMES {
-                self.fail(peer, "too many frames before Hello".into());
+                self.refuse(peer, "too many frames before Hello".into(), true);
             } else {
                 session.early.push_back(bytes);
             }
             return Ok(());
         }
         match frame {
-            Frame::Hello { version, workspace, role, limits, feed_seq, resume_from } => {
+            Frame::Hello { version, workspace, role, limits, feed_seq, resume_from, credential } => {
                 if session.remote.is_some() {
                     return Ok(()); // a duplicate Hello changes nothing
                 }
@@ -236,13 +329,25 @@ impl Engine {
                     return Ok(());
                 }
                 if workspace != self.replica.workspace().id {
-                    self.fail(peer, format!("peer is in workspace {workspace}, this node in {}", self.replica.workspace().id));
+                    let reason = format!("peer is in workspace {workspace}, this node in {}", self.replica.workspace().id);
+                    self.refuse(peer, reason, false);
                     return Ok(());
                 }
                 if limits.window == 0 || limits.page_entities == 0 || limits.max_frame < 4096 {
-                    self.fail(peer, format!("unusable limits {limits:?}"));
+                    self.refuse(peer, format!("unusable limits {limits:?}"), true);
                     return Ok(());
                 }
+                // Membership is checked before any entity data flows either way.
+                let grant = match self.replica.admit(&peer, credential.as_ref()) {
+                    Ok(grant) => grant,
+                    Err(Error::Refused(why)) => {
+                        self.refuse(peer, why, false);
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                };
+                let Some(session) = self.sessions.get_mut(&peer) else { return Ok(()) };
+                session.grant = Some(grant);
                 session.remote = Some(RemoteHello { limits });
                 let remote_role = role;
                 session.serve_cursor = resume_from;
@@ -294,16 +399,22 @@ impl Engine {
             let feed = self.replica.store.feed_since(session.serve_cursor, limit)?;
             let upto = feed.last().map(|(s, _)| *s).unwrap_or(last);
             let page = PageRange { from: session.serve_cursor, upto };
+            let grant = session.grant.clone();
             let mut entries = Vec::with_capacity(feed.len());
             for (_, key) in feed {
                 let id = EntityId::from_bytes(key);
                 let Some(record) = self.replica.store.record(&key)? else { continue };
+                // Only what the peer's member may see is offered.
+                if !grant.as_ref().is_some_and(|g| self.replica.visible(g, &record.collection, id).unwrap_or(false)) {
+                    continue;
+                }
                 // Skip what the peer is known to hold already (typically what it just sent).
                 if session.remote_heads.get(&id) == Some(&record.heads) {
                     continue;
                 }
                 entries.push(OfferEntry { id, heads: record.heads });
             }
+            let Some(session) = self.sessions.get_mut(&peer) else { return Ok(()) };
             session.serve_cursor = upto;
             session.in_flight.insert(upto, page);
             self.send(peer, &Frame::Offer { page, entries });
@@ -317,11 +428,11 @@ impl Engine {
             return Ok(()); // a replayed or duplicated offer
         }
         if page.upto < page.from || entries.len() > self.config.limits.page_entities.max(remote.limits.page_entities) as usize {
-            self.fail(peer, format!("bad offer for page {page:?} with {} entries", entries.len()));
+            self.refuse(peer, format!("bad offer for page {page:?} with {} entries", entries.len()), true);
             return Ok(());
         }
         if session.wanted.len() + session.done_pages.len() >= 4 * self.config.limits.window.max(remote.limits.window) as usize {
-            self.fail(peer, "too many pages in flight".into());
+            self.refuse(peer, "too many pages in flight".into(), true);
             return Ok(());
         }
         let mut wants = Vec::new();
@@ -348,9 +459,10 @@ impl Engine {
     }
 
     fn on_want(&mut self, peer: PeerId, page: PageRange, wants: Vec<WantEntry>) -> Result<(), Error> {
-        let Some(remote) = self.sessions.get(&peer).and_then(|s| s.remote) else { return Ok(()) };
+        let Some(session) = self.sessions.get(&peer) else { return Ok(()) };
+        let (Some(remote), Some(grant)) = (session.remote, session.grant.clone()) else { return Ok(()) };
         if wants.len() > remote.limits.page_entities.max(self.config.limits.page_entities) as usize {
-            self.fail(peer, format!("a Want of {} entities is over the page limit", wants.len()));
+            self.refuse(peer, format!("a Want of {} entities is over the page limit", wants.len()), true);
             return Ok(());
         }
         // Leave room for framing within the peer's frame limit.
@@ -359,7 +471,7 @@ impl Engine {
         let mut skipped = Vec::new();
         let mut size = 0;
         for want in wants {
-            let Some(payload) = self.payload(&want)? else {
+            let Some(payload) = self.payload(&want, &grant)? else {
                 skipped.push(want.id);
                 continue;
             };
@@ -377,9 +489,15 @@ impl Engine {
 
     /// The data for one want: stored snapshot and chunks as they are when the peer lacks the
     /// entity, else the changes after the peer's heads.
-    fn payload(&self, want: &WantEntry) -> Result<Option<Payload>, Error> {
+    fn payload(&self, want: &WantEntry, grant: &Grant) -> Result<Option<Payload>, Error> {
         let key = want.id.as_bytes();
         let Some(record) = self.replica.store.record(key)? else { return Ok(None) };
+        if !self.replica.visible(grant, &record.collection, want.id)? {
+            // Never offered to this peer, or no longer visible to it: counted, skipped.
+            SecurityStats::bump(&self.security.reads_refused);
+            tracing::warn!(entity = %want.id, user = %grant.user, "a peer asked for an entity outside its partitions");
+            return Ok(None);
+        }
         let chunks = if want.have.is_empty() {
             let Some(doc) = self.replica.store.load_doc(key)? else { return Ok(None) };
             std::iter::once(doc.snapshot).chain(doc.chunks).collect()
@@ -400,6 +518,13 @@ impl Engine {
     }
 
     fn on_data(&mut self, peer: PeerId, page: PageRange, payloads: Vec<Payload>, skipped: Vec<EntityId>) -> Result<(), Error> {
+        let Some(session) = self.sessions.get_mut(&peer) else { return Ok(()) };
+        let page_limit = session.remote.map(|r| r.limits.page_entities).unwrap_or(0).max(self.config.limits.page_entities) as usize;
+        if payloads.len() + skipped.len() > page_limit {
+            let reason = format!("a Data frame of {} entities is over the page limit of {page_limit}", payloads.len() + skipped.len());
+            self.refuse(peer, reason, true);
+            return Ok(());
+        }
         let Some(session) = self.sessions.get_mut(&peer) else { return Ok(()) };
         let Some((_, outstanding)) = session.wanted.get(&page.from) else {
             return Ok(()); // data for a page already complete: a replay
@@ -425,21 +550,33 @@ impl Engine {
         }
         // Check every payload before applying any; then apply them and the checkpoint they
         // complete in one durable commit.
+        let Some(grant) = session.grant.clone() else { return Ok(()) };
         let items = match self.check_payloads(payloads) {
             Ok(items) => items,
             Err(reason) => {
-                self.fail(peer, reason);
+                self.refuse(peer, reason, true);
                 return Ok(());
             }
         };
         if !items.is_empty() || !meta.is_empty() {
             let mut summary = ImportSummary::default();
-            if let Err(e) = self.replica.merge_incoming(items, meta, &mut summary) {
+            if let Err(e) = self.replica.merge_incoming(items, meta, &grant, &mut summary) {
                 if matches!(e, Error::Store(_) | Error::File { .. }) {
                     return Err(e);
                 }
-                self.fail(peer, format!("received data could not be applied: {e}"));
+                self.refuse(peer, format!("received data could not be applied: {e}"), true);
                 return Ok(());
+            }
+            if !summary.refused.is_empty() {
+                for r in &summary.refused {
+                    SecurityStats::bump(&self.security.writes_refused);
+                    if matches!(r.kind, RefusalKind::Forged | RefusalKind::Rollback) {
+                        SecurityStats::bump(&self.security.forged_refused);
+                    }
+                    tracing::warn!(%peer, kind = r.kind.name(), reason = %r.reason, "write refused");
+                }
+                let reasons = summary.refused.into_iter().map(|r| r.reason).collect();
+                self.events.push_back(Event::WritesRefused { peer, reasons });
             }
         }
         let Some(session) = self.sessions.get_mut(&peer) else { return Ok(()) };
@@ -472,6 +609,14 @@ impl Engine {
             .map(|p| {
                 if ws.schema.collection(&p.collection).is_err() {
                     return Err(format!("entity {} is in unknown collection {:?}", p.id, p.collection));
+                }
+                let bytes: usize = p.chunks.iter().map(|c| c.len()).sum();
+                if bytes > MAX_ENTITY_BYTES || p.chunks.len() > MAX_CHUNKS_PER_ENTITY {
+                    return Err(format!(
+                        "entity {} came as {} chunks of {bytes} bytes, over the limits ({MAX_CHUNKS_PER_ENTITY} chunks, {MAX_ENTITY_BYTES} bytes)",
+                        p.id,
+                        p.chunks.len()
+                    ));
                 }
                 let chunks: Vec<Vec<u8>> = p.chunks.into_iter().map(|c| c.into_vec()).collect();
                 if p.full {

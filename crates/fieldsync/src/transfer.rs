@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 
 use fieldsync_core::bundle::{Bundle, BundleEncoder, BundleEntity, BundleHeader, Limits};
+use fieldsync_core::membership::{check_write, Facts, Grant, Refusal};
 use fieldsync_core::{Entity, EntityId, Patch, PeerId};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -82,6 +83,13 @@ enum Merged {
     Accepted(usize),
 }
 
+/// One entity's outcome in [`Replica::merge_incoming`].
+enum Outcome {
+    Unchanged,
+    Refused(Refusal),
+    Written(Box<(fieldsync_store::EntityWrite, Entity, Merged)>),
+}
+
 /// What an import did.
 #[derive(Debug, Default, Serialize, PartialEq, Eq)]
 pub struct ImportSummary {
@@ -90,6 +98,14 @@ pub struct ImportSummary {
     pub updated: usize,
     pub unchanged: usize,
     pub auto_accepted: usize,
+    /// Entities refused by the write check (forged authority values, outside the sender's
+    /// partitions…), with the reason; none of their changes were applied.
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "refusal_reasons")]
+    pub refused: Vec<Refusal>,
+}
+
+fn refusal_reasons<S: serde::Serializer>(refused: &[Refusal], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(refused.iter().map(|r| serde_json::json!({ "kind": r.kind.name(), "reason": r.reason })))
 }
 
 fn seq_of(bytes: Option<Vec<u8>>) -> u64 {
@@ -98,8 +114,13 @@ fn seq_of(bytes: Option<Vec<u8>>) -> u64 {
 
 impl Replica {
     /// Every entity changed since `peer` last acknowledged this node's feed (all of them if
-    /// `peer` is unknown or `None`). `progress(done, total)` is called as it goes.
+    /// `peer` is unknown or `None`). For a `peer`, only what its member may see goes in (a
+    /// peer that is not a member gets an error). `progress(done, total)` is called as it goes.
     pub fn export_bundle(&self, peer: Option<PeerId>, progress: &mut dyn FnMut(usize, usize)) -> Result<ExportedBundle, Error> {
+        let audience = match &peer {
+            Some(p) => Some(self.admit(p, None)?),
+            None => None,
+        };
         let since = match peer {
             Some(p) => seq_of(self.store.meta(&format!("{META_CHECKPOINT_OUT}{p}"))?),
             None => 0,
@@ -111,7 +132,7 @@ impl Replica {
             .into_iter()
             .map(|(k, v)| (k[META_CHECKPOINT_IN.len()..].to_owned(), seq_of(Some(v))))
             .collect();
-        let header = BundleHeader { workspace: self.ws.id, from: self.peer.to_string(), since, upto, acks };
+        let header = BundleHeader { workspace: self.ws.id, from: self.peer.to_string(), since, upto, acks, credential: self.credential()? };
         let mut enc = BundleEncoder::new(&header);
         let mut out = Vec::new();
         let mut after = since;
@@ -122,7 +143,15 @@ impl Replica {
             let page: Vec<_> = page.into_iter().filter(|(seq, _)| *seq <= upto).collect();
             let Some((last, _)) = page.last() else { break };
             after = *last;
-            let docs: Vec<_> = page.iter().map(|(_, id)| self.store.load_doc(id)).collect::<Result<_, _>>()?;
+            let mut docs = Vec::with_capacity(page.len());
+            for (_, id) in &page {
+                let visible = match (&audience, self.store.record(id)?) {
+                    (_, None) => false,
+                    (None, Some(_)) => true,
+                    (Some(grant), Some(r)) => self.visible(grant, &r.collection, EntityId::from_bytes(*id))?,
+                };
+                docs.push(if visible { self.store.load_doc(id)? } else { None });
+            }
             let entities: Vec<BundleEntity> = page
                 .par_iter()
                 .zip(docs)
@@ -156,6 +185,8 @@ impl Replica {
             .from
             .parse()
             .map_err(|_| fieldsync_core::Error::Bundle(format!("sender {:?} is not a peer id", bundle.header.from)))?;
+        // Writes are checked against the sender's membership, as over the network.
+        let grant = self.admit(&from, bundle.header.credential.as_ref())?;
         // Check everything first; nothing is applied from a bundle with one bad entity.
         let received: Vec<Incoming> = bundle
             .entities
@@ -181,7 +212,7 @@ impl Replica {
                 break;
             }
             done += chunk.len();
-            self.merge_incoming(chunk, vec![], &mut summary)?;
+            self.merge_incoming(chunk, vec![], &grant, &mut summary)?;
             progress(done, total);
         }
 
@@ -204,17 +235,22 @@ impl Replica {
     /// Merges received documents into the store in one durable commit together with `meta`
     /// (e.g. a checkpoint); on the authority, then confirms proposals of `auto_accept`
     /// fields. Entities are merged in parallel; if any fails, nothing is written.
-    pub(crate) fn merge_incoming(&self, items: Vec<Incoming>, meta: Vec<(String, Option<Vec<u8>>)>, summary: &mut ImportSummary) -> Result<(), Error> {
+    ///
+    /// Every entity passes the write check for the sender's `grant` first (forged or removed
+    /// authority values, partitions): a refused one is left as it was and listed in
+    /// `summary.refused`.
+    pub(crate) fn merge_incoming(&self, items: Vec<Incoming>, meta: Vec<(String, Option<Vec<u8>>)>, grant: &Grant, summary: &mut ImportSummary) -> Result<(), Error> {
         let now = self.now_ms();
         let items = dedupe(items)?;
         // Held until the commit, so no local write to these entities slips in between.
         let _guards = self.lock_many(items.iter().map(Incoming::id));
-        let results: Vec<Option<(fieldsync_store::EntityWrite, Entity, Merged)>> = items
+        let results: Vec<Outcome> = items
             .into_par_iter()
             .map(|item| {
                 let w = self.writer(now);
                 let id = item.id();
                 let mut as_received = None;
+                let mut before = None;
                 let (mut entity, how) = match (self.load(id)?, item) {
                     (None, Incoming::Whole { entity, mut chunks, .. }) => {
                         // A lone compact document can be stored exactly as received.
@@ -230,17 +266,24 @@ impl Replica {
                         if local.collection().as_deref() != Some(collection.as_str()) {
                             return Err(fieldsync_core::Error::Protocol(format!("entity {id} is in another collection here")).into());
                         }
+                        let facts = Facts::of(&self.ws, &local);
                         let mut changed = false;
                         for chunk in &chunks {
                             changed |= local.merge_bytes(chunk)?;
                         }
                         if !changed {
                             self.cache(local);
-                            return Ok(None);
+                            return Ok(Outcome::Unchanged);
                         }
+                        before = Some(facts);
                         (local, Merged::Updated)
                     }
                 };
+                let collection = entity.collection().unwrap_or_default();
+                if let Err(refusal) = check_write(&self.ws.schema, grant, id, &collection, before.as_ref(), &Facts::of(&self.ws, &entity)) {
+                    // The merged document is dropped; the stored one is untouched.
+                    return Ok(Outcome::Refused(refusal));
+                }
                 let mut accepted = 0;
                 if self.authority {
                     for pid in entity.auto_acceptable(&self.ws) {
@@ -249,15 +292,17 @@ impl Replica {
                     }
                 }
                 let write = self.entity_write_from(&mut entity, as_received.filter(|_| accepted == 0))?;
-                Ok(Some((write, entity, if accepted > 0 { Merged::Accepted(accepted) } else { how })))
+                Ok(Outcome::Written(Box::new((write, entity, if accepted > 0 { Merged::Accepted(accepted) } else { how }))))
             })
             .collect::<Result<_, Error>>()?;
         let mut writes = Vec::with_capacity(results.len());
         let mut merged = Vec::with_capacity(results.len());
         for r in results {
             match r {
-                None => summary.unchanged += 1,
-                Some((write, entity, how)) => {
+                Outcome::Unchanged => summary.unchanged += 1,
+                Outcome::Refused(refusal) => summary.refused.push(refusal),
+                Outcome::Written(written) => {
+                    let (write, entity, how) = *written;
                     match how {
                         Merged::Created => summary.created += 1,
                         Merged::Updated => summary.updated += 1,

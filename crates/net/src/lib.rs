@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fieldsync::core::protocol::Role;
-use fieldsync::sync::{Config as EngineConfig, Engine, Event, Input};
+use fieldsync::sync::{Config as EngineConfig, Engine, Event, Input, SecurityStats};
 use fieldsync::Replica;
 use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
 use libp2p::swarm::behaviour::toggle::Toggle;
@@ -38,6 +38,8 @@ const INPUT_QUEUE: usize = 1024;
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a peer whose session failed (wrong workspace, bad frames) is left alone.
 const SESSION_COOLDOWN: Duration = Duration::from_secs(10);
+/// Sync streams a peer may open beyond its one session before it is refused.
+const MAX_EXTRA_STREAMS: u32 = 8;
 /// Notices queued for the embedding application; more are dropped (and logged).
 pub const NOTICE_QUEUE: usize = 1024;
 
@@ -78,6 +80,10 @@ pub struct Config {
     /// First redial delay; doubles per failure up to `max_backoff`.
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// How long a refused peer (not a member, bad frames, flooding) is kept away.
+    pub ban: Duration,
+    /// Frames per second a peer may send on average (bursts of twice that pass).
+    pub max_frames_per_sec: u32,
 }
 
 impl Default for Config {
@@ -92,6 +98,8 @@ impl Default for Config {
             max_connections: 256,
             min_backoff: Duration::from_millis(250),
             max_backoff: Duration::from_secs(30),
+            ban: Duration::from_secs(60),
+            max_frames_per_sec: 2_000,
         }
     }
 }
@@ -116,6 +124,8 @@ pub struct Stats {
     pub bytes_sent: AtomicU64,
     pub frames_received: AtomicU64,
     pub bytes_received: AtomicU64,
+    /// What the engine and this layer refused.
+    pub security: Arc<SecurityStats>,
 }
 
 /// A handle to a running node: tell it about local writes, read its traffic counters.
@@ -156,6 +166,8 @@ enum Owned {
     Frame { peer: PeerId, gen: u64, bytes: Vec<u8> },
     Closed { peer: PeerId, gen: u64 },
     Opened { peer: PeerId, stream: libp2p::Stream },
+    /// The peer sent frames faster than allowed or an oversized frame.
+    Hostile { peer: PeerId, gen: u64, reason: String },
     OpenFailed { peer: PeerId },
     LocalChange,
 }
@@ -228,8 +240,11 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
     let mut control = swarm.behaviour().stream.new_control();
     let mut incoming = control.accept(PROTOCOL).map_err(|e| Error::Setup(e.to_string()))?;
 
-    let mut engine = Engine::new(replica.clone(), EngineConfig::default().with_role(config.role));
     let Inbox { tx: inputs, rx: mut inbox, stats } = inbox;
+    let mut engine = Engine::new(replica.clone(), EngineConfig::default().with_role(config.role)).with_security(stats.security.clone());
+    // Refused peers and until when; extra streams opened per peer.
+    let mut banned: HashMap<PeerId, tokio::time::Instant> = HashMap::new();
+    let mut extra_streams: HashMap<PeerId, u32> = HashMap::new();
     let mut sessions: HashMap<PeerId, Session> = HashMap::new();
     let mut next_gen = 0u64;
     // Peers with at least one connection, and those this node is opening a stream to.
@@ -250,9 +265,10 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                 // One session per pair: the lower peer id opens it, and retries until it exists.
                 let now = tokio::time::Instant::now();
                 cooldown.retain(|_, until| *until > now);
+                banned.retain(|_, until| *until > now);
                 let to_open: Vec<PeerId> = connected
                     .iter()
-                    .filter(|p| local < **p && !sessions.contains_key(p) && !opening.contains(p) && !cooldown.contains_key(p))
+                    .filter(|p| local < **p && !sessions.contains_key(p) && !opening.contains(p) && !cooldown.contains_key(p) && !banned.contains_key(p))
                     .copied()
                     .collect();
                 for peer in to_open {
@@ -300,6 +316,11 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                 SwarmEvent::ConnectionEstablished { peer_id, connection_id, .. } => {
                     if let Some(r) = redials.iter_mut().find(|r| r.connection == Some(connection_id)) {
                         r.failures = 0;
+                    }
+                    if banned.contains_key(&peer_id) {
+                        tracing::info!(peer = %peer_id, "connection from a refused peer closed");
+                        swarm.close_connection(connection_id);
+                        continue;
                     }
                     // The next tick opens the sync stream if this node is the lower peer id.
                     tracing::debug!(peer = %peer_id, %connection_id, "connection established");
@@ -357,12 +378,32 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                 _ => {}
             },
             Some((peer, stream)) = incoming.next() => {
-                attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, &stats, peer, stream)?;
+                if banned.contains_key(&peer) {
+                    drop(stream);
+                } else if sessions.contains_key(&peer) {
+                    let n = extra_streams.entry(peer).or_default();
+                    *n += 1;
+                    if *n > MAX_EXTRA_STREAMS {
+                        tracing::warn!(%peer, "peer keeps opening sync streams; refused");
+                        stats.security.protocol_violations.fetch_add(1, Ordering::Relaxed);
+                        ban(&mut swarm, &mut banned, &mut sessions, &mut engine, &notices, &stats.security, peer, config.ban)?;
+                    }
+                } else {
+                    attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, &stats, config.max_frames_per_sec, peer, stream)?;
+                }
             }
             Some(msg) = inbox.recv() => match msg {
                 Owned::Opened { peer, stream } => {
                     opening.remove(&peer);
-                    attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, &stats, peer, stream)?;
+                    if !banned.contains_key(&peer) {
+                        attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, &stats, config.max_frames_per_sec, peer, stream)?;
+                    }
+                }
+                Owned::Hostile { peer, gen, reason } => {
+                    if sessions.get(&peer).is_some_and(|s| s.gen == gen) {
+                        tracing::warn!(%peer, %reason, "peer refused");
+                        ban(&mut swarm, &mut banned, &mut sessions, &mut engine, &notices, &stats.security, peer, config.ban)?;
+                    }
                 }
                 Owned::OpenFailed { peer } => {
                     opening.remove(&peer);
@@ -382,9 +423,14 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                 Owned::LocalChange => engine.handle(Input::LocalChange)?,
             },
         }
-        for peer in drain(&mut engine, &mut sessions, &notices).await {
+        let (failed, refused) = drain(&mut engine, &mut sessions, &notices).await;
+        for peer in failed {
             cooldown.insert(peer, tokio::time::Instant::now() + SESSION_COOLDOWN);
         }
+        for peer in refused {
+            ban(&mut swarm, &mut banned, &mut sessions, &mut engine, &notices, &stats.security, peer, config.ban)?;
+        }
+        extra_streams.retain(|p, _| sessions.contains_key(p));
     }
     Ok(())
 }
@@ -404,6 +450,30 @@ fn schedule(r: &mut Redial, config: &Config) {
     r.due = Some(tokio::time::Instant::now() + base.mul_f64(jitter));
 }
 
+/// Ends a peer's session, disconnects it and refuses it until `for_how_long` passed.
+#[allow(clippy::too_many_arguments)]
+fn ban(
+    swarm: &mut libp2p::Swarm<Behaviour>,
+    banned: &mut HashMap<PeerId, tokio::time::Instant>,
+    sessions: &mut HashMap<PeerId, Session>,
+    engine: &mut Engine,
+    notices: &mpsc::Sender<Notice>,
+    security: &SecurityStats,
+    peer: PeerId,
+    for_how_long: Duration,
+) -> Result<(), Error> {
+    if banned.insert(peer, tokio::time::Instant::now() + for_how_long).is_none() {
+        security.peers_banned.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, secs = for_how_long.as_secs(), "peer disconnected and refused for a while");
+    }
+    if sessions.remove(&peer).is_some() {
+        engine.handle(Input::Disconnected(peer))?;
+        notify(notices, Notice::PeerDisconnected(peer));
+    }
+    let _ = swarm.disconnect_peer_id(peer);
+    Ok(())
+}
+
 fn notify(notices: &mpsc::Sender<Notice>, notice: Notice) {
     if notices.try_send(notice).is_err() {
         tracing::debug!("notice queue full; notice dropped");
@@ -418,6 +488,7 @@ fn attach(
     inputs: &mpsc::Sender<Owned>,
     notices: &mpsc::Sender<Notice>,
     stats: &Arc<Stats>,
+    max_frames_per_sec: u32,
     peer: PeerId,
     stream: libp2p::Stream,
 ) -> Result<(), Error> {
@@ -446,6 +517,10 @@ fn attach(
     let tx = inputs.clone();
     let in_stats = stats.clone();
     tokio::spawn(async move {
+        // A token bucket: `rate` frames a second, bursts up to twice that.
+        let rate = f64::from(max_frames_per_sec.max(1));
+        let mut tokens = 2.0 * rate;
+        let mut refilled = tokio::time::Instant::now();
         loop {
             let mut len = [0u8; 4];
             if read.read_exact(&mut len).await.is_err() {
@@ -453,9 +528,21 @@ fn attach(
             }
             let len = u32::from_be_bytes(len) as usize;
             if len > max_frame {
-                tracing::warn!(%peer, len, "frame over the size limit; closing the stream");
-                break;
+                in_stats.security.protocol_violations.fetch_add(1, Ordering::Relaxed);
+                let reason = format!("frame of {len} bytes is over the {max_frame}-byte limit");
+                let _ = tx.send(Owned::Hostile { peer, gen, reason }).await;
+                return;
             }
+            let now = tokio::time::Instant::now();
+            tokens = (tokens + now.duration_since(refilled).as_secs_f64() * rate).min(2.0 * rate);
+            refilled = now;
+            if tokens < 1.0 {
+                in_stats.security.floods.fetch_add(1, Ordering::Relaxed);
+                let reason = format!("more than {max_frames_per_sec} frames a second");
+                let _ = tx.send(Owned::Hostile { peer, gen, reason }).await;
+                return;
+            }
+            tokens -= 1.0;
             let mut bytes = vec![0u8; len];
             if read.read_exact(&mut bytes).await.is_err() {
                 break;
@@ -476,8 +563,9 @@ fn attach(
 
 /// Sends every queued frame to its stream's writer and reports every event; returns the
 /// peers whose session failed.
-async fn drain(engine: &mut Engine, sessions: &mut HashMap<PeerId, Session>, notices: &mpsc::Sender<Notice>) -> Vec<PeerId> {
+async fn drain(engine: &mut Engine, sessions: &mut HashMap<PeerId, Session>, notices: &mpsc::Sender<Notice>) -> (Vec<PeerId>, Vec<PeerId>) {
     let mut failed = Vec::new();
+    let mut refused = Vec::new();
     loop {
         while let Some((peer, bytes)) = engine.poll_transmit() {
             if let Some(s) = sessions.get(&peer) {
@@ -491,7 +579,10 @@ async fn drain(engine: &mut Engine, sessions: &mut HashMap<PeerId, Session>, not
                 }
             }
         }
-        let Some(event) = engine.poll_event() else { return failed };
+        let Some(event) = engine.poll_event() else { return (failed, refused) };
+        if let Event::PeerRefused { peer, .. } = &event {
+            refused.push(*peer);
+        }
         if let Event::SessionFailed { peer, reason } = &event {
             tracing::warn!(%peer, %reason, "sync session ended");
             // Dropping the writer closes the stream; the connection idles out.

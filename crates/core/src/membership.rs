@@ -1,0 +1,344 @@
+//! Who belongs to a workspace and what each member may see and write.
+//!
+//! The member list is the built-in collection `_members`: one entity per member, whose only
+//! field `record` is an authority field. Its confirmed value (signed by the authority, see
+//! [`crate::authority`]) is a [`MemberRecord`]; a revocation is a newer confirmation with
+//! `revoked: true`. Since only signed values count, any member may carry the list to any
+//! other, and nobody but the authority can add, change or revoke a member.
+//!
+//! A device joins with an [`InviteToken`]: a grant (user, role, partitions) signed by the
+//! authority, valid until it expires. The authority binds an invite to the first device
+//! that presents it by writing that device's member record; until a node has seen that
+//! record it honours the unexpired token itself (so devices can meet on a LAN before either
+//! reached the authority).
+
+use std::collections::BTreeMap;
+
+use libp2p_identity::ed25519;
+use serde::{Deserialize, Serialize};
+
+use crate::authority::Confirmation;
+use crate::ids::{EntityId, PeerId, WorkspaceId};
+use crate::schema::{Access, Collection, FieldSpec, Rule, Schema};
+use crate::Error;
+
+/// The built-in collection holding the member list.
+pub const MEMBERS: &str = "_members";
+/// The authority field of a member entity.
+pub const RECORD: &str = "record";
+/// Invite tokens larger than this are refused before parsing.
+pub const MAX_TOKEN_BYTES: usize = 64 << 10;
+
+/// The `_members` collection's schema.
+pub(crate) fn members_collection() -> Collection {
+    let fields = BTreeMap::from([(RECORD.to_owned(), FieldSpec { rule: Rule::Authority, auto_accept: false })]);
+    Collection { fields, ..Default::default() }
+}
+
+/// The entity holding `peer`'s member record: the same id on every node.
+pub fn member_entity_id(ws: WorkspaceId, peer: &PeerId) -> EntityId {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"fieldsync/member/v1\0");
+    h.update(ws.as_bytes());
+    h.update(peer.to_bytes());
+    let digest = h.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    EntityId(uuid::Builder::from_custom_bytes(bytes).into_uuid())
+}
+
+/// A member's role: devices see their partitions; relays and admins see everything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberRole {
+    Device,
+    Relay,
+    Admin,
+}
+
+impl std::str::FromStr for MemberRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "device" => Ok(MemberRole::Device),
+            "relay" => Ok(MemberRole::Relay),
+            "admin" => Ok(MemberRole::Admin),
+            other => Err(format!("role {other:?} is not one of device, relay, admin")),
+        }
+    }
+}
+
+/// What a member is allowed: its user name, role, and per-collection access that overrides
+/// the schema's default (`access` in the schema).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    pub user: String,
+    pub role: MemberRole,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub partitions: BTreeMap<String, Access>,
+}
+
+impl Grant {
+    /// The grant of the workspace authority itself.
+    pub fn authority() -> Self {
+        Grant { user: "authority".into(), role: MemberRole::Admin, partitions: BTreeMap::new() }
+    }
+
+    /// Checks the grant against the schema: known collections, `own` only where the
+    /// collection names an owner field.
+    pub fn check(&self, schema: &Schema) -> Result<(), Error> {
+        if self.user.is_empty() || self.user.len() > 128 {
+            return Err(Error::Invite("the user name must have 1 to 128 characters".into()));
+        }
+        for (c, access) in &self.partitions {
+            let coll = schema.collection(c)?;
+            if c.starts_with('_') {
+                return Err(Error::Invite(format!("{c} is built in; its access cannot be changed")));
+            }
+            if *access == Access::Own && coll.owner.is_none() {
+                return Err(Error::Invite(format!("{c} has no `owner` field in the schema, so \"own\" cannot apply")));
+            }
+        }
+        Ok(())
+    }
+
+    /// What this member may see and write of `collection`.
+    pub fn access(&self, schema: &Schema, collection: &str) -> Access {
+        if collection == MEMBERS || self.role != MemberRole::Device {
+            return Access::All;
+        }
+        match schema.collection(collection) {
+            Ok(coll) => self.partitions.get(collection).copied().unwrap_or(coll.access),
+            Err(_) => Access::None,
+        }
+    }
+
+    /// Whether this member may see an entity of `collection` whose owner field holds
+    /// `owner` (asked only for [`Access::Own`]).
+    pub fn may_see(&self, schema: &Schema, collection: &str, owner: impl FnOnce() -> Option<String>) -> bool {
+        match self.access(schema, collection) {
+            Access::All => true,
+            Access::None => false,
+            Access::Own => owner().as_deref() == Some(self.user.as_str()),
+        }
+    }
+}
+
+/// The confirmed value of a member entity's `record`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberRecord {
+    /// The member's peer id (its noise-authenticated key).
+    pub peer: String,
+    #[serde(flatten)]
+    pub grant: Grant,
+    #[serde(default)]
+    pub revoked: bool,
+    /// The invite this device joined with, if any (an invite admits one device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invite: Option<uuid::Uuid>,
+}
+
+impl MemberRecord {
+    /// Reads the record out of a verified confirmation of `peer`'s member entity.
+    pub fn from_confirmation(c: &Confirmation, peer: &PeerId) -> Option<Self> {
+        let r: MemberRecord = serde_json::from_value(c.value.clone()).ok()?;
+        (r.peer == peer.to_string()).then_some(r)
+    }
+}
+
+/// A one-time, expiring invitation to join as `grant`, signed by the authority.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InviteToken {
+    pub id: uuid::Uuid,
+    pub workspace: WorkspaceId,
+    pub grant: Grant,
+    /// Milliseconds since the Unix epoch after which the token is refused.
+    pub expires_ms: i64,
+    /// ed25519 signature by the authority, hex.
+    pub sig: String,
+}
+
+fn token_bytes(id: uuid::Uuid, ws: WorkspaceId, grant: &Grant, expires_ms: i64) -> Vec<u8> {
+    let mut msg = b"fieldsync/invite/v1\0".to_vec();
+    msg.extend_from_slice(id.as_bytes());
+    msg.extend_from_slice(ws.as_bytes());
+    msg.extend_from_slice(&expires_ms.to_be_bytes());
+    // A struct serialises its fields in declaration order: canonical.
+    msg.extend_from_slice(&serde_json::to_vec(grant).unwrap_or_default());
+    msg
+}
+
+impl InviteToken {
+    pub fn sign(key: &ed25519::Keypair, id: uuid::Uuid, workspace: WorkspaceId, grant: Grant, expires_ms: i64) -> Self {
+        let sig = hex::encode(key.sign(&token_bytes(id, workspace, &grant, expires_ms)));
+        InviteToken { id, workspace, grant, expires_ms, sig }
+    }
+
+    /// Checks signature, workspace and expiry; the reason it is refused otherwise.
+    pub fn verify(&self, authority: &ed25519::PublicKey, workspace: WorkspaceId, now_ms: i64) -> Result<(), String> {
+        if self.workspace != workspace {
+            return Err(format!("the invite is for workspace {}", self.workspace));
+        }
+        let sig = hex::decode(&self.sig).map_err(|_| "the invite's signature is not hex".to_owned())?;
+        if !authority.verify(&token_bytes(self.id, self.workspace, &self.grant, self.expires_ms), &sig) {
+            return Err("the invite's signature is not the authority's".into());
+        }
+        if now_ms > self.expires_ms {
+            return Err(format!("the invite {} expired", self.id));
+        }
+        Ok(())
+    }
+}
+
+/// How a peer proves, in its `Hello`, that it may sync.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Credential {
+    /// The authority's confirmation of the peer's member record.
+    Member { record: Confirmation },
+    /// An invite not yet known to be bound to the peer.
+    Invite { token: InviteToken },
+}
+
+/// Why a received write was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RefusalKind {
+    /// Outside the sender's partitions.
+    Partition,
+    /// Carries authority records the authority did not sign.
+    Forged,
+    /// Removes confirmed authority values.
+    Rollback,
+    /// Changes the member list other than by authority signatures.
+    Members,
+}
+
+impl RefusalKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RefusalKind::Partition => "partition",
+            RefusalKind::Forged => "forged_authority",
+            RefusalKind::Rollback => "authority_rollback",
+            RefusalKind::Members => "member_list",
+        }
+    }
+}
+
+/// A refused write: its kind and a sentence for the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub kind: RefusalKind,
+    pub reason: String,
+}
+
+/// What the write check needs to know of a document, before or after a merge.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Facts {
+    pub integrity: crate::entity::Integrity,
+    pub owner: Option<String>,
+}
+
+impl Facts {
+    pub fn of(ws: &crate::Workspace, entity: &crate::Entity) -> Self {
+        Facts { integrity: entity.integrity(ws), owner: entity.owner(ws) }
+    }
+}
+
+/// Whether a member with `grant` may turn an entity from `before` (absent: new to this
+/// node) into `after` by the changes it sent. Authority records are checked for everyone,
+/// partitions for the sender's grant.
+pub fn check_write(schema: &Schema, grant: &Grant, id: EntityId, collection: &str, before: Option<&Facts>, after: &Facts) -> Result<(), Refusal> {
+    let refuse = |kind, reason: String| Err(Refusal { kind, reason: format!("entity {id} ({collection}): {reason}") });
+    let new_forged: Vec<&String> =
+        after.integrity.forged.iter().filter(|f| before.is_none_or(|b| !b.integrity.forged.contains(*f))).collect();
+    if !new_forged.is_empty() {
+        return refuse(RefusalKind::Forged, format!("authority records not signed by the authority: {new_forged:?}"));
+    }
+    if let Some(b) = before {
+        let lost = b.integrity.confirmed.difference(&after.integrity.confirmed).count();
+        if lost > 0 {
+            return refuse(RefusalKind::Rollback, format!("removes {lost} confirmed authority value(s)"));
+        }
+    }
+    if collection == MEMBERS && (after.integrity.plain_fields > 0 || after.integrity.proposals > 0 || after.integrity.tombstone) {
+        return refuse(RefusalKind::Members, "the member list changes only by the authority's signed records".into());
+    }
+    match grant.access(schema, collection) {
+        Access::All => Ok(()),
+        Access::None => refuse(RefusalKind::Partition, format!("user {:?} may not write this collection", grant.user)),
+        Access::Own => {
+            let mine = |f: &Facts| f.owner.as_deref() == Some(grant.user.as_str());
+            if before.is_some_and(|b| !mine(b)) || !mine(after) {
+                let owner = before.and_then(|b| b.owner.clone()).or_else(|| after.owner.clone()).unwrap_or_else(|| "nobody".into());
+                return refuse(RefusalKind::Partition, format!("belongs to {owner:?}, not to user {:?}", grant.user));
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema() -> Schema {
+        Schema::from_toml(
+            "[collections.tasks]\nowner = \"assignee\"\naccess = \"own\"\n[collections.payments]\nowner = \"collector\"\n[collections.prices]\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn access_follows_role_partitions_and_schema_defaults() {
+        let s = schema();
+        let mut g = Grant { user: "ana".into(), role: MemberRole::Device, partitions: BTreeMap::new() };
+        assert_eq!(g.access(&s, "tasks"), Access::Own);
+        assert_eq!(g.access(&s, "payments"), Access::All);
+        assert_eq!(g.access(&s, MEMBERS), Access::All);
+        assert_eq!(g.access(&s, "unknown"), Access::None);
+        assert!(g.may_see(&s, "tasks", || Some("ana".into())));
+        assert!(!g.may_see(&s, "tasks", || Some("bo".into())));
+        assert!(!g.may_see(&s, "tasks", || None));
+        g.partitions.insert("payments".into(), Access::Own);
+        g.partitions.insert("prices".into(), Access::None);
+        assert!(!g.may_see(&s, "payments", || Some("bo".into())));
+        assert!(!g.may_see(&s, "prices", || None));
+        assert!(g.check(&s).is_ok());
+        g.partitions.insert("prices".into(), Access::Own);
+        assert!(g.check(&s).unwrap_err().to_string().contains("no `owner`"));
+        let relay = Grant { role: MemberRole::Relay, ..g };
+        assert_eq!(relay.access(&s, "prices"), Access::All);
+    }
+
+    #[test]
+    fn tokens_bind_grant_workspace_and_expiry() {
+        let key = ed25519::Keypair::generate();
+        let ws = WorkspaceId(uuid::Uuid::from_u128(1));
+        let grant = Grant { user: "ana".into(), role: MemberRole::Device, partitions: BTreeMap::new() };
+        let t = InviteToken::sign(&key, uuid::Uuid::from_u128(7), ws, grant, 1_000);
+        assert!(t.verify(&key.public(), ws, 999).is_ok());
+        assert!(t.verify(&key.public(), ws, 1_001).unwrap_err().contains("expired"));
+        assert!(t.verify(&ed25519::Keypair::generate().public(), ws, 0).unwrap_err().contains("signature"));
+        assert!(t.verify(&key.public(), WorkspaceId(uuid::Uuid::from_u128(2)), 0).is_err());
+        let mut admin = t.clone();
+        admin.grant.role = MemberRole::Admin;
+        assert!(admin.verify(&key.public(), ws, 0).is_err(), "a changed grant breaks the signature");
+        let mut later = t;
+        later.expires_ms = i64::MAX;
+        assert!(later.verify(&key.public(), ws, 0).is_err());
+    }
+
+    #[test]
+    fn member_entities_are_per_peer_and_workspace() {
+        let ws = WorkspaceId(uuid::Uuid::from_u128(1));
+        let a = libp2p_identity::Keypair::generate_ed25519().public().to_peer_id();
+        let b = libp2p_identity::Keypair::generate_ed25519().public().to_peer_id();
+        assert_eq!(member_entity_id(ws, &a), member_entity_id(ws, &a));
+        assert_ne!(member_entity_id(ws, &a), member_entity_id(ws, &b));
+        assert_ne!(member_entity_id(ws, &a), member_entity_id(WorkspaceId(uuid::Uuid::from_u128(2)), &a));
+    }
+}

@@ -1,0 +1,208 @@
+//! Membership on a replica: issuing invites and revocations (authority), deciding who may
+//! sync and what each peer may see. The rules themselves are in
+//! [`fieldsync_core::membership`]; this module keeps the member list at hand.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+
+use fieldsync_core::membership::{member_entity_id, Credential, Grant, InviteToken, MemberRecord, MemberRole, MEMBERS, RECORD};
+use fieldsync_core::workspace::Invite;
+use fieldsync_core::{Access, EntityId, Patch, PeerId};
+
+use crate::replica::{Replica, META_INVITE_TOKEN};
+use crate::Error;
+
+/// The member list as last read from the `_members` collection.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct MemberCache {
+    by_peer: HashMap<PeerId, MemberRecord>,
+    /// Invite id → the device it admitted.
+    invites: HashMap<uuid::Uuid, PeerId>,
+}
+
+impl Replica {
+    /// Issues a one-time invite (JSON) for a device of `user`, valid for `ttl_ms`.
+    pub fn issue_invite(&self, user: &str, role: MemberRole, partitions: BTreeMap<String, Access>, ttl_ms: i64) -> Result<Vec<u8>, Error> {
+        if !self.authority {
+            return Err(fieldsync_core::Error::Invite("only the workspace authority issues invites".into()).into());
+        }
+        let grant = Grant { user: user.to_owned(), role, partitions };
+        grant.check(&self.ws.schema)?;
+        let expires = self.now_ms().saturating_add(ttl_ms.max(0));
+        let token = InviteToken::sign(&self.key, self.new_id(), self.ws.id, grant, expires);
+        let invite = Invite { token: Some(token), ..Invite::new(&self.ws) };
+        Ok(serde_json::to_vec_pretty(&invite).unwrap_or_default())
+    }
+
+    /// An invite for a device of user `device` that sees everything, valid for a week
+    /// (tests and examples; `fieldsync invite` chooses user and partitions).
+    pub fn invite(&self) -> Vec<u8> {
+        self.issue_invite("device", MemberRole::Device, BTreeMap::new(), 7 * 24 * 3600 * 1000).unwrap_or_else(|_| {
+            // A device has no key to sign with: it hands out the bare workspace.
+            serde_json::to_vec_pretty(&Invite::new(&self.ws)).unwrap_or_default()
+        })
+    }
+
+    /// Every member record known here (revoked ones included), by peer id.
+    pub fn members(&self) -> Result<Vec<MemberRecord>, Error> {
+        let mut out: Vec<MemberRecord> = self.member_cache()?.by_peer.into_values().collect();
+        out.sort_by(|a, b| a.peer.cmp(&b.peer));
+        Ok(out)
+    }
+
+    /// Revokes a member (authority only): every node refuses it once it learns of this.
+    pub fn revoke(&self, peer: &PeerId) -> Result<MemberRecord, Error> {
+        if !self.authority {
+            return Err(fieldsync_core::Error::NotAuthority.into());
+        }
+        let cache = self.member_cache()?;
+        let mut record = cache
+            .by_peer
+            .get(peer)
+            .cloned()
+            .ok_or_else(|| fieldsync_core::Error::NotFound(format!("member {peer}")))?;
+        record.revoked = true;
+        self.write_member_record(peer, &record)?;
+        Ok(record)
+    }
+
+    fn write_member_record(&self, peer: &PeerId, record: &MemberRecord) -> Result<(), Error> {
+        let coll = self.ws.schema.collection(MEMBERS)?;
+        let value = serde_json::to_value(record).map_err(|e| Error::CorruptMeta(e.to_string()))?;
+        let patch = Patch::parse(coll, &serde_json::json!({ RECORD: value }).to_string())?;
+        self.put_patch(MEMBERS, Some(member_entity_id(self.ws.id, peer)), &patch)?;
+        Ok(())
+    }
+
+    /// Decides whether `peer` may sync, from the member list and what it presented; its
+    /// grant, or why it is refused. On the authority, a valid unused invite makes the peer
+    /// a member (the invite is then bound to it).
+    pub fn admit(&self, peer: &PeerId, credential: Option<&Credential>) -> Result<Grant, Error> {
+        let refuse = |why: String| Err(Error::Refused(why));
+        if *peer == self.ws.authority_peer() {
+            return Ok(Grant::authority());
+        }
+        let cache = self.member_cache()?;
+        if let Some(r) = cache.by_peer.get(peer) {
+            return if r.revoked { refuse(format!("peer {peer} was revoked")) } else { Ok(r.grant.clone()) };
+        }
+        match credential {
+            Some(Credential::Member { record }) => {
+                let id = member_entity_id(self.ws.id, peer);
+                if !record.verify(&self.ws.authority, self.ws.id, id, RECORD) {
+                    return refuse(format!("peer {peer} presented a member record the authority did not sign"));
+                }
+                match MemberRecord::from_confirmation(record, peer) {
+                    Some(r) if !r.revoked => Ok(r.grant),
+                    Some(_) => refuse(format!("peer {peer} was revoked")),
+                    None => refuse(format!("peer {peer} presented another peer's member record")),
+                }
+            }
+            Some(Credential::Invite { token }) => {
+                if let Err(why) = token.verify(&self.ws.authority, self.ws.id, self.now_ms()) {
+                    return refuse(format!("peer {peer}: {why}"));
+                }
+                if let Err(e) = token.grant.check(&self.ws.schema) {
+                    return refuse(format!("peer {peer}: {e}"));
+                }
+                if let Some(other) = cache.invites.get(&token.id).filter(|p| *p != peer) {
+                    return refuse(format!("peer {peer}: invite {} was already used by {other}", token.id));
+                }
+                if self.authority {
+                    let record = MemberRecord { peer: peer.to_string(), grant: token.grant.clone(), revoked: false, invite: Some(token.id) };
+                    self.write_member_record(peer, &record)?;
+                    tracing::info!(%peer, user = %record.grant.user, "admitted a new member");
+                }
+                Ok(token.grant.clone())
+            }
+            None => refuse(format!("peer {peer} is not a member of this workspace")),
+        }
+    }
+
+    /// Why `peer` may no longer sync, if the member list now says it was revoked.
+    pub fn revoked(&self, peer: &PeerId) -> Result<Option<String>, Error> {
+        Ok(self.member_cache()?.by_peer.get(peer).filter(|r| r.revoked).map(|_| format!("peer {peer} was revoked")))
+    }
+
+    /// What this node presents in its `Hello`: its member record once it has it, else the
+    /// invite it joined with. The authority needs neither.
+    pub fn credential(&self) -> Result<Option<Credential>, Error> {
+        if self.authority {
+            return Ok(None);
+        }
+        let id = member_entity_id(self.ws.id, &self.peer);
+        let record = {
+            let _guard = self.lock(id);
+            let entity = self.load(id)?;
+            let record = entity.as_ref().and_then(|e| e.confirmed(&self.ws, RECORD));
+            if let Some(e) = entity {
+                self.cache(e);
+            }
+            record
+        };
+        if let Some(record) = record {
+            return Ok(Some(Credential::Member { record }));
+        }
+        Ok(match self.store.meta(META_INVITE_TOKEN)? {
+            Some(bytes) => Some(Credential::Invite {
+                token: serde_json::from_slice(&bytes).map_err(|e| Error::CorruptMeta(format!("stored invite: {e}")))?,
+            }),
+            None => None,
+        })
+    }
+
+    /// Whether a member with `grant` may see entity `id` of `collection`.
+    pub(crate) fn visible(&self, grant: &Grant, collection: &str, id: EntityId) -> Result<bool, Error> {
+        if grant.access(&self.ws.schema, collection) != Access::Own {
+            return Ok(grant.access(&self.ws.schema, collection) == Access::All);
+        }
+        let _guard = self.lock(id);
+        let Some(entity) = self.load(id)? else { return Ok(false) };
+        let owner = entity.owner(&self.ws);
+        self.cache(entity);
+        Ok(grant.may_see(&self.ws.schema, collection, || owner))
+    }
+
+    /// Bumped whenever the member list may have changed.
+    pub fn members_version(&self) -> u64 {
+        self.members_version.load(Ordering::Acquire)
+    }
+
+    /// The member list, re-read from the store after it changed.
+    pub(crate) fn member_cache(&self) -> Result<MemberCache, Error> {
+        let version = self.members_version();
+        {
+            let cached = self.members.lock().unwrap_or_else(|p| p.into_inner());
+            if cached.0 == version {
+                return Ok(cached.1.clone());
+            }
+        }
+        let mut cache = MemberCache::default();
+        self.list(MEMBERS, &[], true, &mut |view| {
+            let record = view.get(RECORD).and_then(|v| serde_json::from_value::<MemberRecord>(v.clone()).ok());
+            let id = view.get("_id").and_then(|v| v.as_str()).and_then(|s| s.parse::<EntityId>().ok());
+            if let (Some(r), Some(id)) = (record, id) {
+                // A record counts only under its own peer's entity id.
+                if let Ok(peer) = r.peer.parse::<PeerId>() {
+                    if member_entity_id(self.ws.id, &peer) == id {
+                        if let Some(invite) = r.invite {
+                            cache.invites.insert(invite, peer);
+                        }
+                        cache.by_peer.insert(peer, r);
+                    }
+                }
+            }
+            true
+        })?;
+        // Stored under the version read before listing: a write meanwhile makes it stale.
+        *self.members.lock().unwrap_or_else(|p| p.into_inner()) = (version, cache.clone());
+        Ok(cache)
+    }
+
+    /// Notes a commit: if it touched the member list, the cached list is stale.
+    pub(crate) fn note_written(&self, collections: impl IntoIterator<Item = impl AsRef<str>>) {
+        if collections.into_iter().any(|c| c.as_ref() == MEMBERS) {
+            self.members_version.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
