@@ -36,8 +36,33 @@ pub(crate) enum Command {
         #[arg(long, env = "USER", default_value = "fieldsync")]
         name: String,
     },
-    /// Print an invite (JSON) that lets a device join this workspace.
-    Invite,
+    /// Print a one-time invite (JSON) that lets one device join this workspace (authority only).
+    ///
+    /// The first device that presents it to the authority (directly, through a relay's
+    /// circuit, or in a bundle) becomes a member with this user, role and partitions; until
+    /// then other nodes honour it until it expires.
+    Invite {
+        /// The member's user name: entities whose owner field holds it are "own".
+        #[arg(long, default_value = "device")]
+        user: String,
+        /// device (sees its partitions), relay or admin (see everything).
+        #[arg(long, default_value = "device")]
+        role: fieldsync::core::membership::MemberRole,
+        /// COLLECTION=all|own|none: what the member sees and writes of a collection, instead
+        /// of the schema's `access`. Repeatable.
+        #[arg(long = "partition", value_name = "COLLECTION=ACCESS")]
+        partitions: Vec<String>,
+        /// Hours until the invite expires.
+        #[arg(long, default_value_t = 168)]
+        valid_hours: u64,
+    },
+    /// List the workspace's members (JSON Lines): peer, user, role, partitions, revoked.
+    Members,
+    /// Revoke a member (authority only): every node refuses it once it learns of this.
+    Revoke {
+        /// The member's peer id (see `fieldsync members`).
+        peer_id: String,
+    },
     /// Create or update an entity: `put COLLECTION [ID] PATCH_JSON`.
     ///
     /// PATCH_JSON is an object: plain values set fields, null removes one, {"$inc": n} adds
@@ -203,6 +228,16 @@ impl From<std::io::Error> for CliError {
 
 pub(crate) type Result<T> = std::result::Result<T, CliError>;
 
+/// `COLLECTION=ACCESS` arguments as a map.
+pub(crate) fn parse_partitions(args: &[String]) -> Result<std::collections::BTreeMap<String, fieldsync::core::Access>> {
+    args.iter()
+        .map(|a| {
+            let (c, access) = a.split_once('=').ok_or_else(|| CliError::invalid(format!("--partition {a:?} is not COLLECTION=all|own|none")))?;
+            Ok((c.to_owned(), parse_id("access", access)?))
+        })
+        .collect()
+}
+
 pub(crate) fn parse_id<T: std::str::FromStr>(what: &str, text: &str) -> Result<T>
 where
     T::Err: std::fmt::Display,
@@ -330,14 +365,23 @@ pub fn run(cli: Cli) -> Result<()> {
 fn run_on(replica: &Replica, command: Command) -> Result<()> {
     match command {
         Command::Init { .. } | Command::Run { .. } | Command::Relay { .. } => unreachable!("handled by run"),
-        Command::Invite => {
+        Command::Invite { user, role, partitions, valid_hours } => {
             if !replica.is_authority() {
                 return Err(CliError::invalid("only the workspace authority issues invites"));
             }
-            std::io::stdout().write_all(&replica.invite())?;
+            let partitions = parse_partitions(&partitions)?;
+            let ttl_ms = i64::try_from(valid_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX);
+            std::io::stdout().write_all(&replica.issue_invite(&user, role, partitions, ttl_ms)?)?;
             println!();
             Ok(())
         }
+        Command::Members => {
+            for m in replica.members()? {
+                emit(&m)?;
+            }
+            Ok(())
+        }
+        Command::Revoke { peer_id } => emit(&replica.revoke(&parse_id("peer id", &peer_id)?)?),
         Command::Put { collection, id_or_patch, patch } => {
             let (id, patch) = match patch {
                 Some(patch) => (Some(parse_id::<EntityId>("entity id", &id_or_patch)?), patch),

@@ -140,7 +140,22 @@ pub fn run(api: &str, command: Command) -> Result<()> {
         }
         Command::Status => emit(&call("GET", &format!("{api}/v1/status"), None)?),
         Command::Sync { timeout } => sync(api, std::time::Duration::from_secs(timeout)),
-        Command::Invite | Command::Bundle(BundleCommand::Export { .. } | BundleCommand::Import { .. }) | Command::Import { .. } | Command::Export { .. } => {
+        Command::Invite { user, role, partitions, valid_hours } => {
+            let body = serde_json::json!({
+                "user": user,
+                "role": role,
+                "partitions": crate::cli::parse_partitions(&partitions)?,
+                "valid_secs": valid_hours.saturating_mul(3600),
+            });
+            println!("{}", serde_json::to_string_pretty(&call("POST", &format!("{api}/v1/invites"), Some(&body.to_string()))?).unwrap_or_default());
+            Ok(())
+        }
+        Command::Members => emit_array(call("GET", &format!("{api}/v1/members"), None)?),
+        Command::Revoke { peer_id } => {
+            let peer: fieldsync::PeerId = parse_id("peer id", &peer_id)?;
+            emit(&call("POST", &format!("{api}/v1/members/{peer}/revoke"), None)?)
+        }
+        Command::Bundle(BundleCommand::Export { .. } | BundleCommand::Import { .. }) | Command::Import { .. } | Command::Export { .. } => {
             Err(CliError::invalid("a daemon is running on this data directory; stop it (Ctrl-C) for this command"))
         }
         Command::Init { .. } | Command::Run { .. } | Command::Relay { .. } => Err(CliError::invalid("a daemon is already running on this data directory")),

@@ -192,6 +192,11 @@ fn offline_edits_merge_by_bundle_with_rules() {
     let task = hq.ok(&["put", "tasks", r#"{"title":"Fit boiler","status":"open","tags":["boiler"],"progress":10}"#])["id"].as_str().unwrap().to_owned();
     let stock = hq.ok(&["put", "inventory", r#"{"name":"valve","stock":10}"#])["id"].as_str().unwrap().to_owned();
     let shift = hq.ok(&["put", "shifts", r#"{"start":"08:00"}"#])["id"].as_str().unwrap().to_owned();
+    // hq exports only for members it knows: ana's first bundle (carrying her invite) introduces her.
+    let unknown = hq.run(&["bundle", "export", b.to_str().unwrap(), "--since", ana.ok(&["status"])["peer_id"].as_str().unwrap()]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("import a bundle from it first"));
+    sync(&ana, &hq, &b);
     sync(&hq, &ana, &b);
 
     // Apart: ana completes the task, hq retitles it and sets it in progress.

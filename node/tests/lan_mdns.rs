@@ -111,11 +111,13 @@ fn two_devices_on_a_lan_find_each_other_with_mdns_and_sync_without_a_relay() {
     std::fs::write(&schema, SCHEMA).unwrap();
     let (hq, a, b) = (tmp.path().join("hq"), tmp.path().join("a"), tmp.path().join("b"));
     run_ok(in_ns(&lan.a, &hq, &["init", "--schema", schema.to_str().unwrap()]));
-    let invite = tmp.path().join("invite.json");
-    let out = in_ns(&lan.a, &hq, &["invite"]).output().unwrap();
-    std::fs::write(&invite, out.stdout).unwrap();
-    run_ok(in_ns(&lan.a, &a, &["init", "--join", invite.to_str().unwrap(), "--name", "a"]));
-    run_ok(in_ns(&lan.b, &b, &["init", "--join", invite.to_str().unwrap(), "--name", "b"]));
+    // One invite per device: an invite admits one device only.
+    for (ns, dir, name) in [(&lan.a, &a, "a"), (&lan.b, &b, "b")] {
+        let invite = tmp.path().join(format!("invite-{name}.json"));
+        let out = in_ns(&lan.a, &hq, &["invite"]).output().unwrap();
+        std::fs::write(&invite, out.stdout).unwrap();
+        run_ok(in_ns(ns, dir, &["init", "--join", invite.to_str().unwrap(), "--name", name]));
+    }
 
     let _da = start(&lan.a, &a, "/ip4/10.231.0.1/tcp/0");
     let _db = start(&lan.b, &b, "/ip4/10.231.0.2/tcp/0");

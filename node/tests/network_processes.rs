@@ -131,11 +131,12 @@ fn site(devices: usize) -> Site {
     std::fs::write(&schema, SCHEMA).unwrap();
     let relay = tmp.path().join("relay");
     cli(&relay, &["init", "--schema", schema.to_str().unwrap(), "--name", "relay"]);
-    let invite = tmp.path().join("invite.json");
-    let out = bin().arg("--data").arg(&relay).arg("invite").output().unwrap();
-    std::fs::write(&invite, out.stdout).unwrap();
     let devices = (0..devices)
         .map(|i| {
+            // One invite per device: an invite admits one device only.
+            let invite = tmp.path().join(format!("invite{i}.json"));
+            let out = bin().arg("--data").arg(&relay).arg("invite").output().unwrap();
+            std::fs::write(&invite, out.stdout).unwrap();
             let d = tmp.path().join(format!("device{i}"));
             cli(&d, &["init", "--join", invite.to_str().unwrap(), "--name", &format!("device{i}")]);
             d

@@ -13,10 +13,10 @@ pub const SCHEMA: &str = include_str!("../../examples/schema.toml");
 /// An authority and `devices` joined devices in fresh directories under `root`.
 pub fn workspace(root: &Path, devices: &[&str]) -> Result<(Replica, Vec<Replica>), fieldsync::Error> {
     let hq = Replica::init_authority(&root.join("hq"), SCHEMA, "hq")?;
-    let invite = hq.invite();
+
     let devices = devices
         .iter()
-        .map(|name| Replica::init_join(&root.join(name), &invite, name))
+        .map(|name| Replica::init_join(&root.join(name), &hq.invite(), name))
         .collect::<Result<Vec<_>, _>>()?;
     Ok((hq, devices))
 }

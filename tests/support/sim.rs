@@ -190,13 +190,15 @@ impl Network {
         let node_seed = self.node_seed();
         let replica = Replica::init_authority_with_key(&dir, SCHEMA, name, Self::key(node_seed)).expect("init relay");
         let replica = Arc::new(replica.with_clock(self.clock(node_seed)));
-        self.invite = Some(replica.invite());
+        self.invite = Some(vec![]);
         self.push_node(name, node_seed, dir, Role::Relay, replica)
     }
 
     /// Adds a device that joined the workspace.
     pub fn add_device(&mut self, name: &str) -> NodeId {
-        let invite = self.invite.clone().expect("add a relay first");
+        assert!(self.invite.is_some(), "add a relay first");
+        // One invite per device: an invite admits one device only.
+        let invite = self.replica(NodeId(0)).invite();
         let dir = self._tmp.path().join(name);
         let node_seed = self.node_seed();
         let replica = Replica::init_join_with_key(&dir, &invite, name, Self::key(node_seed)).expect("init device");

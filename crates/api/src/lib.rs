@@ -131,6 +131,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/proposals/{id}/accept", post(accept))
         .route("/v1/proposals/{id}/reject", post(reject))
         .route("/v1/sync", post(sync_now))
+        .route("/v1/members", get(members))
+        .route("/v1/members/{peer}/revoke", post(revoke))
+        .route("/v1/invites", post(invite))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -256,6 +259,47 @@ async fn accept(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult 
     let entity = blocking(&s, move |r| r.accept(pid)).await?;
     (s.on_change)();
     Ok(Json(json!({ "proposal": id, "entity": entity.to_string(), "accepted": true })))
+}
+
+async fn members(State(s): State<AppState>) -> ApiResult {
+    let m = blocking(&s, |r| r.members()).await?;
+    Ok(Json(serde_json::to_value(m).unwrap_or(Value::Null)))
+}
+
+async fn revoke(State(s): State<AppState>, Path(peer): Path<String>) -> ApiResult {
+    let peer: fieldsync::PeerId = parse("peer id", &peer)?;
+    let record = blocking(&s, move |r| r.revoke(&peer)).await?;
+    // Wakes the sync engine: it ends the revoked peer's session at once.
+    (s.on_change)();
+    Ok(Json(serde_json::to_value(record).unwrap_or(Value::Null)))
+}
+
+/// What `POST /v1/invites` takes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InviteRequest {
+    user: String,
+    #[serde(default = "default_role")]
+    role: fieldsync::core::membership::MemberRole,
+    #[serde(default)]
+    partitions: std::collections::BTreeMap<String, fieldsync::core::Access>,
+    #[serde(default = "default_valid_secs")]
+    valid_secs: u64,
+}
+
+fn default_role() -> fieldsync::core::membership::MemberRole {
+    fieldsync::core::membership::MemberRole::Device
+}
+
+fn default_valid_secs() -> u64 {
+    7 * 24 * 3600
+}
+
+async fn invite(State(s): State<AppState>, body: String) -> ApiResult {
+    let req: InviteRequest = serde_json::from_str(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid invite request: {e}")))?;
+    let ttl_ms = i64::try_from(req.valid_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let bytes = blocking(&s, move |r| r.issue_invite(&req.user, req.role, req.partitions, ttl_ms)).await?;
+    Ok(Json(serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
 }
 
 async fn reject(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {

@@ -119,6 +119,17 @@ impl Replica {
         }
     }
 
+    /// Whether this node may hold every entity: the authority, relays and admins.
+    pub(crate) fn holds_everything(&self) -> Result<bool, Error> {
+        Ok(match self.credential()? {
+            None => true,
+            Some(Credential::Member { record }) => {
+                MemberRecord::from_confirmation(&record, &self.peer).is_none_or(|r| r.grant.role != MemberRole::Device)
+            }
+            Some(Credential::Invite { token }) => token.grant.role != MemberRole::Device,
+        })
+    }
+
     /// Why `peer` may no longer sync, if the member list now says it was revoked.
     pub fn revoked(&self, peer: &PeerId) -> Result<Option<String>, Error> {
         Ok(self.member_cache()?.by_peer.get(peer).filter(|r| r.revoked).map(|_| format!("peer {peer} was revoked")))

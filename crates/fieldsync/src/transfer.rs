@@ -118,8 +118,19 @@ impl Replica {
     /// peer that is not a member gets an error). `progress(done, total)` is called as it goes.
     pub fn export_bundle(&self, peer: Option<PeerId>, progress: &mut dyn FnMut(usize, usize)) -> Result<ExportedBundle, Error> {
         let audience = match &peer {
-            Some(p) => Some(self.admit(p, None)?),
             None => None,
+            Some(p) => match self.admit(p, None) {
+                Ok(grant) => Some(grant),
+                // A device holds only what its own user may see; a relay or the authority
+                // holds everything and exports only for members it knows.
+                Err(Error::Refused(_)) if self.revoked(p)?.is_none() && !self.holds_everything()? => None,
+                Err(Error::Refused(why)) if self.revoked(p)?.is_none() => {
+                    return Err(Error::Refused(format!(
+                        "{why}; import a bundle from it first (its invite makes it a member), or export without --since"
+                    )))
+                }
+                Err(e) => return Err(e),
+            },
         };
         let since = match peer {
             Some(p) => seq_of(self.store.meta(&format!("{META_CHECKPOINT_OUT}{p}"))?),
