@@ -103,6 +103,7 @@ fn malformed_truncated_and_oversized_frames_end_the_session_and_lose_nothing() {
         p.b.handle(Input::Frame(pa, bad)).unwrap();
         let reason = failure(&events(&mut p.b)).expect("session ends");
         assert!(reason.contains("malformed") || reason.contains("limit"), "{reason}");
+        assert_eq!(p.b.security().protocol_violations.load(std::sync::atomic::Ordering::Relaxed), 1, "counted");
         assert_eq!(p.b.replica().status().unwrap().feed_seq, before);
         assert_eq!(p.b.replica().get("tasks", id).unwrap()["title"], "mine");
         assert!(p.b.peers().is_empty(), "the session is gone");

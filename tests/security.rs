@@ -1,0 +1,381 @@
+//! Hostile peers built from the project's own code, at the frame level: strangers, revoked
+//! members, members reading or writing outside their partitions, forged authority values
+//! (under the authority's actor id, with a tampered signature, relayed through a second
+//! device). Each is refused, counted, and leaves every honest node's data intact.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use automerge::transaction::Transactable;
+use automerge::{ActorId, AutoCommit, ObjType, ReadDoc, ROOT};
+use fieldsync::core::authority::{seq_key, Confirmation};
+use fieldsync::core::bundle::{Bundle, Limits as BundleLimits};
+use fieldsync::core::membership::MemberRole;
+use fieldsync::core::protocol::{Frame, OfferEntry, PageRange, Payload, Role};
+use fieldsync::core::{Access, EntityId};
+use fieldsync::sync::{Config, Engine, Event, Input};
+use fieldsync::Replica;
+use fieldsync_tests::SCHEMA;
+
+const WEEK_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// A workspace: the authority `hq` and joined devices, each with its engine.
+struct Site {
+    _tmp: tempfile::TempDir,
+    engines: Vec<Engine>,
+}
+
+impl Site {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let hq = Arc::new(Replica::init_authority(&tmp.path().join("hq"), SCHEMA, "hq").unwrap());
+        let engines = vec![Engine::new(hq, Config::default().with_role(Role::Relay))];
+        Site { _tmp: tmp, engines }
+    }
+
+    /// A device joined with a fresh invite for `user` seeing `tasks` as `tasks_access`.
+    fn device(&mut self, name: &str, user: &str, tasks_access: Access) -> usize {
+        let partitions = [("tasks".to_owned(), tasks_access)].into();
+        let invite = self.engines[0].replica().issue_invite(user, MemberRole::Device, partitions, WEEK_MS).unwrap();
+        self.join(name, &invite)
+    }
+
+    fn join(&mut self, name: &str, invite: &[u8]) -> usize {
+        let r = Arc::new(Replica::init_join(&self._tmp.path().join(name), invite, name).unwrap());
+        self.engines.push(Engine::new(r, Config::default()));
+        self.engines.len() - 1
+    }
+
+    fn r(&self, i: usize) -> &Arc<Replica> {
+        self.engines[i].replica()
+    }
+
+    fn peer(&self, i: usize) -> fieldsync::PeerId {
+        self.r(i).peer_id()
+    }
+
+    fn connect(&mut self, a: usize, b: usize) {
+        let (pa, pb) = (self.peer(a), self.peer(b));
+        self.engines[a].handle(Input::Connected(pb)).unwrap();
+        self.engines[b].handle(Input::Connected(pa)).unwrap();
+        self.run();
+    }
+
+    /// Delivers frames between all engines until none are left.
+    fn run(&mut self) {
+        loop {
+            let mut moved = false;
+            for from in 0..self.engines.len() {
+                while let Some((to, bytes)) = self.engines[from].poll_transmit() {
+                    let src = self.peer(from);
+                    if let Some(dst) = (0..self.engines.len()).find(|&j| self.peer(j) == to) {
+                        self.engines[dst].handle(Input::Frame(src, bytes)).unwrap();
+                    }
+                    moved = true;
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn events(&mut self, i: usize) -> Vec<Event> {
+        std::iter::from_fn(|| self.engines[i].poll_event()).collect()
+    }
+
+    /// Sends engine `to` a hand-made page from `from`: an offer of entity `id`, then — as
+    /// soon as `to` wants it — `payload`, whatever `from`'s store holds.
+    fn inject(&mut self, from: usize, to: usize, payload: Payload) {
+        let src = self.peer(from);
+        let seq = 1_000_000 + self.r(to).feed_seq();
+        let page = PageRange { from: seq, upto: seq + 1 };
+        let offer = Frame::Offer { page, entries: vec![OfferEntry { id: payload.id, heads: vec![[7; 32]] }] };
+        self.engines[to].handle(Input::Frame(src, offer.encode())).unwrap();
+        let data = Frame::Data { page, payloads: vec![payload], skipped: vec![] };
+        self.engines[to].handle(Input::Frame(src, data.encode())).unwrap();
+        // Drop what `to` answered to the hand-made page.
+        while self.engines[to].poll_transmit().is_some() {}
+    }
+}
+
+fn refused_writes(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .flat_map(|e| match e {
+            Event::WritesRefused { reasons, .. } => reasons.clone(),
+            _ => vec![],
+        })
+        .collect()
+}
+
+fn peer_refused(events: &[Event]) -> Option<String> {
+    events.iter().find_map(|e| match e {
+        Event::PeerRefused { reason, .. } => Some(reason.clone()),
+        _ => None,
+    })
+}
+
+fn count(r: &Replica, collection: &str) -> u64 {
+    r.status().unwrap().entities.get(collection).and_then(|v| v.as_u64()).unwrap_or(0)
+}
+
+/// The stored document of an entity, as bytes, taken from a full bundle of `r`.
+fn stored_doc(r: &Replica, id: EntityId) -> Vec<u8> {
+    let bundle = r.export_bundle(None, &mut |_, _| {}).unwrap();
+    let bundle = Bundle::decode(&bundle.bytes, BundleLimits::default()).unwrap();
+    bundle.entities.into_iter().find(|e| e.id == id).unwrap().doc
+}
+
+/// `doc` with an authority record for `field` added under `actor`: what a hostile member
+/// writes with raw Automerge.
+fn with_auth_record(doc: &[u8], actor: &[u8], field: &str, seq: u64, record_json: &str) -> Vec<u8> {
+    let mut d = AutoCommit::load(doc).unwrap().with_actor(ActorId::from(actor.to_vec()));
+    let auth = match d.get(ROOT, "_auth").unwrap() {
+        Some((_, id)) => id,
+        None => d.put_object(ROOT, "_auth", ObjType::Map).unwrap(),
+    };
+    let per_field = match d.get(&auth, field).unwrap() {
+        Some((_, id)) => id,
+        None => d.put_object(&auth, field, ObjType::Map).unwrap(),
+    };
+    d.put(&per_field, seq_key(seq).as_str(), record_json).unwrap();
+    d.save()
+}
+
+fn payload(id: EntityId, collection: &str, doc: Vec<u8>) -> Payload {
+    Payload { id, collection: collection.into(), full: true, chunks: vec![serde_bytes::ByteBuf::from(doc)] }
+}
+
+#[test]
+fn a_stranger_is_refused_before_any_entity_data_and_counted() {
+    let mut site = Site::new();
+    site.r(0).put("tasks", None, r#"{"title":"secret","assignee":"ana"}"#).unwrap();
+    // Knows the workspace (its id, schema and authority key) but holds no invite.
+    let bare = {
+        let mut v: serde_json::Value = serde_json::from_slice(&site.r(0).invite()).unwrap();
+        v.as_object_mut().unwrap().remove("token");
+        serde_json::to_vec(&v).unwrap()
+    };
+    let stranger = site.join("stranger", &bare);
+    site.connect(0, stranger);
+    let hq_events = site.events(0);
+    assert!(peer_refused(&hq_events).unwrap().contains("not a member"), "{hq_events:?}");
+    assert_eq!(site.engines[0].security().sessions_refused.load(Ordering::Relaxed), 1);
+    assert_eq!(count(site.r(stranger), "tasks"), 0, "entity data reached a stranger");
+    assert!(site.engines[0].peers().is_empty());
+}
+
+#[test]
+fn an_invite_admits_one_device_and_expires() {
+    let mut site = Site::new();
+    let invite = site.r(0).issue_invite("ana", MemberRole::Device, Default::default(), WEEK_MS).unwrap();
+    let first = site.join("first", &invite);
+    let second = site.join("second", &invite);
+    site.connect(0, first);
+    assert!(peer_refused(&site.events(0)).is_none());
+    assert_eq!(site.r(0).members().unwrap().len(), 1, "the first device became a member");
+    site.connect(0, second);
+    assert!(peer_refused(&site.events(0)).unwrap().contains("already used"));
+    // An expired invite admits nobody.
+    let expired = site.r(0).issue_invite("bo", MemberRole::Device, Default::default(), -1).unwrap();
+    let late = site.join("late", &expired);
+    site.connect(0, late);
+    assert!(peer_refused(&site.events(0)).unwrap().contains("expired"));
+    assert_eq!(site.engines[0].security().sessions_refused.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn a_revoked_member_is_cut_off_by_the_authority_and_by_devices_that_learn_of_it() {
+    let mut site = Site::new();
+    let ana = site.device("ana", "ana", Access::All);
+    let bo = site.device("bo", "bo", Access::All);
+    site.connect(0, ana);
+    site.connect(0, bo);
+    site.connect(ana, bo);
+    site.events(0);
+    site.events(ana);
+    // hq revokes bo: its open session ends at once…
+    site.r(0).revoke(&site.peer(bo)).unwrap();
+    site.engines[0].handle(Input::LocalChange).unwrap();
+    site.run();
+    assert!(peer_refused(&site.events(0)).unwrap().contains("revoked"));
+    // …and ana, who syncs the member list from hq, drops bo too.
+    let ana_events = site.events(ana);
+    assert!(peer_refused(&ana_events).is_some_and(|r| r.contains("revoked")), "{ana_events:?}");
+    // bo writes and reconnects: refused everywhere, nothing of it arrives.
+    site.r(bo).put("tasks", None, r#"{"title":"from a revoked device"}"#).unwrap();
+    site.connect(0, bo);
+    site.connect(ana, bo);
+    assert!(peer_refused(&site.events(0)).unwrap().contains("revoked"));
+    let titles = |r: &Replica| {
+        let mut t = Vec::new();
+        r.list("tasks", &[], true, &mut |v| {
+            t.push(v["title"].clone());
+            true
+        })
+        .unwrap();
+        t
+    };
+    assert!(titles(site.r(0)).is_empty() && titles(site.r(ana)).is_empty());
+    assert!(site.engines[ana].security().sessions_refused.load(Ordering::Relaxed) >= 1);
+}
+
+#[test]
+fn a_member_sees_only_its_partition_in_catch_up_live_pushes_and_bundles() {
+    let mut site = Site::new();
+    let hq = site.r(0).clone();
+    let mine = hq.put("tasks", None, r#"{"title":"ana's","assignee":"ana"}"#).unwrap();
+    let theirs = hq.put("tasks", None, r#"{"title":"bo's","assignee":"bo"}"#).unwrap();
+    let ana = site.device("ana", "ana", Access::Own);
+    site.connect(0, ana);
+    let a = site.r(ana).clone();
+    assert!(a.get("tasks", mine).is_ok());
+    assert!(a.get("tasks", theirs).is_err(), "bo's task reached ana in catch-up");
+    // Live: a new task for bo is not pushed; one for ana is.
+    let bos_new = hq.put("tasks", None, r#"{"title":"bo's new","assignee":"bo"}"#).unwrap();
+    let anas_new = hq.put("tasks", None, r#"{"title":"ana's new","assignee":"ana"}"#).unwrap();
+    site.engines[0].handle(Input::LocalChange).unwrap();
+    site.run();
+    assert!(a.get("tasks", anas_new).is_ok());
+    assert!(a.get("tasks", bos_new).is_err(), "bo's task reached ana live");
+    // Asking for bo's task by id gets nothing, and is counted.
+    let want = Frame::Want { page: PageRange { from: 0, upto: hq.feed_seq() }, wants: vec![fieldsync::core::protocol::WantEntry { id: theirs, have: vec![] }] };
+    let pa = site.peer(ana);
+    site.engines[0].handle(Input::Frame(pa, want.encode())).unwrap();
+    let answers: Vec<Vec<u8>> = std::iter::from_fn(|| site.engines[0].poll_transmit()).map(|(_, b)| b).collect();
+    let data = answers.iter().map(|b| Frame::decode(b, 16 << 20).unwrap()).find(|f| matches!(f, Frame::Data { .. }));
+    assert!(matches!(data, Some(Frame::Data { payloads, skipped, .. }) if payloads.is_empty() && skipped == vec![theirs]));
+    assert_eq!(site.engines[0].security().reads_refused.load(Ordering::Relaxed), 1);
+    // A bundle hq makes for ana (of what changed since she last acknowledged) holds only
+    // her tasks.
+    let anas_offline = hq.put("tasks", None, r#"{"title":"ana's by bundle","assignee":"ana"}"#).unwrap();
+    let bos_offline = hq.put("tasks", None, r#"{"title":"bo's by bundle","assignee":"bo"}"#).unwrap();
+    let bundle = hq.export_bundle(Some(pa), &mut |_, _| {}).unwrap();
+    let ids: Vec<EntityId> = Bundle::decode(&bundle.bytes, BundleLimits::default()).unwrap().entities.iter().map(|e| e.id).collect();
+    assert!(ids.contains(&anas_offline), "{ids:?}");
+    assert!(!ids.contains(&bos_offline) && !ids.contains(&theirs) && !ids.contains(&bos_new));
+}
+
+#[test]
+fn writes_outside_a_partition_are_refused_and_never_applied_anywhere() {
+    let mut site = Site::new();
+    let hq = site.r(0).clone();
+    let ana = site.device("ana", "ana", Access::Own);
+    let carl = site.device("carl", "carl", Access::All);
+    site.connect(0, ana);
+    site.connect(0, carl);
+    let a = site.r(ana).clone();
+    let mine = hq.put("tasks", None, r#"{"title":"ana's","assignee":"ana"}"#).unwrap();
+    site.engines[0].handle(Input::LocalChange).unwrap();
+    site.run();
+    site.events(0);
+    // ana creates a task for bo, and hands her own task to bo with a new title.
+    let planted = a.put("tasks", None, r#"{"title":"planted","assignee":"bo"}"#).unwrap();
+    a.put("tasks", Some(mine), r#"{"title":"smuggled","assignee":"bo"}"#).unwrap();
+    site.engines[ana].handle(Input::LocalChange).unwrap();
+    site.run();
+    let refused = refused_writes(&site.events(0));
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(refused.iter().all(|r| r.contains("not to user \"ana\"")), "{refused:?}");
+    assert_eq!(site.engines[0].security().writes_refused.load(Ordering::Relaxed), 2);
+    assert!(hq.get("tasks", planted).is_err());
+    assert_eq!(hq.get("tasks", mine).unwrap()["title"], "ana's");
+    assert_eq!(hq.get("tasks", mine).unwrap()["assignee"], "ana");
+    // Never applied anywhere: carl, who sees all tasks, has neither change.
+    let c = site.r(carl);
+    assert!(c.get("tasks", planted).is_err());
+    assert_eq!(c.get("tasks", mine).unwrap()["title"], "ana's");
+}
+
+/// A payment the authority confirmed at 50, known to `m`.
+fn confirmed_payment(site: &mut Site, m: usize) -> EntityId {
+    let hq = site.r(0).clone();
+    let id = hq.put("payments", None, r#"{"amount":50,"status":"confirmed","collector":"mallory"}"#).unwrap();
+    site.engines[0].handle(Input::LocalChange).unwrap();
+    site.run();
+    assert_eq!(site.r(m).get("payments", id).unwrap()["amount"], 50);
+    id
+}
+
+fn assert_forgery_refused(site: &mut Site, victim: usize, id: EntityId) {
+    let events = site.events(victim);
+    let refused = refused_writes(&events);
+    assert_eq!(refused.len(), 1, "{events:?}");
+    assert!(refused[0].contains("not signed by the authority") || refused[0].contains("removes"), "{refused:?}");
+    assert_eq!(site.engines[victim].security().forged_refused.load(Ordering::Relaxed), 1);
+    let view = site.r(victim).get("payments", id).unwrap();
+    assert_eq!(view["amount"], 50, "a forged value shows as confirmed: {view:?}");
+}
+
+#[test]
+fn forged_confirmations_are_refused_with_the_authority_actor_id_and_when_relayed() {
+    for relay_through_device in [false, true] {
+        let mut site = Site::new();
+        let mallory = site.device("mallory", "mallory", Access::All);
+        let dora = site.device("dora", "dora", Access::All);
+        site.connect(0, mallory);
+        site.connect(0, dora);
+        site.connect(mallory, dora);
+        let id = confirmed_payment(&mut site, mallory);
+        for i in 0..site.engines.len() {
+            site.events(i);
+        }
+        // Mallory writes amount 5000 as a confirmation, under the authority's actor id,
+        // signed with her own key (the best she can do).
+        let ws = site.r(0).workspace().clone();
+        let own_key = libp2p_identity::ed25519::Keypair::generate();
+        let forged = Confirmation::sign(&own_key, ws.id, id, "amount", 99, serde_json::json!(5000), None);
+        let authority_actor = ws.authority_peer().to_bytes();
+        let doc = with_auth_record(&stored_doc(site.r(mallory), id), &authority_actor, "amount", 99, &serde_json::to_string(&forged).unwrap());
+        let victim = if relay_through_device { dora } else { 0 };
+        site.inject(mallory, victim, payload(id, "payments", doc));
+        assert_forgery_refused(&mut site, victim, id);
+        // Nothing was stored, so nothing travels on: hq and dora still agree on 50.
+        site.engines[victim].handle(Input::LocalChange).unwrap();
+        site.run();
+        assert_eq!(site.r(0).get("payments", id).unwrap()["amount"], 50);
+        assert_eq!(site.r(dora).get("payments", id).unwrap()["amount"], 50);
+    }
+}
+
+#[test]
+fn a_tampered_signature_is_refused() {
+    let mut site = Site::new();
+    let mallory = site.device("mallory", "mallory", Access::All);
+    site.connect(0, mallory);
+    let id = confirmed_payment(&mut site, mallory);
+    site.events(0);
+    // The authority's real record for amount, with the value changed and the signature kept.
+    let doc = stored_doc(site.r(mallory), id);
+    let d = AutoCommit::load(&doc).unwrap();
+    let (_, auth) = d.get(ROOT, "_auth").unwrap().unwrap();
+    let (_, amount) = d.get(&auth, "amount").unwrap().unwrap();
+    let key = d.keys(&amount).next().unwrap();
+    let (v, _) = d.get(&amount, key.as_str()).unwrap().unwrap();
+    let mut record: Confirmation = serde_json::from_str(v.into_scalar().unwrap().as_str().unwrap()).unwrap();
+    record.value = serde_json::json!(5000);
+    let tampered = with_auth_record(&doc, &site.peer(mallory).to_bytes(), "amount", record.seq, &serde_json::to_string(&record).unwrap());
+    site.inject(mallory, 0, payload(id, "payments", tampered));
+    assert_forgery_refused(&mut site, 0, id);
+}
+
+#[test]
+fn the_member_list_cannot_be_edited_by_members() {
+    let mut site = Site::new();
+    let mallory = site.device("mallory", "mallory", Access::Own);
+    site.connect(0, mallory);
+    site.events(0);
+    // Mallory rewrites her own member record to role admin, with her own signature.
+    let ws = site.r(0).workspace().clone();
+    let mid = fieldsync::core::membership::member_entity_id(ws.id, &site.peer(mallory));
+    let mut record = serde_json::to_value(&site.r(0).members().unwrap()[0]).unwrap();
+    record["role"] = "admin".into();
+    let forged = Confirmation::sign(&libp2p_identity::ed25519::Keypair::generate(), ws.id, mid, "record", 9, record, None);
+    let doc = with_auth_record(&stored_doc(site.r(mallory), mid), &ws.authority_peer().to_bytes(), "record", 9, &serde_json::to_string(&forged).unwrap());
+    site.inject(mallory, 0, payload(mid, "_members", doc));
+    assert_eq!(refused_writes(&site.events(0)).len(), 1);
+    assert_eq!(site.r(0).members().unwrap()[0].grant.role, MemberRole::Device);
+    // And the API refuses local writes to it.
+    assert!(site.r(mallory).put("_members", Some(mid), r#"{"record":{}}"#).unwrap_err().to_string().contains("built in"));
+}
