@@ -25,6 +25,11 @@ pub struct LiveNode {
 impl LiveNode {
     /// Starts the node of `replica`, dialling `dial`, and waits until it listens.
     pub async fn start(name: &str, replica: Arc<Replica>, role: Role, dial: &[String]) -> anyhow::Result<LiveNode> {
+        Self::start_with(name, replica, role, dial, |_| {}).await
+    }
+
+    /// Like [`Self::start`], with network settings changed by `tweak` (limits, bans).
+    pub async fn start_with(name: &str, replica: Arc<Replica>, role: Role, dial: &[String], tweak: impl FnOnce(&mut Config)) -> anyhow::Result<LiveNode> {
         let (handle, inbox) = fieldsync_net::channel();
         let (tx, mut notices) = mpsc::channel(fieldsync_net::NOTICE_QUEUE);
         let (stop, mut stopped) = watch::channel(false);
@@ -34,6 +39,8 @@ impl LiveNode {
             role,
             ..Config::default()
         };
+        let mut config = config;
+        tweak(&mut config);
         let task = tokio::spawn(fieldsync_net::run(replica.clone(), config, inbox, tx, async move {
             let _ = stopped.changed().await;
         }));
