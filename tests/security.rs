@@ -23,6 +23,8 @@ const WEEK_MS: i64 = 7 * 24 * 3600 * 1000;
 struct Site {
     _tmp: tempfile::TempDir,
     engines: Vec<Engine>,
+    /// Hand-made pages sent so far (each gets its own page numbers).
+    injected: u64,
 }
 
 impl Site {
@@ -30,7 +32,7 @@ impl Site {
         let tmp = tempfile::tempdir().unwrap();
         let hq = Arc::new(Replica::init_authority(&tmp.path().join("hq"), SCHEMA, "hq").unwrap());
         let engines = vec![Engine::new(hq, Config::default().with_role(Role::Relay))];
-        Site { _tmp: tmp, engines }
+        Site { _tmp: tmp, engines, injected: 0 }
     }
 
     /// A device joined with a fresh invite for `user` seeing `tasks` as `tasks_access`.
@@ -88,7 +90,8 @@ impl Site {
     /// soon as `to` wants it — `payload`, whatever `from`'s store holds.
     fn inject(&mut self, from: usize, to: usize, payload: Payload) {
         let src = self.peer(from);
-        let seq = 1_000_000 + self.r(to).feed_seq();
+        self.injected += 1;
+        let seq = 1_000_000 + 2 * self.injected;
         let page = PageRange { from: seq, upto: seq + 1 };
         let offer = Frame::Offer { page, entries: vec![OfferEntry { id: payload.id, heads: vec![[7; 32]] }] };
         self.engines[to].handle(Input::Frame(src, offer.encode())).unwrap();
@@ -270,11 +273,25 @@ fn writes_outside_a_partition_are_refused_and_never_applied_anywhere() {
     site.engines[0].handle(Input::LocalChange).unwrap();
     site.run();
     site.events(0);
-    // ana creates a task for bo, and hands her own task to bo with a new title.
-    let planted = a.put("tasks", None, r#"{"title":"planted","assignee":"bo"}"#).unwrap();
-    a.put("tasks", Some(mine), r#"{"title":"smuggled","assignee":"bo"}"#).unwrap();
-    site.engines[ana].handle(Input::LocalChange).unwrap();
-    site.run();
+    // ana's own node refuses to create a task for bo, or to hand hers to bo.
+    let planted = EntityId(uuid::Uuid::from_u128(77));
+    let local = a.put("tasks", Some(planted), r#"{"title":"planted","assignee":"bo"}"#).unwrap_err().to_string();
+    assert!(local.contains("not to user \"ana\""), "{local}");
+    let local = a.put("tasks", Some(mine), r#"{"title":"smuggled","assignee":"bo"}"#).unwrap_err().to_string();
+    assert!(local.contains("not to user \"ana\""), "{local}");
+    assert_eq!(a.get("tasks", mine).unwrap()["assignee"], "ana");
+    assert!(a.get("tasks", planted).is_err());
+    // A hostile ana sends them anyway, written with raw Automerge.
+    let stored = stored_doc(&a, mine);
+    let mut d = AutoCommit::load(&stored).unwrap().with_actor(ActorId::from(site.peer(ana).to_bytes()));
+    d.put(ROOT, "assignee", "bo").unwrap();
+    d.put(ROOT, "title", "smuggled").unwrap();
+    let smuggled = d.save();
+    let mut d = AutoCommit::load(&stored).unwrap().fork().with_actor(ActorId::from(site.peer(ana).to_bytes()));
+    d.put(ROOT, "assignee", "bo").unwrap();
+    d.put(ROOT, "title", "planted").unwrap();
+    site.inject(ana, 0, payload(mine, "tasks", smuggled));
+    site.inject(ana, 0, payload(planted, "tasks", d.save()));
     let refused = refused_writes(&site.events(0));
     assert_eq!(refused.len(), 2, "{refused:?}");
     assert!(refused.iter().all(|r| r.contains("not to user \"ana\"")), "{refused:?}");

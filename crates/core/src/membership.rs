@@ -272,9 +272,13 @@ pub fn check_write(schema: &Schema, grant: &Grant, id: EntityId, collection: &st
         Access::None => refuse(RefusalKind::Partition, format!("user {:?} may not write this collection", grant.user)),
         Access::Own => {
             let mine = |f: &Facts| f.owner.as_deref() == Some(grant.user.as_str());
-            if before.is_some_and(|b| !mine(b)) || !mine(after) {
-                let owner = before.and_then(|b| b.owner.clone()).or_else(|| after.owner.clone()).unwrap_or_else(|| "nobody".into());
-                return refuse(RefusalKind::Partition, format!("belongs to {owner:?}, not to user {:?}", grant.user));
+            let not_mine = match before {
+                Some(b) if !mine(b) => Some(b),
+                _ => (!mine(after)).then_some(after),
+            };
+            if let Some(f) = not_mine {
+                let owner = f.owner.clone().unwrap_or_else(|| "nobody".into());
+                return refuse(RefusalKind::Partition, format!("would belong to {owner:?}, not to user {:?}", grant.user));
             }
             Ok(())
         }

@@ -4,10 +4,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
-use fieldsync_core::membership::{member_entity_id, Credential, Grant, InviteToken, MemberRecord, MemberRole, MEMBERS, RECORD};
+use fieldsync_core::membership::{check_write, member_entity_id, Credential, Facts, Grant, InviteToken, MemberRecord, MemberRole, MEMBERS, RECORD};
 use fieldsync_core::workspace::Invite;
-use fieldsync_core::{Access, EntityId, Patch, PeerId};
+use fieldsync_core::{Access, Entity, EntityId, Patch, PeerId};
 
 use crate::replica::{Replica, META_INVITE_TOKEN};
 use crate::Error;
@@ -45,7 +46,7 @@ impl Replica {
 
     /// Every member record known here (revoked ones included), by peer id.
     pub fn members(&self) -> Result<Vec<MemberRecord>, Error> {
-        let mut out: Vec<MemberRecord> = self.member_cache()?.by_peer.into_values().collect();
+        let mut out: Vec<MemberRecord> = self.member_cache()?.by_peer.values().cloned().collect();
         out.sort_by(|a, b| a.peer.cmp(&b.peer));
         Ok(out)
     }
@@ -130,6 +131,42 @@ impl Replica {
         })
     }
 
+    /// This device's own grant (from its member record, else its invite); `None` on the
+    /// authority or a node that joined without an invite.
+    pub fn own_grant(&self) -> Result<Option<Grant>, Error> {
+        if self.authority {
+            return Ok(None);
+        }
+        if let Some(r) = self.member_cache()?.by_peer.get(&self.peer) {
+            return Ok(Some(r.grant.clone()));
+        }
+        Ok(match self.store.meta(META_INVITE_TOKEN)? {
+            Some(bytes) => serde_json::from_slice::<InviteToken>(&bytes).ok().map(|t| t.grant),
+            None => None,
+        })
+    }
+
+    /// Checks a local write against this device's own partitions, as every peer will:
+    /// `before` is the entity before the write (absent: new).
+    pub(crate) fn check_own_write(&self, before: Option<&Facts>, after: &Entity) -> Result<(), Error> {
+        let collection = after.collection().unwrap_or_default();
+        let Some(grant) = self.own_grant()? else { return Ok(()) };
+        if grant.access(&self.ws.schema, &collection) == Access::All {
+            return Ok(());
+        }
+        check_write(&self.ws.schema, &grant, after.id(), &collection, before, &Facts::of(&self.ws, after)).map_err(|r| Error::Refused(r.reason))
+    }
+
+    /// What the write check needs of `entity` before a local write, when this device's
+    /// partitions restrict its collection.
+    pub(crate) fn facts_before_own_write(&self, entity: &Entity) -> Result<Option<Facts>, Error> {
+        let collection = entity.collection().unwrap_or_default();
+        Ok(match self.own_grant()? {
+            Some(g) if g.access(&self.ws.schema, &collection) != Access::All => Some(Facts::of(&self.ws, entity)),
+            _ => None,
+        })
+    }
+
     /// Why `peer` may no longer sync, if the member list now says it was revoked.
     pub fn revoked(&self, peer: &PeerId) -> Result<Option<String>, Error> {
         Ok(self.member_cache()?.by_peer.get(peer).filter(|r| r.revoked).map(|_| format!("peer {peer} was revoked")))
@@ -180,7 +217,7 @@ impl Replica {
     }
 
     /// The member list, re-read from the store after it changed.
-    pub(crate) fn member_cache(&self) -> Result<MemberCache, Error> {
+    pub(crate) fn member_cache(&self) -> Result<Arc<MemberCache>, Error> {
         let version = self.members_version();
         {
             let cached = self.members.lock().unwrap_or_else(|p| p.into_inner());
@@ -206,6 +243,7 @@ impl Replica {
             true
         })?;
         // Stored under the version read before listing: a write meanwhile makes it stale.
+        let cache = Arc::new(cache);
         *self.members.lock().unwrap_or_else(|p| p.into_inner()) = (version, cache.clone());
         Ok(cache)
     }

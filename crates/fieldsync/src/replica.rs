@@ -100,7 +100,7 @@ pub struct Replica {
     cache: Mutex<lru::LruCache<EntityId, Entity>>,
     /// The member list read from the store, with the `members_version` it was read at
     /// (starts at 1, so the first use reads it).
-    pub(crate) members: Mutex<(u64, crate::members::MemberCache)>,
+    pub(crate) members: Mutex<(u64, Arc<crate::members::MemberCache>)>,
     pub(crate) members_version: std::sync::atomic::AtomicU64,
 }
 
@@ -344,6 +344,7 @@ impl Replica {
         let id = id.unwrap_or_else(|| EntityId(self.new_id()));
         let _guard = self.lock(id);
         let w = self.writer(self.now_ms());
+        let mut before = None;
         let mut entity = match self.load(id)? {
             None => Entity::create(&self.ws, id, collection, &w, patch, &mut || self.new_proposal_id())?,
             Some(mut e) => {
@@ -351,10 +352,13 @@ impl Replica {
                 if actual != collection {
                     return Err(Error::WrongCollection { id, actual, asked: collection.to_owned() });
                 }
+                before = self.facts_before_own_write(&e)?;
                 e.update(&self.ws, &w, patch, &mut || self.new_proposal_id())?;
                 e
             }
         };
+        // Refused here as every peer would; the changed document is dropped, unstored.
+        self.check_own_write(before.as_ref(), &entity)?;
         let write = self.entity_write(&mut entity)?;
         self.commit_durable(vec![write], vec![])?;
         self.cache(entity);
