@@ -78,6 +78,19 @@ impl Daemon {
         panic!("no {event} event within {WAIT:?}; saw {:?}", self.seen);
     }
 
+    /// Waits for an event of this kind that it has not returned before.
+    fn wait_for_next(&mut self, event: &str) -> Value {
+        let seen = self.seen.iter().filter(|v| v["event"] == event).count();
+        let deadline = Instant::now() + WAIT;
+        while let Ok(v) = self.events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            self.seen.push(v.clone());
+            if v["event"] == event && self.seen.iter().filter(|v| v["event"] == event).count() > seen {
+                return v;
+            }
+        }
+        panic!("no new {event} event within {WAIT:?}; saw {:?}", self.seen);
+    }
+
     /// The first TCP address it listens on.
     fn addr(&mut self) -> String {
         self.wait_for("listening")["addr"].as_str().expect("addr").to_owned()
@@ -290,4 +303,55 @@ fn a_device_is_reachable_through_a_relay_circuit() {
     eventually("b has a session with a", || cli(&s.devices[1], &["status"])["peers"][&a_peer]["connected"] == true);
     let id = cli(&s.devices[0], &["put", "tasks", r#"{"title":"via the circuit"}"#])["id"].as_str().unwrap().to_owned();
     eventually("the task reaches b", || bin().arg("--data").arg(&s.devices[1]).args(["get", "tasks", &id]).output().unwrap().status.success());
+}
+
+#[test]
+fn members_partitions_and_revocation_with_running_daemons() {
+    let s = site(0);
+    let (mut relay, raddr) = start_relay(&s.relay);
+    let relay_api = relay.api();
+    cli(&s.relay, &["put", "tasks", r#"{"title":"for ana","assignee":"ana"}"#]);
+    cli(&s.relay, &["put", "tasks", r#"{"title":"for bo","assignee":"bo"}"#]);
+    // Invites through the running relay's API: ana sees only her tasks.
+    let join = |name: &str, args: &[&str]| {
+        let out = bin().arg("--data").arg(&s.relay).arg("invite").args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let invite = s._tmp.path().join(format!("{name}.json"));
+        std::fs::write(&invite, out.stdout).unwrap();
+        let dir = s._tmp.path().join(name);
+        cli(&dir, &["init", "--join", invite.to_str().unwrap(), "--name", name]);
+        dir
+    };
+    let ana = join("ana", &["--user", "ana", "--partition", "tasks=own"]);
+    let bad = bin().arg("--data").arg(&s.relay).args(["invite", "--partition", "tasks=some"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2), "a bad partition is refused");
+    let mut dev = start_device(&ana, &raddr, &[]);
+    dev.wait_for("sync_completed");
+    eventually("ana has her task", || list(&ana, "tasks").len() == 1);
+    assert_eq!(list(&ana, "tasks")[0]["title"], "for ana");
+    let members = cli(&s.relay, &["members"]);
+    assert_eq!((members["user"].as_str(), members["role"].as_str(), members["revoked"].as_bool()), (Some("ana"), Some("device"), Some(false)), "{members}");
+
+    // A stranger (the workspace without an invite) is refused, logged and counted.
+    let stranger = s._tmp.path().join("stranger");
+    let mut bare: Value = serde_json::from_slice(&std::fs::read(s._tmp.path().join("ana.json")).unwrap()).unwrap();
+    bare.as_object_mut().unwrap().remove("token");
+    std::fs::write(s._tmp.path().join("bare.json"), bare.to_string()).unwrap();
+    cli(&stranger, &["init", "--join", s._tmp.path().join("bare.json").to_str().unwrap(), "--name", "stranger"]);
+    let _stranger = start_device(&stranger, &raddr, &[]);
+    assert!(relay.wait_for("peer_refused")["reason"].as_str().unwrap().contains("not a member"));
+    let metrics = || ureq::get(format!("{relay_api}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
+    eventually("the refusal is counted", || metrics().contains("fieldsync_sessions_refused_total 1"));
+    assert!(metrics().contains("fieldsync_peers_banned_total 1"));
+    assert!(list(&stranger, "tasks").is_empty());
+
+    // Revoked through the running relay: ana's session ends and she gets nothing new.
+    let ana_peer = members["peer"].as_str().unwrap().to_owned();
+    assert_eq!(cli(&s.relay, &["revoke", &ana_peer])["revoked"], true);
+    let reason = relay.wait_for_next("peer_refused")["reason"].as_str().unwrap().to_owned();
+    assert!(reason.contains("revoked"), "{reason}");
+    cli(&s.relay, &["put", "tasks", r#"{"title":"after revocation","assignee":"ana"}"#]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(list(&ana, "tasks").len(), 1, "a revoked device kept receiving");
+    dev.stop();
 }
