@@ -134,12 +134,22 @@ pub struct Integrity {
     pub confirmed: BTreeSet<String>,
     /// Authority records that do not verify (`field/seq`).
     pub forged: BTreeSet<String>,
-    /// Non-reserved root fields.
+    /// Non-reserved root fields (counted for `_members` entities only).
     pub plain_fields: usize,
-    /// Pending proposal records.
+    /// Pending proposal records (`_members` only).
     pub proposals: usize,
-    /// Whether a tombstone was ever written.
+    /// Whether a tombstone was ever written (`_members` only).
     pub tombstone: bool,
+}
+
+/// Runs an Automerge decode of received bytes, turning a panic into an error: Automerge 0.12
+/// panics on some malformed documents (fuzzing found a column decoder unwrapping a
+/// truncated number), and a hostile peer must not be able to crash a node with them.
+fn guarded<T>(decode: impl FnOnce() -> Result<T, automerge::AutomergeError>) -> Result<T, Error> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)) {
+        Ok(result) => result.map_err(Error::automerge),
+        Err(_) => Err(Error::Document("malformed document: the Automerge decoder failed on it".into())),
+    }
 }
 
 /// An entity's document with the operations fieldsync performs on it.
@@ -173,7 +183,14 @@ impl Entity {
     /// Loads an entity from a snapshot and appended changes, verifying every change hash
     /// (for data from elsewhere).
     pub fn load(id: EntityId, snapshot: &[u8], changes: &[Vec<u8>]) -> Result<Self, Error> {
-        Self::load_with(id, AutoCommit::load(snapshot).map_err(Error::automerge)?, changes)
+        guarded(|| {
+            let mut doc = AutoCommit::load(snapshot)?;
+            for c in changes {
+                doc.load_incremental(c)?;
+            }
+            Ok(doc)
+        })
+        .and_then(|doc| Self::load_with(id, doc, &[]))
     }
 
     /// Loads an entity this node stored itself: the heads' hashes were verified when the
@@ -194,7 +211,7 @@ impl Entity {
     /// Loads an entity received from elsewhere (a bundle), checking that it is one:
     /// it must name a collection.
     pub fn load_received(id: EntityId, bytes: &[u8]) -> Result<Self, Error> {
-        let doc = AutoCommit::load(bytes).map_err(Error::automerge)?;
+        let doc = guarded(|| AutoCommit::load(bytes))?;
         // Not persisted here yet: the first save stores it whole.
         let collection = read_collection(&doc);
         let entity = Entity { id, doc, persisted: vec![], collection };
@@ -249,10 +266,11 @@ impl Entity {
         self.doc.save_after(&known)
     }
 
-    /// Merges another copy's document bytes; whether anything new arrived.
+    /// Merges another copy's document bytes; whether anything new arrived. After an error
+    /// the entity must be dropped (it may hold part of the bytes).
     pub fn merge_bytes(&mut self, bytes: &[u8]) -> Result<bool, Error> {
         let before = self.doc.get_heads();
-        self.doc.load_incremental(bytes).map_err(Error::automerge)?;
+        guarded(|| self.doc.load_incremental(bytes))?;
         self.collection = read_collection(&self.doc);
         Ok(self.doc.get_heads() != before)
     }
@@ -618,12 +636,13 @@ impl Entity {
     /// What a receiver checks before and after merging another node's changes: which
     /// authority records verify and which do not, and what else the document holds.
     pub fn integrity(&self, ws: &Workspace) -> Integrity {
-        let mut out = Integrity {
-            plain_fields: self.doc.map_range(ROOT, ..).filter(|i| !i.key.starts_with('_')).count(),
-            proposals: self.proposal_records().len(),
-            tombstone: self.doc.get(ROOT, K_DELETED).ok().flatten().is_some(),
-            ..Default::default()
-        };
+        let mut out = Integrity::default();
+        // Only the member list is checked for anything but authority records.
+        if self.collection.as_deref() == Some(crate::membership::MEMBERS) {
+            out.plain_fields = self.doc.map_range(ROOT, ..).filter(|i| !i.key.starts_with('_')).count();
+            out.proposals = self.proposal_records().len();
+            out.tombstone = self.doc.get(ROOT, K_DELETED).ok().flatten().is_some();
+        }
         for (v, auth) in self.doc.get_all(ROOT, K_AUTH).unwrap_or_default() {
             if !matches!(v, Value::Object(ObjType::Map)) {
                 out.forged.insert(K_AUTH.to_owned());

@@ -168,6 +168,19 @@ proptest! {
     }
 }
 
+/// Inputs the fuzz targets once crashed on, kept as regression tests.
+#[test]
+fn past_crashes_are_errors() {
+    // Automerge 0.12 panicked in a column decoder (hexane: truncated number) on this
+    // document, whose checksum is valid; found by `received_documents_past_the_checksum`.
+    let doc = include_bytes!("fuzz_regressions/document_column_eof.bin");
+    assert!(Entity::load(EntityId(uuid::Uuid::from_u128(1)), doc, &[]).is_err());
+    assert!(Entity::load_received(EntityId(uuid::Uuid::from_u128(1)), doc).is_err());
+    let mut e = Entity::load(EntityId(uuid::Uuid::from_u128(1)), &valid_doc(), &[]).unwrap();
+    // Merged into an existing document it must not panic either (it may merge nothing).
+    let _ = e.merge_bytes(doc);
+}
+
 #[test]
 fn the_valid_inputs_decode() {
     for f in valid_frames() {
