@@ -137,4 +137,5 @@ fn replayed_and_duplicated_frames_change_nothing() {
     run(&mut p);
     assert!(failure(&events(&mut p.b)).is_none());
     assert_eq!((views(&p.b), p.b.replica().status().unwrap().feed_seq), before);
+    assert!(p.b.security().frames_ignored.load(std::sync::atomic::Ordering::Relaxed) > 0, "replays are counted");
 }

@@ -334,6 +334,7 @@ async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
     gauge("fieldsync_forged_refused_total", "Received writes refused for forging or removing authority-confirmed values.", "counter", sec.forged_refused.load(Ordering::Relaxed));
     gauge("fieldsync_reads_refused_total", "Entities a peer asked for outside its partitions.", "counter", sec.reads_refused.load(Ordering::Relaxed));
     gauge("fieldsync_peers_banned_total", "Peers disconnected and refused for a while.", "counter", sec.peers_banned.load(Ordering::Relaxed));
+    gauge("fieldsync_frames_ignored_total", "Replayed or duplicated sync frames, ignored.", "counter", sec.frames_ignored.load(Ordering::Relaxed));
     gauge("fieldsync_frame_floods_total", "Sessions ended for sending frames too fast.", "counter", sec.floods.load(Ordering::Relaxed));
     gauge("fieldsync_feed_seq", "Head of the local changes feed.", "gauge", status.feed_seq);
     gauge("fieldsync_open_conflicts", "Open manual conflicts.", "gauge", status.open_conflicts as u64);

@@ -60,6 +60,8 @@ pub struct SecurityStats {
     pub peers_banned: AtomicU64,
     /// Sessions the driver ended for sending frames too fast.
     pub floods: AtomicU64,
+    /// Replayed or duplicated frames (hellos, offers, data of completed pages), ignored.
+    pub frames_ignored: AtomicU64,
 }
 
 impl SecurityStats {
@@ -322,6 +324,7 @@ impl Engine {
         match frame {
             Frame::Hello { version, workspace, role, limits, feed_seq, resume_from, credential } => {
                 if session.remote.is_some() {
+                    SecurityStats::bump(&self.security.frames_ignored);
                     return Ok(()); // a duplicate Hello changes nothing
                 }
                 if version != VERSION {
@@ -425,6 +428,7 @@ impl Engine {
         let Some(session) = self.sessions.get_mut(&peer) else { return Ok(()) };
         let Some(remote) = session.remote else { return Ok(()) };
         if page.upto <= session.checkpoint || session.done_pages.contains_key(&page.from) || session.wanted.contains_key(&page.from) {
+            SecurityStats::bump(&self.security.frames_ignored);
             return Ok(()); // a replayed or duplicated offer
         }
         if page.upto < page.from || entries.len() > self.config.limits.page_entities.max(remote.limits.page_entities) as usize {
@@ -527,6 +531,7 @@ impl Engine {
         }
         let Some(session) = self.sessions.get_mut(&peer) else { return Ok(()) };
         let Some((_, outstanding)) = session.wanted.get(&page.from) else {
+            SecurityStats::bump(&self.security.frames_ignored);
             return Ok(()); // data for a page already complete: a replay
         };
         // Only what is still outstanding counts; repeats are dropped.
