@@ -10,14 +10,21 @@ use fieldsync::Replica;
 /// The schema the examples and tests use (`examples/schema.toml`).
 pub const SCHEMA: &str = include_str!("../../examples/schema.toml");
 
-/// An authority and `devices` joined devices in fresh directories under `root`.
+/// An authority and `devices` joined devices (each already known to the authority as a
+/// member) in fresh directories under `root`.
 pub fn workspace(root: &Path, devices: &[&str]) -> Result<(Replica, Vec<Replica>), fieldsync::Error> {
     let hq = Replica::init_authority(&root.join("hq"), SCHEMA, "hq")?;
 
     let devices = devices
         .iter()
-        .map(|name| Replica::init_join(&root.join(name), &hq.invite(), name))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|name| {
+            let device = Replica::init_join(&root.join(name), &hq.invite(), name)?;
+            // Its first bundle carries its invite: the authority makes it a member, and
+            // from then on exports for it (only what it may see).
+            exchange(&device, &hq)?;
+            Ok(device)
+        })
+        .collect::<Result<Vec<_>, fieldsync::Error>>()?;
     Ok((hq, devices))
 }
 
