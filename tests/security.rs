@@ -396,3 +396,24 @@ fn the_member_list_cannot_be_edited_by_members() {
     // And the API refuses local writes to it.
     assert!(site.r(mallory).put("_members", Some(mid), r#"{"record":{}}"#).unwrap_err().to_string().contains("built in"));
 }
+
+#[test]
+fn a_device_does_not_take_in_entities_its_user_may_not_see() {
+    let mut site = Site::new();
+    let mallory = site.device("mallory", "mallory", Access::Own);
+    let dora = site.device("dora", "dora", Access::Own);
+    site.connect(0, mallory);
+    site.connect(0, dora);
+    site.connect(mallory, dora);
+    // Mallory's own task is hers to write, but dora's device must not hold it.
+    let id = site.r(mallory).put("tasks", None, r#"{"title":"mallory's","assignee":"mallory"}"#).unwrap();
+    for i in 0..site.engines.len() {
+        site.events(i);
+    }
+    let doc = stored_doc(site.r(mallory), id);
+    site.inject(mallory, dora, payload(id, "tasks", doc));
+    let refused = refused_writes(&site.events(dora));
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].contains("this node's user may not hold it"), "{refused:?}");
+    assert!(site.r(dora).get("tasks", id).is_err());
+}

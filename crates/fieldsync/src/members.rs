@@ -140,10 +140,15 @@ impl Replica {
         if let Some(r) = self.member_cache()?.by_peer.get(&self.peer) {
             return Ok(Some(r.grant.clone()));
         }
-        Ok(match self.store.meta(META_INVITE_TOKEN)? {
+        // The invite never changes: read once (this runs for every received entity).
+        if let Some(grant) = self.invite_grant.get() {
+            return Ok(grant.clone());
+        }
+        let grant = match self.store.meta(META_INVITE_TOKEN)? {
             Some(bytes) => serde_json::from_slice::<InviteToken>(&bytes).ok().map(|t| t.grant),
             None => None,
-        })
+        };
+        Ok(self.invite_grant.get_or_init(|| grant).clone())
     }
 
     /// Checks a local write against this device's own partitions, as every peer will:

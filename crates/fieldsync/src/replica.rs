@@ -102,6 +102,8 @@ pub struct Replica {
     /// (starts at 1, so the first use reads it).
     pub(crate) members: Mutex<(u64, Arc<crate::members::MemberCache>)>,
     pub(crate) members_version: std::sync::atomic::AtomicU64,
+    /// The grant of the invite this device joined with, once read.
+    pub(crate) invite_grant: std::sync::OnceLock<Option<fieldsync_core::membership::Grant>>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -203,6 +205,7 @@ impl Replica {
             cache: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(DOC_CACHE_ENTRIES).unwrap_or(std::num::NonZeroUsize::MIN))),
             members: Mutex::new((0, Default::default())),
             members_version: std::sync::atomic::AtomicU64::new(1),
+            invite_grant: std::sync::OnceLock::new(),
         }
     }
 

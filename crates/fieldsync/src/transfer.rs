@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use fieldsync_core::bundle::{Bundle, BundleEncoder, BundleEntity, BundleHeader, Limits};
-use fieldsync_core::membership::{check_write, Facts, Grant, Refusal};
+use fieldsync_core::membership::{check_write, Facts, Grant, Refusal, RefusalKind};
 use fieldsync_core::{Entity, EntityId, Patch, PeerId};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -294,6 +294,10 @@ impl Replica {
                 if let Err(refusal) = check_write(&self.ws.schema, grant, id, &collection, before.as_ref(), &Facts::of(&self.ws, &entity)) {
                     // The merged document is dropped; the stored one is untouched.
                     return Ok(Outcome::Refused(refusal));
+                }
+                // A device does not take in what its own user may not see either.
+                if let Err(Error::Refused(reason)) = self.check_own_write(before.as_ref(), &entity) {
+                    return Ok(Outcome::Refused(Refusal { kind: RefusalKind::Partition, reason: format!("this node's user may not hold it: {reason}") }));
                 }
                 let mut accepted = 0;
                 if self.authority {
