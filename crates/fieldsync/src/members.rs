@@ -206,8 +206,10 @@ impl Replica {
 
     /// Whether a member with `grant` may see entity `id` of `collection`.
     pub(crate) fn visible(&self, grant: &Grant, collection: &str, id: EntityId) -> Result<bool, Error> {
-        if grant.access(&self.ws.schema, collection) != Access::Own {
-            return Ok(grant.access(&self.ws.schema, collection) == Access::All);
+        match grant.access(&self.ws.schema, collection) {
+            Access::All => return Ok(true),
+            Access::None => return Ok(false),
+            Access::Own => {}
         }
         let _guard = self.lock(id);
         let Some(entity) = self.load(id)? else { return Ok(false) };

@@ -408,7 +408,11 @@ impl Engine {
                 let id = EntityId::from_bytes(key);
                 let Some(record) = self.replica.store.record(&key)? else { continue };
                 // Only what the peer's member may see is offered.
-                if !grant.as_ref().is_some_and(|g| self.replica.visible(g, &record.collection, id).unwrap_or(false)) {
+                let visible = match &grant {
+                    Some(g) => self.replica.visible(g, &record.collection, id)?,
+                    None => false,
+                };
+                if !visible {
                     continue;
                 }
                 // Skip what the peer is known to hold already (typically what it just sent).
