@@ -24,23 +24,30 @@ impl DocCache {
     }
 
     /// Keeps `entity`, evicting the least recently used ones over capacity. An entity larger
-    /// than the whole capacity is not kept.
-    pub(crate) fn put(&mut self, id: EntityId, entity: Entity) {
+    /// than the whole capacity is not kept. Returns what left the cache, for the caller to
+    /// drop after releasing the lock (dropping an Automerge document takes microseconds).
+    #[must_use]
+    pub(crate) fn put(&mut self, id: EntityId, entity: Entity) -> Vec<Entity> {
         let size = entity.memory_estimate();
         if size > self.capacity {
-            self.pop(&id);
-            return;
+            return self.pop(&id).into_iter().chain([entity]).collect();
         }
-        if let Some((_, old)) = self.lru.put(id, (entity, size)) {
-            self.bytes -= old;
+        let mut out = Vec::new();
+        if let Some((_, (old, old_size))) = self.lru.push(id, (entity, size)) {
+            self.bytes -= old_size;
+            out.push(old);
         }
         self.bytes += size;
         while self.bytes > self.capacity {
             match self.lru.pop_lru() {
-                Some((_, (_, s))) => self.bytes -= s,
+                Some((_, (e, s))) => {
+                    self.bytes -= s;
+                    out.push(e);
+                }
                 None => break,
             }
         }
+        out
     }
 
     /// (entities, estimated bytes) held.

@@ -289,7 +289,8 @@ impl Replica {
 
     /// Keeps a fully persisted entity in memory for its next use.
     pub(crate) fn cache(&self, entity: Entity) {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(entity.id(), entity);
+        let evicted = self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(entity.id(), entity);
+        drop(evicted);
     }
 
     /// The store write for an entity's new state: its new changes (or a fresh snapshot
@@ -304,11 +305,13 @@ impl Replica {
         let id = entity.id();
         let derived = entity.derive(&self.ws)?;
         let collection = entity.collection().unwrap_or_default();
-        let compact = entity.is_new()
-            || match self.store.record(id.as_bytes())? {
-                Some(r) => r.chunks >= COMPACT_AFTER_CHUNKS || r.chunk_bytes > r.snapshot_bytes * COMPACT_RATIO,
-                None => true,
-            };
+        // A given snapshot is stored as it is: no need to look up the stored record.
+        let compact = snapshot.is_none()
+            && (entity.is_new()
+                || match self.store.record(id.as_bytes())? {
+                    Some(r) => r.chunks >= COMPACT_AFTER_CHUNKS || r.chunk_bytes > r.snapshot_bytes * COMPACT_RATIO,
+                    None => true,
+                });
         let doc = match snapshot {
             Some(bytes) => DocWrite::Snapshot(bytes),
             None if compact => DocWrite::Snapshot(entity.save()),

@@ -209,7 +209,7 @@ impl Replica {
         let items = dedupe(items)?;
         // Held until the commit, so no local write to these entities slips in between.
         let _guards = self.lock_many(items.iter().map(Incoming::id));
-        let results: Vec<Option<(fieldsync_store::EntityWrite, Entity, Merged)>> = items
+        let results: Vec<Option<(fieldsync_store::EntityWrite, Option<Entity>, Merged)>> = items
             .into_par_iter()
             .map(|item| {
                 let w = self.writer(now);
@@ -249,7 +249,11 @@ impl Replica {
                     }
                 }
                 let write = self.entity_write_from(&mut entity, as_received.filter(|_| accepted == 0))?;
-                Ok(Some((write, entity, if accepted > 0 { Merged::Accepted(accepted) } else { how })))
+                // Entities that arrived whole (a first sync, a bundle) are not cached: they are
+                // rarely written again soon, and caching thousands would only evict each other.
+                // Dropping them here spreads that cost over the worker threads.
+                let keep = !matches!(how, Merged::Created);
+                Ok(Some((write, keep.then_some(entity), if accepted > 0 { Merged::Accepted(accepted) } else { how })))
             })
             .collect::<Result<_, Error>>()?;
         let mut writes = Vec::with_capacity(results.len());
@@ -267,7 +271,7 @@ impl Replica {
                         }
                     }
                     writes.push(write);
-                    merged.push(entity);
+                    merged.extend(entity);
                 }
             }
         }
