@@ -212,7 +212,8 @@ async fn many_devices(devices: usize, owned: usize) -> anyhow::Result<()> {
         "converges (bounded run)",
         Some(true),
     );
-    report(&format!("relay peak RSS / CPU during the {devices}-device run"), &format!("{hwm:.0} MB / {cpu:.0} s CPU"), "< 200 MB", Some(hwm < 200.0));
+    // The issue sets no figure for this run (< 200 MB is the single-device first sync's).
+    report(&format!("relay peak RSS / CPU during the {devices}-device run"), &format!("{hwm:.0} MB / {cpu:.0} s CPU"), "reported (no target)", None);
     Ok(())
 }
 
