@@ -17,6 +17,14 @@ struct Figures {
     bytes: u64,
 }
 
+/// With `PERF_CTL=FIFO` (and `perf record --control fifo:FIFO -D -1`), perf records only
+/// while a first sync runs: see docs/performance.md.
+fn perf_ctl(cmd: &str) {
+    if let Ok(fifo) = std::env::var("PERF_CTL") {
+        let _ = std::fs::OpenOptions::new().write(true).open(fifo).and_then(|mut f| std::io::Write::write_all(&mut f, format!("{cmd}\n").as_bytes()));
+    }
+}
+
 fn measure(net: &mut Network, start: impl FnOnce(&mut Network)) -> Figures {
     let before = net.traffic;
     let t = Instant::now();
@@ -31,7 +39,9 @@ fn scenario(n: usize) -> (Figures, Figures) {
     let device: NodeId = net.add_device("device");
     let lines: String = (0..n).map(|i| fieldsync_tests::ten_field_task(i) + "\n").collect();
     net.replica(relay).bulk_import("tasks", &lines, &mut |_, _| {}).expect("import");
+    perf_ctl("enable");
     let first = measure(&mut net, |net| net.connect(device, relay));
+    perf_ctl("disable");
     assert_eq!(net.views(device, "tasks").len(), n, "first sync incomplete");
 
     net.isolate(device);

@@ -145,6 +145,13 @@ pub(crate) enum Command {
         /// Address of the local HTTP API (keep it on localhost). [default: 127.0.0.1:0]
         #[arg(long)]
         api: Option<std::net::SocketAddr>,
+        /// Documents kept in memory, in MiB (an LRU bounded by estimated bytes; others are
+        /// loaded on demand). [default: 32]
+        #[arg(long, value_name = "MIB")]
+        cache_mb: Option<u64>,
+        /// The store's page cache, in MiB. [default: 32]
+        #[arg(long, value_name = "MIB")]
+        store_cache_mb: Option<u64>,
         /// TOML file with defaults for these options (see example.config.toml); flags win.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -162,6 +169,13 @@ pub(crate) enum Command {
         /// Address of the local HTTP API (keep it on localhost). [default: 127.0.0.1:7070]
         #[arg(long)]
         api: Option<std::net::SocketAddr>,
+        /// Documents kept in memory, in MiB (an LRU bounded by estimated bytes; others are
+        /// loaded on demand). [default: 32]
+        #[arg(long, value_name = "MIB")]
+        cache_mb: Option<u64>,
+        /// The store's page cache, in MiB. [default: 32]
+        #[arg(long, value_name = "MIB")]
+        store_cache_mb: Option<u64>,
         /// TOML file with defaults for these options (see example.config.toml); flags win.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -325,7 +339,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 "authority": replica.is_authority(),
             }))
         }
-        Command::Run { relays, peers, mdns, listen, api, config } => {
+        Command::Run { relays, peers, mdns, listen, api, cache_mb, store_cache_mb, config } => {
             let file = crate::config::load(config.as_deref())?;
             let c = file.run;
             let (relays, peers) = if relays.is_empty() && peers.is_empty() { (c.relays, c.peers) } else { (relays, peers) };
@@ -336,11 +350,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 relays,
                 mdns: mdns || c.mdns,
                 api: api.unwrap_or(c.api),
+                memory: fieldsync::MemoryOptions::from_mib(cache_mb.unwrap_or(c.cache_mb), store_cache_mb.unwrap_or(c.store_cache_mb)),
                 net: file.net,
             };
             crate::daemon::run(&dir, options)
         }
-        Command::Relay { listen, peers, api, config } => {
+        Command::Relay { listen, peers, api, cache_mb, store_cache_mb, config } => {
             let file = crate::config::load(config.as_deref())?;
             let c = file.relay;
             let options = crate::daemon::Options {
@@ -350,6 +365,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 relays: vec![],
                 mdns: false,
                 api: api.unwrap_or(c.api),
+                memory: fieldsync::MemoryOptions::from_mib(cache_mb.unwrap_or(c.cache_mb), store_cache_mb.unwrap_or(c.store_cache_mb)),
                 net: file.net,
             };
             crate::daemon::run(&dir, options)

@@ -9,6 +9,11 @@ use serde::Deserialize;
 
 use crate::cli::CliError;
 
+/// Default `cache_mb`: documents kept in memory (MiB).
+const DEFAULT_CACHE_MB: u64 = (fieldsync::MemoryOptions::DEFAULT.doc_cache_bytes >> 20) as u64;
+/// Default `store_cache_mb`: the store's page cache (MiB).
+const DEFAULT_STORE_CACHE_MB: u64 = fieldsync::MemoryOptions::DEFAULT.store_cache_bytes >> 20;
+
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -27,11 +32,21 @@ pub struct Run {
     pub mdns: bool,
     pub listen: Vec<Multiaddr>,
     pub api: SocketAddr,
+    pub cache_mb: u64,
+    pub store_cache_mb: u64,
 }
 
 impl Default for Run {
     fn default() -> Self {
-        Run { relays: vec![], peers: vec![], mdns: false, listen: vec![multiaddr("/ip4/0.0.0.0/tcp/0")], api: SocketAddr::from(([127, 0, 0, 1], 0)) }
+        Run {
+            relays: vec![],
+            peers: vec![],
+            mdns: false,
+            listen: vec![multiaddr("/ip4/0.0.0.0/tcp/0")],
+            api: SocketAddr::from(([127, 0, 0, 1], 0)),
+            cache_mb: DEFAULT_CACHE_MB,
+            store_cache_mb: DEFAULT_STORE_CACHE_MB,
+        }
     }
 }
 
@@ -42,6 +57,8 @@ pub struct Relay {
     pub listen: Vec<Multiaddr>,
     pub peers: Vec<Multiaddr>,
     pub api: SocketAddr,
+    pub cache_mb: u64,
+    pub store_cache_mb: u64,
 }
 
 impl Default for Relay {
@@ -50,6 +67,8 @@ impl Default for Relay {
             listen: vec![multiaddr("/ip4/0.0.0.0/tcp/4001"), multiaddr("/ip4/0.0.0.0/udp/4001/quic-v1")],
             peers: vec![],
             api: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            cache_mb: DEFAULT_CACHE_MB,
+            store_cache_mb: DEFAULT_STORE_CACHE_MB,
         }
     }
 }
@@ -101,6 +120,8 @@ mod tests {
         assert_eq!(example.run.api, d.run.api);
         assert_eq!(example.relay.listen, d.relay.listen);
         assert_eq!(example.relay.api, d.relay.api);
+        assert_eq!((example.run.cache_mb, example.run.store_cache_mb), (d.run.cache_mb, d.run.store_cache_mb));
+        assert_eq!((example.relay.cache_mb, example.relay.store_cache_mb), (d.relay.cache_mb, d.relay.store_cache_mb));
         assert_eq!(example.net.max_connections, d.net.max_connections);
         assert_eq!(example.net.min_backoff_ms, d.net.min_backoff_ms);
         assert_eq!(example.net.max_backoff_ms, d.net.max_backoff_ms);

@@ -32,6 +32,8 @@ pub struct Options {
     pub relays: Vec<libp2p::Multiaddr>,
     pub mdns: bool,
     pub api: SocketAddr,
+    /// Cache sizes.
+    pub memory: fieldsync::MemoryOptions,
     pub net: crate::config::Net,
 }
 
@@ -53,7 +55,7 @@ impl Drop for DaemonFile {
 
 /// Runs the node in `dir` until shutdown.
 pub fn run(dir: &Path, options: Options) -> Result<(), CliError> {
-    let replica = Arc::new(Replica::open(dir)?);
+    let replica = Arc::new(Replica::open_with(dir, options.memory)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

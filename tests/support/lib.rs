@@ -1,6 +1,7 @@
 //! Shared helpers for fieldsync's cross-crate tests and examples.
 
 pub mod live;
+pub mod load;
 pub mod sim;
 
 use std::path::Path;

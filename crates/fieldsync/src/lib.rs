@@ -17,6 +17,7 @@
 //! # Ok(()) }
 //! ```
 
+mod cache;
 mod error;
 mod members;
 mod replica;
@@ -26,5 +27,6 @@ mod transfer;
 pub use error::{Error, ErrorKind};
 pub use fieldsync_core as core;
 pub use fieldsync_core::{Conflict, ConflictId, EntityId, HistoryEntry, PeerId, Proposal, ProposalId, View};
+pub use cache::MemoryOptions;
 pub use replica::{Clock, Replica, Status, SystemClock};
 pub use transfer::{ExportedBundle, ImportSummary};

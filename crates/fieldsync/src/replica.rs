@@ -19,6 +19,7 @@ use libp2p_identity::ed25519;
 use serde::Serialize;
 use serde_json::Value as Json;
 
+use crate::cache::{DocCache, MemoryOptions};
 use crate::Error;
 
 const META_IDENTITY: &str = "identity";
@@ -39,8 +40,6 @@ const COMPACT_AFTER_CHUNKS: u32 = 32;
 const COMPACT_RATIO: u64 = 1;
 /// Entity lock stripes: writes to one entity are serialised, others run in parallel.
 const LOCK_STRIPES: usize = 256;
-/// Documents kept in memory after use, so repeated writes skip loading from the store.
-const DOC_CACHE_ENTRIES: usize = 4096;
 
 /// Where a replica gets time and new ids. The system clock by default; the simulator
 /// injects a seeded one so a run is reproducible from its seed.
@@ -95,9 +94,9 @@ pub struct Replica {
     dir: PathBuf,
     clock: Arc<dyn Clock>,
     locks: Vec<Mutex<()>>,
-    /// Recently used documents, all fully persisted. An entity is taken out while a writer
-    /// holds its lock and put back only after its write is durable.
-    cache: Mutex<lru::LruCache<EntityId, Entity>>,
+    /// Recently used documents, all fully persisted, bounded by bytes. An entity is taken out
+    /// while a writer holds its lock and put back only after its write is durable.
+    cache: Mutex<DocCache>,
     /// The member list read from the store, with the `members_version` it was read at
     /// (starts at 1, so the first use reads it).
     pub(crate) members: Mutex<(u64, Arc<crate::members::MemberCache>)>,
@@ -177,17 +176,33 @@ impl Replica {
 
     /// Opens the node in `dir`.
     pub fn open(dir: &Path) -> Result<Self, Error> {
+        Self::open_with(dir, MemoryOptions::default())
+    }
+
+    /// Opens the node in `dir` with caches sized by `memory`.
+    pub fn open_with(dir: &Path, memory: MemoryOptions) -> Result<Self, Error> {
         if !db_dir(dir).exists() {
             return Err(Error::NotInitialized(dir.to_owned()));
         }
-        let store = SledStore::open(&db_dir(dir))?;
+        let store = SledStore::open_with(&db_dir(dir), memory.store_cache_bytes)?;
         let missing = |what: &str| Error::CorruptMeta(format!("{what} is missing"));
         let mut key_bytes = store.meta(META_IDENTITY)?.ok_or_else(|| missing("identity"))?;
         let key = ed25519::Keypair::try_from_bytes(&mut key_bytes).map_err(|e| Error::CorruptMeta(e.to_string()))?;
         let node: NodeMeta = serde_json::from_slice(&store.meta(META_NODE)?.ok_or_else(|| missing("node"))?)
             .map_err(|e| Error::CorruptMeta(e.to_string()))?;
         let ws = Invite::decode(&store.meta(META_WORKSPACE)?.ok_or_else(|| missing("workspace"))?)?;
-        Ok(Self::assemble(Arc::new(store), ws, key, node, dir))
+        Ok(Self::assemble(Arc::new(store), ws, key, node, dir).with_doc_cache_bytes(memory.doc_cache_bytes))
+    }
+
+    /// Bounds the document cache to `bytes` (estimated; see [`Entity::memory_estimate`]).
+    pub fn with_doc_cache_bytes(self, bytes: usize) -> Self {
+        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = DocCache::new(bytes);
+        self
+    }
+
+    /// (entities, estimated bytes) in the document cache.
+    pub fn doc_cache_usage(&self) -> (usize, usize) {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).usage()
     }
 
     fn assemble(store: Arc<dyn Store>, ws: Workspace, key: ed25519::Keypair, node: NodeMeta, dir: &Path) -> Self {
@@ -202,7 +217,7 @@ impl Replica {
             dir: dir.to_owned(),
             clock: Arc::new(SystemClock),
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
-            cache: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(DOC_CACHE_ENTRIES).unwrap_or(std::num::NonZeroUsize::MIN))),
+            cache: Mutex::new(DocCache::new(MemoryOptions::DEFAULT.doc_cache_bytes)),
             members: Mutex::new((0, Default::default())),
             members_version: std::sync::atomic::AtomicU64::new(1),
             invite_grant: std::sync::OnceLock::new(),
@@ -284,7 +299,8 @@ impl Replica {
 
     /// Keeps a fully persisted entity in memory for its next use.
     pub(crate) fn cache(&self, entity: Entity) {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(entity.id(), entity);
+        let evicted = self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(entity.id(), entity);
+        drop(evicted);
     }
 
     /// The store write for an entity's new state: its new changes (or a fresh snapshot
@@ -299,11 +315,13 @@ impl Replica {
         let id = entity.id();
         let derived = entity.derive(&self.ws)?;
         let collection = entity.collection().unwrap_or_default();
-        let compact = entity.is_new()
-            || match self.store.record(id.as_bytes())? {
-                Some(r) => r.chunks >= COMPACT_AFTER_CHUNKS || r.chunk_bytes > r.snapshot_bytes * COMPACT_RATIO,
-                None => true,
-            };
+        // A given snapshot is stored as it is: no need to look up the stored record.
+        let compact = snapshot.is_none()
+            && (entity.is_new()
+                || match self.store.record(id.as_bytes())? {
+                    Some(r) => r.chunks >= COMPACT_AFTER_CHUNKS || r.chunk_bytes > r.snapshot_bytes * COMPACT_RATIO,
+                    None => true,
+                });
         let doc = match snapshot {
             Some(bytes) => DocWrite::Snapshot(bytes),
             None if compact => DocWrite::Snapshot(entity.save()),

@@ -87,7 +87,8 @@ enum Merged {
 enum Outcome {
     Unchanged,
     Refused(Refusal),
-    Written(Box<(fieldsync_store::EntityWrite, Entity, Merged)>),
+    /// The store write, the entity to keep cached (if any), and what happened.
+    Written(Box<(fieldsync_store::EntityWrite, Option<Entity>, Merged)>),
 }
 
 /// What an import did.
@@ -307,7 +308,11 @@ impl Replica {
                     }
                 }
                 let write = self.entity_write_from(&mut entity, as_received.filter(|_| accepted == 0))?;
-                Ok(Outcome::Written(Box::new((write, entity, if accepted > 0 { Merged::Accepted(accepted) } else { how }))))
+                // Entities that arrived whole (a first sync, a bundle) are not cached: they are
+                // rarely written again soon, and caching thousands would only evict each other.
+                // Dropping them here spreads that cost over the worker threads.
+                let keep = !matches!(how, Merged::Created);
+                Ok(Outcome::Written(Box::new((write, keep.then_some(entity), if accepted > 0 { Merged::Accepted(accepted) } else { how }))))
             })
             .collect::<Result<_, Error>>()?;
         let mut writes = Vec::with_capacity(results.len());
@@ -327,7 +332,7 @@ impl Replica {
                         }
                     }
                     writes.push(write);
-                    merged.push(entity);
+                    merged.extend(entity);
                 }
             }
         }

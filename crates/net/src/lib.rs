@@ -32,6 +32,10 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/fieldsync/sync/1");
 
 /// Frames a stream's writer may queue before the owner waits for it.
 const WRITER_QUEUE: usize = 256;
+/// KiB of frames queued for all writers together before the owner waits for them: bounds a
+/// relay's memory however many slow devices it serves (each may have a window of pages in
+/// flight). Far above one peer's window, so one stalled peer cannot hold it all.
+const SEND_BUDGET_KIB: usize = 24 << 10;
 /// Inputs (frames read, app notifications) queued for the owner.
 const INPUT_QUEUE: usize = 1024;
 /// How long opening the sync stream may take before it is retried.
@@ -174,7 +178,8 @@ enum Owned {
 
 struct Session {
     gen: u64,
-    writer: mpsc::Sender<Vec<u8>>,
+    /// Frames with their share of the send budget, released once written.
+    writer: mpsc::Sender<(Vec<u8>, tokio::sync::OwnedSemaphorePermit)>,
 }
 
 struct Redial {
@@ -246,6 +251,7 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
     let mut banned: HashMap<PeerId, tokio::time::Instant> = HashMap::new();
     let mut extra_streams: HashMap<PeerId, u32> = HashMap::new();
     let mut sessions: HashMap<PeerId, Session> = HashMap::new();
+    let budget = Arc::new(tokio::sync::Semaphore::new(SEND_BUDGET_KIB));
     let mut next_gen = 0u64;
     // Peers with at least one connection, and those this node is opening a stream to.
     let mut connected: std::collections::HashSet<PeerId> = std::collections::HashSet::new();
@@ -423,7 +429,7 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                 Owned::LocalChange => engine.handle(Input::LocalChange)?,
             },
         }
-        let (failed, refused) = drain(&mut engine, &mut sessions, &notices).await;
+        let (failed, refused) = drain(&mut engine, &mut sessions, &notices, &budget).await;
         for peer in failed {
             cooldown.insert(peer, tokio::time::Instant::now() + SESSION_COOLDOWN);
         }
@@ -500,10 +506,10 @@ fn attach(
     *next_gen += 1;
     let gen = *next_gen;
     let (mut read, mut write) = stream.split();
-    let (writer, mut frames) = mpsc::channel::<Vec<u8>>(WRITER_QUEUE);
+    let (writer, mut frames) = mpsc::channel::<(Vec<u8>, tokio::sync::OwnedSemaphorePermit)>(WRITER_QUEUE);
     let out_stats = stats.clone();
     tokio::spawn(async move {
-        while let Some(bytes) = frames.recv().await {
+        while let Some((bytes, _budget)) = frames.recv().await {
             let len = (bytes.len() as u32).to_be_bytes();
             if write.write_all(&len).await.is_err() || write.write_all(&bytes).await.is_err() || write.flush().await.is_err() {
                 break;
@@ -562,15 +568,22 @@ fn attach(
 }
 
 /// Sends every queued frame to its stream's writer and reports every event; returns the
-/// peers whose session failed.
-async fn drain(engine: &mut Engine, sessions: &mut HashMap<PeerId, Session>, notices: &mpsc::Sender<Notice>) -> (Vec<PeerId>, Vec<PeerId>) {
+/// peers whose session failed and those refused (to be banned).
+async fn drain(
+    engine: &mut Engine,
+    sessions: &mut HashMap<PeerId, Session>,
+    notices: &mpsc::Sender<Notice>,
+    budget: &Arc<tokio::sync::Semaphore>,
+) -> (Vec<PeerId>, Vec<PeerId>) {
     let mut failed = Vec::new();
     let mut refused = Vec::new();
     loop {
         while let Some((peer, bytes)) = engine.poll_transmit() {
             if let Some(s) = sessions.get(&peer) {
-                // Waiting here is the backpressure of a slow peer (its queue is bounded).
-                if s.writer.send(bytes).await.is_err() {
+                // Waiting here is the backpressure of slow peers (queues and bytes are bounded).
+                let kib = (bytes.len() >> 10).clamp(1, SEND_BUDGET_KIB) as u32;
+                let Ok(permit) = budget.clone().acquire_many_owned(kib).await else { continue };
+                if s.writer.send((bytes, permit)).await.is_err() {
                     // The stream is gone: end the engine's session too (its reader's own
                     // notice will no longer match a session).
                     sessions.remove(&peer);

@@ -221,6 +221,9 @@ const FLUSH_LINGER: std::time::Duration = std::time::Duration::from_micros(5000)
 /// …checking this often whether commits still arrive (it flushes once they stop).
 const FLUSH_LINGER_STEP: std::time::Duration = std::time::Duration::from_micros(300);
 
+/// sled's page cache when not configured.
+pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
+
 /// The sled engine.
 #[derive(Debug)]
 pub struct SledStore {
@@ -236,9 +239,14 @@ pub struct SledStore {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir` with the default page cache.
     pub fn open(dir: &std::path::Path) -> Result<Self, Error> {
-        let db = match sled::Config::new().path(dir).cache_capacity(64 << 20).mode(sled::Mode::HighThroughput).open() {
+        Self::open_with(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the store in `dir`; sled's page cache may hold `cache_bytes`.
+    pub fn open_with(dir: &std::path::Path, cache_bytes: u64) -> Result<Self, Error> {
+        let db = match sled::Config::new().path(dir).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput).open() {
             Ok(db) => db,
             Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") => return Err(Error::Locked),
             Err(e) => return Err(e.into()),
