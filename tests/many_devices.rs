@@ -22,7 +22,7 @@ async fn fifty_devices_converge_through_a_relay_with_a_tiny_cache() -> anyhow::R
         shared.extend(v["_id"].as_str().and_then(|s| s.parse::<fieldsync::EntityId>().ok()));
         true
     })?;
-    let invite = hq.invite();
+    let invites: Vec<Vec<u8>> = (0..50).map(|_| hq.invite()).collect();
     let relay = LiveNode::start("relay", Arc::new(hq), Role::Relay, &[]).await?;
     let spec = Spec {
         devices: 50,
@@ -31,7 +31,7 @@ async fn fifty_devices_converge_through_a_relay_with_a_tiny_cache() -> anyhow::R
         memory: MemoryOptions { doc_cache_bytes: 64 << 10, store_cache_bytes: 1 << 20 },
         timeout: Duration::from_secs(300),
     };
-    let outcome = run(tmp.path(), &invite, &relay.addr, &shared, &spec).await?;
+    let outcome = run(tmp.path(), &invites, &relay.addr, &shared, &spec).await?;
     assert_eq!(outcome.entities, 4 + 50 * 5);
     assert_eq!(relay.replica.status()?.entities["tasks"], 4 + 50 * 5);
     let (_, bytes) = relay.replica.doc_cache_usage();

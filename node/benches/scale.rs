@@ -187,7 +187,9 @@ async fn many_devices(devices: usize, owned: usize) -> anyhow::Result<()> {
             v.to_string() + "\n"
         })
         .collect();
-    let (invite, _) = relay_with(&dir, &lines)?;
+    let (_, _) = relay_with(&dir, &lines)?;
+    // One invite per device (invites may be one-time), issued before the relay holds the store.
+    let invites = (0..devices).map(|_| cli(&dir, &["invite"])).collect::<anyhow::Result<Vec<_>>>()?;
     let relay = Relay::start(&dir)?;
     let spec = fieldsync_tests::load::Spec {
         devices,
@@ -198,7 +200,7 @@ async fn many_devices(devices: usize, owned: usize) -> anyhow::Result<()> {
         timeout: Duration::from_secs(env_num("BENCH_DEVICES_TIMEOUT", 900) as u64),
     };
     let cpu0 = cpu_seconds(relay.pid());
-    let outcome = fieldsync_tests::load::run(tmp.path(), &invite, &relay.addr, &shared, &spec).await?;
+    let outcome = fieldsync_tests::load::run(tmp.path(), &invites, &relay.addr, &shared, &spec).await?;
     let cpu = cpu_seconds(relay.pid()) - cpu0;
     let (sampled, hwm) = relay.peak_mb();
     println!(

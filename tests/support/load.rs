@@ -56,14 +56,16 @@ fn digest(r: &Replica) -> anyhow::Result<u64> {
     Ok(h.finish())
 }
 
-/// Runs `spec` against the relay at `relay_addr` (workspace of `invite`), which holds the
-/// entities `shared` and nothing else. Device data goes under `root`.
-pub async fn run(root: &Path, invite: &[u8], relay_addr: &str, shared: &[EntityId], spec: &Spec) -> anyhow::Result<Outcome> {
+/// Runs `spec` against the relay at `relay_addr`, which holds the entities `shared` and
+/// nothing else; device `d` joins with `invites[d]` (one each: invites may be one-time).
+/// Device data goes under `root`.
+pub async fn run(root: &Path, invites: &[Vec<u8>], relay_addr: &str, shared: &[EntityId], spec: &Spec) -> anyhow::Result<Outcome> {
+    anyhow::ensure!(invites.len() >= spec.devices, "{} invites for {} devices", invites.len(), spec.devices);
     let deadline = Instant::now() + spec.timeout;
     let mut nodes = Vec::with_capacity(spec.devices);
     for d in 0..spec.devices {
         let dir = root.join(format!("device{d}"));
-        drop(Replica::init_join(&dir, invite, &format!("device{d}"))?);
+        drop(Replica::init_join(&dir, &invites[d], &format!("device{d}"))?);
         let replica = Arc::new(reopen(&dir, spec.memory).await?);
         nodes.push(LiveNode::start(&format!("device{d}"), replica, Role::Device, &[relay_addr.to_owned()]).await?);
     }
