@@ -22,6 +22,25 @@ pub struct Cli {
     command: Command,
 }
 
+/// Memory settings shared by `run` and `relay`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct MemoryArgs {
+    /// Documents kept in memory, in MiB (an LRU bounded by estimated bytes; others are
+    /// loaded on demand). [default: 32]
+    #[arg(long, value_name = "MIB")]
+    cache_mb: Option<u64>,
+    /// The store's page cache, in MiB. [default: 32]
+    #[arg(long, value_name = "MIB")]
+    store_cache_mb: Option<u64>,
+}
+
+impl MemoryArgs {
+    /// The options, with the config file's values where no flag was given.
+    fn options(&self, cache_mb: u64, store_cache_mb: u64) -> fieldsync::MemoryOptions {
+        fieldsync::MemoryOptions::from_mib(self.cache_mb.unwrap_or(cache_mb), self.store_cache_mb.unwrap_or(store_cache_mb))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Create a node: a new workspace (--schema, this node is its authority) or join one (--join).
@@ -145,13 +164,8 @@ pub(crate) enum Command {
         /// Address of the local HTTP API (keep it on localhost). [default: 127.0.0.1:0]
         #[arg(long)]
         api: Option<std::net::SocketAddr>,
-        /// Documents kept in memory, in MiB (an LRU bounded by estimated bytes; others are
-        /// loaded on demand). [default: 32]
-        #[arg(long, value_name = "MIB")]
-        cache_mb: Option<u64>,
-        /// The store's page cache, in MiB. [default: 32]
-        #[arg(long, value_name = "MIB")]
-        store_cache_mb: Option<u64>,
+        #[command(flatten)]
+        memory: MemoryArgs,
         /// TOML file with defaults for these options (see example.config.toml); flags win.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -169,13 +183,8 @@ pub(crate) enum Command {
         /// Address of the local HTTP API (keep it on localhost). [default: 127.0.0.1:7070]
         #[arg(long)]
         api: Option<std::net::SocketAddr>,
-        /// Documents kept in memory, in MiB (an LRU bounded by estimated bytes; others are
-        /// loaded on demand). [default: 32]
-        #[arg(long, value_name = "MIB")]
-        cache_mb: Option<u64>,
-        /// The store's page cache, in MiB. [default: 32]
-        #[arg(long, value_name = "MIB")]
-        store_cache_mb: Option<u64>,
+        #[command(flatten)]
+        memory: MemoryArgs,
         /// TOML file with defaults for these options (see example.config.toml); flags win.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -339,7 +348,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 "authority": replica.is_authority(),
             }))
         }
-        Command::Run { relays, peers, mdns, listen, api, cache_mb, store_cache_mb, config } => {
+        Command::Run { relays, peers, mdns, listen, api, memory, config } => {
             let file = crate::config::load(config.as_deref())?;
             let c = file.run;
             let (relays, peers) = if relays.is_empty() && peers.is_empty() { (c.relays, c.peers) } else { (relays, peers) };
@@ -350,12 +359,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 relays,
                 mdns: mdns || c.mdns,
                 api: api.unwrap_or(c.api),
-                memory: fieldsync::MemoryOptions::from_mib(cache_mb.unwrap_or(c.cache_mb), store_cache_mb.unwrap_or(c.store_cache_mb)),
+                memory: memory.options(c.cache_mb, c.store_cache_mb),
                 net: file.net,
             };
             crate::daemon::run(&dir, options)
         }
-        Command::Relay { listen, peers, api, cache_mb, store_cache_mb, config } => {
+        Command::Relay { listen, peers, api, memory, config } => {
             let file = crate::config::load(config.as_deref())?;
             let c = file.relay;
             let options = crate::daemon::Options {
@@ -365,7 +374,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 relays: vec![],
                 mdns: false,
                 api: api.unwrap_or(c.api),
-                memory: fieldsync::MemoryOptions::from_mib(cache_mb.unwrap_or(c.cache_mb), store_cache_mb.unwrap_or(c.store_cache_mb)),
+                memory: memory.options(c.cache_mb, c.store_cache_mb),
                 net: file.net,
             };
             crate::daemon::run(&dir, options)
