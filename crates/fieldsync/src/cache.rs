@@ -13,6 +13,7 @@ pub(crate) struct DocCache {
 
 impl DocCache {
     pub(crate) fn new(capacity: usize) -> Self {
+        // No entry-count limit: `put` evicts by estimated bytes, which bounds the cache.
         DocCache { lru: lru::LruCache::unbounded(), bytes: 0, capacity }
     }
 
