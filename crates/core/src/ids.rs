@@ -120,3 +120,50 @@ impl FromStr for ConflictId {
         }
     }
 }
+
+/// An app's operation id: the same id applied again, on any node, has exactly one effect.
+/// 1 to 128 printable ASCII characters (an `Idempotency-Key`, a UUID, `payment-42-try`…).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct OpId(String);
+
+impl OpId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The entity an op id creates when the app names no entity: the same op id gives the
+    /// same entity on every node, so a retried creation lands on the first one.
+    pub fn entity(&self, ws: WorkspaceId) -> EntityId {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"fieldsync/op-entity/v1\0");
+        h.update(ws.as_bytes());
+        h.update(self.0.as_bytes());
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&h.finalize()[..16]);
+        // A custom (version 8, RFC 9562) UUID: derived, not random and not time-ordered.
+        EntityId(uuid::Builder::from_custom_bytes(bytes).into_uuid())
+    }
+}
+
+impl fmt::Display for OpId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl fmt::Debug for OpId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OpId({})", self.0)
+    }
+}
+impl FromStr for OpId {
+    type Err = &'static str;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()) {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err("an operation id is 1 to 128 printable ASCII characters without spaces")
+        }
+    }
+}

@@ -2,6 +2,8 @@
 //!
 //! - [`schema`]: collections, fields and their merge [`schema::Rule`]s, parsed from TOML.
 //! - [`patch`]: the JSON patch language, checked against the schema before any write.
+//! - `rules`: what each merge rule means (patch operators, merged value, conflicts), one
+//!   module per rule.
 //! - [`entity`]: one Automerge document per entity; the view, conflicts, proposals and
 //!   history are pure functions of the document, so replicas with the same changes agree.
 //! - [`authority`]: confirmed values signed by the workspace authority.
@@ -19,11 +21,12 @@ pub mod ids;
 pub mod membership;
 pub mod patch;
 pub mod protocol;
+pub(crate) mod rules;
 pub mod schema;
 pub mod workspace;
 
-pub use entity::{Conflict, ConflictState, Derived, Entity, HistoryEntry, Proposal, View, Writer};
-pub use ids::{ConflictId, EntityId, PeerId, ProposalId, Seq, WorkspaceId};
+pub use entity::{Applied, Conflict, ConflictState, Derived, Entity, FieldChange, HistoryEntry, Proposal, View, Writer};
+pub use ids::{ConflictId, EntityId, OpId, PeerId, ProposalId, Seq, WorkspaceId};
 pub use patch::{FieldOp, Patch};
 pub use schema::{Access, Collection, OnDelete, Rule, Schema};
 pub use workspace::{Invite, Workspace};
@@ -48,6 +51,9 @@ pub enum Error {
     /// A conflict or proposal that does not exist (or no longer does).
     #[error("not found: {0}")]
     NotFound(String),
+    /// An operation id already named a different write.
+    #[error("operation id {0} was already used for a different write; use a new op id for a new write")]
+    OpReused(crate::ids::OpId),
     /// Only the workspace authority may do this.
     #[error("only the workspace authority can settle proposals; this node is a device")]
     NotAuthority,

@@ -6,6 +6,7 @@
 
 use serde_json::{Map, Value as Json};
 
+use crate::rules::{self, Input};
 use crate::schema::{Collection, Rule};
 use crate::Error;
 
@@ -41,7 +42,7 @@ impl Patch {
     /// Checks an already-parsed JSON patch for `collection`.
     pub fn from_json(collection: &Collection, json: &Json) -> Result<Self, Error> {
         let Json::Object(map) = json else {
-            return Err(Error::Patch(format!("a patch is a JSON object of fields, got {}", kind(json))));
+            return Err(Error::Patch(format!("a patch is a JSON object of fields, got {}", crate::entity::json::kind(json))));
         };
         let mut ops = Vec::with_capacity(map.len());
         for (field, value) in map {
@@ -65,17 +66,6 @@ impl Patch {
     }
 }
 
-fn kind(v: &Json) -> &'static str {
-    match v {
-        Json::Null => "null",
-        Json::Bool(_) => "a boolean",
-        Json::Number(_) => "a number",
-        Json::String(_) => "a string",
-        Json::Array(_) => "an array",
-        Json::Object(_) => "an object",
-    }
-}
-
 /// The operator of `{"$op": arg}`, if `value` is exactly that shape.
 fn operator(value: &Json) -> Option<(&str, &Json)> {
     let Json::Object(m) = value else { return None };
@@ -86,83 +76,23 @@ fn operator(value: &Json) -> Option<(&str, &Json)> {
     k.starts_with('$').then_some((k.as_str(), v))
 }
 
+/// Checks one field's value; what each rule takes is decided by the rule (see `rules`).
 fn parse_op(field: &str, rule: &Rule, value: &Json) -> Result<FieldOp, Error> {
-    let wrong = |expected: &str| {
-        Error::Patch(format!(
-            "field {field:?} (rule {}) takes {expected}, got {}",
-            rule.name(),
-            kind(value)
-        ))
-    };
-    if let Some((op, arg)) = operator(value) {
-        return match (op, rule) {
-            ("$inc", Rule::Counter) => arg
-                .as_i64()
-                .map(FieldOp::Inc)
-                .ok_or_else(|| Error::Patch(format!("field {field:?}: $inc takes an integer, got {}", kind(arg)))),
-            ("$add", Rule::Set) => Ok(FieldOp::Add(set_elements(field, arg)?)),
-            ("$remove", Rule::Set) => Ok(FieldOp::RemoveElems(set_elements(field, arg)?)),
-            ("$inc" | "$add" | "$remove", _) => Err(Error::Patch(format!(
-                "field {field:?} has rule {}, which does not take {op}",
-                rule.name()
-            ))),
-            _ => Err(Error::Patch(format!(
-                "field {field:?}: unknown operator {op}; expected $inc, $add or $remove"
-            ))),
-        };
-    }
-    if let Json::Object(m) = value {
-        if m.keys().any(|k| k.starts_with('$')) {
-            return Err(Error::Patch(format!(
-                "field {field:?}: an operator object must hold exactly one operator"
-            )));
+    let input = match operator(value) {
+        Some((op @ ("$inc" | "$add" | "$remove"), arg)) => Input::Op(op, arg),
+        Some((op, _)) => {
+            return Err(Error::Patch(format!("field {field:?}: unknown operator {op}; expected $inc, $add or $remove")))
         }
-    }
-    match (rule, value) {
-        (Rule::Counter, Json::Null) => Err(Error::Patch(format!(
-            "field {field:?} is a counter and cannot be removed; use {{\"$inc\": n}}"
-        ))),
-        (Rule::Set, Json::Null) => Err(Error::Patch(format!(
-            "field {field:?} is a set and cannot be removed; use {{\"$remove\": [..]}}"
-        ))),
-        (_, Json::Null) => Ok(FieldOp::Remove),
-        (Rule::Lww | Rule::Manual | Rule::Authority, v) => Ok(FieldOp::Set(v.clone())),
-        (Rule::Rank { order }, Json::String(s)) => {
-            if order.contains(s) {
-                Ok(FieldOp::Set(value.clone()))
-            } else {
-                Err(Error::Patch(format!(
-                    "field {field:?} (rule rank) takes one of {order:?}, got {s:?}"
-                )))
+        None => {
+            if let Json::Object(m) = value {
+                if m.keys().any(|k| k.starts_with('$')) {
+                    return Err(Error::Patch(format!("field {field:?}: an operator object must hold exactly one operator")));
+                }
             }
+            Input::Plain(value)
         }
-        (Rule::Rank { order }, _) => Err(wrong(&format!("one of {order:?}"))),
-        (Rule::Max | Rule::Min, Json::Number(n)) if n.as_f64().is_some_and(f64::is_finite) => {
-            Ok(FieldOp::Set(value.clone()))
-        }
-        (Rule::Max | Rule::Min, _) => Err(wrong("a number")),
-        (Rule::Counter, Json::Number(n)) if n.as_i64().is_some() => Ok(FieldOp::Set(value.clone())),
-        (Rule::Counter, _) => Err(wrong("an integer or {\"$inc\": n}")),
-        (Rule::Set, Json::Array(_)) => Ok(FieldOp::Set(Json::Array(set_elements(field, value)?))),
-        (Rule::Set, _) => Err(wrong("an array of strings, numbers or booleans, {\"$add\": [..]} or {\"$remove\": [..]}")),
-        (Rule::Text, Json::String(_)) => Ok(FieldOp::Set(value.clone())),
-        (Rule::Text, _) => Err(wrong("a string")),
-    }
-}
-
-fn set_elements(field: &str, arg: &Json) -> Result<Vec<Json>, Error> {
-    let Json::Array(items) = arg else {
-        return Err(Error::Patch(format!("field {field:?}: set operations take an array, got {}", kind(arg))));
     };
-    for item in items {
-        if !matches!(item, Json::String(_) | Json::Number(_) | Json::Bool(_)) {
-            return Err(Error::Patch(format!(
-                "field {field:?}: set elements must be strings, numbers or booleans, got {}",
-                kind(item)
-            )));
-        }
-    }
-    Ok(items.clone())
+    rules::of(rule).parse(field, rule, input)
 }
 
 /// Parses a `FIELD=VALUE` filter: VALUE is JSON if it parses, else a plain string.

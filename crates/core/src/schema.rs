@@ -12,8 +12,10 @@ use crate::Error;
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Rule {
-    /// Automerge's deterministic winner.
-    Lww,
+    /// The later write wins: among concurrent values, the one whose change has the latest
+    /// time (ties: Automerge's order). `by_actor` (schema `order = "actor"`) keeps
+    /// Automerge's own order instead: op counter, then actor id.
+    Lww { by_actor: bool },
     /// The highest value in `order` wins among concurrent values.
     Rank { order: Vec<String> },
     /// Largest concurrent number wins.
@@ -36,7 +38,7 @@ impl Rule {
     /// The rule's name as written in the schema.
     pub fn name(&self) -> &'static str {
         match self {
-            Rule::Lww => "lww",
+            Rule::Lww { .. } => "lww",
             Rule::Rank { .. } => "rank",
             Rule::Max => "max",
             Rule::Min => "min",
@@ -107,7 +109,7 @@ pub struct Collection {
 impl Collection {
     /// The rule of `field`; undeclared fields are `lww`.
     pub fn rule(&self, field: &str) -> &Rule {
-        static LWW: Rule = Rule::Lww;
+        static LWW: Rule = Rule::Lww { by_actor: false };
         self.fields.get(field).map(|f| &f.rule).unwrap_or(&LWW)
     }
 }
@@ -142,9 +144,17 @@ struct RawCollection {
 #[serde(deny_unknown_fields)]
 struct RawField {
     rule: String,
-    order: Option<Vec<String>>,
+    order: Option<RawOrder>,
     #[serde(default)]
     auto_accept: bool,
+}
+
+/// `order`: the ranks of a `rank` field, or `"actor"` for an `lww` field.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawOrder {
+    Ranks(Vec<String>),
+    Named(String),
 }
 
 /// Collection and field names: letters, digits, `_` and `-`, not starting with `_`
@@ -178,7 +188,13 @@ impl Schema {
                     )));
                 }
                 let rule = match (rf.rule.as_str(), rf.order) {
-                    ("rank", Some(order)) => {
+                    ("lww", Some(RawOrder::Named(o))) if o == "actor" => Rule::Lww { by_actor: true },
+                    ("lww", Some(_)) => {
+                        return Err(Error::Schema(format!(
+                            "{cname}.{fname}: rule \"lww\" takes `order = \"actor\"` (Automerge's order) or no order (the later write wins)"
+                        )))
+                    }
+                    ("rank", Some(RawOrder::Ranks(order))) => {
                         let mut seen = std::collections::BTreeSet::new();
                         if order.is_empty() || !order.iter().all(|v| seen.insert(v.clone())) {
                             return Err(Error::Schema(format!(
@@ -187,7 +203,7 @@ impl Schema {
                         }
                         Rule::Rank { order }
                     }
-                    ("rank", None) => {
+                    ("rank", Some(RawOrder::Named(_)) | None) => {
                         return Err(Error::Schema(format!(
                             "{cname}.{fname}: rule \"rank\" needs `order = [lowest, …, highest]`"
                         )))
@@ -197,7 +213,7 @@ impl Schema {
                             "{cname}.{fname}: `order` only applies to rule \"rank\", not {other:?}"
                         )))
                     }
-                    ("lww", None) => Rule::Lww,
+                    ("lww", None) => Rule::Lww { by_actor: false },
                     ("max", None) => Rule::Max,
                     ("min", None) => Rule::Min,
                     ("counter", None) => Rule::Counter,
@@ -222,7 +238,7 @@ impl Schema {
                 if !valid_name(owner) {
                     return Err(Error::Schema(format!("{cname}: owner field {owner:?} must use letters, digits, '_' or '-'")));
                 }
-                if fields.get(owner).is_some_and(|f: &FieldSpec| f.rule != Rule::Lww) {
+                if fields.get(owner).is_some_and(|f: &FieldSpec| !matches!(f.rule, Rule::Lww { .. })) {
                     return Err(Error::Schema(format!("{cname}: owner field {owner:?} must use rule \"lww\"")));
                 }
             }
@@ -278,7 +294,7 @@ start    = { rule = "manual" }
         assert_eq!(s.collections.len(), 5, "four declared plus the built-in _members");
         let tasks = s.collection("tasks").unwrap();
         assert_eq!(tasks.rule("status").name(), "rank");
-        assert_eq!(tasks.rule("undeclared"), &Rule::Lww);
+        assert_eq!(tasks.rule("undeclared"), &Rule::Lww { by_actor: false });
         assert!(s.collection("payments").unwrap().fields["status"].auto_accept);
         assert_eq!(s.collection("shifts").unwrap().on_delete, OnDelete::UpdateWins);
         assert!(matches!(s.collection("nope"), Err(Error::UnknownCollection { .. })));
@@ -295,6 +311,8 @@ start    = { rule = "manual" }
             ("[collections.t]\non_delete = \"sometimes\"", "unknown variant"),
             ("", "no collection"),
             ("[collections.t.fields]\nx = { rule = \"rank\", order = [\"a\", \"a\"] }", "distinct"),
+            ("[collections.t.fields]\nx = { rule = \"lww\", order = \"time\" }", "order = \"actor\""),
+            ("[collections.t.fields]\nx = { rule = \"rank\", order = \"actor\" }", "needs `order"),
             ("[collections.t]\naccess = \"own\"", "needs `owner"),
             ("[collections.t]\naccess = \"some\"", "unknown variant"),
             ("[collections.t]\nowner = \"who\"\n[collections.t.fields]\nwho = { rule = \"set\" }", "must use rule"),

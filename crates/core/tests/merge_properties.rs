@@ -354,8 +354,8 @@ impl Model {
                 let v = o.map(amount_val).unwrap_or(Json::Null);
                 if authority {
                     self.confirmed = Some(v);
-                } else {
-                    self.proposals.push((proposal.expect("a device write makes a proposal"), v));
+                } else if let Some(id) = proposal {
+                    self.proposals.push((id, v));
                 }
             }
         }
@@ -424,6 +424,10 @@ fn expect(base: &BaseState, models: &[&Model], update_wins: bool) -> Expected {
         proposals.extend(base.proposal.clone());
     }
     proposals.sort_by_key(|(id, _)| *id);
+    // A proposal equal to the confirmed value is settled by it.
+    if let Some(c) = &confirmed {
+        proposals.retain(|(_, v)| v != c);
+    }
     let deleted = if update_wins {
         let lasts: Vec<bool> = models.iter().filter_map(|m| m.last_tombstone).collect();
         !lasts.is_empty() && lasts.iter().all(|d| *d)
@@ -492,13 +496,15 @@ fn check(ctx: &str, v: &Map<String, Json>, conflicts: &[Conflict], proposals: &[
         prop_assert!(v.get("_conflicts").is_none(), "{}: no open conflict expected: {:?}", ctx, v.get("_conflicts"));
     }
     // counter.
-    prop_assert_eq!(v.get("stock"), Some(&json!(exp.stock)), "{}: counter", ctx);
+    // Declared fields never written are absent from the view: a counter never written reads 0.
+    prop_assert_eq!(v.get("stock").cloned().unwrap_or(json!(0)), json!(exp.stock), "{}: counter", ctx);
     // set: add-wins.
     let tags: BTreeSet<String> = v.get("tags").and_then(Json::as_array).map(|a| a.iter().map(Json::to_string).collect()).unwrap_or_default();
     prop_assert_eq!(&tags, &exp.tags, "{}: set", ctx);
     // text.
-    let notes = v.get("notes").and_then(Json::as_str);
-    prop_assert!(notes.is_some(), "{}: notes is text", ctx);
+    // An empty text is absent from the view.
+    prop_assert!(v.get("notes").is_none_or(|n| n.as_str().is_some_and(|t| !t.is_empty())), "{}: notes is text", ctx);
+    let notes = Some(v.get("notes").and_then(Json::as_str).unwrap_or(""));
     if let Some(n) = &exp.notes {
         prop_assert_eq!(notes, Some(n.as_str()), "{}: text with one writer", ctx);
     }
@@ -657,7 +663,14 @@ fn run_steps(rep: &mut Replica, steps: &[Step], ws: &Workspace, auth_kp: &ed2551
                     false
                 } else {
                     res.map_err(|e| fail(&ctx, e))?;
-                    let device_amount = !rep.authority && by_field.contains_key("amount");
+                    // A device's amount is a proposal unless it changes nothing: null with
+                    // nothing confirmed, or a value it already has pending.
+                    let device_amount = !rep.authority
+                        && by_field.get("amount").is_some_and(|e| {
+                            let Edit::Amount(o) = e else { return false };
+                            let v = o.map(amount_val).unwrap_or(Json::Null);
+                            !v.is_null() && !rep.model.proposals.iter().any(|(_, p)| *p == v)
+                        });
                     prop_assert_eq!(issued.len(), usize::from(device_amount), "{}: proposal ids drawn", ctx);
                     for e in by_field.values() {
                         rep.model.apply(e, base, rep.authority, issued.first().copied());
@@ -868,8 +881,9 @@ fn run(case: Case) -> Result<(), TestCaseError> {
         let device = Writer { authority_key: None, ..w.clone() };
         prop_assert!(matches!(settler.accept(&ws, &device, pick, "accept"), Err(Error::NotAuthority)), "a device cannot accept");
         settler.accept(&ws, &w, pick, "accept").map_err(|e| fail("accept", e))?;
-        exp2.amount = Some(value).filter(|v| !v.is_null());
-        exp2.proposals.retain(|(id, _)| *id > pick);
+        exp2.amount = Some(value.clone()).filter(|v| !v.is_null());
+        // Settled: the accepted one, older ones, and any equal to the confirmed value.
+        exp2.proposals.retain(|(id, v)| *id > pick && *v != value);
     }
     let start_conflict = settler.conflicts(&ws).into_iter().find(|c| c.field == "start");
     prop_assert_eq!(start_conflict.is_some(), exp.regs["start"].len() >= 2);

@@ -1,0 +1,216 @@
+//! The view, conflicts and pending proposals of an entity, derived together in one pass.
+//! All three are pure functions of the document (and the workspace), so replicas holding
+//! the same changes agree.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use automerge::{ObjId, ReadDoc, Value, ROOT};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
+
+use super::json::to_json;
+use super::{Entity, View};
+use crate::authority::Confirmation;
+use crate::ids::{ConflictId, EntityId, ProposalId};
+use crate::rules::{self, Values};
+use crate::schema::Rule;
+use crate::workspace::Workspace;
+use crate::Error;
+
+/// A pending proposal, as stored under `_prop`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ProposalRecord {
+    pub field: String,
+    pub value: Json,
+    pub peer: String,
+    pub user: String,
+    pub time_ms: i64,
+    /// The operation id of the write that made it, if the app gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op: Option<String>,
+}
+
+/// A pending proposal, as listed by `fieldsync proposals`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Proposal {
+    pub id: ProposalId,
+    pub entity: EntityId,
+    pub collection: String,
+    #[serde(flatten)]
+    pub record: ProposalRecord,
+}
+
+/// Whether a conflict waits for a person (`open`) or was settled by its field's rule (`auto`).
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ConflictState {
+    Open,
+    Auto,
+}
+
+/// A field holding several concurrent values.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Conflict {
+    pub id: ConflictId,
+    pub collection: String,
+    pub entity: EntityId,
+    pub field: String,
+    /// Every distinct concurrent value, in a deterministic order.
+    pub values: Vec<Json>,
+    pub rule: &'static str,
+    pub state: ConflictState,
+}
+
+/// What is derived from an entity's document: its view, conflicts and pending proposals.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Derived {
+    pub view: View,
+    pub conflicts: Vec<Conflict>,
+    pub proposals: Vec<Proposal>,
+}
+
+impl Entity {
+    /// The view, conflicts and proposals of the entity, derived together in one pass.
+    pub fn derive(&self, ws: &Workspace) -> Result<Derived, Error> {
+        let collection = self.collection().ok_or_else(|| Error::Document(format!("entity {} has no _collection", self.id)))?;
+        let coll = ws.schema.collection(&collection)?;
+        let mut view = View::new();
+        let mut conflicts = Vec::new();
+        for (field, all) in self.root_fields() {
+            let rule = coll.rule(&field);
+            if *rule == Rule::Authority {
+                continue;
+            }
+            let semantics = rules::of(rule);
+            let values = Values { doc: &self.doc, field: &field, rule, all: &all };
+            if let Some(v) = semantics.merged(&values) {
+                view.insert(field.clone(), v);
+            }
+            if let (true, Some(state)) = (all.len() > 1, semantics.conflict()) {
+                if let Some(c) = self.conflict(&collection, field, rule, state, &all) {
+                    conflicts.push(c);
+                }
+            }
+        }
+        // Counters written only by op id have no root value yet.
+        for (name, spec) in &coll.fields {
+            if spec.rule == Rule::Counter && !view.contains_key(name) {
+                if !rules::delta_entries(&self.doc, name).is_empty() {
+                    view.insert(name.clone(), Json::from(rules::sum_with_deltas(&self.doc, name, &[])));
+                }
+            }
+        }
+        // The newest valid confirmation of each authority field.
+        let confirmed: BTreeMap<&str, Confirmation> = coll
+            .fields
+            .iter()
+            .filter(|(_, spec)| spec.rule == Rule::Authority)
+            .filter_map(|(name, _)| Some((name.as_str(), self.confirmations(ws, name).pop()?)))
+            .collect();
+        for (field, c) in &confirmed {
+            if !c.value.is_null() {
+                view.insert((*field).to_owned(), c.value.clone());
+            }
+        }
+        let open: Map<String, Json> = conflicts
+            .iter()
+            .filter(|c| c.state == ConflictState::Open)
+            .map(|c| (c.field.clone(), Json::Array(c.values.clone())))
+            .collect();
+        if !open.is_empty() {
+            view.insert("_conflicts".into(), Json::Object(open));
+        }
+        let proposals = self.pending(&collection, &confirmed);
+        let mut pending = Map::new();
+        for p in &proposals {
+            // Proposals are in id order, so the newest per field wins.
+            pending.insert(p.record.field.clone(), p.record.value.clone());
+        }
+        if !pending.is_empty() {
+            view.insert("_pending".into(), Json::Object(pending));
+        }
+        if self.is_deleted(coll) {
+            view.insert("_deleted".into(), Json::Bool(true));
+        }
+        view.insert("_id".into(), Json::String(self.id.to_string()));
+        view.insert("_collection".into(), Json::String(collection));
+        Ok(Derived { view, conflicts, proposals })
+    }
+
+    /// Pending proposals, oldest first. A proposal is settled once the newest confirmation
+    /// of its field accepted it or a newer one (even if it reached the authority only after
+    /// that acceptance), or once the confirmed value equals it. Repeats — the same field
+    /// and value from the same device, or the same operation id — count once (the oldest).
+    fn pending(&self, collection: &str, confirmed: &BTreeMap<&str, Confirmation>) -> Vec<Proposal> {
+        let mut seen: BTreeSet<(String, String, String)> = BTreeSet::new();
+        let mut seen_ops: BTreeSet<(String, String)> = BTreeSet::new();
+        self.proposal_records()
+            .into_iter()
+            .filter(|(id, record)| {
+                let c = confirmed.get(record.field.as_str());
+                c.and_then(|c| c.accepts).is_none_or(|upto| *id > upto) && c.is_none_or(|c| c.value != record.value)
+            })
+            .filter(|(_, r)| seen.insert((r.field.clone(), r.value.to_string(), r.peer.clone())))
+            .filter(|(_, r)| r.op.as_ref().is_none_or(|op| seen_ops.insert((r.field.clone(), op.clone()))))
+            .map(|(id, record)| Proposal { id, entity: self.id, collection: collection.to_owned(), record })
+            .collect()
+    }
+
+    /// A conflict on `field` if its concurrent values are not all equal.
+    fn conflict(&self, collection: &str, field: String, rule: &Rule, state: ConflictState, all: &[(Value<'_>, ObjId)]) -> Option<Conflict> {
+        let mut values: Vec<Json> = Vec::new();
+        for (v, id) in all {
+            let j = to_json(&self.doc, v, id);
+            if !values.contains(&j) {
+                values.push(j);
+            }
+        }
+        if values.len() < 2 {
+            return None;
+        }
+        let op_ids: Vec<String> = all.iter().map(|(_, id)| id.to_string()).collect();
+        Some(Conflict {
+            id: ConflictId::derive(self.id, &field, &op_ids),
+            collection: collection.to_owned(),
+            entity: self.id,
+            field,
+            values,
+            rule: rule.name(),
+            state,
+        })
+    }
+
+    /// The view of the entity (see [`Entity::derive`]).
+    pub fn view(&self, ws: &Workspace) -> Result<View, Error> {
+        Ok(self.derive(ws)?.view)
+    }
+
+    /// Fields with several distinct concurrent values. Counters, sets and text merge and
+    /// never conflict; `manual` fields conflict `open`, the others `auto`.
+    pub fn conflicts(&self, ws: &Workspace) -> Vec<Conflict> {
+        self.derive(ws).map(|d| d.conflicts).unwrap_or_default()
+    }
+
+    /// Pending proposals, oldest first (see [`Entity::derive`]).
+    pub fn proposals(&self, ws: &Workspace) -> Vec<Proposal> {
+        self.derive(ws).map(|d| d.proposals).unwrap_or_default()
+    }
+
+    /// Every non-reserved root field with all its concurrent values, in one pass over the
+    /// root map; `get_all` only where Automerge reports a conflict.
+    pub(super) fn root_fields(&self) -> Vec<(String, Vec<(Value<'static>, ObjId)>)> {
+        self.doc
+            .map_range(ROOT, ..)
+            .filter(|item| !item.key.starts_with('_'))
+            .map(|item| {
+                let key = item.key.to_string();
+                let values = if item.conflict {
+                    self.doc.get_all(ROOT, key.as_str()).unwrap_or_default().into_iter().map(|(v, id)| (v.into_owned(), id)).collect()
+                } else {
+                    vec![(item.value.clone().into_value(), item.id())]
+                };
+                (key, values)
+            })
+            .collect()
+    }
+}
