@@ -93,6 +93,10 @@ pub(crate) enum Command {
         id_or_patch: String,
         #[arg(value_name = "PATCH_JSON")]
         patch: Option<String>,
+        /// Operation id: the same write sent again with the same id (a retry, here or on
+        /// another node) has exactly one effect. Without ID, it also names the entity.
+        #[arg(long, value_name = "OP_ID")]
+        op_id: Option<String>,
     },
     /// Print an entity's view.
     Get { collection: String, id: String },
@@ -107,7 +111,13 @@ pub(crate) enum Command {
         include_deleted: bool,
     },
     /// Delete an entity (a tombstone that syncs like any write).
-    Delete { collection: String, id: String },
+    Delete {
+        collection: String,
+        id: String,
+        /// Operation id: a retried delete with the same id answers as the first did.
+        #[arg(long, value_name = "OP_ID")]
+        op_id: Option<String>,
+    },
     /// Print an entity's history as JSON Lines (device, user, time, fields touched).
     History { collection: String, id: String },
     /// List open conflicts as JSON Lines.
@@ -121,12 +131,22 @@ pub(crate) enum Command {
         conflict_id: String,
         value_json: String,
     },
-    /// List pending proposals to authority fields (authority only).
-    Proposals,
-    /// Confirm a proposal (authority only).
-    Accept { proposal_id: String },
-    /// Reject a proposal (authority only).
-    Reject { proposal_id: String },
+    /// List pending proposals to authority fields (authority only, or `--mine` anywhere).
+    Proposals {
+        /// Only this node's own proposals still waiting for the authority.
+        #[arg(long)]
+        mine: bool,
+    },
+    /// Confirm one or more proposals (authority only).
+    Accept {
+        #[arg(required = true, num_args = 1..)]
+        proposal_ids: Vec<String>,
+    },
+    /// Reject one or more proposals (authority only).
+    Reject {
+        #[arg(required = true, num_args = 1..)]
+        proposal_ids: Vec<String>,
+    },
     /// Print the node's status (with a running daemon: also its peers, per-peer last sync,
     /// progress and how many local changes no relay has acknowledged yet).
     Status,
@@ -259,6 +279,27 @@ pub(crate) fn parse_partitions(args: &[String]) -> Result<std::collections::BTre
             Ok((c.to_owned(), parse_id("access", access)?))
         })
         .collect()
+}
+
+/// Settles each proposal in turn, one JSON line per id; every id is checked before any is
+/// settled, and a failure of one does not stop the others (exit 1 at the end).
+fn settle_all(ids: &[String], verb: &str, settle: impl Fn(ProposalId) -> std::result::Result<EntityId, fieldsync::Error>) -> Result<()> {
+    let parsed = ids.iter().map(|id| parse_id::<ProposalId>("proposal id", id)).collect::<Result<Vec<_>>>()?;
+    let mut failed = 0;
+    for pid in parsed {
+        match settle(pid) {
+            Ok(entity) => emit(&json!({ "proposal": pid.to_string(), "entity": entity.to_string(), verb: true }))?,
+            Err(e) if ids.len() == 1 => return Err(e.into()),
+            Err(e) => {
+                failed += 1;
+                emit(&json!({ "proposal": pid.to_string(), verb: false, "error": e.to_string() }))?;
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(CliError::runtime(format!("{failed} of {} proposal(s) could not be settled", ids.len())));
+    }
+    Ok(())
 }
 
 pub(crate) fn parse_id<T: std::str::FromStr>(what: &str, text: &str) -> Result<T>
@@ -407,19 +448,21 @@ fn run_on(replica: &Replica, command: Command) -> Result<()> {
             Ok(())
         }
         Command::Revoke { peer_id } => emit(&replica.revoke(&parse_id("peer id", &peer_id)?)?),
-        Command::Put { collection, id_or_patch, patch } => {
+        Command::Put { collection, id_or_patch, patch, op_id } => {
             let (id, patch) = match patch {
                 Some(patch) => (Some(parse_id::<EntityId>("entity id", &id_or_patch)?), patch),
                 None => (None, id_or_patch),
             };
-            let id = replica.put(&collection, id, &patch)?;
+            let op = op_id.as_deref().map(|o| parse_id::<fieldsync::OpId>("op id", o)).transpose()?;
+            let (id, _) = replica.put_op(&collection, id, &patch, op.as_ref())?;
             emit(&json!({ "id": id.to_string() }))
         }
         Command::Get { collection, id } => emit(&replica.get(&collection, parse_id("entity id", &id)?)?),
         Command::List { collection, filters, include_deleted } => stream_views(replica, &collection, &filters, include_deleted, |v| v),
-        Command::Delete { collection, id } => {
+        Command::Delete { collection, id, op_id } => {
             let id: EntityId = parse_id("entity id", &id)?;
-            replica.delete(&collection, id)?;
+            let op = op_id.as_deref().map(|o| parse_id::<fieldsync::OpId>("op id", o)).transpose()?;
+            replica.delete_op(&collection, id, op.as_ref())?;
             emit(&json!({ "id": id.to_string(), "deleted": true }))
         }
         Command::History { collection, id } => emit_lines(replica.history(&collection, parse_id("entity id", &id)?)?),
@@ -429,15 +472,9 @@ fn run_on(replica: &Replica, command: Command) -> Result<()> {
             let entity = replica.resolve(&conflict, &value_json)?;
             emit(&json!({ "conflict": conflict.to_string(), "entity": entity.to_string(), "resolved": true }))
         }
-        Command::Proposals => emit_lines(replica.proposals()?),
-        Command::Accept { proposal_id } => {
-            let entity = replica.accept(parse_id::<ProposalId>("proposal id", &proposal_id)?)?;
-            emit(&json!({ "proposal": proposal_id, "entity": entity.to_string(), "accepted": true }))
-        }
-        Command::Reject { proposal_id } => {
-            let entity = replica.reject(parse_id::<ProposalId>("proposal id", &proposal_id)?)?;
-            emit(&json!({ "proposal": proposal_id, "entity": entity.to_string(), "rejected": true }))
-        }
+        Command::Proposals { mine } => emit_lines(if mine { replica.my_proposals()? } else { replica.proposals()? }),
+        Command::Accept { proposal_ids } => settle_all(&proposal_ids, "accepted", |id| replica.accept(id)),
+        Command::Reject { proposal_ids } => settle_all(&proposal_ids, "rejected", |id| replica.reject(id)),
         Command::Status => emit(&replica.status()?),
         Command::Sync { .. } => Err(CliError::invalid("`fieldsync sync` needs a running daemon (`fieldsync run`) on this data directory")),
         Command::Bundle(BundleCommand::Export { file, since }) => {

@@ -26,12 +26,21 @@ fn agent() -> ureq::Agent {
 
 /// Sends one request; the JSON answer, or the API's error mapped to the CLI's exit codes.
 fn call(method: &str, url: &str, body: Option<&str>) -> Result<Value> {
+    call_op(method, url, body, None)
+}
+
+/// A call carrying an operation id as its `Idempotency-Key`.
+fn call_op(method: &str, url: &str, body: Option<&str>, op: Option<&str>) -> Result<Value> {
     let agent = agent();
-    let sent = match (method, body) {
-        ("GET", _) => agent.get(url).call(),
-        ("DELETE", _) => agent.delete(url).call(),
-        ("POST", b) => agent.post(url).header("content-type", "application/json").send(b.unwrap_or("")),
-        ("PATCH", b) => agent.patch(url).header("content-type", "application/json").send(b.unwrap_or("")),
+    let key = op.unwrap_or("");
+    let sent = match (method, body, op.is_some()) {
+        ("GET", _, _) => agent.get(url).call(),
+        ("DELETE", _, false) => agent.delete(url).call(),
+        ("DELETE", _, true) => agent.delete(url).header("idempotency-key", key).call(),
+        ("POST", b, false) => agent.post(url).header("content-type", "application/json").send(b.unwrap_or("")),
+        ("POST", b, true) => agent.post(url).header("content-type", "application/json").header("idempotency-key", key).send(b.unwrap_or("")),
+        ("PATCH", b, false) => agent.patch(url).header("content-type", "application/json").send(b.unwrap_or("")),
+        ("PATCH", b, true) => agent.patch(url).header("content-type", "application/json").header("idempotency-key", key).send(b.unwrap_or("")),
         _ => return Err(CliError::runtime(format!("unsupported method {method}"))),
     };
     let mut response = sent.map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
@@ -95,16 +104,35 @@ fn sync(api: &str, timeout: std::time::Duration) -> Result<()> {
     }
 }
 
+/// Accepts or rejects several proposals in one request; one JSON line per id. Fails (exit
+/// 1) if any of them could not be settled, after printing every result.
+fn settle_many(api: &str, ids: &[String], verb: &str) -> Result<()> {
+    for id in ids {
+        parse_id::<fieldsync::ProposalId>("proposal id", id)?;
+    }
+    let body = serde_json::json!({ "ids": ids }).to_string();
+    let results = call("POST", &format!("{api}/v1/proposals/{verb}"), Some(&body))?;
+    let failed = results.as_array().map(|a| a.iter().filter(|r| r["error"].is_string()).count()).unwrap_or(0);
+    emit_array(results)?;
+    if failed > 0 {
+        return Err(CliError::runtime(format!("{failed} of {} proposal(s) could not be settled", ids.len())));
+    }
+    Ok(())
+}
+
 /// Runs a data command against the daemon at `api`.
 pub fn run(api: &str, command: Command) -> Result<()> {
     match command {
-        Command::Put { collection, id_or_patch, patch } => match patch {
-            Some(patch) => {
-                let id: fieldsync::EntityId = parse_id("entity id", &id_or_patch)?;
-                emit(&call("PATCH", &format!("{api}/v1/collections/{collection}/{id}"), Some(&patch))?)
+        Command::Put { collection, id_or_patch, patch, op_id } => {
+            let op = op_id.as_deref().map(|o| parse_id::<fieldsync::OpId>("op id", o)).transpose()?.map(|o| o.to_string());
+            match patch {
+                Some(patch) => {
+                    let id: fieldsync::EntityId = parse_id("entity id", &id_or_patch)?;
+                    emit(&call_op("PATCH", &format!("{api}/v1/collections/{collection}/{id}"), Some(&patch), op.as_deref())?)
+                }
+                None => emit(&call_op("POST", &format!("{api}/v1/collections/{collection}"), Some(&id_or_patch), op.as_deref())?),
             }
-            None => emit(&call("POST", &format!("{api}/v1/collections/{collection}"), Some(&id_or_patch))?),
-        },
+        }
         Command::Get { collection, id } => {
             let id: fieldsync::EntityId = parse_id("entity id", &id)?;
             emit(&call("GET", &format!("{api}/v1/collections/{collection}/{id}"), None)?)
@@ -116,9 +144,10 @@ pub fn run(api: &str, command: Command) -> Result<()> {
             }
             emit_array(call("GET", &url, None)?)
         }
-        Command::Delete { collection, id } => {
+        Command::Delete { collection, id, op_id } => {
             let id: fieldsync::EntityId = parse_id("entity id", &id)?;
-            emit(&call("DELETE", &format!("{api}/v1/collections/{collection}/{id}"), None)?)
+            let op = op_id.as_deref().map(|o| parse_id::<fieldsync::OpId>("op id", o)).transpose()?.map(|o| o.to_string());
+            emit(&call_op("DELETE", &format!("{api}/v1/collections/{collection}/{id}"), None, op.as_deref())?)
         }
         Command::History { collection, id } => {
             let id: fieldsync::EntityId = parse_id("entity id", &id)?;
@@ -129,15 +158,9 @@ pub fn run(api: &str, command: Command) -> Result<()> {
             let id: fieldsync::ConflictId = parse_id("conflict id", &conflict_id)?;
             emit(&call("POST", &format!("{api}/v1/conflicts/{id}/resolve"), Some(&value_json))?)
         }
-        Command::Proposals => emit_array(call("GET", &format!("{api}/v1/proposals"), None)?),
-        Command::Accept { proposal_id } => {
-            let id: fieldsync::ProposalId = parse_id("proposal id", &proposal_id)?;
-            emit(&call("POST", &format!("{api}/v1/proposals/{id}/accept"), None)?)
-        }
-        Command::Reject { proposal_id } => {
-            let id: fieldsync::ProposalId = parse_id("proposal id", &proposal_id)?;
-            emit(&call("POST", &format!("{api}/v1/proposals/{id}/reject"), None)?)
-        }
+        Command::Proposals { mine } => emit_array(call("GET", &format!("{api}/v1/proposals?mine={mine}"), None)?),
+        Command::Accept { proposal_ids } => settle_many(api, &proposal_ids, "accept"),
+        Command::Reject { proposal_ids } => settle_many(api, &proposal_ids, "reject"),
         Command::Status => emit(&call("GET", &format!("{api}/v1/status"), None)?),
         Command::Sync { timeout } => sync(api, std::time::Duration::from_secs(timeout)),
         Command::Invite { user, role, partitions, valid_hours } => {

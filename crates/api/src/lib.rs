@@ -128,6 +128,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/conflicts", get(conflicts))
         .route("/v1/conflicts/{id}/resolve", post(resolve))
         .route("/v1/proposals", get(proposals))
+        .route("/v1/proposals/accept", post(accept_many))
+        .route("/v1/proposals/reject", post(reject_many))
         .route("/v1/proposals/{id}/accept", post(accept))
         .route("/v1/proposals/{id}/reject", post(reject))
         .route("/v1/sync", post(sync_now))
@@ -200,10 +202,28 @@ async fn list(State(s): State<AppState>, Path(collection): Path<String>, Query(q
     Ok(Json(Value::Array(views)))
 }
 
-async fn create(State(s): State<AppState>, Path(collection): Path<String>, body: String) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let id = blocking(&s, move |r| r.put(&collection, None, &body)).await?;
+/// The `Idempotency-Key` header as an operation id, if the request carries one.
+fn op_id(headers: &axum::http::HeaderMap) -> Result<Option<fieldsync::OpId>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
+    let text = v.to_str().map_err(|_| ApiError(StatusCode::BAD_REQUEST, "Idempotency-Key must be printable ASCII".into()))?;
+    text.parse().map(Some).map_err(|e: &str| ApiError(StatusCode::BAD_REQUEST, format!("Idempotency-Key: {e}")))
+}
+
+/// A write's answer; a replayed operation answers as the first call did, marked with
+/// `Idempotent-Replayed: true`.
+fn written(status: StatusCode, body: Value, applied: fieldsync::Applied) -> Response {
+    let mut res = (status, Json(body)).into_response();
+    if applied == fieldsync::Applied::Already {
+        res.headers_mut().insert("idempotent-replayed", axum::http::HeaderValue::from_static("true"));
+    }
+    res
+}
+
+async fn create(State(s): State<AppState>, Path(collection): Path<String>, headers: axum::http::HeaderMap, body: String) -> Result<Response, ApiError> {
+    let op = op_id(&headers)?;
+    let (id, applied) = blocking(&s, move |r| r.put_op(&collection, None, &body, op.as_ref())).await?;
     (s.on_change)();
-    Ok((StatusCode::CREATED, Json(json!({ "id": id.to_string() }))))
+    Ok(written(StatusCode::CREATED, json!({ "id": id.to_string() }), applied))
 }
 
 async fn read(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>) -> ApiResult {
@@ -211,18 +231,20 @@ async fn read(State(s): State<AppState>, Path((collection, id)): Path<(String, S
     Ok(Json(Value::Object(blocking(&s, move |r| r.get(&collection, id)).await?)))
 }
 
-async fn update(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>, body: String) -> ApiResult {
+async fn update(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>, headers: axum::http::HeaderMap, body: String) -> Result<Response, ApiError> {
     let id = parse("entity id", &id)?;
-    let id = blocking(&s, move |r| r.put(&collection, Some(id), &body)).await?;
+    let op = op_id(&headers)?;
+    let (id, applied) = blocking(&s, move |r| r.put_op(&collection, Some(id), &body, op.as_ref())).await?;
     (s.on_change)();
-    Ok(Json(json!({ "id": id.to_string() })))
+    Ok(written(StatusCode::OK, json!({ "id": id.to_string() }), applied))
 }
 
-async fn remove(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>) -> ApiResult {
+async fn remove(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>, headers: axum::http::HeaderMap) -> Result<Response, ApiError> {
     let id = parse("entity id", &id)?;
-    blocking(&s, move |r| r.delete(&collection, id)).await?;
+    let op = op_id(&headers)?;
+    let applied = blocking(&s, move |r| r.delete_op(&collection, id, op.as_ref())).await?;
     (s.on_change)();
-    Ok(Json(json!({ "id": id.to_string(), "deleted": true })))
+    Ok(written(StatusCode::OK, json!({ "id": id.to_string(), "deleted": true }), applied))
 }
 
 async fn history(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>) -> ApiResult {
@@ -249,8 +271,16 @@ async fn resolve(State(s): State<AppState>, Path(id): Path<String>, body: String
     Ok(Json(json!({ "conflict": id, "entity": entity.to_string(), "resolved": true })))
 }
 
-async fn proposals(State(s): State<AppState>) -> ApiResult {
-    let p = blocking(&s, |r| r.proposals()).await?;
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProposalsQuery {
+    /// Only this node's own pending proposals (works on any node).
+    #[serde(default)]
+    mine: bool,
+}
+
+async fn proposals(State(s): State<AppState>, Query(q): Query<ProposalsQuery>) -> ApiResult {
+    let p = blocking(&s, move |r| if q.mine { r.my_proposals() } else { r.proposals() }).await?;
     Ok(Json(serde_json::to_value(p).unwrap_or(Value::Null)))
 }
 
@@ -259,6 +289,45 @@ async fn accept(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult 
     let entity = blocking(&s, move |r| r.accept(pid)).await?;
     (s.on_change)();
     Ok(Json(json!({ "proposal": id, "entity": entity.to_string(), "accepted": true })))
+}
+
+/// What the bulk `accept`/`reject` routes take.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProposalIds {
+    ids: Vec<String>,
+}
+
+/// Settles several proposals; answers one result per id, in order (an id that fails does
+/// not stop the others).
+async fn settle_many(s: AppState, body: String, accept: bool) -> ApiResult {
+    let req: ProposalIds = serde_json::from_str(&body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("expected {{\"ids\": [proposal id, …]}}: {e}")))?;
+    if req.ids.is_empty() || req.ids.len() > 1000 {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "ids: give 1 to 1000 proposal ids".into()));
+    }
+    let ids = req.ids.iter().map(|id| parse::<fieldsync::ProposalId>("proposal id", id)).collect::<Result<Vec<_>, _>>()?;
+    let verb = if accept { "accepted" } else { "rejected" };
+    let results = blocking(&s, move |r| {
+        Ok(ids
+            .into_iter()
+            .map(|pid| match if accept { r.accept(pid) } else { r.reject(pid) } {
+                Ok(entity) => json!({ "proposal": pid.to_string(), "entity": entity.to_string(), verb: true }),
+                Err(e) => json!({ "proposal": pid.to_string(), verb: false, "error": e.to_string() }),
+            })
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    (s.on_change)();
+    Ok(Json(Value::Array(results)))
+}
+
+async fn accept_many(State(s): State<AppState>, body: String) -> ApiResult {
+    settle_many(s, body, true).await
+}
+
+async fn reject_many(State(s): State<AppState>, body: String) -> ApiResult {
+    settle_many(s, body, false).await
 }
 
 async fn members(State(s): State<AppState>) -> ApiResult {

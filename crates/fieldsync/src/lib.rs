@@ -26,7 +26,7 @@ mod transfer;
 
 pub use error::{Error, ErrorKind};
 pub use fieldsync_core as core;
-pub use fieldsync_core::{Conflict, ConflictId, EntityId, HistoryEntry, PeerId, Proposal, ProposalId, View};
+pub use fieldsync_core::{Applied, Conflict, ConflictId, EntityId, HistoryEntry, OpId, PeerId, Proposal, ProposalId, View};
 pub use cache::MemoryOptions;
 pub use replica::{Clock, Replica, Status, SystemClock};
 pub use transfer::{ExportedBundle, ImportSummary};

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use fieldsync_core::patch::{matches_filter, parse_filter};
 use fieldsync_core::workspace::Invite;
 use fieldsync_core::{
-    Conflict, ConflictId, ConflictState, Entity, EntityId, HistoryEntry, Patch, PeerId, Proposal, ProposalId, Schema, View, Workspace,
+    Applied, Conflict, ConflictId, ConflictState, Entity, EntityId, HistoryEntry, OpId, Patch, PeerId, Proposal, ProposalId, Schema, View, Workspace,
     WorkspaceId, Writer,
 };
 use fieldsync_store::{DocWrite, EntityWrite, SledStore, Store, Ticket};
@@ -353,37 +353,53 @@ impl Replica {
 
     /// Creates (no `id`, or an id not stored yet) or updates an entity with a JSON patch.
     pub fn put(&self, collection: &str, id: Option<EntityId>, patch_json: &str) -> Result<EntityId, Error> {
+        self.put_op(collection, id, patch_json, None).map(|(id, _)| id)
+    }
+
+    /// [`Replica::put`] once per operation id: the same `op` applied again — a retry, here
+    /// or on another node — has exactly one effect and returns the same entity id, with
+    /// [`Applied::Already`]. Without `id`, the op id names the entity it creates.
+    pub fn put_op(&self, collection: &str, id: Option<EntityId>, patch_json: &str, op: Option<&OpId>) -> Result<(EntityId, Applied), Error> {
         if collection.starts_with('_') {
             return Err(Error::Refused(format!("{collection} is built in: members change with `fieldsync invite` and `fieldsync revoke`")));
         }
         let coll = self.ws.schema.collection(collection)?;
         let patch = Patch::parse(coll, patch_json)?;
-        self.put_patch(collection, id, &patch)
+        let id = id.or_else(|| op.map(|o| o.entity(self.ws.id)));
+        self.put_patch_op(collection, id, &patch, op)
     }
 
     pub(crate) fn put_patch(&self, collection: &str, id: Option<EntityId>, patch: &Patch) -> Result<EntityId, Error> {
+        self.put_patch_op(collection, id, patch, None).map(|(id, _)| id)
+    }
+
+    fn put_patch_op(&self, collection: &str, id: Option<EntityId>, patch: &Patch, op: Option<&OpId>) -> Result<(EntityId, Applied), Error> {
         let id = id.unwrap_or_else(|| EntityId(self.new_id()));
         let _guard = self.lock(id);
         let w = self.writer(self.now_ms());
         let mut before = None;
-        let mut entity = match self.load(id)? {
-            None => Entity::create(&self.ws, id, collection, &w, patch, &mut || self.new_proposal_id())?,
+        let (mut entity, applied) = match self.load(id)? {
+            None => (Entity::create_op(&self.ws, id, collection, &w, patch, op, &mut || self.new_proposal_id())?, Applied::Now),
             Some(mut e) => {
                 let actual = e.collection().unwrap_or_default();
                 if actual != collection {
                     return Err(Error::WrongCollection { id, actual, asked: collection.to_owned() });
                 }
                 before = self.facts_before_own_write(&e)?;
-                e.update(&self.ws, &w, patch, &mut || self.new_proposal_id())?;
-                e
+                let applied = e.update_op(&self.ws, &w, patch, op, &mut || self.new_proposal_id())?;
+                (e, applied)
             }
         };
+        if applied == Applied::Already {
+            self.cache(entity);
+            return Ok((id, applied));
+        }
         // Refused here as every peer would; the changed document is dropped, unstored.
         self.check_own_write(before.as_ref(), &entity)?;
         let write = self.entity_write(&mut entity)?;
         self.commit_durable(vec![write], vec![])?;
         self.cache(entity);
-        Ok(id)
+        Ok((id, applied))
     }
 
     /// The view of an entity. Deleted entities are returned with `"_deleted": true`.
@@ -420,14 +436,21 @@ impl Replica {
 
     /// Deletes an entity (a tombstone that syncs).
     pub fn delete(&self, collection: &str, id: EntityId) -> Result<(), Error> {
+        self.delete_op(collection, id, None).map(|_| ())
+    }
+
+    /// Deletes an entity once per operation id (a retried delete answers as the first did).
+    pub fn delete_op(&self, collection: &str, id: EntityId, op: Option<&OpId>) -> Result<Applied, Error> {
         self.ws.schema.collection(collection)?;
         let _guard = self.lock(id);
         let mut entity = self.load_in(collection, id)?;
-        entity.delete(&self.ws, &self.writer(self.now_ms()))?;
-        let write = self.entity_write(&mut entity)?;
-        self.commit_durable(vec![write], vec![])?;
+        let applied = entity.delete_op(&self.ws, &self.writer(self.now_ms()), op)?;
+        if applied == Applied::Now {
+            let write = self.entity_write(&mut entity)?;
+            self.commit_durable(vec![write], vec![])?;
+        }
         self.cache(entity);
-        Ok(())
+        Ok(applied)
     }
 
     /// Every change of an entity: device, user, time, kind, fields.
@@ -435,8 +458,17 @@ impl Replica {
         self.ws.schema.collection(collection)?;
         let _guard = self.lock(id);
         let mut entity = self.load_in(collection, id)?;
-        let history = entity.history();
+        let mut history = entity.history(&self.ws);
         self.cache(entity);
+        // The audit user is the one the authority signed into the device's member record,
+        // not the name a device gave itself.
+        let users: std::collections::HashMap<String, String> =
+            self.members()?.into_iter().map(|m| (m.peer.clone(), m.grant.user.clone())).collect();
+        for h in &mut history {
+            if let Some(user) = users.get(&h.device) {
+                h.user = user.clone();
+            }
+        }
         Ok(history)
     }
 
@@ -480,6 +512,16 @@ impl Replica {
         if !self.authority {
             return Err(fieldsync_core::Error::NotAuthority.into());
         }
+        self.all_proposals()
+    }
+
+    /// This node's own proposals still waiting for the authority (any node).
+    pub fn my_proposals(&self) -> Result<Vec<Proposal>, Error> {
+        let me = self.peer.to_string();
+        Ok(self.all_proposals()?.into_iter().filter(|p| p.record.peer == me).collect())
+    }
+
+    fn all_proposals(&self) -> Result<Vec<Proposal>, Error> {
         self.store
             .index(INDEX_PROPOSAL)?
             .into_iter()
