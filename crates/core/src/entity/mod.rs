@@ -100,6 +100,10 @@ pub struct Entity {
     persisted: Vec<ChangeHash>,
     /// `_collection`, read once per document state (it is written only at creation).
     collection: Option<String>,
+    /// The latest change time among the heads when this node began its current write: the
+    /// write's change is never older (read before the write opens a transaction, because
+    /// reading heads would commit it).
+    seen_ms: i64,
 }
 
 /// Runs an Automerge decode of received bytes, turning a panic into an error: Automerge 0.12
@@ -131,7 +135,7 @@ impl Entity {
         doc.init_root_from_hydrate(&root).map_err(Error::automerge)?;
         let note = ChangeNote { user: String::new(), kind: "init".into(), fields: plain.fields(), op: None };
         doc.commit_with(CommitOptions::default().with_message(serde_json::to_string(&note).unwrap_or_default()).with_time(0));
-        let mut entity = Entity { id, doc, persisted: vec![], collection: Some(collection.to_owned()) };
+        let mut entity = Entity { id, doc, persisted: vec![], collection: Some(collection.to_owned()), seen_ms: 0 };
         entity.set_writer(w);
         let created = entity.map(K_CREATED)?;
         entity.doc.put(&created, w.peer.to_string(), w.now_ms.clamp(0, MAX_TIME_MS)).map_err(Error::automerge)?;
@@ -169,7 +173,7 @@ impl Entity {
         }
         let persisted = doc.get_heads();
         let collection = layout::read_collection(&doc);
-        Ok(Entity { id, doc, persisted, collection })
+        Ok(Entity { id, doc, persisted, collection, seen_ms: 0 })
     }
 
     /// Loads an entity received from elsewhere (a bundle), checking that it is one:
@@ -178,16 +182,18 @@ impl Entity {
         let doc = guarded(|| AutoCommit::load(bytes))?;
         // Not persisted here yet: the first save stores it whole.
         let collection = layout::read_collection(&doc);
-        let entity = Entity { id, doc, persisted: vec![], collection };
+        let entity = Entity { id, doc, persisted: vec![], collection, seen_ms: 0 };
         if entity.collection().is_none() {
             return Err(Error::Document(format!("entity {id} has no _collection")));
         }
         Ok(entity)
     }
 
-    /// Sets the actor for this node's next writes.
+    /// Sets the actor for this node's next writes (call before writing).
     pub fn set_writer(&mut self, w: &Writer<'_>) {
         self.doc.set_actor(w.actor());
+        let heads = self.doc.get_heads();
+        self.seen_ms = heads.iter().filter_map(|h| ReadDoc::get_change_by_hash(&self.doc, h).map(|c| c.timestamp())).max().unwrap_or(0);
     }
 
     pub fn id(&self) -> EntityId {
@@ -379,14 +385,7 @@ impl Entity {
     fn commit(&mut self, w: &Writer<'_>, kind: &str, fields: Vec<String>, op: Option<&OpId>) {
         let note = ChangeNote { user: w.user.to_owned(), kind: kind.to_owned(), fields, op: op.map(|o| o.to_string()) };
         let msg = serde_json::to_string(&note).unwrap_or_default();
-        let seen = self
-            .doc
-            .get_heads()
-            .iter()
-            .filter_map(|h| ReadDoc::get_change_by_hash(&self.doc, h).map(|c| c.timestamp()))
-            .max()
-            .unwrap_or(0);
-        let time = w.now_ms.max(seen).clamp(0, MAX_TIME_MS);
+        let time = w.now_ms.max(self.seen_ms).clamp(0, MAX_TIME_MS);
         self.doc.commit_with(CommitOptions::default().with_message(msg).with_time(time));
     }
 
