@@ -146,3 +146,35 @@ fn declared_fields_never_written_are_absent_from_the_view() {
     hq.put("tasks", Some(id), r#"{"tags":[]}"#).unwrap();
     assert_eq!(hq.get("tasks", id).unwrap()["tags"], json!([]), "written empty shows empty");
 }
+
+#[test]
+fn a_resolved_conflict_stays_on_record_with_its_alternatives_and_who_chose() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (hq, devices) = workspace(tmp.path(), &["a", "b"]).unwrap();
+    let (a, b) = (&devices[0], &devices[1]);
+    let shift = EntityId(uuid::Uuid::now_v7());
+    a.put("shifts", Some(shift), r#"{"who":"ana"}"#).unwrap();
+    exchange(a, &hq).unwrap();
+    exchange(&hq, b).unwrap();
+    a.put("shifts", Some(shift), r#"{"start":"08:00"}"#).unwrap();
+    b.put("shifts", Some(shift), r#"{"start":"09:00"}"#).unwrap();
+    exchange(a, &hq).unwrap();
+    exchange(b, &hq).unwrap();
+    let open = hq.conflicts(false).unwrap();
+    assert_eq!(open.len(), 1, "{open:?}");
+    hq.resolve(&open[0].id, r#""08:30""#).unwrap();
+    assert!(hq.conflicts(false).unwrap().is_empty());
+    exchange(&hq, a).unwrap();
+    for r in [&hq, a] {
+        let all = r.conflicts(true).unwrap();
+        let resolved: Vec<_> = all.iter().filter(|c| c.state == fieldsync::core::ConflictState::Resolved).collect();
+        assert_eq!(resolved.len(), 1, "{all:?}");
+        let res = resolved[0].resolution.as_ref().unwrap();
+        assert_eq!(res.chosen, json!("08:30"));
+        assert_eq!(res.user, "hq");
+        let mut values = resolved[0].values.clone();
+        values.sort_by_key(|v| v.to_string());
+        assert_eq!(values, vec![json!("08:00"), json!("09:00")]);
+        assert_eq!(r.get("shifts", shift).unwrap()["start"], "08:30");
+    }
+}

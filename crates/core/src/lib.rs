@@ -25,7 +25,7 @@ pub(crate) mod rules;
 pub mod schema;
 pub mod workspace;
 
-pub use entity::{Applied, Conflict, ConflictState, Derived, Entity, FieldChange, HistoryEntry, Proposal, View, Writer};
+pub use entity::{Applied, Conflict, ConflictState, Derived, Entity, FieldChange, HistoryEntry, Proposal, Resolution, View, Writer};
 pub use ids::{ConflictId, EntityId, OpId, PeerId, ProposalId, Seq, WorkspaceId};
 pub use patch::{FieldOp, Patch};
 pub use schema::{Access, Collection, OnDelete, Rule, Schema};

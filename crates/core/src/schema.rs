@@ -35,6 +35,11 @@ pub enum Rule {
 }
 
 impl Rule {
+    /// The static name of a rule named `s` (`lww` for an unknown name).
+    pub fn name_of(s: &str) -> &'static str {
+        ["lww", "rank", "max", "min", "counter", "set", "text", "authority", "manual"].into_iter().find(|r| *r == s).unwrap_or("lww")
+    }
+
     /// The rule's name as written in the schema.
     pub fn name(&self) -> &'static str {
         match self {

@@ -776,11 +776,11 @@ fn check_all(stage: &str, targets: &mut [(String, Entity)], ws: &Workspace, exp:
     let (first_name, first) = &mut targets[0];
     let first_name = first_name.clone();
     let heads = first.heads();
-    let fieldsync_core::Derived { view, conflicts, proposals } = state_of(first, ws)?;
+    let fieldsync_core::Derived { view, conflicts, proposals, .. } = state_of(first, ws)?;
     check(&format!("{stage} {first_name}"), &view, &conflicts, &proposals, exp)?;
     for (name, e) in targets.iter_mut().skip(1) {
         prop_assert_eq!(e.heads(), heads.clone(), "{} {}: heads differ from {}", stage, name, first_name);
-        let fieldsync_core::Derived { view: v, conflicts: c, proposals: p } = state_of(e, ws)?;
+        let fieldsync_core::Derived { view: v, conflicts: c, proposals: p, .. } = state_of(e, ws)?;
         prop_assert_eq!(&v, &view, "{} {}: view differs from {}", stage, name, first_name);
         prop_assert_eq!(&c, &conflicts, "{} {}: conflicts differ from {}", stage, name, first_name);
         prop_assert_eq!(&p, &proposals, "{} {}: proposals differ from {}", stage, name, first_name);
@@ -823,7 +823,7 @@ fn run(case: Case) -> Result<(), TestCaseError> {
         run_steps(&mut rep, steps, &ws, &auth_kp, coll, &base, case.update_wins)?;
         // Alone, a replica shows its own writes under the same rules.
         let own = expect(&base, &[&rep.model], case.update_wins);
-        let fieldsync_core::Derived { view: v, conflicts: c, proposals: p } = state_of(&mut rep.entity, &ws)?;
+        let fieldsync_core::Derived { view: v, conflicts: c, proposals: p, .. } = state_of(&mut rep.entity, &ws)?;
         check(&format!("{} alone", rep.user), &v, &c, &p, &own)?;
         reps.push(rep);
     }

@@ -332,6 +332,9 @@ impl Replica {
         for c in &derived.conflicts {
             index.push((INDEX_CONFLICT.to_owned(), c.id.as_str().as_bytes().to_vec(), to_json_bytes(c)));
         }
+        for c in &derived.resolved {
+            index.push((INDEX_CONFLICT.to_owned(), c.id.as_str().as_bytes().to_vec(), to_json_bytes(c)));
+        }
         for p in &derived.proposals {
             index.push((INDEX_PROPOSAL.to_owned(), p.id.as_bytes().to_vec(), to_json_bytes(p)));
         }
@@ -617,14 +620,12 @@ fn conflict_from_json(v: &Json) -> Option<Conflict> {
         entity: v["entity"].as_str()?.parse().ok()?,
         field: v["field"].as_str()?.to_owned(),
         values: v["values"].as_array()?.clone(),
-        rule: rule_name(v["rule"].as_str()?),
-        state: if v["state"] == "open" { ConflictState::Open } else { ConflictState::Auto },
+        rule: fieldsync_core::Rule::name_of(v["rule"].as_str()?),
+        state: match v["state"].as_str()? {
+            "open" => ConflictState::Open,
+            "resolved" => ConflictState::Resolved,
+            _ => ConflictState::Auto,
+        },
+        resolution: serde_json::from_value(v["resolution"].clone()).ok(),
     })
-}
-
-fn rule_name(s: &str) -> &'static str {
-    ["lww", "rank", "max", "min", "counter", "set", "text", "authority", "manual"]
-        .into_iter()
-        .find(|r| *r == s)
-        .unwrap_or("lww")
 }

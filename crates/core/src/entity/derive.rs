@@ -46,6 +46,17 @@ pub struct Proposal {
 pub enum ConflictState {
     Open,
     Auto,
+    /// Settled by a person (`resolve`); kept for the record with its resolution.
+    Resolved,
+}
+
+/// How a person settled a conflict, kept in the document under `_resolved.<conflict id>`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Resolution {
+    pub chosen: Json,
+    pub user: String,
+    pub peer: String,
+    pub time_ms: i64,
 }
 
 /// A field holding several concurrent values.
@@ -59,6 +70,19 @@ pub struct Conflict {
     pub values: Vec<Json>,
     pub rule: &'static str,
     pub state: ConflictState,
+    /// For resolved conflicts: the chosen value, who chose it and when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<Resolution>,
+}
+
+/// A resolved conflict as stored under `_resolved`.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct ResolvedRecord {
+    pub field: String,
+    pub values: Vec<Json>,
+    pub rule: String,
+    #[serde(flatten)]
+    pub resolution: Resolution,
 }
 
 /// What is derived from an entity's document: its view, conflicts and pending proposals.
@@ -67,6 +91,8 @@ pub struct Derived {
     pub view: View,
     pub conflicts: Vec<Conflict>,
     pub proposals: Vec<Proposal>,
+    /// Conflicts a person resolved, with the alternatives and the resolution.
+    pub resolved: Vec<Conflict>,
 }
 
 impl Entity {
@@ -133,8 +159,9 @@ impl Entity {
             view.insert("_deleted".into(), Json::Bool(true));
         }
         view.insert("_id".into(), Json::String(self.id.to_string()));
+        let resolved = self.resolved(&collection);
         view.insert("_collection".into(), Json::String(collection));
-        Ok(Derived { view, conflicts, proposals })
+        Ok(Derived { view, conflicts, proposals, resolved })
     }
 
     /// Pending proposals, oldest first. A proposal is settled once the newest confirmation
@@ -177,7 +204,32 @@ impl Entity {
             values,
             rule: rule.name(),
             state,
+            resolution: None,
         })
+    }
+
+    /// Resolved conflicts on record, by id (the union over concurrent copies of the map).
+    fn resolved(&self, collection: &str) -> Vec<Conflict> {
+        let mut out = BTreeMap::new();
+        for obj in super::layout::map_objects(&self.doc, &ROOT, super::layout::K_RESOLVED) {
+            for key in self.doc.keys(&obj) {
+                let Ok(id) = key.parse::<ConflictId>() else { continue };
+                let Some(text) = super::json::scalar_str(&self.doc, &obj, &key) else { continue };
+                let Ok(r) = serde_json::from_str::<ResolvedRecord>(&text) else { continue };
+                let rule = crate::schema::Rule::name_of(&r.rule);
+                out.entry(id.clone()).or_insert(Conflict {
+                    id,
+                    collection: collection.to_owned(),
+                    entity: self.id,
+                    field: r.field,
+                    values: r.values,
+                    rule,
+                    state: ConflictState::Resolved,
+                    resolution: Some(r.resolution),
+                });
+            }
+        }
+        out.into_values().collect()
     }
 
     /// The view of the entity (see [`Entity::derive`]).

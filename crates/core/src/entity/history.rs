@@ -80,7 +80,7 @@ impl Entity {
             return View::new();
         }
         let Ok(doc) = self.doc.fork_at(heads) else { return View::new() };
-        let then = Entity { id: self.id, collection: super::layout::read_collection(&doc), doc, persisted: vec![], seen_ms: 0 };
+        let then = Entity { id: self.id, collection: super::layout::read_collection(&doc), doc, persisted: vec![], seen_ms: 0, resolve_record: None };
         then.view(ws).unwrap_or_default()
     }
 }

@@ -8,7 +8,8 @@
 //! - `_prop`: map proposal id → `ProposalRecord` JSON (pending proposals);
 //! - `_ops`: map operation id → fingerprint of the write it named (idempotent writes);
 //! - `_inc`: map counter field → map operation id → delta (increments with an op id);
-//! - `_created`: map peer id → time, one key per node that created the entity.
+//! - `_created`: map peer id → time, one key per node that created the entity;
+//! - `_resolved`: map conflict id → the alternatives and how a person resolved them.
 //!
 //! **The creation change is a pure function of (workspace, entity id, collection, initial
 //! content)**: its actor is a hash of those, its time 0, it has no dependencies. Two nodes
@@ -36,6 +37,7 @@ pub(crate) const K_PROP: &str = "_prop";
 pub(crate) const K_OPS: &str = "_ops";
 pub(crate) const K_INC: &str = "_inc";
 pub(crate) const K_CREATED: &str = "_created";
+pub(crate) const K_RESOLVED: &str = "_resolved";
 
 /// The patch as canonical JSON (field order is the patch's, which is sorted).
 pub(crate) fn canonical(patch: &Patch) -> Json {

@@ -24,7 +24,7 @@ use libp2p_identity::ed25519;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 
-pub use derive::{Conflict, ConflictState, Derived, Proposal, ProposalRecord};
+pub use derive::{Conflict, ConflictState, Derived, Proposal, ProposalRecord, Resolution};
 pub use history::{FieldChange, HistoryEntry};
 pub use integrity::Integrity;
 
@@ -104,6 +104,8 @@ pub struct Entity {
     /// write's change is never older (read before the write opens a transaction, because
     /// reading heads would commit it).
     seen_ms: i64,
+    /// During `resolve`: the record of the resolution, written in the same change.
+    resolve_record: Option<(String, String)>,
 }
 
 /// Runs an Automerge decode of received bytes, turning a panic into an error: Automerge 0.12
@@ -135,7 +137,7 @@ impl Entity {
         doc.init_root_from_hydrate(&root).map_err(Error::automerge)?;
         let note = ChangeNote { user: String::new(), kind: "init".into(), fields: plain.fields(), op: None };
         doc.commit_with(CommitOptions::default().with_message(serde_json::to_string(&note).unwrap_or_default()).with_time(0));
-        let mut entity = Entity { id, doc, persisted: vec![], collection: Some(collection.to_owned()), seen_ms: 0 };
+        let mut entity = Entity { id, doc, persisted: vec![], collection: Some(collection.to_owned()), seen_ms: 0, resolve_record: None };
         entity.set_writer(w);
         let created = entity.map(K_CREATED)?;
         entity.doc.put(&created, w.peer.to_string(), w.now_ms.clamp(0, MAX_TIME_MS)).map_err(Error::automerge)?;
@@ -173,7 +175,7 @@ impl Entity {
         }
         let persisted = doc.get_heads();
         let collection = layout::read_collection(&doc);
-        Ok(Entity { id, doc, persisted, collection, seen_ms: 0 })
+        Ok(Entity { id, doc, persisted, collection, seen_ms: 0, resolve_record: None })
     }
 
     /// Loads an entity received from elsewhere (a bundle), checking that it is one:
@@ -182,7 +184,7 @@ impl Entity {
         let doc = guarded(|| AutoCommit::load(bytes))?;
         // Not persisted here yet: the first save stores it whole.
         let collection = layout::read_collection(&doc);
-        let entity = Entity { id, doc, persisted: vec![], collection, seen_ms: 0 };
+        let entity = Entity { id, doc, persisted: vec![], collection, seen_ms: 0, resolve_record: None };
         if entity.collection().is_none() {
             return Err(Error::Document(format!("entity {id} has no _collection")));
         }
@@ -290,6 +292,10 @@ impl Entity {
             if let Some((op, fp)) = &op {
                 self.record_op(op, fp)?;
             }
+            if let Some((key, text)) = self.resolve_record.clone() {
+                let resolved = self.map(layout::K_RESOLVED)?;
+                self.doc.put(&resolved, key, text).map_err(Error::automerge)?;
+            }
             self.write_patch(ws, coll, w, patch, op.as_ref().map(|(o, _)| *o), new_proposal)
         })();
         if let Err(e) = res {
@@ -338,9 +344,19 @@ impl Entity {
             .find(|c| &c.id == id)
             .ok_or_else(|| Error::NotFound(format!("conflict {id} (already resolved?)")))?;
         let coll = self.schema_collection(ws)?;
-        let patch = Patch::from_json(coll, &Json::Object(Map::from_iter([(conflict.field, value.clone())])))?;
+        let patch = Patch::from_json(coll, &Json::Object(Map::from_iter([(conflict.field.clone(), value.clone())])))?;
+        let record = derive::ResolvedRecord {
+            field: conflict.field,
+            values: conflict.values,
+            rule: conflict.rule.to_owned(),
+            resolution: Resolution { chosen: value.clone(), user: w.user.to_owned(), peer: w.peer.to_string(), time_ms: w.now_ms },
+        };
+        let record = (id.to_string(), serde_json::to_string(&record).map_err(|e| Error::Document(e.to_string()))?);
+        self.resolve_record = Some(record);
         // `resolve` writes only fields that can conflict, which excludes authority fields.
-        self.update_as(ws, coll, w, &patch, None, &mut || ProposalId(uuid::Uuid::nil()), "resolve")
+        let res = self.update_as(ws, coll, w, &patch, None, &mut || ProposalId(uuid::Uuid::nil()), "resolve");
+        self.resolve_record = None;
+        res
     }
 
     /// Whether the document already holds operation `op`; an op id that named a different
