@@ -63,7 +63,8 @@ fn pair(tmp: &Path) -> (Node, Node) {
     let init = hq.ok(&["init", "--schema", schema.to_str().unwrap(), "--name", "hq"]);
     assert_eq!(init["authority"], true);
     let invite = tmp.join("invite.json");
-    let out = hq.run(&["invite"]);
+    // The signed member record names the user; the device's own --name does not.
+    let out = hq.run(&["invite", "--user", "ana-m"]);
     assert!(out.status.success());
     std::fs::write(&invite, &out.stdout).unwrap();
     let ana = Node { dir: tmp.join("ana") };
@@ -261,10 +262,14 @@ fn offline_edits_merge_by_bundle_with_rules() {
     assert_eq!(view["amount"], 50);
     assert!(view.get("_pending").is_none());
 
-    // History records device, user and fields.
+    // History records device, the user of its signed member record, fields, and each
+    // field's value before and after.
     let history = hq.lines(&["history", "tasks", &task]);
-    assert_eq!(history.len(), 3);
-    assert!(history.iter().any(|h| h["user"] == "ana" && h["fields"].as_array().unwrap().contains(&"status".into())));
+    assert_eq!(history.len(), 3, "{history:?}");
+    let by_ana = history.iter().find(|h| h["user"] == "ana-m" && h["fields"].as_array().unwrap().contains(&"status".into()));
+    assert!(by_ana.is_some(), "{history:?}");
+    let status = by_ana.unwrap()["changes"].as_array().unwrap().iter().find(|c| c["field"] == "status").cloned().unwrap();
+    assert_ne!(status["before"], status["after"], "{status}");
 }
 
 #[test]
