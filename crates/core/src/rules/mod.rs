@@ -133,7 +133,15 @@ fn parse_register(field: &str, rule: &Rule, input: Input<'_>) -> Result<FieldOp,
 /// A register write: put the value, or remove the field (removing an absent one is a no-op).
 fn plain_write(w: &mut Write<'_>, op: &FieldOp) -> Result<(), Error> {
     match op {
-        FieldOp::Set(v) => put_json(w.doc, &ROOT, Prop::Map(w.field.to_owned()), v).map_err(Error::automerge),
+        FieldOp::Set(v) => {
+            // Automerge drops a put equal to its own winner, which then leaves the other
+            // concurrent values standing; a write that has seen them all must replace them,
+            // so clear the field first.
+            if w.doc.get_all(ROOT, w.field).map_err(Error::automerge)?.len() > 1 {
+                w.doc.delete(ROOT, w.field).map_err(Error::automerge)?;
+            }
+            put_json(w.doc, &ROOT, Prop::Map(w.field.to_owned()), v).map_err(Error::automerge)
+        }
         FieldOp::Remove => {
             if w.doc.get(ROOT, w.field).map_err(Error::automerge)?.is_some() {
                 w.doc.delete(ROOT, w.field).map_err(Error::automerge)?;
