@@ -33,18 +33,45 @@ pub struct Metrics {
     pub security: Arc<fieldsync::sync::SecurityStats>,
 }
 
+/// Refused peers remembered for `/v1/status` (`refused_peers`), newest last.
+pub const RECENT_REFUSED: usize = 16;
+
 /// What a running daemon knows beyond the store: its peers and an event stream.
 #[derive(Debug)]
 pub struct Live {
-    /// Per peer: `{"connected", "completed", "done", "total", "acked_upto", "last_sync_ms"}`.
+    /// Per peer with a session now, or admitted once (members and the authority, so bounded
+    /// by the member list): `{"connected", "admitted", "completed", "done", "total",
+    /// "acked_upto", "last_sync_ms", "role"}`. A refused peer leaves at once.
     pub peers: std::sync::Mutex<serde_json::Map<String, Value>>,
+    /// The last [`RECENT_REFUSED`] refused peers: `{"peer", "reason", "at_ms"}`.
+    pub refused: std::sync::Mutex<std::collections::VecDeque<Value>>,
     /// Events for `/v1/events` (JSON text); bounded, slow subscribers miss events.
     pub events: tokio::sync::broadcast::Sender<String>,
 }
 
 impl Live {
     pub fn new() -> Self {
-        Live { peers: std::sync::Mutex::new(serde_json::Map::new()), events: tokio::sync::broadcast::channel(1024).0 }
+        Live {
+            peers: std::sync::Mutex::new(serde_json::Map::new()),
+            refused: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(RECENT_REFUSED)),
+            events: tokio::sync::broadcast::channel(1024).0,
+        }
+    }
+
+    /// Notes a refused peer: it leaves `peers` and joins the bounded list of recent refusals.
+    pub fn refuse(&self, peer: &str, reason: &str, at_ms: u64) {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(peer);
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        refused.retain(|r| r["peer"] != peer);
+        if refused.len() >= RECENT_REFUSED {
+            refused.pop_front();
+        }
+        refused.push_back(json!({ "peer": peer, "reason": reason, "at_ms": at_ms }));
+    }
+
+    /// Peers with a sync session now.
+    pub fn connected(&self) -> u64 {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).values().filter(|p| p["connected"] == true).count() as u64
     }
 
     /// Publishes an event to `/v1/events` subscribers.
@@ -153,6 +180,7 @@ async fn status(State(s): State<AppState>) -> ApiResult {
     let pending = blocking(&s, move |r| Ok(r.changes_since(acked, 1_000_000)?.len())).await?;
     v["pending_to_relay"] = json!(pending);
     v["peers"] = Value::Object(peers);
+    v["refused_peers"] = Value::Array(s.live.refused.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default());
     Ok(Json(v))
 }
 
@@ -322,7 +350,7 @@ async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
     gauge("fieldsync_sync_sessions_total", "Sync sessions started.", "counter", m.sync_sessions.load(Ordering::Relaxed));
     gauge("fieldsync_sync_completed_total", "Catch-ups completed.", "counter", m.sync_completed.load(Ordering::Relaxed));
     gauge("fieldsync_sync_failed_total", "Sync sessions that failed (rejected frames, wrong workspace…).", "counter", m.sync_failed.load(Ordering::Relaxed));
-    gauge("fieldsync_peers_connected", "Peers with a sync session.", "gauge", m.peers_connected.load(Ordering::Relaxed));
+    gauge("fieldsync_peers_connected", "Peers with a sync session.", "gauge", s.live.connected());
     gauge("fieldsync_frames_sent_total", "Sync frames sent.", "counter", m.frames_sent.load(Ordering::Relaxed));
     gauge("fieldsync_bytes_sent_total", "Sync bytes sent.", "counter", m.bytes_sent.load(Ordering::Relaxed));
     gauge("fieldsync_frames_received_total", "Sync frames received.", "counter", m.frames_received.load(Ordering::Relaxed));
@@ -336,6 +364,7 @@ async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
     gauge("fieldsync_peers_banned_total", "Peers disconnected and refused for a while.", "counter", sec.peers_banned.load(Ordering::Relaxed));
     gauge("fieldsync_frames_ignored_total", "Replayed or duplicated sync frames, ignored.", "counter", sec.frames_ignored.load(Ordering::Relaxed));
     gauge("fieldsync_frame_floods_total", "Sessions ended for sending frames too fast.", "counter", sec.floods.load(Ordering::Relaxed));
+    gauge("fieldsync_relay_refused_total", "Circuit relay reservations and circuits refused to peers that are not admitted members.", "counter", sec.relay_refused.load(Ordering::Relaxed));
     gauge("fieldsync_feed_seq", "Head of the local changes feed.", "gauge", status.feed_seq);
     gauge("fieldsync_open_conflicts", "Open manual conflicts.", "gauge", status.open_conflicts as u64);
     gauge("fieldsync_store_commits_total", "Store commits since start.", "counter", commits);
