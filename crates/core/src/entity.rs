@@ -404,7 +404,12 @@ impl Entity {
             match (rule, op) {
                 (Rule::Authority, FieldOp::Set(v)) => self.write_authority(ws, w, field, v.clone(), new_proposal)?,
                 (Rule::Authority, FieldOp::Remove) => self.write_authority(ws, w, field, Json::Null, new_proposal)?,
-                (Rule::Counter, FieldOp::Inc(n)) => self.increment(field, *n)?,
+                (Rule::Counter, FieldOp::Inc(n)) => {
+                    let all = self.doc.get_all(ROOT, field.as_str()).map_err(Error::automerge)?;
+                    let current = self.field_value(rule, &all).and_then(|v| v.as_i64()).unwrap_or(0);
+                    crate::numeric::counter_add(field, current, *n)?;
+                    self.increment(field, *n)?
+                }
                 (Rule::Counter, FieldOp::Set(v)) => {
                     let n = v.as_i64().unwrap_or(0);
                     if creating {
@@ -414,7 +419,7 @@ impl Entity {
                         // concurrent increments elsewhere still add up.
                         let all = self.doc.get_all(ROOT, field.as_str()).map_err(Error::automerge)?;
                         let current = self.field_value(rule, &all).and_then(|v| v.as_i64()).unwrap_or(0);
-                        self.increment(field, n - current)?;
+                        self.increment(field, crate::numeric::counter_delta(field, current, n)?)?;
                     }
                 }
                 (Rule::Set, FieldOp::Add(items)) => self.set_add(field, items)?,
@@ -759,7 +764,7 @@ impl Entity {
             }
             Rule::Max => values().filter(Json::is_number).max_by(cmp_num).unwrap_or_else(winner),
             Rule::Min => values().filter(Json::is_number).min_by(cmp_num).unwrap_or_else(winner),
-            Rule::Counter => Json::from(all.iter().map(|(v, _)| counter_value(v)).sum::<i64>()),
+            Rule::Counter => Json::from(crate::numeric::counter_sum(all.iter().map(|(v, _)| counter_value(v)))),
             Rule::Set => Json::Array(self.members_of(all).into_values().collect()),
             _ => winner(),
         })

@@ -17,6 +17,7 @@ pub mod bundle;
 pub mod entity;
 pub mod ids;
 pub mod membership;
+pub mod numeric;
 pub mod patch;
 pub mod protocol;
 pub mod schema;

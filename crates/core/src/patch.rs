@@ -96,10 +96,10 @@ fn parse_op(field: &str, rule: &Rule, value: &Json) -> Result<FieldOp, Error> {
     };
     if let Some((op, arg)) = operator(value) {
         return match (op, rule) {
-            ("$inc", Rule::Counter) => arg
-                .as_i64()
-                .map(FieldOp::Inc)
-                .ok_or_else(|| Error::Patch(format!("field {field:?}: $inc takes an integer, got {}", kind(arg)))),
+            ("$inc", Rule::Counter) => match arg {
+                Json::Number(n) => crate::numeric::counter_arg(field, n).map(FieldOp::Inc),
+                _ => Err(Error::Patch(format!("field {field:?}: $inc takes an integer, got {}", kind(arg)))),
+            },
             ("$add", Rule::Set) => Ok(FieldOp::Add(set_elements(field, arg)?)),
             ("$remove", Rule::Set) => Ok(FieldOp::RemoveElems(set_elements(field, arg)?)),
             ("$inc" | "$add" | "$remove", _) => Err(Error::Patch(format!(
@@ -137,11 +137,15 @@ fn parse_op(field: &str, rule: &Rule, value: &Json) -> Result<FieldOp, Error> {
             }
         }
         (Rule::Rank { order }, _) => Err(wrong(&format!("one of {order:?}"))),
-        (Rule::Max | Rule::Min, Json::Number(n)) if n.as_f64().is_some_and(f64::is_finite) => {
+        (Rule::Max | Rule::Min, Json::Number(n)) => {
+            crate::numeric::check_ordered(field, rule.name(), n)?;
             Ok(FieldOp::Set(value.clone()))
         }
         (Rule::Max | Rule::Min, _) => Err(wrong("a number")),
-        (Rule::Counter, Json::Number(n)) if n.as_i64().is_some() => Ok(FieldOp::Set(value.clone())),
+        (Rule::Counter, Json::Number(n)) if n.as_i64().is_some() || n.as_u64().is_some() => {
+            crate::numeric::counter_arg(field, n)?;
+            Ok(FieldOp::Set(value.clone()))
+        }
         (Rule::Counter, _) => Err(wrong("an integer or {\"$inc\": n}")),
         (Rule::Set, Json::Array(_)) => Ok(FieldOp::Set(Json::Array(set_elements(field, value)?))),
         (Rule::Set, _) => Err(wrong("an array of strings, numbers or booleans, {\"$add\": [..]} or {\"$remove\": [..]}")),
@@ -232,6 +236,12 @@ notes = { rule = "text" }"#,
             (r#"{"tags":"a"}"#, "\"tags\""),
             (r#"{"tags":null}"#, "cannot be removed"),
             (r#"{"stock":{"$inc":1.5}}"#, "integer"),
+            (r#"{"stock":{"$inc":9223372036854775808}}"#, "\"stock\""),
+            (r#"{"stock":{"$inc":9007199254740992}}"#, "\"stock\""),
+            (r#"{"stock":-9007199254740992}"#, "\"stock\""),
+            (r#"{"stock":18446744073709551615}"#, "\"stock\""),
+            (r#"{"progress":9007199254740992}"#, "\"progress\""),
+            (r#"{"progress":-1e300}"#, "\"progress\""),
             (r#"{"stock":null}"#, "cannot be removed"),
             (r#"{"notes":5}"#, "a string"),
             (r#"{"x":{"$mul":2}}"#, "unknown operator"),
