@@ -103,7 +103,9 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-/// An API error: HTTP status from the error kind, JSON body `{"error": message}`.
+/// An API error: HTTP status from the error kind, JSON body `{"error": message}`: 400 bad
+/// input, 403 what only the authority may do or the member's partitions refuse, 404 no
+/// such entity, collection, conflict, proposal or member, 500 a failure here.
 struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
@@ -114,10 +116,16 @@ impl IntoResponse for ApiError {
 
 impl From<fieldsync::Error> for ApiError {
     fn from(e: fieldsync::Error) -> Self {
-        let status = match e.kind() {
+        use fieldsync::core::Error as C;
+        use fieldsync::Error as E;
+        let status = match &e {
+            E::AuthorityOnly(_) | E::Core(C::NotAuthority) | E::Refused(_) => StatusCode::FORBIDDEN,
+            E::Core(C::UnknownCollection { .. }) => StatusCode::NOT_FOUND,
+            _ => match e.kind() {
             ErrorKind::Invalid => StatusCode::BAD_REQUEST,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
         };
         ApiError(status, e.to_string())
     }
@@ -163,7 +171,39 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/invites", post(invite))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Unknown routes: 404 with the JSON error body, like every other error.
+async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("no route for {method} {}", uri.path()))
+}
+
+/// Makes every error response `{"error": "..."}` JSON: axum's own answers (405, extractor
+/// rejections such as a bad query value, invalid UTF-8 or a body over the limit — 413) come
+/// as plain text, and keep their status and headers (`Allow` on 405).
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Error texts are short; a longer one is cut rather than buffered without bound.
+    let text = match axum::body::to_bytes(body, 16 << 10).await {
+        Ok(bytes) if !bytes.is_empty() => String::from_utf8_lossy(&bytes).into_owned(),
+        _ => status.canonical_reason().unwrap_or("error").to_lowercase(),
+    };
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/json"));
+    let body = json!({ "error": text }).to_string();
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 async fn status(State(s): State<AppState>) -> ApiResult {
