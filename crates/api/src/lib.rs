@@ -274,9 +274,20 @@ async fn create(State(s): State<AppState>, Path(collection): Path<String>, body:
     Ok((StatusCode::CREATED, Json(json!({ "id": id.to_string() }))))
 }
 
-async fn read(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>) -> ApiResult {
-    let id = parse("entity id", &id)?;
-    Ok(Json(Value::Object(blocking(&s, move |r| r.get(&collection, id)).await?)))
+#[derive(Deserialize)]
+struct ReadQuery {
+    #[serde(default)]
+    include_deleted: bool,
+}
+
+/// A deleted entity answers 404 unless `include_deleted=true` (then its view shows `_deleted`).
+async fn read(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>, Query(q): Query<ReadQuery>) -> ApiResult {
+    let id: fieldsync::EntityId = parse("entity id", &id)?;
+    let view = blocking(&s, move |r| r.get(&collection, id)).await?;
+    if !q.include_deleted && view.get("_deleted").is_some_and(|d| d == true) {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("entity {id} is deleted (include_deleted=true shows it)")));
+    }
+    Ok(Json(Value::Object(view)))
 }
 
 async fn update(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>, body: String) -> ApiResult {
@@ -351,21 +362,34 @@ struct InviteRequest {
     role: fieldsync::core::membership::MemberRole,
     #[serde(default)]
     partitions: std::collections::BTreeMap<String, fieldsync::core::Access>,
-    #[serde(default = "default_valid_secs")]
-    valid_secs: u64,
+    /// Seconds (an integer; `600.0` counts as one), at most [`MAX_VALID_SECS`].
+    #[serde(default)]
+    valid_secs: Option<serde_json::Number>,
 }
+
+/// Longest invite validity: 100 years.
+const MAX_VALID_SECS: u64 = 3_153_600_000;
 
 fn default_role() -> fieldsync::core::membership::MemberRole {
     fieldsync::core::membership::MemberRole::Device
 }
 
-fn default_valid_secs() -> u64 {
-    7 * 24 * 3600
+fn valid_secs(n: Option<&serde_json::Number>) -> Result<u64, ApiError> {
+    let Some(n) = n else { return Ok(7 * 24 * 3600) };
+    let secs = n.as_u64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= MAX_VALID_SECS as f64).map(|f| f as u64));
+    match secs {
+        Some(s) if s <= MAX_VALID_SECS => Ok(s),
+        _ => Err(ApiError(StatusCode::BAD_REQUEST, format!("valid_secs takes a whole number of seconds from 0 to {MAX_VALID_SECS}, got {n}"))),
+    }
 }
 
 async fn invite(State(s): State<AppState>, body: String) -> ApiResult {
     let req: InviteRequest = serde_json::from_str(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid invite request: {e}")))?;
-    let ttl_ms = i64::try_from(req.valid_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    // Absent means the default; an explicit null is not a number of seconds.
+    if body.contains("valid_secs") && req.valid_secs.is_none() {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "invalid invite request: valid_secs must be a number, not null".into()));
+    }
+    let ttl_ms = i64::try_from(valid_secs(req.valid_secs.as_ref())?.saturating_mul(1000)).unwrap_or(i64::MAX);
     let bytes = blocking(&s, move |r| r.issue_invite(&req.user, req.role, req.partitions, ttl_ms)).await?;
     Ok(Json(serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
 }
