@@ -58,7 +58,7 @@ impl Site {
 
     fn connect(&mut self, a: usize, b: usize) {
         let (pa, pb) = (self.peer(a), self.peer(b));
-        self.engines[a].handle(Input::Connected(pb)).unwrap();
+        self.engines[a].handle(Input::Dialed(pb)).unwrap();
         self.engines[b].handle(Input::Connected(pa)).unwrap();
         self.run();
     }

@@ -50,7 +50,7 @@ fn run(p: &mut Pair) -> Vec<Vec<u8>> {
 
 fn connect(p: &mut Pair) {
     let (pa, pb) = (p.a.replica().peer_id(), p.b.replica().peer_id());
-    p.a.handle(Input::Connected(pb)).unwrap();
+    p.a.handle(Input::Dialed(pb)).unwrap();
     p.b.handle(Input::Connected(pa)).unwrap();
 }
 
@@ -82,7 +82,7 @@ fn a_wrong_version_is_refused_with_a_reason() {
     let mut p = engines(true);
     let pa = p.a.replica().peer_id();
     p.b.handle(Input::Connected(pa)).unwrap();
-    let hello = Frame::Hello { version: 99, workspace: p.b.replica().workspace().id, role: Role::Device, limits: Limits::default(), feed_seq: 0, resume_from: 0, credential: None };
+    let hello = Frame::Hello { version: 99, credential: None };
     p.b.handle(Input::Frame(pa, hello.encode())).unwrap();
     let reason = failure(&events(&mut p.b)).unwrap();
     assert!(reason.contains("version 99"), "{reason}");

@@ -200,6 +200,10 @@ pub(crate) enum Command {
         /// Another relay to keep connected to. Repeatable.
         #[arg(long = "peer", value_name = "MULTIADDR")]
         peers: Vec<libp2p::Multiaddr>,
+        /// Serve circuit relay v2 to anyone, not only to admitted members (off by default:
+        /// a workspace's relay relays its members only).
+        #[arg(long)]
+        open_relay: bool,
         /// Address of the local HTTP API (keep it on localhost). [default: 127.0.0.1:7070]
         #[arg(long)]
         api: Option<std::net::SocketAddr>,
@@ -398,6 +402,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 listen: if listen.is_empty() { c.listen } else { listen },
                 dial: relays.iter().cloned().chain(peers).collect(),
                 relays,
+                open_relay: false,
                 mdns: mdns || c.mdns,
                 api: api.unwrap_or(c.api),
                 memory: memory.options(c.cache_mb, c.store_cache_mb),
@@ -405,7 +410,7 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             crate::daemon::run(&dir, options)
         }
-        Command::Relay { listen, peers, api, memory, config } => {
+        Command::Relay { listen, peers, open_relay, api, memory, config } => {
             let file = crate::config::load(config.as_deref())?;
             let c = file.relay;
             let options = crate::daemon::Options {
@@ -413,6 +418,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 listen: if listen.is_empty() { c.listen } else { listen },
                 dial: if peers.is_empty() { c.peers } else { peers },
                 relays: vec![],
+                open_relay: open_relay || c.open_relay,
                 mdns: false,
                 api: api.unwrap_or(c.api),
                 memory: memory.options(c.cache_mb, c.store_cache_mb),

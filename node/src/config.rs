@@ -56,6 +56,8 @@ impl Default for Run {
 pub struct Relay {
     pub listen: Vec<Multiaddr>,
     pub peers: Vec<Multiaddr>,
+    /// Serve circuit relay v2 to non-members too (default false).
+    pub open_relay: bool,
     pub api: SocketAddr,
     pub cache_mb: u64,
     pub store_cache_mb: u64,
@@ -66,6 +68,7 @@ impl Default for Relay {
         Relay {
             listen: vec![multiaddr("/ip4/0.0.0.0/tcp/4001"), multiaddr("/ip4/0.0.0.0/udp/4001/quic-v1")],
             peers: vec![],
+            open_relay: false,
             api: SocketAddr::from(([127, 0, 0, 1], 7070)),
             cache_mb: DEFAULT_CACHE_MB,
             store_cache_mb: DEFAULT_STORE_CACHE_MB,
@@ -120,6 +123,7 @@ mod tests {
         assert_eq!(example.run.api, d.run.api);
         assert_eq!(example.relay.listen, d.relay.listen);
         assert_eq!(example.relay.api, d.relay.api);
+        assert_eq!(example.relay.open_relay, d.relay.open_relay);
         assert_eq!((example.run.cache_mb, example.run.store_cache_mb), (d.run.cache_mb, d.run.store_cache_mb));
         assert_eq!((example.relay.cache_mb, example.relay.store_cache_mb), (d.relay.cache_mb, d.relay.store_cache_mb));
         assert_eq!(example.net.max_connections, d.net.max_connections);

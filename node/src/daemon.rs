@@ -31,6 +31,8 @@ pub struct Options {
     /// The subset of `dial` that are relays (for circuit reservations).
     pub relays: Vec<libp2p::Multiaddr>,
     pub mdns: bool,
+    /// Relay circuits for non-members too (relays).
+    pub open_relay: bool,
     pub api: SocketAddr,
     /// Cache sizes.
     pub memory: fieldsync::MemoryOptions,
@@ -96,6 +98,7 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         listen: options.listen,
         circuit_relays: options.relays.clone(),
         relay_server: options.role == Role::Relay,
+        open_relay: options.open_relay,
         dial: options.dial,
         mdns: options.mdns,
         role: options.role,
@@ -150,7 +153,7 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
 }
 
 fn peer_entry<'a>(peers: &'a mut serde_json::Map<String, serde_json::Value>, peer: &libp2p::PeerId) -> &'a mut serde_json::Value {
-    peers.entry(peer.to_string()).or_insert_with(|| json!({ "connected": false, "completed": false, "done": 0, "total": 0, "acked_upto": 0 }))
+    peers.entry(peer.to_string()).or_insert_with(|| json!({ "connected": false, "admitted": false, "completed": false, "done": 0, "total": 0, "acked_upto": 0 }))
 }
 
 /// Turns a network notice into a stdout line, metrics, peer status and an SSE event.
@@ -160,7 +163,6 @@ fn report(live: &Live, metrics: &Metrics, notice: Notice) {
     let event = match notice {
         Notice::Listening(addr) => json!({ "event": "listening", "addr": addr.to_string() }),
         Notice::PeerConnected(peer) => {
-            metrics.peers_connected.fetch_add(1, Ordering::Relaxed);
             metrics.sync_sessions.fetch_add(1, Ordering::Relaxed);
             let p = peer_entry(&mut peers, &peer);
             p["connected"] = json!(true);
@@ -168,9 +170,19 @@ fn report(live: &Live, metrics: &Metrics, notice: Notice) {
             json!({ "event": "peer_connected", "peer": peer.to_string() })
         }
         Notice::PeerDisconnected(peer) => {
-            metrics.peers_connected.fetch_sub(1, Ordering::Relaxed);
-            peer_entry(&mut peers, &peer)["connected"] = json!(false);
-            json!({ "event": "peer_disconnected", "peer": peer.to_string() })
+            // Members stay listed (their checkpoint matters to `pending_to_relay`); a peer
+            // that never proved itself leaves at once, so strangers cannot grow the table.
+            let key = peer.to_string();
+            if peers.get(&key).is_some_and(|p| p["admitted"] == true) {
+                peer_entry(&mut peers, &peer)["connected"] = json!(false);
+            } else {
+                peers.remove(&key);
+            }
+            json!({ "event": "peer_disconnected", "peer": key })
+        }
+        Notice::Sync(Event::PeerAdmitted { peer }) => {
+            peer_entry(&mut peers, &peer)["admitted"] = json!(true);
+            json!({ "event": "peer_admitted", "peer": peer.to_string() })
         }
         Notice::Sync(Event::SyncStarted { peer, role, total }) => {
             let p = peer_entry(&mut peers, &peer);
@@ -207,12 +219,21 @@ fn report(live: &Live, metrics: &Metrics, notice: Notice) {
             metrics.sync_failed.fetch_add(1, Ordering::Relaxed);
             json!({ "event": "sync_failed", "peer": peer.to_string(), "reason": reason })
         }
-        Notice::Sync(Event::PeerRefused { peer, reason }) => json!({ "event": "peer_refused", "peer": peer.to_string(), "reason": reason }),
+        Notice::Sync(Event::PeerRefused { peer, reason }) => {
+            drop(peers);
+            live.refuse(&peer.to_string(), &reason, now);
+            metrics.peers_connected.store(live.connected(), Ordering::Relaxed);
+            let event = json!({ "event": "peer_refused", "peer": peer.to_string(), "reason": reason });
+            print(event.clone());
+            live.publish(&event);
+            return;
+        }
         Notice::Sync(Event::WritesRefused { peer, reasons }) => {
             json!({ "event": "writes_refused", "peer": peer.to_string(), "reasons": reasons })
         }
     };
     drop(peers);
+    metrics.peers_connected.store(live.connected(), Ordering::Relaxed);
     print(event.clone());
     live.publish(&event);
 }

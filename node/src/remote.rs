@@ -135,7 +135,8 @@ pub fn run(api: &str, command: Command) -> Result<()> {
         }
         Command::Get { collection, id } => {
             let id: fieldsync::EntityId = parse_id("entity id", &id)?;
-            emit(&call("GET", &format!("{api}/v1/collections/{collection}/{id}"), None)?)
+            // Like `get` without a daemon: a deleted entity shows with `_deleted`.
+            emit(&call("GET", &format!("{api}/v1/collections/{collection}/{id}?include_deleted=true"), None)?)
         }
         Command::List { collection, filters, include_deleted } => {
             let mut url = format!("{api}/v1/collections/{collection}?include_deleted={include_deleted}");

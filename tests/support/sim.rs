@@ -299,7 +299,7 @@ impl Network {
             if should && !link.connected {
                 self.links.get_mut(&k).expect("link").connected = true;
                 let (pa, pb) = (self.peer(k.0), self.peer(k.1));
-                self.input(k.0, Input::Connected(pb));
+                self.input(k.0, Input::Dialed(pb));
                 self.input(k.1, Input::Connected(pa));
             } else if !should && link.connected {
                 self.disconnect(k);

@@ -33,18 +33,45 @@ pub struct Metrics {
     pub security: Arc<fieldsync::sync::SecurityStats>,
 }
 
+/// Refused peers remembered for `/v1/status` (`refused_peers`), newest last.
+pub const RECENT_REFUSED: usize = 16;
+
 /// What a running daemon knows beyond the store: its peers and an event stream.
 #[derive(Debug)]
 pub struct Live {
-    /// Per peer: `{"connected", "completed", "done", "total", "acked_upto", "last_sync_ms"}`.
+    /// Per peer with a session now, or admitted once (members and the authority, so bounded
+    /// by the member list): `{"connected", "admitted", "completed", "done", "total",
+    /// "acked_upto", "last_sync_ms", "role"}`. A refused peer leaves at once.
     pub peers: std::sync::Mutex<serde_json::Map<String, Value>>,
+    /// The last [`RECENT_REFUSED`] refused peers: `{"peer", "reason", "at_ms"}`.
+    pub refused: std::sync::Mutex<std::collections::VecDeque<Value>>,
     /// Events for `/v1/events` (JSON text); bounded, slow subscribers miss events.
     pub events: tokio::sync::broadcast::Sender<String>,
 }
 
 impl Live {
     pub fn new() -> Self {
-        Live { peers: std::sync::Mutex::new(serde_json::Map::new()), events: tokio::sync::broadcast::channel(1024).0 }
+        Live {
+            peers: std::sync::Mutex::new(serde_json::Map::new()),
+            refused: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(RECENT_REFUSED)),
+            events: tokio::sync::broadcast::channel(1024).0,
+        }
+    }
+
+    /// Notes a refused peer: it leaves `peers` and joins the bounded list of recent refusals.
+    pub fn refuse(&self, peer: &str, reason: &str, at_ms: u64) {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(peer);
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        refused.retain(|r| r["peer"] != peer);
+        if refused.len() >= RECENT_REFUSED {
+            refused.pop_front();
+        }
+        refused.push_back(json!({ "peer": peer, "reason": reason, "at_ms": at_ms }));
+    }
+
+    /// Peers with a sync session now.
+    pub fn connected(&self) -> u64 {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).values().filter(|p| p["connected"] == true).count() as u64
     }
 
     /// Publishes an event to `/v1/events` subscribers.
@@ -76,7 +103,9 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-/// An API error: HTTP status from the error kind, JSON body `{"error": message}`.
+/// An API error: HTTP status from the error kind, JSON body `{"error": message}`: 400 bad
+/// input, 403 what only the authority may do or the member's partitions refuse, 404 no
+/// such entity, collection, conflict, proposal or member, 500 a failure here.
 struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
@@ -87,10 +116,16 @@ impl IntoResponse for ApiError {
 
 impl From<fieldsync::Error> for ApiError {
     fn from(e: fieldsync::Error) -> Self {
-        let status = match e.kind() {
+        use fieldsync::core::Error as C;
+        use fieldsync::Error as E;
+        let status = match &e {
+            E::AuthorityOnly(_) | E::Core(C::NotAuthority) | E::Refused(_) => StatusCode::FORBIDDEN,
+            E::Core(C::UnknownCollection { .. }) => StatusCode::NOT_FOUND,
+            _ => match e.kind() {
             ErrorKind::Invalid => StatusCode::BAD_REQUEST,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
         };
         ApiError(status, e.to_string())
     }
@@ -138,7 +173,39 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/invites", post(invite))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Unknown routes: 404 with the JSON error body, like every other error.
+async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("no route for {method} {}", uri.path()))
+}
+
+/// Makes every error response `{"error": "..."}` JSON: axum's own answers (405, extractor
+/// rejections such as a bad query value, invalid UTF-8 or a body over the limit — 413) come
+/// as plain text, and keep their status and headers (`Allow` on 405).
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Error texts are short; a longer one is cut rather than buffered without bound.
+    let text = match axum::body::to_bytes(body, 16 << 10).await {
+        Ok(bytes) if !bytes.is_empty() => String::from_utf8_lossy(&bytes).into_owned(),
+        _ => status.canonical_reason().unwrap_or("error").to_lowercase(),
+    };
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/json"));
+    let body = json!({ "error": text }).to_string();
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 async fn status(State(s): State<AppState>) -> ApiResult {
@@ -155,6 +222,7 @@ async fn status(State(s): State<AppState>) -> ApiResult {
     let pending = blocking(&s, move |r| Ok(r.changes_since(acked, 1_000_000)?.len())).await?;
     v["pending_to_relay"] = json!(pending);
     v["peers"] = Value::Object(peers);
+    v["refused_peers"] = Value::Array(s.live.refused.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default());
     Ok(Json(v))
 }
 
@@ -226,9 +294,20 @@ async fn create(State(s): State<AppState>, Path(collection): Path<String>, heade
     Ok(written(StatusCode::CREATED, json!({ "id": id.to_string() }), applied))
 }
 
-async fn read(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>) -> ApiResult {
-    let id = parse("entity id", &id)?;
-    Ok(Json(Value::Object(blocking(&s, move |r| r.get(&collection, id)).await?)))
+#[derive(Deserialize)]
+struct ReadQuery {
+    #[serde(default)]
+    include_deleted: bool,
+}
+
+/// A deleted entity answers 404 unless `include_deleted=true` (then its view shows `_deleted`).
+async fn read(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>, Query(q): Query<ReadQuery>) -> ApiResult {
+    let id: fieldsync::EntityId = parse("entity id", &id)?;
+    let view = blocking(&s, move |r| r.get(&collection, id)).await?;
+    if !q.include_deleted && view.get("_deleted").is_some_and(|d| d == true) {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("entity {id} is deleted (include_deleted=true shows it)")));
+    }
+    Ok(Json(Value::Object(view)))
 }
 
 async fn update(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>, headers: axum::http::HeaderMap, body: String) -> Result<Response, ApiError> {
@@ -352,21 +431,34 @@ struct InviteRequest {
     role: fieldsync::core::membership::MemberRole,
     #[serde(default)]
     partitions: std::collections::BTreeMap<String, fieldsync::core::Access>,
-    #[serde(default = "default_valid_secs")]
-    valid_secs: u64,
+    /// Seconds (an integer; `600.0` counts as one), at most [`MAX_VALID_SECS`].
+    #[serde(default)]
+    valid_secs: Option<serde_json::Number>,
 }
+
+/// Longest invite validity: 100 years.
+const MAX_VALID_SECS: u64 = 3_153_600_000;
 
 fn default_role() -> fieldsync::core::membership::MemberRole {
     fieldsync::core::membership::MemberRole::Device
 }
 
-fn default_valid_secs() -> u64 {
-    7 * 24 * 3600
+fn valid_secs(n: Option<&serde_json::Number>) -> Result<u64, ApiError> {
+    let Some(n) = n else { return Ok(7 * 24 * 3600) };
+    let secs = n.as_u64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= MAX_VALID_SECS as f64).map(|f| f as u64));
+    match secs {
+        Some(s) if s <= MAX_VALID_SECS => Ok(s),
+        _ => Err(ApiError(StatusCode::BAD_REQUEST, format!("valid_secs takes a whole number of seconds from 0 to {MAX_VALID_SECS}, got {n}"))),
+    }
 }
 
 async fn invite(State(s): State<AppState>, body: String) -> ApiResult {
     let req: InviteRequest = serde_json::from_str(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid invite request: {e}")))?;
-    let ttl_ms = i64::try_from(req.valid_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    // Absent means the default; an explicit null is not a number of seconds.
+    if body.contains("valid_secs") && req.valid_secs.is_none() {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "invalid invite request: valid_secs must be a number, not null".into()));
+    }
+    let ttl_ms = i64::try_from(valid_secs(req.valid_secs.as_ref())?.saturating_mul(1000)).unwrap_or(i64::MAX);
     let bytes = blocking(&s, move |r| r.issue_invite(&req.user, req.role, req.partitions, ttl_ms)).await?;
     Ok(Json(serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
 }
@@ -391,7 +483,7 @@ async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
     gauge("fieldsync_sync_sessions_total", "Sync sessions started.", "counter", m.sync_sessions.load(Ordering::Relaxed));
     gauge("fieldsync_sync_completed_total", "Catch-ups completed.", "counter", m.sync_completed.load(Ordering::Relaxed));
     gauge("fieldsync_sync_failed_total", "Sync sessions that failed (rejected frames, wrong workspace…).", "counter", m.sync_failed.load(Ordering::Relaxed));
-    gauge("fieldsync_peers_connected", "Peers with a sync session.", "gauge", m.peers_connected.load(Ordering::Relaxed));
+    gauge("fieldsync_peers_connected", "Peers with a sync session.", "gauge", s.live.connected());
     gauge("fieldsync_frames_sent_total", "Sync frames sent.", "counter", m.frames_sent.load(Ordering::Relaxed));
     gauge("fieldsync_bytes_sent_total", "Sync bytes sent.", "counter", m.bytes_sent.load(Ordering::Relaxed));
     gauge("fieldsync_frames_received_total", "Sync frames received.", "counter", m.frames_received.load(Ordering::Relaxed));
@@ -405,6 +497,7 @@ async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
     gauge("fieldsync_peers_banned_total", "Peers disconnected and refused for a while.", "counter", sec.peers_banned.load(Ordering::Relaxed));
     gauge("fieldsync_frames_ignored_total", "Replayed or duplicated sync frames, ignored.", "counter", sec.frames_ignored.load(Ordering::Relaxed));
     gauge("fieldsync_frame_floods_total", "Sessions ended for sending frames too fast.", "counter", sec.floods.load(Ordering::Relaxed));
+    gauge("fieldsync_relay_refused_total", "Circuit relay reservations and circuits refused to peers that are not admitted members.", "counter", sec.relay_refused.load(Ordering::Relaxed));
     gauge("fieldsync_feed_seq", "Head of the local changes feed.", "gauge", status.feed_seq);
     gauge("fieldsync_open_conflicts", "Open manual conflicts.", "gauge", status.open_conflicts as u64);
     gauge("fieldsync_store_commits_total", "Store commits since start.", "counter", commits);

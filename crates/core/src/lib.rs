@@ -19,6 +19,7 @@ pub mod bundle;
 pub mod entity;
 pub mod ids;
 pub mod membership;
+pub mod numeric;
 pub mod patch;
 pub mod protocol;
 pub(crate) mod rules;

@@ -6,8 +6,9 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{EntityId, WorkspaceId};
 use crate::Error;
 
-/// Protocol version this build speaks.
-pub const VERSION: u32 = 1;
+/// Protocol version this build speaks (2: admission before information — `hello` carries
+/// only the proof, `welcome` the details).
+pub const VERSION: u32 = 2;
 
 /// What kind of node is speaking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,9 +74,18 @@ pub struct PageRange {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum Frame {
-    /// First frame each way.
+    /// The sender's proof of membership, and nothing else: first frame each way. The node
+    /// that dialed (or that talks to the authority) sends it at once; the other only after
+    /// it admitted the peer's own `Hello`.
     Hello {
         version: u32,
+        /// Proof that the sender is a member (absent for the authority, whose peer id is
+        /// its proof).
+        #[serde(default)]
+        credential: Option<crate::membership::Credential>,
+    },
+    /// The sender's session details, sent only once it admitted the receiver.
+    Welcome {
         workspace: WorkspaceId,
         role: Role,
         limits: Limits,
@@ -83,9 +93,6 @@ pub enum Frame {
         feed_seq: u64,
         /// The sender's checkpoint of the receiver's feed: serve from here.
         resume_from: u64,
-        /// Proof that the sender is a member (absent for the authority).
-        #[serde(default)]
-        credential: Option<crate::membership::Credential>,
     },
     /// The session ends; why.
     Goodbye { reason: String },

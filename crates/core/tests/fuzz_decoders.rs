@@ -43,7 +43,8 @@ fn valid_frames() -> Vec<Vec<u8>> {
     let id = EntityId(uuid::Uuid::from_u128(3));
     let page = PageRange { from: 4, upto: 9 };
     vec![
-        Frame::Hello { version: 1, workspace: WorkspaceId(uuid::Uuid::from_u128(5)), role: Role::Device, limits: Limits::default(), feed_seq: 9, resume_from: 2, credential: None }.encode(),
+        Frame::Hello { version: 2, credential: None }.encode(),
+        Frame::Welcome { workspace: WorkspaceId(uuid::Uuid::from_u128(5)), role: Role::Device, limits: Limits::default(), feed_seq: 9, resume_from: 2 }.encode(),
         Frame::Offer { page, entries: vec![OfferEntry { id, heads: vec![[1; 32], [2; 32]] }] }.encode(),
         Frame::Data { page, payloads: vec![Payload { id, collection: "tasks".into(), full: true, chunks: vec![serde_bytes::ByteBuf::from(valid_doc())] }], skipped: vec![id] }.encode(),
         Frame::Ack { upto: 9 }.encode(),

@@ -46,6 +46,9 @@ pub enum Error {
     /// member's partitions).
     #[error("refused: {0}")]
     Refused(String),
+    /// Only the workspace authority may do this (revoke members…); names what was asked.
+    #[error("only the workspace authority can {0}; this node is not the authority")]
+    AuthorityOnly(&'static str),
     /// Stored node metadata could not be read.
     #[error("stored node metadata is corrupt: {0}")]
     CorruptMeta(String),
@@ -64,7 +67,8 @@ impl Error {
             | Error::WrongCollection { .. }
             | Error::ForeignWorkspace { .. }
             | Error::ImportLine { .. }
-            | Error::Refused(_) => ErrorKind::Invalid,
+            | Error::Refused(_)
+            | Error::AuthorityOnly(_) => ErrorKind::Invalid,
         }
     }
 

@@ -25,7 +25,7 @@ impl Replica {
     /// Issues a one-time invite (JSON) for a device of `user`, valid for `ttl_ms`.
     pub fn issue_invite(&self, user: &str, role: MemberRole, partitions: BTreeMap<String, Access>, ttl_ms: i64) -> Result<Vec<u8>, Error> {
         if !self.authority {
-            return Err(fieldsync_core::Error::Invite("only the workspace authority issues invites".into()).into());
+            return Err(Error::AuthorityOnly("issue invites"));
         }
         let grant = Grant { user: user.to_owned(), role, partitions };
         grant.check(&self.ws.schema)?;
@@ -54,7 +54,7 @@ impl Replica {
     /// Revokes a member (authority only): every node refuses it once it learns of this.
     pub fn revoke(&self, peer: &PeerId) -> Result<MemberRecord, Error> {
         if !self.authority {
-            return Err(fieldsync_core::Error::NotAuthority.into());
+            return Err(Error::AuthorityOnly("revoke members"));
         }
         let cache = self.member_cache()?;
         let mut record = cache

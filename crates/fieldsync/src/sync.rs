@@ -11,8 +11,16 @@
 //!    `handle`**: frames go to their peer in order; a [`Event::SessionFailed`] means the
 //!    driver must close that connection.
 //!
+//! # Handshake: admission before information
+//! A `Hello` carries only the sender's proof of membership. The side that dialed (driver:
+//! [`Input::Dialed`]) or whose peer is the workspace authority sends it at once; the other
+//! side ([`Input::Connected`]) waits for the peer's `Hello`, admits it, and only then sends
+//! its own `Hello`. Each side sends its `Welcome` (workspace, role, limits, feed head,
+//! checkpoint) only after admitting the peer. A refusal is a `Goodbye` with the reason and
+//! nothing else, so a stranger learns nothing but that.
+//!
 //! # Conversation (per direction; both directions run at once)
-//! `Hello` both ways → the server offers pages of its changes feed after the client's
+//! `Hello`, `Welcome` both ways → the server offers pages of its changes feed after the client's
 //! checkpoint (`Offer`: ids and heads) → the client answers what it lacks (`Want`) → the server
 //! sends it (`Data`: whole documents for entities the client lacks, changes after the
 //! client's heads otherwise) → the client applies a page durably, advances its checkpoint
@@ -33,7 +41,8 @@ use crate::replica::{Replica, META_CHECKPOINT_IN, META_CHECKPOINT_OUT};
 use crate::transfer::{ImportSummary, Incoming};
 use crate::Error;
 
-/// Frames received before the peer's `Hello` that are kept for after it.
+/// Frames received before the session is ready for them (the peer admitted, its
+/// `Welcome` received) that are kept for after.
 const MAX_EARLY_FRAMES: usize = 64;
 /// Entities per session whose heads at the peer are remembered (to skip echoing them back).
 const MAX_REMEMBERED_HEADS: usize = 250_000;
@@ -62,6 +71,8 @@ pub struct SecurityStats {
     pub floods: AtomicU64,
     /// Replayed or duplicated frames (hellos, offers, data of completed pages), ignored.
     pub frames_ignored: AtomicU64,
+    /// Circuit relay reservations and circuits refused to peers that are not admitted members.
+    pub relay_refused: AtomicU64,
 }
 
 impl SecurityStats {
@@ -97,8 +108,15 @@ impl Config {
 /// What happens to the engine.
 #[derive(Debug)]
 pub enum Input {
-    /// A connection to `peer` is up (the transport authenticated the peer id).
+    /// A connection to `peer` is up (the transport authenticated the peer id) that the peer
+    /// initiated: this node waits for the peer's proof before saying anything (unless the
+    /// peer is the workspace authority).
     Connected(PeerId),
+    /// A connection this node initiated to `peer` is up: this node proves itself first.
+    Dialed(PeerId),
+    /// The driver found `peer` breaking the protocol below the engine (an oversized frame,
+    /// a flood, no `Hello` in time): the session ends with a `Goodbye` naming `reason`.
+    Violation(PeerId, String),
     /// The connection to `peer` is gone.
     Disconnected(PeerId),
     /// A frame arrived from `peer`.
@@ -119,6 +137,9 @@ pub enum Event {
     /// `peer` has durably applied this node's feed up to `upto` (a relay's ack means an
     /// entity with a feed seq ≤ `upto` is safe there).
     Acknowledged { peer: PeerId, upto: u64 },
+    /// `peer` proved its membership (or is the authority): it may now learn this node's
+    /// details and get circuit relay service.
+    PeerAdmitted { peer: PeerId },
     /// The session with `peer` ended; the driver should close the connection.
     SessionFailed { peer: PeerId, reason: String },
     /// `peer` was refused (not a member, revoked) or broke the protocol; follows its
@@ -130,7 +151,9 @@ pub enum Event {
 
 #[derive(Debug, Default)]
 struct Session {
-    /// The peer's Hello, once received.
+    /// Whether this node sent its `Hello` (its proof) yet.
+    hello_sent: bool,
+    /// The peer's `Welcome`, once received (after this node's `Hello` was admitted).
     remote: Option<RemoteHello>,
     early: VecDeque<Vec<u8>>,
     // Serving: this node's feed to the peer.
@@ -147,7 +170,7 @@ struct Session {
     started_at: u64,
     target: u64,
     completed: bool,
-    /// What the peer's member may see and write, once its Hello was accepted.
+    /// What the peer's member may see and write, once its `Hello` was admitted.
     grant: Option<Grant>,
 }
 
@@ -269,20 +292,21 @@ impl Engine {
 
     fn handle_input(&mut self, input: Input) -> Result<(), Error> {
         match input {
-            Input::Connected(peer) => {
+            Input::Connected(peer) | Input::Dialed(peer) => {
                 let resume_from = seq_meta(&self.replica, &format!("{META_CHECKPOINT_IN}{peer}"))?;
                 let session = Session { checkpoint: resume_from, started_at: resume_from, ..Default::default() };
                 self.sessions.insert(peer, session);
-                let hello = Frame::Hello {
-                    version: VERSION,
-                    workspace: self.replica.workspace().id,
-                    role: self.config.role,
-                    limits: self.config.limits,
-                    feed_seq: self.replica.store.last_seq(),
-                    resume_from,
-                    credential: self.replica.credential()?,
-                };
-                self.send(peer, &hello);
+                // Who proves first: the side that chose to talk (dialed), or anyone talking
+                // to the authority. The other side waits, so a stranger gets nothing.
+                if matches!(input, Input::Dialed(_)) || peer == self.replica.workspace().authority_peer() {
+                    self.send_hello(peer)?;
+                }
+                Ok(())
+            }
+            Input::Violation(peer, reason) => {
+                if self.sessions.contains_key(&peer) {
+                    self.refuse(peer, reason, true);
+                }
                 Ok(())
             }
             Input::Disconnected(peer) => {
@@ -300,6 +324,18 @@ impl Engine {
         }
     }
 
+    /// Sends this node's proof of membership, once per session.
+    fn send_hello(&mut self, peer: PeerId) -> Result<(), Error> {
+        let Some(session) = self.sessions.get_mut(&peer) else { return Ok(()) };
+        if session.hello_sent {
+            return Ok(());
+        }
+        session.hello_sent = true;
+        let credential = self.replica.credential()?;
+        self.send(peer, &Frame::Hello { version: VERSION, credential });
+        Ok(())
+    }
+
     fn handle_frame(&mut self, peer: PeerId, bytes: Vec<u8>) -> Result<(), Error> {
         let Some(session) = self.sessions.get_mut(&peer) else {
             // A frame for a session that ended: late, ignore it.
@@ -312,7 +348,14 @@ impl Engine {
                 return Ok(());
             }
         };
-        if session.remote.is_none() && !matches!(frame, Frame::Hello { .. } | Frame::Goodbye { .. }) {
+        let ready = match frame {
+            Frame::Hello { .. } | Frame::Goodbye { .. } => true,
+            // A peer may welcome this node only after admitting it, and this node listens
+            // only after admitting the peer.
+            Frame::Welcome { .. } => session.grant.is_some(),
+            _ => session.remote.is_some(),
+        };
+        if !ready {
             // Frames can overtake the Hello on a reordering network: keep a few for later.
             if session.early.len() >= MAX_EARLY_FRAMES {
                 self.refuse(peer, "too many frames before Hello".into(), true);
@@ -322,8 +365,8 @@ impl Engine {
             return Ok(());
         }
         match frame {
-            Frame::Hello { version, workspace, role, limits, feed_seq, resume_from, credential } => {
-                if session.remote.is_some() {
+            Frame::Hello { version, credential } => {
+                if session.grant.is_some() {
                     SecurityStats::bump(&self.security.frames_ignored);
                     return Ok(()); // a duplicate Hello changes nothing
                 }
@@ -331,16 +374,7 @@ impl Engine {
                     self.fail(peer, format!("protocol version {version} is not supported (this node speaks {VERSION})"));
                     return Ok(());
                 }
-                if workspace != self.replica.workspace().id {
-                    let reason = format!("peer is in workspace {workspace}, this node in {}", self.replica.workspace().id);
-                    self.refuse(peer, reason, false);
-                    return Ok(());
-                }
-                if limits.window == 0 || limits.page_entities == 0 || limits.max_frame < 4096 {
-                    self.refuse(peer, format!("unusable limits {limits:?}"), true);
-                    return Ok(());
-                }
-                // Membership is checked before any entity data flows either way.
+                // Membership is checked before anything about this node is told.
                 let grant = match self.replica.admit(&peer, credential.as_ref()) {
                     Ok(grant) => grant,
                     Err(Error::Refused(why)) => {
@@ -351,21 +385,45 @@ impl Engine {
                 };
                 let Some(session) = self.sessions.get_mut(&peer) else { return Ok(()) };
                 session.grant = Some(grant);
+                let resume_from = session.checkpoint;
+                self.events.push_back(Event::PeerAdmitted { peer });
+                self.send_hello(peer)?;
+                let welcome = Frame::Welcome {
+                    workspace: self.replica.workspace().id,
+                    role: self.config.role,
+                    limits: self.config.limits,
+                    feed_seq: self.replica.store.last_seq(),
+                    resume_from,
+                };
+                self.send(peer, &welcome);
+                self.replay_early(peer)
+            }
+            Frame::Welcome { workspace, role, limits, feed_seq, resume_from } => {
+                if session.remote.is_some() {
+                    SecurityStats::bump(&self.security.frames_ignored);
+                    return Ok(()); // a duplicate Welcome changes nothing
+                }
+                if workspace != self.replica.workspace().id {
+                    let reason = format!("peer is in workspace {workspace}, this node in {}", self.replica.workspace().id);
+                    self.refuse(peer, reason, false);
+                    return Ok(());
+                }
+                if limits.window == 0 || limits.page_entities == 0 || limits.max_frame < 4096 {
+                    self.refuse(peer, format!("unusable limits {limits:?}"), true);
+                    return Ok(());
+                }
+                let Some(session) = self.sessions.get_mut(&peer) else { return Ok(()) };
                 session.remote = Some(RemoteHello { limits });
-                let remote_role = role;
                 session.serve_cursor = resume_from;
                 session.acked = resume_from;
                 session.target = feed_seq;
                 let total = feed_seq.saturating_sub(session.checkpoint);
-                self.events.push_back(Event::SyncStarted { peer, role: remote_role, total });
+                self.events.push_back(Event::SyncStarted { peer, role, total });
                 if total == 0 {
                     session.completed = true;
                     self.events.push_back(Event::SyncCompleted { peer });
                 }
-                let early: Vec<Vec<u8>> = session.early.drain(..).collect();
-                for bytes in early {
-                    self.handle_frame(peer, bytes)?;
-                }
+                self.replay_early(peer)?;
                 self.pump(peer)
             }
             Frame::Goodbye { reason } => {
@@ -387,6 +445,17 @@ impl Engine {
                 self.pump(peer)
             }
         }
+    }
+
+    /// Handles the frames kept while the session was not ready for them, in order (those
+    /// still early are kept again).
+    fn replay_early(&mut self, peer: PeerId) -> Result<(), Error> {
+        let Some(session) = self.sessions.get_mut(&peer) else { return Ok(()) };
+        let early: Vec<Vec<u8>> = session.early.drain(..).collect();
+        for bytes in early {
+            self.handle_frame(peer, bytes)?;
+        }
+        Ok(())
     }
 
     /// Offers the next pages of this node's feed to `peer`, within its window.

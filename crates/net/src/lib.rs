@@ -9,8 +9,13 @@
 //! Transports: TCP and QUIC, noise, yamux; identify and ping; a connection limit; mDNS LAN
 //! discovery only when [`Config::mdns`] is set. Configured peers are redialled with
 //! exponential backoff and jitter.
+//!
+//! Refusals: the engine's `Goodbye` is written and the stream closed before the connection
+//! is (flush, then close; at most [`FLUSH_TIMEOUT`] later), so the refused peer always reads
+//! why. A relay serves circuit relay v2 only to peers its engine admitted, unless
+//! [`Config::open_relay`] is set.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -46,6 +51,15 @@ const SESSION_COOLDOWN: Duration = Duration::from_secs(10);
 const MAX_EXTRA_STREAMS: u32 = 8;
 /// Notices queued for the embedding application; more are dropped (and logged).
 pub const NOTICE_QUEUE: usize = 1024;
+/// How long a refused peer's `Goodbye` may take to be written before its connections close.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a peer has to prove its membership after its sync stream opened.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Failed attempts to open the sync stream before this node gives up on a peer (until it
+/// reconnects): a peer that does not speak the protocol is not retried forever.
+pub const MAX_OPEN_ATTEMPTS: u32 = 3;
+/// Most peers remembered as refused; beyond, the ban that ends soonest is forgotten.
+const MAX_BANNED: usize = 4096;
 
 /// Errors of the network layer.
 #[derive(Debug, thiserror::Error)]
@@ -73,8 +87,11 @@ pub struct Config {
     /// cannot reach this one directly can dial it through the relay (circuit relay v2,
     /// upgraded to a direct connection by DCUtR where the NATs allow).
     pub circuit_relays: Vec<Multiaddr>,
-    /// Serve circuit relay v2 to others (relays).
+    /// Serve circuit relay v2 to others (relays): reservations and circuits for admitted
+    /// members only.
     pub relay_server: bool,
+    /// Serve circuit relay v2 to anyone, members or not (default off).
+    pub open_relay: bool,
     /// Discover peers on the LAN with mDNS (opt-in).
     pub mdns: bool,
     /// This node's role in the sync protocol.
@@ -97,6 +114,7 @@ impl Default for Config {
             dial: vec![],
             circuit_relays: vec![],
             relay_server: false,
+            open_relay: false,
             mdns: false,
             role: Role::Device,
             max_connections: 256,
@@ -172,12 +190,19 @@ enum Owned {
     Opened { peer: PeerId, stream: libp2p::Stream },
     /// The peer sent frames faster than allowed or an oversized frame.
     Hostile { peer: PeerId, gen: u64, reason: String },
-    OpenFailed { peer: PeerId },
+    /// A session's writer wrote everything queued and closed its half of the stream.
+    WriterClosed { peer: PeerId },
+    /// Opening the sync stream failed; `unsupported` if the peer does not speak it.
+    OpenFailed { peer: PeerId, error: String },
     LocalChange,
 }
 
 struct Session {
     gen: u64,
+    /// When the stream was attached (the peer must prove itself within `HANDSHAKE_TIMEOUT`).
+    since: tokio::time::Instant,
+    /// Whether the engine admitted the peer.
+    admitted: bool,
     /// Frames with their share of the send budget, released once written.
     writer: mpsc::Sender<(Vec<u8>, tokio::sync::OwnedSemaphorePermit)>,
 }
@@ -204,6 +229,45 @@ pub struct Inbox {
     stats: Arc<Stats>,
 }
 
+/// The owner task's bookkeeping of peers, beyond the engine's sessions. Every map is bounded:
+/// by the connection limit (peers with a connection) or by `MAX_BANNED`.
+#[derive(Default)]
+struct Peers {
+    /// Refused peers and until when.
+    banned: HashMap<PeerId, tokio::time::Instant>,
+    /// Refused peers whose connections close once their `Goodbye` is written, or at this time.
+    closing: HashMap<PeerId, tokio::time::Instant>,
+    /// Extra sync streams opened per peer.
+    extra_streams: HashMap<PeerId, u32>,
+    /// Peers with at least one connection, and those this node is opening a stream to.
+    connected: HashSet<PeerId>,
+    opening: HashSet<PeerId>,
+    /// Peers with a connection this node dialed: it proves itself first to them.
+    dialed: HashSet<PeerId>,
+    /// Failed attempts to open the sync stream, and peers given up on (until they reconnect).
+    open_failures: HashMap<PeerId, u32>,
+    gave_up: HashSet<PeerId>,
+    /// Relays this node holds a circuit reservation on (or is making one).
+    circuits: HashSet<PeerId>,
+    /// Peers whose session failed recently are not reopened before this time.
+    cooldown: HashMap<PeerId, tokio::time::Instant>,
+}
+
+/// Peers the engine admitted: the relay serves circuits to these only.
+type Admitted = Arc<std::sync::Mutex<HashSet<PeerId>>>;
+
+/// A relay rate limiter that lets admitted members through and counts everyone else.
+fn members_only(admitted: Admitted, security: Arc<SecurityStats>, what: &'static str) -> Box<dyn relay::RateLimiter> {
+    Box::new(move |peer: PeerId, _addr: &Multiaddr, _now| {
+        let ok = admitted.lock().unwrap_or_else(|p| p.into_inner()).contains(&peer);
+        if !ok {
+            security.relay_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, what, "circuit relay refused to a peer that is not an admitted member");
+        }
+        ok
+    })
+}
+
 /// Runs the node until `shutdown` resolves.
 pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: mpsc::Sender<Notice>, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let keypair = replica.keypair();
@@ -211,6 +275,16 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
     let mdns_on = config.mdns;
     let relay_server = config.relay_server;
     let max_connections = config.max_connections;
+    let Inbox { tx: inputs, rx: mut inbox, stats } = inbox;
+    let admitted: Admitted = Arc::default();
+    let relay_config = {
+        let mut c = relay::Config::default();
+        if !config.open_relay {
+            c.reservation_rate_limiters.push(members_only(admitted.clone(), stats.security.clone(), "reservation"));
+            c.circuit_src_rate_limiters.push(members_only(admitted.clone(), stats.security.clone(), "circuit"));
+        }
+        c
+    };
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
@@ -231,7 +305,7 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                 ping: ping::Behaviour::default(),
                 stream: libp2p_stream::Behaviour::new(),
                 mdns: Toggle::from(mdns),
-                relay_server: Toggle::from(relay_server.then(|| relay::Behaviour::new(id, relay::Config::default()))),
+                relay_server: Toggle::from(relay_server.then(|| relay::Behaviour::new(id, relay_config))),
                 relay_client,
                 dcutr: dcutr::Behaviour::new(id),
             })
@@ -245,21 +319,11 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
     let mut control = swarm.behaviour().stream.new_control();
     let mut incoming = control.accept(PROTOCOL).map_err(|e| Error::Setup(e.to_string()))?;
 
-    let Inbox { tx: inputs, rx: mut inbox, stats } = inbox;
     let mut engine = Engine::new(replica.clone(), EngineConfig::default().with_role(config.role)).with_security(stats.security.clone());
-    // Refused peers and until when; extra streams opened per peer.
-    let mut banned: HashMap<PeerId, tokio::time::Instant> = HashMap::new();
-    let mut extra_streams: HashMap<PeerId, u32> = HashMap::new();
+    let mut peers = Peers::default();
     let mut sessions: HashMap<PeerId, Session> = HashMap::new();
     let budget = Arc::new(tokio::sync::Semaphore::new(SEND_BUDGET_KIB));
     let mut next_gen = 0u64;
-    // Peers with at least one connection, and those this node is opening a stream to.
-    let mut connected: std::collections::HashSet<PeerId> = std::collections::HashSet::new();
-    let mut opening: std::collections::HashSet<PeerId> = std::collections::HashSet::new();
-    // Relays this node holds a circuit reservation on (or is making one).
-    let mut circuits: std::collections::HashSet<PeerId> = std::collections::HashSet::new();
-    // Peers whose session failed recently are not reopened before this time.
-    let mut cooldown: HashMap<PeerId, tokio::time::Instant> = HashMap::new();
     let mut redials: Vec<Redial> = config.dial.iter().map(|a| Redial { addr: a.clone(), failures: 0, due: Some(tokio::time::Instant::now()), connection: None }).collect();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tokio::pin!(shutdown);
@@ -268,17 +332,30 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
         tokio::select! {
             () = &mut shutdown => break,
             _ = tick.tick() => {
-                // One session per pair: the lower peer id opens it, and retries until it exists.
                 let now = tokio::time::Instant::now();
-                cooldown.retain(|_, until| *until > now);
-                banned.retain(|_, until| *until > now);
-                let to_open: Vec<PeerId> = connected
+                peers.cooldown.retain(|_, until| *until > now);
+                peers.banned.retain(|_, until| *until > now);
+                // Refused peers whose Goodbye did not drain in time are cut off anyway.
+                let late: Vec<PeerId> = peers.closing.iter().filter(|(_, by)| **by <= now).map(|(p, _)| *p).collect();
+                for peer in late {
+                    peers.closing.remove(&peer);
+                    let _ = swarm.disconnect_peer_id(peer);
+                }
+                // A peer must prove itself in time; the engine says why it is sent away.
+                let slow: Vec<PeerId> = sessions.iter().filter(|(_, s)| !s.admitted && now.duration_since(s.since) > HANDSHAKE_TIMEOUT).map(|(p, _)| *p).collect();
+                for peer in slow {
+                    engine.handle(Input::Violation(peer, format!("no valid hello within {} s", HANDSHAKE_TIMEOUT.as_secs())))?;
+                }
+                // One session per pair: the lower peer id opens it, and retries until it
+                // exists or the peer proved it does not speak the protocol.
+                let to_open: Vec<PeerId> = peers
+                    .connected
                     .iter()
-                    .filter(|p| local < **p && !sessions.contains_key(p) && !opening.contains(p) && !cooldown.contains_key(p) && !banned.contains_key(p))
+                    .filter(|p| local < **p && !sessions.contains_key(p) && !peers.opening.contains(p) && !peers.cooldown.contains_key(p) && !peers.banned.contains_key(p) && !peers.gave_up.contains(p))
                     .copied()
                     .collect();
                 for peer in to_open {
-                    opening.insert(peer);
+                    peers.opening.insert(peer);
                     let (mut control, tx) = (control.clone(), inputs.clone());
                     tokio::spawn(async move {
                         // Bounded: with simultaneous dials the chosen connection can close
@@ -288,10 +365,9 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                                 let _ = tx.send(Owned::Opened { peer, stream }).await;
                             }
                             result => {
-                                let e = result.map(|r| r.err().map(|e| e.to_string()).unwrap_or_default()).unwrap_or_else(|_| "timed out".into());
-                                tracing::warn!(%peer, %e, "cannot open the sync stream; will retry");
+                                let error = result.map(|r| r.err().map(|e| e.to_string()).unwrap_or_default()).unwrap_or_else(|_| "timed out".into());
                                 tokio::time::sleep(Duration::from_secs(1)).await;
-                                let _ = tx.send(Owned::OpenFailed { peer }).await;
+                                let _ = tx.send(Owned::OpenFailed { peer, error }).await;
                             }
                         }
                     });
@@ -319,27 +395,28 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                     tracing::info!(%full, "listening");
                     notify(&notices, Notice::Listening(full));
                 }
-                SwarmEvent::ConnectionEstablished { peer_id, connection_id, .. } => {
+                SwarmEvent::ListenerClosed { addresses, reason: Err(e), .. } => {
+                    // A circuit reservation the relay refused (or lost): retried once the
+                    // next session with that relay starts.
+                    for relay_peer in addresses.iter().filter_map(relay_of) {
+                        tracing::warn!(relay = %relay_peer, %e, "circuit reservation ended");
+                        peers.circuits.remove(&relay_peer);
+                    }
+                }
+                SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
                     if let Some(r) = redials.iter_mut().find(|r| r.connection == Some(connection_id)) {
                         r.failures = 0;
                     }
-                    if banned.contains_key(&peer_id) {
+                    if peers.banned.contains_key(&peer_id) {
                         tracing::info!(peer = %peer_id, "connection from a refused peer closed");
                         swarm.close_connection(connection_id);
                         continue;
                     }
                     // The next tick opens the sync stream if this node is the lower peer id.
                     tracing::debug!(peer = %peer_id, %connection_id, "connection established");
-                    connected.insert(peer_id);
-                    // Reserve a circuit on each relay we reach, once per relay.
-                    for relay_addr in config.circuit_relays.iter().filter(|a| peer_of(a) == Some(peer_id)) {
-                        if circuits.insert(peer_id) {
-                            let circuit = relay_addr.clone().with(libp2p::multiaddr::Protocol::P2pCircuit);
-                            if let Err(e) = swarm.listen_on(circuit.clone()) {
-                                tracing::warn!(%circuit, %e, "cannot listen through the relay");
-                                circuits.remove(&peer_id);
-                            }
-                        }
+                    peers.connected.insert(peer_id);
+                    if endpoint.is_dialer() {
+                        peers.dialed.insert(peer_id);
                     }
                 }
                 SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
@@ -349,8 +426,8 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                         schedule(r, &config);
                     }
                     if num_established == 0 {
-                        connected.remove(&peer_id);
-                        circuits.remove(&peer_id);
+                        peers.forget(&peer_id);
+                        admitted.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer_id);
                         if sessions.remove(&peer_id).is_some() {
                             engine.handle(Input::Disconnected(peer_id))?;
                             notify(&notices, Notice::PeerDisconnected(peer_id));
@@ -381,38 +458,59 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                         redials.retain(|r| r.addr != addr || r.connection.is_some());
                     }
                 }
+                SwarmEvent::Behaviour(BehaviourEvent::RelayServer(event)) => {
+                    tracing::debug!(?event, "relay");
+                }
                 _ => {}
             },
             Some((peer, stream)) = incoming.next() => {
-                if banned.contains_key(&peer) {
+                if peers.banned.contains_key(&peer) {
                     drop(stream);
                 } else if sessions.contains_key(&peer) {
-                    let n = extra_streams.entry(peer).or_default();
+                    let n = peers.extra_streams.entry(peer).or_default();
                     *n += 1;
                     if *n > MAX_EXTRA_STREAMS {
                         tracing::warn!(%peer, "peer keeps opening sync streams; refused");
-                        stats.security.protocol_violations.fetch_add(1, Ordering::Relaxed);
-                        ban(&mut swarm, &mut banned, &mut sessions, &mut engine, &notices, &stats.security, peer, config.ban)?;
+                        engine.handle(Input::Violation(peer, format!("more than {MAX_EXTRA_STREAMS} extra sync streams")))?;
                     }
                 } else {
-                    attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, &stats, config.max_frames_per_sec, peer, stream)?;
+                    let dialed = peers.dialed.contains(&peer);
+                    attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, &stats, config.max_frames_per_sec, peer, stream, dialed)?;
                 }
             }
             Some(msg) = inbox.recv() => match msg {
                 Owned::Opened { peer, stream } => {
-                    opening.remove(&peer);
-                    if !banned.contains_key(&peer) {
-                        attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, &stats, config.max_frames_per_sec, peer, stream)?;
+                    peers.opening.remove(&peer);
+                    peers.open_failures.remove(&peer);
+                    if !peers.banned.contains_key(&peer) {
+                        let dialed = peers.dialed.contains(&peer);
+                        attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, &stats, config.max_frames_per_sec, peer, stream, dialed)?;
                     }
                 }
                 Owned::Hostile { peer, gen, reason } => {
                     if sessions.get(&peer).is_some_and(|s| s.gen == gen) {
-                        tracing::warn!(%peer, %reason, "peer refused");
-                        ban(&mut swarm, &mut banned, &mut sessions, &mut engine, &notices, &stats.security, peer, config.ban)?;
+                        // The engine says goodbye with the reason; the drain below bans.
+                        engine.handle(Input::Violation(peer, reason))?;
                     }
                 }
-                Owned::OpenFailed { peer } => {
-                    opening.remove(&peer);
+                Owned::WriterClosed { peer } => {
+                    if peers.closing.remove(&peer).is_some() {
+                        let _ = swarm.disconnect_peer_id(peer);
+                    }
+                }
+                Owned::OpenFailed { peer, error } => {
+                    peers.opening.remove(&peer);
+                    if peers.connected.contains(&peer) {
+                        let n = peers.open_failures.entry(peer).or_default();
+                        *n += 1;
+                        if *n >= MAX_OPEN_ATTEMPTS {
+                            tracing::warn!(%peer, %error, attempts = *n, "cannot open the sync stream; giving up on this peer until it reconnects");
+                            peers.open_failures.remove(&peer);
+                            peers.gave_up.insert(peer);
+                        } else {
+                            tracing::warn!(%peer, %error, attempt = *n, "cannot open the sync stream; will retry");
+                        }
+                    }
                 }
                 Owned::Frame { peer, gen, bytes } => {
                     if sessions.get(&peer).is_some_and(|s| s.gen == gen) {
@@ -422,6 +520,7 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                 Owned::Closed { peer, gen } => {
                     if sessions.get(&peer).is_some_and(|s| s.gen == gen) {
                         sessions.remove(&peer);
+                        admitted.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer);
                         engine.handle(Input::Disconnected(peer))?;
                         notify(&notices, Notice::PeerDisconnected(peer));
                     }
@@ -429,16 +528,50 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                 Owned::LocalChange => engine.handle(Input::LocalChange)?,
             },
         }
-        let (failed, refused) = drain(&mut engine, &mut sessions, &notices, &budget).await;
-        for peer in failed {
-            cooldown.insert(peer, tokio::time::Instant::now() + SESSION_COOLDOWN);
+        let out = drain(&mut engine, &mut sessions, &notices, &budget).await;
+        {
+            let mut admitted = admitted.lock().unwrap_or_else(|p| p.into_inner());
+            for peer in &out.admitted {
+                admitted.insert(*peer);
+            }
+            for peer in out.failed.iter().chain(&out.refused) {
+                admitted.remove(peer);
+            }
         }
-        for peer in refused {
-            ban(&mut swarm, &mut banned, &mut sessions, &mut engine, &notices, &stats.security, peer, config.ban)?;
+        for peer in out.failed {
+            peers.cooldown.insert(peer, tokio::time::Instant::now() + SESSION_COOLDOWN);
         }
-        extra_streams.retain(|p, _| sessions.contains_key(p));
+        for peer in out.refused {
+            ban(&mut peers, &stats.security, peer, config.ban);
+        }
+        // Reserve a circuit on a configured relay once it welcomed this node (it admitted
+        // us, so it will grant the reservation), once per relay connection.
+        for peer in out.started {
+            for relay_addr in config.circuit_relays.iter().filter(|a| peer_of(a) == Some(peer)) {
+                if peers.circuits.insert(peer) {
+                    let circuit = relay_addr.clone().with(libp2p::multiaddr::Protocol::P2pCircuit);
+                    if let Err(e) = swarm.listen_on(circuit.clone()) {
+                        tracing::warn!(%circuit, %e, "cannot listen through the relay");
+                        peers.circuits.remove(&peer);
+                    }
+                }
+            }
+        }
+        peers.extra_streams.retain(|p, _| sessions.contains_key(p));
     }
     Ok(())
+}
+
+impl Peers {
+    /// Everything about a peer whose last connection closed, but its ban.
+    fn forget(&mut self, peer: &PeerId) {
+        self.connected.remove(peer);
+        self.dialed.remove(peer);
+        self.circuits.remove(peer);
+        self.open_failures.remove(peer);
+        self.gave_up.remove(peer);
+        self.closing.remove(peer);
+    }
 }
 
 /// The peer id at the end of an address (`…/p2p/<id>`), if any.
@@ -449,6 +582,19 @@ fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
     })
 }
 
+/// The relay of a circuit address (`…/p2p/<relay>/p2p-circuit…`), if it is one.
+fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
+    let mut last = None;
+    for p in addr.iter() {
+        match p {
+            libp2p::multiaddr::Protocol::P2p(id) => last = Some(id),
+            libp2p::multiaddr::Protocol::P2pCircuit => return last,
+            _ => {}
+        }
+    }
+    None
+}
+
 fn schedule(r: &mut Redial, config: &Config) {
     r.failures = r.failures.saturating_add(1);
     let base = config.min_backoff.saturating_mul(1u32 << r.failures.min(16)).min(config.max_backoff);
@@ -456,28 +602,23 @@ fn schedule(r: &mut Redial, config: &Config) {
     r.due = Some(tokio::time::Instant::now() + base.mul_f64(jitter));
 }
 
-/// Ends a peer's session, disconnects it and refuses it until `for_how_long` passed.
-#[allow(clippy::too_many_arguments)]
-fn ban(
-    swarm: &mut libp2p::Swarm<Behaviour>,
-    banned: &mut HashMap<PeerId, tokio::time::Instant>,
-    sessions: &mut HashMap<PeerId, Session>,
-    engine: &mut Engine,
-    notices: &mpsc::Sender<Notice>,
-    security: &SecurityStats,
-    peer: PeerId,
-    for_how_long: Duration,
-) -> Result<(), Error> {
-    if banned.insert(peer, tokio::time::Instant::now() + for_how_long).is_none() {
+/// Refuses a peer until `for_how_long` passed. Its session is already gone (its writer
+/// flushes the `Goodbye`); its connections close once that is written, or after
+/// [`FLUSH_TIMEOUT`].
+fn ban(peers: &mut Peers, security: &SecurityStats, peer: PeerId, for_how_long: Duration) {
+    let now = tokio::time::Instant::now();
+    if peers.banned.len() >= MAX_BANNED && !peers.banned.contains_key(&peer) {
+        if let Some(soonest) = peers.banned.iter().min_by_key(|(_, until)| **until).map(|(p, _)| *p) {
+            peers.banned.remove(&soonest);
+        }
+    }
+    if peers.banned.insert(peer, now + for_how_long).is_none() {
         security.peers_banned.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%peer, secs = for_how_long.as_secs(), "peer disconnected and refused for a while");
     }
-    if sessions.remove(&peer).is_some() {
-        engine.handle(Input::Disconnected(peer))?;
-        notify(notices, Notice::PeerDisconnected(peer));
+    if peers.connected.contains(&peer) {
+        peers.closing.insert(peer, now + FLUSH_TIMEOUT);
     }
-    let _ = swarm.disconnect_peer_id(peer);
-    Ok(())
 }
 
 fn notify(notices: &mpsc::Sender<Notice>, notice: Notice) {
@@ -497,18 +638,22 @@ fn attach(
     max_frames_per_sec: u32,
     peer: PeerId,
     stream: libp2p::Stream,
+    dialed: bool,
 ) -> Result<(), Error> {
     if sessions.contains_key(&peer) {
         tracing::debug!(%peer, "extra sync stream dropped");
         return Ok(()); // one session per peer; the extra stream is dropped
     }
-    tracing::debug!(%peer, "sync stream attached");
+    tracing::debug!(%peer, dialed, "sync stream attached");
     *next_gen += 1;
     let gen = *next_gen;
     let (mut read, mut write) = stream.split();
     let (writer, mut frames) = mpsc::channel::<(Vec<u8>, tokio::sync::OwnedSemaphorePermit)>(WRITER_QUEUE);
     let out_stats = stats.clone();
+    let done = inputs.clone();
     tokio::spawn(async move {
+        // Frames are written in order until the session drops its sender; then the stream
+        // is closed (a refusal's Goodbye is the last frame) and the owner told.
         while let Some((bytes, _budget)) = frames.recv().await {
             let len = (bytes.len() as u32).to_be_bytes();
             if write.write_all(&len).await.is_err() || write.write_all(&bytes).await.is_err() || write.flush().await.is_err() {
@@ -517,7 +662,8 @@ fn attach(
             out_stats.frames_sent.fetch_add(1, Ordering::Relaxed);
             out_stats.bytes_sent.fetch_add(4 + bytes.len() as u64, Ordering::Relaxed);
         }
-        let _ = write.close().await;
+        let _ = tokio::time::timeout(FLUSH_TIMEOUT, write.close()).await;
+        let _ = done.send(Owned::WriterClosed { peer }).await;
     });
     let max_frame = fieldsync::core::protocol::Limits::default().max_frame as usize;
     let tx = inputs.clone();
@@ -534,7 +680,6 @@ fn attach(
             }
             let len = u32::from_be_bytes(len) as usize;
             if len > max_frame {
-                in_stats.security.protocol_violations.fetch_add(1, Ordering::Relaxed);
                 let reason = format!("frame of {len} bytes is over the {max_frame}-byte limit");
                 let _ = tx.send(Owned::Hostile { peer, gen, reason }).await;
                 return;
@@ -561,22 +706,25 @@ fn attach(
         }
         let _ = tx.send(Owned::Closed { peer, gen }).await;
     });
-    sessions.insert(peer, Session { gen, writer });
-    engine.handle(Input::Connected(peer))?;
+    sessions.insert(peer, Session { gen, since: tokio::time::Instant::now(), admitted: false, writer });
+    engine.handle(if dialed { Input::Dialed(peer) } else { Input::Connected(peer) })?;
     notify(notices, Notice::PeerConnected(peer));
     Ok(())
 }
 
-/// Sends every queued frame to its stream's writer and reports every event; returns the
-/// peers whose session failed and those refused (to be banned).
-async fn drain(
-    engine: &mut Engine,
-    sessions: &mut HashMap<PeerId, Session>,
-    notices: &mpsc::Sender<Notice>,
-    budget: &Arc<tokio::sync::Semaphore>,
-) -> (Vec<PeerId>, Vec<PeerId>) {
-    let mut failed = Vec::new();
-    let mut refused = Vec::new();
+/// What a drain found: peers whose session failed, of those the refused (to be banned), the
+/// admitted, and those whose catch-up started (they welcomed this node).
+#[derive(Default)]
+struct Drained {
+    failed: Vec<PeerId>,
+    refused: Vec<PeerId>,
+    admitted: Vec<PeerId>,
+    started: Vec<PeerId>,
+}
+
+/// Sends every queued frame to its stream's writer and reports every event.
+async fn drain(engine: &mut Engine, sessions: &mut HashMap<PeerId, Session>, notices: &mpsc::Sender<Notice>, budget: &Arc<tokio::sync::Semaphore>) -> Drained {
+    let mut out = Drained::default();
     loop {
         while let Some((peer, bytes)) = engine.poll_transmit() {
             if let Some(s) = sessions.get(&peer) {
@@ -592,15 +740,26 @@ async fn drain(
                 }
             }
         }
-        let Some(event) = engine.poll_event() else { return (failed, refused) };
-        if let Event::PeerRefused { peer, .. } = &event {
-            refused.push(*peer);
-        }
-        if let Event::SessionFailed { peer, reason } = &event {
-            tracing::warn!(%peer, %reason, "sync session ended");
-            // Dropping the writer closes the stream; the connection idles out.
-            sessions.remove(peer);
-            failed.push(*peer);
+        let Some(event) = engine.poll_event() else { return out };
+        match &event {
+            Event::PeerRefused { peer, .. } => out.refused.push(*peer),
+            Event::PeerAdmitted { peer } => {
+                if let Some(s) = sessions.get_mut(peer) {
+                    s.admitted = true;
+                }
+                out.admitted.push(*peer);
+            }
+            Event::SyncStarted { peer, .. } => out.started.push(*peer),
+            Event::SessionFailed { peer, reason } => {
+                tracing::warn!(%peer, %reason, "sync session ended");
+                // Dropping the writer flushes what is queued (the Goodbye) and closes the
+                // stream; the connection idles out, or closes at once if the peer is banned.
+                if sessions.remove(peer).is_some() {
+                    notify(notices, Notice::PeerDisconnected(*peer));
+                }
+                out.failed.push(*peer);
+            }
+            _ => {}
         }
         notify(notices, Notice::Sync(event));
     }

@@ -5,7 +5,8 @@
 //! Increments without an operation id are Automerge counter increments on the root field.
 //! Increments with one are kept as `_inc.<field>.<op id> = delta` and summed by the view,
 //! so the same operation applied on several replicas, or retried, counts once.
-//! Arithmetic is checked: a write that would take the counter past ±2^63 is refused.
+//! Arithmetic is checked (`crate::numeric`): a write that would take the counter out of
+//! ±(2^53−1) is refused naming the field.
 
 use std::collections::BTreeMap;
 
@@ -25,19 +26,16 @@ pub(crate) struct Counter;
 impl Semantics for Counter {
     fn parse(&self, field: &str, rule: &Rule, input: Input<'_>) -> Result<FieldOp, Error> {
         match input {
-            Input::Op("$inc", arg) => arg
-                .as_i64()
-                .map(FieldOp::Inc)
-                .ok_or_else(|| Error::Patch(format!("field {field:?}: $inc takes an integer (64-bit), got {}", describe(arg)))),
+            Input::Op("$inc", Json::Number(n)) => crate::numeric::counter_arg(field, n).map(FieldOp::Inc),
+            Input::Op("$inc", arg) => Err(Error::Patch(format!("field {field:?}: $inc takes an integer, got {}", describe(arg)))),
             Input::Op(op, _) => Err(no_operator(field, rule, op)),
             Input::Plain(Json::Null) => Err(Error::Patch(format!(
                 "field {field:?} is a counter and cannot be removed; use {{\"$inc\": n}}"
             ))),
-            Input::Plain(v @ Json::Number(n)) if n.as_i64().is_some() => Ok(FieldOp::Set(v.clone())),
-            Input::Plain(v @ Json::Number(n)) if n.is_u64() => Err(Error::Patch(format!(
-                "field {field:?}: {v} is out of range for a counter (at most {})",
-                i64::MAX
-            ))),
+            Input::Plain(v @ Json::Number(n)) if n.as_i64().is_some() || n.as_u64().is_some() => {
+                crate::numeric::counter_arg(field, n)?;
+                Ok(FieldOp::Set(v.clone()))
+            }
             Input::Plain(v) => Err(misfit(field, rule, "an integer or {\"$inc\": n}", v)),
         }
     }
@@ -56,18 +54,10 @@ impl Semantics for Counter {
         let current = current(w.doc, w.field);
         let delta = match op {
             FieldOp::Inc(n) => *n,
-            FieldOp::Set(v) => {
-                let n = v.as_i64().unwrap_or(0);
-                n.checked_sub(current).ok_or_else(|| overflow(w.field, current, n))?
-            }
+            FieldOp::Set(v) => crate::numeric::counter_delta(w.field, current, v.as_i64().unwrap_or(0))?,
             other => return Err(Error::Patch(format!("field {:?} (rule counter) does not take {other:?}", w.field))),
         };
-        if current.checked_add(delta).is_none() {
-            return Err(Error::Patch(format!(
-                "field {:?}: adding {delta} to {current} would overflow the counter (it holds -2^63 to 2^63-1)",
-                w.field
-            )));
-        }
+        crate::numeric::counter_add(w.field, current, delta)?;
         match w.op_id {
             Some(op_id) => put_delta(w.doc, w.field, op_id, delta),
             None => increment(w.doc, w.field, delta),
@@ -88,10 +78,6 @@ fn describe(v: &Json) -> String {
         Json::Number(n) => format!("{n}"),
         other => crate::entity::json::kind(other).to_owned(),
     }
-}
-
-fn overflow(field: &str, current: i64, target: i64) -> Error {
-    Error::Patch(format!("field {field:?}: setting the counter from {current} to {target} would overflow"))
 }
 
 /// The counter's value as this writer sees it.

@@ -16,7 +16,10 @@ fn parse_number(field: &str, rule: &Rule, input: Input<'_>) -> Result<FieldOp, E
     match input {
         Input::Op(op, _) => Err(no_operator(field, rule, op)),
         Input::Plain(Json::Null) => Ok(FieldOp::Remove),
-        Input::Plain(v @ Json::Number(n)) if n.as_f64().is_some_and(f64::is_finite) => Ok(FieldOp::Set(v.clone())),
+        Input::Plain(v @ Json::Number(n)) => {
+            crate::numeric::check_ordered(field, rule.name(), n)?;
+            Ok(FieldOp::Set(v.clone()))
+        }
         Input::Plain(v) => Err(misfit(field, rule, "a number", v)),
     }
 }
