@@ -83,8 +83,9 @@ fn sync(from: &Node, to: &Node, file: &Path) {
 #[test]
 fn bad_input_exits_2_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let (hq, _) = pair(tmp.path());
+    let (hq, ana) = pair(tmp.path());
     let id = hq.ok(&["put", "tasks", r#"{"title":"a","tags":["x"]}"#])["id"].as_str().unwrap().to_owned();
+    let stock = hq.ok(&["put", "inventory", r#"{"stock":9007199254740991}"#])["id"].as_str().unwrap().to_owned();
     let before = hq.feed_seq();
     let cases: &[(&[&str], &str)] = &[
         (&["put", "nope", "{}"], "unknown collection \"nope\""),
@@ -101,12 +102,19 @@ fn bad_input_exits_2_and_writes_nothing() {
         (&["list", "tasks", "--where", "novalue"], "FIELD=VALUE"),
         (&["resolve", "zz", "1"], "conflict id"),
         (&["frobnicate"], "unrecognized subcommand"),
+        // Arithmetic refuses rather than wraps.
+        (&["put", "inventory", &stock, r#"{"stock":{"$inc":1}}"#], "field \"stock\": adding 1"),
+        (&["put", "inventory", r#"{"stock":9223372036854775807}"#], "field \"stock\""),
+        (&["put", "tasks", &id, r#"{"progress":1e300}"#], "field \"progress\""),
     ];
     for (args, needle) in cases {
         hq.fails(args, 2, needle);
     }
     assert_eq!(hq.feed_seq(), before, "a refused command wrote something");
     assert_eq!(hq.ok(&["get", "tasks", &id])["title"], "a");
+    assert_eq!(hq.ok(&["get", "inventory", &stock])["stock"], 9007199254740991i64);
+    let hq_peer = hq.ok(&["status"])["peer_id"].as_str().unwrap().to_owned();
+    ana.fails(&["revoke", &hq_peer], 2, "only the workspace authority can revoke members");
 }
 
 #[test]
