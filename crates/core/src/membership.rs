@@ -89,7 +89,7 @@ impl Grant {
     /// Checks the grant against the schema: known collections, `own` only where the
     /// collection names an owner field.
     pub fn check(&self, schema: &Schema) -> Result<(), Error> {
-        if self.user.is_empty() || self.user.len() > 128 {
+        if self.user.is_empty() || self.user.chars().count() > 128 {
             return Err(Error::Invite("the user name must have 1 to 128 characters".into()));
         }
         for (c, access) in &self.partitions {

@@ -51,7 +51,7 @@ impl Patch {
                     "field {field:?}: names starting with '_' are reserved"
                 )));
             }
-            if field.is_empty() || field.len() > 64 {
+            if field.is_empty() || field.chars().count() > 64 {
                 return Err(Error::Patch("field names must be 1 to 64 characters".into()));
             }
             let op = parse_op(field, collection.rule(field), value)?;
