@@ -246,6 +246,7 @@ impl SledStore {
 
     /// Opens (or creates) the store in `dir`; sled's page cache may hold `cache_bytes`.
     pub fn open_with(dir: &std::path::Path, cache_bytes: u64) -> Result<Self, Error> {
+        remove_unfinished_snapshots(dir)?;
         let db = match sled::Config::new().path(dir).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput).open() {
             Ok(db) => db,
             Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") => return Err(Error::Locked),
@@ -498,6 +499,28 @@ impl Store for SledStore {
     }
 }
 
+/// sled 0.34 writes its snapshot to `snap.<lsn>.generating` and renames it when complete,
+/// but on open it reads the newest `snap.*` file, unfinished ones included: a process killed
+/// while writing one leaves a store that refuses to open ("Read corrupted data", sled
+/// issue #1527). The file is only an index over the log, and the last finished snapshot is
+/// still there until the rename, so removing it loses nothing; sled replays the log instead.
+fn remove_unfinished_snapshots(dir: &std::path::Path) -> Result<(), Error> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::Engine(sled::Error::Io(e))),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %entry.path().display(), "removing an unfinished storage snapshot left by a crash");
+            std::fs::remove_file(entry.path()).map_err(|e| Error::Engine(sled::Error::Io(e)))?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -534,6 +557,21 @@ mod tests {
         assert_eq!((doc.snapshot, doc.chunks.len()), (vec![6], 0));
         assert!(s.index("conflict").unwrap().is_empty());
         assert_eq!(s.views("tasks", Some(&[1; 16]), 10).unwrap(), vec![([2; 16], vec![2])]);
+    }
+
+    #[test]
+    fn a_snapshot_cut_by_a_crash_does_not_stop_the_store_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            let t = s.commit(vec![write(1, DocWrite::Snapshot(vec![9]), vec![])], vec![]).unwrap();
+            s.wait_durable(t).unwrap();
+        }
+        // What a kill during sled's snapshot write leaves: a newer, truncated snapshot file.
+        std::fs::write(dir.path().join("snap.7FFFFFFFFFFFFFFF.generating"), [1u8, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]).unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.load_doc(&[1; 16]).unwrap().unwrap().snapshot, vec![9]);
+        assert!(!dir.path().join("snap.7FFFFFFFFFFFFFFF.generating").exists());
     }
 
     #[test]
