@@ -59,8 +59,11 @@ pub(crate) enum Command {
     ///
     /// The first device that presents it to the authority (directly, through a relay's
     /// circuit, or in a bundle) becomes a member with this user, role and partitions; until
-    /// then other nodes honour it until it expires.
+    /// then other nodes honour it until it expires. `invite cancel ID` cancels an unused one.
+    #[command(args_conflicts_with_subcommands = true)]
     Invite {
+        #[command(subcommand)]
+        action: Option<InviteAction>,
         /// The member's user name: entities whose owner field holds it are "own".
         #[arg(long, default_value = "device")]
         user: String,
@@ -75,24 +78,33 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 168)]
         valid_hours: u64,
     },
-    /// List the workspace's members (JSON Lines): peer, user, role, partitions, revoked.
+    /// List the workspace's members and, on the authority, its pending invites (JSON Lines).
+    ///
+    /// Members: `{"kind": "member", peer, user, role, partitions, revoked, invite, name,
+    /// last_seen_ms}` (name: what the device called itself; last_seen_ms: its last session
+    /// with this node). Unused invites: `{"kind": "invite", id, user, role, partitions,
+    /// issued_ms, expires_ms}`.
     Members,
     /// Revoke a member (authority only): every node refuses it once it learns of this.
     Revoke {
         /// The member's peer id (see `fieldsync members`).
         peer_id: String,
     },
-    /// Create or update an entity: `put COLLECTION [ID] PATCH_JSON`.
+    /// Create or update an entity: `put COLLECTION [ID] PATCH_JSON` (or `--file FILE`).
     ///
     /// PATCH_JSON is an object: plain values set fields, null removes one, {"$inc": n} adds
-    /// to a counter, {"$add": [..]} / {"$remove": [..]} change a set.
+    /// to a counter, {"$add": [..]} / {"$remove": [..]} change a set. PATCH_JSON `-` reads
+    /// it from standard input. Patches are limited to 8 MiB.
     Put {
         collection: String,
         /// ID of the entity to update (or create with this id); omit to create a new one.
         #[arg(value_name = "ID")]
-        id_or_patch: String,
+        id_or_patch: Option<String>,
         #[arg(value_name = "PATCH_JSON")]
         patch: Option<String>,
+        /// Read the patch from FILE instead of PATCH_JSON (`-`: standard input).
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
         /// Operation id: the same write sent again with the same id (a retry, here or on
         /// another node) has exactly one effect. Without ID, it also names the entity.
         #[arg(long, value_name = "OP_ID")]
@@ -216,6 +228,15 @@ pub(crate) enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+pub(crate) enum InviteAction {
+    /// Cancel an unused invite (authority only): the authority refuses it from now on.
+    Cancel {
+        /// The invite's id (see `fieldsync members`).
+        invite_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub(crate) enum BundleCommand {
     /// Write the changes another node lacks to FILE (all of them if PEER is unknown).
     Export {
@@ -306,6 +327,48 @@ fn settle_all(ids: &[String], verb: &str, settle: impl Fn(ProposalId) -> std::re
     Ok(())
 }
 
+/// Largest patch `put` takes (as the HTTP API does).
+pub(crate) const MAX_PATCH_BYTES: u64 = 8 << 20;
+
+/// `put`'s entity id and patch text, from `[ID] PATCH_JSON`, `[ID] -` (stdin) or
+/// `[ID] --file FILE`.
+pub(crate) fn put_args(first: Option<String>, second: Option<String>, file: Option<PathBuf>) -> Result<(Option<EntityId>, String)> {
+    let (id, source) = match (first, second, file) {
+        (id, None, Some(file)) => (id, Source::File(file)),
+        (_, Some(_), Some(_)) => return Err(CliError::invalid("give the patch as PATCH_JSON or --file FILE, not both")),
+        (Some(id), Some(patch), None) => (Some(id), Source::Text(patch)),
+        (Some(patch), None, None) => (None, Source::Text(patch)),
+        (None, _, None) => return Err(CliError::invalid("put needs a patch: PATCH_JSON, - (standard input) or --file FILE")),
+    };
+    let id = id.map(|i| parse_id::<EntityId>("entity id", &i)).transpose()?;
+    let text = match source {
+        Source::Text(t) if t == "-" => read_limited(std::io::stdin().lock(), "standard input")?,
+        Source::File(f) if f.as_os_str() == "-" => read_limited(std::io::stdin().lock(), "standard input")?,
+        Source::Text(t) => t,
+        Source::File(f) => {
+            let opened = std::fs::File::open(&f).map_err(|e| CliError::invalid(format!("cannot read {}: {e}", f.display())))?;
+            read_limited(opened, &f.display().to_string())?
+        }
+    };
+    Ok((id, text))
+}
+
+enum Source {
+    Text(String),
+    File(PathBuf),
+}
+
+/// Reads a patch of at most [`MAX_PATCH_BYTES`] as UTF-8 text.
+fn read_limited(from: impl std::io::Read, what: &str) -> Result<String> {
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(from, MAX_PATCH_BYTES + 1), &mut bytes)
+        .map_err(|e| CliError::invalid(format!("cannot read {what}: {e}")))?;
+    if bytes.len() as u64 > MAX_PATCH_BYTES {
+        return Err(CliError::invalid(format!("the patch in {what} is over the {} MiB limit", MAX_PATCH_BYTES >> 20)));
+    }
+    String::from_utf8(bytes).map_err(|_| CliError::invalid(format!("the patch in {what} is not UTF-8 text")))
+}
+
 pub(crate) fn parse_id<T: std::str::FromStr>(what: &str, text: &str) -> Result<T>
 where
     T::Err: std::fmt::Display,
@@ -322,6 +385,18 @@ pub(crate) fn emit(value: &impl serde::Serialize) -> Result<()> {
     serde_json::to_writer(&mut out, value).map_err(|e| CliError::runtime(e.to_string()))?;
     writeln!(out)?;
     Ok(())
+}
+
+/// `members`' output: members, then pending invites, each line with its `kind`.
+pub(crate) fn emit_members(members: Vec<Json>, invites: Vec<Json>) -> Result<()> {
+    let tag = |kind: &str, mut v: Json| {
+        if let Some(o) = v.as_object_mut() {
+            o.remove("cancelled");
+            o.insert("kind".into(), json!(kind));
+        }
+        v
+    };
+    emit_lines(members.into_iter().map(|m| tag("member", m)).chain(invites.into_iter().map(|i| tag("invite", i))))
 }
 
 fn emit_lines<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> Result<()> {
@@ -437,7 +512,11 @@ pub fn run(cli: Cli) -> Result<()> {
 fn run_on(replica: &Replica, command: Command) -> Result<()> {
     match command {
         Command::Init { .. } | Command::Run { .. } | Command::Relay { .. } => unreachable!("handled by run"),
-        Command::Invite { user, role, partitions, valid_hours } => {
+        Command::Invite { action: Some(InviteAction::Cancel { invite_id }), .. } => {
+            let cancelled = replica.cancel_invite(parse_id("invite id", &invite_id)?)?;
+            emit(&json!({ "invite": cancelled.id.to_string(), "cancelled": true }))
+        }
+        Command::Invite { action: None, user, role, partitions, valid_hours } => {
             if !replica.is_authority() {
                 return Err(CliError::invalid("only the workspace authority issues invites"));
             }
@@ -448,19 +527,18 @@ fn run_on(replica: &Replica, command: Command) -> Result<()> {
             Ok(())
         }
         Command::Members => {
-            for m in replica.members()? {
-                emit(&m)?;
-            }
-            Ok(())
+            let members = replica.member_infos()?.into_iter().map(|m| serde_json::to_value(m).unwrap_or_default());
+            let invites = replica.pending_invites()?.into_iter().map(|i| serde_json::to_value(i).unwrap_or_default());
+            emit_members(members.collect(), invites.collect())
         }
         Command::Revoke { peer_id } => emit(&replica.revoke(&parse_id("peer id", &peer_id)?)?),
-        Command::Put { collection, id_or_patch, patch, op_id } => {
-            let (id, patch) = match patch {
-                Some(patch) => (Some(parse_id::<EntityId>("entity id", &id_or_patch)?), patch),
-                None => (None, id_or_patch),
-            };
+        Command::Put { collection, id_or_patch, patch, file, op_id } => {
+            let (id, patch) = put_args(id_or_patch, patch, file)?;
             let op = op_id.as_deref().map(|o| parse_id::<fieldsync::OpId>("op id", o)).transpose()?;
             let (id, _) = replica.put_op(&collection, id, &patch, op.as_ref())?;
+            if let Some(warning) = replica.membership()?.warning() {
+                eprintln!("warning: {warning}");
+            }
             emit(&json!({ "id": id.to_string() }))
         }
         Command::Get { collection, id } => emit(&replica.get(&collection, parse_id("entity id", &id)?)?),

@@ -73,9 +73,16 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
     let nudge = handle.clone();
     let live = Arc::new(Live::new());
     let state = AppState { replica: replica.clone(), on_change: Arc::new(move || nudge.try_local_change()), metrics: metrics.clone(), live: live.clone() };
-    let listener = tokio::net::TcpListener::bind(options.api)
-        .await
-        .map_err(|e| CliError::runtime(format!("cannot serve the API on {}: {e}", options.api)))?;
+    // Both ports are checked before anything starts: a second node on a port in use fails
+    // at once, naming the port, instead of sharing it.
+    fieldsync_net::check_listen(&options.listen).map_err(|e| CliError::runtime(e.to_string()))?;
+    let listener = tokio::net::TcpListener::bind(options.api).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            CliError::runtime(format!("cannot serve the API on {}: address in use: another process listens on this port (stop it or choose another --api address)", options.api))
+        } else {
+            CliError::runtime(format!("cannot serve the API on {}: {e}", options.api))
+        }
+    })?;
     let api_addr = listener.local_addr().map_err(|e| CliError::runtime(e.to_string()))?;
     let _daemon_file = {
         let path = dir.join(DAEMON_FILE);
@@ -109,7 +116,7 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         max_frames_per_sec: options.net.max_frames_per_sec,
     };
     let mut net_stop = stop_rx.clone();
-    let net = tokio::spawn(fieldsync_net::run(replica.clone(), config, inbox, notice_tx, async move {
+    let mut net = tokio::spawn(fieldsync_net::run(replica.clone(), config, inbox, notice_tx, async move {
         let _ = net_stop.changed().await;
     }));
 
@@ -137,10 +144,17 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         })
     };
 
-    shutdown_signal().await;
+    // The network stopping by itself (it could not listen…) stops the daemon too.
+    let ended = tokio::select! {
+        () = shutdown_signal() => None,
+        result = &mut net => Some(result),
+    };
     print(json!({ "event": "stopping" }));
     let _ = stop_tx.send(true);
-    let result = net.await;
+    let result = match ended {
+        Some(result) => result,
+        None => net.await,
+    };
     let _ = api.await;
     reporter.abort();
     watcher.abort();
@@ -231,6 +245,10 @@ fn report(live: &Live, metrics: &Metrics, notice: Notice) {
         Notice::Sync(Event::WritesRefused { peer, reasons }) => {
             json!({ "event": "writes_refused", "peer": peer.to_string(), "reasons": reasons })
         }
+        // This node was refused: say why (status shows it as `membership` too).
+        Notice::Sync(Event::Refused { peer, state, reason }) => {
+            json!({ "event": "refused", "peer": peer.to_string(), "state": state, "reason": reason })
+        }
     };
     drop(peers);
     metrics.peers_connected.store(live.connected(), Ordering::Relaxed);
@@ -238,10 +256,22 @@ fn report(live: &Live, metrics: &Metrics, notice: Notice) {
     live.publish(&event);
 }
 
+/// Conflicts remembered with their state, so each opening, settling and resolution is
+/// announced once; beyond this many the memory starts afresh.
+const MAX_KNOWN_CONFLICTS: usize = 100_000;
+
 /// Publishes an `entity_changed` event for every entity the local feed moves past
-/// (local writes and merged sync data alike).
+/// (local writes and merged sync data alike), and for each of its conflicts that is new
+/// or changed state: `conflict_opened` (a `manual` field now has several values),
+/// `conflict_settled` (a rule chose among concurrent values; `value` is its choice) or
+/// `conflict_resolved` (a person chose).
 async fn watch_feed(replica: Arc<Replica>, live: Arc<Live>) {
     let mut seen = replica.feed_seq();
+    let mut known: std::collections::HashMap<String, fieldsync::core::ConflictState> = {
+        let r = replica.clone();
+        let all = tokio::task::spawn_blocking(move || r.conflicts(true)).await.ok().and_then(Result::ok).unwrap_or_default();
+        all.into_iter().take(MAX_KNOWN_CONFLICTS).map(|c| (c.id.to_string(), c.state)).collect()
+    };
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
     loop {
         tick.tick().await;
@@ -251,10 +281,34 @@ async fn watch_feed(replica: Arc<Replica>, live: Arc<Live>) {
         }
         let r = replica.clone();
         let after = seen;
-        let Ok(Ok(changes)) = tokio::task::spawn_blocking(move || r.changes_since(after, 10_000)).await else { continue };
-        for (seq, collection, id) in changes {
+        let found = tokio::task::spawn_blocking(move || {
+            let changes = r.changes_since(after, 10_000)?;
+            let conflicts = changes.iter().map(|(_, _, id)| r.conflicts_of(*id).unwrap_or_default()).collect::<Vec<_>>();
+            Ok::<_, fieldsync::Error>((changes, conflicts))
+        });
+        let Ok(Ok((changes, conflicts))) = found.await else { continue };
+        for ((seq, collection, id), (entity_conflicts, view)) in changes.into_iter().zip(conflicts) {
             live.publish(&json!({ "event": "entity_changed", "collection": collection, "id": id.to_string(), "seq": seq }));
             seen = seen.max(seq);
+            for c in entity_conflicts {
+                if known.get(&c.id.to_string()) == Some(&c.state) {
+                    continue;
+                }
+                if known.len() >= MAX_KNOWN_CONFLICTS {
+                    known.clear();
+                }
+                known.insert(c.id.to_string(), c.state);
+                let mut event = serde_json::to_value(&c).unwrap_or_default();
+                event["event"] = json!(match c.state {
+                    fieldsync::core::ConflictState::Open => "conflict_opened",
+                    fieldsync::core::ConflictState::Auto => "conflict_settled",
+                    fieldsync::core::ConflictState::Resolved => "conflict_resolved",
+                });
+                if c.state == fieldsync::core::ConflictState::Auto {
+                    event["value"] = view.get(&c.field).cloned().unwrap_or_default();
+                }
+                live.publish(&event);
+            }
         }
     }
 }

@@ -120,18 +120,95 @@ fn settle_many(api: &str, ids: &[String], verb: &str) -> Result<()> {
     Ok(())
 }
 
+/// `bundle export` through the daemon: streams `GET /v1/bundle` into FILE (beside it, then
+/// renamed, as without a daemon) and prints the same summary.
+fn bundle_export(api: &str, file: &Path, since: Option<&str>) -> Result<()> {
+    let mut url = format!("{api}/v1/bundle");
+    if let Some(peer) = since {
+        let peer: fieldsync::PeerId = parse_id("peer id", peer)?;
+        url.push_str(&format!("?since={peer}"));
+    }
+    let mut response = agent().get(&url).call().map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
+    if !response.status().is_success() {
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        return Err(api_error(status, &text));
+    }
+    let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let (entities, since, upto) = (header("fieldsync-entities"), header("fieldsync-since"), header("fieldsync-upto"));
+    let tmp = file.with_extension("partial");
+    let written = (|| {
+        let mut out = std::fs::File::create(&tmp)?;
+        let n = std::io::copy(&mut response.body_mut().with_config().limit(u64::MAX).reader(), &mut out)?;
+        out.sync_all()?;
+        Ok::<u64, std::io::Error>(n)
+    })();
+    let bytes = match written {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(CliError::runtime(format!("{}: {e}", tmp.display())));
+        }
+    };
+    std::fs::rename(&tmp, file).map_err(|e| CliError::runtime(format!("{}: {e}", file.display())))?;
+    eprintln!("wrote {entities} entities to {}", file.display());
+    emit(&serde_json::json!({ "file": file.display().to_string(), "entities": entities, "bytes": bytes, "since": since, "upto": upto }))
+}
+
+/// `bundle import` through the daemon: `POST /v1/bundle`.
+fn bundle_import(api: &str, file: &Path) -> Result<()> {
+    let size = std::fs::metadata(file).map_err(|e| CliError::invalid(format!("cannot read {}: {e}", file.display())))?.len();
+    if size > fieldsync_api::MAX_BUNDLE_BYTES as u64 {
+        return Err(CliError::invalid(format!(
+            "{} is {} MiB, over the {} MiB a running daemon takes; stop the daemon and import it on the data directory",
+            file.display(),
+            size >> 20,
+            fieldsync_api::MAX_BUNDLE_BYTES >> 20
+        )));
+    }
+    let bytes = std::fs::read(file).map_err(|e| CliError::invalid(format!("cannot read {}: {e}", file.display())))?;
+    let url = format!("{api}/v1/bundle");
+    let mut response = agent()
+        .post(&url)
+        .header("content-type", "application/octet-stream")
+        .send(&bytes[..])
+        .map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().map_err(|e| CliError::runtime(e.to_string()))?;
+    if !(200..300).contains(&status) {
+        return Err(api_error(status, &text));
+    }
+    let summary: Value = serde_json::from_str(&text).map_err(|e| CliError::runtime(format!("the daemon answered {e}")))?;
+    eprintln!("merged {} entities from {}", summary["entities"], file.display());
+    emit(&summary)
+}
+
+/// An API error answer as the CLI's error (exit codes as for every command).
+fn api_error(status: u16, text: &str) -> CliError {
+    let value: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    let message = value["error"].as_str().unwrap_or("request failed").to_owned();
+    match status {
+        400 | 413 => CliError::invalid(message),
+        404 => CliError::not_found(message),
+        _ => CliError::runtime(message),
+    }
+}
+
 /// Runs a data command against the daemon at `api`.
 pub fn run(api: &str, command: Command) -> Result<()> {
     match command {
-        Command::Put { collection, id_or_patch, patch, op_id } => {
+        Command::Put { collection, id_or_patch, patch, file, op_id } => {
+            let (id, patch) = crate::cli::put_args(id_or_patch, patch, file)?;
             let op = op_id.as_deref().map(|o| parse_id::<fieldsync::OpId>("op id", o)).transpose()?.map(|o| o.to_string());
-            match patch {
-                Some(patch) => {
-                    let id: fieldsync::EntityId = parse_id("entity id", &id_or_patch)?;
-                    emit(&call_op("PATCH", &format!("{api}/v1/collections/{collection}/{id}"), Some(&patch), op.as_deref())?)
-                }
-                None => emit(&call_op("POST", &format!("{api}/v1/collections/{collection}"), Some(&id_or_patch), op.as_deref())?),
+            let mut written = match id {
+                Some(id) => call_op("PATCH", &format!("{api}/v1/collections/{collection}/{id}"), Some(&patch), op.as_deref())?,
+                None => call_op("POST", &format!("{api}/v1/collections/{collection}"), Some(&patch), op.as_deref())?,
+            };
+            // The API's `warning` (this device will not sync) goes to stderr, as without a daemon.
+            if let Some(warning) = written.as_object_mut().and_then(|o| o.remove("warning")) {
+                eprintln!("warning: {}", warning.as_str().unwrap_or_default());
             }
+            emit(&written)
         }
         Command::Get { collection, id } => {
             let id: fieldsync::EntityId = parse_id("entity id", &id)?;
@@ -141,7 +218,9 @@ pub fn run(api: &str, command: Command) -> Result<()> {
         Command::List { collection, filters, include_deleted } => {
             let mut url = format!("{api}/v1/collections/{collection}?include_deleted={include_deleted}");
             if !filters.is_empty() {
-                url.push_str(&format!("&where={}", query(&filters.join(","))));
+                // Commas inside a value are escaped, so `--where note=a,b` stays one filter.
+                let escaped: Vec<String> = filters.iter().map(|f| f.replace('\\', "\\\\").replace(',', "\\,")).collect();
+                url.push_str(&format!("&where={}", query(&escaped.join(","))));
             }
             emit_array(call("GET", &url, None)?)
         }
@@ -164,7 +243,11 @@ pub fn run(api: &str, command: Command) -> Result<()> {
         Command::Reject { proposal_ids } => settle_many(api, &proposal_ids, "reject"),
         Command::Status => emit(&call("GET", &format!("{api}/v1/status"), None)?),
         Command::Sync { timeout } => sync(api, std::time::Duration::from_secs(timeout)),
-        Command::Invite { user, role, partitions, valid_hours } => {
+        Command::Invite { action: Some(crate::cli::InviteAction::Cancel { invite_id }), .. } => {
+            let id: uuid::Uuid = parse_id("invite id", &invite_id)?;
+            emit(&call("POST", &format!("{api}/v1/invites/{id}/cancel"), None)?)
+        }
+        Command::Invite { action: None, user, role, partitions, valid_hours } => {
             let body = serde_json::json!({
                 "user": user,
                 "role": role,
@@ -174,12 +257,19 @@ pub fn run(api: &str, command: Command) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&call("POST", &format!("{api}/v1/invites"), Some(&body.to_string()))?).unwrap_or_default());
             Ok(())
         }
-        Command::Members => emit_array(call("GET", &format!("{api}/v1/members"), None)?),
+        Command::Members => {
+            let members = call("GET", &format!("{api}/v1/members"), None)?;
+            let invites = call("GET", &format!("{api}/v1/invites"), None)?;
+            let array = |v: Value| v.as_array().cloned().unwrap_or_default();
+            crate::cli::emit_members(array(members), array(invites))
+        }
         Command::Revoke { peer_id } => {
             let peer: fieldsync::PeerId = parse_id("peer id", &peer_id)?;
             emit(&call("POST", &format!("{api}/v1/members/{peer}/revoke"), None)?)
         }
-        Command::Bundle(BundleCommand::Export { .. } | BundleCommand::Import { .. }) | Command::Import { .. } | Command::Export { .. } => {
+        Command::Bundle(BundleCommand::Export { file, since }) => bundle_export(api, &file, since.as_deref()),
+        Command::Bundle(BundleCommand::Import { file }) => bundle_import(api, &file),
+        Command::Import { .. } | Command::Export { .. } => {
             Err(CliError::invalid("a daemon is running on this data directory; stop it (Ctrl-C) for this command"))
         }
         Command::Init { .. } | Command::Run { .. } | Command::Relay { .. } => Err(CliError::invalid("a daemon is already running on this data directory")),

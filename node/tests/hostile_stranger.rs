@@ -185,7 +185,7 @@ fn a_stranger_learns_nothing_but_the_refusal_and_leaves_no_trace() {
     // 1. A Hello with no credential: the only answer is a Goodbye saying why.
     let (frames, stranger_peer, _s) = rt.block_on(try_session(&addr, relay_peer, framed(&Frame::Hello { version: VERSION, credential: None })));
     match frames.as_slice() {
-        [Frame::Goodbye { reason }] => assert!(reason.contains("not a member"), "{reason}"),
+        [Frame::Goodbye { reason, .. }] => assert!(reason.contains("not a member"), "{reason}"),
         other => panic!("the stranger got more (or less) than the refusal: {other:?}"),
     }
     // …its connection was closed by the relay (`try_session` waits for that), and within a second it is gone from the status and the gauge, listed as refused.
@@ -204,7 +204,7 @@ fn a_stranger_learns_nothing_but_the_refusal_and_leaves_no_trace() {
     // 2. An oversized frame (length prefix over the limit) is refused with the reason too.
     let (frames, _, _s) = rt.block_on(try_session(&addr, relay_peer, u32::MAX.to_be_bytes().to_vec()));
     match frames.as_slice() {
-        [Frame::Goodbye { reason }] => assert!(reason.contains("limit"), "{reason}"),
+        [Frame::Goodbye { reason, .. }] => assert!(reason.contains("limit"), "{reason}"),
         other => panic!("an oversized frame got {other:?}"),
     }
 

@@ -153,6 +153,12 @@ where
     text.parse().map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{what} {text:?} is not valid: {e}")))
 }
 
+/// Largest request body (a patch, a value, a list of ids): 8 MiB, as `fieldsync put`.
+pub const MAX_BODY_BYTES: usize = 8 << 20;
+/// Largest bundle `POST /v1/bundle` takes: 256 MiB (larger ones: stop the daemon and
+/// import on the data directory).
+pub const MAX_BUNDLE_BYTES: usize = 256 << 20;
+
 /// The API's routes.
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -170,10 +176,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sync", post(sync_now))
         .route("/v1/members", get(members))
         .route("/v1/members/{peer}/revoke", post(revoke))
-        .route("/v1/invites", post(invite))
+        .route("/v1/invites", get(pending_invites).post(invite))
+        .route("/v1/invites/{id}/cancel", post(cancel_invite))
+        .route("/v1/bundle", get(bundle_export).post(bundle_import).layer(axum::extract::DefaultBodyLimit::max(MAX_BUNDLE_BYTES)))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
 }
@@ -249,7 +258,7 @@ async fn events(State(s): State<AppState>) -> axum::response::sse::Sse<impl futu
 
 #[derive(Deserialize)]
 struct ListQuery {
-    /// `FIELD=VALUE` filters, comma-separated.
+    /// `FIELD=VALUE` filters, comma-separated (see [`split_filters`]).
     #[serde(default, rename = "where")]
     filters: Option<String>,
     #[serde(default)]
@@ -257,7 +266,7 @@ struct ListQuery {
 }
 
 async fn list(State(s): State<AppState>, Path(collection): Path<String>, Query(q): Query<ListQuery>) -> ApiResult {
-    let filters: Vec<String> = q.filters.map(|f| f.split(',').map(str::to_owned).collect()).unwrap_or_default();
+    let filters: Vec<String> = q.filters.as_deref().map(split_filters).unwrap_or_default();
     let views = blocking(&s, move |r| {
         let mut out = Vec::new();
         r.list(&collection, &filters, q.include_deleted, &mut |v| {
@@ -268,6 +277,21 @@ async fn list(State(s): State<AppState>, Path(collection): Path<String>, Query(q
     })
     .await?;
     Ok(Json(Value::Array(views)))
+}
+
+/// `where`'s filters: separated by commas; `\,` is a comma and `\\` a backslash inside one.
+pub fn split_filters(text: &str) -> Vec<String> {
+    let (mut out, mut current) = (Vec::new(), String::new());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => current.extend(chars.next()),
+            ',' => out.push(std::mem::take(&mut current)),
+            c => current.push(c),
+        }
+    }
+    out.push(current);
+    out
 }
 
 /// The `Idempotency-Key` header as an operation id, if the request carries one.
@@ -287,11 +311,20 @@ fn written(status: StatusCode, body: Value, applied: fieldsync::Applied) -> Resp
     res
 }
 
+/// Adds `warning` to a write's answer when this node will not sync (revoked or refused):
+/// the write is kept locally.
+fn with_warning(mut body: Value, warning: Option<String>) -> Value {
+    if let Some(w) = warning {
+        body["warning"] = json!(w);
+    }
+    body
+}
+
 async fn create(State(s): State<AppState>, Path(collection): Path<String>, headers: axum::http::HeaderMap, body: String) -> Result<Response, ApiError> {
     let op = op_id(&headers)?;
-    let (id, applied) = blocking(&s, move |r| r.put_op(&collection, None, &body, op.as_ref())).await?;
+    let ((id, applied), warning) = blocking(&s, move |r| Ok((r.put_op(&collection, None, &body, op.as_ref())?, r.membership()?.warning()))).await?;
     (s.on_change)();
-    Ok(written(StatusCode::CREATED, json!({ "id": id.to_string() }), applied))
+    Ok(written(StatusCode::CREATED, with_warning(json!({ "id": id.to_string() }), warning), applied))
 }
 
 #[derive(Deserialize)]
@@ -313,9 +346,9 @@ async fn read(State(s): State<AppState>, Path((collection, id)): Path<(String, S
 async fn update(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>, headers: axum::http::HeaderMap, body: String) -> Result<Response, ApiError> {
     let id = parse("entity id", &id)?;
     let op = op_id(&headers)?;
-    let (id, applied) = blocking(&s, move |r| r.put_op(&collection, Some(id), &body, op.as_ref())).await?;
+    let ((id, applied), warning) = blocking(&s, move |r| Ok((r.put_op(&collection, Some(id), &body, op.as_ref())?, r.membership()?.warning()))).await?;
     (s.on_change)();
-    Ok(written(StatusCode::OK, json!({ "id": id.to_string() }), applied))
+    Ok(written(StatusCode::OK, with_warning(json!({ "id": id.to_string() }), warning), applied))
 }
 
 async fn remove(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>, headers: axum::http::HeaderMap) -> Result<Response, ApiError> {
@@ -410,7 +443,7 @@ async fn reject_many(State(s): State<AppState>, body: String) -> ApiResult {
 }
 
 async fn members(State(s): State<AppState>) -> ApiResult {
-    let m = blocking(&s, |r| r.members()).await?;
+    let m = blocking(&s, |r| r.member_infos()).await?;
     Ok(Json(serde_json::to_value(m).unwrap_or(Value::Null)))
 }
 
@@ -503,4 +536,52 @@ async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
     gauge("fieldsync_store_commits_total", "Store commits since start.", "counter", commits);
     gauge("fieldsync_store_flushes_total", "Store flushes since start (commits share them).", "counter", flushes);
     Ok(out)
+}
+
+/// Unused invites (authority; empty elsewhere).
+async fn pending_invites(State(s): State<AppState>) -> ApiResult {
+    let invites = blocking(&s, |r| r.pending_invites()).await?;
+    let mut v = serde_json::to_value(invites).unwrap_or(Value::Null);
+    for i in v.as_array_mut().into_iter().flatten() {
+        if let Some(o) = i.as_object_mut() {
+            o.remove("cancelled");
+        }
+    }
+    Ok(Json(v))
+}
+
+async fn cancel_invite(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    let id: uuid::Uuid = parse("invite id", &id)?;
+    let invite = blocking(&s, move |r| r.cancel_invite(id)).await?;
+    Ok(Json(json!({ "invite": invite.id.to_string(), "cancelled": true })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BundleQuery {
+    /// Peer id of the node the bundle is for (only what it lacks and may see).
+    #[serde(default)]
+    since: Option<String>,
+}
+
+/// A bundle of this node's changes (`fieldsync bundle export` through a running daemon):
+/// the bytes, with `Fieldsync-Entities`, `Fieldsync-Since` and `Fieldsync-Upto` headers.
+async fn bundle_export(State(s): State<AppState>, Query(q): Query<BundleQuery>) -> Result<Response, ApiError> {
+    let peer = q.since.as_deref().map(|p| parse::<fieldsync::PeerId>("peer id", p)).transpose()?;
+    let bundle = blocking(&s, move |r| r.export_bundle(peer, &mut |_, _| {})).await?;
+    let mut res = (StatusCode::OK, bundle.bytes).into_response();
+    let headers = res.headers_mut();
+    headers.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/octet-stream"));
+    for (name, value) in [("fieldsync-entities", bundle.entities as u64), ("fieldsync-since", bundle.since), ("fieldsync-upto", bundle.upto)] {
+        headers.insert(name, axum::http::HeaderValue::from(value));
+    }
+    Ok(res)
+}
+
+/// Merges a bundle (`fieldsync bundle import` through a running daemon); at most
+/// [`MAX_BUNDLE_BYTES`] (413 above).
+async fn bundle_import(State(s): State<AppState>, body: axum::body::Bytes) -> ApiResult {
+    let summary = blocking(&s, move |r| r.import_bundle(&body, &mut |_, _| {})).await?;
+    (s.on_change)();
+    Ok(Json(serde_json::to_value(summary).unwrap_or(Value::Null)))
 }

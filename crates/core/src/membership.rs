@@ -22,6 +22,20 @@ use crate::ids::{EntityId, PeerId, WorkspaceId};
 use crate::schema::{Access, Collection, FieldSpec, Rule, Schema};
 use crate::Error;
 
+/// Where a node stands in its workspace: what `status` shows as `membership.state`, and what
+/// a `Goodbye` that refuses a node's membership tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MembershipState {
+    /// A member (or the authority): peers admit it.
+    Active,
+    /// The authority revoked it: no peer that knows of it syncs with it.
+    Revoked,
+    /// A peer refused it: not a member, an invite already used by another device, expired
+    /// or cancelled.
+    Refused,
+}
+
 /// The built-in collection holding the member list.
 pub const MEMBERS: &str = "_members";
 /// The authority field of a member entity.

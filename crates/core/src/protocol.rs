@@ -10,6 +10,9 @@ use crate::Error;
 /// only the proof, `welcome` the details).
 pub const VERSION: u32 = 2;
 
+/// Longest peer name a `Welcome` may carry, in characters (longer ones are cut).
+pub const MAX_NAME_CHARS: usize = 64;
+
 /// What kind of node is speaking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -93,9 +96,19 @@ pub enum Frame {
         feed_seq: u64,
         /// The sender's checkpoint of the receiver's feed: serve from here.
         resume_from: u64,
+        /// The name the sender's user gave it at `init` (at most [`MAX_NAME_CHARS`]
+        /// characters; shown by `members`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
     },
-    /// The session ends; why.
-    Goodbye { reason: String },
+    /// The session ends; why. `membership` is set when the sender refused the receiver's
+    /// membership (revoked, not a member, invite used or expired), so the receiver can say
+    /// so; other endings (a protocol error, a wrong workspace) leave it out.
+    Goodbye {
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        membership: Option<crate::membership::MembershipState>,
+    },
     /// Entities of a feed page with their heads.
     Offer { page: PageRange, entries: Vec<OfferEntry> },
     /// Which offered entities the receiver needs.

@@ -44,7 +44,7 @@ fn valid_frames() -> Vec<Vec<u8>> {
     let page = PageRange { from: 4, upto: 9 };
     vec![
         Frame::Hello { version: 2, credential: None }.encode(),
-        Frame::Welcome { workspace: WorkspaceId(uuid::Uuid::from_u128(5)), role: Role::Device, limits: Limits::default(), feed_seq: 9, resume_from: 2 }.encode(),
+        Frame::Welcome { workspace: WorkspaceId(uuid::Uuid::from_u128(5)), role: Role::Device, limits: Limits::default(), feed_seq: 9, resume_from: 2, name: Some("ana".into()) }.encode(),
         Frame::Offer { page, entries: vec![OfferEntry { id, heads: vec![[1; 32], [2; 32]] }] }.encode(),
         Frame::Data { page, payloads: vec![Payload { id, collection: "tasks".into(), full: true, chunks: vec![serde_bytes::ByteBuf::from(valid_doc())] }], skipped: vec![id] }.encode(),
         Frame::Ack { upto: 9 }.encode(),

@@ -29,4 +29,5 @@ pub use fieldsync_core as core;
 pub use fieldsync_core::{Applied, Conflict, ConflictId, EntityId, HistoryEntry, OpId, PeerId, Proposal, ProposalId, View};
 pub use cache::MemoryOptions;
 pub use replica::{Clock, Replica, Status, SystemClock};
+pub use members::{MemberInfo, Membership, PendingInvite};
 pub use transfer::{ExportedBundle, ImportSummary};

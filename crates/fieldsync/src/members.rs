@@ -6,12 +6,92 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use fieldsync_core::membership::{check_write, member_entity_id, Credential, Facts, Grant, InviteToken, MemberRecord, MemberRole, MEMBERS, RECORD};
+use fieldsync_core::membership::{check_write, member_entity_id, Credential, Facts, Grant, InviteToken, MemberRecord, MemberRole, MembershipState, MEMBERS, RECORD};
 use fieldsync_core::workspace::Invite;
 use fieldsync_core::{Access, Entity, EntityId, Patch, PeerId};
 
 use crate::replica::{Replica, META_INVITE_TOKEN};
 use crate::Error;
+
+/// Where this node's last membership refusal is kept (absent: none).
+const META_MEMBERSHIP: &str = "membership";
+/// Per peer: its name and when this node last had a session with it (`seen/<peer>`).
+const META_SEEN: &str = "seen/";
+/// Per invite the authority issued: what it grants, and whether it was cancelled
+/// (`invites/<id>`).
+const META_INVITES: &str = "invites/";
+
+/// The reason a revoked member is refused (every node words it the same way, so the peer
+/// it refuses can tell a revocation from other refusals).
+fn revoked_reason(peer: &PeerId) -> String {
+    format!("peer {peer} was revoked")
+}
+
+/// Whether a refusal's reason is a revocation.
+pub(crate) fn is_revocation(reason: &str) -> bool {
+    reason.ends_with(" was revoked")
+}
+
+/// Where this node stands in its workspace, and why (`status` → `membership`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Membership {
+    pub state: MembershipState,
+    /// Why it is revoked or refused, as the peer that refused it said (null when active).
+    pub reason: Option<String>,
+    /// The peer that refused it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// When (ms since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<i64>,
+}
+
+impl Membership {
+    fn active() -> Self {
+        Membership { state: MembershipState::Active, reason: None, by: None, at_ms: None }
+    }
+
+    /// What a write on a node that will not sync should warn about; `None` when active.
+    pub fn warning(&self) -> Option<String> {
+        let state = match self.state {
+            MembershipState::Active => return None,
+            MembershipState::Revoked => "revoked",
+            MembershipState::Refused => "refused",
+        };
+        let why = self.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
+        Some(format!("this device's membership is {state}{why}: the write is kept here but will not sync"))
+    }
+}
+
+/// An invite the authority issued and nobody used yet (`members` lists them).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PendingInvite {
+    pub id: uuid::Uuid,
+    #[serde(flatten)]
+    pub grant: Grant,
+    pub issued_ms: i64,
+    pub expires_ms: i64,
+    #[serde(default)]
+    pub cancelled: bool,
+}
+
+/// A member record with what this node knows of the device: the name it gave itself and
+/// when this node last had a session with it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemberInfo {
+    #[serde(flatten)]
+    pub record: MemberRecord,
+    pub name: Option<String>,
+    pub last_seen_ms: Option<i64>,
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Seen {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    last_seen_ms: Option<i64>,
+}
 
 /// The member list as last read from the `_members` collection.
 #[derive(Debug, Default, Clone)]
@@ -31,6 +111,9 @@ impl Replica {
         grant.check(&self.ws.schema)?;
         let expires = self.now_ms().saturating_add(ttl_ms.max(0));
         let token = InviteToken::sign(&self.key, self.new_id(), self.ws.id, grant, expires);
+        // Remembered so `members` lists it until it is used, and so it can be cancelled.
+        let pending = PendingInvite { id: token.id, grant: token.grant.clone(), issued_ms: self.now_ms(), expires_ms: expires, cancelled: false };
+        self.commit_durable(vec![], vec![(format!("{META_INVITES}{}", token.id), Some(serde_json::to_vec(&pending).unwrap_or_default()))])?;
         let invite = Invite { token: Some(token), ..Invite::new(&self.ws) };
         Ok(serde_json::to_vec_pretty(&invite).unwrap_or_default())
     }
@@ -49,6 +132,103 @@ impl Replica {
         let mut out: Vec<MemberRecord> = self.member_cache()?.by_peer.values().cloned().collect();
         out.sort_by(|a, b| a.peer.cmp(&b.peer));
         Ok(out)
+    }
+
+    /// Every member record with the device's name and when this node last saw it.
+    pub fn member_infos(&self) -> Result<Vec<MemberInfo>, Error> {
+        self.members()?
+            .into_iter()
+            .map(|record| {
+                let seen = self.seen(&record.peer)?;
+                Ok(MemberInfo { record, name: seen.name, last_seen_ms: seen.last_seen_ms })
+            })
+            .collect()
+    }
+
+    fn seen(&self, peer: &str) -> Result<Seen, Error> {
+        Ok(self.store.meta(&format!("{META_SEEN}{peer}"))?.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default())
+    }
+
+    /// Notes that this node had a session with `peer` now (and its name, if it said).
+    pub(crate) fn note_seen(&self, peer: &PeerId, name: Option<&str>) -> Result<(), Error> {
+        let key = peer.to_string();
+        let mut seen = self.seen(&key)?;
+        if let Some(name) = name {
+            seen.name = Some(name.to_owned());
+        }
+        seen.last_seen_ms = Some(self.now_ms());
+        // A hint, not data: it need not wait for the flush.
+        self.store.commit(vec![], vec![(format!("{META_SEEN}{key}"), Some(serde_json::to_vec(&seen).unwrap_or_default()))])?;
+        Ok(())
+    }
+
+    /// Invites issued here (authority) that no device used yet, not cancelled and not
+    /// expired, oldest first.
+    pub fn pending_invites(&self) -> Result<Vec<PendingInvite>, Error> {
+        if !self.authority {
+            return Ok(vec![]);
+        }
+        let used = self.member_cache()?;
+        let now = self.now_ms();
+        let mut out: Vec<PendingInvite> = self
+            .store
+            .meta_prefix(META_INVITES)?
+            .into_iter()
+            .filter_map(|(_, bytes)| serde_json::from_slice::<PendingInvite>(&bytes).ok())
+            .filter(|i| !i.cancelled && i.expires_ms > now && !used.invites.contains_key(&i.id))
+            .collect();
+        out.sort_by_key(|i| (i.issued_ms, i.id));
+        Ok(out)
+    }
+
+    /// Cancels an unused invite (authority only): the authority refuses it from now on.
+    /// Other nodes honour it until they learn the device was refused, or it expires.
+    pub fn cancel_invite(&self, id: uuid::Uuid) -> Result<PendingInvite, Error> {
+        if !self.authority {
+            return Err(Error::AuthorityOnly("cancel invites"));
+        }
+        let key = format!("{META_INVITES}{id}");
+        let mut invite: PendingInvite = self
+            .store
+            .meta(&key)?
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| fieldsync_core::Error::NotFound(format!("invite {id}")))?;
+        if let Some(peer) = self.member_cache()?.invites.get(&id) {
+            return Err(fieldsync_core::Error::Invite(format!("invite {id} was already used by {peer}; revoke that member instead")).into());
+        }
+        invite.cancelled = true;
+        self.commit_durable(vec![], vec![(key, Some(serde_json::to_vec(&invite).unwrap_or_default()))])?;
+        Ok(invite)
+    }
+
+    /// Where this node stands: revoked if the member list says so, refused if a peer
+    /// refused it since a peer last admitted it, else active.
+    pub fn membership(&self) -> Result<Membership, Error> {
+        if self.authority {
+            return Ok(Membership::active());
+        }
+        if self.revoked(&self.peer)?.is_some() {
+            let reason = Some("the workspace authority revoked this device".to_owned());
+            return Ok(Membership { state: MembershipState::Revoked, reason, by: None, at_ms: None });
+        }
+        Ok(self.store.meta(META_MEMBERSHIP)?.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_else(Membership::active))
+    }
+
+    /// Notes that `peer` refused this node's membership.
+    pub(crate) fn note_refused_by(&self, peer: &PeerId, state: MembershipState, reason: &str) -> Result<(), Error> {
+        let m = Membership { state, reason: Some(reason.to_owned()), by: Some(peer.to_string()), at_ms: Some(self.now_ms()) };
+        self.commit_durable(vec![], vec![(META_MEMBERSHIP.to_owned(), Some(serde_json::to_vec(&m).unwrap_or_default()))])
+    }
+
+    /// Notes that `peer` admitted this node: a refusal by that peer, or any refusal once the
+    /// authority admits it, is over.
+    pub(crate) fn note_admitted_by(&self, peer: &PeerId) -> Result<(), Error> {
+        let Some(bytes) = self.store.meta(META_MEMBERSHIP)? else { return Ok(()) };
+        let by = serde_json::from_slice::<Membership>(&bytes).ok().and_then(|m| m.by);
+        if *peer == self.ws.authority_peer() || by.is_none_or(|b| b == peer.to_string()) {
+            self.commit_durable(vec![], vec![(META_MEMBERSHIP.to_owned(), None)])?;
+        }
+        Ok(())
     }
 
     /// Revokes a member (authority only): every node refuses it once it learns of this.
@@ -85,7 +265,7 @@ impl Replica {
         }
         let cache = self.member_cache()?;
         if let Some(r) = cache.by_peer.get(peer) {
-            return if r.revoked { refuse(format!("peer {peer} was revoked")) } else { Ok(r.grant.clone()) };
+            return if r.revoked { refuse(revoked_reason(peer)) } else { Ok(r.grant.clone()) };
         }
         match credential {
             Some(Credential::Member { record }) => {
@@ -95,7 +275,7 @@ impl Replica {
                 }
                 match MemberRecord::from_confirmation(record, peer) {
                     Some(r) if !r.revoked => Ok(r.grant),
-                    Some(_) => refuse(format!("peer {peer} was revoked")),
+                    Some(_) => refuse(revoked_reason(peer)),
                     None => refuse(format!("peer {peer} presented another peer's member record")),
                 }
             }
@@ -108,6 +288,12 @@ impl Replica {
                 }
                 if let Some(other) = cache.invites.get(&token.id).filter(|p| *p != peer) {
                     return refuse(format!("peer {peer}: invite {} was already used by {other}", token.id));
+                }
+                if self.authority {
+                    let issued = self.store.meta(&format!("{META_INVITES}{}", token.id))?;
+                    if issued.and_then(|b| serde_json::from_slice::<PendingInvite>(&b).ok()).is_some_and(|i| i.cancelled) {
+                        return refuse(format!("peer {peer}: invite {} was cancelled", token.id));
+                    }
                 }
                 if self.authority {
                     let record = MemberRecord { peer: peer.to_string(), grant: token.grant.clone(), revoked: false, invite: Some(token.id) };
@@ -174,7 +360,7 @@ impl Replica {
 
     /// Why `peer` may no longer sync, if the member list now says it was revoked.
     pub fn revoked(&self, peer: &PeerId) -> Result<Option<String>, Error> {
-        Ok(self.member_cache()?.by_peer.get(peer).filter(|r| r.revoked).map(|_| format!("peer {peer} was revoked")))
+        Ok(self.member_cache()?.by_peer.get(peer).filter(|r| r.revoked).map(|_| revoked_reason(peer)))
     }
 
     /// What this node presents in its `Hello`: its member record once it has it, else the

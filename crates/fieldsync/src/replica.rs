@@ -81,6 +81,8 @@ pub struct Status {
     pub pending_proposals: usize,
     pub feed_seq: u64,
     pub data_dir: PathBuf,
+    /// Whether this node may sync: `active`, `revoked` or `refused`, and why.
+    pub membership: crate::Membership,
 }
 
 /// One node's replica of its workspace.
@@ -488,6 +490,17 @@ impl Replica {
         Ok(out)
     }
 
+    /// One entity's conflicts (open, settled by a rule and resolved) and its view: what
+    /// the daemon turns into conflict events.
+    pub fn conflicts_of(&self, id: EntityId) -> Result<(Vec<Conflict>, View), Error> {
+        let _guard = self.lock(id);
+        let Some(entity) = self.load(id)? else { return Ok((vec![], View::new())) };
+        let derived = entity.derive(&self.ws);
+        self.cache(entity);
+        let derived = derived?;
+        Ok((derived.conflicts.into_iter().chain(derived.resolved).collect(), derived.view))
+    }
+
     /// Settles a conflict by writing `value_json` to its field.
     pub fn resolve(&self, conflict: &ConflictId, value_json: &str) -> Result<EntityId, Error> {
         let value: Json = serde_json::from_str(value_json)
@@ -594,6 +607,7 @@ impl Replica {
             pending_proposals: self.store.index(INDEX_PROPOSAL)?.len(),
             feed_seq: self.store.last_seq(),
             data_dir: self.dir.clone(),
+            membership: self.membership()?,
         })
     }
 }

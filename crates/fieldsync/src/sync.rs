@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use automerge::ChangeHash;
 use fieldsync_core::protocol::{Frame, Head, Limits, OfferEntry, PageRange, Payload, Role, WantEntry, VERSION};
-use fieldsync_core::membership::{Grant, RefusalKind};
+use fieldsync_core::membership::{Grant, MembershipState, RefusalKind};
 use fieldsync_core::{Entity, EntityId, PeerId};
 
 use crate::replica::{Replica, META_CHECKPOINT_IN, META_CHECKPOINT_OUT};
@@ -147,6 +147,9 @@ pub enum Event {
     PeerRefused { peer: PeerId, reason: String },
     /// Entities `peer` sent were refused by the write check and not applied.
     WritesRefused { peer: PeerId, reasons: Vec<String> },
+    /// `peer` refused this node's membership (`state`: revoked or refused) and said why;
+    /// follows by its `SessionFailed`. The replica remembers it for `status`.
+    Refused { peer: PeerId, state: MembershipState, reason: String },
 }
 
 #[derive(Debug, Default)]
@@ -252,19 +255,45 @@ impl Engine {
     }
 
     fn fail(&mut self, peer: PeerId, reason: String) {
+        self.fail_with(peer, reason, None);
+    }
+
+    /// Ends the session with a `Goodbye`; `membership` tells the peer its membership is why.
+    fn fail_with(&mut self, peer: PeerId, reason: String, membership: Option<MembershipState>) {
         tracing::warn!(%peer, %reason, "sync session failed");
-        self.send(peer, &Frame::Goodbye { reason: reason.clone() });
-        self.sessions.remove(&peer);
+        self.send(peer, &Frame::Goodbye { reason: reason.clone(), membership });
+        if let Some(session) = self.sessions.remove(&peer) {
+            self.note_gone(peer, &session);
+        }
         self.events.push_back(Event::SessionFailed { peer, reason });
     }
 
     /// Ends the session with a peer that may not sync or broke the protocol: counted, and
     /// the driver is told to keep it away.
     fn refuse(&mut self, peer: PeerId, reason: String, protocol: bool) {
+        self.refuse_with(peer, reason, protocol, None);
+    }
+
+    /// [`Self::refuse`] for a peer whose membership is the reason: its `Goodbye` says so.
+    fn refuse_member(&mut self, peer: PeerId, reason: String) {
+        let state = if crate::members::is_revocation(&reason) { MembershipState::Revoked } else { MembershipState::Refused };
+        self.refuse_with(peer, reason, false, Some(state));
+    }
+
+    fn refuse_with(&mut self, peer: PeerId, reason: String, protocol: bool, membership: Option<MembershipState>) {
         SecurityStats::bump(if protocol { &self.security.protocol_violations } else { &self.security.sessions_refused });
         tracing::warn!(%peer, %reason, "peer refused");
-        self.fail(peer, reason.clone());
+        self.fail_with(peer, reason.clone(), membership);
         self.events.push_back(Event::PeerRefused { peer, reason });
+    }
+
+    /// Remembers when an admitted peer was last here (for `members`).
+    fn note_gone(&self, peer: PeerId, session: &Session) {
+        if session.grant.is_some() {
+            if let Err(e) = self.replica.note_seen(&peer, None) {
+                tracing::warn!(%peer, %e, "could not note when the peer was last seen");
+            }
+        }
     }
 
     /// Ends sessions of peers the member list no longer admits (a revocation arrived).
@@ -277,7 +306,7 @@ impl Engine {
         let peers: Vec<PeerId> = self.sessions.iter().filter(|(_, s)| s.grant.is_some()).map(|(p, _)| *p).collect();
         for peer in peers {
             if let Some(why) = self.replica.revoked(&peer)? {
-                self.refuse(peer, why, false);
+                self.refuse_member(peer, why);
             }
         }
         Ok(())
@@ -310,7 +339,9 @@ impl Engine {
                 Ok(())
             }
             Input::Disconnected(peer) => {
-                self.sessions.remove(&peer);
+                if let Some(session) = self.sessions.remove(&peer) {
+                    self.note_gone(peer, &session);
+                }
                 Ok(())
             }
             Input::Frame(peer, bytes) => self.handle_frame(peer, bytes),
@@ -378,7 +409,7 @@ impl Engine {
                 let grant = match self.replica.admit(&peer, credential.as_ref()) {
                     Ok(grant) => grant,
                     Err(Error::Refused(why)) => {
-                        self.refuse(peer, why, false);
+                        self.refuse_member(peer, why);
                         return Ok(());
                     }
                     Err(e) => return Err(e),
@@ -394,11 +425,12 @@ impl Engine {
                     limits: self.config.limits,
                     feed_seq: self.replica.store.last_seq(),
                     resume_from,
+                    name: Some(self.replica.name.chars().take(fieldsync_core::protocol::MAX_NAME_CHARS).collect()),
                 };
                 self.send(peer, &welcome);
                 self.replay_early(peer)
             }
-            Frame::Welcome { workspace, role, limits, feed_seq, resume_from } => {
+            Frame::Welcome { workspace, role, limits, feed_seq, resume_from, name } => {
                 if session.remote.is_some() {
                     SecurityStats::bump(&self.security.frames_ignored);
                     return Ok(()); // a duplicate Welcome changes nothing
@@ -412,6 +444,10 @@ impl Engine {
                     self.refuse(peer, format!("unusable limits {limits:?}"), true);
                     return Ok(());
                 }
+                // The peer admitted this node: a refusal it gave before no longer holds.
+                self.replica.note_admitted_by(&peer)?;
+                let name: Option<String> = name.map(|n| n.chars().take(fieldsync_core::protocol::MAX_NAME_CHARS).collect());
+                self.replica.note_seen(&peer, name.as_deref())?;
                 let Some(session) = self.sessions.get_mut(&peer) else { return Ok(()) };
                 session.remote = Some(RemoteHello { limits });
                 session.serve_cursor = resume_from;
@@ -426,8 +462,17 @@ impl Engine {
                 self.replay_early(peer)?;
                 self.pump(peer)
             }
-            Frame::Goodbye { reason } => {
-                self.sessions.remove(&peer);
+            Frame::Goodbye { reason, membership } => {
+                if let Some(session) = self.sessions.remove(&peer) {
+                    self.note_gone(peer, &session);
+                }
+                if let Some(state) = membership.filter(|s| *s != MembershipState::Active) {
+                    // Bounded like any text a peer sends that is kept.
+                    let reason: String = reason.chars().take(1024).collect();
+                    tracing::warn!(%peer, ?state, %reason, "this node's membership was refused");
+                    self.replica.note_refused_by(&peer, state, &reason)?;
+                    self.events.push_back(Event::Refused { peer, state, reason: reason.clone() });
+                }
                 self.events.push_back(Event::SessionFailed { peer, reason: format!("peer ended the session: {reason}") });
                 Ok(())
             }

@@ -313,6 +313,7 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
         .map_err(|e| Error::Setup(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
+    check_listen(&config.listen)?;
     for addr in &config.listen {
         swarm.listen_on(addr.clone()).map_err(|e| Error::Listen { addr: addr.clone(), reason: e.to_string() })?;
     }
@@ -575,6 +576,35 @@ impl Peers {
 }
 
 /// The peer id at the end of an address (`…/p2p/<id>`), if any.
+/// Fails with `address in use` if another process already listens on one of `listen`'s
+/// fixed TCP or UDP ports. libp2p's TCP listeners set `SO_REUSEPORT`, so a second node on the
+/// same port would otherwise listen too and share the port's connections with the first.
+/// The probe binds without port reuse and lets go at once (port 0 is not checked).
+pub fn check_listen(listen: &[Multiaddr]) -> Result<(), Error> {
+    use libp2p::multiaddr::Protocol;
+    for addr in listen {
+        let mut parts = addr.iter();
+        let ip: std::net::IpAddr = match parts.next() {
+            Some(Protocol::Ip4(ip)) => ip.into(),
+            Some(Protocol::Ip6(ip)) => ip.into(),
+            _ => continue,
+        };
+        let probe = match parts.next() {
+            Some(Protocol::Tcp(port)) if port != 0 => std::net::TcpListener::bind((ip, port)).map(drop),
+            Some(Protocol::Udp(port)) if port != 0 => std::net::UdpSocket::bind((ip, port)).map(drop),
+            _ => continue,
+        };
+        match probe {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                return Err(Error::Listen { addr: addr.clone(), reason: "address in use: another process listens on this port (stop it or choose another --listen address)".into() });
+            }
+            // Other problems (an address not on this host…) are libp2p's to report.
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
     addr.iter().last().and_then(|p| match p {
         libp2p::multiaddr::Protocol::P2p(id) => Some(id),
