@@ -334,8 +334,9 @@ pub(crate) const MAX_PATCH_BYTES: u64 = 8 << 20;
 /// `[ID] --file FILE`.
 pub(crate) fn put_args(first: Option<String>, second: Option<String>, file: Option<PathBuf>) -> Result<(Option<EntityId>, String)> {
     let (id, source) = match (first, second, file) {
+        (Some(patch), None, Some(_)) if patch == "-" || patch.trim_start().starts_with('{') => return Err(both()),
         (id, None, Some(file)) => (id, Source::File(file)),
-        (_, Some(_), Some(_)) => return Err(CliError::invalid("give the patch as PATCH_JSON or --file FILE, not both")),
+        (_, Some(_), Some(_)) => return Err(both()),
         (Some(id), Some(patch), None) => (Some(id), Source::Text(patch)),
         (Some(patch), None, None) => (None, Source::Text(patch)),
         (None, _, None) => return Err(CliError::invalid("put needs a patch: PATCH_JSON, - (standard input) or --file FILE")),
@@ -351,6 +352,10 @@ pub(crate) fn put_args(first: Option<String>, second: Option<String>, file: Opti
         }
     };
     Ok((id, text))
+}
+
+fn both() -> CliError {
+    CliError::invalid("give the patch as PATCH_JSON or --file FILE, not both")
 }
 
 enum Source {

@@ -50,7 +50,8 @@ fn call_op(method: &str, url: &str, body: Option<&str>, op: Option<&str>) -> Res
     let message = || value["error"].as_str().unwrap_or("request failed").to_owned();
     match status {
         200..=299 => Ok(value),
-        400 => Err(CliError::invalid(message())),
+        // As without a daemon: refused input and what only the authority may do exit 2.
+        400 | 403 | 413 => Err(CliError::invalid(message())),
         404 => Err(CliError::not_found(message())),
         _ => Err(CliError::runtime(message())),
     }
@@ -188,7 +189,7 @@ fn api_error(status: u16, text: &str) -> CliError {
     let value: Value = serde_json::from_str(text).unwrap_or(Value::Null);
     let message = value["error"].as_str().unwrap_or("request failed").to_owned();
     match status {
-        400 | 413 => CliError::invalid(message),
+        400 | 403 | 413 => CliError::invalid(message),
         404 => CliError::not_found(message),
         _ => CliError::runtime(message),
     }

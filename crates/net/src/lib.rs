@@ -251,6 +251,13 @@ struct Peers {
     circuits: HashSet<PeerId>,
     /// Peers whose session failed recently are not reopened before this time.
     cooldown: HashMap<PeerId, tokio::time::Instant>,
+    /// Peers that refused this node's membership: redials to them keep backing off (up to
+    /// `max_backoff`) until one welcomes it, instead of looping at the shortest delay.
+    refused_us: HashSet<PeerId>,
+    /// Sessions whose peer's last connection closed: their reader still hands over the
+    /// frames that arrived before (a refusal's `Goodbye`) and then ends the session; if it
+    /// has not by this time, the session ends anyway.
+    lingering: HashMap<PeerId, (u64, tokio::time::Instant)>,
 }
 
 /// Peers the engine admitted: the relay serves circuits to these only.
@@ -342,6 +349,15 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                     peers.closing.remove(&peer);
                     let _ = swarm.disconnect_peer_id(peer);
                 }
+                let ended: Vec<(PeerId, u64)> = peers.lingering.iter().filter(|(_, (_, by))| *by <= now).map(|(p, (g, _))| (*p, *g)).collect();
+                for (peer, gen) in ended {
+                    peers.lingering.remove(&peer);
+                    if sessions.get(&peer).is_some_and(|s| s.gen == gen) {
+                        sessions.remove(&peer);
+                        engine.handle(Input::Disconnected(peer))?;
+                        notify(&notices, Notice::PeerDisconnected(peer));
+                    }
+                }
                 // A peer must prove itself in time; the engine says why it is sent away.
                 let slow: Vec<PeerId> = sessions.iter().filter(|(_, s)| !s.admitted && now.duration_since(s.since) > HANDSHAKE_TIMEOUT).map(|(p, _)| *p).collect();
                 for peer in slow {
@@ -406,7 +422,9 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                 }
                 SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
                     if let Some(r) = redials.iter_mut().find(|r| r.connection == Some(connection_id)) {
-                        r.failures = 0;
+                        if !peers.refused_us.contains(&peer_id) {
+                            r.failures = 0;
+                        }
                     }
                     if peers.banned.contains_key(&peer_id) {
                         tracing::info!(peer = %peer_id, "connection from a refused peer closed");
@@ -429,9 +447,10 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                     if num_established == 0 {
                         peers.forget(&peer_id);
                         admitted.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer_id);
-                        if sessions.remove(&peer_id).is_some() {
-                            engine.handle(Input::Disconnected(peer_id))?;
-                            notify(&notices, Notice::PeerDisconnected(peer_id));
+                        // Not ended here: frames read before the close may still be
+                        // queued behind this event (the reader ends the session after them).
+                        if let Some(s) = sessions.get(&peer_id) {
+                            peers.lingering.insert(peer_id, (s.gen, tokio::time::Instant::now() + FLUSH_TIMEOUT));
                         }
                     }
                 }
@@ -465,6 +484,7 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                 _ => {}
             },
             Some((peer, stream)) = incoming.next() => {
+                end_lingering(&mut engine, &mut sessions, &mut peers, &notices, peer)?;
                 if peers.banned.contains_key(&peer) {
                     drop(stream);
                 } else if sessions.contains_key(&peer) {
@@ -483,6 +503,7 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                 Owned::Opened { peer, stream } => {
                     peers.opening.remove(&peer);
                     peers.open_failures.remove(&peer);
+                    end_lingering(&mut engine, &mut sessions, &mut peers, &notices, peer)?;
                     if !peers.banned.contains_key(&peer) {
                         let dialed = peers.dialed.contains(&peer);
                         attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, &stats, config.max_frames_per_sec, peer, stream, dialed)?;
@@ -519,6 +540,9 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                     }
                 }
                 Owned::Closed { peer, gen } => {
+                    if peers.lingering.get(&peer).is_some_and(|(g, _)| *g == gen) {
+                        peers.lingering.remove(&peer);
+                    }
                     if sessions.get(&peer).is_some_and(|s| s.gen == gen) {
                         sessions.remove(&peer);
                         admitted.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer);
@@ -545,9 +569,15 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
         for peer in out.refused {
             ban(&mut peers, &stats.security, peer, config.ban);
         }
+        for peer in out.refused_us {
+            if peers.refused_us.len() < MAX_BANNED {
+                peers.refused_us.insert(peer);
+            }
+        }
         // Reserve a circuit on a configured relay once it welcomed this node (it admitted
         // us, so it will grant the reservation), once per relay connection.
         for peer in out.started {
+            peers.refused_us.remove(&peer);
             for relay_addr in config.circuit_relays.iter().filter(|a| peer_of(a) == Some(peer)) {
                 if peers.circuits.insert(peer) {
                     let circuit = relay_addr.clone().with(libp2p::multiaddr::Protocol::P2pCircuit);
@@ -651,6 +681,19 @@ fn ban(peers: &mut Peers, security: &SecurityStats, peer: PeerId, for_how_long: 
     }
 }
 
+/// Ends a session whose connection closed and that still waits for its reader: a new
+/// stream from the same peer replaces it.
+fn end_lingering(engine: &mut Engine, sessions: &mut HashMap<PeerId, Session>, peers: &mut Peers, notices: &mpsc::Sender<Notice>, peer: PeerId) -> Result<(), Error> {
+    if let Some((gen, _)) = peers.lingering.remove(&peer) {
+        if sessions.get(&peer).is_some_and(|s| s.gen == gen) {
+            sessions.remove(&peer);
+            engine.handle(Input::Disconnected(peer))?;
+            notify(notices, Notice::PeerDisconnected(peer));
+        }
+    }
+    Ok(())
+}
+
 fn notify(notices: &mpsc::Sender<Notice>, notice: Notice) {
     if notices.try_send(notice).is_err() {
         tracing::debug!("notice queue full; notice dropped");
@@ -750,6 +793,8 @@ struct Drained {
     refused: Vec<PeerId>,
     admitted: Vec<PeerId>,
     started: Vec<PeerId>,
+    /// Peers that refused this node.
+    refused_us: Vec<PeerId>,
 }
 
 /// Sends every queued frame to its stream's writer and reports every event.
@@ -780,6 +825,7 @@ async fn drain(engine: &mut Engine, sessions: &mut HashMap<PeerId, Session>, not
                 out.admitted.push(*peer);
             }
             Event::SyncStarted { peer, .. } => out.started.push(*peer),
+            Event::Refused { peer, .. } => out.refused_us.push(*peer),
             Event::SessionFailed { peer, reason } => {
                 tracing::warn!(%peer, %reason, "sync session ended");
                 // Dropping the writer flushes what is queued (the Goodbye) and closes the
