@@ -115,7 +115,8 @@ pub(crate) enum Command {
     /// List a collection's views as JSON Lines.
     List {
         collection: String,
-        /// Keep entities whose FIELD equals VALUE (or whose set FIELD contains it). Repeatable.
+        /// Keep entities whose FIELD equals VALUE (or whose set FIELD contains it); VALUE may
+        /// hold commas. Repeatable.
         #[arg(long = "where", value_name = "FIELD=VALUE")]
         filters: Vec<String>,
         /// Include deleted entities.
@@ -169,7 +170,7 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 300)]
         timeout: u64,
     },
-    /// File-based sync for sites with no network.
+    /// File-based sync for sites with no network (works while a daemon runs, through it).
     #[command(subcommand)]
     Bundle(BundleCommand),
     /// Bulk-create entities from a JSON Lines file (an optional "_id" per line).
@@ -179,7 +180,9 @@ pub(crate) enum Command {
     /// Run this node as a device: sync with relays and peers, serve the local HTTP API.
     ///
     /// Prints JSON Lines on stdout as it goes (listening, api, peer_connected,
-    /// sync_completed, sync_failed); stops on Ctrl-C or SIGTERM.
+    /// sync_completed, sync_failed, refused: a peer refused this node, with the reason);
+    /// stops on Ctrl-C or SIGTERM. A --listen or --api port in use fails with
+    /// `address in use`.
     Run {
         /// A relay to keep connected to, e.g. /ip4/203.0.113.5/tcp/4001. Repeatable.
         #[arg(long = "relay", value_name = "MULTIADDR")]
