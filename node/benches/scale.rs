@@ -157,7 +157,7 @@ async fn relay_rss(n: usize) -> anyhow::Result<()> {
     let (idle_rss, cpu0) = (relay.rss_mb(), cpu_seconds(relay.pid()));
     let device = Arc::new(Replica::init_join(&tmp.path().join("device"), &invite, "device")?);
     let t = Instant::now();
-    let node = LiveNode::start("device", device, Role::Device, &[relay.addr.clone()]).await?;
+    let node = LiveNode::start("device", device, Role::Device, std::slice::from_ref(&relay.addr)).await?;
     let deadline = Instant::now() + Duration::from_secs(600);
     // Counting scans every view: only once the feed could hold them all (cheap to read).
     while node.replica.feed_seq() < n as u64 || count(&node.replica) != n as u64 {

@@ -50,8 +50,11 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![(-50i8..50).prop_map(Op::Inc), (0u8..4).prop_map(Op::Tag), (0u8..3).prop_map(Op::Price)]
 }
 
+/// Replicas, and the ops with, for each, a list of (replica, times applied) deliveries.
+type Plan = (usize, Vec<(Op, Vec<(usize, u8)>)>);
+
 /// Ops, and for each a list of (replica, times applied) deliveries.
-fn plan() -> impl Strategy<Value = (usize, Vec<(Op, Vec<(usize, u8)>)>)> {
+fn plan() -> impl Strategy<Value = Plan> {
     (2usize..=4).prop_flat_map(|n| (Just(n), proptest::collection::vec((op(), proptest::collection::vec((0..n, 1u8..=3), 1..4)), 1..10)))
 }
 

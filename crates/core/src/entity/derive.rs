@@ -120,10 +120,8 @@ impl Entity {
         }
         // Counters written only by op id have no root value yet.
         for (name, spec) in &coll.fields {
-            if spec.rule == Rule::Counter && !view.contains_key(name) {
-                if !rules::delta_entries(&self.doc, name).is_empty() {
-                    view.insert(name.clone(), Json::from(rules::sum_with_deltas(&self.doc, name, &[])));
-                }
+            if spec.rule == Rule::Counter && !view.contains_key(name) && !rules::delta_entries(&self.doc, name).is_empty() {
+                view.insert(name.clone(), Json::from(rules::sum_with_deltas(&self.doc, name, &[])));
             }
         }
         // The newest valid confirmation of each authority field.
