@@ -100,6 +100,7 @@ pub(crate) enum Command {
         /// ID of the entity to update (or create with this id); omit to create a new one.
         #[arg(value_name = "ID")]
         id_or_patch: Option<String>,
+        /// The patch, a JSON object (`-`: read it from standard input).
         #[arg(value_name = "PATCH_JSON")]
         patch: Option<String>,
         /// Read the patch from FILE instead of PATCH_JSON (`-`: standard input).

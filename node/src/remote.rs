@@ -17,11 +17,14 @@ pub fn daemon_api(dir: &Path) -> Option<String> {
 }
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(std::time::Duration::from_secs(60)))
-        .build()
-        .into()
+    agent_for(std::time::Duration::from_secs(60))
+}
+
+/// Bundles can be large: their transfers get longer than other calls.
+const BUNDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn agent_for(timeout: std::time::Duration) -> ureq::Agent {
+    ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(timeout)).build().into()
 }
 
 /// Sends one request; the JSON answer, or the API's error mapped to the CLI's exit codes.
@@ -129,7 +132,7 @@ fn bundle_export(api: &str, file: &Path, since: Option<&str>) -> Result<()> {
         let peer: fieldsync::PeerId = parse_id("peer id", peer)?;
         url.push_str(&format!("?since={peer}"));
     }
-    let mut response = agent().get(&url).call().map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
+    let mut response = agent_for(BUNDLE_TIMEOUT).get(&url).call().map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
     if !response.status().is_success() {
         let status = response.status().as_u16();
         let text = response.body_mut().read_to_string().unwrap_or_default();
@@ -169,7 +172,7 @@ fn bundle_import(api: &str, file: &Path) -> Result<()> {
     }
     let bytes = std::fs::read(file).map_err(|e| CliError::invalid(format!("cannot read {}: {e}", file.display())))?;
     let url = format!("{api}/v1/bundle");
-    let mut response = agent()
+    let mut response = agent_for(BUNDLE_TIMEOUT)
         .post(&url)
         .header("content-type", "application/octet-stream")
         .send(&bytes[..])

@@ -223,6 +223,8 @@ fn a_device_presenting_an_invite_another_device_used_is_refused_and_says_why() {
     a.wait_for("sync_completed");
     assert_eq!(cli(&ana, &["status"])["membership"], json!({ "state": "active", "reason": null }));
 
+    cli(&site.hq, &["put", "tasks", r#"{"title":"office only"}"#]);
+
     // Another device (another key) joins with the same invite file: the authority refuses it.
     let copy = site.join("copy", &invite);
     let mut c = Daemon::start(&copy, &[&["run", "--relay", &raddr], LOCAL].concat());
@@ -234,6 +236,12 @@ fn a_device_presenting_an_invite_another_device_used_is_refused_and_says_why() {
     assert!(hq.wait_for("peer_refused")["reason"].as_str().unwrap().contains("already used"));
     let members = lines(&site.hq, &["members"]);
     assert_eq!(members.iter().filter(|m| m["kind"] == "member").count(), 1, "the copy became a member: {members:?}");
+    assert!(lines(&copy, &["list", "tasks"]).is_empty(), "data reached the refused device");
+    // Nor does a bundle from it get in (through the authority's running daemon).
+    let from_copy = site.path("copy.fsb");
+    cli(&copy, &["bundle", "export", from_copy.to_str().unwrap()]);
+    fails(&site.hq, &["bundle", "import", from_copy.to_str().unwrap()], 2, "already used");
+    assert_eq!(lines(&site.hq, &["members"]).iter().filter(|m| m["kind"] == "member").count(), 1);
 
     // status, through the CLI and HTTP, says why.
     let status = cli(&copy, &["status"]);
