@@ -189,6 +189,45 @@ fn an_invite_admits_one_device_and_expires() {
 }
 
 #[test]
+fn a_refused_or_revoked_device_learns_why() {
+    use fieldsync::core::membership::MembershipState;
+    let refused_by = |events: &[Event]| {
+        events.iter().find_map(|e| match e {
+            Event::Refused { peer, state, reason } => Some((*peer, *state, reason.clone())),
+            _ => None,
+        })
+    };
+    let mut site = Site::new();
+    let hq = site.peer(0);
+    let invite = site.r(0).issue_invite("ana", MemberRole::Device, Default::default(), WEEK_MS).unwrap();
+    let first = site.join("first", &invite);
+    let copy = site.join("copy", &invite);
+    site.connect(first, 0);
+    assert!(refused_by(&site.events(first)).is_none());
+    assert_eq!(site.r(first).status().unwrap().membership.state, MembershipState::Active);
+
+    // The same invite from another key: refused by the authority, and the device is told so.
+    site.connect(copy, 0);
+    let (by, state, reason) = refused_by(&site.events(copy)).expect("the copy learns it was refused");
+    assert_eq!((by, state), (hq, MembershipState::Refused));
+    assert!(reason.contains("already used"), "{reason}");
+    let m = site.r(copy).status().unwrap().membership;
+    assert_eq!((m.state, m.by.clone()), (MembershipState::Refused, Some(hq.to_string())));
+    assert!(m.warning().unwrap().contains("will not sync"));
+    assert_eq!(site.r(0).members().unwrap().len(), 1, "the copy became a member");
+
+    // Revoked while connected: the device is told it is revoked.
+    site.r(0).revoke(&site.peer(first)).unwrap();
+    site.engines[0].handle(Input::LocalChange).unwrap();
+    site.run();
+    let (_, state, reason) = refused_by(&site.events(first)).expect("the revoked device learns why");
+    assert_eq!(state, MembershipState::Revoked);
+    assert!(reason.contains("revoked"), "{reason}");
+    assert_eq!(site.r(first).status().unwrap().membership.state, MembershipState::Revoked);
+
+}
+
+#[test]
 fn a_revoked_member_is_cut_off_by_the_authority_and_by_devices_that_learn_of_it() {
     let mut site = Site::new();
     let ana = site.device("ana", "ana", Access::All);
