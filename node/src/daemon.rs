@@ -239,14 +239,14 @@ fn report(live: &Live, metrics: &Metrics, notice: Notice) {
 }
 
 /// Publishes an `entity_changed` event for every entity the local feed moves past
-/// (local writes and merged sync data alike).
+/// (local writes and merged sync data alike), also with no subscriber, so one that
+/// reconnects with `Last-Event-ID` gets what happened meanwhile.
 async fn watch_feed(replica: Arc<Replica>, live: Arc<Live>) {
     let mut seen = replica.feed_seq();
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
     loop {
         tick.tick().await;
-        if replica.feed_seq() == seen || live.events.receiver_count() == 0 {
-            seen = replica.feed_seq();
+        if replica.feed_seq() == seen {
             continue;
         }
         let r = replica.clone();

@@ -139,11 +139,24 @@ pub fn run(api: &str, command: Command) -> Result<()> {
             emit(&call("GET", &format!("{api}/v1/collections/{collection}/{id}?include_deleted=true"), None)?)
         }
         Command::List { collection, filters, include_deleted } => {
-            let mut url = format!("{api}/v1/collections/{collection}?include_deleted={include_deleted}");
-            if !filters.is_empty() {
-                url.push_str(&format!("&where={}", query(&filters.join(","))));
+            // Page by page, each printed as it arrives: any size streams in bounded memory.
+            let mut url = format!("{api}/v1/collections/{collection}?include_deleted={include_deleted}&limit={}", fieldsync_api::MAX_PAGE);
+            for filter in &filters {
+                url.push_str(&format!("&where={}", query(filter)));
             }
-            emit_array(call("GET", &url, None)?)
+            let mut cursor: Option<String> = None;
+            loop {
+                let page_url = match &cursor {
+                    Some(c) => format!("{url}&cursor={}", query(c)),
+                    None => url.clone(),
+                };
+                let mut page = call("GET", &page_url, None)?;
+                emit_array(page["items"].take())?;
+                match page["next"].as_str() {
+                    Some(next) => cursor = Some(next.to_owned()),
+                    None => return Ok(()),
+                }
+            }
         }
         Command::Delete { collection, id, op_id } => {
             let id: fieldsync::EntityId = parse_id("entity id", &id)?;

@@ -69,6 +69,17 @@ struct NodeMeta {
     authority: bool,
 }
 
+/// One entry of the changes feed ([`Replica::changes`]): an entity's latest state.
+#[derive(Debug, Clone, Serialize)]
+pub struct FeedChange {
+    pub seq: u64,
+    pub collection: String,
+    pub id: EntityId,
+    /// The view; `None` for a deleted entity (a tombstone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub view: Option<View>,
+}
+
 /// What `fieldsync status` reports.
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -417,9 +428,15 @@ impl Replica {
     /// Views of a collection in id (= creation) order, filtered by `FIELD=VALUE` strings.
     /// Calls `each` per view; stops early if it returns false.
     pub fn list(&self, collection: &str, filters: &[String], include_deleted: bool, each: &mut dyn FnMut(View) -> bool) -> Result<(), Error> {
+        self.list_after(collection, filters, include_deleted, None, &mut |_, view| each(view))
+    }
+
+    /// Like [`Replica::list`], starting after entity `after` (a page cursor); `each` gets
+    /// the id with the view.
+    pub fn list_after(&self, collection: &str, filters: &[String], include_deleted: bool, after: Option<EntityId>, each: &mut dyn FnMut(EntityId, View) -> bool) -> Result<(), Error> {
         self.ws.schema.collection(collection)?;
         let filters = filters.iter().map(|f| parse_filter(f)).collect::<Result<Vec<_>, _>>()?;
-        let mut after: Option<[u8; 16]> = None;
+        let mut after: Option<[u8; 16]> = after.map(|id| *id.as_bytes());
         loop {
             let page = self.store.views(collection, after.as_ref(), 1024)?;
             let Some((last, _)) = page.last() else { return Ok(()) };
@@ -430,7 +447,7 @@ impl Replica {
                 if !include_deleted && view.contains_key("_deleted") {
                     continue;
                 }
-                if filters.iter().all(|(f, v)| matches_filter(&view, f, v)) && !each(view) {
+                if filters.iter().all(|(f, v)| matches_filter(&view, f, v)) && !each(EntityId::from_bytes(id), view) {
                     return Ok(());
                 }
             }
@@ -572,6 +589,19 @@ impl Replica {
         for (seq, key) in self.store.feed_since(after, limit)? {
             let collection = self.store.record(&key)?.map(|r| r.collection).unwrap_or_default();
             out.push((seq, collection, EntityId::from_bytes(key)));
+        }
+        Ok(out)
+    }
+
+    /// What changed after feed position `since`, oldest first, at most `limit` entries:
+    /// each entity once, with its current view, or as a tombstone if it is deleted. An app
+    /// mirrors the store by asking again from the last `seq` it saw.
+    pub fn changes(&self, since: u64, limit: usize) -> Result<Vec<FeedChange>, Error> {
+        let mut out = Vec::new();
+        for (seq, collection, id) in self.changes_since(since, limit)? {
+            let view = self.get(&collection, id)?;
+            let deleted = view.get("_deleted").is_some_and(|d| d == true);
+            out.push(FeedChange { seq, collection, id, view: (!deleted).then_some(view) });
         }
         Ok(out)
     }
