@@ -37,6 +37,8 @@ pub struct Options {
     /// Cache sizes.
     pub memory: fieldsync::MemoryOptions,
     pub net: crate::config::Net,
+    /// Mirror into PostgreSQL (relays).
+    pub mirror: Option<fieldsync_mirror::MirrorConfig>,
 }
 
 fn print(value: serde_json::Value) {
@@ -123,6 +125,16 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         })
     };
     let watcher = tokio::spawn(watch_feed(replica.clone(), live.clone()));
+    let mirror = options.mirror.map(|config| {
+        let state = Arc::new(fieldsync_mirror::MirrorState::default());
+        let report_state = state.clone();
+        live.reports.lock().unwrap_or_else(|p| p.into_inner()).push(("mirror", Arc::new(move |head| report_state.report(head))));
+        let nudge = handle.clone();
+        let mut mirror_stop = stop_rx.clone();
+        tokio::spawn(fieldsync_mirror::run(replica.clone(), config, state, Arc::new(move || nudge.try_local_change()), async move {
+            let _ = mirror_stop.changed().await;
+        }))
+    });
     let traffic = {
         let (stats, metrics) = (handle.stats.clone(), metrics_for_traffic);
         tokio::spawn(async move {
@@ -142,6 +154,9 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
     let _ = stop_tx.send(true);
     let result = net.await;
     let _ = api.await;
+    if let Some(mirror) = mirror {
+        let _ = mirror.await;
+    }
     reporter.abort();
     watcher.abort();
     traffic.abort();

@@ -50,7 +50,7 @@ fn call_op(method: &str, url: &str, body: Option<&str>, op: Option<&str>) -> Res
     let message = || value["error"].as_str().unwrap_or("request failed").to_owned();
     match status {
         200..=299 => Ok(value),
-        400 => Err(CliError::invalid(message())),
+        400 | 409 => Err(CliError::invalid(message())),
         404 => Err(CliError::not_found(message())),
         _ => Err(CliError::runtime(message())),
     }
@@ -192,7 +192,7 @@ pub fn run(api: &str, command: Command) -> Result<()> {
             let peer: fieldsync::PeerId = parse_id("peer id", &peer_id)?;
             emit(&call("POST", &format!("{api}/v1/members/{peer}/revoke"), None)?)
         }
-        Command::Bundle(BundleCommand::Export { .. } | BundleCommand::Import { .. }) | Command::Import { .. } | Command::Export { .. } => {
+        Command::Bundle(BundleCommand::Export { .. } | BundleCommand::Import { .. }) | Command::Import { .. } | Command::Export { .. } | Command::Mirror(_) => {
             Err(CliError::invalid("a daemon is running on this data directory; stop it (Ctrl-C) for this command"))
         }
         Command::Init { .. } | Command::Run { .. } | Command::Relay { .. } => Err(CliError::invalid("a daemon is already running on this data directory")),

@@ -43,7 +43,6 @@ pub const RECENT_EVENTS: usize = 4096;
 pub const RECENT_EVENT_BYTES: usize = 1 << 20;
 
 /// What a running daemon knows beyond the store: its peers and an event stream.
-#[derive(Debug)]
 pub struct Live {
     /// Per peer with a session now, or admitted once (members and the authority, so bounded
     /// by the member list): `{"connected", "admitted", "completed", "done", "total",
@@ -59,7 +58,14 @@ pub struct Live {
     /// Event ids are `<epoch>-<n>`: a resume id from an earlier run of the daemon (another
     /// epoch) cannot be mistaken for one of this run.
     epoch: u64,
+    /// Other parts of the daemon that report (the PostgreSQL mirror): name → a function of
+    /// the feed head giving a JSON object, shown in `/v1/status` under the name and in
+    /// `/metrics` as `fieldsync_<name>_<key>` for each numeric or boolean key.
+    pub reports: std::sync::Mutex<Vec<(&'static str, Report)>>,
 }
+
+/// See [`Live::reports`].
+pub type Report = Arc<dyn Fn(u64) -> Value + Send + Sync>;
 
 /// One published event: its number in this run and its JSON text.
 #[derive(Debug, Clone)]
@@ -94,6 +100,7 @@ impl Live {
             events: tokio::sync::broadcast::channel(1024).0,
             recent: std::sync::Mutex::new(RecentEvents { next: 1, ..Default::default() }),
             epoch,
+            reports: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -162,6 +169,13 @@ impl Live {
     }
 }
 
+impl std::fmt::Debug for Live {
+    // (The report functions have nothing to show.)
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live").field("peers", &self.peers).field("refused", &self.refused).field("epoch", &self.epoch).finish_non_exhaustive()
+    }
+}
+
 impl Default for Live {
     fn default() -> Self {
         Self::new()
@@ -187,7 +201,8 @@ impl std::fmt::Debug for AppState {
 
 /// An API error: HTTP status from the error kind, JSON body `{"error": message}`: 400 bad
 /// input, 403 what only the authority may do or the member's partitions refuse, 404 no
-/// such entity, collection, conflict, proposal or member, 500 a failure here.
+/// such entity, collection, conflict, proposal or member, 409 the entity id belongs to
+/// another collection or the op id to another write, 500 a failure here.
 struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
@@ -203,6 +218,8 @@ impl From<fieldsync::Error> for ApiError {
         let status = match &e {
             E::AuthorityOnly(_) | E::Core(C::NotAuthority) | E::Refused(_) => StatusCode::FORBIDDEN,
             E::Core(C::UnknownCollection { .. }) => StatusCode::NOT_FOUND,
+            // The id, or the op id, is taken by something else: not bad input as such.
+            E::WrongCollection { .. } | E::Core(C::OpReused(_)) => StatusCode::CONFLICT,
             _ => match e.kind() {
             ErrorKind::Invalid => StatusCode::BAD_REQUEST,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
@@ -307,6 +324,10 @@ async fn status(State(s): State<AppState>) -> ApiResult {
     v["pending_to_relay"] = json!(pending);
     v["peers"] = Value::Object(peers);
     v["refused_peers"] = Value::Array(s.live.refused.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default());
+    let head = s.replica.feed_seq();
+    for (name, report) in s.live.reports.lock().map(|r| r.clone()).unwrap_or_default() {
+        v[name] = report(head);
+    }
     Ok(Json(v))
 }
 
@@ -364,6 +385,10 @@ fn missed_event(reason: &str) -> axum::response::sse::Event {
 /// Page sizes of lists and the changes feed: the default, and the most one page may hold.
 pub const DEFAULT_PAGE: usize = 100;
 pub const MAX_PAGE: usize = 1000;
+/// The most `where` filters one list takes.
+pub const MAX_FILTERS: usize = 8;
+/// Feed positions are JSON-safe integers.
+const MAX_SEQ: u64 = (1 << 53) - 1;
 
 /// The query parameters each route takes; any other is a 400 that names it (a typo such as
 /// `?limt=10` would otherwise be silently ignored).
@@ -419,6 +444,9 @@ async fn list(State(s): State<AppState>, Path(collection): Path<String>, axum::e
         }
     }
     let limit = page_size(limit.as_deref())?;
+    if filters.len() > MAX_FILTERS {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("where: at most {MAX_FILTERS} filters, got {}", filters.len())));
+    }
     let (items, next) = blocking(&s, move |r| {
         let mut items = Vec::with_capacity(limit.min(DEFAULT_PAGE));
         let mut next = None;
@@ -452,13 +480,16 @@ struct ChangesQuery {
 async fn changes(State(s): State<AppState>, Query(q): Query<ChangesQuery>) -> ApiResult {
     let limit = page_size(q.limit.as_deref())?;
     let since = q.since;
+    if since > MAX_SEQ {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("since takes a feed position from 0 to {MAX_SEQ}, got {since}")));
+    }
     let (changes, head) = blocking(&s, move |r| Ok((r.changes(since, limit)?, r.feed_seq()))).await?;
     let next = changes.last().map_or(since, |c| c.seq);
     let changes: Vec<Value> = changes
         .into_iter()
-        .map(|c| match c.view {
-            Some(view) => json!({ "seq": c.seq, "collection": c.collection, "id": c.id.to_string(), "view": view }),
-            None => json!({ "seq": c.seq, "collection": c.collection, "id": c.id.to_string(), "deleted": true }),
+        .map(|c| match c.deleted {
+            false => json!({ "seq": c.seq, "collection": c.collection, "id": c.id.to_string(), "view": c.view }),
+            true => json!({ "seq": c.seq, "collection": c.collection, "id": c.id.to_string(), "deleted": true }),
         })
         .collect();
     Ok(Json(json!({ "changes": changes, "next": next, "head": head.max(next) })))
@@ -522,7 +553,11 @@ async fn remove(State(s): State<AppState>, Path((collection, id)): Path<(String,
 
 async fn history(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>) -> ApiResult {
     let id = parse("entity id", &id)?;
-    let h = blocking(&s, move |r| r.history(&collection, id)).await?;
+    // Reading an id of another collection: there is no such entity here (404, not 409).
+    let h = blocking(&s, move |r| r.history(&collection, id)).await.map_err(|ApiError(status, m)| match status {
+        StatusCode::CONFLICT => ApiError(StatusCode::NOT_FOUND, m),
+        _ => ApiError(status, m),
+    })?;
     Ok(Json(serde_json::to_value(h).unwrap_or(Value::Null)))
 }
 
@@ -696,5 +731,16 @@ async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
     gauge("fieldsync_open_conflicts", "Open manual conflicts.", "gauge", status.open_conflicts as u64);
     gauge("fieldsync_store_commits_total", "Store commits since start.", "counter", commits);
     gauge("fieldsync_store_flushes_total", "Store flushes since start (commits share them).", "counter", flushes);
+    for (name, report) in s.live.reports.lock().map(|r| r.clone()).unwrap_or_default() {
+        let Value::Object(fields) = report(status.feed_seq) else { continue };
+        for (key, value) in fields {
+            let value = match value {
+                Value::Bool(b) => u64::from(b),
+                Value::Number(n) => n.as_u64().unwrap_or(0),
+                _ => continue,
+            };
+            gauge(&format!("fieldsync_{name}_{key}"), &format!("{name}: {key} (as in /v1/status)."), "gauge", value);
+        }
+    }
     Ok(out)
 }

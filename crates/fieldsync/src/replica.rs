@@ -75,9 +75,11 @@ pub struct FeedChange {
     pub seq: u64,
     pub collection: String,
     pub id: EntityId,
-    /// The view; `None` for a deleted entity (a tombstone).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub view: Option<View>,
+    /// The view (for a deleted entity, its last view with `_deleted`).
+    pub view: View,
+    pub deleted: bool,
+    /// The document's heads (hex, sorted): equal heads, equal documents.
+    pub heads: Vec<String>,
 }
 
 /// What `fieldsync status` reports.
@@ -598,10 +600,14 @@ impl Replica {
     /// mirrors the store by asking again from the last `seq` it saw.
     pub fn changes(&self, since: u64, limit: usize) -> Result<Vec<FeedChange>, Error> {
         let mut out = Vec::new();
-        for (seq, collection, id) in self.changes_since(since, limit)? {
-            let view = self.get(&collection, id)?;
+        for (seq, key) in self.store.feed_since(since, limit)? {
+            let id = EntityId::from_bytes(key);
+            let record = self.store.record(&key)?.ok_or_else(|| Error::CorruptMeta(format!("feed entry {seq} names entity {id}, which has no record")))?;
+            let view = self.get(&record.collection, id)?;
             let deleted = view.get("_deleted").is_some_and(|d| d == true);
-            out.push(FeedChange { seq, collection, id, view: (!deleted).then_some(view) });
+            let mut heads: Vec<String> = record.heads.iter().map(hex::encode).collect();
+            heads.sort();
+            out.push(FeedChange { seq, collection: record.collection, id, view, deleted, heads });
         }
         Ok(out)
     }

@@ -174,3 +174,4 @@ pub fn start_device(dir: &Path, relay: &str, extra: &[&str]) -> Daemon {
     d
 }
 
+pub mod postgres;
