@@ -180,3 +180,46 @@ fn a_relay_killed_mid_mirror_and_a_crashed_postgres_lose_and_duplicate_nothing()
     assert_eq!(pg.sql("SELECT count(*) FROM tasks"), "6001");
     assert_eq!(pg.rows(&format!("SELECT view FROM tasks WHERE id = '{}'", ids[2]))[0]["view"], live[&ids[2]]);
 }
+
+#[test]
+fn two_relays_share_one_database_and_each_outbox_row_counts_once() {
+    let pg = Postgres::start();
+    let s = site(1);
+    // A second relay, a member of the workspace, peering with the first.
+    let invite = s.tmp.path().join("relay2.json");
+    let out = bin().arg("--data").arg(&s.relay).args(["invite", "--role", "relay", "--user", "relay2"]).output().unwrap();
+    assert!(out.status.success());
+    std::fs::write(&invite, out.stdout).unwrap();
+    let relay2 = s.tmp.path().join("relay2");
+    cli(&relay2, &["init", "--join", invite.to_str().unwrap(), "--name", "relay2"]);
+
+    let (_r1, addr1) = start_mirroring_relay(&s.relay, &pg);
+    let mut r2 = Daemon::start(&relay2, &[&["relay", "--postgres", &pg.url(), "--peer", &addr1], LOCAL].concat());
+    r2.wait_for("api");
+    let _device = start_device(&s.devices[0], &addr1, &[]);
+    let stock = cli(&s.devices[0], &["put", "inventory", r#"{"stock":{"$inc":100}}"#])["id"].as_str().unwrap().to_owned();
+    eventually("the stock reaches the second relay", || bin().arg("--data").arg(&relay2).args(["get", "inventory", &stock]).output().unwrap().status.success());
+
+    // Twenty increments from the office, drained by whichever relay takes each row first.
+    for _ in 0..20 {
+        pg.sql(&format!(r#"INSERT INTO fieldsync_outbox (collection, entity_id, patch) VALUES ('inventory', '{stock}', '{{"stock":{{"$inc":1}}}}')"#));
+    }
+    eventually("every outbox row is applied", || pg.sql("SELECT count(*) FROM fieldsync_outbox WHERE status = 'applied'") == "20");
+    eventually("both relays and the device agree on 120", || [&s.relay, &relay2, &s.devices[0]].iter().all(|d| cli(d, &["get", "inventory", &stock])["stock"] == 120));
+    caught_up(&s.relay);
+    caught_up(&relay2);
+    assert_eq!(pg.sql(&format!("SELECT stock FROM inventory WHERE id = '{stock}'")), "120");
+    assert_eq!(pg.sql("SELECT count(*) FROM fieldsync_mirror"), "2", "one position per relay");
+    let by = pg.sql("SELECT string_agg(DISTINCT applied_by, ',') FROM fieldsync_outbox");
+    eprintln!("outbox rows applied by: {by}");
+
+    // A row applied again (as after a relay crash between its write and its commit) is
+    // the same op id: it counts once.
+    for _ in 0..2 {
+        pg.sql(&format!(r#"INSERT INTO fieldsync_outbox (collection, entity_id, patch, op_id) VALUES ('inventory', '{stock}', '{{"stock":{{"$inc":5}}}}', 'office-restock-17')"#));
+    }
+    eventually("both rows are applied", || pg.sql("SELECT count(*) FROM fieldsync_outbox WHERE status = 'applied'") == "22");
+    eventually("the restock counts once everywhere", || [&s.relay, &relay2, &s.devices[0]].iter().all(|d| cli(d, &["get", "inventory", &stock])["stock"] == 125));
+    caught_up(&s.relay);
+    assert_eq!(pg.sql(&format!("SELECT stock FROM inventory WHERE id = '{stock}'")), "125");
+}
