@@ -489,3 +489,43 @@ async fn session(replica: &Arc<Replica>, config: &MirrorConfig, state: &MirrorSt
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collection(toml: &str) -> Collection {
+        let schema = fieldsync::core::schema::Schema::from_toml(toml).expect("schema");
+        schema.collection("things").expect("things").clone()
+    }
+
+    #[test]
+    fn columns_follow_the_rules_and_never_take_a_fixed_column() {
+        let c = collection(
+            r#"
+            [collections.things.fields]
+            status = { rule = "rank", order = ["a", "b"] }
+            count = { rule = "counter" }
+            amount = { rule = "authority" }
+            view = { rule = "lww" }
+            amount_pending = { rule = "max" }
+            "#,
+        );
+        let cols: Vec<(String, &str)> = columns(&c).into_iter().map(|c| (c.name, c.sql_type)).collect();
+        assert_eq!(
+            cols,
+            vec![
+                ("amount".into(), "jsonb"),
+                ("amount_pending".into(), "jsonb"),
+                ("amount_pending_field".into(), "numeric"),
+                ("count".into(), "numeric"),
+                ("status".into(), "text"),
+                ("view_field".into(), "jsonb"),
+            ]
+        );
+        let sql = upsert_sql("my \"things\"", &c);
+        assert!(sql.starts_with(r#"INSERT INTO "my ""things""" (id, view, deleted, heads, feed_seq, updated_at, "amount""#), "{sql}");
+        assert!(sql.contains(r#""view_field" = EXCLUDED."view_field""#), "{sql}");
+        assert!(table_ddl("t", &c).iter().any(|d| d == r#"ALTER TABLE "t" ADD COLUMN IF NOT EXISTS "count" numeric"#));
+    }
+}
