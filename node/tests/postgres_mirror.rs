@@ -79,15 +79,22 @@ fn offline_writes_arrive_as_typed_rows_and_outbox_rows_come_back_as_confirmed_va
     assert_eq!(pending[0]["amount"], Value::Null);
     assert!(pending[0]["amount_pending"].to_string().contains("250"), "{pending:?}");
 
-    // The office's accounting system confirms the payment in SQL; the device sees it confirmed.
-    pg.sql(&format!(r#"INSERT INTO fieldsync_outbox (collection, entity_id, patch) VALUES ('payments', '{payment}', '{{"amount":250,"status":"confirmed"}}')"#));
+    // The device's proposals are listed by id; the office accepts the amount in SQL.
+    let proposed = pg.rows(&format!("SELECT field, value FROM fieldsync_proposals WHERE entity_id = '{payment}' ORDER BY field"));
+    assert_eq!(proposed, vec![json!({ "field": "amount", "value": 250 }), json!({ "field": "status", "value": "collected" })]);
+    pg.sql(&format!("INSERT INTO fieldsync_outbox (action, proposal_id) SELECT 'accept', id FROM fieldsync_proposals WHERE entity_id = '{payment}' AND field = 'amount'"));
+    eventually("the accepted amount reaches the device", || cli(device, &["get", "payments", &payment])["amount"] == 250);
+    eventually("the accepted proposal leaves the table", || pg.sql(&format!("SELECT string_agg(field, ',') FROM fieldsync_proposals WHERE entity_id = '{payment}'")) == "status");
+
+    // The accounting system confirms the status with a write; the device sees it confirmed.
+    pg.sql(&format!(r#"INSERT INTO fieldsync_outbox (collection, entity_id, patch) VALUES ('payments', '{payment}', '{{"status":"confirmed"}}')"#));
     eventually("the confirmation reaches the device", || {
         let v = cli(device, &["get", "payments", &payment]);
         v["status"] == "confirmed" && v["amount"] == 250
     });
     let row = pg.rows("SELECT status, error, result_id::text AS result_id, applied_by FROM fieldsync_outbox ORDER BY seq");
-    assert_eq!(row[0]["status"], "applied", "{row:?}");
-    assert_eq!(row[0]["result_id"], payment.as_str());
+    assert!(row.iter().all(|r| r["status"] == "applied"), "{row:?}");
+    assert_eq!(row[1]["result_id"], payment.as_str());
     eventually("the mirror shows the confirmed value", || pg.sql(&format!("SELECT amount::text || ' ' || (status #>> '{{}}') FROM payments WHERE id = '{payment}'")) == "250 confirmed");
 
     // A bad outbox row fails with the reason, and nothing else changes.

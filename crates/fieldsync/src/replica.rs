@@ -543,6 +543,12 @@ impl Replica {
         Ok(self.all_proposals()?.into_iter().filter(|p| p.record.peer == me).collect())
     }
 
+    /// Every pending proposal this node knows of (on any node, e.g. for a mirror; only
+    /// the authority can settle them).
+    pub fn pending_proposals(&self) -> Result<Vec<Proposal>, Error> {
+        self.all_proposals()
+    }
+
     fn all_proposals(&self) -> Result<Vec<Proposal>, Error> {
         self.store
             .index(INDEX_PROPOSAL)?

@@ -36,6 +36,8 @@ pub const OUTBOX_BATCH: i64 = 50;
 const OUTBOX_POLL: Duration = Duration::from_secs(1);
 /// How often the store's feed head is checked for changes to mirror.
 const FEED_POLL: Duration = Duration::from_millis(100);
+/// While catching up, the lag is logged this often.
+const LAG_LOG_EVERY: Duration = Duration::from_secs(5);
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -223,6 +225,18 @@ CREATE TABLE IF NOT EXISTS fieldsync_outbox (
     created_at timestamptz NOT NULL DEFAULT now(),
     applied_at timestamptz
 );
+CREATE TABLE IF NOT EXISTS fieldsync_proposals (
+    id uuid PRIMARY KEY,
+    collection text NOT NULL,
+    entity_id uuid NOT NULL,
+    field text NOT NULL,
+    value jsonb,
+    peer text NOT NULL,
+    "user" text NOT NULL,
+    time_ms bigint NOT NULL,
+    op_id text
+);
+CREATE INDEX IF NOT EXISTS fieldsync_proposals_entity ON fieldsync_proposals (entity_id);
 CREATE INDEX IF NOT EXISTS fieldsync_outbox_pending ON fieldsync_outbox (seq) WHERE status = 'pending';
 CREATE OR REPLACE FUNCTION fieldsync_outbox_notify() RETURNS trigger AS $$
 BEGIN
@@ -296,6 +310,24 @@ pub async fn mirror_batch(client: &mut Client, replica: &Arc<Replica>, config: &
         let seq = i64::try_from(change.seq).unwrap_or(i64::MAX);
         let id = uuid::Uuid::from_bytes(*change.id.as_bytes());
         tx.execute(&statements[table], &[&id, &view, &change.deleted, &change.heads.join(","), &seq]).await?;
+    }
+    // The pending proposals of the entities in this batch, as they are now (so the office
+    // can accept or reject them through the outbox by id).
+    let entities: Vec<uuid::Uuid> = changes.iter().map(|c| uuid::Uuid::from_bytes(*c.id.as_bytes())).collect();
+    let wanted: BTreeSet<uuid::Uuid> = entities.iter().copied().collect();
+    let proposals = blocking(replica, |r| r.pending_proposals()).await?;
+    tx.execute("DELETE FROM fieldsync_proposals WHERE entity_id = ANY($1)", &[&entities]).await?;
+    let insert = tx
+        .prepare("INSERT INTO fieldsync_proposals (id, collection, entity_id, field, value, peer, \"user\", time_ms, op_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING")
+        .await?;
+    for p in proposals {
+        let entity = uuid::Uuid::from_bytes(*p.entity.as_bytes());
+        if !wanted.contains(&entity) {
+            continue;
+        }
+        let id = uuid::Uuid::parse_str(&p.id.to_string()).map_err(|e| MirrorError(format!("proposal id {}: {e}", p.id)))?;
+        let r = &p.record;
+        tx.execute(&insert, &[&id, &p.collection, &entity, &r.field, &r.value, &r.peer, &r.user, &r.time_ms, &r.op]).await?;
     }
     let last_i64 = i64::try_from(last).unwrap_or(i64::MAX);
     tx.execute("UPDATE fieldsync_mirror SET feed_seq = $2, updated_at = now() WHERE relay = $1", &[&relay, &last_i64]).await?;
@@ -465,9 +497,15 @@ async fn session(replica: &Arc<Replica>, config: &MirrorConfig, state: &MirrorSt
     }
     tracing::info!("postgres mirror connected");
     let mut last_outbox = tokio::time::Instant::now() - OUTBOX_POLL;
+    let mut last_log = tokio::time::Instant::now();
     loop {
         let mut busy = mirror_batch(&mut client, replica, config, state).await? > 0;
         *backoff = Duration::from_millis(250);
+        if busy && last_log.elapsed() >= LAG_LOG_EVERY {
+            let (mirrored, head) = (state.mirrored_seq.load(Ordering::Relaxed), replica.feed_seq());
+            tracing::info!(mirrored, head, lag = head.saturating_sub(mirrored), "postgres mirror catching up");
+            last_log = tokio::time::Instant::now();
+        }
         if last_outbox.elapsed() >= OUTBOX_POLL {
             busy |= drain_outbox(&mut client, replica, state, on_change).await? > 0;
             last_outbox = tokio::time::Instant::now();
