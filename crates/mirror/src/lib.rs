@@ -298,6 +298,7 @@ pub async fn mirror_batch(client: &mut Client, replica: &Arc<Replica>, config: &
         return Ok(0);
     };
     let mut statements = BTreeMap::new();
+    let mut rows = Vec::with_capacity(changes.len());
     for change in &changes {
         let Some(table) = tables.get(&change.collection) else {
             return Err(MirrorError(format!("entity {} is in collection {:?}, which the schema lacks", change.id, change.collection)));
@@ -309,8 +310,13 @@ pub async fn mirror_batch(client: &mut Client, replica: &Arc<Replica>, config: &
         let view = Value::Object(change.view.clone());
         let seq = i64::try_from(change.seq).unwrap_or(i64::MAX);
         let id = uuid::Uuid::from_bytes(*change.id.as_bytes());
-        tx.execute(&statements[table], &[&id, &view, &change.deleted, &change.heads.join(","), &seq]).await?;
+        rows.push((statements[table].clone(), id, view, change.deleted, change.heads.join(","), seq));
     }
+    // Sent together: tokio-postgres pipelines concurrent queries on one connection, so the
+    // batch costs about one round trip instead of one per row.
+    type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+    let params: Vec<[Param<'_>; 5]> = rows.iter().map(|(_, id, view, deleted, heads, seq)| [id as Param<'_>, view, deleted, heads, seq]).collect();
+    futures::future::try_join_all(rows.iter().zip(&params).map(|((statement, ..), params)| tx.execute(statement, params))).await?;
     // The pending proposals of the entities in this batch, as they are now (so the office
     // can accept or reject them through the outbox by id).
     let entities: Vec<uuid::Uuid> = changes.iter().map(|c| uuid::Uuid::from_bytes(*c.id.as_bytes())).collect();
