@@ -65,17 +65,22 @@ impl Daemon {
 
     /// Waits for an event of this kind; returns it.
     pub fn wait_for(&mut self, event: &str) -> Value {
-        if let Some(v) = self.seen.iter().find(|v| v["event"] == event) {
+        self.wait_until(&format!("{event} event"), |v| v["event"] == event)
+    }
+
+    /// Waits for an event `check` accepts (one seen before counts); returns it.
+    pub fn wait_until(&mut self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        if let Some(v) = self.seen.iter().find(|v| check(v)) {
             return v.clone();
         }
         let deadline = Instant::now() + WAIT;
         while let Ok(v) = self.events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             self.seen.push(v.clone());
-            if v["event"] == event {
+            if check(&v) {
                 return v;
             }
         }
-        panic!("no {event} event within {WAIT:?}; saw {:?}", self.seen);
+        panic!("no {what} within {WAIT:?}; saw {:?}", self.seen);
     }
 
     /// Waits for an event of this kind that it has not returned before.
