@@ -93,8 +93,9 @@ fn main() -> anyhow::Result<()> {
     let url = pg.url();
     let relay_daemon = Daemon::start(&relay, &[&["relay", "--postgres", &url][..], &local].concat())?;
     let started = Instant::now();
-    let addr = relay_daemon.wait_for("listening", Duration::from_secs(60))?["addr"].as_str().unwrap_or_default().to_owned();
+    // (The daemon prints `api` before `listening`.)
     let api = format!("http://{}", relay_daemon.wait_for("api", Duration::from_secs(60))?["addr"].as_str().unwrap_or_default());
+    let addr = relay_daemon.wait_for("listening", Duration::from_secs(60))?["addr"].as_str().unwrap_or_default().to_owned();
     let device_daemon = Daemon::start(&device, &[&["run", "--relay", &addr][..], &local].concat())?;
 
     let (mut max_lag, mut mirrored_at, mut synced_at) = (0u64, None, None);
