@@ -174,6 +174,9 @@ pub(crate) enum Command {
     /// File-based sync for sites with no network (works while a daemon runs, through it).
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// The PostgreSQL mirror of a relay.
+    #[command(subcommand)]
+    Mirror(MirrorCommand),
     /// Bulk-create entities from a JSON Lines file (an optional "_id" per line).
     Import { collection: String, file: PathBuf },
     /// Print a collection's live entities as JSON Lines (re-importable).
@@ -223,6 +226,11 @@ pub(crate) enum Command {
         /// Address of the local HTTP API (keep it on localhost). [default: 127.0.0.1:7070]
         #[arg(long)]
         api: Option<std::net::SocketAddr>,
+        /// Mirror every collection into this PostgreSQL database and apply the writes of its
+        /// `fieldsync_outbox` table, e.g. postgres://office@127.0.0.1/office (README,
+        /// "PostgreSQL mirror").
+        #[arg(long, value_name = "URL", env = "FIELDSYNC_POSTGRES")]
+        postgres: Option<String>,
         #[command(flatten)]
         memory: MemoryArgs,
         /// TOML file with defaults for these options (see example.config.toml); flags win.
@@ -237,6 +245,20 @@ pub(crate) enum InviteAction {
     Cancel {
         /// The invite's id (see `fieldsync members`).
         invite_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum MirrorCommand {
+    /// Empty the mirror's tables and reset its position (creating them if needed): the
+    /// relay then writes every row again from its store. Run it with the relay stopped.
+    Rebuild {
+        /// The database, as for `relay --postgres`.
+        #[arg(long, value_name = "URL", env = "FIELDSYNC_POSTGRES")]
+        postgres: String,
+        /// TOML file whose `[relay] postgres_tables` names the tables.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -491,10 +513,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 api: api.unwrap_or(c.api),
                 memory: memory.options(c.cache_mb, c.store_cache_mb),
                 net: file.net,
+                mirror: None,
             };
             crate::daemon::run(&dir, options)
         }
-        Command::Relay { listen, peers, open_relay, api, memory, config } => {
+        Command::Relay { listen, peers, open_relay, api, postgres, memory, config } => {
             let file = crate::config::load(config.as_deref())?;
             let c = file.relay;
             let options = crate::daemon::Options {
@@ -507,6 +530,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 api: api.unwrap_or(c.api),
                 memory: memory.options(c.cache_mb, c.store_cache_mb),
                 net: file.net,
+                mirror: postgres.or(c.postgres).map(|url| fieldsync_mirror::MirrorConfig { url, tables: c.postgres_tables }),
             };
             crate::daemon::run(&dir, options)
         }
@@ -570,6 +594,18 @@ fn run_on(replica: &Replica, command: Command) -> Result<()> {
         Command::Reject { proposal_ids } => settle_all(&proposal_ids, "rejected", |id| replica.reject(id)),
         Command::Status => emit(&replica.status()?),
         Command::Sync { .. } => Err(CliError::invalid("`fieldsync sync` needs a running daemon (`fieldsync run`) on this data directory")),
+        Command::Mirror(MirrorCommand::Rebuild { postgres, config }) => {
+            let tables = crate::config::load(config.as_deref())?.relay.postgres_tables;
+            let config = fieldsync_mirror::MirrorConfig { url: postgres, tables };
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::runtime(e.to_string()))?;
+            let tables = runtime.block_on(async {
+                let mut client = fieldsync_mirror::connect(&config.url, None).await?;
+                fieldsync_mirror::rebuild(&mut client, replica, &config).await
+            });
+            let tables = tables.map_err(|e| CliError::runtime(format!("mirror rebuild: {e}")))?;
+            eprintln!("emptied {tables} mirror table(s); the relay writes every row again when it runs");
+            emit(&json!({ "rebuilt": tables }))
+        }
         Command::Bundle(BundleCommand::Export { file, since }) => {
             let peer = since.map(|p| parse_id::<PeerId>("peer id", &p)).transpose()?;
             let bundle = with_progress("exporting", |p| replica.export_bundle(peer, p))?;

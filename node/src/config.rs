@@ -61,6 +61,10 @@ pub struct Relay {
     pub api: SocketAddr,
     pub cache_mb: u64,
     pub store_cache_mb: u64,
+    /// Mirror every collection into this PostgreSQL database (a libpq URL); none by default.
+    pub postgres: Option<String>,
+    /// Table names of the mirror, per collection (default: the collection's name).
+    pub postgres_tables: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for Relay {
@@ -72,6 +76,8 @@ impl Default for Relay {
             api: SocketAddr::from(([127, 0, 0, 1], 7070)),
             cache_mb: DEFAULT_CACHE_MB,
             store_cache_mb: DEFAULT_STORE_CACHE_MB,
+            postgres: None,
+            postgres_tables: Default::default(),
         }
     }
 }

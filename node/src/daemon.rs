@@ -37,6 +37,8 @@ pub struct Options {
     /// Cache sizes.
     pub memory: fieldsync::MemoryOptions,
     pub net: crate::config::Net,
+    /// Mirror into PostgreSQL (relays).
+    pub mirror: Option<fieldsync_mirror::MirrorConfig>,
 }
 
 fn print(value: serde_json::Value) {
@@ -130,6 +132,16 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         })
     };
     let watcher = tokio::spawn(watch_feed(replica.clone(), live.clone()));
+    let mirror = options.mirror.map(|config| {
+        let state = Arc::new(fieldsync_mirror::MirrorState::default());
+        let report_state = state.clone();
+        live.reports.lock().unwrap_or_else(|p| p.into_inner()).push(("mirror", Arc::new(move |head| report_state.report(head))));
+        let nudge = handle.clone();
+        let mut mirror_stop = stop_rx.clone();
+        tokio::spawn(fieldsync_mirror::run(replica.clone(), config, state, Arc::new(move || nudge.try_local_change()), async move {
+            let _ = mirror_stop.changed().await;
+        }))
+    });
     let traffic = {
         let (stats, metrics) = (handle.stats.clone(), metrics_for_traffic);
         tokio::spawn(async move {
@@ -156,6 +168,9 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         None => net.await,
     };
     let _ = api.await;
+    if let Some(mirror) = mirror {
+        let _ = mirror.await;
+    }
     reporter.abort();
     watcher.abort();
     traffic.abort();
@@ -261,10 +276,12 @@ fn report(live: &Live, metrics: &Metrics, notice: Notice) {
 const MAX_KNOWN_CONFLICTS: usize = 100_000;
 
 /// Publishes an `entity_changed` event for every entity the local feed moves past
-/// (local writes and merged sync data alike), and for each of its conflicts that is new
-/// or changed state: `conflict_opened` (a `manual` field now has several values),
-/// `conflict_settled` (a rule chose among concurrent values; `value` is its choice) or
-/// `conflict_resolved` (a person chose).
+/// (local writes and merged sync data alike), also with no subscriber, so one that
+/// reconnects with `Last-Event-ID` gets what happened meanwhile. While someone subscribes,
+/// also for each conflict of a changed entity that is new or changed state:
+/// `conflict_opened` (a `manual` field now has several values), `conflict_settled` (a rule
+/// chose among concurrent values; `value` is its choice) or `conflict_resolved` (a person
+/// chose). (Deriving conflicts costs a document read per change: not done for nobody.)
 async fn watch_feed(replica: Arc<Replica>, live: Arc<Live>) {
     let mut seen = replica.feed_seq();
     let mut known: std::collections::HashMap<String, fieldsync::core::ConflictState> = {
@@ -275,15 +292,15 @@ async fn watch_feed(replica: Arc<Replica>, live: Arc<Live>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
     loop {
         tick.tick().await;
-        if replica.feed_seq() == seen || live.events.receiver_count() == 0 {
-            seen = replica.feed_seq();
+        if replica.feed_seq() == seen {
             continue;
         }
         let r = replica.clone();
         let after = seen;
+        let watching = live.events.receiver_count() > 0;
         let found = tokio::task::spawn_blocking(move || {
             let changes = r.changes_since(after, 10_000)?;
-            let conflicts = changes.iter().map(|(_, _, id)| r.conflicts_of(*id).unwrap_or_default()).collect::<Vec<_>>();
+            let conflicts = changes.iter().map(|(_, _, id)| if watching { r.conflicts_of(*id).unwrap_or_default() } else { Default::default() }).collect::<Vec<_>>();
             Ok::<_, fieldsync::Error>((changes, conflicts))
         });
         let Ok(Ok((changes, conflicts))) = found.await else { continue };

@@ -53,8 +53,9 @@ fn call_op(method: &str, url: &str, body: Option<&str>, op: Option<&str>) -> Res
     let message = || value["error"].as_str().unwrap_or("request failed").to_owned();
     match status {
         200..=299 => Ok(value),
-        // As without a daemon: refused input and what only the authority may do exit 2.
-        400 | 403 | 413 => Err(CliError::invalid(message())),
+        // As without a daemon: refused input, what only the authority may do, and an id
+        // taken by something else exit 2.
+        400 | 403 | 409 | 413 => Err(CliError::invalid(message())),
         404 => Err(CliError::not_found(message())),
         _ => Err(CliError::runtime(message())),
     }
@@ -192,7 +193,7 @@ fn api_error(status: u16, text: &str) -> CliError {
     let value: Value = serde_json::from_str(text).unwrap_or(Value::Null);
     let message = value["error"].as_str().unwrap_or("request failed").to_owned();
     match status {
-        400 | 403 | 413 => CliError::invalid(message),
+        400 | 403 | 409 | 413 => CliError::invalid(message),
         404 => CliError::not_found(message),
         _ => CliError::runtime(message),
     }
@@ -220,13 +221,24 @@ pub fn run(api: &str, command: Command) -> Result<()> {
             emit(&call("GET", &format!("{api}/v1/collections/{collection}/{id}?include_deleted=true"), None)?)
         }
         Command::List { collection, filters, include_deleted } => {
-            let mut url = format!("{api}/v1/collections/{collection}?include_deleted={include_deleted}");
-            if !filters.is_empty() {
-                // Commas inside a value are escaped, so `--where note=a,b` stays one filter.
-                let escaped: Vec<String> = filters.iter().map(|f| f.replace('\\', "\\\\").replace(',', "\\,")).collect();
-                url.push_str(&format!("&where={}", query(&escaped.join(","))));
+            // Page by page, each printed as it arrives: any size streams in bounded memory.
+            let mut url = format!("{api}/v1/collections/{collection}?include_deleted={include_deleted}&limit={}", fieldsync_api::MAX_PAGE);
+            for filter in &filters {
+                url.push_str(&format!("&where={}", query(filter)));
             }
-            emit_array(call("GET", &url, None)?)
+            let mut cursor: Option<String> = None;
+            loop {
+                let page_url = match &cursor {
+                    Some(c) => format!("{url}&cursor={}", query(c)),
+                    None => url.clone(),
+                };
+                let mut page = call("GET", &page_url, None)?;
+                emit_array(page["items"].take())?;
+                match page["next"].as_str() {
+                    Some(next) => cursor = Some(next.to_owned()),
+                    None => return Ok(()),
+                }
+            }
         }
         Command::Delete { collection, id, op_id } => {
             let id: fieldsync::EntityId = parse_id("entity id", &id)?;
@@ -273,7 +285,7 @@ pub fn run(api: &str, command: Command) -> Result<()> {
         }
         Command::Bundle(BundleCommand::Export { file, since }) => bundle_export(api, &file, since.as_deref()),
         Command::Bundle(BundleCommand::Import { file }) => bundle_import(api, &file),
-        Command::Import { .. } | Command::Export { .. } => {
+        Command::Import { .. } | Command::Export { .. } | Command::Mirror(_) => {
             Err(CliError::invalid("a daemon is running on this data directory; stop it (Ctrl-C) for this command"))
         }
         Command::Init { .. } | Command::Run { .. } | Command::Relay { .. } => Err(CliError::invalid("a daemon is already running on this data directory")),

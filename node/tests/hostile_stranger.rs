@@ -4,9 +4,8 @@
 //! frame), is gone from `/v1/status` and the peers gauge within a second, and its circuit
 //! relay reservation is refused and counted — while a member device's reservation is granted.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod support;
+
 use std::time::{Duration, Instant};
 
 use fieldsync::core::protocol::{Frame, VERSION};
@@ -14,61 +13,7 @@ use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{noise, relay, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
 use serde_json::Value;
-
-const SCHEMA: &str = include_str!("../../examples/schema.toml");
-const WAIT: Duration = Duration::from_secs(30);
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fieldsync"));
-    c.env_remove("FIELDSYNC_DATA").env("RUST_LOG", "warn");
-    c
-}
-
-/// A daemon, killed when dropped; its JSON stdout lines arrive on `events`.
-struct Daemon {
-    child: Child,
-    events: mpsc::Receiver<Value>,
-    seen: Vec<Value>,
-}
-
-impl Daemon {
-    fn start(dir: &std::path::Path, args: &[&str]) -> Daemon {
-        let mut child = bin().arg("--data").arg(dir).args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, events) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if tx.send(v).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-        Daemon { child, events, seen: vec![] }
-    }
-
-    fn wait_for(&mut self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-        if let Some(v) = self.seen.iter().find(|v| check(v)) {
-            return v.clone();
-        }
-        let deadline = Instant::now() + WAIT;
-        while let Ok(v) = self.events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            self.seen.push(v.clone());
-            if check(&v) {
-                return v;
-            }
-        }
-        panic!("no {what} within {WAIT:?}; saw {:?}", self.seen);
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::{bin, Daemon, SCHEMA, WAIT};
 
 #[derive(NetworkBehaviour)]
 struct Stranger {
@@ -173,8 +118,8 @@ fn a_stranger_learns_nothing_but_the_refusal_and_leaves_no_trace() {
     assert!(bin().arg("--data").arg(&device_dir).args(["init", "--join", invite.to_str().unwrap(), "--name", "device"]).output().unwrap().status.success());
 
     let mut relay = Daemon::start(&relay_dir, &["relay", "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"]);
-    let addr: Multiaddr = relay.wait_for("listening", |v| v["event"] == "listening")["addr"].as_str().unwrap().parse().unwrap();
-    let api = format!("http://{}", relay.wait_for("api", |v| v["event"] == "api")["addr"].as_str().unwrap());
+    let addr: Multiaddr = relay.wait_for("listening")["addr"].as_str().unwrap().parse().unwrap();
+    let api = format!("http://{}", relay.wait_for("api")["addr"].as_str().unwrap());
     let relay_peer = match addr.iter().last() {
         Some(libp2p::multiaddr::Protocol::P2p(p)) => p,
         _ => panic!("no peer id in {addr}"),
@@ -223,7 +168,7 @@ fn a_stranger_learns_nothing_but_the_refusal_and_leaves_no_trace() {
 
     // …while a member device's is granted (it listens through the relay).
     let mut device = Daemon::start(&device_dir, &["run", "--relay", &addr.to_string(), "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"]);
-    let circuit = device.wait_for("a relayed address", |v| v["event"] == "listening" && v["addr"].as_str().is_some_and(|a| a.contains("p2p-circuit")));
+    let circuit = device.wait_until("a relayed address", |v| v["event"] == "listening" && v["addr"].as_str().is_some_and(|a| a.contains("p2p-circuit")));
     assert!(circuit["addr"].as_str().unwrap().contains(&relay_peer.to_string()), "{circuit}");
 
     // The relay's API refuses an overflowing increment with 400 naming the field, as JSON.

@@ -36,8 +36,13 @@ pub struct Metrics {
 /// Refused peers remembered for `/v1/status` (`refused_peers`), newest last.
 pub const RECENT_REFUSED: usize = 16;
 
+/// Events kept for `/v1/events` subscribers that reconnect with `Last-Event-ID`: at most
+/// this many…
+pub const RECENT_EVENTS: usize = 4096;
+/// …and at most this many bytes of event text.
+pub const RECENT_EVENT_BYTES: usize = 1 << 20;
+
 /// What a running daemon knows beyond the store: its peers and an event stream.
-#[derive(Debug)]
 pub struct Live {
     /// Per peer with a session now, or admitted once (members and the authority, so bounded
     /// by the member list): `{"connected", "admitted", "completed", "done", "total",
@@ -45,16 +50,57 @@ pub struct Live {
     pub peers: std::sync::Mutex<serde_json::Map<String, Value>>,
     /// The last [`RECENT_REFUSED`] refused peers: `{"peer", "reason", "at_ms"}`.
     pub refused: std::sync::Mutex<std::collections::VecDeque<Value>>,
-    /// Events for `/v1/events` (JSON text); bounded, slow subscribers miss events.
-    pub events: tokio::sync::broadcast::Sender<String>,
+    /// Events for `/v1/events` (numbered JSON text); bounded, a slow subscriber is told it
+    /// missed events.
+    pub events: tokio::sync::broadcast::Sender<SentEvent>,
+    /// The newest events, for subscribers that resume; bounded by count and bytes.
+    recent: std::sync::Mutex<RecentEvents>,
+    /// Event ids are `<epoch>-<n>`: a resume id from an earlier run of the daemon (another
+    /// epoch) cannot be mistaken for one of this run.
+    epoch: u64,
+    /// Other parts of the daemon that report (the PostgreSQL mirror): name → a function of
+    /// the feed head giving a JSON object, shown in `/v1/status` under the name and in
+    /// `/metrics` as `fieldsync_<name>_<key>` for each numeric or boolean key.
+    pub reports: std::sync::Mutex<Vec<(&'static str, Report)>>,
+}
+
+/// See [`Live::reports`].
+pub type Report = Arc<dyn Fn(u64) -> Value + Send + Sync>;
+
+/// One published event: its number in this run and its JSON text.
+#[derive(Debug, Clone)]
+pub struct SentEvent {
+    pub n: u64,
+    pub text: Arc<str>,
+}
+
+#[derive(Debug, Default)]
+struct RecentEvents {
+    events: std::collections::VecDeque<SentEvent>,
+    bytes: usize,
+    next: u64,
+}
+
+/// Where a subscriber starts.
+enum Resume {
+    /// Only events from now on.
+    Live,
+    /// The events after number `n` of this run are still kept: replay them.
+    After(u64),
+    /// Some events after the given id are gone (too old, or an earlier run): say so.
+    Missed,
 }
 
 impl Live {
     pub fn new() -> Self {
+        let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         Live {
             peers: std::sync::Mutex::new(serde_json::Map::new()),
             refused: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(RECENT_REFUSED)),
             events: tokio::sync::broadcast::channel(1024).0,
+            recent: std::sync::Mutex::new(RecentEvents { next: 1, ..Default::default() }),
+            epoch,
+            reports: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -74,9 +120,59 @@ impl Live {
         self.peers.lock().unwrap_or_else(|p| p.into_inner()).values().filter(|p| p["connected"] == true).count() as u64
     }
 
-    /// Publishes an event to `/v1/events` subscribers.
+    /// Publishes an event to `/v1/events` subscribers, and keeps it for those that resume.
     pub fn publish(&self, event: &Value) {
-        let _ = self.events.send(event.to_string());
+        let text: Arc<str> = event.to_string().into();
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = SentEvent { n: recent.next, text };
+        recent.next += 1;
+        recent.bytes += sent.text.len();
+        recent.events.push_back(sent.clone());
+        while recent.events.len() > RECENT_EVENTS || recent.bytes > RECENT_EVENT_BYTES {
+            let Some(old) = recent.events.pop_front() else { break };
+            recent.bytes -= old.text.len();
+        }
+        // Sent under the lock, so subscribers see events in number order.
+        let _ = self.events.send(sent);
+    }
+
+    /// The SSE id of event `n`.
+    fn event_id(&self, n: u64) -> String {
+        format!("{}-{n}", self.epoch)
+    }
+
+    /// Where a subscriber with this `Last-Event-ID` resumes.
+    fn resume_from(&self, last_event_id: Option<&str>) -> Resume {
+        let Some(id) = last_event_id else { return Resume::Live };
+        let Some((epoch, n)) = id.split_once('-').and_then(|(e, n)| Some((e.parse::<u64>().ok()?, n.parse::<u64>().ok()?))) else {
+            return Resume::Missed;
+        };
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let oldest = recent.events.front().map_or(recent.next, |e| e.n);
+        if epoch == self.epoch && n < recent.next && n + 1 >= oldest {
+            Resume::After(n)
+        } else {
+            Resume::Missed
+        }
+    }
+
+    /// Subscribes, and returns the kept events after `n` (none for `None`): subscribing
+    /// under the lock means no event falls between the replay and the live stream.
+    fn subscribe_after(&self, n: Option<u64>) -> (Vec<SentEvent>, tokio::sync::broadcast::Receiver<SentEvent>) {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let rx = self.events.subscribe();
+        let replay = match n {
+            Some(n) => recent.events.iter().filter(|e| e.n > n).cloned().collect(),
+            None => Vec::new(),
+        };
+        (replay, rx)
+    }
+}
+
+impl std::fmt::Debug for Live {
+    // (The report functions have nothing to show.)
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live").field("peers", &self.peers).field("refused", &self.refused).field("epoch", &self.epoch).finish_non_exhaustive()
     }
 }
 
@@ -105,7 +201,8 @@ impl std::fmt::Debug for AppState {
 
 /// An API error: HTTP status from the error kind, JSON body `{"error": message}`: 400 bad
 /// input, 403 what only the authority may do or the member's partitions refuse, 404 no
-/// such entity, collection, conflict, proposal or member, 500 a failure here.
+/// such entity, collection, conflict, proposal or member, 409 the entity id belongs to
+/// another collection or the op id to another write, 500 a failure here.
 struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
@@ -121,6 +218,8 @@ impl From<fieldsync::Error> for ApiError {
         let status = match &e {
             E::AuthorityOnly(_) | E::Core(C::NotAuthority) | E::Refused(_) => StatusCode::FORBIDDEN,
             E::Core(C::UnknownCollection { .. }) => StatusCode::NOT_FOUND,
+            // The id, or the op id, is taken by something else: not bad input as such.
+            E::WrongCollection { .. } | E::Core(C::OpReused(_)) => StatusCode::CONFLICT,
             _ => match e.kind() {
             ErrorKind::Invalid => StatusCode::BAD_REQUEST,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
@@ -180,7 +279,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/invites/{id}/cancel", post(cancel_invite))
         .route("/v1/bundle", get(bundle_export).post(bundle_import).layer(axum::extract::DefaultBodyLimit::max(MAX_BUNDLE_BYTES)))
         .route("/v1/events", get(events))
+        .route("/v1/changes", get(changes))
         .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn(check_query_params))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(json_errors))
@@ -232,6 +333,10 @@ async fn status(State(s): State<AppState>) -> ApiResult {
     v["pending_to_relay"] = json!(pending);
     v["peers"] = Value::Object(peers);
     v["refused_peers"] = Value::Array(s.live.refused.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default());
+    let head = s.replica.feed_seq();
+    for (name, report) in s.live.reports.lock().map(|r| r.clone()).unwrap_or_default() {
+        v[name] = report(head);
+    }
     Ok(Json(v))
 }
 
@@ -240,58 +345,164 @@ async fn sync_now(State(s): State<AppState>) -> ApiResult {
     status(State(s)).await
 }
 
-async fn events(State(s): State<AppState>) -> axum::response::sse::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>> {
+/// `/v1/events`: Server-Sent Events, each with an id. A client that reconnects with
+/// `Last-Event-ID` first gets what it missed, if the daemon still keeps it; otherwise (too
+/// old, a restarted daemon, or a subscriber too slow to keep up) an `events_missed` event
+/// tells it to catch up from `/v1/changes`.
+async fn events(State(s): State<AppState>, headers: axum::http::HeaderMap) -> axum::response::sse::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>> {
     use axum::response::sse::{Event, KeepAlive, Sse};
-    let rx = s.live.events.subscribe();
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
+    let live = s.live.clone();
+    let last = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty());
+    let (first, after) = match live.resume_from(last) {
+        Resume::Live => (None, None),
+        Resume::After(n) => (None, Some(n)),
+        Resume::Missed => (Some(missed_event("the events after the given Last-Event-ID are no longer kept")), None),
+    };
+    let (replay, rx) = live.subscribe_after(after);
+    let last_sent = replay.last().map(|e| e.n).or(after).unwrap_or(0);
+    let event = {
+        let live = live.clone();
+        move |e: &SentEvent| Event::default().id(live.event_id(e.n)).data(&*e.text)
+    };
+    let head = futures::stream::iter(first.into_iter().chain(replay.iter().map(&event)).map(Ok).collect::<Vec<_>>());
+    let tail = futures::stream::unfold((rx, last_sent, event), |(mut rx, last_sent, event)| async move {
         loop {
             match rx.recv().await {
-                Ok(text) => return Some((Ok(Event::default().data(text)), rx)),
-                // A slow subscriber skips what it missed rather than holding the queue.
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Ok(e) if e.n <= last_sent => continue,
+                Ok(e) => {
+                    let out = event(&e);
+                    return Some((Ok(out), (rx, e.n, event)));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(skipped)) => {
+                    let out = missed_event(&format!("this subscriber fell {skipped} events behind"));
+                    return Some((Ok(out), (rx, last_sent, event)));
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
             }
         }
     });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    use futures::StreamExt as _;
+    Sse::new(head.chain(tail)).keep_alive(KeepAlive::default())
+}
+
+/// Tells a subscriber that events were lost: it should read `/v1/changes` from the last
+/// `seq` it saw.
+fn missed_event(reason: &str) -> axum::response::sse::Event {
+    axum::response::sse::Event::default().data(json!({ "event": "events_missed", "reason": reason, "catch_up": "/v1/changes?since=<last seq seen>" }).to_string())
+}
+
+/// Page sizes of lists and the changes feed: the default, and the most one page may hold.
+pub const DEFAULT_PAGE: usize = 100;
+pub const MAX_PAGE: usize = 1000;
+/// The most `where` filters one list takes.
+pub const MAX_FILTERS: usize = 8;
+/// Feed positions are JSON-safe integers.
+const MAX_SEQ: u64 = (1 << 53) - 1;
+
+/// The query parameters each route takes; any other is a 400 that names it (a typo such as
+/// `?limt=10` would otherwise be silently ignored).
+const QUERY_PARAMS: &[(&str, &[&str])] = &[
+    ("/v1/collections/{collection}", &["where", "include_deleted", "limit", "cursor"]),
+    ("/v1/collections/{collection}/{id}", &["include_deleted"]),
+    ("/v1/conflicts", &["all"]),
+    ("/v1/proposals", &["mine"]),
+    ("/v1/changes", &["since", "limit"]),
+    ("/v1/bundle", &["since"]),
+];
+
+async fn check_query_params(path: Option<axum::extract::MatchedPath>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let allowed = path.and_then(|p| QUERY_PARAMS.iter().find(|(route, _)| *route == p.as_str()).map(|(_, names)| *names)).unwrap_or(&[]);
+    let query = request.uri().query().unwrap_or("");
+    for (name, _) in form_urlencoded::parse(query.as_bytes()) {
+        if !allowed.contains(&name.as_ref()) {
+            let takes = if allowed.is_empty() { "no query parameters".to_owned() } else { format!("only {}", allowed.join(", ")) };
+            return ApiError(StatusCode::BAD_REQUEST, format!("unknown query parameter {name:?}: this route takes {takes}")).into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// A page size: 1 to [`MAX_PAGE`].
+fn page_size(text: Option<&str>) -> Result<usize, ApiError> {
+    let Some(text) = text else { return Ok(DEFAULT_PAGE) };
+    match text.parse::<usize>() {
+        Ok(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+        _ => Err(ApiError(StatusCode::BAD_REQUEST, format!("limit takes a whole number from 1 to {MAX_PAGE}, got {text:?}"))),
+    }
+}
+
+fn flag(name: &str, text: &str) -> Result<bool, ApiError> {
+    match text {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(ApiError(StatusCode::BAD_REQUEST, format!("{name} takes true or false, got {text:?}"))),
+    }
+}
+
+/// `GET /v1/collections/{collection}`: one page of views, `{"items": [...], "next": cursor
+/// or null}`. Each `where=FIELD=VALUE` is one filter (repeat it for several; a value may
+/// contain commas); `cursor` is a page's `next`.
+async fn list(State(s): State<AppState>, Path(collection): Path<String>, axum::extract::RawQuery(query): axum::extract::RawQuery) -> ApiResult {
+    let (mut filters, mut include_deleted, mut limit, mut cursor) = (Vec::new(), false, None, None);
+    for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match name.as_ref() {
+            "where" => filters.push(value.into_owned()),
+            "include_deleted" => include_deleted = flag("include_deleted", &value)?,
+            "limit" => limit = Some(value.into_owned()),
+            "cursor" => cursor = Some(parse::<fieldsync::EntityId>("cursor", &value)?),
+            _ => {}
+        }
+    }
+    let limit = page_size(limit.as_deref())?;
+    if filters.len() > MAX_FILTERS {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("where: at most {MAX_FILTERS} filters, got {}", filters.len())));
+    }
+    let (items, next) = blocking(&s, move |r| {
+        let mut items = Vec::with_capacity(limit.min(DEFAULT_PAGE));
+        let mut next = None;
+        // One view past the page tells whether there is a next page.
+        let mut last = None;
+        r.list_after(&collection, &filters, include_deleted, cursor, &mut |id, view| {
+            if items.len() == limit {
+                next = last;
+                return false;
+            }
+            last = Some(id);
+            items.push(Value::Object(view));
+            true
+        })?;
+        Ok((items, next))
+    })
+    .await?;
+    Ok(Json(json!({ "items": items, "next": next.map(|id: fieldsync::EntityId| id.to_string()) })))
 }
 
 #[derive(Deserialize)]
-struct ListQuery {
-    /// `FIELD=VALUE` filters, comma-separated (see [`split_filters`]).
-    #[serde(default, rename = "where")]
-    filters: Option<String>,
+struct ChangesQuery {
     #[serde(default)]
-    include_deleted: bool,
+    since: u64,
+    limit: Option<String>,
 }
 
-async fn list(State(s): State<AppState>, Path(collection): Path<String>, Query(q): Query<ListQuery>) -> ApiResult {
-    let filters: Vec<String> = q.filters.as_deref().map(split_filters).unwrap_or_default();
-    let views = blocking(&s, move |r| {
-        let mut out = Vec::new();
-        r.list(&collection, &filters, q.include_deleted, &mut |v| {
-            out.push(Value::Object(v));
-            true
-        })?;
-        Ok(out)
-    })
-    .await?;
-    Ok(Json(Value::Array(views)))
-}
-
-/// `where`'s filters: separated by commas; `\,` is a comma and `\\` a backslash inside one.
-pub fn split_filters(text: &str) -> Vec<String> {
-    let (mut out, mut current) = (Vec::new(), String::new());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => current.extend(chars.next()),
-            ',' => out.push(std::mem::take(&mut current)),
-            c => current.push(c),
-        }
+/// `GET /v1/changes?since=SEQ&limit=N`: what changed after feed position `since`, oldest
+/// first, each entity once with its view or as a tombstone. `next` is the `since` of the
+/// following call; `head` the newest position now (caught up when `next == head`).
+async fn changes(State(s): State<AppState>, Query(q): Query<ChangesQuery>) -> ApiResult {
+    let limit = page_size(q.limit.as_deref())?;
+    let since = q.since;
+    if since > MAX_SEQ {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("since takes a feed position from 0 to {MAX_SEQ}, got {since}")));
     }
-    out.push(current);
-    out
+    let (changes, head) = blocking(&s, move |r| Ok((r.changes(since, limit)?, r.feed_seq()))).await?;
+    let next = changes.last().map_or(since, |c| c.seq);
+    let changes: Vec<Value> = changes
+        .into_iter()
+        .map(|c| match c.deleted {
+            false => json!({ "seq": c.seq, "collection": c.collection, "id": c.id.to_string(), "view": c.view }),
+            true => json!({ "seq": c.seq, "collection": c.collection, "id": c.id.to_string(), "deleted": true }),
+        })
+        .collect();
+    Ok(Json(json!({ "changes": changes, "next": next, "head": head.max(next) })))
 }
 
 /// The `Idempotency-Key` header as an operation id, if the request carries one.
@@ -361,7 +572,11 @@ async fn remove(State(s): State<AppState>, Path((collection, id)): Path<(String,
 
 async fn history(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>) -> ApiResult {
     let id = parse("entity id", &id)?;
-    let h = blocking(&s, move |r| r.history(&collection, id)).await?;
+    // Reading an id of another collection: there is no such entity here (404, not 409).
+    let h = blocking(&s, move |r| r.history(&collection, id)).await.map_err(|ApiError(status, m)| match status {
+        StatusCode::CONFLICT => ApiError(StatusCode::NOT_FOUND, m),
+        _ => ApiError(status, m),
+    })?;
     Ok(Json(serde_json::to_value(h).unwrap_or(Value::Null)))
 }
 
@@ -535,6 +750,17 @@ async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
     gauge("fieldsync_open_conflicts", "Open manual conflicts.", "gauge", status.open_conflicts as u64);
     gauge("fieldsync_store_commits_total", "Store commits since start.", "counter", commits);
     gauge("fieldsync_store_flushes_total", "Store flushes since start (commits share them).", "counter", flushes);
+    for (name, report) in s.live.reports.lock().map(|r| r.clone()).unwrap_or_default() {
+        let Value::Object(fields) = report(status.feed_seq) else { continue };
+        for (key, value) in fields {
+            let value = match value {
+                Value::Bool(b) => u64::from(b),
+                Value::Number(n) => n.as_u64().unwrap_or(0),
+                _ => continue,
+            };
+            gauge(&format!("fieldsync_{name}_{key}"), &format!("{name}: {key} (as in /v1/status)."), "gauge", value);
+        }
+    }
     Ok(out)
 }
 

@@ -28,6 +28,6 @@ pub use error::{Error, ErrorKind};
 pub use fieldsync_core as core;
 pub use fieldsync_core::{Applied, Conflict, ConflictId, EntityId, HistoryEntry, OpId, PeerId, Proposal, ProposalId, View};
 pub use cache::MemoryOptions;
-pub use replica::{Clock, Replica, Status, SystemClock};
+pub use replica::{Clock, FeedChange, Replica, Status, SystemClock};
 pub use members::{MemberInfo, Membership, PendingInvite};
 pub use transfer::{ExportedBundle, ImportSummary};

@@ -69,6 +69,19 @@ struct NodeMeta {
     authority: bool,
 }
 
+/// One entry of the changes feed ([`Replica::changes`]): an entity's latest state.
+#[derive(Debug, Clone, Serialize)]
+pub struct FeedChange {
+    pub seq: u64,
+    pub collection: String,
+    pub id: EntityId,
+    /// The view (for a deleted entity, its last view with `_deleted`).
+    pub view: View,
+    pub deleted: bool,
+    /// The document's heads (hex, sorted): equal heads, equal documents.
+    pub heads: Vec<String>,
+}
+
 /// What `fieldsync status` reports.
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -419,9 +432,15 @@ impl Replica {
     /// Views of a collection in id (= creation) order, filtered by `FIELD=VALUE` strings.
     /// Calls `each` per view; stops early if it returns false.
     pub fn list(&self, collection: &str, filters: &[String], include_deleted: bool, each: &mut dyn FnMut(View) -> bool) -> Result<(), Error> {
+        self.list_after(collection, filters, include_deleted, None, &mut |_, view| each(view))
+    }
+
+    /// Like [`Replica::list`], starting after entity `after` (a page cursor); `each` gets
+    /// the id with the view.
+    pub fn list_after(&self, collection: &str, filters: &[String], include_deleted: bool, after: Option<EntityId>, each: &mut dyn FnMut(EntityId, View) -> bool) -> Result<(), Error> {
         self.ws.schema.collection(collection)?;
         let filters = filters.iter().map(|f| parse_filter(f)).collect::<Result<Vec<_>, _>>()?;
-        let mut after: Option<[u8; 16]> = None;
+        let mut after: Option<[u8; 16]> = after.map(|id| *id.as_bytes());
         loop {
             let page = self.store.views(collection, after.as_ref(), 1024)?;
             let Some((last, _)) = page.last() else { return Ok(()) };
@@ -432,7 +451,7 @@ impl Replica {
                 if !include_deleted && view.contains_key("_deleted") {
                     continue;
                 }
-                if filters.iter().all(|(f, v)| matches_filter(&view, f, v)) && !each(view) {
+                if filters.iter().all(|(f, v)| matches_filter(&view, f, v)) && !each(EntityId::from_bytes(id), view) {
                     return Ok(());
                 }
             }
@@ -537,6 +556,12 @@ impl Replica {
         Ok(self.all_proposals()?.into_iter().filter(|p| p.record.peer == me).collect())
     }
 
+    /// Every pending proposal this node knows of (on any node, e.g. for a mirror; only
+    /// the authority can settle them).
+    pub fn pending_proposals(&self) -> Result<Vec<Proposal>, Error> {
+        self.all_proposals()
+    }
+
     fn all_proposals(&self) -> Result<Vec<Proposal>, Error> {
         self.store
             .index(INDEX_PROPOSAL)?
@@ -585,6 +610,23 @@ impl Replica {
         for (seq, key) in self.store.feed_since(after, limit)? {
             let collection = self.store.record(&key)?.map(|r| r.collection).unwrap_or_default();
             out.push((seq, collection, EntityId::from_bytes(key)));
+        }
+        Ok(out)
+    }
+
+    /// What changed after feed position `since`, oldest first, at most `limit` entries:
+    /// each entity once, with its current view, or as a tombstone if it is deleted. An app
+    /// mirrors the store by asking again from the last `seq` it saw.
+    pub fn changes(&self, since: u64, limit: usize) -> Result<Vec<FeedChange>, Error> {
+        let mut out = Vec::new();
+        for (seq, key) in self.store.feed_since(since, limit)? {
+            let id = EntityId::from_bytes(key);
+            let record = self.store.record(&key)?.ok_or_else(|| Error::CorruptMeta(format!("feed entry {seq} names entity {id}, which has no record")))?;
+            let view = self.get(&record.collection, id)?;
+            let deleted = view.get("_deleted").is_some_and(|d| d == true);
+            let mut heads: Vec<String> = record.heads.iter().map(hex::encode).collect();
+            heads.sort();
+            out.push(FeedChange { seq, collection: record.collection, id, view, deleted, heads });
         }
         Ok(out)
     }
