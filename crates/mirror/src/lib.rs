@@ -349,10 +349,23 @@ enum Outcome {
     Failed(String),
 }
 
+/// A pending row of `fieldsync_outbox`.
+struct OutboxRow {
+    seq: i64,
+    action: String,
+    collection: Option<String>,
+    entity: Option<uuid::Uuid>,
+    patch: Option<String>,
+    proposal: Option<uuid::Uuid>,
+    op_id: Option<String>,
+}
+
 /// Applies one outbox row through the replica. Bad input (an unknown collection, a patch
 /// that does not fit the schema, an unknown proposal…) fails the row; a store failure
 /// fails the batch, which is retried.
-fn apply_row(r: &Replica, seq: i64, action: &str, collection: Option<String>, entity: Option<uuid::Uuid>, patch: Option<String>, proposal: Option<uuid::Uuid>, op_id: Option<String>) -> Result<Outcome, fieldsync::Error> {
+fn apply_row(r: &Replica, row: OutboxRow) -> Result<Outcome, fieldsync::Error> {
+    let OutboxRow { seq, action, collection, entity, patch, proposal, op_id } = row;
+    let action = action.as_str();
     let op_text = op_id.unwrap_or_else(|| format!("outbox-{seq}"));
     let op: fieldsync::OpId = match op_text.parse() {
         Ok(op) => op,
@@ -404,9 +417,8 @@ pub async fn drain_outbox(client: &mut Client, replica: &Arc<Replica>, state: &M
     }
     for row in &rows {
         let seq: i64 = row.get(0);
-        let (action, collection, entity, patch, proposal, op_id): (String, Option<String>, Option<uuid::Uuid>, Option<String>, Option<uuid::Uuid>, Option<String>) =
-            (row.get(1), row.get(2), row.get(3), row.get(4), row.get(5), row.get(6));
-        let outcome = blocking(replica, move |r| apply_row(r, seq, &action, collection, entity, patch, proposal, op_id)).await?;
+        let pending = OutboxRow { seq, action: row.get(1), collection: row.get(2), entity: row.get(3), patch: row.get(4), proposal: row.get(5), op_id: row.get(6) };
+        let outcome = blocking(replica, move |r| apply_row(r, pending)).await?;
         match outcome {
             Outcome::Applied(id) => {
                 tx.execute("UPDATE fieldsync_outbox SET status = 'applied', error = NULL, result_id = $2, applied_by = $3, applied_at = now() WHERE seq = $1", &[&seq, &id, &relay]).await?;
