@@ -12,8 +12,15 @@
 //! | `x` | index name, `0`, key | derived index entry (conflicts, proposals) |
 //! | `m` | name | metadata (identity, workspace, checkpoints) |
 //!
-//! Every [`Store::commit`] is one atomic sled batch. It is durable once
-//! [`Store::wait_durable`] returns: concurrent writers share one flush (group commit).
+//! Every [`Store::commit`] is one atomic batch. It is durable once [`Store::wait_durable`]
+//! returns: concurrent writers share one flush (group commit).
+//!
+//! The layout is written once, on an ordered key-value map ([`Kv`]): sled's tree for
+//! [`SledStore`], or memory for [`MemoryStore`] — the simulator's, which can crash (lose
+//! what was not flushed) and pause its flushes.
+
+mod memory;
+pub use memory::{MemKv, MemoryStore};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -34,6 +41,9 @@ pub enum Error {
     /// Another process holds the store.
     #[error("the data directory is in use by another fieldsync process (a running daemon?); stop it or use its API")]
     Locked,
+    /// A failure the memory store was told to simulate.
+    #[error("simulated storage failure: {0}")]
+    Simulated(String),
     /// An earlier flush failed, so durability is unknown.
     #[error("a previous flush failed ({0}); close and reopen the store")]
     FlushFailed(String),
@@ -80,6 +90,20 @@ pub struct EntityRecord {
     index_keys: Vec<Vec<u8>>,
 }
 
+/// Writes gathered for one [`Kv::apply`].
+#[derive(Default)]
+struct Batch(Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+impl Batch {
+    fn insert(&mut self, k: impl Into<Vec<u8>>, v: impl Into<Vec<u8>>) {
+        self.0.push((k.into(), Some(v.into())));
+    }
+
+    fn remove(&mut self, k: impl Into<Vec<u8>>) {
+        self.0.push((k.into(), None));
+    }
+}
+
 /// A derived index entry: (key, value).
 pub type IndexEntry = (Vec<u8>, Vec<u8>);
 
@@ -93,6 +117,64 @@ pub struct StoredDoc {
 /// A commit's durability ticket, for [`Store::wait_durable`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Ticket(u64);
+
+/// The ordered key-value map a [`KvStore`] keeps its layout in.
+pub trait Kv: Send + Sync + std::fmt::Debug {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
+    /// Entries from `start` on, ascending, while `keep` accepts their key; at most `limit`.
+    fn scan(&self, start: &[u8], limit: usize, keep: &mut dyn FnMut(&[u8]) -> bool) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error>;
+    /// The greatest key starting with `prefix`.
+    fn last_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, Error>;
+    /// Applies the writes atomically (`None` removes the key).
+    fn apply(&self, batch: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), Error>;
+    /// Makes everything applied so far durable.
+    fn flush(&self) -> Result<(), Error>;
+}
+
+/// sled's tree as a [`Kv`].
+#[derive(Debug)]
+pub struct SledKv {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl Kv for SledKv {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn scan(&self, start: &[u8], limit: usize, keep: &mut dyn FnMut(&[u8]) -> bool) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+        let mut out = Vec::new();
+        for kv in self.tree.range(start..) {
+            let (k, v) = kv?;
+            if out.len() >= limit || !keep(&k) {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn last_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.tree.scan_prefix(prefix).next_back().transpose()?.map(|(k, _)| k.to_vec()))
+    }
+
+    fn apply(&self, batch: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), Error> {
+        let mut b = sled::Batch::default();
+        for (k, v) in batch {
+            match v {
+                Some(v) => b.insert(k, v),
+                None => b.remove(k),
+            }
+        }
+        Ok(self.tree.apply_batch(b)?)
+    }
+
+    fn flush(&self) -> Result<(), Error> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
 
 /// The storage a replica needs. Narrow on purpose, so another engine can replace sled.
 pub trait Store: Send + Sync {
@@ -224,11 +306,10 @@ const FLUSH_LINGER_STEP: std::time::Duration = std::time::Duration::from_micros(
 /// sled's page cache when not configured.
 pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
 
-/// The sled engine.
+/// The store's layout on a [`Kv`]; see [`SledStore`] and [`MemoryStore`].
 #[derive(Debug)]
-pub struct SledStore {
-    db: sled::Db,
-    tree: sled::Tree,
+pub struct KvStore<K: Kv> {
+    kv: K,
     /// Serialises commits, so feed seqs follow commit order and record updates don't race.
     commit_lock: Mutex<()>,
     last_seq: AtomicU64,
@@ -237,6 +318,9 @@ pub struct SledStore {
     flush: Mutex<FlushState>,
     flushed: Condvar,
 }
+
+/// The sled engine.
+pub type SledStore = KvStore<SledKv>;
 
 impl SledStore {
     /// Opens (or creates) the store in `dir` with the default page cache.
@@ -253,17 +337,27 @@ impl SledStore {
             Err(e) => return Err(e.into()),
         };
         let tree = db.open_tree("fieldsync")?;
-        let last_seq = match tree.scan_prefix([b'f']).next_back() {
-            Some(kv) => {
-                let (k, _) = kv?;
+        KvStore::on(SledKv { db, tree })
+    }
+
+    /// Bytes the store takes on disk.
+    pub fn size_on_disk(&self) -> Result<u64, Error> {
+        Ok(self.kv.db.size_on_disk()?)
+    }
+}
+
+impl<K: Kv> KvStore<K> {
+    /// The store over `kv`, which may hold an earlier store's layout.
+    fn on(kv: K) -> Result<Self, Error> {
+        let last_seq = match kv.last_key(&[b'f'])? {
+            Some(k) => {
                 let b: [u8; 8] = k[1..].try_into().map_err(|_| Error::Corrupt("feed key".into()))?;
                 u64::from_be_bytes(b)
             }
             None => 0,
         };
-        Ok(SledStore {
-            db,
-            tree,
+        Ok(KvStore {
+            kv,
             commit_lock: Mutex::new(()),
             last_seq: AtomicU64::new(last_seq),
             committed: AtomicU64::new(0),
@@ -304,7 +398,7 @@ impl SledStore {
                 }
             }
             let target = self.committed.load(Ordering::SeqCst);
-            let result = self.db.flush();
+            let result = self.kv.flush();
             self.flushes.fetch_add(1, Ordering::Relaxed);
             st = self.flush.lock().unwrap_or_else(|p| p.into_inner());
             st.flushing = false;
@@ -315,17 +409,12 @@ impl SledStore {
             self.flushed.notify_all();
         }
     }
-
-    /// Bytes the store takes on disk.
-    pub fn size_on_disk(&self) -> Result<u64, Error> {
-        Ok(self.db.size_on_disk()?)
-    }
 }
 
-impl Store for SledStore {
+impl<K: Kv> Store for KvStore<K> {
     fn commit(&self, entities: Vec<EntityWrite>, meta: Vec<(String, Option<Vec<u8>>)>) -> Result<Ticket, Error> {
         let _guard = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut batch = sled::Batch::default();
+        let mut batch = Batch::default();
         let mut seq = self.last_seq.load(Ordering::SeqCst);
         for w in entities {
             let old = self.record(&w.id)?;
@@ -382,7 +471,7 @@ impl Store for SledStore {
                 None => batch.remove(key(b'm', &[name.as_bytes()])),
             }
         }
-        self.tree.apply_batch(batch)?;
+        self.kv.apply(batch.0)?;
         self.last_seq.store(seq, Ordering::SeqCst);
         Ok(Ticket(self.committed.fetch_add(1, Ordering::SeqCst) + 1))
     }
@@ -396,22 +485,18 @@ impl Store for SledStore {
     }
 
     fn load_doc(&self, id: &EntityKey) -> Result<Option<StoredDoc>, Error> {
-        let Some(snapshot) = self.tree.get(key(b'd', &[id]))? else { return Ok(None) };
-        let chunks = self
-            .tree
-            .scan_prefix(key(b'c', &[id]))
-            .values()
-            .map(|v| v.map(|v| v.to_vec()))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Some(StoredDoc { snapshot: snapshot.to_vec(), chunks }))
+        let Some(snapshot) = self.kv.get(&key(b'd', &[id]))? else { return Ok(None) };
+        let prefix = key(b'c', &[id]);
+        let chunks = self.kv.scan(&prefix, usize::MAX, &mut |k| k.starts_with(&prefix))?.into_iter().map(|(_, v)| v).collect();
+        Ok(Some(StoredDoc { snapshot, chunks }))
     }
 
     fn record(&self, id: &EntityKey) -> Result<Option<EntityRecord>, Error> {
-        self.tree.get(key(b'e', &[id]))?.map(|b| EntityRecord::decode(&b)).transpose()
+        self.kv.get(&key(b'e', &[id]))?.map(|b| EntityRecord::decode(&b)).transpose()
     }
 
     fn view(&self, collection: &str, id: &EntityKey) -> Result<Option<Vec<u8>>, Error> {
-        Ok(self.tree.get(view_key(collection, id))?.map(|v| v.to_vec()))
+        self.kv.get(&view_key(collection, id))
     }
 
     fn views(&self, collection: &str, after: Option<&EntityKey>, limit: usize) -> Result<Vec<(EntityKey, Vec<u8>)>, Error> {
@@ -425,13 +510,9 @@ impl Store for SledStore {
             None => prefix.clone(),
         };
         let mut out = Vec::new();
-        for kv in self.tree.range(start..) {
-            let (k, v) = kv?;
-            if !k.starts_with(&prefix) || out.len() >= limit {
-                break;
-            }
+        for (k, v) in self.kv.scan(&start, limit, &mut |k| k.starts_with(&prefix))? {
             let id: EntityKey = k[prefix.len()..].try_into().map_err(|_| Error::Corrupt("view key".into()))?;
-            out.push((id, v.to_vec()));
+            out.push((id, v));
         }
         Ok(out)
     }
@@ -439,13 +520,9 @@ impl Store for SledStore {
     fn feed_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, EntityKey)>, Error> {
         let start = key(b'f', &[&(after.saturating_add(1)).to_be_bytes()]);
         let mut out = Vec::new();
-        for kv in self.tree.range(start..key(b'g', &[])) {
-            if out.len() >= limit {
-                break;
-            }
-            let (k, v) = kv?;
+        for (k, v) in self.kv.scan(&start, limit, &mut |k| k.first() == Some(&b'f'))? {
             let seq: [u8; 8] = k[1..].try_into().map_err(|_| Error::Corrupt("feed key".into()))?;
-            let id: EntityKey = v.as_ref().try_into().map_err(|_| Error::Corrupt("feed entry".into()))?;
+            let id: EntityKey = v.as_slice().try_into().map_err(|_| Error::Corrupt("feed entry".into()))?;
             out.push((u64::from_be_bytes(seq), id));
         }
         Ok(out)
@@ -457,28 +534,20 @@ impl Store for SledStore {
 
     fn index(&self, name: &str) -> Result<Vec<IndexEntry>, Error> {
         let prefix = index_key(name, &[]);
-        self.tree
-            .scan_prefix(&prefix)
-            .map(|kv| kv.map(|(k, v)| (k[prefix.len()..].to_vec(), v.to_vec())).map_err(Error::from))
-            .collect()
+        Ok(self.kv.scan(&prefix, usize::MAX, &mut |k| k.starts_with(&prefix))?.into_iter().map(|(k, v)| (k[prefix.len()..].to_vec(), v)).collect())
     }
 
     fn index_get(&self, name: &str, k: &[u8]) -> Result<Option<Vec<u8>>, Error> {
-        Ok(self.tree.get(index_key(name, k))?.map(|v| v.to_vec()))
+        self.kv.get(&index_key(name, k))
     }
 
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, Error> {
-        Ok(self.tree.get(key(b'm', &[name.as_bytes()]))?.map(|v| v.to_vec()))
+        self.kv.get(&key(b'm', &[name.as_bytes()]))
     }
 
     fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, Error> {
-        self.tree
-            .scan_prefix(key(b'm', &[prefix.as_bytes()]))
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((String::from_utf8_lossy(&k[1..]).into_owned(), v.to_vec()))
-            })
-            .collect()
+        let start = key(b'm', &[prefix.as_bytes()]);
+        Ok(self.kv.scan(&start, usize::MAX, &mut |k| k.starts_with(&start))?.into_iter().map(|(k, v)| (String::from_utf8_lossy(&k[1..]).into_owned(), v)).collect())
     }
 
     fn commit_stats(&self) -> (u64, u64) {
@@ -487,8 +556,7 @@ impl Store for SledStore {
 
     fn counts(&self) -> Result<Vec<(String, u64)>, Error> {
         let mut out: Vec<(String, u64)> = Vec::new();
-        for k in self.tree.scan_prefix([b'v']).keys() {
-            let k = k?;
+        for (k, _) in self.kv.scan(&[b'v'], usize::MAX, &mut |k| k.first() == Some(&b'v'))? {
             let name = &k[1..k.len().saturating_sub(17)];
             match out.last_mut() {
                 Some((n, c)) if n.as_bytes() == name => *c += 1,
