@@ -1,6 +1,8 @@
-//! Sync benchmark on the simulator with the network at zero latency and real sled stores:
-//! first sync of 10,000 and 100,000 entities from the relay to a new device, and reconnect
-//! after 10 changed entities among 10,000 and among 100,000.
+//! Sync benchmark on the simulator with the network at zero latency and memory stores (so
+//! it measures the engine and Automerge without the disk; `--bench network` measures the
+//! real thing over libp2p and sled): first sync of 10,000 and 100,000 entities from the
+//! relay to a new device, and reconnect after 10 changed entities among 10,000 and among
+//! 100,000.
 //!
 //! Run: `cargo bench -p fieldsync-tests --bench sync` (env `BENCH_SIZES=10000,100000`).
 

@@ -1,6 +1,8 @@
 //! Randomized convergence: many seeds of random writes by six devices and a relay under
-//! latency, reordering, duplication, dropped connections, partitions and crash-restarts.
-//! After healing, every node shows identical views and the rules' promises hold.
+//! latency, reordering, duplication, dropped connections, partitions and crash-restarts —
+//! some of them inside a flush, on the memory store, losing what was not yet durable. After
+//! healing, every node shows identical views and the rules' promises hold for every
+//! acknowledged write.
 //!
 //! CI runs `FIELDSYNC_SIM_SEEDS` seeds (default 12) from `FIELDSYNC_SIM_SEED` (default 1000);
 //! a failing seed is reproduced with `FIELDSYNC_SIM_SEED=<seed> FIELDSYNC_SIM_SEEDS=1`.
@@ -23,8 +25,9 @@ struct Model {
     ops: usize,
 }
 
-/// Runs one seed; returns (writes made, frames sent, the relay's final task views).
-fn run_seed(seed: u64) -> (usize, u64, Vec<fieldsync::View>) {
+/// Runs one seed; returns (writes made, frames sent, the relay's final task views, crashes
+/// inside a flush).
+fn run_seed(seed: u64) -> (usize, u64, Vec<fieldsync::View>, usize) {
     let mut net = Network::new(seed, Faults::hostile());
     let relay = net.add_relay("relay");
     let devices: Vec<NodeId> = (0..DEVICES).map(|i| net.add_device(&format!("device{i}"))).collect();
@@ -47,6 +50,7 @@ fn run_seed(seed: u64) -> (usize, u64, Vec<fieldsync::View>) {
         ops: 0,
     };
     let mut down: BTreeSet<NodeId> = BTreeSet::new();
+    let mut lost_in_flush = 0;
     for _ in 0..ROUNDS {
         let who = all[net.random_range(0..all.len())];
         match net.random_range(0..12) {
@@ -54,9 +58,15 @@ fn run_seed(seed: u64) -> (usize, u64, Vec<fieldsync::View>) {
                 net.isolate(who);
             }
             1 => net.heal_all(),
+            // A crash: at once, or inside the node's next flush (losing what it was making
+            // durable; nothing it covered was acknowledged).
             2 if who != relay && !down.contains(&who) => {
-                net.crash(who);
-                down.insert(who);
+                if net.random_range(0..2) == 0 {
+                    net.crash(who);
+                    down.insert(who);
+                } else {
+                    net.crash_at_next_flush(who);
+                }
             }
             3 => {
                 if let Some(n) = down.pop_first() {
@@ -67,30 +77,35 @@ fn run_seed(seed: u64) -> (usize, u64, Vec<fieldsync::View>) {
             k => {
                 let task = tasks[net.random_range(0..tasks.len())];
                 match k {
+                    // Only acknowledged writes count in the model: one that a crash in its
+                    // flush cut off was never acknowledged.
                     4 | 5 => {
                         let s = STATUSES[net.random_range(0..3)];
-                        net.put(who, "tasks", Some(task), &format!(r#"{{"status":"{s}","title":"by {}"}}"#, net.name(who)));
+                        let by = net.name(who).to_owned();
+                        let _ = net.try_put(who, "tasks", Some(task), &format!(r#"{{"status":"{s}","title":"by {by}"}}"#));
                     }
                     6 | 7 => {
                         let tag = TAGS[net.random_range(0..TAGS.len())];
                         if net.random_range(0..3) == 0 {
-                            net.put(who, "tasks", Some(task), &format!(r#"{{"tags":{{"$remove":["{tag}"]}}}}"#));
+                            // (A removal counts even if unacknowledged: the model only
+                            // promises tags that were never removed.)
                             model.removed_tags.entry(task).or_default().insert(tag);
-                        } else {
-                            net.put(who, "tasks", Some(task), &format!(r#"{{"tags":{{"$add":["{tag}"]}}}}"#));
+                            let _ = net.try_put(who, "tasks", Some(task), &format!(r#"{{"tags":{{"$remove":["{tag}"]}}}}"#));
+                        } else if net.try_put(who, "tasks", Some(task), &format!(r#"{{"tags":{{"$add":["{tag}"]}}}}"#)).is_ok() {
                             model.kept_tags.entry(task).or_default().insert(tag);
                         }
                     }
                     8 | 9 => {
                         let item = items[net.random_range(0..items.len())];
                         let delta = net.random_range(0..11) as i64 - 5;
-                        net.put(who, "inventory", Some(item), &format!(r#"{{"stock":{{"$inc":{delta}}}}}"#));
-                        *model.stock.get_mut(&item).expect("item") += delta;
+                        if net.try_put(who, "inventory", Some(item), &format!(r#"{{"stock":{{"$inc":{delta}}}}}"#)).is_ok() {
+                            *model.stock.get_mut(&item).expect("item") += delta;
+                        }
                     }
                     _ => {
                         let shift = shifts[net.random_range(0..shifts.len())];
                         let hour = 6 + net.random_range(0..6);
-                        net.put(who, "shifts", Some(shift), &format!(r#"{{"start":"{hour:02}:00"}}"#));
+                        let _ = net.try_put(who, "shifts", Some(shift), &format!(r#"{{"start":"{hour:02}:00"}}"#));
                     }
                 }
                 model.ops += 1;
@@ -98,14 +113,28 @@ fn run_seed(seed: u64) -> (usize, u64, Vec<fieldsync::View>) {
         }
         let steps = net.random_range(0..200) as u64;
         net.run_steps(steps);
+        // Nodes that crashed inside a flush are down now.
+        for n in &all {
+            if !net.is_up(*n) && down.insert(*n) {
+                lost_in_flush += 1;
+            }
+        }
     }
 
-    // Heal everything and let it settle.
-    for n in std::mem::take(&mut down) {
-        net.restart(n);
+    // Heal everything and let it settle (a node still set to crash in a flush does so now,
+    // once, and is restarted).
+    loop {
+        for n in std::mem::take(&mut down) {
+            net.restart(n);
+        }
+        net.heal_all();
+        net.run_until_quiescent();
+        down = all.iter().copied().filter(|n| !net.is_up(*n)).collect();
+        if down.is_empty() {
+            break;
+        }
+        lost_in_flush += down.len();
     }
-    net.heal_all();
-    net.run_until_quiescent();
 
     for collection in ["tasks", "inventory", "shifts"] {
         let reference = net.views(relay, collection);
@@ -131,20 +160,23 @@ fn run_seed(seed: u64) -> (usize, u64, Vec<fieldsync::View>) {
         let status = net.view(relay, "tasks", *task).expect("task")["status"].clone();
         assert!(STATUSES.iter().any(|s| status == *s), "seed {seed}: status {status}");
     }
-    (model.ops, net.traffic.frames, net.views(relay, "tasks"))
+    (model.ops, net.traffic.frames, net.views(relay, "tasks"), lost_in_flush)
 }
 
 #[test]
 fn random_operations_under_faults_converge_on_every_seed() {
     let first: u64 = std::env::var("FIELDSYNC_SIM_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
     let seeds: u64 = std::env::var("FIELDSYNC_SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(12);
-    let mut ops = 0;
+    let (mut ops, mut flush_crashes) = (0, 0);
     for seed in first..first + seeds {
-        ops += run_seed(seed).0;
+        let run = run_seed(seed);
+        ops += run.0;
+        flush_crashes += run.3;
     }
+    assert!(seeds < 6 || flush_crashes > 0, "no node crashed inside a flush in {seeds} seeds: the fault is not exercised");
     // Written to the stderr handle, not with eprintln!, so the test harness does not capture it.
     use std::io::Write as _;
-    let _ = writeln!(std::io::stderr(), "randomized sync: {seeds} seeds from {first}, {ops} simulated writes by {DEVICES} devices and a relay, all converged");
+    let _ = writeln!(std::io::stderr(), "randomized sync: {seeds} seeds from {first}, {ops} simulated writes by {DEVICES} devices and a relay, all converged; {flush_crashes} crashes inside a flush lost what they were flushing");
 }
 
 #[test]

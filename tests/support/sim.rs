@@ -1,16 +1,21 @@
-//! A seeded multi-device simulator: real engines and real (temporary) sled stores on a
-//! virtual network with latency, duplication, reordering, partitions, heals and crashes.
+//! A seeded multi-device simulator: real engines on memory stores, on a virtual network
+//! with latency, duplication, reordering, partitions, heals and crashes.
 //!
 //! Everything random comes from one seed, so a failing run is reproduced from its number.
 //! Time is virtual: frames are delivered in order of their (random) arrival times.
 //!
-//! A crash drops a node's engine and replica and reopens the replica from its directory.
-//! Every write fieldsync acknowledges is durable before the acknowledgement, so what a real
-//! crash would lose (unacknowledged, unflushed writes) is never visible to the others.
+//! A crash drops a node's engine and replica and keeps only what its store flushed
+//! ([`fieldsync_store::MemoryStore::crash`]); a restart reopens the replica from that.
+//! [`Network::crash_at_next_flush`] makes the crash happen inside a flush, so the writes
+//! being made durable are lost — what a power cut does to a real node. Every write
+//! fieldsync acknowledges is durable before the acknowledgement, so nothing acknowledged
+//! may be missing afterwards.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::path::PathBuf;
+
+use fieldsync_store::MemoryStore;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -75,7 +80,11 @@ struct Node {
     name: String,
     /// Seed of the node's key and ids.
     node_seed: u64,
-    dir: PathBuf,
+    /// Stands for the data directory (the store is in memory).
+    label: PathBuf,
+    store: Arc<MemoryStore>,
+    /// The next flush fails and the node crashes there.
+    crash_at_flush: bool,
     role: Role,
     live: Option<(Arc<Replica>, Engine)>,
     events: Vec<Event>,
@@ -114,7 +123,6 @@ pub struct Network {
     seq: u64,
     pub faults: Faults,
     limits: Limits,
-    _tmp: tempfile::TempDir,
     invite: Option<Vec<u8>>,
     nodes: Vec<Node>,
     links: BTreeMap<(NodeId, NodeId), Link>,
@@ -145,7 +153,6 @@ impl Network {
             seq: 0,
             faults,
             limits: Limits::default(),
-            _tmp: tempfile::tempdir().expect("tempdir"),
             invite: None,
             nodes: Vec::new(),
             links: BTreeMap::new(),
@@ -186,12 +193,12 @@ impl Network {
     /// Adds the workspace's relay, which is its authority. Must be the first node.
     pub fn add_relay(&mut self, name: &str) -> NodeId {
         assert!(self.invite.is_none(), "the first relay creates the workspace");
-        let dir = self._tmp.path().join(name);
+        let (label, store) = (PathBuf::from(format!("memory:{name}")), Arc::new(MemoryStore::new()));
         let node_seed = self.node_seed();
-        let replica = Replica::init_authority_with_key(&dir, SCHEMA, name, Self::key(node_seed)).expect("init relay");
+        let replica = Replica::init_authority_on(store.clone(), &label, SCHEMA, name, Self::key(node_seed)).expect("init relay");
         let replica = Arc::new(replica.with_clock(self.clock(node_seed)));
         self.invite = Some(vec![]);
-        self.push_node(name, node_seed, dir, Role::Relay, replica)
+        self.push_node(name, node_seed, (label, store), Role::Relay, replica)
     }
 
     /// Adds a device that joined the workspace.
@@ -199,16 +206,16 @@ impl Network {
         assert!(self.invite.is_some(), "add a relay first");
         // One invite per device: an invite admits one device only.
         let invite = self.replica(NodeId(0)).invite();
-        let dir = self._tmp.path().join(name);
+        let (label, store) = (PathBuf::from(format!("memory:{name}")), Arc::new(MemoryStore::new()));
         let node_seed = self.node_seed();
-        let replica = Replica::init_join_with_key(&dir, &invite, name, Self::key(node_seed)).expect("init device");
+        let replica = Replica::init_join_on(store.clone(), &label, &invite, name, Self::key(node_seed)).expect("init device");
         let replica = Arc::new(replica.with_clock(self.clock(node_seed)));
-        self.push_node(name, node_seed, dir, Role::Device, replica)
+        self.push_node(name, node_seed, (label, store), Role::Device, replica)
     }
 
-    fn push_node(&mut self, name: &str, node_seed: u64, dir: PathBuf, role: Role, replica: Arc<Replica>) -> NodeId {
+    fn push_node(&mut self, name: &str, node_seed: u64, (label, store): (PathBuf, Arc<MemoryStore>), role: Role, replica: Arc<Replica>) -> NodeId {
         let engine = self.engine(&replica, role);
-        self.nodes.push(Node { name: name.into(), node_seed, dir, role, live: Some((replica, engine)), events: Vec::new() });
+        self.nodes.push(Node { name: name.into(), node_seed, label, store, crash_at_flush: false, role, live: Some((replica, engine)), events: Vec::new() });
         NodeId(self.nodes.len() - 1)
     }
 
@@ -255,19 +262,36 @@ impl Network {
         self.settle_links();
     }
 
-    /// Crashes `n`: its engine and replica are dropped; its peers see the connection drop.
+    /// Crashes `n`: its engine and replica are dropped, its store keeps only what was
+    /// flushed; its peers see the connection drop.
     pub fn crash(&mut self, n: NodeId) {
         let keys: Vec<_> = self.links.keys().copied().filter(|(a, b)| *a == n || *b == n).collect();
         for k in keys {
             self.disconnect(k);
         }
-        self.nodes[n.0].live = None;
+        let node = &mut self.nodes[n.0];
+        node.live = None;
+        node.crash_at_flush = false;
+        node.store = Arc::new(node.store.crash().unwrap_or_else(|e| panic!("{} does not survive its crash: {e}", node.name)));
+    }
+
+    /// Makes `n` crash during its next flush: what that flush was making durable is lost,
+    /// and nothing it covered was acknowledged. (A write by the app that hits it fails, as
+    /// on a real node, and the app must not count it.)
+    pub fn crash_at_next_flush(&mut self, n: NodeId) {
+        self.nodes[n.0].store.fail_next_flush();
+        self.nodes[n.0].crash_at_flush = true;
+    }
+
+    /// Whether `n` is up.
+    pub fn is_up(&self, n: NodeId) -> bool {
+        self.nodes[n.0].live.is_some()
     }
 
     /// Restarts a crashed node from its store.
     pub fn restart(&mut self, n: NodeId) {
         let node = &self.nodes[n.0];
-        let replica = Replica::open(&node.dir).unwrap_or_else(|e| panic!("{} does not reopen: {e}", node.name));
+        let replica = Replica::open_on(node.store.clone(), &node.label).unwrap_or_else(|e| panic!("{} does not reopen: {e}", node.name));
         // A restarted node continues its id stream from a fresh, still seeded, generator.
         let replica = Arc::new(replica.with_clock(self.clock(node.node_seed ^ self.now.rotate_left(17))));
         let engine = self.engine(&replica, node.role);
@@ -310,7 +334,15 @@ impl Network {
     /// Feeds an input to a node's engine and routes everything it produces.
     fn input(&mut self, n: NodeId, input: Input) {
         let Some((_, engine)) = self.nodes[n.0].live.as_mut() else { return };
-        engine.handle(input).unwrap_or_else(|e| panic!("seed {}: engine of {} failed: {e}", self.seed, self.nodes[n.0].name));
+        if let Err(e) = engine.handle(input) {
+            if !self.nodes[n.0].crash_at_flush {
+                panic!("seed {}: engine of {} failed: {e}", self.seed, self.nodes[n.0].name);
+            }
+            // The flush it was told to fail: the node dies there, before sending anything
+            // that flush covered.
+            self.crash(n);
+            return;
+        }
         self.drain(n);
     }
 
@@ -358,9 +390,24 @@ impl Network {
 
     /// Writes on a node, as its app would, and lets its engine offer the change.
     pub fn put(&mut self, n: NodeId, collection: &str, id: Option<EntityId>, patch: &str) -> EntityId {
-        let id = self.replica(n).put(collection, id, patch).unwrap_or_else(|e| panic!("put on {}: {e}", self.nodes[n.0].name));
-        self.input(n, Input::LocalChange);
-        id
+        self.try_put(n, collection, id, patch).unwrap_or_else(|e| panic!("put on {}: {e}", self.nodes[n.0].name))
+    }
+
+    /// [`Self::put`] on a node that may crash in the write's flush
+    /// ([`Self::crash_at_next_flush`]): then the write is not acknowledged (an error) and
+    /// the node is down.
+    pub fn try_put(&mut self, n: NodeId, collection: &str, id: Option<EntityId>, patch: &str) -> Result<EntityId, fieldsync::Error> {
+        match self.replica(n).put(collection, id, patch) {
+            Ok(id) => {
+                self.input(n, Input::LocalChange);
+                Ok(id)
+            }
+            Err(e) if self.nodes[n.0].crash_at_flush => {
+                self.crash(n);
+                Err(e)
+            }
+            Err(e) => panic!("put on {}: {e}", self.nodes[n.0].name),
+        }
     }
 
     /// Runs `f` against a node's replica, then lets its engine offer what changed.

@@ -139,9 +139,8 @@ impl Replica {
     /// Like [`Self::init_authority`] with a given identity key (the simulator's are seeded).
     pub fn init_authority_with_key(dir: &Path, schema_toml: &str, name: &str, key: ed25519::Keypair) -> Result<Self, Error> {
         Self::ensure_free(dir)?;
-        let schema = Schema::from_toml(schema_toml)?;
-        let ws = Workspace { id: WorkspaceId(uuid::Uuid::now_v7()), schema, authority: key.public() };
-        Self::init(dir, ws, key, name, true)
+        Schema::from_toml(schema_toml)?; // before anything is created
+        Self::init_authority_on(Self::new_store(dir)?, dir, schema_toml, name, key)
     }
 
     /// Joins the workspace of `invite` (JSON bytes from `fieldsync invite`) as a device.
@@ -152,12 +151,8 @@ impl Replica {
     /// Like [`Self::init_join`] with a given identity key.
     pub fn init_join_with_key(dir: &Path, invite: &[u8], name: &str, key: ed25519::Keypair) -> Result<Self, Error> {
         Self::ensure_free(dir)?;
-        let (ws, token) = Invite::decode_with_token(invite)?;
-        let replica = Self::init(dir, ws, key, name, false)?;
-        if let Some(token) = token {
-            replica.commit_durable(vec![], vec![(META_INVITE_TOKEN.to_owned(), Some(to_json_bytes(&token)))])?;
-        }
-        Ok(replica)
+        Invite::decode_with_token(invite)?; // before anything is created
+        Self::init_join_on(Self::new_store(dir)?, dir, invite, name, key)
     }
 
     /// Uses `clock` for time and new ids from now on.
@@ -173,10 +168,34 @@ impl Replica {
         Ok(())
     }
 
-    fn init(dir: &Path, ws: Workspace, key: ed25519::Keypair, name: &str, authority: bool) -> Result<Self, Error> {
-        Self::ensure_free(dir)?;
+    /// A new sled store in `dir`.
+    fn new_store(dir: &Path) -> Result<Arc<dyn Store>, Error> {
         std::fs::create_dir_all(dir).map_err(Error::file(dir))?;
-        let store = SledStore::open(&db_dir(dir))?;
+        Ok(Arc::new(SledStore::open(&db_dir(dir))?))
+    }
+
+    /// A new workspace on `store` (any engine, e.g. [`fieldsync_store::MemoryStore`]), with
+    /// this node its authority; `label` stands for the data directory in `status`.
+    pub fn init_authority_on(store: Arc<dyn Store>, label: &Path, schema_toml: &str, name: &str, key: ed25519::Keypair) -> Result<Self, Error> {
+        let schema = Schema::from_toml(schema_toml)?;
+        let ws = Workspace { id: WorkspaceId(uuid::Uuid::now_v7()), schema, authority: key.public() };
+        Self::init_on(store, label, ws, key, name, true)
+    }
+
+    /// Joins the workspace of `invite` on `store`, like [`Self::init_join_with_key`].
+    pub fn init_join_on(store: Arc<dyn Store>, label: &Path, invite: &[u8], name: &str, key: ed25519::Keypair) -> Result<Self, Error> {
+        let (ws, token) = Invite::decode_with_token(invite)?;
+        let replica = Self::init_on(store, label, ws, key, name, false)?;
+        if let Some(token) = token {
+            replica.commit_durable(vec![], vec![(META_INVITE_TOKEN.to_owned(), Some(to_json_bytes(&token)))])?;
+        }
+        Ok(replica)
+    }
+
+    fn init_on(store: Arc<dyn Store>, dir: &Path, ws: Workspace, key: ed25519::Keypair, name: &str, authority: bool) -> Result<Self, Error> {
+        if store.meta(META_IDENTITY)?.is_some() {
+            return Err(Error::AlreadyInitialized(dir.to_owned()));
+        }
         let node = NodeMeta { name: name.to_owned(), authority };
         let invite = serde_json::to_vec(&Invite::new(&ws)).map_err(|e| Error::CorruptMeta(e.to_string()))?;
         let meta = vec![
@@ -186,7 +205,7 @@ impl Replica {
         ];
         let ticket = store.commit(vec![], meta)?;
         store.wait_durable(ticket)?;
-        Ok(Self::assemble(Arc::new(store), ws, key, node, dir))
+        Ok(Self::assemble(store, ws, key, node, dir))
     }
 
     /// Opens the node in `dir`.
@@ -199,14 +218,19 @@ impl Replica {
         if !db_dir(dir).exists() {
             return Err(Error::NotInitialized(dir.to_owned()));
         }
-        let store = SledStore::open_with(&db_dir(dir), memory.store_cache_bytes)?;
+        let store = Arc::new(SledStore::open_with(&db_dir(dir), memory.store_cache_bytes)?);
+        Ok(Self::open_on(store, dir)?.with_doc_cache_bytes(memory.doc_cache_bytes))
+    }
+
+    /// Opens the node kept in `store` (any engine); `label` stands for the data directory.
+    pub fn open_on(store: Arc<dyn Store>, label: &Path) -> Result<Self, Error> {
         let missing = |what: &str| Error::CorruptMeta(format!("{what} is missing"));
         let mut key_bytes = store.meta(META_IDENTITY)?.ok_or_else(|| missing("identity"))?;
         let key = ed25519::Keypair::try_from_bytes(&mut key_bytes).map_err(|e| Error::CorruptMeta(e.to_string()))?;
         let node: NodeMeta = serde_json::from_slice(&store.meta(META_NODE)?.ok_or_else(|| missing("node"))?)
             .map_err(|e| Error::CorruptMeta(e.to_string()))?;
         let ws = Invite::decode(&store.meta(META_WORKSPACE)?.ok_or_else(|| missing("workspace"))?)?;
-        Ok(Self::assemble(Arc::new(store), ws, key, node, dir).with_doc_cache_bytes(memory.doc_cache_bytes))
+        Ok(Self::assemble(store, ws, key, node, label))
     }
 
     /// Bounds the document cache to `bytes` (estimated; see [`Entity::memory_estimate`]).
