@@ -92,7 +92,7 @@ pub struct EntityRecord {
 
 /// Writes gathered for one [`Kv::apply`].
 #[derive(Default)]
-struct Batch(Vec<(Vec<u8>, Option<Vec<u8>>)>);
+struct Batch(Vec<KvWrite>);
 
 impl Batch {
     fn insert(&mut self, k: impl Into<Vec<u8>>, v: impl Into<Vec<u8>>) {
@@ -118,15 +118,20 @@ pub struct StoredDoc {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Ticket(u64);
 
+/// A key and its value.
+pub type KvPair = (Vec<u8>, Vec<u8>);
+/// A write: a key and its new value (`None` removes it).
+pub type KvWrite = (Vec<u8>, Option<Vec<u8>>);
+
 /// The ordered key-value map a [`KvStore`] keeps its layout in.
 pub trait Kv: Send + Sync + std::fmt::Debug {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
     /// Entries from `start` on, ascending, while `keep` accepts their key; at most `limit`.
-    fn scan(&self, start: &[u8], limit: usize, keep: &mut dyn FnMut(&[u8]) -> bool) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error>;
+    fn scan(&self, start: &[u8], limit: usize, keep: &mut dyn FnMut(&[u8]) -> bool) -> Result<Vec<KvPair>, Error>;
     /// The greatest key starting with `prefix`.
     fn last_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, Error>;
     /// Applies the writes atomically (`None` removes the key).
-    fn apply(&self, batch: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), Error>;
+    fn apply(&self, batch: Vec<KvWrite>) -> Result<(), Error>;
     /// Makes everything applied so far durable.
     fn flush(&self) -> Result<(), Error>;
 }
@@ -143,7 +148,7 @@ impl Kv for SledKv {
         Ok(self.tree.get(key)?.map(|v| v.to_vec()))
     }
 
-    fn scan(&self, start: &[u8], limit: usize, keep: &mut dyn FnMut(&[u8]) -> bool) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+    fn scan(&self, start: &[u8], limit: usize, keep: &mut dyn FnMut(&[u8]) -> bool) -> Result<Vec<KvPair>, Error> {
         let mut out = Vec::new();
         for kv in self.tree.range(start..) {
             let (k, v) = kv?;
@@ -159,7 +164,7 @@ impl Kv for SledKv {
         Ok(self.tree.scan_prefix(prefix).next_back().transpose()?.map(|(k, _)| k.to_vec()))
     }
 
-    fn apply(&self, batch: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), Error> {
+    fn apply(&self, batch: Vec<KvWrite>) -> Result<(), Error> {
         let mut b = sled::Batch::default();
         for (k, v) in batch {
             match v {
@@ -349,7 +354,7 @@ impl SledStore {
 impl<K: Kv> KvStore<K> {
     /// The store over `kv`, which may hold an earlier store's layout.
     fn on(kv: K) -> Result<Self, Error> {
-        let last_seq = match kv.last_key(&[b'f'])? {
+        let last_seq = match kv.last_key(b"f")? {
             Some(k) => {
                 let b: [u8; 8] = k[1..].try_into().map_err(|_| Error::Corrupt("feed key".into()))?;
                 u64::from_be_bytes(b)
@@ -556,7 +561,7 @@ impl<K: Kv> Store for KvStore<K> {
 
     fn counts(&self) -> Result<Vec<(String, u64)>, Error> {
         let mut out: Vec<(String, u64)> = Vec::new();
-        for (k, _) in self.kv.scan(&[b'v'], usize::MAX, &mut |k| k.first() == Some(&b'v'))? {
+        for (k, _) in self.kv.scan(b"v", usize::MAX, &mut |k| k.first() == Some(&b'v'))? {
             let name = &k[1..k.len().saturating_sub(17)];
             match out.last_mut() {
                 Some((n, c)) if n.as_bytes() == name => *c += 1,

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::{Error, Kv, KvStore};
+use crate::{Error, Kv, KvPair, KvStore, KvWrite};
 
 type Map = BTreeMap<Vec<u8>, Vec<u8>>;
 
@@ -20,7 +20,7 @@ struct State {
     /// What a crash keeps: everything flushed.
     durable: Map,
     /// Batches applied since the last flush, oldest first.
-    unflushed: Vec<Vec<(Vec<u8>, Option<Vec<u8>>)>>,
+    unflushed: Vec<Vec<KvWrite>>,
     paused: bool,
     fail_next_flush: bool,
 }
@@ -31,7 +31,7 @@ pub struct MemKv {
     state: Arc<(Mutex<State>, Condvar)>,
 }
 
-fn apply_to(map: &mut Map, batch: &[(Vec<u8>, Option<Vec<u8>>)]) {
+fn apply_to(map: &mut Map, batch: &[KvWrite]) {
     for (k, v) in batch {
         match v {
             Some(v) => map.insert(k.clone(), v.clone()),
@@ -51,7 +51,7 @@ impl Kv for MemKv {
         Ok(self.lock().live.get(key).cloned())
     }
 
-    fn scan(&self, start: &[u8], limit: usize, keep: &mut dyn FnMut(&[u8]) -> bool) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+    fn scan(&self, start: &[u8], limit: usize, keep: &mut dyn FnMut(&[u8]) -> bool) -> Result<Vec<KvPair>, Error> {
         let state = self.lock();
         Ok(state.live.range(start.to_vec()..).take(limit).take_while(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect())
     }
@@ -61,7 +61,7 @@ impl Kv for MemKv {
         Ok(state.live.range(prefix.to_vec()..).take_while(|(k, _)| k.starts_with(prefix)).last().map(|(k, _)| k.clone()))
     }
 
-    fn apply(&self, batch: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), Error> {
+    fn apply(&self, batch: Vec<KvWrite>) -> Result<(), Error> {
         let mut state = self.lock();
         apply_to(&mut state.live, &batch);
         state.unflushed.push(batch);
