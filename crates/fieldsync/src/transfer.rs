@@ -144,7 +144,7 @@ impl Replica {
             .into_iter()
             .map(|(k, v)| (k[META_CHECKPOINT_IN.len()..].to_owned(), seq_of(Some(v))))
             .collect();
-        let header = BundleHeader { workspace: self.ws.id, from: self.peer.to_string(), since, upto, acks, credential: self.credential()? };
+        let header = BundleHeader { workspace: self.ws().id, from: self.peer.to_string(), since, upto, acks, credential: self.credential()? };
         let mut enc = BundleEncoder::new(&header);
         let mut out = Vec::new();
         let mut after = since;
@@ -189,8 +189,8 @@ impl Replica {
     /// or bundles in any order, gives the same result.
     pub fn import_bundle(&self, bytes: &[u8], progress: &mut dyn FnMut(usize, usize)) -> Result<ImportSummary, Error> {
         let bundle = Bundle::decode(bytes, Limits::default())?;
-        if bundle.header.workspace != self.ws.id {
-            return Err(Error::ForeignWorkspace { theirs: bundle.header.workspace.to_string(), ours: self.ws.id.to_string() });
+        if bundle.header.workspace != self.ws().id {
+            return Err(Error::ForeignWorkspace { theirs: bundle.header.workspace.to_string(), ours: self.ws().id.to_string() });
         }
         let from: PeerId = bundle
             .header
@@ -209,7 +209,7 @@ impl Replica {
                 if collection != be.collection {
                     return Err(fieldsync_core::Error::Bundle(format!("entity {} claims collection {:?} but holds {collection:?}", be.id, be.collection)));
                 }
-                self.ws.schema.collection(&collection)?;
+                self.ws().schema.collection(&collection)?;
                 Ok(Incoming::Whole { entity: Box::new(e), collection, chunks: vec![be.doc] })
             })
             .collect::<Result<_, fieldsync_core::Error>>()?;
@@ -255,7 +255,7 @@ impl Replica {
         let now = self.now_ms();
         let items = dedupe(items)?;
         // Held until the commit, so no local write to these entities slips in between.
-        let _guards = self.lock_many(items.iter().map(Incoming::id));
+        let guards = self.lock_many(items.iter().map(Incoming::id));
         let results: Vec<Outcome> = items
             .into_par_iter()
             .map(|item| {
@@ -278,7 +278,7 @@ impl Replica {
                         if local.collection().as_deref() != Some(collection.as_str()) {
                             return Err(fieldsync_core::Error::Protocol(format!("entity {id} is in another collection here")).into());
                         }
-                        let facts = Facts::of(&self.ws, &local);
+                        let facts = Facts::of(&self.ws(), &local);
                         let mut changed = false;
                         for chunk in &chunks {
                             changed |= local.merge_bytes(chunk)?;
@@ -292,7 +292,7 @@ impl Replica {
                     }
                 };
                 let collection = entity.collection().unwrap_or_default();
-                if let Err(refusal) = check_write(&self.ws.schema, grant, id, &collection, before.as_ref(), &Facts::of(&self.ws, &entity)) {
+                if let Err(refusal) = check_write(&self.ws().schema, grant, id, &collection, before.as_ref(), &Facts::of(&self.ws(), &entity)) {
                     // The merged document is dropped; the stored one is untouched.
                     return Ok(Outcome::Refused(refusal));
                 }
@@ -302,8 +302,8 @@ impl Replica {
                 }
                 let mut accepted = 0;
                 if self.authority {
-                    for pid in entity.auto_acceptable(&self.ws) {
-                        entity.accept(&self.ws, &w, pid, "auto_accept")?;
+                    for pid in entity.auto_acceptable(&self.ws()) {
+                        entity.accept(&self.ws(), &w, pid, "auto_accept")?;
                         accepted += 1;
                     }
                 }
@@ -336,9 +336,14 @@ impl Replica {
                 }
             }
         }
+        let schema_arrived = writes.iter().any(|w| w.collection == fieldsync_core::schema_version::SCHEMAS);
         self.commit_durable(writes, meta)?;
         for entity in merged {
             self.cache(entity);
+        }
+        drop(guards);
+        if schema_arrived {
+            self.adopt_newest_schema()?;
         }
         Ok(())
     }
@@ -346,7 +351,8 @@ impl Replica {
     /// Creates (or, for lines with an `_id` already stored, updates) one entity per line of
     /// JSON Lines text. Every line is checked before anything is written.
     pub fn bulk_import(&self, collection: &str, jsonl: &str, progress: &mut dyn FnMut(usize, usize)) -> Result<usize, Error> {
-        let coll = self.ws.schema.collection(collection)?;
+        let ws = self.ws();
+        let coll = ws.schema.collection(collection)?;
         let lines: Vec<(usize, &str)> = jsonl.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| (i + 1, l)).collect();
         let parsed: Vec<(Option<EntityId>, Patch)> = lines
             .par_iter()
@@ -383,7 +389,7 @@ impl Replica {
                 .par_iter()
                 .map(|(id, patch)| {
                     let w = self.writer(now);
-                    let mut e = Entity::create(&self.ws, *id, collection, &w, patch, &mut || self.new_proposal_id())?;
+                    let mut e = Entity::create(&self.ws(), *id, collection, &w, patch, &mut || self.new_proposal_id())?;
                     self.entity_write(&mut e)
                 })
                 .collect::<Result<Vec<_>, Error>>()?;
