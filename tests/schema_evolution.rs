@@ -7,7 +7,8 @@ use fieldsync_tests::sim::{Faults, Network};
 use fieldsync_tests::SCHEMA;
 
 fn v2() -> String {
-    SCHEMA.replace(
+    let with_projects = format!("{SCHEMA}\n[collections.projects.fields]\nname = {{ rule = \"lww\" }}\n");
+    with_projects.replace(
         r#"status   = { rule = "rank", order = ["open", "in_progress", "completed"] }"#,
         "status   = { rule = \"rank\", order = [\"open\", \"in_progress\", \"completed\", \"on_hold\"] }\npriority = { rule = \"max\" }\nsite     = { rule = \"lww\", default = \"unassigned\" }",
     )
@@ -37,6 +38,7 @@ fn a_device_offline_since_version_1_loses_nothing_and_converges_after_adopting_v
     // Version 2 writes on the online side; old- and new-style writes on the couch device.
     net.put(fresh, "tasks", Some(task), r#"{"status":"on_hold","priority":3}"#);
     net.put(couch, "tasks", Some(task), r#"{"status":"in_progress","priority":7,"title":"Fit boiler, 2nd floor"}"#);
+    let project = net.put(fresh, "projects", None, r#"{"name":"Boiler season"}"#);
     let couch_only = net.put(couch, "tasks", None, r#"{"title":"Bleed radiators","priority":1,"status":"completed"}"#);
     // On version 1, "on_hold" is not a status the couch device can write: that is its own
     // schema's check, not a refusal of the device for being old.
@@ -58,6 +60,7 @@ fn a_device_offline_since_version_1_loses_nothing_and_converges_after_adopting_v
     assert_eq!(v["priority"], 7, "max of 3 and 7 under version 2: {v:?}");
     assert_eq!(v["status"], "on_hold", "on_hold ranks above in_progress: {v:?}");
     assert_eq!(v["title"], "Fit boiler, 2nd floor");
+    assert_eq!(net.view(couch, "projects", project).expect("a collection added in version 2 reaches the couch device")["name"], "Boiler season");
     let w = net.view(relay, "tasks", couch_only).expect("the couch device's new task reached the relay");
     assert_eq!((w["priority"].clone(), w["status"].clone()), (serde_json::json!(1), serde_json::json!("completed")));
 
@@ -90,4 +93,22 @@ fn only_the_authority_publishes_and_a_restart_keeps_the_adopted_version() {
     let versions = net.replica(device).schema_versions().unwrap();
     assert_eq!(versions.iter().map(|v| (v.version, v.current)).collect::<Vec<_>>(), vec![(1, false), (2, true)]);
     assert!(net.replica(device).schema_info(Some(3)).is_err());
+}
+
+#[test]
+fn a_bundle_carries_a_new_version_and_the_collection_it_adds() {
+    let root = tempfile::tempdir().unwrap();
+    let (hq, devices) = fieldsync_tests::workspace(root.path(), &["ana"]).unwrap();
+    let ana = &devices[0];
+    let task = ana.put("tasks", None, r#"{"status":"open","priority":2}"#).unwrap();
+    fieldsync_tests::exchange(ana, &hq).unwrap();
+    hq.push_schema(&v2()).unwrap();
+    let project = hq.put("projects", None, r#"{"name":"Boiler season"}"#).unwrap();
+    hq.put("tasks", Some(task), r#"{"priority":1}"#).unwrap();
+    assert!(ana.put("projects", None, "{}").is_err(), "version 1 has no projects");
+    fieldsync_tests::exchange(&hq, ana).unwrap();
+    assert_eq!(ana.schema_version(), 2);
+    assert_eq!(ana.get("projects", project).unwrap()["name"], "Boiler season");
+    assert_eq!(ana.get("tasks", task).unwrap(), hq.get("tasks", task).unwrap());
+    assert_eq!(ana.status().unwrap().schema_version, 2);
 }

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use fieldsync_core::bundle::{Bundle, BundleEncoder, BundleEntity, BundleHeader, Limits};
 use fieldsync_core::membership::{check_write, Facts, Grant, Refusal, RefusalKind};
+use fieldsync_core::schema_version::SCHEMAS;
 use fieldsync_core::{Entity, EntityId, Patch, PeerId};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -39,6 +40,12 @@ pub(crate) enum Incoming {
 }
 
 impl Incoming {
+    fn collection(&self) -> &str {
+        match self {
+            Incoming::Whole { collection, .. } | Incoming::Changes { collection, .. } => collection,
+        }
+    }
+
     fn id(&self) -> EntityId {
         match self {
             Incoming::Whole { entity, .. } => entity.id(),
@@ -199,8 +206,10 @@ impl Replica {
             .map_err(|_| fieldsync_core::Error::Bundle(format!("sender {:?} is not a peer id", bundle.header.from)))?;
         // Writes are checked against the sender's membership, as over the network.
         let grant = self.admit(&from, bundle.header.credential.as_ref())?;
+        // A bundle that carries a schema version may carry entities of collections it adds.
+        let brings_schema = bundle.entities.iter().any(|e| e.collection == SCHEMAS);
         // Check everything first; nothing is applied from a bundle with one bad entity.
-        let received: Vec<Incoming> = bundle
+        let mut received: Vec<Incoming> = bundle
             .entities
             .into_par_iter()
             .map(|be| {
@@ -209,10 +218,14 @@ impl Replica {
                 if collection != be.collection {
                     return Err(fieldsync_core::Error::Bundle(format!("entity {} claims collection {:?} but holds {collection:?}", be.id, be.collection)));
                 }
-                self.ws().schema.collection(&collection)?;
+                if !brings_schema {
+                    self.ws().schema.collection(&collection)?;
+                }
                 Ok(Incoming::Whole { entity: Box::new(e), collection, chunks: vec![be.doc] })
             })
             .collect::<Result<_, fieldsync_core::Error>>()?;
+        // Schema versions first, so the batches after them are read under the newest.
+        received.sort_by_key(|i| i.collection() != SCHEMAS);
 
         let mut summary = ImportSummary { entities: received.len(), ..Default::default() };
         let total = received.len();
@@ -252,7 +265,19 @@ impl Replica {
     /// authority values, partitions): a refused one is left as it was and listed in
     /// `summary.refused`.
     pub(crate) fn merge_incoming(&self, items: Vec<Incoming>, meta: Vec<(String, Option<Vec<u8>>)>, grant: &Grant, summary: &mut ImportSummary) -> Result<(), Error> {
+        // A schema version first: it is adopted before the rest is read, so entities of
+        // collections it adds are known and derived under its rules.
+        let (schemas, rest): (Vec<Incoming>, Vec<Incoming>) = items.into_iter().partition(|i| i.collection() == SCHEMAS);
+        if !schemas.is_empty() && !rest.is_empty() {
+            self.merge_batch(schemas, vec![], grant, summary)?;
+            return self.merge_batch(rest, meta, grant, summary);
+        }
+        self.merge_batch(if schemas.is_empty() { rest } else { schemas }, meta, grant, summary)
+    }
+
+    fn merge_batch(&self, items: Vec<Incoming>, meta: Vec<(String, Option<Vec<u8>>)>, grant: &Grant, summary: &mut ImportSummary) -> Result<(), Error> {
         let now = self.now_ms();
+        let ws = self.ws();
         let items = dedupe(items)?;
         // Held until the commit, so no local write to these entities slips in between.
         let guards = self.lock_many(items.iter().map(Incoming::id));
@@ -261,6 +286,10 @@ impl Replica {
             .map(|item| {
                 let w = self.writer(now);
                 let id = item.id();
+                if ws.schema.collection(item.collection()).is_err() {
+                    let reason = format!("entity {id} is in collection {:?}, which schema version {} lacks", item.collection(), ws.schema.version());
+                    return Ok(Outcome::Refused(Refusal { kind: RefusalKind::UnknownCollection, reason }));
+                }
                 let mut as_received = None;
                 let mut before = None;
                 let (mut entity, how) = match (self.load(id)?, item) {
