@@ -410,6 +410,7 @@ const QUERY_PARAMS: &[(&str, &[&str])] = &[
     ("/v1/proposals", &["mine"]),
     ("/v1/changes", &["since", "limit"]),
     ("/v1/bundle", &["since"]),
+    ("/v1/schema", &["version"]),
 ];
 
 async fn check_query_params(path: Option<axum::extract::MatchedPath>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {

@@ -193,7 +193,10 @@ impl Replica {
         ];
         let ticket = store.commit(vec![], meta)?;
         store.wait_durable(ticket)?;
-        Ok(Self::assemble(Arc::new(store), ws, key, node, dir))
+        let replica = Self::assemble(Arc::new(store), ws, key, node, dir);
+        // Joined with an invite of a later version: the (empty) views follow it.
+        replica.adopt_newest_schema()?;
+        Ok(replica)
     }
 
     /// Opens the node in `dir`.
@@ -399,7 +402,9 @@ impl Replica {
     /// [`Applied::Already`]. Without `id`, the op id names the entity it creates.
     pub fn put_op(&self, collection: &str, id: Option<EntityId>, patch_json: &str, op: Option<&OpId>) -> Result<(EntityId, Applied), Error> {
         if collection.starts_with('_') {
-            return Err(Error::Refused(format!("{collection} is built in: members change with `fieldsync invite` and `fieldsync revoke`")));
+            return Err(Error::Refused(format!(
+                "{collection} is built in: members change with `fieldsync invite` and `fieldsync revoke`, schema versions with `fieldsync schema push`"
+            )));
         }
         let ws = self.ws();
         let coll = ws.schema.collection(collection)?;
