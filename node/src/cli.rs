@@ -177,6 +177,9 @@ pub(crate) enum Command {
     /// The PostgreSQL mirror of a relay.
     #[command(subcommand)]
     Mirror(MirrorCommand),
+    /// Schema versions: show one, compare a new one, publish it (authority).
+    #[command(subcommand)]
+    Schema(SchemaCommand),
     /// Bulk-create entities from a JSON Lines file (an optional "_id" per line).
     Import { collection: String, file: PathBuf },
     /// Print a collection's live entities as JSON Lines (re-importable).
@@ -260,6 +263,28 @@ pub(crate) enum MirrorCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SchemaCommand {
+    /// Print a schema version held here: `{version, current, schema, published_ms}`
+    /// (default: the version in use).
+    Show {
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// What publishing FILE (schema TOML) would change, and whether each change is allowed
+    /// (README "Schema reference"). Exits 0 either way; `allowed` says.
+    Diff { file: PathBuf },
+    /// Publish FILE (schema TOML) as the next version (authority only). Refused, with the
+    /// reason, if a change is not allowed; else signed, synced to every node and adopted
+    /// there on arrival (views are recomputed under it).
+    Push { file: PathBuf },
+}
+
+/// Reads a schema TOML file as text.
+pub(crate) fn read_schema(file: &Path) -> Result<String> {
+    String::from_utf8(read_file(file)?).map_err(|_| CliError::invalid(format!("{} is not UTF-8 text", file.display())))
 }
 
 #[derive(Debug, Subcommand)]
@@ -593,6 +618,13 @@ fn run_on(replica: &Replica, command: Command) -> Result<()> {
         Command::Accept { proposal_ids } => settle_all(&proposal_ids, "accepted", |id| replica.accept(id)),
         Command::Reject { proposal_ids } => settle_all(&proposal_ids, "rejected", |id| replica.reject(id)),
         Command::Status => emit(&replica.status()?),
+        Command::Schema(SchemaCommand::Show { version }) => emit(&replica.schema_info(version)?),
+        Command::Schema(SchemaCommand::Diff { file }) => emit(&replica.diff_schema(&read_schema(&file)?)?),
+        Command::Schema(SchemaCommand::Push { file }) => {
+            let pushed = replica.push_schema(&read_schema(&file)?)?;
+            eprintln!("published schema version {}; it reaches other nodes when they sync", pushed.version);
+            emit(&pushed)
+        }
         Command::Sync { .. } => Err(CliError::invalid("`fieldsync sync` needs a running daemon (`fieldsync run`) on this data directory")),
         Command::Mirror(MirrorCommand::Rebuild { postgres, config }) => {
             let tables = crate::config::load(config.as_deref())?.relay.postgres_tables;

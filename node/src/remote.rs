@@ -258,6 +258,16 @@ pub fn run(api: &str, command: Command) -> Result<()> {
         Command::Accept { proposal_ids } => settle_many(api, &proposal_ids, "accept"),
         Command::Reject { proposal_ids } => settle_many(api, &proposal_ids, "reject"),
         Command::Status => emit(&call("GET", &format!("{api}/v1/status"), None)?),
+        Command::Schema(crate::cli::SchemaCommand::Show { version }) => {
+            let query = version.map(|v| format!("?version={v}")).unwrap_or_default();
+            emit(&call("GET", &format!("{api}/v1/schema{query}"), None)?)
+        }
+        Command::Schema(crate::cli::SchemaCommand::Diff { file }) => {
+            emit(&call("POST", &format!("{api}/v1/schema/diff"), Some(&crate::cli::read_schema(&file)?))?)
+        }
+        Command::Schema(crate::cli::SchemaCommand::Push { file }) => {
+            emit(&call("POST", &format!("{api}/v1/schema"), Some(&crate::cli::read_schema(&file)?))?)
+        }
         Command::Sync { timeout } => sync(api, std::time::Duration::from_secs(timeout)),
         Command::Invite { action: Some(crate::cli::InviteAction::Cancel { invite_id }), .. } => {
             let id: uuid::Uuid = parse_id("invite id", &invite_id)?;

@@ -273,6 +273,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/proposals/{id}/accept", post(accept))
         .route("/v1/proposals/{id}/reject", post(reject))
         .route("/v1/sync", post(sync_now))
+        .route("/v1/schema", get(schema_show).post(schema_push))
+        .route("/v1/schema/diff", post(schema_diff))
         .route("/v1/members", get(members))
         .route("/v1/members/{peer}/revoke", post(revoke))
         .route("/v1/invites", get(pending_invites).post(invite))
@@ -408,6 +410,7 @@ const QUERY_PARAMS: &[(&str, &[&str])] = &[
     ("/v1/proposals", &["mine"]),
     ("/v1/changes", &["since", "limit"]),
     ("/v1/bundle", &["since"]),
+    ("/v1/schema", &["version"]),
 ];
 
 async fn check_query_params(path: Option<axum::extract::MatchedPath>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
@@ -655,6 +658,30 @@ async fn accept_many(State(s): State<AppState>, body: String) -> ApiResult {
 
 async fn reject_many(State(s): State<AppState>, body: String) -> ApiResult {
     settle_many(s, body, false).await
+}
+
+/// What `GET /v1/schema` takes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SchemaQuery {
+    version: Option<u64>,
+}
+
+async fn schema_show(State(s): State<AppState>, Query(q): Query<SchemaQuery>) -> ApiResult {
+    let info = blocking(&s, move |r| r.schema_info(q.version)).await?;
+    Ok(Json(serde_json::to_value(info).unwrap_or(Value::Null)))
+}
+
+async fn schema_diff(State(s): State<AppState>, body: String) -> ApiResult {
+    let diff = blocking(&s, move |r| r.diff_schema(&body)).await?;
+    Ok(Json(serde_json::to_value(diff).unwrap_or(Value::Null)))
+}
+
+async fn schema_push(State(s): State<AppState>, body: String) -> ApiResult {
+    let pushed = blocking(&s, move |r| r.push_schema(&body)).await?;
+    // Wakes the sync engine: the new version goes out at once.
+    (s.on_change)();
+    Ok(Json(serde_json::to_value(pushed).unwrap_or(Value::Null)))
 }
 
 async fn members(State(s): State<AppState>) -> ApiResult {

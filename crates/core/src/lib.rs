@@ -8,6 +8,7 @@
 //!   history are pure functions of the document, so replicas with the same changes agree.
 //! - [`authority`]: confirmed values signed by the workspace authority.
 //! - [`bundle`]: the file format that carries documents between nodes with no network.
+//! - [`schema_version`]: later schema versions, signed by the authority, and what may change.
 //! - [`workspace`]: the workspace identity and the invite that carries it.
 //! - [`membership`]: the signed member list, invite tokens and per-user partitions.
 //! - [`protocol`]: the sync protocol's frames and their size-limited codec.
@@ -24,6 +25,7 @@ pub mod patch;
 pub mod protocol;
 pub(crate) mod rules;
 pub mod schema;
+pub mod schema_version;
 pub mod workspace;
 
 pub use entity::{Applied, Conflict, ConflictState, Derived, Entity, FieldChange, HistoryEntry, Proposal, Resolution, View, Writer};

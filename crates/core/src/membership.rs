@@ -45,7 +45,7 @@ pub const MAX_TOKEN_BYTES: usize = 64 << 10;
 
 /// The `_members` collection's schema.
 pub(crate) fn members_collection() -> Collection {
-    let fields = BTreeMap::from([(RECORD.to_owned(), FieldSpec { rule: Rule::Authority, auto_accept: false })]);
+    let fields = BTreeMap::from([(RECORD.to_owned(), FieldSpec { rule: Rule::Authority, auto_accept: false, default: None })]);
     Collection { fields, ..Default::default() }
 }
 
@@ -229,6 +229,9 @@ pub enum RefusalKind {
     Rollback,
     /// Changes the member list other than by authority signatures.
     Members,
+    /// In a collection this node's schema version lacks (and the batch brought no version
+    /// that adds it).
+    UnknownCollection,
 }
 
 impl RefusalKind {
@@ -238,6 +241,7 @@ impl RefusalKind {
             RefusalKind::Forged => "forged_authority",
             RefusalKind::Rollback => "authority_rollback",
             RefusalKind::Members => "member_list",
+            RefusalKind::UnknownCollection => "unknown_collection",
         }
     }
 }

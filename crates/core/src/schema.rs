@@ -1,6 +1,8 @@
 //! The workspace schema: collections, their fields and each field's merge rule.
 //!
-//! Written in TOML and fixed at `init`; every node of a workspace holds the same text.
+//! Written in TOML. Version 1 is fixed at `init`; the authority publishes later versions
+//! (see [`crate::schema_version`]) and every node adopts the newest it holds. What a new
+//! version may change is decided by [`Schema::evolve`].
 
 use std::collections::BTreeMap;
 
@@ -73,6 +75,8 @@ pub struct FieldSpec {
     pub rule: Rule,
     /// For `authority` fields: the authority confirms valid proposals on receipt.
     pub auto_accept: bool,
+    /// Shown in the view while the field has no value (read time: nothing is written).
+    pub default: Option<serde_json::Value>,
 }
 
 /// What a device member may see and write of a collection (relays and admins see all).
@@ -124,6 +128,8 @@ impl Collection {
 pub struct Schema {
     pub collections: BTreeMap<String, Collection>,
     source: String,
+    /// 1 for the schema given at `init`; the authority numbers each later one.
+    version: u64,
 }
 
 #[derive(Deserialize)]
@@ -152,6 +158,7 @@ struct RawField {
     order: Option<RawOrder>,
     #[serde(default)]
     auto_accept: bool,
+    default: Option<toml::Value>,
 }
 
 /// `order`: the ranks of a `rank` field, or `"actor"` for an `lww` field.
@@ -237,7 +244,24 @@ impl Schema {
                         "{cname}.{fname}: `auto_accept` only applies to rule \"authority\""
                     )));
                 }
-                fields.insert(fname, FieldSpec { rule, auto_accept: rf.auto_accept });
+                let default = match rf.default {
+                    None => None,
+                    Some(v) => {
+                        let json = serde_json::to_value(&v).map_err(|e| Error::Schema(format!("{cname}.{fname}: default: {e}")))?;
+                        let coll = Collection { fields: BTreeMap::from([(fname.clone(), FieldSpec { rule: rule.clone(), auto_accept: false, default: None })]), ..Default::default() };
+                        let fits = matches!(rule, Rule::Lww { .. } | Rule::Rank { .. } | Rule::Max | Rule::Min | Rule::Manual)
+                            && !json.is_null()
+                            && crate::patch::Patch::from_json(&coll, &serde_json::json!({ fname.clone(): json.clone() })).is_ok();
+                        if !fits {
+                            return Err(Error::Schema(format!(
+                                "{cname}.{fname}: default {json} does not fit rule {:?}; defaults apply to lww, rank, max, min and manual fields and must be a value the rule accepts",
+                                rule.name()
+                            )));
+                        }
+                        Some(json)
+                    }
+                };
+                fields.insert(fname, FieldSpec { rule, auto_accept: rf.auto_accept, default });
             }
             if let Some(owner) = &rc.owner {
                 if !valid_name(owner) {
@@ -253,7 +277,19 @@ impl Schema {
             collections.insert(cname, Collection { on_delete: rc.on_delete, fields, owner: rc.owner, access: rc.access });
         }
         collections.insert(crate::membership::MEMBERS.to_owned(), crate::membership::members_collection());
-        Ok(Schema { collections, source: text.to_owned() })
+        collections.insert(crate::schema_version::SCHEMAS.to_owned(), crate::schema_version::schemas_collection());
+        Ok(Schema { collections, source: text.to_owned(), version: 1 })
+    }
+
+    /// This schema's version (1: the one given at `init`).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The same schema numbered `version`.
+    pub fn with_version(mut self, version: u64) -> Self {
+        self.version = version.max(1);
+        self
     }
 
     /// The TOML text this schema was parsed from.
@@ -296,7 +332,7 @@ start    = { rule = "manual" }
     #[test]
     fn parses_the_documented_example() {
         let s = Schema::from_toml(EXAMPLE).unwrap();
-        assert_eq!(s.collections.len(), 5, "four declared plus the built-in _members");
+        assert_eq!(s.collections.len(), 6, "four declared plus the built-in _members and _schemas");
         let tasks = s.collection("tasks").unwrap();
         assert_eq!(tasks.rule("status").name(), "rank");
         assert_eq!(tasks.rule("undeclared"), &Rule::Lww { by_actor: false });
@@ -321,6 +357,8 @@ start    = { rule = "manual" }
             ("[collections.t]\naccess = \"own\"", "needs `owner"),
             ("[collections.t]\naccess = \"some\"", "unknown variant"),
             ("[collections.t]\nowner = \"who\"\n[collections.t.fields]\nwho = { rule = \"set\" }", "must use rule"),
+            ("[collections.t.fields]\nx = { rule = \"max\", default = \"high\" }", "does not fit"),
+            ("[collections.t.fields]\nx = { rule = \"counter\", default = 1 }", "does not fit"),
         ] {
             let err = Schema::from_toml(bad).unwrap_err().to_string();
             assert!(err.contains(needle), "{bad:?} gave {err:?}");

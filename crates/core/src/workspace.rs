@@ -33,6 +33,10 @@ pub struct Invite {
     pub workspace: WorkspaceId,
     /// The schema's TOML text.
     pub schema: String,
+    /// The schema's version (absent: 1). The signed record of a later version travels in
+    /// `_schemas`; this number only labels the text until that record arrives.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub schema_version: u64,
     /// The authority's ed25519 public key, hex.
     pub authority_public_key: String,
     pub authority_peer_id: String,
@@ -40,6 +44,14 @@ pub struct Invite {
     /// copy a node keeps of its own workspace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<crate::membership::InviteToken>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn is_one(v: &u64) -> bool {
+    *v == 1
 }
 
 /// The `format` tag of invites this version writes and reads.
@@ -54,6 +66,7 @@ impl Invite {
             format: INVITE_FORMAT.into(),
             workspace: workspace.id,
             schema: workspace.schema.source().to_owned(),
+            schema_version: workspace.schema.version(),
             authority_public_key: hex::encode(workspace.authority.to_bytes()),
             authority_peer_id: workspace.authority_peer().to_string(),
             token: None,
@@ -79,7 +92,7 @@ impl Invite {
             .map_err(|e| Error::Invite(format!("authority_public_key: {e}")))?;
         let authority = ed25519::PublicKey::try_from_bytes(&key_bytes)
             .map_err(|e| Error::Invite(format!("authority_public_key: {e}")))?;
-        let workspace = Workspace { id: invite.workspace, schema: Schema::from_toml(&invite.schema)?, authority };
+        let workspace = Workspace { id: invite.workspace, schema: Schema::from_toml(&invite.schema)?.with_version(invite.schema_version), authority };
         if workspace.authority_peer().to_string() != invite.authority_peer_id {
             return Err(Error::Invite("authority_peer_id does not match authority_public_key".into()));
         }

@@ -39,6 +39,9 @@ pub enum Error {
     /// A line of a bulk-import file is not valid.
     #[error("line {line}: {message}; nothing was imported")]
     ImportLine { line: usize, message: String },
+    /// A schema version the change table does not allow.
+    #[error("schema change refused: {0}. Nothing was published; see README \"Schema reference\" for what may change")]
+    SchemaRefused(String),
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     File { path: PathBuf, source: std::io::Error },
@@ -68,6 +71,7 @@ impl Error {
             | Error::ForeignWorkspace { .. }
             | Error::ImportLine { .. }
             | Error::Refused(_)
+            | Error::SchemaRefused(_)
             | Error::AuthorityOnly(_) => ErrorKind::Invalid,
         }
     }

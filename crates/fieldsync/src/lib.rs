@@ -21,6 +21,7 @@ mod cache;
 mod error;
 mod members;
 mod replica;
+mod schemas;
 pub mod sync;
 mod transfer;
 
@@ -30,4 +31,5 @@ pub use fieldsync_core::{Applied, Conflict, ConflictId, EntityId, HistoryEntry, 
 pub use cache::MemoryOptions;
 pub use replica::{Clock, FeedChange, Replica, Status, SystemClock};
 pub use members::{MemberInfo, Membership, PendingInvite};
+pub use schemas::{SchemaDiff, SchemaInfo, SchemaPushed};
 pub use transfer::{ExportedBundle, ImportSummary};

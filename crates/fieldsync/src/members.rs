@@ -108,13 +108,13 @@ impl Replica {
             return Err(Error::AuthorityOnly("issue invites"));
         }
         let grant = Grant { user: user.to_owned(), role, partitions };
-        grant.check(&self.ws.schema)?;
+        grant.check(&self.ws().schema)?;
         let expires = self.now_ms().saturating_add(ttl_ms.max(0));
-        let token = InviteToken::sign(&self.key, self.new_id(), self.ws.id, grant, expires);
+        let token = InviteToken::sign(&self.key, self.new_id(), self.ws().id, grant, expires);
         // Remembered so `members` lists it until it is used, and so it can be cancelled.
         let pending = PendingInvite { id: token.id, grant: token.grant.clone(), issued_ms: self.now_ms(), expires_ms: expires, cancelled: false };
         self.commit_durable(vec![], vec![(format!("{META_INVITES}{}", token.id), Some(serde_json::to_vec(&pending).unwrap_or_default()))])?;
-        let invite = Invite { token: Some(token), ..Invite::new(&self.ws) };
+        let invite = Invite { token: Some(token), ..Invite::new(&self.ws()) };
         Ok(serde_json::to_vec_pretty(&invite).unwrap_or_default())
     }
 
@@ -123,7 +123,7 @@ impl Replica {
     pub fn invite(&self) -> Vec<u8> {
         self.issue_invite("device", MemberRole::Device, BTreeMap::new(), 7 * 24 * 3600 * 1000).unwrap_or_else(|_| {
             // A device has no key to sign with: it hands out the bare workspace.
-            serde_json::to_vec_pretty(&Invite::new(&self.ws)).unwrap_or_default()
+            serde_json::to_vec_pretty(&Invite::new(&self.ws())).unwrap_or_default()
         })
     }
 
@@ -225,7 +225,7 @@ impl Replica {
     pub(crate) fn note_admitted_by(&self, peer: &PeerId) -> Result<(), Error> {
         let Some(bytes) = self.store.meta(META_MEMBERSHIP)? else { return Ok(()) };
         let by = serde_json::from_slice::<Membership>(&bytes).ok().and_then(|m| m.by);
-        if *peer == self.ws.authority_peer() || by.is_none_or(|b| b == peer.to_string()) {
+        if *peer == self.ws().authority_peer() || by.is_none_or(|b| b == peer.to_string()) {
             self.commit_durable(vec![], vec![(META_MEMBERSHIP.to_owned(), None)])?;
         }
         Ok(())
@@ -248,10 +248,11 @@ impl Replica {
     }
 
     fn write_member_record(&self, peer: &PeerId, record: &MemberRecord) -> Result<(), Error> {
-        let coll = self.ws.schema.collection(MEMBERS)?;
+        let ws = self.ws();
+        let coll = ws.schema.collection(MEMBERS)?;
         let value = serde_json::to_value(record).map_err(|e| Error::CorruptMeta(e.to_string()))?;
         let patch = Patch::parse(coll, &serde_json::json!({ RECORD: value }).to_string())?;
-        self.put_patch(MEMBERS, Some(member_entity_id(self.ws.id, peer)), &patch)?;
+        self.put_patch(MEMBERS, Some(member_entity_id(self.ws().id, peer)), &patch)?;
         Ok(())
     }
 
@@ -260,7 +261,7 @@ impl Replica {
     /// a member (the invite is then bound to it).
     pub fn admit(&self, peer: &PeerId, credential: Option<&Credential>) -> Result<Grant, Error> {
         let refuse = |why: String| Err(Error::Refused(why));
-        if *peer == self.ws.authority_peer() {
+        if *peer == self.ws().authority_peer() {
             return Ok(Grant::authority());
         }
         let cache = self.member_cache()?;
@@ -269,8 +270,8 @@ impl Replica {
         }
         match credential {
             Some(Credential::Member { record }) => {
-                let id = member_entity_id(self.ws.id, peer);
-                if !record.verify(&self.ws.authority, self.ws.id, id, RECORD) {
+                let id = member_entity_id(self.ws().id, peer);
+                if !record.verify(&self.ws().authority, self.ws().id, id, RECORD) {
                     return refuse(format!("peer {peer} presented a member record the authority did not sign"));
                 }
                 match MemberRecord::from_confirmation(record, peer) {
@@ -280,10 +281,10 @@ impl Replica {
                 }
             }
             Some(Credential::Invite { token }) => {
-                if let Err(why) = token.verify(&self.ws.authority, self.ws.id, self.now_ms()) {
+                if let Err(why) = token.verify(&self.ws().authority, self.ws().id, self.now_ms()) {
                     return refuse(format!("peer {peer}: {why}"));
                 }
-                if let Err(e) = token.grant.check(&self.ws.schema) {
+                if let Err(e) = token.grant.check(&self.ws().schema) {
                     return refuse(format!("peer {peer}: {e}"));
                 }
                 if let Some(other) = cache.invites.get(&token.id).filter(|p| *p != peer) {
@@ -342,10 +343,10 @@ impl Replica {
     pub(crate) fn check_own_write(&self, before: Option<&Facts>, after: &Entity) -> Result<(), Error> {
         let collection = after.collection().unwrap_or_default();
         let Some(grant) = self.own_grant()? else { return Ok(()) };
-        if grant.access(&self.ws.schema, &collection) == Access::All {
+        if grant.access(&self.ws().schema, &collection) == Access::All {
             return Ok(());
         }
-        check_write(&self.ws.schema, &grant, after.id(), &collection, before, &Facts::of(&self.ws, after)).map_err(|r| Error::Refused(r.reason))
+        check_write(&self.ws().schema, &grant, after.id(), &collection, before, &Facts::of(&self.ws(), after)).map_err(|r| Error::Refused(r.reason))
     }
 
     /// What the write check needs of `entity` before a local write, when this device's
@@ -353,7 +354,7 @@ impl Replica {
     pub(crate) fn facts_before_own_write(&self, entity: &Entity) -> Result<Option<Facts>, Error> {
         let collection = entity.collection().unwrap_or_default();
         Ok(match self.own_grant()? {
-            Some(g) if g.access(&self.ws.schema, &collection) != Access::All => Some(Facts::of(&self.ws, entity)),
+            Some(g) if g.access(&self.ws().schema, &collection) != Access::All => Some(Facts::of(&self.ws(), entity)),
             _ => None,
         })
     }
@@ -369,11 +370,11 @@ impl Replica {
         if self.authority {
             return Ok(None);
         }
-        let id = member_entity_id(self.ws.id, &self.peer);
+        let id = member_entity_id(self.ws().id, &self.peer);
         let record = {
             let _guard = self.lock(id);
             let entity = self.load(id)?;
-            let record = entity.as_ref().and_then(|e| e.confirmed(&self.ws, RECORD));
+            let record = entity.as_ref().and_then(|e| e.confirmed(&self.ws(), RECORD));
             if let Some(e) = entity {
                 self.cache(e);
             }
@@ -392,16 +393,16 @@ impl Replica {
 
     /// Whether a member with `grant` may see entity `id` of `collection`.
     pub(crate) fn visible(&self, grant: &Grant, collection: &str, id: EntityId) -> Result<bool, Error> {
-        match grant.access(&self.ws.schema, collection) {
+        match grant.access(&self.ws().schema, collection) {
             Access::All => return Ok(true),
             Access::None => return Ok(false),
             Access::Own => {}
         }
         let _guard = self.lock(id);
         let Some(entity) = self.load(id)? else { return Ok(false) };
-        let owner = entity.owner(&self.ws);
+        let owner = entity.owner(&self.ws());
         self.cache(entity);
-        Ok(grant.may_see(&self.ws.schema, collection, || owner))
+        Ok(grant.may_see(&self.ws().schema, collection, || owner))
     }
 
     /// Bumped whenever the member list may have changed.
@@ -425,7 +426,7 @@ impl Replica {
             if let (Some(r), Some(id)) = (record, id) {
                 // A record counts only under its own peer's entity id.
                 if let Ok(peer) = r.peer.parse::<PeerId>() {
-                    if member_entity_id(self.ws.id, &peer) == id {
+                    if member_entity_id(self.ws().id, &peer) == id {
                         if let Some(invite) = r.invite {
                             cache.invites.insert(invite, peer);
                         }

@@ -24,7 +24,7 @@ use crate::Error;
 
 const META_IDENTITY: &str = "identity";
 const META_NODE: &str = "node";
-const META_WORKSPACE: &str = "workspace";
+pub(crate) const META_WORKSPACE: &str = "workspace";
 /// `ckin/<peer>`: the peer's feed seq up to which this node has applied everything.
 pub(crate) const META_CHECKPOINT_IN: &str = "ckin/";
 /// `ckout/<peer>`: this node's feed seq up to which the peer has applied everything.
@@ -96,12 +96,17 @@ pub struct Status {
     pub data_dir: PathBuf,
     /// Whether this node may sync: `active`, `revoked` or `refused`, and why.
     pub membership: crate::Membership,
+    /// The schema version in use here.
+    pub schema_version: u64,
+    /// The schema version the stored views follow (lower only while they are recomputed).
+    pub views_schema_version: u64,
 }
 
 /// One node's replica of its workspace.
 pub struct Replica {
     pub(crate) store: Arc<dyn Store>,
-    pub(crate) ws: Workspace,
+    /// The workspace, whose schema is swapped when a newer version is adopted.
+    ws: std::sync::RwLock<Arc<Workspace>>,
     pub(crate) key: ed25519::Keypair,
     pub(crate) peer: PeerId,
     pub(crate) name: String,
@@ -118,11 +123,13 @@ pub struct Replica {
     pub(crate) members_version: std::sync::atomic::AtomicU64,
     /// The grant of the invite this device joined with, once read.
     pub(crate) invite_grant: std::sync::OnceLock<Option<fieldsync_core::membership::Grant>>,
+    /// Held while a schema version is adopted, so two adoptions do not interleave.
+    pub(crate) adopting: Mutex<()>,
 }
 
 impl std::fmt::Debug for Replica {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Replica").field("peer", &self.peer).field("workspace", &self.ws.id).field("dir", &self.dir).finish()
+        f.debug_struct("Replica").field("peer", &self.peer).field("workspace", &self.ws().id).field("dir", &self.dir).finish()
     }
 }
 
@@ -205,7 +212,10 @@ impl Replica {
         ];
         let ticket = store.commit(vec![], meta)?;
         store.wait_durable(ticket)?;
-        Ok(Self::assemble(store, ws, key, node, dir))
+        let replica = Self::assemble(store, ws, key, node, dir);
+        // Joined with an invite of a later version: the (empty) views follow it.
+        replica.adopt_newest_schema()?;
+        Ok(replica)
     }
 
     /// Opens the node in `dir`.
@@ -230,7 +240,10 @@ impl Replica {
         let node: NodeMeta = serde_json::from_slice(&store.meta(META_NODE)?.ok_or_else(|| missing("node"))?)
             .map_err(|e| Error::CorruptMeta(e.to_string()))?;
         let ws = Invite::decode(&store.meta(META_WORKSPACE)?.ok_or_else(|| missing("workspace"))?)?;
-        Ok(Self::assemble(store, ws, key, node, label))
+        let replica = Self::assemble(store, ws, key, node, label);
+        // The newest schema version held, and views that follow it (after a crash mid-way).
+        replica.adopt_newest_schema()?;
+        Ok(replica)
     }
 
     /// Bounds the document cache to `bytes` (estimated; see [`Entity::memory_estimate`]).
@@ -248,7 +261,7 @@ impl Replica {
         let peer = libp2p_identity::PublicKey::from(key.public()).to_peer_id();
         Replica {
             store,
-            ws,
+            ws: std::sync::RwLock::new(Arc::new(ws)),
             key,
             peer,
             name: node.name,
@@ -260,6 +273,7 @@ impl Replica {
             members: Mutex::new((0, Default::default())),
             members_version: std::sync::atomic::AtomicU64::new(1),
             invite_grant: std::sync::OnceLock::new(),
+            adopting: Mutex::new(()),
         }
     }
 
@@ -268,9 +282,18 @@ impl Replica {
         self.peer
     }
 
-    /// The workspace.
-    pub fn workspace(&self) -> &Workspace {
-        &self.ws
+    /// The workspace, with the schema version this node has adopted.
+    pub fn workspace(&self) -> Arc<Workspace> {
+        self.ws()
+    }
+
+    pub(crate) fn ws(&self) -> Arc<Workspace> {
+        self.ws.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Swaps in a workspace with a newer schema (see `schemas.rs`).
+    pub(crate) fn set_ws(&self, ws: Workspace) {
+        *self.ws.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ws);
     }
 
     /// Whether this node is the workspace authority.
@@ -352,7 +375,7 @@ impl Replica {
     /// document (as received) and is stored as it is instead of saving again.
     pub(crate) fn entity_write_from(&self, entity: &mut Entity, snapshot: Option<Vec<u8>>) -> Result<EntityWrite, Error> {
         let id = entity.id();
-        let derived = entity.derive(&self.ws)?;
+        let derived = entity.derive(&self.ws())?;
         let collection = entity.collection().unwrap_or_default();
         // A given snapshot is stored as it is: no need to look up the stored record.
         let compact = snapshot.is_none()
@@ -403,11 +426,14 @@ impl Replica {
     /// [`Applied::Already`]. Without `id`, the op id names the entity it creates.
     pub fn put_op(&self, collection: &str, id: Option<EntityId>, patch_json: &str, op: Option<&OpId>) -> Result<(EntityId, Applied), Error> {
         if collection.starts_with('_') {
-            return Err(Error::Refused(format!("{collection} is built in: members change with `fieldsync invite` and `fieldsync revoke`")));
+            return Err(Error::Refused(format!(
+                "{collection} is built in: members change with `fieldsync invite` and `fieldsync revoke`, schema versions with `fieldsync schema push`"
+            )));
         }
-        let coll = self.ws.schema.collection(collection)?;
+        let ws = self.ws();
+        let coll = ws.schema.collection(collection)?;
         let patch = Patch::parse(coll, patch_json)?;
-        let id = id.or_else(|| op.map(|o| o.entity(self.ws.id)));
+        let id = id.or_else(|| op.map(|o| o.entity(self.ws().id)));
         self.put_patch_op(collection, id, &patch, op)
     }
 
@@ -421,14 +447,14 @@ impl Replica {
         let w = self.writer(self.now_ms());
         let mut before = None;
         let (mut entity, applied) = match self.load(id)? {
-            None => (Entity::create_op(&self.ws, id, collection, &w, patch, op, &mut || self.new_proposal_id())?, Applied::Now),
+            None => (Entity::create_op(&self.ws(), id, collection, &w, patch, op, &mut || self.new_proposal_id())?, Applied::Now),
             Some(mut e) => {
                 let actual = e.collection().unwrap_or_default();
                 if actual != collection {
                     return Err(Error::WrongCollection { id, actual, asked: collection.to_owned() });
                 }
                 before = self.facts_before_own_write(&e)?;
-                let applied = e.update_op(&self.ws, &w, patch, op, &mut || self.new_proposal_id())?;
+                let applied = e.update_op(&self.ws(), &w, patch, op, &mut || self.new_proposal_id())?;
                 (e, applied)
             }
         };
@@ -462,7 +488,7 @@ impl Replica {
     /// Like [`Replica::list`], starting after entity `after` (a page cursor); `each` gets
     /// the id with the view.
     pub fn list_after(&self, collection: &str, filters: &[String], include_deleted: bool, after: Option<EntityId>, each: &mut dyn FnMut(EntityId, View) -> bool) -> Result<(), Error> {
-        self.ws.schema.collection(collection)?;
+        self.ws().schema.collection(collection)?;
         let filters = filters.iter().map(|f| parse_filter(f)).collect::<Result<Vec<_>, _>>()?;
         let mut after: Option<[u8; 16]> = after.map(|id| *id.as_bytes());
         loop {
@@ -489,10 +515,10 @@ impl Replica {
 
     /// Deletes an entity once per operation id (a retried delete answers as the first did).
     pub fn delete_op(&self, collection: &str, id: EntityId, op: Option<&OpId>) -> Result<Applied, Error> {
-        self.ws.schema.collection(collection)?;
+        self.ws().schema.collection(collection)?;
         let _guard = self.lock(id);
         let mut entity = self.load_in(collection, id)?;
-        let applied = entity.delete_op(&self.ws, &self.writer(self.now_ms()), op)?;
+        let applied = entity.delete_op(&self.ws(), &self.writer(self.now_ms()), op)?;
         if applied == Applied::Now {
             let write = self.entity_write(&mut entity)?;
             self.commit_durable(vec![write], vec![])?;
@@ -503,10 +529,10 @@ impl Replica {
 
     /// Every change of an entity: device, user, time, kind, fields.
     pub fn history(&self, collection: &str, id: EntityId) -> Result<Vec<HistoryEntry>, Error> {
-        self.ws.schema.collection(collection)?;
+        self.ws().schema.collection(collection)?;
         let _guard = self.lock(id);
         let mut entity = self.load_in(collection, id)?;
-        let mut history = entity.history(&self.ws);
+        let mut history = entity.history(&self.ws());
         self.cache(entity);
         // The audit user is the one the authority signed into the device's member record,
         // not the name a device gave itself.
@@ -538,7 +564,7 @@ impl Replica {
     pub fn conflicts_of(&self, id: EntityId) -> Result<(Vec<Conflict>, View), Error> {
         let _guard = self.lock(id);
         let Some(entity) = self.load(id)? else { return Ok((vec![], View::new())) };
-        let derived = entity.derive(&self.ws);
+        let derived = entity.derive(&self.ws());
         self.cache(entity);
         let derived = derived?;
         Ok((derived.conflicts.into_iter().chain(derived.resolved).collect(), derived.view))
@@ -559,7 +585,7 @@ impl Replica {
             .ok_or_else(|| Error::CorruptMeta("conflict index entry".into()))?;
         let _guard = self.lock(id);
         let mut entity = self.load(id)?.ok_or_else(|| Error::CorruptMeta(format!("conflict {conflict} names missing entity {id}")))?;
-        entity.resolve(&self.ws, &self.writer(self.now_ms()), conflict, &value)?;
+        entity.resolve(&self.ws(), &self.writer(self.now_ms()), conflict, &value)?;
         let write = self.entity_write(&mut entity)?;
         self.commit_durable(vec![write], vec![])?;
         self.cache(entity);
@@ -607,7 +633,7 @@ impl Replica {
         let mut entity = self.load(entity_id)?.ok_or_else(|| Error::CorruptMeta(format!("proposal {id} names missing entity")))?;
         let w = self.writer(self.now_ms());
         if accept {
-            entity.accept(&self.ws, &w, id, "accept")?;
+            entity.accept(&self.ws(), &w, id, "accept")?;
         } else {
             entity.reject(&w, id)?;
         }
@@ -666,7 +692,7 @@ impl Replica {
         Ok(Status {
             peer_id: self.peer.to_string(),
             name: self.name.clone(),
-            workspace: self.ws.id,
+            workspace: self.ws().id,
             authority: self.authority,
             entities,
             open_conflicts: self.conflicts(false)?.len(),
@@ -674,6 +700,8 @@ impl Replica {
             feed_seq: self.store.last_seq(),
             data_dir: self.dir.clone(),
             membership: self.membership()?,
+            schema_version: self.schema_version(),
+            views_schema_version: self.views_schema_version()?,
         })
     }
 }

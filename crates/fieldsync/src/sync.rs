@@ -727,10 +727,13 @@ impl Engine {
     fn check_payloads(&self, payloads: Vec<Payload>) -> Result<Vec<Incoming>, String> {
         use rayon::prelude::*;
         let ws = self.replica.workspace();
+        // A batch that carries a schema version may carry entities of collections it adds
+        // (the replica adopts the version before it reads them).
+        let brings_schema = payloads.iter().any(|p| p.collection == fieldsync_core::schema_version::SCHEMAS);
         payloads
             .into_par_iter()
             .map(|p| {
-                if ws.schema.collection(&p.collection).is_err() {
+                if !brings_schema && ws.schema.collection(&p.collection).is_err() {
                     return Err(format!("entity {} is in unknown collection {:?}", p.id, p.collection));
                 }
                 let bytes: usize = p.chunks.iter().map(|c| c.len()).sum();

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use fieldsync_core::bundle::{Bundle, BundleEncoder, BundleEntity, BundleHeader, Limits};
 use fieldsync_core::membership::{check_write, Facts, Grant, Refusal, RefusalKind};
+use fieldsync_core::schema_version::SCHEMAS;
 use fieldsync_core::{Entity, EntityId, Patch, PeerId};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -39,6 +40,12 @@ pub(crate) enum Incoming {
 }
 
 impl Incoming {
+    fn collection(&self) -> &str {
+        match self {
+            Incoming::Whole { collection, .. } | Incoming::Changes { collection, .. } => collection,
+        }
+    }
+
     fn id(&self) -> EntityId {
         match self {
             Incoming::Whole { entity, .. } => entity.id(),
@@ -144,7 +151,7 @@ impl Replica {
             .into_iter()
             .map(|(k, v)| (k[META_CHECKPOINT_IN.len()..].to_owned(), seq_of(Some(v))))
             .collect();
-        let header = BundleHeader { workspace: self.ws.id, from: self.peer.to_string(), since, upto, acks, credential: self.credential()? };
+        let header = BundleHeader { workspace: self.ws().id, from: self.peer.to_string(), since, upto, acks, credential: self.credential()? };
         let mut enc = BundleEncoder::new(&header);
         let mut out = Vec::new();
         let mut after = since;
@@ -189,8 +196,8 @@ impl Replica {
     /// or bundles in any order, gives the same result.
     pub fn import_bundle(&self, bytes: &[u8], progress: &mut dyn FnMut(usize, usize)) -> Result<ImportSummary, Error> {
         let bundle = Bundle::decode(bytes, Limits::default())?;
-        if bundle.header.workspace != self.ws.id {
-            return Err(Error::ForeignWorkspace { theirs: bundle.header.workspace.to_string(), ours: self.ws.id.to_string() });
+        if bundle.header.workspace != self.ws().id {
+            return Err(Error::ForeignWorkspace { theirs: bundle.header.workspace.to_string(), ours: self.ws().id.to_string() });
         }
         let from: PeerId = bundle
             .header
@@ -199,8 +206,10 @@ impl Replica {
             .map_err(|_| fieldsync_core::Error::Bundle(format!("sender {:?} is not a peer id", bundle.header.from)))?;
         // Writes are checked against the sender's membership, as over the network.
         let grant = self.admit(&from, bundle.header.credential.as_ref())?;
+        // A bundle that carries a schema version may carry entities of collections it adds.
+        let brings_schema = bundle.entities.iter().any(|e| e.collection == SCHEMAS);
         // Check everything first; nothing is applied from a bundle with one bad entity.
-        let received: Vec<Incoming> = bundle
+        let mut received: Vec<Incoming> = bundle
             .entities
             .into_par_iter()
             .map(|be| {
@@ -209,10 +218,14 @@ impl Replica {
                 if collection != be.collection {
                     return Err(fieldsync_core::Error::Bundle(format!("entity {} claims collection {:?} but holds {collection:?}", be.id, be.collection)));
                 }
-                self.ws.schema.collection(&collection)?;
+                if !brings_schema {
+                    self.ws().schema.collection(&collection)?;
+                }
                 Ok(Incoming::Whole { entity: Box::new(e), collection, chunks: vec![be.doc] })
             })
             .collect::<Result<_, fieldsync_core::Error>>()?;
+        // Schema versions first, so the batches after them are read under the newest.
+        received.sort_by_key(|i| i.collection() != SCHEMAS);
 
         let mut summary = ImportSummary { entities: received.len(), ..Default::default() };
         let total = received.len();
@@ -252,15 +265,31 @@ impl Replica {
     /// authority values, partitions): a refused one is left as it was and listed in
     /// `summary.refused`.
     pub(crate) fn merge_incoming(&self, items: Vec<Incoming>, meta: Vec<(String, Option<Vec<u8>>)>, grant: &Grant, summary: &mut ImportSummary) -> Result<(), Error> {
+        // A schema version first: it is adopted before the rest is read, so entities of
+        // collections it adds are known and derived under its rules.
+        let (schemas, rest): (Vec<Incoming>, Vec<Incoming>) = items.into_iter().partition(|i| i.collection() == SCHEMAS);
+        if !schemas.is_empty() && !rest.is_empty() {
+            self.merge_batch(schemas, vec![], grant, summary)?;
+            return self.merge_batch(rest, meta, grant, summary);
+        }
+        self.merge_batch(if schemas.is_empty() { rest } else { schemas }, meta, grant, summary)
+    }
+
+    fn merge_batch(&self, items: Vec<Incoming>, meta: Vec<(String, Option<Vec<u8>>)>, grant: &Grant, summary: &mut ImportSummary) -> Result<(), Error> {
         let now = self.now_ms();
+        let ws = self.ws();
         let items = dedupe(items)?;
         // Held until the commit, so no local write to these entities slips in between.
-        let _guards = self.lock_many(items.iter().map(Incoming::id));
+        let guards = self.lock_many(items.iter().map(Incoming::id));
         let results: Vec<Outcome> = items
             .into_par_iter()
             .map(|item| {
                 let w = self.writer(now);
                 let id = item.id();
+                if ws.schema.collection(item.collection()).is_err() {
+                    let reason = format!("entity {id} is in collection {:?}, which schema version {} lacks", item.collection(), ws.schema.version());
+                    return Ok(Outcome::Refused(Refusal { kind: RefusalKind::UnknownCollection, reason }));
+                }
                 let mut as_received = None;
                 let mut before = None;
                 let (mut entity, how) = match (self.load(id)?, item) {
@@ -278,7 +307,7 @@ impl Replica {
                         if local.collection().as_deref() != Some(collection.as_str()) {
                             return Err(fieldsync_core::Error::Protocol(format!("entity {id} is in another collection here")).into());
                         }
-                        let facts = Facts::of(&self.ws, &local);
+                        let facts = Facts::of(&self.ws(), &local);
                         let mut changed = false;
                         for chunk in &chunks {
                             changed |= local.merge_bytes(chunk)?;
@@ -292,7 +321,7 @@ impl Replica {
                     }
                 };
                 let collection = entity.collection().unwrap_or_default();
-                if let Err(refusal) = check_write(&self.ws.schema, grant, id, &collection, before.as_ref(), &Facts::of(&self.ws, &entity)) {
+                if let Err(refusal) = check_write(&self.ws().schema, grant, id, &collection, before.as_ref(), &Facts::of(&self.ws(), &entity)) {
                     // The merged document is dropped; the stored one is untouched.
                     return Ok(Outcome::Refused(refusal));
                 }
@@ -302,8 +331,8 @@ impl Replica {
                 }
                 let mut accepted = 0;
                 if self.authority {
-                    for pid in entity.auto_acceptable(&self.ws) {
-                        entity.accept(&self.ws, &w, pid, "auto_accept")?;
+                    for pid in entity.auto_acceptable(&self.ws()) {
+                        entity.accept(&self.ws(), &w, pid, "auto_accept")?;
                         accepted += 1;
                     }
                 }
@@ -336,9 +365,14 @@ impl Replica {
                 }
             }
         }
+        let schema_arrived = writes.iter().any(|w| w.collection == fieldsync_core::schema_version::SCHEMAS);
         self.commit_durable(writes, meta)?;
         for entity in merged {
             self.cache(entity);
+        }
+        drop(guards);
+        if schema_arrived {
+            self.adopt_newest_schema()?;
         }
         Ok(())
     }
@@ -346,7 +380,8 @@ impl Replica {
     /// Creates (or, for lines with an `_id` already stored, updates) one entity per line of
     /// JSON Lines text. Every line is checked before anything is written.
     pub fn bulk_import(&self, collection: &str, jsonl: &str, progress: &mut dyn FnMut(usize, usize)) -> Result<usize, Error> {
-        let coll = self.ws.schema.collection(collection)?;
+        let ws = self.ws();
+        let coll = ws.schema.collection(collection)?;
         let lines: Vec<(usize, &str)> = jsonl.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| (i + 1, l)).collect();
         let parsed: Vec<(Option<EntityId>, Patch)> = lines
             .par_iter()
@@ -383,7 +418,7 @@ impl Replica {
                 .par_iter()
                 .map(|(id, patch)| {
                     let w = self.writer(now);
-                    let mut e = Entity::create(&self.ws, *id, collection, &w, patch, &mut || self.new_proposal_id())?;
+                    let mut e = Entity::create(&self.ws(), *id, collection, &w, patch, &mut || self.new_proposal_id())?;
                     self.entity_write(&mut e)
                 })
                 .collect::<Result<Vec<_>, Error>>()?;

@@ -265,7 +265,8 @@ pub async fn setup(client: &mut Client, replica: &Replica, config: &MirrorConfig
     tx.execute("SELECT pg_advisory_xact_lock(7346199)", &[]).await?;
     tx.batch_execute(SETUP_SQL).await?;
     for (collection, table) in tables(replica, config) {
-        let spec = replica.workspace().schema.collection(&collection)?;
+        let ws = replica.workspace();
+        let spec = ws.schema.collection(&collection)?;
         for ddl in table_ddl(&table, spec) {
             tx.batch_execute(&ddl).await?;
         }
@@ -304,7 +305,8 @@ pub async fn mirror_batch(client: &mut Client, replica: &Arc<Replica>, config: &
             return Err(MirrorError(format!("entity {} is in collection {:?}, which the schema lacks", change.id, change.collection)));
         };
         if !statements.contains_key(table) {
-            let spec = replica.workspace().schema.collection(&change.collection)?;
+            let ws = replica.workspace();
+            let spec = ws.schema.collection(&change.collection)?;
             statements.insert(table.clone(), tx.prepare(&upsert_sql(table, spec)).await?);
         }
         let view = Value::Object(change.view.clone());

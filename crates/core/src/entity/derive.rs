@@ -124,6 +124,12 @@ impl Entity {
                 view.insert(name.clone(), Json::from(rules::sum_with_deltas(&self.doc, name, &[])));
             }
         }
+        // Read-time defaults of fields that have no value (nothing is written).
+        for (name, spec) in &coll.fields {
+            if let (Some(d), false) = (&spec.default, view.contains_key(name)) {
+                view.insert(name.clone(), d.clone());
+            }
+        }
         // The newest valid confirmation of each authority field.
         let confirmed: BTreeMap<&str, Confirmation> = coll
             .fields

@@ -1,0 +1,114 @@
+//! Schema evolution: the authority publishes version 2 (a `priority` field with a `max` rule,
+//! "on_hold" appended to the task status order); a device offline since version 1 keeps
+//! writing old- and new-style values; after it syncs and adopts version 2, every view is
+//! identical and no write is lost. A change the table refuses is refused with its reason.
+
+use fieldsync_tests::sim::{Faults, Network};
+use fieldsync_tests::SCHEMA;
+
+fn v2() -> String {
+    let with_projects = format!("{SCHEMA}\n[collections.projects.fields]\nname = {{ rule = \"lww\" }}\n");
+    with_projects.replace(
+        r#"status   = { rule = "rank", order = ["open", "in_progress", "completed"] }"#,
+        "status   = { rule = \"rank\", order = [\"open\", \"in_progress\", \"completed\", \"on_hold\"] }\npriority = { rule = \"max\" }\nsite     = { rule = \"lww\", default = \"unassigned\" }",
+    )
+}
+
+#[test]
+fn a_device_offline_since_version_1_loses_nothing_and_converges_after_adopting_version_2() {
+    let mut net = Network::new(15, Faults::hostile());
+    let relay = net.add_relay("relay");
+    let fresh = net.add_device("fresh");
+    let couch = net.add_device("couch");
+    net.connect(fresh, relay);
+    net.connect(couch, relay);
+    net.run_until_quiescent();
+    let task = net.put(fresh, "tasks", None, r#"{"title":"Fit boiler","status":"open"}"#);
+    net.run_until_quiescent();
+
+    // The couch device goes offline on version 1; the authority publishes version 2.
+    net.isolate(couch);
+    let pushed = net.write(relay, |r| r.push_schema(&v2())).expect("version 2 is allowed");
+    assert_eq!(pushed.version, 2);
+    net.run_until_quiescent();
+    assert_eq!(net.replica(fresh).schema_version(), 2, "an online device adopts version 2 on arrival");
+    assert_eq!(net.replica(couch).schema_version(), 1);
+    assert_eq!(net.view(fresh, "tasks", task).unwrap()["site"], "unassigned", "a read-time default of version 2");
+
+    // Version 2 writes on the online side; old- and new-style writes on the couch device.
+    net.put(fresh, "tasks", Some(task), r#"{"status":"on_hold","priority":3}"#);
+    net.put(couch, "tasks", Some(task), r#"{"status":"in_progress","priority":7,"title":"Fit boiler, 2nd floor"}"#);
+    let project = net.put(fresh, "projects", None, r#"{"name":"Boiler season"}"#);
+    let couch_only = net.put(couch, "tasks", None, r#"{"title":"Bleed radiators","priority":1,"status":"completed"}"#);
+    // On version 1, "on_hold" is not a status the couch device can write: that is its own
+    // schema's check, not a refusal of the device for being old.
+    assert!(net.write(couch, |r| r.put("tasks", Some(couch_only), r#"{"status":"on_hold"}"#)).is_err());
+    // A field unknown to version 1 is lww there, and kept.
+    assert_eq!(net.view(couch, "tasks", task).unwrap()["priority"], 7);
+
+    net.heal_all();
+    net.run_until_quiescent();
+    for n in [relay, fresh, couch] {
+        assert_eq!(net.replica(n).schema_version(), 2, "{} adopted version 2", net.name(n));
+        assert_eq!(net.replica(n).views_schema_version().unwrap(), 2);
+    }
+    let reference = net.views(relay, "tasks");
+    for n in [fresh, couch] {
+        assert_eq!(net.views(n, "tasks"), reference, "{} sees what the relay sees", net.name(n));
+    }
+    let v = net.view(couch, "tasks", task).unwrap();
+    assert_eq!(v["priority"], 7, "max of 3 and 7 under version 2: {v:?}");
+    assert_eq!(v["status"], "on_hold", "on_hold ranks above in_progress: {v:?}");
+    assert_eq!(v["title"], "Fit boiler, 2nd floor");
+    assert_eq!(net.view(couch, "projects", project).expect("a collection added in version 2 reaches the couch device")["name"], "Boiler season");
+    let w = net.view(relay, "tasks", couch_only).expect("the couch device's new task reached the relay");
+    assert_eq!((w["priority"].clone(), w["status"].clone()), (serde_json::json!(1), serde_json::json!("completed")));
+
+    // A refused change is refused with its reason, and nothing is published.
+    let refused = v2().replace(r#"stock    = { rule = "counter" }"#, r#"stock    = { rule = "lww" }"#);
+    let err = net.write(relay, |r| r.push_schema(&refused)).unwrap_err().to_string();
+    assert!(err.contains("inventory.stock") && err.contains("increments would be dropped"), "{err}");
+    let shrunk = v2().replace(r#", "on_hold"]"#, "]");
+    let err = net.write(relay, |r| r.push_schema(&shrunk)).unwrap_err().to_string();
+    assert!(err.contains("only grow at its end"), "{err}");
+    assert_eq!(net.replica(relay).schema_version(), 2);
+    let diff = net.replica(relay).diff_schema(&refused).unwrap();
+    assert!(!diff.allowed);
+}
+
+#[test]
+fn only_the_authority_publishes_and_a_restart_keeps_the_adopted_version() {
+    let mut net = Network::new(16, Faults::none());
+    let relay = net.add_relay("relay");
+    let device = net.add_device("device");
+    net.connect(device, relay);
+    net.run_until_quiescent();
+    let err = net.write(device, |r| r.push_schema(&v2())).unwrap_err().to_string();
+    assert!(err.contains("authority"), "{err}");
+    net.write(relay, |r| r.push_schema(&v2())).unwrap();
+    net.run_until_quiescent();
+    net.crash(device);
+    net.restart(device);
+    assert_eq!(net.replica(device).schema_version(), 2);
+    let versions = net.replica(device).schema_versions().unwrap();
+    assert_eq!(versions.iter().map(|v| (v.version, v.current)).collect::<Vec<_>>(), vec![(1, false), (2, true)]);
+    assert!(net.replica(device).schema_info(Some(3)).is_err());
+}
+
+#[test]
+fn a_bundle_carries_a_new_version_and_the_collection_it_adds() {
+    let root = tempfile::tempdir().unwrap();
+    let (hq, devices) = fieldsync_tests::workspace(root.path(), &["ana"]).unwrap();
+    let ana = &devices[0];
+    let task = ana.put("tasks", None, r#"{"status":"open","priority":2}"#).unwrap();
+    fieldsync_tests::exchange(ana, &hq).unwrap();
+    hq.push_schema(&v2()).unwrap();
+    let project = hq.put("projects", None, r#"{"name":"Boiler season"}"#).unwrap();
+    hq.put("tasks", Some(task), r#"{"priority":1}"#).unwrap();
+    assert!(ana.put("projects", None, "{}").is_err(), "version 1 has no projects");
+    fieldsync_tests::exchange(&hq, ana).unwrap();
+    assert_eq!(ana.schema_version(), 2);
+    assert_eq!(ana.get("projects", project).unwrap()["name"], "Boiler season");
+    assert_eq!(ana.get("tasks", task).unwrap(), hq.get("tasks", task).unwrap());
+    assert_eq!(ana.status().unwrap().schema_version, 2);
+}
