@@ -180,7 +180,7 @@ fn a_relay_killed_mid_mirror_and_a_crashed_postgres_lose_and_duplicate_nothing()
     // `mirror rebuild` empties the tables; the relay writes every row again.
     relay.stop();
     pg.sql(&format!("UPDATE tasks SET view = '{{}}' WHERE id = '{}'", ids[2]));
-    assert_eq!(cli(&s.relay, &["mirror", "rebuild", "--postgres", &pg.url()])["rebuilt"], 6, "five collections and the member list");
+    assert_eq!(cli(&s.relay, &["mirror", "rebuild", "--postgres", &pg.url()])["rebuilt"], 7, "five collections, the member list and the schema versions");
     assert_eq!(pg.sql("SELECT count(*) FROM tasks"), "0");
     let (_relay, _) = start_mirroring_relay(&s.relay, &pg);
     caught_up(&s.relay);
@@ -229,4 +229,25 @@ fn two_relays_share_one_database_and_each_outbox_row_counts_once() {
     eventually("the restock counts once everywhere", || [&s.relay, &relay2, &s.devices[0]].iter().all(|d| cli(d, &["get", "inventory", &stock])["stock"] == 125));
     caught_up(&s.relay);
     assert_eq!(pg.sql(&format!("SELECT stock FROM inventory WHERE id = '{stock}'")), "125");
+}
+
+#[test]
+fn a_schema_version_adopted_while_mirroring_adds_its_columns() {
+    let pg = Postgres::start();
+    let s = site(0);
+    let (_relay, _) = start_mirroring_relay(&s.relay, &pg);
+    let before = cli(&s.relay, &["put", "tasks", r#"{"title":"before","priority":2}"#])["id"].as_str().unwrap().to_owned();
+    caught_up(&s.relay);
+    assert_eq!(pg.sql("SELECT count(*) FROM information_schema.columns WHERE table_name = 'tasks' AND column_name = 'priority'"), "0");
+
+    let v2 = SCHEMA.replace(r#"progress = { rule = "max" }"#, "progress = { rule = \"max\" }\npriority = { rule = \"max\" }");
+    let file = s.tmp.path().join("v2.toml");
+    std::fs::write(&file, v2).unwrap();
+    cli(&s.relay, &["schema", "push", file.to_str().unwrap()]);
+    let after = cli(&s.relay, &["put", "tasks", r#"{"title":"after","priority":5}"#])["id"].as_str().unwrap().to_owned();
+    caught_up(&s.relay);
+    eventually("the priority column is filled", || pg.sql(&format!("SELECT priority FROM tasks WHERE id = '{after}'")) == "5");
+    assert_eq!(pg.sql("SELECT data_type FROM information_schema.columns WHERE table_name = 'tasks' AND column_name = 'priority'"), "numeric");
+    // The value written before the version (a plain value then) is read under the new rule.
+    assert_eq!(pg.sql(&format!("SELECT priority FROM tasks WHERE id = '{before}'")), "2");
 }

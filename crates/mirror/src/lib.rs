@@ -16,7 +16,8 @@
 //! `NOTIFY` wakes the relay at once; without it the relay still polls every second.
 //!
 //! Connection loss and PostgreSQL restarts are met with backoff and a retry of the whole
-//! batch; nothing is skipped.
+//! batch; nothing is skipped. A schema version adopted while the mirror runs adds its
+//! tables and columns before the next batch.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -168,10 +169,11 @@ fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// `CREATE TABLE IF NOT EXISTS` for a collection's table, and `ADD COLUMN IF NOT EXISTS`
-/// for each typed column, so a table made by an older schema gains columns and never
-/// loses any.
-pub fn table_ddl(table: &str, collection: &Collection) -> Vec<String> {
+/// `CREATE TABLE IF NOT EXISTS` for a collection's table, then for each typed column
+/// `ADD COLUMN IF NOT EXISTS` and, when the column is new to the table (`existing` lacks
+/// it), an `UPDATE` that fills it from each row's `view` — so a table made under an older
+/// schema gains columns, filled, and never loses any.
+pub fn table_ddl(table: &str, collection: &Collection, existing: &BTreeSet<String>) -> Vec<String> {
     let t = ident(table);
     let mut out = vec![format!(
         "CREATE TABLE IF NOT EXISTS {t} (id uuid PRIMARY KEY, view jsonb NOT NULL, deleted boolean NOT NULL DEFAULT false, \
@@ -179,12 +181,16 @@ pub fn table_ddl(table: &str, collection: &Collection) -> Vec<String> {
     )];
     for c in columns(collection) {
         out.push(format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} {}", ident(&c.name), c.sql_type));
+        if !existing.is_empty() && !existing.contains(&c.name) {
+            out.push(format!("UPDATE {t} SET {} = {}", ident(&c.name), c.from_view.replace("$2::jsonb", "view")));
+        }
     }
     out
 }
 
 /// The upsert of one row: `$1` id, `$2` view (jsonb), `$3` deleted, `$4` heads, `$5`
-/// feed seq. A row whose heads are already these is left alone.
+/// feed seq. A row that already has these heads and this view is left alone (a new schema
+/// version changes views without changing heads).
 pub fn upsert_sql(table: &str, collection: &Collection) -> String {
     let t = ident(table);
     let cols = columns(collection);
@@ -196,7 +202,7 @@ pub fn upsert_sql(table: &str, collection: &Collection) -> String {
     insert_values.extend(values.iter().map(|v| (*v).to_owned()));
     let updates: Vec<String> = insert_cols.iter().skip(1).map(|c| format!("{c} = EXCLUDED.{c}")).collect();
     format!(
-        "INSERT INTO {t} ({}) VALUES ({}) ON CONFLICT (id) DO UPDATE SET {} WHERE {t}.heads IS DISTINCT FROM EXCLUDED.heads",
+        "INSERT INTO {t} ({}) VALUES ({}) ON CONFLICT (id) DO UPDATE SET {} WHERE {t}.heads IS DISTINCT FROM EXCLUDED.heads OR {t}.view IS DISTINCT FROM EXCLUDED.view",
         insert_cols.join(", "),
         insert_values.join(", "),
         updates.join(", ")
@@ -249,10 +255,12 @@ CREATE TRIGGER fieldsync_outbox_notify AFTER INSERT ON fieldsync_outbox
 "#;
 
 /// The table name of each collection of the replica's schema: as configured, else the
-/// collection's name (the member list, `_members`, goes to `fieldsync_members`).
+/// collection's name (built-in ones, such as the member list `_members` and the schema
+/// versions `_schemas`, go to `fieldsync_members`, `fieldsync_schemas`).
 fn tables(replica: &Replica, config: &MirrorConfig) -> BTreeMap<String, String> {
     let default = |c: &str| match c {
         fieldsync::core::membership::MEMBERS => "fieldsync_members".to_owned(),
+        c if c.starts_with('_') => format!("fieldsync{c}"),
         c => c.to_owned(),
     };
     replica.workspace().schema.collections.keys().map(|c| (c.clone(), config.tables.get(c).cloned().unwrap_or_else(|| default(c)))).collect()
@@ -267,7 +275,13 @@ pub async fn setup(client: &mut Client, replica: &Replica, config: &MirrorConfig
     for (collection, table) in tables(replica, config) {
         let ws = replica.workspace();
         let spec = ws.schema.collection(&collection)?;
-        for ddl in table_ddl(&table, spec) {
+        let existing: BTreeSet<String> = tx
+            .query("SELECT column_name::text FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = $1", &[&table])
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        for ddl in table_ddl(&table, spec, &existing) {
             tx.batch_execute(&ddl).await?;
         }
     }
@@ -518,7 +532,15 @@ async fn session(replica: &Arc<Replica>, config: &MirrorConfig, state: &MirrorSt
     tracing::info!("postgres mirror connected");
     let mut last_outbox = tokio::time::Instant::now() - OUTBOX_POLL;
     let mut last_log = tokio::time::Instant::now();
+    let mut schema = replica.workspace();
     loop {
+        // A newly adopted schema version may add collections and fields: tables and
+        // columns first (adopting rewrites every view, so its rows follow in the feed).
+        if !Arc::ptr_eq(&schema, &replica.workspace()) {
+            schema = replica.workspace();
+            setup(&mut client, replica, config).await?;
+            tracing::info!("postgres mirror: tables follow the new schema version");
+        }
         let mut busy = mirror_batch(&mut client, replica, config, state).await? > 0;
         *backoff = Duration::from_millis(250);
         if busy && last_log.elapsed() >= LAG_LOG_EVERY {
@@ -584,6 +606,11 @@ mod tests {
         let sql = upsert_sql("my \"things\"", &c);
         assert!(sql.starts_with(r#"INSERT INTO "my ""things""" (id, view, deleted, heads, feed_seq, updated_at, "amount""#), "{sql}");
         assert!(sql.contains(r#""view_field" = EXCLUDED."view_field""#), "{sql}");
-        assert!(table_ddl("t", &c).iter().any(|d| d == r#"ALTER TABLE "t" ADD COLUMN IF NOT EXISTS "count" numeric"#));
+        assert!(table_ddl("t", &c, &BTreeSet::new()).iter().any(|d| d == r#"ALTER TABLE "t" ADD COLUMN IF NOT EXISTS "count" numeric"#));
+        // A column new to an existing table is filled from the views.
+        let existing: BTreeSet<String> = ["id", "view", "status"].iter().map(|c| (*c).to_owned()).collect();
+        let ddl = table_ddl("t", &c, &existing);
+        assert!(ddl.iter().any(|d| d.starts_with(r#"UPDATE "t" SET "count" = CASE WHEN jsonb_typeof(view -> 'count')"#)), "{ddl:?}");
+        assert!(!ddl.iter().any(|d| d.starts_with(r#"UPDATE "t" SET "status""#)), "{ddl:?}");
     }
 }
