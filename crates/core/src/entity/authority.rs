@@ -60,9 +60,16 @@ impl Entity {
         let proposal = self.proposal(id)?;
         self.set_writer(w);
         let field = proposal.field.clone();
+        // Proposals equal to the value confirmed until now were settled by it (the view
+        // hides them): they stay settled when this acceptance changes the value.
+        let settled_value = self.confirmed(ws, &field).map(|c| c.value);
         let res = (|| -> Result<(), automerge::AutomergeError> {
             self.confirm(ws, key, &field, proposal.value.clone(), Some(id))?;
-            self.settle_proposals(&field, Some(id))
+            self.settle_proposals(&field, Some(id))?;
+            match &settled_value {
+                Some(value) => self.settle_equal(&field, value),
+                None => Ok(()),
+            }
         })();
         if let Err(e) = res {
             self.doc.rollback();
@@ -115,6 +122,17 @@ impl Entity {
         let Some(prop) = self.prop_map() else { return Ok(()) };
         for (pid, record) in self.proposal_records() {
             if record.field == field && upto.is_none_or(|u| pid <= u) {
+                self.doc.delete(&prop, pid.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the proposals on `field` whose value is `value`.
+    fn settle_equal(&mut self, field: &str, value: &Json) -> Result<(), automerge::AutomergeError> {
+        let Some(prop) = self.prop_map() else { return Ok(()) };
+        for (pid, record) in self.proposal_records() {
+            if record.field == field && record.value == *value {
                 self.doc.delete(&prop, pid.to_string())?;
             }
         }
