@@ -9,66 +9,20 @@
 //! (Debian's postgresql package, or `PG_BIN`). Lines starting `report: ` are rows for
 //! `scripts/bench-report`.
 
-#[path = "../tests/support/postgres.rs"]
-#[allow(dead_code)]
-mod postgres;
+// The node tests' helpers: running `fieldsync` commands and daemons, and PostgreSQL.
+#[path = "../tests/support/mod.rs"]
+mod support;
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::{bin, postgres, Daemon, LOCAL, SCHEMA};
 
-fn fieldsync(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fieldsync"));
-    c.env_remove("FIELDSYNC_DATA").env("RUST_LOG", "warn").arg("--data").arg(dir);
-    c
-}
-
-fn cli(dir: &Path, args: &[&str]) -> anyhow::Result<Vec<u8>> {
-    let out = fieldsync(dir).args(args).stderr(Stdio::piped()).output()?;
+/// Runs a command that must succeed; its stdout.
+fn cli(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<Vec<u8>> {
+    let out = bin().arg("--data").arg(dir).args(args).output()?;
     anyhow::ensure!(out.status.success(), "fieldsync {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     Ok(out.stdout)
-}
-
-/// A daemon whose JSON events arrive on a channel; killed on drop.
-struct Daemon(Child, mpsc::Receiver<Value>);
-
-impl Daemon {
-    fn start(dir: &Path, args: &[&str]) -> anyhow::Result<Daemon> {
-        let mut child = fieldsync(dir).args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if tx.send(v).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Daemon(child, rx))
-    }
-
-    fn wait_for(&self, event: &str, timeout: Duration) -> anyhow::Result<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let v = self.1.recv_timeout(deadline.saturating_duration_since(Instant::now())).map_err(|_| anyhow::anyhow!("no {event} event"))?;
-            if v["event"] == event {
-                return Ok(v);
-            }
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,7 +30,7 @@ fn main() -> anyhow::Result<()> {
     let pg = postgres::Postgres::start();
     let tmp = tempfile::tempdir()?;
     let schema = tmp.path().join("schema.toml");
-    std::fs::write(&schema, include_str!("../../examples/schema.toml"))?;
+    std::fs::write(&schema, SCHEMA)?;
     let relay = tmp.path().join("relay");
     cli(&relay, &["init", "--schema", schema.to_str().unwrap_or_default(), "--name", "relay"])?;
     let invite = tmp.path().join("invite.json");
@@ -89,20 +43,21 @@ fn main() -> anyhow::Result<()> {
     eprintln!("importing {n} tasks into the relay…");
     cli(&relay, &["import", "tasks", file.to_str().unwrap_or_default()])?;
 
-    let local = ["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"];
     let url = pg.url();
-    let relay_daemon = Daemon::start(&relay, &[&["relay", "--postgres", &url][..], &local].concat())?;
+    let mut relay_daemon = Daemon::start(&relay, &[&["relay", "--postgres", &url][..], LOCAL].concat());
     let started = Instant::now();
-    // (The daemon prints `api` before `listening`.)
-    let api = format!("http://{}", relay_daemon.wait_for("api", Duration::from_secs(60))?["addr"].as_str().unwrap_or_default());
-    let addr = relay_daemon.wait_for("listening", Duration::from_secs(60))?["addr"].as_str().unwrap_or_default().to_owned();
-    let device_daemon = Daemon::start(&device, &[&["run", "--relay", &addr][..], &local].concat())?;
+    let api = relay_daemon.api();
+    let addr = relay_daemon.addr();
+    let mut device_daemon = Daemon::start(&device, &[&["run", "--relay", &addr][..], LOCAL].concat());
 
     let (mut max_lag, mut mirrored_at, mut synced_at) = (0u64, None, None);
     while mirrored_at.is_none() || synced_at.is_none() {
         anyhow::ensure!(started.elapsed() < Duration::from_secs(900), "not done within 15 minutes");
-        if synced_at.is_none() && device_daemon.wait_for("sync_completed", Duration::from_millis(1)).is_ok() {
-            synced_at = Some(started.elapsed());
+        while let Ok(event) = device_daemon.events.try_recv() {
+            if event["event"] == "sync_completed" {
+                synced_at.get_or_insert(started.elapsed());
+            }
+            device_daemon.seen.push(event);
         }
         if mirrored_at.is_none() {
             let st: Value = ureq::get(format!("{api}/v1/status")).call()?.body_mut().read_json()?;

@@ -5,22 +5,20 @@
 //! stdin, logs carry no colour codes off a terminal, bundles work while a daemon runs, and
 //! `members` shows names, last seen and pending invites, which can be cancelled.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use support::{bin, eventually, LOCAL, SCHEMA, WAIT};
 
-const SCHEMA: &str = include_str!("../../examples/schema.toml");
-const WAIT: Duration = Duration::from_secs(30);
-const LOCAL: &[&str] = &["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"];
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fieldsync"));
-    c.env_remove("FIELDSYNC_DATA").env("RUST_LOG", "warn");
-    c
+/// A daemon (stderr in `stderr.log` of its data dir), once its API serves.
+fn daemon(dir: &Path, args: &[&str]) -> support::Daemon {
+    support::Daemon::start_logged(dir, args, "warn")
 }
 
 fn run(dir: &Path, args: &[&str]) -> Output {
@@ -51,96 +49,6 @@ fn fails(dir: &Path, args: &[&str], code: i32, needle: &str) {
 
 fn get_json(url: &str) -> Value {
     ureq::get(url).call().unwrap_or_else(|e| panic!("GET {url}: {e}")).body_mut().read_json().expect("JSON")
-}
-
-/// A running daemon; killed when dropped. Its stderr goes to `stderr.log` in its data dir.
-struct Daemon {
-    child: Child,
-    events: mpsc::Receiver<Value>,
-    seen: Vec<Value>,
-}
-
-impl Daemon {
-    fn start(dir: &Path, args: &[&str]) -> Daemon {
-        Self::start_env(dir, args, "warn")
-    }
-
-    fn start_env(dir: &Path, args: &[&str], log: &str) -> Daemon {
-        let log_file = std::fs::File::create(dir.join("stderr.log")).expect("stderr log");
-        let mut child =
-            bin().env("RUST_LOG", log).arg("--data").arg(dir).args(args).stdout(Stdio::piped()).stderr(log_file).spawn().expect("spawn daemon");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, events) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if tx.send(v).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-        let mut d = Daemon { child, events, seen: vec![] };
-        d.wait_for("api");
-        d
-    }
-
-    /// Waits for an event of this kind that `matches`; returns it.
-    fn wait_until(&mut self, event: &str, matches: impl Fn(&Value) -> bool) -> Value {
-        if let Some(v) = self.seen.iter().find(|v| v["event"] == event && matches(v)) {
-            return v.clone();
-        }
-        let deadline = Instant::now() + WAIT;
-        while let Ok(v) = self.events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            self.seen.push(v.clone());
-            if v["event"] == event && matches(&v) {
-                return v;
-            }
-        }
-        panic!("no matching {event} event within {WAIT:?}; saw {:?}", self.seen);
-    }
-
-    fn wait_for(&mut self, event: &str) -> Value {
-        self.wait_until(event, |_| true)
-    }
-
-    fn addr(&mut self) -> String {
-        self.wait_for("listening")["addr"].as_str().expect("addr").to_owned()
-    }
-
-    fn api(&mut self) -> String {
-        format!("http://{}", self.wait_for("api")["addr"].as_str().expect("api"))
-    }
-
-    fn stop(mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("daemon did not stop on SIGTERM");
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        if check() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 /// A workspace whose authority is `hq`; `join` adds devices.
@@ -215,11 +123,11 @@ fn next_event(rx: &mpsc::Receiver<Value>, seen: &mut Vec<Value>, matches: impl F
 #[test]
 fn a_device_presenting_an_invite_another_device_used_is_refused_and_says_why() {
     let site = Site::new();
-    let mut hq = Daemon::start(&site.hq, &[&["relay"], LOCAL].concat());
+    let mut hq = daemon(&site.hq, &[&["relay"], LOCAL].concat());
     let raddr = hq.addr();
     let invite = site.invite("ana.json", &["--user", "ana"]);
     let ana = site.join("ana", &invite);
-    let mut a = Daemon::start(&ana, &[&["run", "--relay", &raddr], LOCAL].concat());
+    let mut a = daemon(&ana, &[&["run", "--relay", &raddr], LOCAL].concat());
     a.wait_for("sync_completed");
     assert_eq!(cli(&ana, &["status"])["membership"], json!({ "state": "active", "reason": null }));
 
@@ -227,7 +135,7 @@ fn a_device_presenting_an_invite_another_device_used_is_refused_and_says_why() {
 
     // Another device (another key) joins with the same invite file: the authority refuses it.
     let copy = site.join("copy", &invite);
-    let mut c = Daemon::start(&copy, &[&["run", "--relay", &raddr], LOCAL].concat());
+    let mut c = daemon(&copy, &[&["run", "--relay", &raddr], LOCAL].concat());
     let refused = c.wait_for("refused");
     assert_eq!(refused["state"], "refused", "{refused}");
     assert!(refused["reason"].as_str().unwrap().contains("already used"), "{refused}");
@@ -275,10 +183,10 @@ fn a_device_presenting_an_invite_another_device_used_is_refused_and_says_why() {
 #[test]
 fn a_revoked_device_says_so_and_warns_on_writes() {
     let site = Site::new();
-    let mut hq = Daemon::start(&site.hq, &[&["relay"], LOCAL].concat());
+    let mut hq = daemon(&site.hq, &[&["relay"], LOCAL].concat());
     let raddr = hq.addr();
     let ana = site.join("ana", &site.invite("ana.json", &["--user", "ana"]));
-    let mut a = Daemon::start(&ana, &[&["run", "--relay", &raddr], LOCAL].concat());
+    let mut a = daemon(&ana, &[&["run", "--relay", &raddr], LOCAL].concat());
     a.wait_for("sync_completed");
     let peer = cli(&ana, &["status"])["peer_id"].as_str().unwrap().to_owned();
     assert_eq!(cli(&site.hq, &["revoke", &peer])["revoked"], true);
@@ -313,7 +221,7 @@ fn conflicts_that_open_and_that_a_rule_settles_are_events_and_bundles_work_throu
     cli(&site.hq, &["put", "shifts", &shift, r#"{"start":"10:00"}"#]);
 
     // Ana's daemon runs; the office's bundle is imported through it while subscribers watch.
-    let mut a = Daemon::start(&ana, &[&["run"], LOCAL].concat());
+    let mut a = daemon(&ana, &[&["run"], LOCAL].concat());
     let api = a.api();
     let events = subscribe(&api);
     let export = cli(&site.hq, &["bundle", "export", b, "--since", &ana_peer]);
@@ -386,7 +294,7 @@ fn a_second_node_on_a_port_in_use_fails_with_address_in_use_and_logs_have_no_col
     let listen = format!("/ip4/127.0.0.1/tcp/{p2p}");
     let api_addr = format!("127.0.0.1:{api}");
     // RUST_LOG=info so the first daemon logs; its stderr is a file, not a terminal.
-    let mut first = Daemon::start_env(&site.hq, &["relay", "--listen", &listen, "--api", &api_addr], "info");
+    let mut first = support::Daemon::start_logged(&site.hq, &["relay", "--listen", &listen, "--api", &api_addr], "info");
     first.addr();
 
     let (code, stderr) = must_exit(&other.hq, &["relay", "--listen", &listen, "--api", "127.0.0.1:0"]);
@@ -441,7 +349,7 @@ fn where_values_with_commas_and_large_patches_from_a_file_or_stdin_work_with_and
         fails(dir, &["put", "tasks"], 2, "needs a patch");
     };
     check(&site.hq, "offline");
-    let d = Daemon::start(&site.hq, &[&["run"], LOCAL].concat());
+    let d = daemon(&site.hq, &[&["run"], LOCAL].concat());
     check(&site.hq, "daemon");
     // A patch over the limit is refused before it is sent.
     std::fs::write(&patch_file, json!({ "title": "y".repeat(9 << 20) }).to_string()).unwrap();
@@ -452,13 +360,13 @@ fn where_values_with_commas_and_large_patches_from_a_file_or_stdin_work_with_and
 #[test]
 fn members_show_names_last_seen_and_pending_invites_which_can_be_cancelled() {
     let site = Site::new();
-    let mut hq = Daemon::start(&site.hq, &[&["relay"], LOCAL].concat());
+    let mut hq = daemon(&site.hq, &[&["relay"], LOCAL].concat());
     let raddr = hq.addr();
     let api = hq.api();
     let ana = site.join("ana", &site.invite("ana.json", &["--user", "ana"]));
     let spare = site.invite("spare.json", &["--user", "bo", "--valid-hours", "2"]);
     let spare_id = serde_json::from_slice::<Value>(&std::fs::read(&spare).unwrap()).unwrap()["token"]["id"].as_str().unwrap().to_owned();
-    let mut a = Daemon::start(&ana, &[&["run", "--relay", &raddr], LOCAL].concat());
+    let mut a = daemon(&ana, &[&["run", "--relay", &raddr], LOCAL].concat());
     a.wait_for("sync_completed");
 
     let ana_peer = cli(&ana, &["status"])["peer_id"].as_str().unwrap().to_owned();
@@ -489,7 +397,7 @@ fn members_show_names_last_seen_and_pending_invites_which_can_be_cancelled() {
     assert!(lines(&site.hq, &["members"]).iter().all(|m| m["kind"] != "invite"));
     assert_eq!(get_json(&format!("{api}/v1/invites")), json!([]));
     let bo = site.join("bo", &spare);
-    let mut b = Daemon::start(&bo, &[&["run", "--relay", &raddr], LOCAL].concat());
+    let mut b = daemon(&bo, &[&["run", "--relay", &raddr], LOCAL].concat());
     let refused = b.wait_for("refused");
     assert!(refused["reason"].as_str().unwrap().contains("cancelled"), "{refused}");
     assert_eq!(cli(&bo, &["status"])["membership"]["state"], "refused");

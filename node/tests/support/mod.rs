@@ -48,7 +48,20 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(dir: &Path, args: &[&str]) -> Daemon {
-        let mut child = bin().arg("--data").arg(dir).args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn daemon");
+        Self::spawn(bin().arg("--data").arg(dir).args(args).stderr(Stdio::null()))
+    }
+
+    /// Like [`Self::start`] with `RUST_LOG=log` and stderr in `stderr.log` of the data
+    /// directory; returns once its API serves.
+    pub fn start_logged(dir: &Path, args: &[&str], log: &str) -> Daemon {
+        let log_file = std::fs::File::create(dir.join("stderr.log")).expect("stderr log");
+        let mut d = Self::spawn(bin().env("RUST_LOG", log).arg("--data").arg(dir).args(args).stderr(log_file));
+        d.wait_for("api");
+        d
+    }
+
+    fn spawn(command: &mut Command) -> Daemon {
+        let mut child = command.stdout(Stdio::piped()).spawn().expect("spawn daemon");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, events) = mpsc::channel();
         std::thread::spawn(move || {
