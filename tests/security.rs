@@ -13,7 +13,8 @@ use fieldsync::core::bundle::{Bundle, Limits as BundleLimits};
 use fieldsync::core::membership::MemberRole;
 use fieldsync::core::protocol::{Frame, OfferEntry, PageRange, Payload, Role};
 use fieldsync::core::{Access, EntityId};
-use fieldsync::sync::{Config, Engine, Event, Input};
+use fieldsync::sync::{Config, Event, Input};
+use fieldsync::sync_host::Inline as Engine;
 use fieldsync::Replica;
 use fieldsync_tests::SCHEMA;
 
@@ -31,7 +32,7 @@ impl Site {
     fn new() -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let hq = Arc::new(Replica::init_authority(&tmp.path().join("hq"), SCHEMA, "hq").unwrap());
-        let engines = vec![Engine::new(hq, Config::default().with_role(Role::Relay))];
+        let engines = vec![Engine::new(hq, Config::default().with_role(Role::Relay)).unwrap()];
         Site { _tmp: tmp, engines, injected: 0 }
     }
 
@@ -44,7 +45,7 @@ impl Site {
 
     fn join(&mut self, name: &str, invite: &[u8]) -> usize {
         let r = Arc::new(Replica::init_join(&self._tmp.path().join(name), invite, name).unwrap());
-        self.engines.push(Engine::new(r, Config::default()));
+        self.engines.push(Engine::new(r, Config::default()).unwrap());
         self.engines.len() - 1
     }
 
@@ -164,9 +165,9 @@ fn a_stranger_is_refused_before_any_entity_data_and_counted() {
     site.connect(0, stranger);
     let hq_events = site.events(0);
     assert!(peer_refused(&hq_events).unwrap().contains("not a member"), "{hq_events:?}");
-    assert_eq!(site.engines[0].security().sessions_refused.load(Ordering::Relaxed), 1);
+    assert_eq!(site.engines[0].engine.security().sessions_refused.load(Ordering::Relaxed), 1);
     assert_eq!(count(site.r(stranger), "tasks"), 0, "entity data reached a stranger");
-    assert!(site.engines[0].peers().is_empty());
+    assert!(site.engines[0].engine.peers().is_empty());
 }
 
 #[test]
@@ -185,7 +186,7 @@ fn an_invite_admits_one_device_and_expires() {
     let late = site.join("late", &expired);
     site.connect(0, late);
     assert!(peer_refused(&site.events(0)).unwrap().contains("expired"));
-    assert_eq!(site.engines[0].security().sessions_refused.load(Ordering::Relaxed), 2);
+    assert_eq!(site.engines[0].engine.security().sessions_refused.load(Ordering::Relaxed), 2);
 }
 
 #[test]
@@ -218,7 +219,7 @@ fn a_refused_or_revoked_device_learns_why() {
 
     // Revoked while connected: the device is told it is revoked.
     site.r(0).revoke(&site.peer(first)).unwrap();
-    site.engines[0].handle(Input::LocalChange).unwrap();
+    site.engines[0].local_change().unwrap();
     site.run();
     let (_, state, reason) = refused_by(&site.events(first)).expect("the revoked device learns why");
     assert_eq!(state, MembershipState::Revoked);
@@ -239,7 +240,7 @@ fn a_revoked_member_is_cut_off_by_the_authority_and_by_devices_that_learn_of_it(
     site.events(ana);
     // hq revokes bo: its open session ends at once…
     site.r(0).revoke(&site.peer(bo)).unwrap();
-    site.engines[0].handle(Input::LocalChange).unwrap();
+    site.engines[0].local_change().unwrap();
     site.run();
     assert!(peer_refused(&site.events(0)).unwrap().contains("revoked"));
     // …and ana, who syncs the member list from hq, drops bo too.
@@ -260,7 +261,7 @@ fn a_revoked_member_is_cut_off_by_the_authority_and_by_devices_that_learn_of_it(
         t
     };
     assert!(titles(site.r(0)).is_empty() && titles(site.r(ana)).is_empty());
-    assert!(site.engines[ana].security().sessions_refused.load(Ordering::Relaxed) >= 1);
+    assert!(site.engines[ana].engine.security().sessions_refused.load(Ordering::Relaxed) >= 1);
 }
 
 #[test]
@@ -277,7 +278,7 @@ fn a_member_sees_only_its_partition_in_catch_up_live_pushes_and_bundles() {
     // Live: a new task for bo is not pushed; one for ana is.
     let bos_new = hq.put("tasks", None, r#"{"title":"bo's new","assignee":"bo"}"#).unwrap();
     let anas_new = hq.put("tasks", None, r#"{"title":"ana's new","assignee":"ana"}"#).unwrap();
-    site.engines[0].handle(Input::LocalChange).unwrap();
+    site.engines[0].local_change().unwrap();
     site.run();
     assert!(a.get("tasks", anas_new).is_ok());
     assert!(a.get("tasks", bos_new).is_err(), "bo's task reached ana live");
@@ -288,7 +289,7 @@ fn a_member_sees_only_its_partition_in_catch_up_live_pushes_and_bundles() {
     let answers: Vec<Vec<u8>> = std::iter::from_fn(|| site.engines[0].poll_transmit()).map(|(_, b)| b).collect();
     let data = answers.iter().map(|b| Frame::decode(b, 16 << 20).unwrap()).find(|f| matches!(f, Frame::Data { .. }));
     assert!(matches!(data, Some(Frame::Data { payloads, skipped, .. }) if payloads.is_empty() && skipped == vec![theirs]));
-    assert_eq!(site.engines[0].security().reads_refused.load(Ordering::Relaxed), 1);
+    assert_eq!(site.engines[0].engine.security().reads_refused.load(Ordering::Relaxed), 1);
     // A bundle hq makes for ana (of what changed since she last acknowledged) holds only
     // her tasks.
     let anas_offline = hq.put("tasks", None, r#"{"title":"ana's by bundle","assignee":"ana"}"#).unwrap();
@@ -309,7 +310,7 @@ fn writes_outside_a_partition_are_refused_and_never_applied_anywhere() {
     site.connect(0, carl);
     let a = site.r(ana).clone();
     let mine = hq.put("tasks", None, r#"{"title":"ana's","assignee":"ana"}"#).unwrap();
-    site.engines[0].handle(Input::LocalChange).unwrap();
+    site.engines[0].local_change().unwrap();
     site.run();
     site.events(0);
     // ana's own node refuses to create a task for bo, or to hand hers to bo.
@@ -334,7 +335,7 @@ fn writes_outside_a_partition_are_refused_and_never_applied_anywhere() {
     let refused = refused_writes(&site.events(0));
     assert_eq!(refused.len(), 2, "{refused:?}");
     assert!(refused.iter().all(|r| r.contains("not to user \"ana\"")), "{refused:?}");
-    assert_eq!(site.engines[0].security().writes_refused.load(Ordering::Relaxed), 2);
+    assert_eq!(site.engines[0].engine.security().writes_refused.load(Ordering::Relaxed), 2);
     assert!(hq.get("tasks", planted).is_err());
     assert_eq!(hq.get("tasks", mine).unwrap()["title"], "ana's");
     assert_eq!(hq.get("tasks", mine).unwrap()["assignee"], "ana");
@@ -348,7 +349,7 @@ fn writes_outside_a_partition_are_refused_and_never_applied_anywhere() {
 fn confirmed_payment(site: &mut Site, m: usize) -> EntityId {
     let hq = site.r(0).clone();
     let id = hq.put("payments", None, r#"{"amount":50,"status":"confirmed","collector":"mallory"}"#).unwrap();
-    site.engines[0].handle(Input::LocalChange).unwrap();
+    site.engines[0].local_change().unwrap();
     site.run();
     assert_eq!(site.r(m).get("payments", id).unwrap()["amount"], 50);
     id
@@ -359,7 +360,7 @@ fn assert_forgery_refused(site: &mut Site, victim: usize, id: EntityId) {
     let refused = refused_writes(&events);
     assert_eq!(refused.len(), 1, "{events:?}");
     assert!(refused[0].contains("not signed by the authority") || refused[0].contains("removes"), "{refused:?}");
-    assert_eq!(site.engines[victim].security().forged_refused.load(Ordering::Relaxed), 1);
+    assert_eq!(site.engines[victim].engine.security().forged_refused.load(Ordering::Relaxed), 1);
     let view = site.r(victim).get("payments", id).unwrap();
     assert_eq!(view["amount"], 50, "a forged value shows as confirmed: {view:?}");
 }
@@ -388,7 +389,7 @@ fn forged_confirmations_are_refused_with_the_authority_actor_id_and_when_relayed
         site.inject(mallory, victim, payload(id, "payments", doc));
         assert_forgery_refused(&mut site, victim, id);
         // Nothing was stored, so nothing travels on: hq and dora still agree on 50.
-        site.engines[victim].handle(Input::LocalChange).unwrap();
+        site.engines[victim].local_change().unwrap();
         site.run();
         assert_eq!(site.r(0).get("payments", id).unwrap()["amount"], 50);
         assert_eq!(site.r(dora).get("payments", id).unwrap()["amount"], 50);

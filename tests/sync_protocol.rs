@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use fieldsync::core::protocol::{Frame, Limits, Role};
-use fieldsync::sync::{Config, Engine, Event, Input};
+use fieldsync::sync::{Config, Event, Input};
+use fieldsync::sync_host::Inline as Engine;
 use fieldsync::Replica;
 use fieldsync_tests::SCHEMA;
 
@@ -24,7 +25,7 @@ fn engines(same_workspace: bool) -> Pair {
         Arc::new(Replica::init_authority(&tmp.path().join("b"), SCHEMA, "b").unwrap())
     };
     let cfg = Config::default().with_role(Role::Device).with_limits(Limits { max_frame: 64 << 10, ..Default::default() });
-    Pair { a: Engine::new(a, cfg), b: Engine::new(b, cfg), _tmp: tmp }
+    Pair { a: Engine::new(a, cfg.clone()).unwrap(), b: Engine::new(b, cfg).unwrap(), _tmp: tmp }
 }
 
 /// Shuttles frames both ways until none are left; returns every frame a sent to b.
@@ -103,10 +104,10 @@ fn malformed_truncated_and_oversized_frames_end_the_session_and_lose_nothing() {
         p.b.handle(Input::Frame(pa, bad)).unwrap();
         let reason = failure(&events(&mut p.b)).expect("session ends");
         assert!(reason.contains("malformed") || reason.contains("limit"), "{reason}");
-        assert_eq!(p.b.security().protocol_violations.load(std::sync::atomic::Ordering::Relaxed), 1, "counted");
+        assert_eq!(p.b.engine.security().protocol_violations.load(std::sync::atomic::Ordering::Relaxed), 1, "counted");
         assert_eq!(p.b.replica().status().unwrap().feed_seq, before);
         assert_eq!(p.b.replica().get("tasks", id).unwrap()["title"], "mine");
-        assert!(p.b.peers().is_empty(), "the session is gone");
+        assert!(p.b.engine.peers().is_empty(), "the session is gone");
     }
 }
 
@@ -137,5 +138,5 @@ fn replayed_and_duplicated_frames_change_nothing() {
     run(&mut p);
     assert!(failure(&events(&mut p.b)).is_none());
     assert_eq!((views(&p.b), p.b.replica().status().unwrap().feed_seq), before);
-    assert!(p.b.security().frames_ignored.load(std::sync::atomic::Ordering::Relaxed) > 0, "replays are counted");
+    assert!(p.b.engine.security().frames_ignored.load(std::sync::atomic::Ordering::Relaxed) > 0, "replays are counted");
 }

@@ -244,6 +244,7 @@ fn report(live: &Live, metrics: &Metrics, notice: Notice) {
             live.publish(&json!({ "event": "acknowledged", "peer": peer.to_string(), "upto": upto }));
             return;
         }
+        Notice::Sync(Event::StorageFailed { reason }) => json!({ "event": "storage_failed", "reason": reason }),
         Notice::Sync(Event::SessionFailed { peer, reason }) => {
             metrics.sync_failed.fetch_add(1, Ordering::Relaxed);
             json!({ "event": "sync_failed", "peer": peer.to_string(), "reason": reason })

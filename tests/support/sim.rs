@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fieldsync::core::protocol::{Limits, Role};
-use fieldsync::sync::{Config, Engine, Event, Input};
+use fieldsync::sync::{Config, Engine, Event, Input, Now, Outcome, Task, TaskId};
+use fieldsync::sync_host::{self, Watch};
 use fieldsync::{Clock, EntityId, PeerId, Replica, View};
 use libp2p_identity::ed25519;
 use rand::rngs::StdRng;
@@ -63,16 +64,18 @@ pub struct Faults {
     /// Probability that a frame kills its connection instead of arriving (a lost link);
     /// the nodes reconnect and resume.
     pub drop_connection: f64,
+    /// How long a storage task takes, in virtual ms (tasks may finish out of order).
+    pub io_ms: (u64, u64),
 }
 
 impl Faults {
     /// A perfect network with zero latency.
     pub fn none() -> Self {
-        Faults { latency_ms: (0, 0), duplicate: 0.0, drop_connection: 0.0 }
+        Faults { latency_ms: (0, 0), duplicate: 0.0, drop_connection: 0.0, io_ms: (0, 0) }
     }
     /// Latency, reordering, duplication and dropped connections.
     pub fn hostile() -> Self {
-        Faults { latency_ms: (1, 40), duplicate: 0.05, drop_connection: 0.002 }
+        Faults { latency_ms: (1, 40), duplicate: 0.05, drop_connection: 0.002, io_ms: (0, 5) }
     }
 }
 
@@ -86,7 +89,11 @@ struct Node {
     /// The next flush fails and the node crashes there.
     crash_at_flush: bool,
     role: Role,
-    live: Option<(Arc<Replica>, Engine)>,
+    live: Option<(Arc<Replica>, Engine, Watch)>,
+    /// Bumped at every restart, so tasks and timers of a crashed run are dropped.
+    incarnation: u64,
+    /// When the engine's next timer is scheduled (virtual ms).
+    timer_at: Option<u64>,
     events: Vec<Event>,
 }
 
@@ -107,11 +114,15 @@ pub struct Traffic {
     pub bytes: u64,
 }
 
-struct Delivery {
-    from: NodeId,
-    to: NodeId,
-    epoch: u64,
-    bytes: Vec<u8>,
+/// What the virtual clock runs, in order of time.
+enum Work {
+    /// A frame in flight.
+    Frame { from: NodeId, to: NodeId, epoch: u64, bytes: Vec<u8> },
+    /// A storage task of a node's engine, done when its time comes (tasks finish in any
+    /// order, as on a real node's worker pool).
+    Io { node: NodeId, incarnation: u64, id: TaskId, task: Task },
+    /// A node's engine asked to be called at this time.
+    Timer { node: NodeId, incarnation: u64 },
 }
 
 /// The simulated network.
@@ -127,7 +138,7 @@ pub struct Network {
     nodes: Vec<Node>,
     links: BTreeMap<(NodeId, NodeId), Link>,
     queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
-    deliveries: BTreeMap<usize, Delivery>,
+    deliveries: BTreeMap<usize, Work>,
     next_delivery: usize,
     pub traffic: Traffic,
     /// Upper bound on deliveries in one `run_until_quiescent`, so a livelock fails loudly.
@@ -170,8 +181,10 @@ impl Network {
         self
     }
 
-    fn engine(&self, replica: &Arc<Replica>, role: Role) -> Engine {
-        Engine::new(replica.clone(), Config::default().with_role(role).with_limits(self.limits))
+    fn engine(&self, name: &str, replica: &Arc<Replica>, role: Role) -> (Engine, Watch) {
+        let config = Config::default().with_role(role).with_limits(self.limits).with_name(name);
+        let local = sync_host::local_state(replica).unwrap_or_else(|e| panic!("{name}: {e}"));
+        (Engine::new(config, local), Watch::new(replica))
     }
 
     /// The seed of the next node's key and ids.
@@ -214,8 +227,9 @@ impl Network {
     }
 
     fn push_node(&mut self, name: &str, node_seed: u64, (label, store): (PathBuf, Arc<MemoryStore>), role: Role, replica: Arc<Replica>) -> NodeId {
-        let engine = self.engine(&replica, role);
-        self.nodes.push(Node { name: name.into(), node_seed, label, store, crash_at_flush: false, role, live: Some((replica, engine)), events: Vec::new() });
+        let (engine, watch) = self.engine(name, &replica, role);
+        let live = Some((replica, engine, watch));
+        self.nodes.push(Node { name: name.into(), node_seed, label, store, crash_at_flush: false, role, live, incarnation: 0, timer_at: None, events: Vec::new() });
         NodeId(self.nodes.len() - 1)
     }
 
@@ -271,6 +285,8 @@ impl Network {
         }
         let node = &mut self.nodes[n.0];
         node.live = None;
+        node.incarnation += 1;
+        node.timer_at = None;
         node.crash_at_flush = false;
         node.store = Arc::new(node.store.crash().unwrap_or_else(|e| panic!("{} does not survive its crash: {e}", node.name)));
     }
@@ -294,8 +310,8 @@ impl Network {
         let replica = Replica::open_on(node.store.clone(), &node.label).unwrap_or_else(|e| panic!("{} does not reopen: {e}", node.name));
         // A restarted node continues its id stream from a fresh, still seeded, generator.
         let replica = Arc::new(replica.with_clock(self.clock(node.node_seed ^ self.now.rotate_left(17))));
-        let engine = self.engine(&replica, node.role);
-        self.nodes[n.0].live = Some((replica, engine));
+        let (engine, watch) = self.engine(&node.name.clone(), &replica, node.role);
+        self.nodes[n.0].live = Some((replica, engine, watch));
         self.settle_links();
     }
 
@@ -331,25 +347,40 @@ impl Network {
         }
     }
 
+    /// The time as node `n`'s engine sees it.
+    fn now_for(&self, replica: &Replica) -> Now {
+        sync_host::now(replica, std::time::Duration::from_millis(self.now))
+    }
+
     /// Feeds an input to a node's engine and routes everything it produces.
     fn input(&mut self, n: NodeId, input: Input) {
-        let Some((_, engine)) = self.nodes[n.0].live.as_mut() else { return };
-        if let Err(e) = engine.handle(input) {
-            if !self.nodes[n.0].crash_at_flush {
-                panic!("seed {}: engine of {} failed: {e}", self.seed, self.nodes[n.0].name);
-            }
-            // The flush it was told to fail: the node dies there, before sending anything
-            // that flush covered.
-            self.crash(n);
-            return;
+        let now = match self.nodes[n.0].live.as_ref() {
+            Some((replica, _, _)) => self.now_for(replica),
+            None => return,
+        };
+        let Some((replica, engine, watch)) = self.nodes[n.0].live.as_mut() else { return };
+        engine.handle(now, input);
+        // A write (local or received) may have changed the member list.
+        match watch.poll(replica) {
+            Ok(changes) => changes.into_iter().for_each(|c| engine.handle(now, c)),
+            Err(e) => panic!("seed {}: member list of {}: {e}", self.seed, self.nodes[n.0].name),
         }
         self.drain(n);
+    }
+
+    /// Schedules `work` at virtual time `at`.
+    fn schedule(&mut self, at: u64, work: Work) {
+        let id = self.next_delivery;
+        self.next_delivery += 1;
+        self.deliveries.insert(id, work);
+        self.seq += 1;
+        self.queue.push(Reverse((at, self.seq, id)));
     }
 
     fn drain(&mut self, n: NodeId) {
         let mut failed = Vec::new();
         loop {
-            let Some((_, engine)) = self.nodes[n.0].live.as_mut() else { return };
+            let Some((_, engine, _)) = self.nodes[n.0].live.as_mut() else { return };
             let Some((peer, bytes)) = engine.poll_transmit() else { break };
             let Some(to) = self.node_of(peer) else { continue };
             let Some(link) = self.links.get(&pair(n, to)).copied() else { continue };
@@ -362,20 +393,36 @@ impl Network {
             for _ in 0..copies {
                 let (lo, hi) = self.faults.latency_ms;
                 let at = self.now + if hi > lo { self.rng.random_range(lo..=hi) } else { lo };
-                let id = self.next_delivery;
-                self.next_delivery += 1;
-                self.deliveries.insert(id, Delivery { from: n, to, epoch: link.epoch, bytes: bytes.clone() });
-                self.seq += 1;
-                self.queue.push(Reverse((at, self.seq, id)));
+                self.schedule(at, Work::Frame { from: n, to, epoch: link.epoch, bytes: bytes.clone() });
             }
         }
+        loop {
+            let incarnation = self.nodes[n.0].incarnation;
+            let Some((_, engine, _)) = self.nodes[n.0].live.as_mut() else { return };
+            let Some((id, task)) = engine.poll_io() else { break };
+            let (lo, hi) = self.faults.io_ms;
+            let at = self.now + if hi > lo { self.rng.random_range(lo..=hi) } else { lo };
+            self.schedule(at, Work::Io { node: n, incarnation, id, task });
+        }
         let node = &mut self.nodes[n.0];
-        let Some((_, engine)) = node.live.as_mut() else { return };
+        let Some((_, engine, _)) = node.live.as_mut() else { return };
+        let timeout = engine.poll_timeout().map(|t| t.as_millis() as u64);
+        let mut storage_failed = None;
         while let Some(event) = engine.poll_event() {
-            if let Event::SessionFailed { peer, .. } = &event {
-                failed.push(*peer);
+            match &event {
+                Event::SessionFailed { peer, .. } => failed.push(*peer),
+                Event::StorageFailed { reason } => storage_failed = Some(reason.clone()),
+                _ => {}
             }
             node.events.push(event);
+        }
+        if let Some(at) = timeout.filter(|at| node.timer_at.is_none_or(|t| *at < t)) {
+            node.timer_at = Some(at);
+            let incarnation = node.incarnation;
+            self.schedule(at.max(self.now), Work::Timer { node: n, incarnation });
+        }
+        if let Some(reason) = storage_failed {
+            panic!("seed {}: storage of {} failed: {reason}", self.seed, self.nodes[n.0].name);
         }
         for peer in failed {
             if let Some(to) = self.node_of(peer) {
@@ -384,8 +431,24 @@ impl Network {
         }
     }
 
+    /// Runs a storage task of `n`'s engine and hands it the result. A task that hits the
+    /// flush [`Self::crash_at_next_flush`] armed kills the node there, before anything that
+    /// flush covered was acknowledged.
+    fn run_task(&mut self, n: NodeId, incarnation: u64, id: TaskId, task: Task) {
+        if self.nodes[n.0].incarnation != incarnation {
+            return; // of a run that crashed
+        }
+        let Some((replica, _, _)) = self.nodes[n.0].live.as_ref() else { return };
+        let outcome = sync_host::run_task(replica, task);
+        if matches!(outcome, Outcome::Failed(_)) && self.nodes[n.0].crash_at_flush {
+            self.crash(n);
+            return;
+        }
+        self.input(n, Input::IoDone(id, outcome));
+    }
+
     fn node_of(&self, peer: PeerId) -> Option<NodeId> {
-        self.nodes.iter().position(|node| node.live.as_ref().is_some_and(|(r, _)| r.peer_id() == peer)).map(NodeId)
+        self.nodes.iter().position(|node| node.live.as_ref().is_some_and(|(r, _, _)| r.peer_id() == peer)).map(NodeId)
     }
 
     /// Writes on a node, as its app would, and lets its engine offer the change.
@@ -399,7 +462,8 @@ impl Network {
     pub fn try_put(&mut self, n: NodeId, collection: &str, id: Option<EntityId>, patch: &str) -> Result<EntityId, fieldsync::Error> {
         match self.replica(n).put(collection, id, patch) {
             Ok(id) => {
-                self.input(n, Input::LocalChange);
+                let feed_seq = self.replica(n).feed_seq();
+                self.input(n, Input::LocalChange { feed_seq });
                 Ok(id)
             }
             Err(e) if self.nodes[n.0].crash_at_flush => {
@@ -413,7 +477,8 @@ impl Network {
     /// Runs `f` against a node's replica, then lets its engine offer what changed.
     pub fn write<T>(&mut self, n: NodeId, f: impl FnOnce(&Replica) -> T) -> T {
         let out = f(self.replica(n));
-        self.input(n, Input::LocalChange);
+        let feed_seq = self.replica(n).feed_seq();
+        self.input(n, Input::LocalChange { feed_seq });
         out
     }
 
@@ -437,18 +502,31 @@ impl Network {
             steps += 1;
             self.now = self.now.max(at);
             self.clock_now.store(self.now, Ordering::Relaxed);
-            let d = self.deliveries.remove(&id).expect("delivery");
-            let k = pair(d.from, d.to);
+            let (from, to, epoch, bytes) = match self.deliveries.remove(&id).expect("delivery") {
+                Work::Frame { from, to, epoch, bytes } => (from, to, epoch, bytes),
+                Work::Io { node, incarnation, id, task } => {
+                    self.run_task(node, incarnation, id, task);
+                    continue;
+                }
+                Work::Timer { node, incarnation } => {
+                    if self.nodes[node.0].incarnation == incarnation {
+                        self.nodes[node.0].timer_at = None;
+                        self.input(node, Input::Tick);
+                    }
+                    continue;
+                }
+            };
+            let k = pair(from, to);
             let Some(link) = self.links.get(&k).copied() else { continue };
-            if !link.connected || link.epoch != d.epoch {
+            if !link.connected || link.epoch != epoch {
                 continue; // sent on a connection that is gone
             }
             if self.rng.random_bool(self.faults.drop_connection) {
                 self.disconnect(k);
                 continue;
             }
-            let from = self.peer(d.from);
-            self.input(d.to, Input::Frame(from, d.bytes));
+            let from = self.peer(from);
+            self.input(to, Input::Frame(from, bytes));
         }
     }
 

@@ -364,3 +364,97 @@ mod tests {
         assert_ne!(member_entity_id(ws, &a), member_entity_id(WorkspaceId(uuid::Uuid::from_u128(2)), &a));
     }
 }
+
+/// The reason a revoked member is refused (every node words it the same way, so the peer
+/// it refuses can tell a revocation from other refusals).
+pub fn revoked_reason(peer: &PeerId) -> String {
+    format!("peer {peer} was revoked")
+}
+
+/// Whether a refusal's reason is a revocation.
+pub fn is_revocation(reason: &str) -> bool {
+    reason.ends_with(" was revoked")
+}
+
+/// The member list as one node knows it: what admission is decided from. Pure data; the
+/// replica builds it from its store and hands a fresh one to the sync engine whenever the
+/// list changes.
+#[derive(Clone, Debug)]
+pub struct MemberList {
+    pub workspace: std::sync::Arc<crate::Workspace>,
+    /// Whether this node is the authority: it binds invites to the devices presenting them.
+    pub authority: bool,
+    pub by_peer: std::collections::HashMap<PeerId, MemberRecord>,
+    /// Invite id → the device it admitted.
+    pub invites: std::collections::HashMap<uuid::Uuid, PeerId>,
+    /// Invites the authority cancelled (only the authority knows them).
+    pub cancelled: std::collections::HashSet<uuid::Uuid>,
+}
+
+/// What [`MemberList::admit`] decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// A member (or the authority) with this grant.
+    Admitted(Grant),
+    /// A valid, unused invite presented to the authority: once this record is written (the
+    /// invite bound to the peer), the peer is a member with its grant.
+    Bind(MemberRecord),
+    /// Not admitted, and why.
+    Refused(String),
+}
+
+impl MemberList {
+    /// An empty list for `workspace`.
+    pub fn new(workspace: std::sync::Arc<crate::Workspace>, authority: bool) -> Self {
+        MemberList { workspace, authority, by_peer: Default::default(), invites: Default::default(), cancelled: Default::default() }
+    }
+
+    /// Decides whether `peer` may sync from the list and what it presented, at wall-clock
+    /// time `now_ms` (invites expire).
+    pub fn admit(&self, peer: &PeerId, credential: Option<&Credential>, now_ms: i64) -> Admission {
+        let ws = &self.workspace;
+        if *peer == ws.authority_peer() {
+            return Admission::Admitted(Grant::authority());
+        }
+        if let Some(r) = self.by_peer.get(peer) {
+            return if r.revoked { Admission::Refused(revoked_reason(peer)) } else { Admission::Admitted(r.grant.clone()) };
+        }
+        match credential {
+            Some(Credential::Member { record }) => {
+                let id = member_entity_id(ws.id, peer);
+                if !record.verify(&ws.authority, ws.id, id, RECORD) {
+                    return Admission::Refused(format!("peer {peer} presented a member record the authority did not sign"));
+                }
+                match MemberRecord::from_confirmation(record, peer) {
+                    Some(r) if !r.revoked => Admission::Admitted(r.grant),
+                    Some(_) => Admission::Refused(revoked_reason(peer)),
+                    None => Admission::Refused(format!("peer {peer} presented another peer's member record")),
+                }
+            }
+            Some(Credential::Invite { token }) => {
+                if let Err(why) = token.verify(&ws.authority, ws.id, now_ms) {
+                    return Admission::Refused(format!("peer {peer}: {why}"));
+                }
+                if let Err(e) = token.grant.check(&ws.schema) {
+                    return Admission::Refused(format!("peer {peer}: {e}"));
+                }
+                if let Some(other) = self.invites.get(&token.id).filter(|p| *p != peer) {
+                    return Admission::Refused(format!("peer {peer}: invite {} was already used by {other}", token.id));
+                }
+                if !self.authority {
+                    return Admission::Admitted(token.grant.clone());
+                }
+                if self.cancelled.contains(&token.id) {
+                    return Admission::Refused(format!("peer {peer}: invite {} was cancelled", token.id));
+                }
+                Admission::Bind(MemberRecord { peer: peer.to_string(), grant: token.grant.clone(), revoked: false, invite: Some(token.id) })
+            }
+            None => Admission::Refused(format!("peer {peer} is not a member of this workspace")),
+        }
+    }
+
+    /// Why `peer` may no longer sync, if the list says it was revoked.
+    pub fn revoked(&self, peer: &PeerId) -> Option<String> {
+        self.by_peer.get(peer).filter(|r| r.revoked).map(|_| revoked_reason(peer))
+    }
+}

@@ -22,11 +22,13 @@ mod error;
 mod members;
 mod replica;
 mod schemas;
-pub mod sync;
+pub mod sync_host;
 mod transfer;
 
 pub use error::{Error, ErrorKind};
 pub use fieldsync_core as core;
+/// The sans-IO sync engine (its own crate); [`sync_host`] runs its storage tasks here.
+pub use fieldsync_sync as sync;
 pub use fieldsync_core::{Applied, Conflict, ConflictId, EntityId, HistoryEntry, OpId, PeerId, Proposal, ProposalId, View};
 pub use cache::MemoryOptions;
 pub use replica::{Clock, FeedChange, Replica, Status, SystemClock};

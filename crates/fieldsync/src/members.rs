@@ -2,11 +2,11 @@
 //! sync and what each peer may see. The rules themselves are in
 //! [`fieldsync_core::membership`]; this module keeps the member list at hand.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use fieldsync_core::membership::{check_write, member_entity_id, Credential, Facts, Grant, InviteToken, MemberRecord, MemberRole, MembershipState, MEMBERS, RECORD};
+use fieldsync_core::membership::{check_write, member_entity_id, Admission, Credential, Facts, Grant, InviteToken, MemberList, MemberRecord, MemberRole, MembershipState, MEMBERS, RECORD};
 use fieldsync_core::workspace::Invite;
 use fieldsync_core::{Access, Entity, EntityId, Patch, PeerId};
 
@@ -21,16 +21,6 @@ const META_SEEN: &str = "seen/";
 /// (`invites/<id>`).
 const META_INVITES: &str = "invites/";
 
-/// The reason a revoked member is refused (every node words it the same way, so the peer
-/// it refuses can tell a revocation from other refusals).
-fn revoked_reason(peer: &PeerId) -> String {
-    format!("peer {peer} was revoked")
-}
-
-/// Whether a refusal's reason is a revocation.
-pub(crate) fn is_revocation(reason: &str) -> bool {
-    reason.ends_with(" was revoked")
-}
 
 /// Where this node stands in its workspace, and why (`status` → `membership`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -93,13 +83,6 @@ struct Seen {
     last_seen_ms: Option<i64>,
 }
 
-/// The member list as last read from the `_members` collection.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct MemberCache {
-    by_peer: HashMap<PeerId, MemberRecord>,
-    /// Invite id → the device it admitted.
-    invites: HashMap<uuid::Uuid, PeerId>,
-}
 
 impl Replica {
     /// Issues a one-time invite (JSON) for a device of `user`, valid for `ttl_ms`.
@@ -129,7 +112,7 @@ impl Replica {
 
     /// Every member record known here (revoked ones included), by peer id.
     pub fn members(&self) -> Result<Vec<MemberRecord>, Error> {
-        let mut out: Vec<MemberRecord> = self.member_cache()?.by_peer.values().cloned().collect();
+        let mut out: Vec<MemberRecord> = self.member_list()?.by_peer.values().cloned().collect();
         out.sort_by(|a, b| a.peer.cmp(&b.peer));
         Ok(out)
     }
@@ -168,7 +151,7 @@ impl Replica {
         if !self.authority {
             return Ok(vec![]);
         }
-        let used = self.member_cache()?;
+        let used = self.member_list()?;
         let now = self.now_ms();
         let mut out: Vec<PendingInvite> = self
             .store
@@ -193,11 +176,13 @@ impl Replica {
             .meta(&key)?
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or_else(|| fieldsync_core::Error::NotFound(format!("invite {id}")))?;
-        if let Some(peer) = self.member_cache()?.invites.get(&id) {
+        if let Some(peer) = self.member_list()?.invites.get(&id) {
             return Err(fieldsync_core::Error::Invite(format!("invite {id} was already used by {peer}; revoke that member instead")).into());
         }
         invite.cancelled = true;
         self.commit_durable(vec![], vec![(key, Some(serde_json::to_vec(&invite).unwrap_or_default()))])?;
+        // The member list carries the cancelled invites: it is stale now.
+        self.members_version.fetch_add(1, Ordering::AcqRel);
         Ok(invite)
     }
 
@@ -236,7 +221,7 @@ impl Replica {
         if !self.authority {
             return Err(Error::AuthorityOnly("revoke members"));
         }
-        let cache = self.member_cache()?;
+        let cache = self.member_list()?;
         let mut record = cache
             .by_peer
             .get(peer)
@@ -260,51 +245,25 @@ impl Replica {
     /// grant, or why it is refused. On the authority, a valid unused invite makes the peer
     /// a member (the invite is then bound to it).
     pub fn admit(&self, peer: &PeerId, credential: Option<&Credential>) -> Result<Grant, Error> {
-        let refuse = |why: String| Err(Error::Refused(why));
-        if *peer == self.ws().authority_peer() {
-            return Ok(Grant::authority());
-        }
-        let cache = self.member_cache()?;
-        if let Some(r) = cache.by_peer.get(peer) {
-            return if r.revoked { refuse(revoked_reason(peer)) } else { Ok(r.grant.clone()) };
-        }
-        match credential {
-            Some(Credential::Member { record }) => {
-                let id = member_entity_id(self.ws().id, peer);
-                if !record.verify(&self.ws().authority, self.ws().id, id, RECORD) {
-                    return refuse(format!("peer {peer} presented a member record the authority did not sign"));
-                }
-                match MemberRecord::from_confirmation(record, peer) {
-                    Some(r) if !r.revoked => Ok(r.grant),
-                    Some(_) => refuse(revoked_reason(peer)),
-                    None => refuse(format!("peer {peer} presented another peer's member record")),
-                }
+        match self.member_list()?.admit(peer, credential, self.now_ms()) {
+            Admission::Admitted(grant) => Ok(grant),
+            Admission::Refused(why) => Err(Error::Refused(why)),
+            Admission::Bind(record) => {
+                self.bind_invite(peer, &record)?;
+                Ok(record.grant)
             }
-            Some(Credential::Invite { token }) => {
-                if let Err(why) = token.verify(&self.ws().authority, self.ws().id, self.now_ms()) {
-                    return refuse(format!("peer {peer}: {why}"));
-                }
-                if let Err(e) = token.grant.check(&self.ws().schema) {
-                    return refuse(format!("peer {peer}: {e}"));
-                }
-                if let Some(other) = cache.invites.get(&token.id).filter(|p| *p != peer) {
-                    return refuse(format!("peer {peer}: invite {} was already used by {other}", token.id));
-                }
-                if self.authority {
-                    let issued = self.store.meta(&format!("{META_INVITES}{}", token.id))?;
-                    if issued.and_then(|b| serde_json::from_slice::<PendingInvite>(&b).ok()).is_some_and(|i| i.cancelled) {
-                        return refuse(format!("peer {peer}: invite {} was cancelled", token.id));
-                    }
-                }
-                if self.authority {
-                    let record = MemberRecord { peer: peer.to_string(), grant: token.grant.clone(), revoked: false, invite: Some(token.id) };
-                    self.write_member_record(peer, &record)?;
-                    tracing::info!(%peer, user = %record.grant.user, "admitted a new member");
-                }
-                Ok(token.grant.clone())
-            }
-            None => refuse(format!("peer {peer} is not a member of this workspace")),
         }
+    }
+
+    /// Binds an invite to the device that presented it first (authority): writes the
+    /// device's member record.
+    pub fn bind_invite(&self, peer: &PeerId, record: &MemberRecord) -> Result<(), Error> {
+        if !self.authority {
+            return Err(Error::AuthorityOnly("bind invites"));
+        }
+        self.write_member_record(peer, record)?;
+        tracing::info!(%peer, user = %record.grant.user, "admitted a new member");
+        Ok(())
     }
 
     /// Whether this node may hold every entity: the authority, relays and admins.
@@ -324,7 +283,7 @@ impl Replica {
         if self.authority {
             return Ok(None);
         }
-        if let Some(r) = self.member_cache()?.by_peer.get(&self.peer) {
+        if let Some(r) = self.member_list()?.by_peer.get(&self.peer) {
             return Ok(Some(r.grant.clone()));
         }
         // The invite never changes: read once (this runs for every received entity).
@@ -361,7 +320,7 @@ impl Replica {
 
     /// Why `peer` may no longer sync, if the member list now says it was revoked.
     pub fn revoked(&self, peer: &PeerId) -> Result<Option<String>, Error> {
-        Ok(self.member_cache()?.by_peer.get(peer).filter(|r| r.revoked).map(|_| revoked_reason(peer)))
+        Ok(self.member_list()?.revoked(peer))
     }
 
     /// What this node presents in its `Hello`: its member record once it has it, else the
@@ -411,7 +370,7 @@ impl Replica {
     }
 
     /// The member list, re-read from the store after it changed.
-    pub(crate) fn member_cache(&self) -> Result<Arc<MemberCache>, Error> {
+    pub fn member_list(&self) -> Result<Arc<MemberList>, Error> {
         let version = self.members_version();
         {
             let cached = self.members.lock().unwrap_or_else(|p| p.into_inner());
@@ -419,7 +378,14 @@ impl Replica {
                 return Ok(cached.1.clone());
             }
         }
-        let mut cache = MemberCache::default();
+        let mut cache = MemberList::new(self.ws(), self.authority);
+        if self.authority {
+            for (_, bytes) in self.store.meta_prefix(META_INVITES)? {
+                if let Some(i) = serde_json::from_slice::<PendingInvite>(&bytes).ok().filter(|i| i.cancelled) {
+                    cache.cancelled.insert(i.id);
+                }
+            }
+        }
         self.list(MEMBERS, &[], true, &mut |view| {
             let record = view.get(RECORD).and_then(|v| serde_json::from_value::<MemberRecord>(v.clone()).ok());
             let id = view.get("_id").and_then(|v| v.as_str()).and_then(|s| s.parse::<EntityId>().ok());

@@ -119,7 +119,7 @@ pub struct Replica {
     cache: Mutex<DocCache>,
     /// The member list read from the store, with the `members_version` it was read at
     /// (starts at 1, so the first use reads it).
-    pub(crate) members: Mutex<(u64, Arc<crate::members::MemberCache>)>,
+    pub(crate) members: Mutex<(u64, Arc<fieldsync_core::membership::MemberList>)>,
     pub(crate) members_version: std::sync::atomic::AtomicU64,
     /// The grant of the invite this device joined with, once read.
     pub(crate) invite_grant: std::sync::OnceLock<Option<fieldsync_core::membership::Grant>>,
@@ -259,9 +259,10 @@ impl Replica {
 
     fn assemble(store: Arc<dyn Store>, ws: Workspace, key: ed25519::Keypair, node: NodeMeta, dir: &Path) -> Self {
         let peer = libp2p_identity::PublicKey::from(key.public()).to_peer_id();
+        let ws = Arc::new(ws);
         Replica {
             store,
-            ws: std::sync::RwLock::new(Arc::new(ws)),
+            ws: std::sync::RwLock::new(ws.clone()),
             key,
             peer,
             name: node.name,
@@ -270,11 +271,16 @@ impl Replica {
             clock: Arc::new(SystemClock),
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             cache: Mutex::new(DocCache::new(MemoryOptions::DEFAULT.doc_cache_bytes)),
-            members: Mutex::new((0, Default::default())),
+            members: Mutex::new((0, Arc::new(fieldsync_core::membership::MemberList::new(ws, node.authority)))),
             members_version: std::sync::atomic::AtomicU64::new(1),
             invite_grant: std::sync::OnceLock::new(),
             adopting: Mutex::new(()),
         }
+    }
+
+    /// The name this node gave itself at init.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// This node's peer id.
@@ -294,6 +300,8 @@ impl Replica {
     /// Swaps in a workspace with a newer schema (see `schemas.rs`).
     pub(crate) fn set_ws(&self, ws: Workspace) {
         *self.ws.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ws);
+        // The member list holds the workspace (its schema checks invites): re-read it.
+        self.members_version.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Whether this node is the workspace authority.
@@ -315,7 +323,8 @@ impl Replica {
         Writer { peer: self.peer, user: &self.name, now_ms, authority_key: self.authority.then_some(&self.key) }
     }
 
-    pub(crate) fn now_ms(&self) -> i64 {
+    /// Milliseconds since the Unix epoch by this replica's clock.
+    pub fn now_ms(&self) -> i64 {
         self.clock.now_ms()
     }
 

@@ -31,28 +31,7 @@ pub struct ExportedBundle {
     pub upto: u64,
 }
 
-/// A received entity, checked: a whole document (`entity` loaded from `chunks`), or change
-/// chunks for an entity this node has.
-#[derive(Debug)]
-pub(crate) enum Incoming {
-    Whole { entity: Box<Entity>, collection: String, chunks: Vec<Vec<u8>> },
-    Changes { id: EntityId, collection: String, chunks: Vec<Vec<u8>> },
-}
-
-impl Incoming {
-    fn collection(&self) -> &str {
-        match self {
-            Incoming::Whole { collection, .. } | Incoming::Changes { collection, .. } => collection,
-        }
-    }
-
-    fn id(&self) -> EntityId {
-        match self {
-            Incoming::Whole { entity, .. } => entity.id(),
-            Incoming::Changes { id, .. } => *id,
-        }
-    }
-}
+pub(crate) use fieldsync_sync::Incoming;
 
 /// One item per entity: a repeated entity's chunks join its first occurrence (two writes
 /// for one entity in a commit would each start from the same stored state).

@@ -22,7 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fieldsync::core::protocol::Role;
-use fieldsync::sync::{Config as EngineConfig, Engine, Event, Input, SecurityStats};
+use fieldsync::sync::{Config as EngineConfig, Engine, Event, Input, Outcome, SecurityStats, Task, TaskId};
+use fieldsync::sync_host::{self, Watch};
 use fieldsync::Replica;
 use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
 use libp2p::swarm::behaviour::toggle::Toggle;
@@ -74,6 +75,9 @@ pub enum Error {
     /// The sync engine's store failed.
     #[error(transparent)]
     Replica(#[from] fieldsync::Error),
+    /// The store failed under a sync task.
+    #[error("storage failed during sync: {0}")]
+    Storage(String),
 }
 
 /// Network settings.
@@ -197,12 +201,49 @@ enum Owned {
     LocalChange,
 }
 
+/// Storage tasks of the engine whose results have not been read yet; more wait in the
+/// pool (the engine bounds them: a feed read and an apply per session, a window of pages).
+const IO_RESULTS_QUEUE: usize = 256;
+
+/// The engine with what drives it: the replica its storage tasks run on (on tokio's
+/// blocking pool, so the event loop never waits on fsync or Automerge), the member list
+/// watch, and the clock.
+struct Core {
+    engine: Engine,
+    replica: Arc<Replica>,
+    watch: Watch,
+    started: std::time::Instant,
+    results: mpsc::Sender<(TaskId, Outcome)>,
+}
+
+impl Core {
+    fn handle(&mut self, input: Input) -> Result<(), Error> {
+        let now = sync_host::now(&self.replica, self.started.elapsed());
+        for change in self.watch.poll(&self.replica)? {
+            self.engine.handle(now, change);
+        }
+        self.engine.handle(now, input);
+        for change in self.watch.poll(&self.replica)? {
+            self.engine.handle(now, change);
+        }
+        while let Some((id, task)) = self.engine.poll_io() {
+            self.spawn(id, task);
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, id: TaskId, task: Task) {
+        let (replica, results) = (self.replica.clone(), self.results.clone());
+        tokio::task::spawn_blocking(move || {
+            let outcome = sync_host::run_task(&replica, task);
+            // Waits while the loop is behind on results: the queue stays bounded.
+            let _ = results.blocking_send((id, outcome));
+        });
+    }
+}
+
 struct Session {
     gen: u64,
-    /// When the stream was attached (the peer must prove itself within `HANDSHAKE_TIMEOUT`).
-    since: tokio::time::Instant,
-    /// Whether the engine admitted the peer.
-    admitted: bool,
     /// Frames with their share of the send budget, released once written.
     writer: mpsc::Sender<(Vec<u8>, tokio::sync::OwnedSemaphorePermit)>,
 }
@@ -327,7 +368,10 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
     let mut control = swarm.behaviour().stream.new_control();
     let mut incoming = control.accept(PROTOCOL).map_err(|e| Error::Setup(e.to_string()))?;
 
-    let mut engine = Engine::new(replica.clone(), EngineConfig::default().with_role(config.role)).with_security(stats.security.clone());
+    let engine_config = EngineConfig::default().with_role(config.role).with_name(replica.name()).with_hello_timeout(HANDSHAKE_TIMEOUT);
+    let engine = Engine::new(engine_config, sync_host::local_state(&replica)?).with_security(stats.security.clone());
+    let (results, mut io_results) = mpsc::channel(IO_RESULTS_QUEUE);
+    let mut engine = Core { engine, watch: Watch::new(&replica), replica: replica.clone(), started: std::time::Instant::now(), results };
     let mut peers = Peers::default();
     let mut sessions: HashMap<PeerId, Session> = HashMap::new();
     let budget = Arc::new(tokio::sync::Semaphore::new(SEND_BUDGET_KIB));
@@ -358,11 +402,9 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                         notify(&notices, Notice::PeerDisconnected(peer));
                     }
                 }
-                // A peer must prove itself in time; the engine says why it is sent away.
-                let slow: Vec<PeerId> = sessions.iter().filter(|(_, s)| !s.admitted && now.duration_since(s.since) > HANDSHAKE_TIMEOUT).map(|(p, _)| *p).collect();
-                for peer in slow {
-                    engine.handle(Input::Violation(peer, format!("no valid hello within {} s", HANDSHAKE_TIMEOUT.as_secs())))?;
-                }
+                // Timers: a peer must prove itself in time, or the engine sends it away.
+                // Also how writes the app made without telling reach the engine.
+                engine.handle(Input::Tick)?;
                 // One session per pair: the lower peer id opens it, and retries until it
                 // exists or the peer proved it does not speak the protocol.
                 let to_open: Vec<PeerId> = peers
@@ -550,10 +592,11 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                         notify(&notices, Notice::PeerDisconnected(peer));
                     }
                 }
-                Owned::LocalChange => engine.handle(Input::LocalChange)?,
+                Owned::LocalChange => engine.handle(Input::LocalChange { feed_seq: replica.feed_seq() })?,
             },
+            Some((id, outcome)) = io_results.recv() => engine.handle(Input::IoDone(id, outcome))?,
         }
-        let out = drain(&mut engine, &mut sessions, &notices, &budget).await;
+        let out = drain(&mut engine, &mut sessions, &notices, &budget).await?;
         {
             let mut admitted = admitted.lock().unwrap_or_else(|p| p.into_inner());
             for peer in &out.admitted {
@@ -683,7 +726,7 @@ fn ban(peers: &mut Peers, security: &SecurityStats, peer: PeerId, for_how_long: 
 
 /// Ends a session whose connection closed and that still waits for its reader: a new
 /// stream from the same peer replaces it.
-fn end_lingering(engine: &mut Engine, sessions: &mut HashMap<PeerId, Session>, peers: &mut Peers, notices: &mpsc::Sender<Notice>, peer: PeerId) -> Result<(), Error> {
+fn end_lingering(engine: &mut Core, sessions: &mut HashMap<PeerId, Session>, peers: &mut Peers, notices: &mpsc::Sender<Notice>, peer: PeerId) -> Result<(), Error> {
     if let Some((gen, _)) = peers.lingering.remove(&peer) {
         if sessions.get(&peer).is_some_and(|s| s.gen == gen) {
             sessions.remove(&peer);
@@ -702,7 +745,7 @@ fn notify(notices: &mpsc::Sender<Notice>, notice: Notice) {
 
 #[allow(clippy::too_many_arguments)]
 fn attach(
-    engine: &mut Engine,
+    engine: &mut Core,
     sessions: &mut HashMap<PeerId, Session>,
     next_gen: &mut u64,
     inputs: &mpsc::Sender<Owned>,
@@ -779,7 +822,7 @@ fn attach(
         }
         let _ = tx.send(Owned::Closed { peer, gen }).await;
     });
-    sessions.insert(peer, Session { gen, since: tokio::time::Instant::now(), admitted: false, writer });
+    sessions.insert(peer, Session { gen, writer });
     engine.handle(if dialed { Input::Dialed(peer) } else { Input::Connected(peer) })?;
     notify(notices, Notice::PeerConnected(peer));
     Ok(())
@@ -798,10 +841,10 @@ struct Drained {
 }
 
 /// Sends every queued frame to its stream's writer and reports every event.
-async fn drain(engine: &mut Engine, sessions: &mut HashMap<PeerId, Session>, notices: &mpsc::Sender<Notice>, budget: &Arc<tokio::sync::Semaphore>) -> Drained {
+async fn drain(core: &mut Core, sessions: &mut HashMap<PeerId, Session>, notices: &mpsc::Sender<Notice>, budget: &Arc<tokio::sync::Semaphore>) -> Result<Drained, Error> {
     let mut out = Drained::default();
     loop {
-        while let Some((peer, bytes)) = engine.poll_transmit() {
+        while let Some((peer, bytes)) = core.engine.poll_transmit() {
             if let Some(s) = sessions.get(&peer) {
                 // Waiting here is the backpressure of slow peers (queues and bytes are bounded).
                 let kib = (bytes.len() >> 10).clamp(1, SEND_BUDGET_KIB) as u32;
@@ -810,20 +853,16 @@ async fn drain(engine: &mut Engine, sessions: &mut HashMap<PeerId, Session>, not
                     // The stream is gone: end the engine's session too (its reader's own
                     // notice will no longer match a session).
                     sessions.remove(&peer);
-                    let _ = engine.handle(Input::Disconnected(peer));
+                    core.handle(Input::Disconnected(peer))?;
                     notify(notices, Notice::PeerDisconnected(peer));
                 }
             }
         }
-        let Some(event) = engine.poll_event() else { return out };
+        let Some(event) = core.engine.poll_event() else { return Ok(out) };
         match &event {
+            Event::StorageFailed { reason } => return Err(Error::Storage(reason.clone())),
             Event::PeerRefused { peer, .. } => out.refused.push(*peer),
-            Event::PeerAdmitted { peer } => {
-                if let Some(s) = sessions.get_mut(peer) {
-                    s.admitted = true;
-                }
-                out.admitted.push(*peer);
-            }
+            Event::PeerAdmitted { peer } => out.admitted.push(*peer),
             Event::SyncStarted { peer, .. } => out.started.push(*peer),
             Event::Refused { peer, .. } => out.refused_us.push(*peer),
             Event::SessionFailed { peer, reason } => {
