@@ -21,6 +21,8 @@ const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const TIMEOUT_S = Number(process.env.E2E_TIMEOUT_S || 300);
 const SHOTS = process.argv.includes("--screenshots") ? join(repo, "docs/console") : null;
 const WAIT = 30000;
+// The children's environment: quiet logs, and no FIELDSYNC_DATA (each gets --data).
+const ENV = Object.fromEntries(Object.entries({ ...process.env, RUST_LOG: "warn" }).filter(([k]) => k !== "FIELDSYNC_DATA"));
 
 const work = mkdtempSync(join(tmpdir(), "fieldsync-e2e-"));
 const procs = [];
@@ -32,7 +34,7 @@ let failed = 0;
 
 function cli(dir, args, { allowFail = false } = {}) {
   try {
-    const out = execFileSync(BIN, ["--data", dir, ...args], { encoding: "utf8", env: { ...process.env, RUST_LOG: "warn", FIELDSYNC_DATA: "" }, stdio: ["ignore", "pipe", "pipe"], timeout: WAIT });
+    const out = execFileSync(BIN, ["--data", dir, ...args], { encoding: "utf8", env: ENV, stdio: ["ignore", "pipe", "pipe"], timeout: WAIT });
     const lines = out.split("\n").filter((l) => l.trim().startsWith("{") || l.trim().startsWith("["));
     if (args[0] === "invite") return out;
     const values = lines.map((l) => JSON.parse(l));
@@ -49,7 +51,7 @@ class Daemon {
     this.events = [];
     this.waiters = [];
     const err = createWriteStream(join(work, `${name}.err`), { flags: "a" });
-    this.child = spawn(BIN, ["--data", dir, ...args], { env: { ...process.env, RUST_LOG: "warn", FIELDSYNC_DATA: "" }, stdio: ["ignore", "pipe", "pipe"] });
+    this.child = spawn(BIN, ["--data", dir, ...args], { env: ENV, stdio: ["ignore", "pipe", "pipe"] });
     this.child.stderr.pipe(err);
     this.exited = new Promise((r) => this.child.on("exit", r));
     let buf = "";

@@ -96,8 +96,9 @@ export function Value({ v }) {
   return <code class="val-json">{JSON.stringify(v)}</code>;
 }
 
+/** The end of an id: UUIDv7 ids made together share their start (the time), peer ids their prefix. */
 export function short(id, n = 8) {
-  return id ? `${String(id).slice(0, n)}…` : "";
+  return id ? `…${String(id).slice(-n)}` : "";
 }
 
 export function same(a, b) {

@@ -58,7 +58,10 @@ function Chart({ chart, samples, from, to }) {
       <svg viewBox={`0 0 ${W} ${H}`} preserveAspectRatio="none" role="img" aria-label={label}>
         <line x1="0" y1={H - 0.5} x2={W} y2={H - 0.5} class="axis" />
         {chart.kind === "gauge" ? (
-          <polyline class="line" fill="none" points={points.map((p) => `${x(p.at).toFixed(1)},${(H - 2 - (p.v / max) * (H - 8)).toFixed(1)}`).join(" ")} />
+          <>
+            <polyline class="line" fill="none" points={points.map((p) => `${x(p.at).toFixed(1)},${(H - 2 - (p.v / max) * (H - 8)).toFixed(1)}`).join(" ")} />
+            {points.length < 30 && points.map((p) => <rect key={p.at} class="bar" x={(x(p.at) - 2).toFixed(1)} y={(H - 4 - (p.v / max) * (H - 8)).toFixed(1)} width="4" height="4" />)}
+          </>
         ) : (
           points.map((p) =>
             p.v > 0 ? <rect key={p.at} class="bar" x={(x(p.at) - bw).toFixed(1)} width={bw.toFixed(1)} y={(H - 1 - (p.v / max) * (H - 6)).toFixed(1)} height={((p.v / max) * (H - 6)).toFixed(1)} /> : null,
@@ -67,7 +70,10 @@ function Chart({ chart, samples, from, to }) {
       </svg>
       <div class="chart-foot muted small">
         <span>{chart.kind === "gauge" ? "now" : "in window"}</span>
-        <span>peak {fmt(max === 1 && total === 0 ? 0 : max)}/10 s</span>
+        <span>
+          peak {fmt(max === 1 && total === 0 ? 0 : max)}
+          {chart.kind === "gauge" ? "" : "/10 s"}
+        </span>
       </div>
     </figure>
   );
@@ -76,7 +82,7 @@ function Chart({ chart, samples, from, to }) {
 export function Health({ status }) {
   const [data, setData] = useState(null);
   const [error, setError] = useState(null);
-  const [win, setWin] = useState("1h");
+  const [win, setWin] = useState("15m");
   useEffect(() => {
     let stop = false;
     const load = () =>
