@@ -85,6 +85,18 @@ pub(crate) enum Command {
     /// with this node). Unused invites: `{"kind": "invite", id, user, role, partitions,
     /// issued_ms, expires_ms}`.
     Members,
+    /// Print the token of this node's HTTP API and console, creating it if there is none.
+    ///
+    /// Prints `{"token", "file", "created", "rotated"}`. The token is kept in the data
+    /// directory (`api-token`, readable by its owner only). Anything that changes data needs
+    /// `Authorization: Bearer TOKEN`, and so does every route when the API listens on a
+    /// non-loopback address or `[api] require_token` is set. A running daemon follows the
+    /// file: a rotated token works at once and the old one stops working.
+    ApiToken {
+        /// Replace the token with a new one.
+        #[arg(long)]
+        rotate: bool,
+    },
     /// Revoke a member (authority only): every node refuses it once it learns of this.
     Revoke {
         /// The member's peer id (see `fieldsync members`).
@@ -539,6 +551,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 memory: memory.options(c.cache_mb, c.store_cache_mb),
                 net: file.net,
                 mirror: None,
+                api_access: file.api,
             };
             crate::daemon::run(&dir, options)
         }
@@ -556,8 +569,21 @@ pub fn run(cli: Cli) -> Result<()> {
                 memory: memory.options(c.cache_mb, c.store_cache_mb),
                 net: file.net,
                 mirror: postgres.or(c.postgres).map(|url| fieldsync_mirror::MirrorConfig { url, tables: c.postgres_tables }),
+                api_access: file.api,
             };
             crate::daemon::run(&dir, options)
+        }
+        Command::ApiToken { rotate } => {
+            if !dir.is_dir() {
+                return Err(CliError::not_found(format!("no node in {} (`fieldsync init` first)", dir.display())));
+            }
+            let file = dir.join(fieldsync_api::auth::TOKEN_FILE);
+            let failed = |e: std::io::Error| CliError::runtime(format!("{}: {e}", file.display()));
+            let (token, created) = if rotate { (fieldsync_api::auth::rotate_token(&dir).map_err(failed)?, false) } else { fieldsync_api::auth::ensure_token(&dir).map_err(failed)? };
+            if rotate {
+                eprintln!("new API token in {}; the old one no longer works", file.display());
+            }
+            emit(&json!({ "token": token, "file": file.display().to_string(), "created": created, "rotated": rotate }))
         }
         command => match crate::remote::daemon_api(&dir) {
             // A daemon holds the store: data commands go through its API.
@@ -569,7 +595,7 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn run_on(replica: &Replica, command: Command) -> Result<()> {
     match command {
-        Command::Init { .. } | Command::Run { .. } | Command::Relay { .. } => unreachable!("handled by run"),
+        Command::Init { .. } | Command::Run { .. } | Command::Relay { .. } | Command::ApiToken { .. } => unreachable!("handled by run"),
         Command::Invite { action: Some(InviteAction::Cancel { invite_id }), .. } => {
             let cancelled = replica.cancel_invite(parse_id("invite id", &invite_id)?)?;
             emit(&json!({ "invite": cancelled.id.to_string(), "cancelled": true }))

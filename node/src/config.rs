@@ -21,6 +21,19 @@ pub struct File {
     pub run: Run,
     pub relay: Relay,
     pub net: Net,
+    pub api: Api,
+}
+
+/// `[api]`: who may use the HTTP API, for both.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Api {
+    /// Every route needs `Authorization: Bearer TOKEN`, not only writes (always so when the
+    /// API listens on a non-loopback address).
+    pub require_token: bool,
+    /// Origins whose web pages may call the API (CORS), e.g. "https://office.example.com";
+    /// none by default (CORS off). The console at /console needs none: it is same-origin.
+    pub cors_origins: Vec<String>,
 }
 
 /// `[run]`: the device daemon.
@@ -114,7 +127,11 @@ fn multiaddr(s: &str) -> Multiaddr {
 pub fn load(path: Option<&Path>) -> Result<File, CliError> {
     let Some(path) = path else { return Ok(File::default()) };
     let text = std::fs::read_to_string(path).map_err(|e| CliError::invalid(format!("cannot read {}: {e}", path.display())))?;
-    toml::from_str(&text).map_err(|e| CliError::invalid(format!("{}: {e}", path.display())))
+    let file: File = toml::from_str(&text).map_err(|e| CliError::invalid(format!("{}: {e}", path.display())))?;
+    for origin in &file.api.cors_origins {
+        fieldsync_api::auth::check_origin(origin).map_err(|e| CliError::invalid(format!("{}: [api] {e}", path.display())))?;
+    }
+    Ok(file)
 }
 
 #[cfg(test)]
@@ -139,5 +156,9 @@ mod tests {
         assert_eq!(example.net.max_frames_per_sec, d.net.max_frames_per_sec);
         assert!(toml::from_str::<File>("[run]\nlisten = [\"not an address\"]").is_err());
         assert!(toml::from_str::<File>("[run]\nbogus = 1").is_err());
+        assert_eq!((example.api.require_token, example.api.cors_origins.len()), (d.api.require_token, d.api.cors_origins.len()));
+        let api: File = toml::from_str("[api]\nrequire_token = true\ncors_origins = [\"http://localhost:5173\"]").expect("api parses");
+        assert!(api.api.require_token);
+        assert_eq!(api.api.cors_origins, ["http://localhost:5173"]);
     }
 }

@@ -39,6 +39,8 @@ pub struct Options {
     pub net: crate::config::Net,
     /// Mirror into PostgreSQL (relays).
     pub mirror: Option<fieldsync_mirror::MirrorConfig>,
+    /// Who may use the API (`[api]`: token everywhere, CORS origins).
+    pub api_access: crate::config::Api,
 }
 
 fn print(value: serde_json::Value) {
@@ -74,7 +76,11 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
 
     let nudge = handle.clone();
     let live = Arc::new(Live::new());
-    let state = AppState { replica: replica.clone(), on_change: Arc::new(move || nudge.try_local_change()), metrics: metrics.clone(), live: live.clone() };
+    // Writes always need the token, so there always is one (`fieldsync api-token` prints it).
+    fieldsync_api::auth::ensure_token(dir).map_err(|e| CliError::runtime(format!("cannot create the API token in {}: {e}", dir.display())))?;
+    let token_everywhere = fieldsync_api::auth::token_required_everywhere(&options.api, options.api_access.require_token);
+    let access = Arc::new(fieldsync_api::auth::Access::new(dir, token_everywhere, options.api_access.cors_origins.clone()));
+    let state = AppState { replica: replica.clone(), on_change: Arc::new(move || nudge.try_local_change()), metrics: metrics.clone(), live: live.clone(), access };
     // Both ports are checked before anything starts: a second node on a port in use fails
     // at once, naming the port, instead of sharing it.
     fieldsync_net::check_listen(&options.listen).map_err(|e| CliError::runtime(e.to_string()))?;
@@ -92,7 +98,13 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         std::fs::write(&path, body.to_string()).map_err(|e| CliError::runtime(format!("{}: {e}", path.display())))?;
         DaemonFile(path)
     };
-    print(json!({ "event": "api", "addr": api_addr.to_string(), "peer_id": replica.peer_id().to_string() }));
+    print(json!({
+        "event": "api",
+        "addr": api_addr.to_string(),
+        "peer_id": replica.peer_id().to_string(),
+        "console": format!("http://{api_addr}/console/"),
+        "token_required": if token_everywhere { "all" } else { "writes" },
+    }));
     let app = fieldsync_api::router(state);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut api_stop = stop_rx.clone();
@@ -132,6 +144,7 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         })
     };
     let watcher = tokio::spawn(watch_feed(replica.clone(), live.clone()));
+    let sampler = tokio::spawn(fieldsync_api::sample_health(metrics_for_traffic.clone(), live.clone()));
     let mirror = options.mirror.map(|config| {
         let state = Arc::new(fieldsync_mirror::MirrorState::default());
         let report_state = state.clone();
@@ -173,6 +186,7 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
     }
     reporter.abort();
     watcher.abort();
+    sampler.abort();
     traffic.abort();
     match result {
         Ok(Ok(())) => Ok(()),

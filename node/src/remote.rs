@@ -8,12 +8,25 @@ use serde_json::Value;
 use crate::cli::{emit, parse_id, BundleCommand, CliError, Command, Result};
 use crate::daemon::DAEMON_FILE;
 
+/// The API token of the data directory the daemon runs on: every call sends it (the CLI
+/// runs as the owner of the data directory, so it may read the token file).
+static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// A request with the token, if the data directory has one.
+fn authorised<B>(request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+    match TOKEN.get().and_then(Option::as_deref) {
+        Some(token) => request.header("authorization", format!("Bearer {token}")),
+        None => request,
+    }
+}
+
 /// The API address of a daemon running on `dir`, if one answers.
 pub fn daemon_api(dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(dir.join(DAEMON_FILE)).ok()?;
     let api = serde_json::from_str::<Value>(&text).ok()?["api"].as_str()?.to_owned();
+    let _ = TOKEN.set(fieldsync_api::auth::read_token(dir).ok().flatten());
     // A daemon killed with SIGKILL leaves its file behind: only trust one that answers.
-    agent().get(format!("{api}/v1/status")).call().ok().filter(|r| r.status().is_success()).map(|_| api)
+    authorised(agent().get(format!("{api}/v1/status"))).call().ok().filter(|r| r.status().is_success()).map(|_| api)
 }
 
 fn agent() -> ureq::Agent {
@@ -37,13 +50,13 @@ fn call_op(method: &str, url: &str, body: Option<&str>, op: Option<&str>) -> Res
     let agent = agent();
     let key = op.unwrap_or("");
     let sent = match (method, body, op.is_some()) {
-        ("GET", _, _) => agent.get(url).call(),
-        ("DELETE", _, false) => agent.delete(url).call(),
-        ("DELETE", _, true) => agent.delete(url).header("idempotency-key", key).call(),
-        ("POST", b, false) => agent.post(url).header("content-type", "application/json").send(b.unwrap_or("")),
-        ("POST", b, true) => agent.post(url).header("content-type", "application/json").header("idempotency-key", key).send(b.unwrap_or("")),
-        ("PATCH", b, false) => agent.patch(url).header("content-type", "application/json").send(b.unwrap_or("")),
-        ("PATCH", b, true) => agent.patch(url).header("content-type", "application/json").header("idempotency-key", key).send(b.unwrap_or("")),
+        ("GET", _, _) => authorised(agent.get(url)).call(),
+        ("DELETE", _, false) => authorised(agent.delete(url)).call(),
+        ("DELETE", _, true) => authorised(agent.delete(url)).header("idempotency-key", key).call(),
+        ("POST", b, false) => authorised(agent.post(url)).header("content-type", "application/json").send(b.unwrap_or("")),
+        ("POST", b, true) => authorised(agent.post(url)).header("content-type", "application/json").header("idempotency-key", key).send(b.unwrap_or("")),
+        ("PATCH", b, false) => authorised(agent.patch(url)).header("content-type", "application/json").send(b.unwrap_or("")),
+        ("PATCH", b, true) => authorised(agent.patch(url)).header("content-type", "application/json").header("idempotency-key", key).send(b.unwrap_or("")),
         _ => return Err(CliError::runtime(format!("unsupported method {method}"))),
     };
     let mut response = sent.map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
@@ -133,7 +146,7 @@ fn bundle_export(api: &str, file: &Path, since: Option<&str>) -> Result<()> {
         let peer: fieldsync::PeerId = parse_id("peer id", peer)?;
         url.push_str(&format!("?since={peer}"));
     }
-    let mut response = agent_for(BUNDLE_TIMEOUT).get(&url).call().map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
+    let mut response = authorised(agent_for(BUNDLE_TIMEOUT).get(&url)).call().map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
     if !response.status().is_success() {
         let status = response.status().as_u16();
         let text = response.body_mut().read_to_string().unwrap_or_default();
@@ -173,8 +186,7 @@ fn bundle_import(api: &str, file: &Path) -> Result<()> {
     }
     let bytes = std::fs::read(file).map_err(|e| CliError::invalid(format!("cannot read {}: {e}", file.display())))?;
     let url = format!("{api}/v1/bundle");
-    let mut response = agent_for(BUNDLE_TIMEOUT)
-        .post(&url)
+    let mut response = authorised(agent_for(BUNDLE_TIMEOUT).post(&url))
         .header("content-type", "application/octet-stream")
         .send(&bytes[..])
         .map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
@@ -299,5 +311,6 @@ pub fn run(api: &str, command: Command) -> Result<()> {
             Err(CliError::invalid("a daemon is running on this data directory; stop it (Ctrl-C) for this command"))
         }
         Command::Init { .. } | Command::Run { .. } | Command::Relay { .. } => Err(CliError::invalid("a daemon is already running on this data directory")),
+        Command::ApiToken { .. } => unreachable!("handled by cli::run"),
     }
 }

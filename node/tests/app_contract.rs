@@ -167,7 +167,7 @@ fn a_device_presenting_an_invite_another_device_used_is_refused_and_says_why() {
     assert!(written.get("warning").is_none(), "the warning belongs on stderr: {written}");
     let id = written["id"].as_str().unwrap().to_owned();
     assert_eq!(cli(&copy, &["get", "tasks", &id])["title"], "offline anyway");
-    let mut res = ureq::post(format!("{api}/v1/collections/tasks")).header("content-type", "application/json").send(r#"{"title":"via http"}"#).unwrap();
+    let mut res = ureq::post(format!("{api}/v1/collections/tasks")).header("content-type", "application/json").header("authorization", support::bearer(&copy)).send(r#"{"title":"via http"}"#).unwrap();
     let body: Value = res.body_mut().read_json().unwrap();
     assert!(body["warning"].as_str().unwrap().contains("will not sync"), "{body}");
     // An admitted device's writes carry no warning.

@@ -172,9 +172,10 @@ fn a_stranger_learns_nothing_but_the_refusal_and_leaves_no_trace() {
     assert!(circuit["addr"].as_str().unwrap().contains(&relay_peer.to_string()), "{circuit}");
 
     // The relay's API refuses an overflowing increment with 400 naming the field, as JSON.
-    let created: Value = ureq::post(format!("{api}/v1/collections/inventory")).send(r#"{"stock":9007199254740991}"#).unwrap().body_mut().read_json().unwrap();
+    let auth = support::bearer(&relay_dir);
+    let created: Value = ureq::post(format!("{api}/v1/collections/inventory")).header("authorization", &auth).send(r#"{"stock":9007199254740991}"#).unwrap().body_mut().read_json().unwrap();
     let url = format!("{api}/v1/collections/inventory/{}", created["id"].as_str().unwrap());
-    let resp = ureq::patch(&url).config().http_status_as_error(false).build().send(r#"{"stock":{"$inc":1}}"#).unwrap();
+    let resp = ureq::patch(&url).header("authorization", &auth).config().http_status_as_error(false).build().send(r#"{"stock":{"$inc":1}}"#).unwrap();
     assert_eq!(resp.status(), 400);
     let body: Value = resp.into_body().read_json().unwrap();
     assert!(body["error"].as_str().unwrap().contains("\"stock\""), "{body}");

@@ -3,6 +3,11 @@
 //! Entity CRUD and lists take the same patch language and return the same views as the CLI.
 //! Store calls block (they wait for durability), so they run on tokio's blocking pool.
 //! Every write nudges the sync engine through the `on_change` callback.
+//! Access (the bearer token, CORS) is in [`auth`]; the office console at `/console` in
+//! [`console`].
+
+pub mod auth;
+pub mod console;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,6 +26,8 @@ use serde_json::{json, Value};
 pub struct Metrics {
     pub http_requests: AtomicU64,
     pub http_errors: AtomicU64,
+    /// Requests refused for a missing or wrong API token (401).
+    pub http_unauthorised: AtomicU64,
     pub sync_sessions: AtomicU64,
     pub sync_completed: AtomicU64,
     pub sync_failed: AtomicU64,
@@ -62,7 +69,14 @@ pub struct Live {
     /// the feed head giving a JSON object, shown in `/v1/status` under the name and in
     /// `/metrics` as `fieldsync_<name>_<key>` for each numeric or boolean key.
     pub reports: std::sync::Mutex<Vec<(&'static str, Report)>>,
+    /// Samples of the counters for `/v1/health`, oldest first; bounded by [`HEALTH_SAMPLES`].
+    pub health: std::sync::Mutex<std::collections::VecDeque<Value>>,
 }
+
+/// How often [`sample_health`] samples the counters…
+pub const HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// …and how many samples `/v1/health` keeps: 6 hours' worth (about 300 KiB).
+pub const HEALTH_SAMPLES: usize = 6 * 360;
 
 /// See [`Live::reports`].
 pub type Report = Arc<dyn Fn(u64) -> Value + Send + Sync>;
@@ -101,6 +115,7 @@ impl Live {
             recent: std::sync::Mutex::new(RecentEvents { next: 1, ..Default::default() }),
             epoch,
             reports: std::sync::Mutex::new(Vec::new()),
+            health: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(HEALTH_SAMPLES)),
         }
     }
 
@@ -190,6 +205,8 @@ pub struct AppState {
     pub on_change: Arc<dyn Fn() + Send + Sync>,
     pub metrics: Arc<Metrics>,
     pub live: Arc<Live>,
+    /// The token and CORS rules of this listener.
+    pub access: Arc<auth::Access>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -276,6 +293,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/schema", get(schema_show).post(schema_push))
         .route("/v1/schema/diff", post(schema_diff))
         .route("/v1/members", get(members))
+        .route("/v1/members/{peer}", get(member))
+        .route("/v1/devices", get(devices))
+        .route("/v1/health", get(health))
         .route("/v1/members/{peer}/revoke", post(revoke))
         .route("/v1/invites", get(pending_invites).post(invite))
         .route("/v1/invites/{id}/cancel", post(cancel_invite))
@@ -284,9 +304,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/changes", get(changes))
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn(check_query_params))
+        // The console's files (after the query check: a page URL may carry anything).
+        .route("/", get(console::redirect))
+        .route("/console", get(console::redirect))
+        .route("/console/", get(console::index))
+        .route("/console/{*path}", get(console::file))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::cors))
         .with_state(state)
 }
 
@@ -755,6 +782,7 @@ async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
     };
     gauge("fieldsync_http_requests_total", "HTTP API requests.", "counter", m.http_requests.load(Ordering::Relaxed));
     gauge("fieldsync_http_errors_total", "HTTP API requests that failed.", "counter", m.http_errors.load(Ordering::Relaxed));
+    gauge("fieldsync_http_unauthorised_total", "HTTP API requests refused for a missing or wrong token (401).", "counter", m.http_unauthorised.load(Ordering::Relaxed));
     gauge("fieldsync_sync_sessions_total", "Sync sessions started.", "counter", m.sync_sessions.load(Ordering::Relaxed));
     gauge("fieldsync_sync_completed_total", "Catch-ups completed.", "counter", m.sync_completed.load(Ordering::Relaxed));
     gauge("fieldsync_sync_failed_total", "Sync sessions that failed (rejected frames, wrong workspace…).", "counter", m.sync_failed.load(Ordering::Relaxed));
@@ -837,4 +865,124 @@ async fn bundle_import(State(s): State<AppState>, body: axum::body::Bytes) -> Ap
     let summary = blocking(&s, move |r| r.import_bundle(&body, &mut |_, _| {})).await?;
     (s.on_change)();
     Ok(Json(serde_json::to_value(summary).unwrap_or(Value::Null)))
+}
+
+/// The most feed entries counted for a device's `unacked` (more show as this many, with
+/// `unacked_capped`).
+pub const MAX_COUNTED: usize = 10_000;
+
+/// What the console's devices page shows of each member: its member record, name and
+/// last seen (as `/v1/members`), and what this daemon knows live — `online` (a session
+/// now), `last_sync_ms` (its last completed catch-up in this run), `incoming` (its feed
+/// entries not yet received here, while online), `unacked` (this node's feed entries it has
+/// not acknowledged yet) and `refused` (`{reason, at_ms}` if this node refused it lately).
+async fn device_rows(s: &AppState, only: Option<fieldsync::PeerId>) -> Result<Vec<Value>, ApiError> {
+    let peers = s.live.peers.lock().map(|p| p.clone()).unwrap_or_default();
+    let refused: Vec<Value> = s.live.refused.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default();
+    blocking(s, move |r| {
+        let me = r.peer_id().to_string();
+        let only = only.map(|p| p.to_string());
+        let mut rows = Vec::new();
+        for info in r.member_infos()? {
+            let peer = info.record.peer.clone();
+            if only.as_ref().is_some_and(|o| *o != peer) {
+                continue;
+            }
+            let mut row = serde_json::to_value(&info).unwrap_or_default();
+            let live = peers.get(&peer);
+            let online = live.is_some_and(|p| p["connected"] == true);
+            let this_node = peer == me;
+            row["this_node"] = json!(this_node);
+            row["online"] = json!(online);
+            row["last_sync_ms"] = live.and_then(|p| p.get("last_sync_ms")).cloned().unwrap_or(Value::Null);
+            row["incoming"] = match (online, live) {
+                (true, Some(p)) => json!(p["total"].as_u64().unwrap_or(0).saturating_sub(p["done"].as_u64().unwrap_or(0))),
+                _ => Value::Null,
+            };
+            if this_node {
+                row["unacked"] = Value::Null;
+            } else {
+                // This run's acknowledgement if newer, else the one kept from earlier runs.
+                let (kept, _) = r.sync_checkpoints(&peer)?;
+                let acked = live.and_then(|p| p["acked_upto"].as_u64()).unwrap_or(0).max(kept);
+                let n = r.changes_since(acked, MAX_COUNTED + 1)?.len();
+                row["unacked"] = json!(n.min(MAX_COUNTED));
+                row["unacked_capped"] = json!(n > MAX_COUNTED);
+                row["acked_upto"] = json!(acked);
+            }
+            row["refused"] = refused
+                .iter()
+                .find(|x| x["peer"] == peer.as_str())
+                .map(|x| json!({ "reason": x["reason"], "at_ms": x["at_ms"] }))
+                .unwrap_or(Value::Null);
+            rows.push(row);
+        }
+        Ok(rows)
+    })
+    .await
+}
+
+/// `GET /v1/devices`: every member as the console's devices page shows it (see
+/// [`device_rows`]), the peers refused lately that are not members, and this node's feed head.
+async fn devices(State(s): State<AppState>) -> ApiResult {
+    let rows = device_rows(&s, None).await?;
+    let members: std::collections::HashSet<String> = rows.iter().filter_map(|r| r["peer"].as_str().map(str::to_owned)).collect();
+    let strangers: Vec<Value> = s.live.refused.lock().map(|r| r.iter().filter(|x| !x["peer"].as_str().is_some_and(|p| members.contains(p))).cloned().collect()).unwrap_or_default();
+    let feed_seq = s.replica.feed_seq();
+    Ok(Json(json!({ "devices": rows, "refused": strangers, "feed_seq": feed_seq, "authority": s.replica.is_authority() })))
+}
+
+/// `GET /v1/members/{peer}`: one member as in `/v1/devices`; 404 if it is not a member.
+async fn member(State(s): State<AppState>, Path(peer): Path<String>) -> ApiResult {
+    let peer: fieldsync::PeerId = parse("peer id", &peer)?;
+    let mut rows = device_rows(&s, Some(peer)).await?;
+    match rows.pop() {
+        Some(row) => Ok(Json(row)),
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("no member {peer}"))),
+    }
+}
+
+/// One sample of the counters the health page draws (cumulative since the daemon started,
+/// except `peers_connected`).
+fn health_sample(m: &Metrics, live: &Live) -> Value {
+    let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let sec = &m.security;
+    json!({
+        "at_ms": at_ms,
+        "peers_connected": live.connected(),
+        "sync_sessions": m.sync_sessions.load(Ordering::Relaxed),
+        "sync_completed": m.sync_completed.load(Ordering::Relaxed),
+        "sync_failed": m.sync_failed.load(Ordering::Relaxed),
+        "sessions_refused": sec.sessions_refused.load(Ordering::Relaxed),
+        "writes_refused": sec.writes_refused.load(Ordering::Relaxed),
+        "bytes_sent": m.bytes_sent.load(Ordering::Relaxed),
+        "bytes_received": m.bytes_received.load(Ordering::Relaxed),
+        "http_requests": m.http_requests.load(Ordering::Relaxed),
+        "http_errors": m.http_errors.load(Ordering::Relaxed),
+        "http_unauthorised": m.http_unauthorised.load(Ordering::Relaxed),
+    })
+}
+
+/// Samples the counters every [`HEALTH_INTERVAL`] into `live.health` (the newest
+/// [`HEALTH_SAMPLES`] are kept) until the task is dropped: the health page's charts.
+pub async fn sample_health(metrics: Arc<Metrics>, live: Arc<Live>) {
+    let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+    loop {
+        tick.tick().await;
+        let sample = health_sample(&metrics, &live);
+        let mut ring = live.health.lock().unwrap_or_else(|p| p.into_inner());
+        if ring.len() >= HEALTH_SAMPLES {
+            ring.pop_front();
+        }
+        ring.push_back(sample);
+    }
+}
+
+/// `GET /v1/health`: the kept samples, oldest first, then one taken now; the same counters
+/// `/metrics` exports (cumulative since the daemon started: a chart draws the differences).
+async fn health(State(s): State<AppState>) -> ApiResult {
+    s.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
+    let mut samples: Vec<Value> = s.live.health.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default();
+    samples.push(health_sample(&s.metrics, &s.live));
+    Ok(Json(json!({ "interval_ms": HEALTH_INTERVAL.as_millis() as u64, "max_samples": HEALTH_SAMPLES, "samples": samples })))
 }

@@ -690,6 +690,15 @@ impl Replica {
         Ok(out)
     }
 
+    /// How far sync with `peer` got, as kept here (read-only; for the console's devices):
+    /// `(acked, received)` — the position of this node's feed that `peer` last
+    /// acknowledged, and the position of `peer`'s feed that this node has applied up to.
+    /// Both 0 for a peer this node never synced with.
+    pub fn sync_checkpoints(&self, peer: &str) -> Result<(u64, u64), Error> {
+        let seq = |key: String| -> Result<u64, Error> { Ok(self.store.meta(&key)?.and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0)) };
+        Ok((seq(format!("{META_CHECKPOINT_OUT}{peer}"))?, seq(format!("{META_CHECKPOINT_IN}{peer}"))?))
+    }
+
     /// The head of the local changes feed.
     pub fn feed_seq(&self) -> u64 {
         self.store.last_seq()

@@ -32,6 +32,16 @@ pub fn cli(dir: &Path, args: &[&str]) -> Value {
     }
 }
 
+/// The node's API token (`fieldsync api-token`): writes through the HTTP API need it.
+pub fn token(dir: &Path) -> String {
+    cli(dir, &["api-token"])["token"].as_str().expect("token").to_owned()
+}
+
+/// `Authorization: Bearer …` for the node in `dir`.
+pub fn bearer(dir: &Path) -> String {
+    format!("Bearer {}", token(dir))
+}
+
 pub fn list(dir: &Path, collection: &str) -> Vec<Value> {
     match cli(dir, &["list", collection, "--include-deleted"]) {
         Value::Array(items) => items,
