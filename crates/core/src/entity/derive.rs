@@ -102,7 +102,22 @@ impl Entity {
         let coll = ws.schema.collection(&collection)?;
         let mut view = View::new();
         let mut conflicts = Vec::new();
-        for (field, all) in self.root_fields() {
+        let mig = std::cell::OnceCell::new();
+        // Values under a field's earlier name read as the field's (`renamed_from`).
+        let mut fields: BTreeMap<String, super::migrate::FieldValues> = BTreeMap::new();
+        let mut renamed = false;
+        for (key, all) in self.root_fields() {
+            let name = coll.fields.iter().find(|(_, f)| f.renamed_from.as_deref() == Some(key.as_str())).map(|(n, _)| n.clone());
+            renamed |= name.is_some();
+            fields.entry(name.unwrap_or(key)).or_default().extend(all);
+        }
+        for (field, all) in fields.iter_mut() {
+            if renamed {
+                all.sort_by(|a, b| a.1.cmp(&b.1));
+            }
+            self.yield_to_people(coll.rule(field), all, &mig);
+        }
+        for (field, all) in fields {
             let rule = coll.rule(&field);
             if *rule == Rule::Authority {
                 continue;
