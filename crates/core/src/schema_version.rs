@@ -309,6 +309,36 @@ name = { rule = "lww" }
     }
 
     #[test]
+    fn renames_partitions_and_migrations_follow_the_table() {
+        let base = "[collections.tasks]\nowner = \"who\"\n[collections.tasks.fields]\nstatus = { rule = \"rank\", order = [\"open\", \"done\"] }\nstock = { rule = \"counter\" }\n";
+        let old = Schema::from_toml(base).unwrap();
+        let next = |extra: &str| old.evolve(&Schema::from_toml(&format!("{base}{extra}")).unwrap());
+        // An undeclared (lww) `title` renamed to a declared `label`.
+        let e = next("label = { rule = \"lww\", renamed_from = \"title\" }\n");
+        assert!(e.allowed(), "{:?}", e.refusals());
+        assert!(e.changes.iter().any(|c| c.path == "tasks.label" && c.change.starts_with("renamed from title")), "{:?}", e.changes);
+        // Partitions may change.
+        let e = old.evolve(&Schema::from_toml(&base.replace("owner = \"who\"", "owner = \"who\"\naccess = \"own\"")).unwrap());
+        assert!(e.allowed() && e.changes[0].change.starts_with("partitions recomputed"), "{:?}", e.changes);
+        // A rename across rules the table refuses is refused.
+        let renamed_rank = Schema::from_toml("[collections.tasks]\nowner = \"who\"\n[collections.tasks.fields]\nstate = { rule = \"max\", renamed_from = \"status\" }\nstock = { rule = \"counter\" }\n");
+        let e = old.evolve(&renamed_rank.unwrap());
+        assert!(!e.allowed() && e.refusals().join(" ").contains("renamed from status"), "{:?}", e.changes);
+        // Migrations: added at the end is allowed; a published one stays as it was.
+        let m1 = "[[migrations]]\nid = \"a\"\ncollection = \"tasks\"\nkind = \"backfill\"\nfield = \"status\"\nvalue = \"open\"\n";
+        let m2 = "[[migrations]]\nid = \"b\"\ncollection = \"tasks\"\nkind = \"copy\"\nfrom = \"status\"\nfield = \"label\"\n";
+        let with = |m: &str| Schema::from_toml(&format!("{base}{m}")).unwrap();
+        assert!(old.evolve(&with(m1)).allowed());
+        assert!(with(m1).evolve(&with(&format!("{m1}{m2}"))).allowed());
+        assert!(with(&format!("{m1}{m2}")).evolve(&with(m2)).refusals().join(" ").contains("in the order published"));
+        assert!(with(m1).evolve(&with(&m1.replace("\"open\"", "\"done\""))).refusals().join(" ").contains("new id"));
+        // Authority stays refused, with the way out in the reason.
+        assert!(next("").changes.is_empty());
+        let auth = Schema::from_toml(&base.replace("rule = \"counter\"", "rule = \"authority\"")).unwrap();
+        assert!(old.evolve(&auth).refusals().join(" ").contains("declare a new authority field"));
+    }
+
+    #[test]
     fn a_record_counts_only_under_its_own_entity() {
         let ws = WorkspaceId(uuid::Uuid::from_u128(7));
         let r = SchemaRecord { version: 2, schema: V1.into(), published_ms: 0 };

@@ -105,9 +105,10 @@ impl Entity {
         let mig = std::cell::OnceCell::new();
         // Values under a field's earlier name read as the field's (`renamed_from`).
         let mut fields: BTreeMap<String, super::migrate::FieldValues> = BTreeMap::new();
+        let renames: Vec<(&str, &String)> = coll.fields.iter().filter_map(|(n, f)| Some((f.renamed_from.as_deref()?, n))).collect();
         let mut renamed = false;
         for (key, all) in self.root_fields() {
-            let name = coll.fields.iter().find(|(_, f)| f.renamed_from.as_deref() == Some(key.as_str())).map(|(n, _)| n.clone());
+            let name = renames.iter().find(|(old, _)| *old == key).map(|(_, n)| (*n).clone());
             renamed |= name.is_some();
             fields.entry(name.unwrap_or(key)).or_default().extend(all);
         }
