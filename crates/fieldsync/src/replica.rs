@@ -128,6 +128,8 @@ pub struct Replica {
     pub(crate) invite_grant: std::sync::OnceLock<Option<fieldsync_core::membership::Grant>>,
     /// Held while a schema version is adopted, so two adoptions do not interleave.
     pub(crate) adopting: Mutex<()>,
+    /// Held while views are recomputed under a new schema version.
+    pub(crate) recomputing: Mutex<()>,
     /// Progress of the views' recomputation under a newly adopted schema version.
     pub(crate) recompute: Mutex<Option<crate::schemas::RecomputeProgress>>,
     /// The background recompute thread, once started.
@@ -281,6 +283,7 @@ impl Replica {
             members_version: std::sync::atomic::AtomicU64::new(1),
             invite_grant: std::sync::OnceLock::new(),
             adopting: Mutex::new(()),
+            recomputing: Mutex::new(()),
             recompute: Mutex::new(None),
             background: std::sync::OnceLock::new(),
         }

@@ -228,7 +228,8 @@ impl Replica {
 
     /// Recomputes views until they follow the schema in use (the worker's step).
     fn bring_views_up_to_date(&self) -> Result<Option<usize>, Error> {
-        let _adopting = self.adopting.lock().unwrap_or_else(|p| p.into_inner());
+        // Not `adopting`: a newer version may be adopted while this runs (it runs again).
+        let _recomputing = self.recomputing.lock().unwrap_or_else(|p| p.into_inner());
         let version = self.schema_version();
         let from = self.views_schema_version()?;
         if from == version {
@@ -250,7 +251,10 @@ impl Replica {
             .collect();
         let n = self.recompute_views(&repartitioned)?;
         self.commit_durable(vec![], vec![(META_VIEWS_SCHEMA.to_owned(), Some(version.to_be_bytes().to_vec()))])?;
-        self.set_progress(None);
+        let _adopting = self.adopting.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.schema_version();
+        // A newer version adopted meanwhile keeps reads deriving until its own pass.
+        self.set_progress((now != version).then(|| RecomputeProgress { version: now, ..Default::default() }));
         tracing::info!(version, entities = n, "views follow the new schema version");
         Ok(Some(n))
     }
@@ -310,7 +314,9 @@ impl Replica {
         });
         if let Err(e) = spawned {
             tracing::error!("cannot start the schema recompute thread ({e}); adopting versions recomputes in place");
-            let _ = self.background.get().map(|w| w.disable());
+            if let Some(w) = self.background.get() {
+                w.disable();
+            }
         }
     }
 

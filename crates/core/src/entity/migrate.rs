@@ -161,10 +161,7 @@ impl Entity {
         self.doc
             .map_range(ROOT, K_MIG.to_owned()..)
             .take_while(|item| item.key.starts_with(K_MIG))
-            .map(|item| item.key.to_string())
-            .collect::<Vec<_>>()
-            .into_iter()
-            .flat_map(|key| self.doc.get_all(ROOT, key.as_str()).unwrap_or_default())
+            .flat_map(|item| self.doc.get_all(ROOT, item.key.as_ref()).unwrap_or_default())
             .filter_map(|(_, id)| match id {
                 ObjId::Id(_, actor, _) => Some(actor),
                 ObjId::Root => None,
