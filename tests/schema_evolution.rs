@@ -199,3 +199,38 @@ fn migrations_and_a_rename_reach_a_device_offline_since_version_1_once() {
     let err = net.write(relay, |r| r.push_schema(&dropped)).unwrap_err().to_string();
     assert!(err.contains("still need every published migration"), "{err}");
 }
+
+#[test]
+fn a_background_recompute_keeps_lists_and_gets_on_the_new_version_meanwhile() {
+    let root = tempfile::tempdir().unwrap();
+    let (hq, _) = fieldsync_tests::workspace(root.path(), &[]).unwrap();
+    let jsonl: String = (0..1500).map(|i| format!("{{\"title\":\"task {i}\",\"contact\":\"Ada Lovelace\"}}\n")).collect();
+    hq.bulk_import("tasks", &jsonl, &mut |_, _| {}).unwrap();
+    let hq = std::sync::Arc::new(hq);
+    hq.start_background_recompute();
+    let pushed = hq.push_schema(&v2_migrations()).unwrap();
+    assert_eq!(pushed.version, 2);
+    // Whether or not the worker got to them yet, every read shows version 2's views.
+    let check = |hq: &fieldsync::Replica| {
+        let mut n = 0;
+        hq.list("tasks", &["priority=1".into()], false, &mut |v| {
+            assert_eq!((v["label"].as_str().map(|l| l.starts_with("task ")), v["first_name"].as_str()), (Some(true), Some("Ada")), "{v:?}");
+            assert!(!v.contains_key("title"), "{v:?}");
+            n += 1;
+            true
+        })
+        .unwrap();
+        assert_eq!(n, 1500, "every task is listed with its migrated priority");
+        if let Some(p) = hq.status().unwrap().schema_recompute {
+            assert!(p.version == 2 && p.done <= p.total, "{p:?}");
+        }
+    };
+    check(&hq);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while hq.views_schema_version().unwrap() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the background recompute did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    check(&hq);
+    assert!(hq.status().unwrap().schema_recompute.is_none());
+}

@@ -279,6 +279,10 @@ impl Replica {
 
     /// Whether the stored view of `id` (in `collection`) may predate the schema in use.
     pub(crate) fn view_is_stale(&self, collection: &str, id: &[u8; 16]) -> bool {
+        // Built-in collections keep their rules across versions (and are not recomputed).
+        if collection.starts_with('_') {
+            return false;
+        }
         match &*self.recompute.lock().unwrap_or_else(|p| p.into_inner()) {
             None => false,
             Some(p) => !(p.finished.contains(collection) || p.current.as_ref().is_some_and(|(c, last)| c == collection && id <= last)),
