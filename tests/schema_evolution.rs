@@ -5,6 +5,7 @@
 
 use fieldsync_tests::sim::{Faults, Network};
 use fieldsync_tests::SCHEMA;
+use serde_json::json;
 
 fn v2() -> String {
     let with_projects = format!("{SCHEMA}\n[collections.projects.fields]\nname = {{ rule = \"lww\" }}\n");
@@ -111,4 +112,125 @@ fn a_bundle_carries_a_new_version_and_the_collection_it_adds() {
     assert_eq!(ana.get("projects", project).unwrap()["name"], "Boiler season");
     assert_eq!(ana.get("tasks", task).unwrap(), hq.get("tasks", task).unwrap());
     assert_eq!(ana.status().unwrap().schema_version, 2);
+}
+
+/// Version 2 with data migrations and a rename: `title` is now `label`, `priority` (max) is
+/// backfilled with 1, and `contact` is split into `first_name` and `last_name`.
+fn v2_migrations() -> String {
+    let fields = "status   = { rule = \"rank\", order = [\"open\", \"in_progress\", \"completed\"] }\npriority = { rule = \"max\" }\nlabel    = { rule = \"lww\", renamed_from = \"title\" }";
+    format!(
+        "{}\n{}",
+        SCHEMA.replace(r#"status   = { rule = "rank", order = ["open", "in_progress", "completed"] }"#, fields),
+        r#"
+[[migrations]]
+id = "tasks-priority-1"
+collection = "tasks"
+kind = "backfill"
+field = "priority"
+value = 1
+
+[[migrations]]
+id = "tasks-split-contact"
+collection = "tasks"
+kind = "split"
+from = "contact"
+into = ["first_name", "last_name"]
+separator = " "
+"#
+    )
+}
+
+fn migrate_changes(net: &Network, n: fieldsync_tests::sim::NodeId, task: fieldsync::EntityId, id: &str) -> usize {
+    net.replica(n).history("tasks", task).unwrap().iter().filter(|h| h.kind == "migrate" && h.op.as_deref() == Some(id)).count()
+}
+
+#[test]
+fn migrations_and_a_rename_reach_a_device_offline_since_version_1_once() {
+    let mut net = Network::new(17, Faults::hostile());
+    let relay = net.add_relay("relay");
+    let fresh = net.add_device("fresh");
+    let couch = net.add_device("couch");
+    net.connect(fresh, relay);
+    net.connect(couch, relay);
+    net.run_until_quiescent();
+    let task = net.put(fresh, "tasks", None, r#"{"title":"Fit boiler","contact":"Ada Lovelace"}"#);
+    net.run_until_quiescent();
+
+    net.isolate(couch);
+    let pushed = net.write(relay, |r| r.push_schema(&v2_migrations())).expect("migrations and a rename are allowed");
+    assert!(pushed.evolution.changes.iter().any(|c| c.change.starts_with("renamed from title")), "{:?}", pushed.evolution);
+    net.run_until_quiescent();
+    let v = net.view(fresh, "tasks", task).unwrap();
+    assert_eq!((v["label"].clone(), v["priority"].clone(), v["first_name"].clone(), v["last_name"].clone()), (json!("Fit boiler"), json!(1), json!("Ada"), json!("Lovelace")), "{v:?}");
+    assert!(!v.contains_key("title"), "the old name reads as the new one: {v:?}");
+    // Relay and device each met the entity under version 2 and migrated it: one change each.
+    assert_eq!(migrate_changes(&net, fresh, task, "tasks-priority-1"), 1);
+    assert_eq!(migrate_changes(&net, relay, task, "tasks-split-contact"), 1);
+
+    // Version 2 writes online; the couch device writes the old name and a new task.
+    net.put(fresh, "tasks", Some(task), r#"{"priority":3}"#);
+    net.put(couch, "tasks", Some(task), r#"{"title":"Fit boiler, 2nd floor","priority":7}"#);
+    let old_style = net.put(couch, "tasks", None, r#"{"title":"Bleed radiators","contact":"Grace Hopper"}"#);
+
+    net.heal_all();
+    net.run_until_quiescent();
+    let reference = net.views(relay, "tasks");
+    for n in [fresh, couch] {
+        assert_eq!(net.replica(n).schema_version(), 2);
+        assert_eq!(net.views(n, "tasks"), reference, "{} sees what the relay sees", net.name(n));
+    }
+    let v = net.view(couch, "tasks", task).unwrap();
+    assert_eq!(v["label"], "Fit boiler, 2nd floor", "an old-name write lands in the renamed field: {v:?}");
+    assert_eq!(v["priority"], 7, "max of the people's 3 and 7; the backfill yields: {v:?}");
+    let w = net.view(relay, "tasks", old_style).unwrap();
+    assert_eq!((w["label"].clone(), w["priority"].clone(), w["first_name"].clone()), (json!("Bleed radiators"), json!(1), json!("Grace")), "{w:?}");
+    for n in [relay, fresh, couch] {
+        for (id, mid) in [(task, "tasks-priority-1"), (old_style, "tasks-priority-1"), (old_style, "tasks-split-contact")] {
+            assert_eq!(migrate_changes(&net, n, id, mid), 1, "{mid} on {id} at {}", net.name(n));
+        }
+        assert!(net.replica(n).status().unwrap().schema_recompute.is_none());
+    }
+
+    // A published migration cannot be changed or dropped.
+    let changed = v2_migrations().replace("value = 1", "value = 2") + "\n[collections.projects.fields]\nname = { rule = \"lww\" }\n";
+    let err = net.write(relay, |r| r.push_schema(&changed)).unwrap_err().to_string();
+    assert!(err.contains("migrations.tasks-priority-1") && err.contains("new id"), "{err}");
+    let dropped = v2_migrations().split("[[migrations]]").next().unwrap().to_owned();
+    let err = net.write(relay, |r| r.push_schema(&dropped)).unwrap_err().to_string();
+    assert!(err.contains("still need every published migration"), "{err}");
+}
+
+#[test]
+fn a_background_recompute_keeps_lists_and_gets_on_the_new_version_meanwhile() {
+    let root = tempfile::tempdir().unwrap();
+    let (hq, _) = fieldsync_tests::workspace(root.path(), &[]).unwrap();
+    let jsonl: String = (0..1500).map(|i| format!("{{\"title\":\"task {i}\",\"contact\":\"Ada Lovelace\"}}\n")).collect();
+    hq.bulk_import("tasks", &jsonl, &mut |_, _| {}).unwrap();
+    let hq = std::sync::Arc::new(hq);
+    hq.start_background_recompute();
+    let pushed = hq.push_schema(&v2_migrations()).unwrap();
+    assert_eq!(pushed.version, 2);
+    // Whether or not the worker got to them yet, every read shows version 2's views.
+    let check = |hq: &fieldsync::Replica| {
+        let mut n = 0;
+        hq.list("tasks", &["priority=1".into()], false, &mut |v| {
+            assert_eq!((v["label"].as_str().map(|l| l.starts_with("task ")), v["first_name"].as_str()), (Some(true), Some("Ada")), "{v:?}");
+            assert!(!v.contains_key("title"), "{v:?}");
+            n += 1;
+            true
+        })
+        .unwrap();
+        assert_eq!(n, 1500, "every task is listed with its migrated priority");
+        if let Some(p) = hq.status().unwrap().schema_recompute {
+            assert!(p.version == 2 && p.done <= p.total, "{p:?}");
+        }
+    };
+    check(&hq);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while hq.views_schema_version().unwrap() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the background recompute did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    check(&hq);
+    assert!(hq.status().unwrap().schema_recompute.is_none());
 }

@@ -1,6 +1,7 @@
 //! Real processes on 127.0.0.1: the relay (the authority) publishes schema version 2 with
 //! `fieldsync schema push` while a device is offline on version 1 — `priority` gets a `max`
-//! rule and the task status order gains "on_hold"; the device writes old- and new-style
+//! rule and a backfill migration, the task status order gains "on_hold" and `title` is
+//! renamed `label`; the device writes old- and new-style
 //! values offline, comes back, adopts version 2, and every view is identical with no write
 //! lost. A change the table refuses exits 2 with its reason, through the daemon too.
 
@@ -9,11 +10,23 @@ mod support;
 use serde_json::Value;
 use support::*;
 
+/// Version 2: `priority` (max, backfilled with 1 by a migration), "on_hold" appended to the
+/// status order, and `title` renamed `label`.
 fn v2() -> String {
-    SCHEMA.replace(
-        r#"status   = { rule = "rank", order = ["open", "in_progress", "completed"] }"#,
-        "status   = { rule = \"rank\", order = [\"open\", \"in_progress\", \"completed\", \"on_hold\"] }\npriority = { rule = \"max\" }",
-    )
+    let fields = "status   = { rule = \"rank\", order = [\"open\", \"in_progress\", \"completed\", \"on_hold\"] }\npriority = { rule = \"max\" }\nlabel    = { rule = \"lww\", renamed_from = \"title\" }";
+    SCHEMA.replace(r#"status   = { rule = "rank", order = ["open", "in_progress", "completed"] }"#, fields)
+        + "\n[[migrations]]\nid = \"tasks-priority-1\"\ncollection = \"tasks\"\nkind = \"backfill\"\nfield = \"priority\"\nvalue = 1\n"
+}
+
+/// How many changes of migration `id` an entity's history holds on node `dir`.
+fn migrate_changes(dir: &std::path::Path, task: &str, id: &str) -> usize {
+    let out = bin().arg("--data").arg(dir).args(["history", "tasks", task]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|h| h["kind"] == "migrate" && h["op"] == id)
+        .count()
 }
 
 fn fails(dir: &std::path::Path, args: &[&str]) -> (i32, String) {
@@ -57,7 +70,7 @@ fn a_device_offline_on_version_1_converges_after_the_relay_pushes_version_2() {
     // Offline on version 1 (no daemon: the CLI works on the store directly).
     assert_eq!(cli(&s.devices[1], &["status"])["schema_version"], 1);
     cli(&s.devices[1], &["put", "tasks", &task, r#"{"status":"in_progress","priority":7,"title":"Fit boiler, 2nd floor"}"#]);
-    let other = cli(&s.devices[1], &["put", "tasks", r#"{"title":"Bleed radiators","priority":1}"#])["id"].as_str().unwrap().to_owned();
+    let other = cli(&s.devices[1], &["put", "tasks", r#"{"title":"Bleed radiators"}"#])["id"].as_str().unwrap().to_owned();
 
     let _couch = start_device(&s.devices[1], &raddr, &[]);
     eventually("every node on version 2 with the same views", || {
@@ -67,8 +80,15 @@ fn a_device_offline_on_version_1_converges_after_the_relay_pushes_version_2() {
             && views[0].len() == 2
     });
     let v = cli(&s.relay, &["get", "tasks", &task]);
-    assert_eq!((v["status"].clone(), v["priority"].clone(), v["title"].clone()), (Value::from("on_hold"), Value::from(7), Value::from("Fit boiler, 2nd floor")), "{v}");
-    assert_eq!(cli(&s.relay, &["get", "tasks", &other])["priority"], 1);
+    assert_eq!((v["status"].clone(), v["priority"].clone(), v["label"].clone()), (Value::from("on_hold"), Value::from(7), Value::from("Fit boiler, 2nd floor")), "{v}");
+    assert!(v.get("title").is_none(), "the old name reads as label: {v}");
+    // The task the couch device made under version 1 was migrated by whoever met it first.
+    let o = cli(&s.relay, &["get", "tasks", &other]);
+    assert_eq!((o["priority"].clone(), o["label"].clone()), (Value::from(1), Value::from("Bleed radiators")), "{o}");
+    // Every node met both tasks under version 2 and migrated them: one change each.
+    for d in [&s.relay, &s.devices[0], &s.devices[1]] {
+        eventually("every migration change reached every node", || [&task, &other].iter().all(|t| migrate_changes(d, t, "tasks-priority-1") == 1));
+    }
     let shown = cli(&s.devices[1], &["schema", "show"]);
     assert_eq!((shown["version"].clone(), shown["current"].clone()), (Value::from(2), Value::Bool(true)));
     assert!(shown["schema"].as_str().unwrap().contains("on_hold"));

@@ -9,6 +9,7 @@
 //! - [`authority`]: confirmed values signed by the workspace authority.
 //! - [`bundle`]: the file format that carries documents between nodes with no network.
 //! - [`schema_version`]: later schema versions, signed by the authority, and what may change.
+//! - [`migration`]: data migrations a version declares, applied as deterministic changes.
 //! - [`workspace`]: the workspace identity and the invite that carries it.
 //! - [`membership`]: the signed member list, invite tokens and per-user partitions.
 //! - [`protocol`]: the sync protocol's frames and their size-limited codec.
@@ -20,6 +21,7 @@ pub mod bundle;
 pub mod entity;
 pub mod ids;
 pub mod membership;
+pub mod migration;
 pub mod numeric;
 pub mod patch;
 pub mod protocol;

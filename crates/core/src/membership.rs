@@ -45,7 +45,7 @@ pub const MAX_TOKEN_BYTES: usize = 64 << 10;
 
 /// The `_members` collection's schema.
 pub(crate) fn members_collection() -> Collection {
-    let fields = BTreeMap::from([(RECORD.to_owned(), FieldSpec { rule: Rule::Authority, auto_accept: false, default: None })]);
+    let fields = BTreeMap::from([(RECORD.to_owned(), FieldSpec { rule: Rule::Authority, auto_accept: false, default: None, renamed_from: None })]);
     Collection { fields, ..Default::default() }
 }
 

@@ -77,6 +77,9 @@ pub struct FieldSpec {
     pub auto_accept: bool,
     /// Shown in the view while the field has no value (read time: nothing is written).
     pub default: Option<serde_json::Value>,
+    /// The field's name in earlier versions: values stored under it read as this field's
+    /// (see [`crate::schema_version`]).
+    pub renamed_from: Option<String>,
 }
 
 /// What a device member may see and write of a collection (relays and admins see all).
@@ -127,6 +130,8 @@ impl Collection {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Schema {
     pub collections: BTreeMap<String, Collection>,
+    /// Data migrations, in the order they apply (see [`crate::migration`]).
+    pub migrations: Vec<crate::migration::Migration>,
     source: String,
     /// 1 for the schema given at `init`; the authority numbers each later one.
     version: u64,
@@ -137,6 +142,8 @@ pub struct Schema {
 struct RawSchema {
     #[serde(default)]
     collections: BTreeMap<String, RawCollection>,
+    #[serde(default)]
+    migrations: Vec<crate::migration::RawMigration>,
 }
 
 #[derive(Deserialize)]
@@ -159,6 +166,7 @@ struct RawField {
     #[serde(default)]
     auto_accept: bool,
     default: Option<toml::Value>,
+    renamed_from: Option<String>,
 }
 
 /// `order`: the ranks of a `rank` field, or `"actor"` for an `lww` field.
@@ -248,7 +256,7 @@ impl Schema {
                     None => None,
                     Some(v) => {
                         let json = serde_json::to_value(&v).map_err(|e| Error::Schema(format!("{cname}.{fname}: default: {e}")))?;
-                        let coll = Collection { fields: BTreeMap::from([(fname.clone(), FieldSpec { rule: rule.clone(), auto_accept: false, default: None })]), ..Default::default() };
+                        let coll = Collection { fields: BTreeMap::from([(fname.clone(), FieldSpec { rule: rule.clone(), auto_accept: false, default: None, renamed_from: None })]), ..Default::default() };
                         let fits = matches!(rule, Rule::Lww { .. } | Rule::Rank { .. } | Rule::Max | Rule::Min | Rule::Manual)
                             && !json.is_null()
                             && crate::patch::Patch::from_json(&coll, &serde_json::json!({ fname.clone(): json.clone() })).is_ok();
@@ -261,7 +269,18 @@ impl Schema {
                         Some(json)
                     }
                 };
-                fields.insert(fname, FieldSpec { rule, auto_accept: rf.auto_accept, default });
+                if let Some(old) = &rf.renamed_from {
+                    if !valid_name(old) || *old == fname {
+                        return Err(Error::Schema(format!("{cname}.{fname}: renamed_from {old:?} must be another valid field name")));
+                    }
+                    if !matches!(rule, Rule::Lww { .. } | Rule::Rank { .. } | Rule::Max | Rule::Min | Rule::Manual) {
+                        return Err(Error::Schema(format!(
+                            "{cname}.{fname}: renamed_from applies to lww, rank, max, min and manual fields; a {} keeps its data in a container that values under another name cannot join",
+                            rule.name()
+                        )));
+                    }
+                }
+                fields.insert(fname, FieldSpec { rule, auto_accept: rf.auto_accept, default, renamed_from: rf.renamed_from });
             }
             if let Some(owner) = &rc.owner {
                 if !valid_name(owner) {
@@ -274,11 +293,21 @@ impl Schema {
             if rc.access == Access::Own && rc.owner.is_none() {
                 return Err(Error::Schema(format!("{cname}: access \"own\" needs `owner = \"<field naming the user>\"`")));
             }
+            for (fname, spec) in &fields {
+                let Some(old) = &spec.renamed_from else { continue };
+                if fields.contains_key(old) {
+                    return Err(Error::Schema(format!("{cname}.{fname}: renamed_from {old:?} is still declared; remove the old declaration")));
+                }
+                if let Some(other) = fields.iter().find(|(n, f)| *n != fname && f.renamed_from.as_deref() == Some(old.as_str())) {
+                    return Err(Error::Schema(format!("{cname}: {fname} and {} are both renamed from {old:?}", other.0)));
+                }
+            }
             collections.insert(cname, Collection { on_delete: rc.on_delete, fields, owner: rc.owner, access: rc.access });
         }
+        let migrations = crate::migration::parse(raw.migrations, &collections)?;
         collections.insert(crate::membership::MEMBERS.to_owned(), crate::membership::members_collection());
         collections.insert(crate::schema_version::SCHEMAS.to_owned(), crate::schema_version::schemas_collection());
-        Ok(Schema { collections, source: text.to_owned(), version: 1 })
+        Ok(Schema { collections, migrations, source: text.to_owned(), version: 1 })
     }
 
     /// This schema's version (1: the one given at `init`).

@@ -28,7 +28,7 @@ pub const MAX_SCHEMA_BYTES: usize = 256 << 10;
 
 /// The `_schemas` collection's schema.
 pub(crate) fn schemas_collection() -> Collection {
-    let fields = BTreeMap::from([(RECORD.to_owned(), FieldSpec { rule: Rule::Authority, auto_accept: false, default: None })]);
+    let fields = BTreeMap::from([(RECORD.to_owned(), FieldSpec { rule: Rule::Authority, auto_accept: false, default: None, renamed_from: None })]);
     Collection { fields, ..Default::default() }
 }
 
@@ -135,7 +135,7 @@ fn rule_change(old: &Rule, new: &Rule) -> Result<(), String> {
         (Lww { .. }, r) if scalar(r) => Ok(()),
         (Manual, Lww { .. }) => Ok(()),
         (Authority, _) | (_, Authority) => Err(
-            "making a field authority-controlled, or releasing one, is not supported yet: values written before would change meaning (confirmed vs proposed)".into(),
+            "a field cannot become authority-controlled or stop being one: values written before are plain values no signature covers (they would vanish from views, or every device's value would count as confirmed), and signed values would turn into plain ones; declare a new authority field and have the authority set it".into(),
         ),
         (Counter, _) | (_, Counter) => Err(
             "a counter keeps increments that add up; any other rule reads only the last value, so existing increments would be dropped (and the other way round, plain values are not increments)".into(),
@@ -171,14 +171,34 @@ impl Schema {
                 );
             }
             if old.owner != new.owner || old.access != new.access {
+                // Allowed: who sees an entity is read from the schema in use each time it is
+                // offered, and adoption offers every entity of the collection again. A device
+                // that loses access keeps the copies it holds but receives no more changes to
+                // them, and its writes to them are refused (README: partitions).
                 push(
                     cname.clone(),
-                    format!("owner {:?} / access {:?} → owner {:?} / access {:?}", old.owner, old.access, new.owner, new.access),
-                    Some("changing partitions is not supported yet: devices would keep or lose entities without a recomputation".into()),
+                    format!("partitions recomputed: owner {:?} / access {:?} → owner {:?} / access {:?}", old.owner, old.access, new.owner, new.access),
+                    None,
                 );
+            }
+            // Renames: the new field reads the old name's values under its own rule.
+            let renames: BTreeMap<&str, (&String, &FieldSpec)> =
+                new.fields.iter().filter_map(|(n, f)| Some((f.renamed_from.as_deref()?, (n, f)))).collect();
+            for (old_name, (fname, nf)) in &renames {
+                let path = format!("{cname}.{fname}");
+                let old_rule = old.fields.get(*old_name).map(|f| f.rule.clone()).unwrap_or(Rule::Lww { by_actor: false });
+                let into_rule = old.fields.get(fname.as_str()).map(|f| f.rule.clone()).unwrap_or_else(|| nf.rule.clone());
+                let mut refused = rule_change(&old_rule, &nf.rule).err().filter(|_| old_rule != nf.rule);
+                if refused.is_none() && into_rule != nf.rule {
+                    refused = rule_change(&into_rule, &nf.rule).err();
+                }
+                push(path, format!("renamed from {old_name} ({} → {})", rule_text(&old_rule), rule_text(&nf.rule)), refused);
             }
             for (fname, of) in &old.fields {
                 let path = format!("{cname}.{fname}");
+                if renames.contains_key(fname.as_str()) {
+                    continue; // reported as the rename
+                }
                 match new.fields.get(fname) {
                     None if matches!(of.rule, Rule::Lww { by_actor: false }) => push(path, "declaration removed (stays lww)".into(), None),
                     None => push(
@@ -194,12 +214,19 @@ impl Schema {
                             push(path.clone(), format!("default {:?} → {:?}", of.default, nf.default), None);
                         }
                         if of.auto_accept != nf.auto_accept {
-                            push(path, format!("auto_accept {} → {}", of.auto_accept, nf.auto_accept), None);
+                            push(path.clone(), format!("auto_accept {} → {}", of.auto_accept, nf.auto_accept), None);
+                        }
+                        if of.renamed_from.is_some() && nf.renamed_from.is_none() {
+                            push(
+                                path,
+                                format!("renamed_from {:?} dropped", of.renamed_from.as_deref().unwrap_or_default()),
+                                Some("devices on older versions may still write the old name; keep renamed_from so their values stay readable".into()),
+                            );
                         }
                     }
                 }
             }
-            for (fname, nf) in new.fields.iter().filter(|(f, _)| !old.fields.contains_key(*f)) {
+            for (fname, nf) in new.fields.iter().filter(|(f, nf)| !old.fields.contains_key(*f) && nf.renamed_from.is_none()) {
                 let path = format!("{cname}.{fname}");
                 let mut what = format!("field added ({})", rule_text(&nf.rule));
                 if let Some(d) = &nf.default {
@@ -212,6 +239,22 @@ impl Schema {
         }
         for cname in next.collections.keys().filter(|c| !c.starts_with('_') && !self.collections.contains_key(*c)) {
             push(cname.clone(), "collection added".into(), None);
+        }
+        // Published migrations stay, unchanged and in order: entities that arrive later (a
+        // device offline since an older version) still need them.
+        for (i, m) in self.migrations.iter().enumerate() {
+            let path = format!("migrations.{}", m.id);
+            match next.migrations.get(i) {
+                Some(n) if n == m => {}
+                Some(n) if n.id == m.id => push(path, "migration changed".into(), Some("a published migration may already be applied on some nodes; declare a new migration with a new id instead".into())),
+                _ => push(path, "migration removed or moved".into(), Some("entities that arrive later still need every published migration, in the order published; keep it and add new ones at the end".into())),
+            }
+        }
+        for m in next.migrations.iter().skip(self.migrations.len()) {
+            if self.migrations.iter().any(|o| o.id == m.id) {
+                continue;
+            }
+            push(format!("migrations.{}", m.id), format!("migration added ({} on {}: {})", m.kind_name(), m.collection, m.targets().join(", ")), None);
         }
         Evolution { from_version: self.version(), changes }
     }
@@ -263,6 +306,36 @@ name = { rule = "lww" }
             let why = e.refusals().join("\n");
             assert!(why.contains(needle), "{next}: {why}");
         }
+    }
+
+    #[test]
+    fn renames_partitions_and_migrations_follow_the_table() {
+        let base = "[collections.tasks]\nowner = \"who\"\n[collections.tasks.fields]\nstatus = { rule = \"rank\", order = [\"open\", \"done\"] }\nstock = { rule = \"counter\" }\n";
+        let old = Schema::from_toml(base).unwrap();
+        let next = |extra: &str| old.evolve(&Schema::from_toml(&format!("{base}{extra}")).unwrap());
+        // An undeclared (lww) `title` renamed to a declared `label`.
+        let e = next("label = { rule = \"lww\", renamed_from = \"title\" }\n");
+        assert!(e.allowed(), "{:?}", e.refusals());
+        assert!(e.changes.iter().any(|c| c.path == "tasks.label" && c.change.starts_with("renamed from title")), "{:?}", e.changes);
+        // Partitions may change.
+        let e = old.evolve(&Schema::from_toml(&base.replace("owner = \"who\"", "owner = \"who\"\naccess = \"own\"")).unwrap());
+        assert!(e.allowed() && e.changes[0].change.starts_with("partitions recomputed"), "{:?}", e.changes);
+        // A rename across rules the table refuses is refused.
+        let renamed_rank = Schema::from_toml("[collections.tasks]\nowner = \"who\"\n[collections.tasks.fields]\nstate = { rule = \"max\", renamed_from = \"status\" }\nstock = { rule = \"counter\" }\n");
+        let e = old.evolve(&renamed_rank.unwrap());
+        assert!(!e.allowed() && e.refusals().join(" ").contains("renamed from status"), "{:?}", e.changes);
+        // Migrations: added at the end is allowed; a published one stays as it was.
+        let m1 = "[[migrations]]\nid = \"a\"\ncollection = \"tasks\"\nkind = \"backfill\"\nfield = \"status\"\nvalue = \"open\"\n";
+        let m2 = "[[migrations]]\nid = \"b\"\ncollection = \"tasks\"\nkind = \"copy\"\nfrom = \"status\"\nfield = \"label\"\n";
+        let with = |m: &str| Schema::from_toml(&format!("{base}{m}")).unwrap();
+        assert!(old.evolve(&with(m1)).allowed());
+        assert!(with(m1).evolve(&with(&format!("{m1}{m2}"))).allowed());
+        assert!(with(&format!("{m1}{m2}")).evolve(&with(m2)).refusals().join(" ").contains("in the order published"));
+        assert!(with(m1).evolve(&with(&m1.replace("\"open\"", "\"done\""))).refusals().join(" ").contains("new id"));
+        // Authority stays refused, with the way out in the reason.
+        assert!(next("").changes.is_empty());
+        let auth = Schema::from_toml(&base.replace("rule = \"counter\"", "rule = \"authority\"")).unwrap();
+        assert!(old.evolve(&auth).refusals().join(" ").contains("declare a new authority field"));
     }
 
     #[test]

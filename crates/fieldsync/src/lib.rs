@@ -33,5 +33,5 @@ pub use fieldsync_core::{Applied, Conflict, ConflictId, EntityId, HistoryEntry, 
 pub use cache::MemoryOptions;
 pub use replica::{Clock, FeedChange, Replica, Status, SystemClock};
 pub use members::{MemberInfo, Membership, PendingInvite};
-pub use schemas::{SchemaDiff, SchemaInfo, SchemaPushed};
+pub use schemas::{RecomputeProgress, SchemaDiff, SchemaInfo, SchemaPushed};
 pub use transfer::{ExportedBundle, ImportSummary};

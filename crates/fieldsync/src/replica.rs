@@ -100,6 +100,9 @@ pub struct Status {
     pub schema_version: u64,
     /// The schema version the stored views follow (lower only while they are recomputed).
     pub views_schema_version: u64,
+    /// While views are recomputed under a new version: how far (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema_recompute: Option<crate::schemas::RecomputeProgress>,
 }
 
 /// One node's replica of its workspace.
@@ -125,6 +128,12 @@ pub struct Replica {
     pub(crate) invite_grant: std::sync::OnceLock<Option<fieldsync_core::membership::Grant>>,
     /// Held while a schema version is adopted, so two adoptions do not interleave.
     pub(crate) adopting: Mutex<()>,
+    /// Held while views are recomputed under a new schema version.
+    pub(crate) recomputing: Mutex<()>,
+    /// Progress of the views' recomputation under a newly adopted schema version.
+    pub(crate) recompute: Mutex<Option<crate::schemas::RecomputeProgress>>,
+    /// The background recompute thread, once started.
+    pub(crate) background: std::sync::OnceLock<Arc<crate::schemas::Worker>>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -275,6 +284,9 @@ impl Replica {
             members_version: std::sync::atomic::AtomicU64::new(1),
             invite_grant: std::sync::OnceLock::new(),
             adopting: Mutex::new(()),
+            recomputing: Mutex::new(()),
+            recompute: Mutex::new(None),
+            background: std::sync::OnceLock::new(),
         }
     }
 
@@ -384,6 +396,10 @@ impl Replica {
     /// document (as received) and is stored as it is instead of saving again.
     pub(crate) fn entity_write_from(&self, entity: &mut Entity, snapshot: Option<Vec<u8>>) -> Result<EntityWrite, Error> {
         let id = entity.id();
+        // Whichever node writes an entity first applies the schema's pending migrations
+        // (deterministic changes: every node makes the same ones). A given snapshot no
+        // longer matches the document then.
+        let snapshot = if entity.migrate(&self.ws())? > 0 { None } else { snapshot };
         let derived = entity.derive(&self.ws())?;
         let collection = entity.collection().unwrap_or_default();
         // A given snapshot is stored as it is: no need to look up the stored record.
@@ -485,6 +501,11 @@ impl Replica {
             .store
             .view(collection, id.as_bytes())?
             .ok_or_else(|| Error::EntityNotFound { collection: collection.to_owned(), id })?;
+        if self.view_is_stale(collection, id.as_bytes()) {
+            if let Some(view) = self.fresh_view(id)? {
+                return Ok(view);
+            }
+        }
         serde_json::from_slice(&bytes).map_err(|e| Error::CorruptMeta(format!("stored view of {id}: {e}")))
     }
 
@@ -505,8 +526,12 @@ impl Replica {
             let Some((last, _)) = page.last() else { return Ok(()) };
             after = Some(*last);
             for (id, bytes) in page {
-                let view: View = serde_json::from_slice(&bytes)
-                    .map_err(|e| Error::CorruptMeta(format!("stored view of {}: {e}", EntityId::from_bytes(id))))?;
+                // While a new schema version's views are recomputed, the rest is derived now.
+                let fresh = if self.view_is_stale(collection, &id) { self.fresh_view(EntityId::from_bytes(id))? } else { None };
+                let view: View = match fresh {
+                    Some(v) => v,
+                    None => serde_json::from_slice(&bytes).map_err(|e| Error::CorruptMeta(format!("stored view of {}: {e}", EntityId::from_bytes(id))))?,
+                };
                 if !include_deleted && view.contains_key("_deleted") {
                     continue;
                 }
@@ -720,6 +745,7 @@ impl Replica {
             membership: self.membership()?,
             schema_version: self.schema_version(),
             views_schema_version: self.views_schema_version()?,
+            schema_recompute: self.recompute_progress(),
         })
     }
 }

@@ -102,7 +102,23 @@ impl Entity {
         let coll = ws.schema.collection(&collection)?;
         let mut view = View::new();
         let mut conflicts = Vec::new();
-        for (field, all) in self.root_fields() {
+        let mig = std::cell::OnceCell::new();
+        // Values under a field's earlier name read as the field's (`renamed_from`).
+        let mut fields: BTreeMap<String, super::migrate::FieldValues> = BTreeMap::new();
+        let renames: Vec<(&str, &String)> = coll.fields.iter().filter_map(|(n, f)| Some((f.renamed_from.as_deref()?, n))).collect();
+        let mut renamed = false;
+        for (key, all) in self.root_fields() {
+            let name = renames.iter().find(|(old, _)| *old == key).map(|(_, n)| (*n).clone());
+            renamed |= name.is_some();
+            fields.entry(name.unwrap_or(key)).or_default().extend(all);
+        }
+        for (field, all) in fields.iter_mut() {
+            if renamed {
+                all.sort_by(|a, b| a.1.cmp(&b.1));
+            }
+            self.yield_to_people(coll.rule(field), all, &mig);
+        }
+        for (field, all) in fields {
             let rule = coll.rule(&field);
             if *rule == Rule::Authority {
                 continue;

@@ -9,7 +9,9 @@
 //! - `_ops`: map operation id → fingerprint of the write it named (idempotent writes);
 //! - `_inc`: map counter field → map operation id → delta (increments with an op id);
 //! - `_created`: map peer id → time, one key per node that created the entity;
-//! - `_resolved`: map conflict id → the alternatives and how a person resolved them.
+//! - `_resolved`: map conflict id → the alternatives and how a person resolved them;
+//! - `_mig.<migration id>`: the migration's kind, written by its deterministic change
+//!   (see `migrate`); the writers of these keys are the migration actors.
 //!
 //! **The creation change is a pure function of (workspace, entity id, collection, initial
 //! content)**: its actor is a hash of those, its time 0, it has no dependencies. Two nodes

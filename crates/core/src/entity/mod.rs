@@ -15,6 +15,7 @@ mod authority;
 mod derive;
 mod history;
 mod integrity;
+mod migrate;
 pub(crate) mod json;
 pub(crate) mod layout;
 
@@ -271,6 +272,8 @@ impl Entity {
                 return Ok(Applied::Already);
             }
         }
+        // Migrations first, so the write follows them (and sees what they filled in).
+        self.migrate(ws)?;
         self.update_as(ws, coll, w, patch, op.map(|o| (o, fp)), new_proposal, "update")?;
         Ok(Applied::Now)
     }
@@ -414,6 +417,12 @@ impl Entity {
             }
             let mut write = rules::Write { doc: &mut self.doc, field, rule, op_id: op.map(OpId::as_str) };
             rules::of(rule).write(&mut write, fop)?;
+            // The write has seen the values under the field's earlier name: it replaces them.
+            if let Some(old) = coll.fields.get(field).and_then(|f| f.renamed_from.as_deref()) {
+                if self.doc.get(ROOT, old).map_err(Error::automerge)?.is_some() {
+                    self.doc.delete(ROOT, old).map_err(Error::automerge)?;
+                }
+            }
         }
         Ok(())
     }
@@ -440,9 +449,7 @@ impl Entity {
     pub fn owner(&self, ws: &Workspace) -> Option<String> {
         let coll = self.schema_collection(ws).ok()?;
         let field = coll.owner.as_deref()?;
-        let all: Vec<_> = self.doc.get_all(ROOT, field).ok()?.into_iter().map(|(v, id)| (v.into_owned(), id)).collect();
-        let values = rules::Values { doc: &self.doc, field, rule: coll.rule(field), all: &all };
-        match rules::of(coll.rule(field)).merged(&values)? {
+        match self.merged_field(coll, field, &std::cell::OnceCell::new())? {
             Json::String(s) => Some(s),
             _ => None,
         }
