@@ -254,6 +254,10 @@ struct Session {
 
 impl Session {
     fn ready_for(&self, frame: &Frame) -> bool {
+        // A refusal is read at once: the connection closes right after it.
+        if matches!(frame, Frame::Goodbye { .. }) {
+            return true;
+        }
         if !self.checkpoint_known || self.binding {
             return false;
         }
