@@ -278,6 +278,7 @@ impl Schema {
         }
         collections.insert(crate::membership::MEMBERS.to_owned(), crate::membership::members_collection());
         collections.insert(crate::schema_version::SCHEMAS.to_owned(), crate::schema_version::schemas_collection());
+        collections.insert(crate::purge::PURGES.to_owned(), crate::purge::purges_collection());
         Ok(Schema { collections, source: text.to_owned(), version: 1 })
     }
 

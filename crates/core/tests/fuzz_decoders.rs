@@ -52,11 +52,13 @@ fn valid_frames() -> Vec<Vec<u8>> {
 }
 
 fn valid_bundle() -> Vec<u8> {
-    let header = BundleHeader { workspace: WorkspaceId(uuid::Uuid::from_u128(5)), from: "peer".into(), since: 0, upto: 1, acks: Default::default(), credential: None };
+    let k = key();
+    let from = libp2p_identity::PublicKey::from(k.public()).to_peer_id().to_string();
+    let header = BundleHeader { workspace: WorkspaceId(uuid::Uuid::from_u128(5)), from, since: 0, upto: 1, acks: Default::default(), credential: None };
     let mut enc = BundleEncoder::new(&header);
     enc.push(&BundleEntity { id: EntityId(uuid::Uuid::from_u128(1)), collection: "payments".into(), doc: valid_doc() });
     let mut out = enc.take_written();
-    out.extend(enc.finish());
+    out.extend(enc.finish(&k));
     out
 }
 

@@ -20,6 +20,7 @@
 mod cache;
 mod error;
 mod members;
+mod purge;
 mod replica;
 mod schemas;
 pub mod sync;
@@ -33,3 +34,4 @@ pub use replica::{Clock, FeedChange, Replica, Status, SystemClock};
 pub use members::{MemberInfo, Membership, PendingInvite};
 pub use schemas::{SchemaDiff, SchemaInfo, SchemaPushed};
 pub use transfer::{ExportedBundle, ImportSummary};
+pub use fieldsync_store::{KeyKind, Secret};

@@ -359,6 +359,11 @@ impl Replica {
         })
     }
 
+    /// Whether `peer` is an unrevoked admin member.
+    pub(crate) fn is_admin(&self, peer: &PeerId) -> Result<bool, Error> {
+        Ok(self.member_cache()?.by_peer.get(peer).is_some_and(|r| !r.revoked && r.grant.role == MemberRole::Admin))
+    }
+
     /// Why `peer` may no longer sync, if the member list now says it was revoked.
     pub fn revoked(&self, peer: &PeerId) -> Result<Option<String>, Error> {
         Ok(self.member_cache()?.by_peer.get(peer).filter(|r| r.revoked).map(|_| revoked_reason(peer)))
