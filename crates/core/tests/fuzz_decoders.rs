@@ -62,6 +62,11 @@ fn valid_bundle() -> Vec<u8> {
     out
 }
 
+fn valid_purge() -> Vec<u8> {
+    let r = fieldsync_core::purge::PurgeRecord::sign(&key(), WorkspaceId(uuid::Uuid::from_u128(5)), "tasks", EntityId(uuid::Uuid::from_u128(1)), 7);
+    r.to_text().into_bytes()
+}
+
 fn valid_invite() -> Vec<u8> {
     let k = key();
     let ws = workspace(&k);
@@ -132,6 +137,16 @@ proptest! {
     #[test]
     fn frames(bytes in mutated(valid_frames())) {
         let _ = Frame::decode(&bytes, 1 << 20);
+    }
+
+    #[test]
+    fn purge_records(bytes in mutated(vec![valid_purge()])) {
+        if let Ok(text) = std::str::from_utf8(&bytes) {
+            if let Ok(r) = fieldsync_core::purge::PurgeRecord::parse(text) {
+                let k = key();
+                let _ = r.verify(WorkspaceId(uuid::Uuid::from_u128(5)), &k.public(), r.entity, |_| true);
+            }
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! # Ok(()) }
 //! ```
 
+mod backup;
 mod cache;
 mod error;
 mod members;
@@ -34,4 +35,4 @@ pub use replica::{Clock, FeedChange, Replica, Status, SystemClock};
 pub use members::{MemberInfo, Membership, PendingInvite};
 pub use schemas::{SchemaDiff, SchemaInfo, SchemaPushed};
 pub use transfer::{ExportedBundle, ImportSummary};
-pub use fieldsync_store::{KeyKind, Secret};
+pub use fieldsync_store::{generate_key_file, KeyKind, Secret, MAX_KEY_FILE_BYTES};

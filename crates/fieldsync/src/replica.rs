@@ -181,7 +181,7 @@ impl Replica {
         self
     }
 
-    fn ensure_free(dir: &Path) -> Result<(), Error> {
+    pub(crate) fn ensure_free(dir: &Path) -> Result<(), Error> {
         if db_dir(dir).exists() {
             return Err(Error::AlreadyInitialized(dir.to_owned()));
         }
@@ -189,7 +189,7 @@ impl Replica {
     }
 
     /// A new sled store in `dir`, encrypted with `secret` if given.
-    fn new_store(dir: &Path, secret: Option<&Secret>) -> Result<Arc<dyn Store>, Error> {
+    pub(crate) fn new_store(dir: &Path, secret: Option<&Secret>) -> Result<Arc<dyn Store>, Error> {
         std::fs::create_dir_all(dir).map_err(Error::file(dir))?;
         Ok(fieldsync_store::create_store(&db_dir(dir), fieldsync_store::DEFAULT_CACHE_BYTES, secret)?)
     }
@@ -212,7 +212,7 @@ impl Replica {
         Ok(replica)
     }
 
-    fn init_on(store: Arc<dyn Store>, dir: &Path, ws: Workspace, key: ed25519::Keypair, name: &str, authority: bool) -> Result<Self, Error> {
+    pub(crate) fn init_on(store: Arc<dyn Store>, dir: &Path, ws: Workspace, key: ed25519::Keypair, name: &str, authority: bool) -> Result<Self, Error> {
         if store.meta(META_IDENTITY)?.is_some() {
             return Err(Error::AlreadyInitialized(dir.to_owned()));
         }

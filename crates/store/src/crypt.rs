@@ -265,6 +265,45 @@ impl Keys {
     }
 }
 
+/// A new key file's contents: 32 random bytes, as hex text with a newline.
+pub fn generate_key_file() -> Vec<u8> {
+    let mut key = [0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    let mut out: Vec<u8> = key.iter().flat_map(|b| format!("{b:02x}").into_bytes()).collect();
+    out.push(b'\n');
+    out
+}
+
+const SEALED_MAGIC: &[u8; 8] = b"FSSEAL\0\x01";
+const SEALED_AAD: &[u8] = b"fieldsync/sealed-file/v1";
+/// Largest sealed file opened.
+pub const MAX_SEALED_BYTES: usize = 1 << 20;
+
+/// Encrypts `plain` into a self-contained file (e.g. an authority backup) under `secret`:
+/// magic, the same header as a store's (salt, Argon2id costs, key check), then the AEAD
+/// ciphertext.
+pub fn seal_file(plain: &[u8], secret: &Secret) -> Result<Vec<u8>, Error> {
+    let (keys, header) = Keys::create(secret)?;
+    let mut out = SEALED_MAGIC.to_vec();
+    out.extend(header.encode());
+    out.extend(keys.seal(plain, SEALED_AAD));
+    Ok(out)
+}
+
+/// Decrypts a file made by [`seal_file`]: a wrong secret is [`Error::WrongKey`].
+pub fn open_sealed_file(bytes: &[u8], secret: &Secret) -> Result<Vec<u8>, Error> {
+    if bytes.len() > MAX_SEALED_BYTES {
+        return Err(Error::Corrupt(format!("a sealed file of {} bytes is over the {MAX_SEALED_BYTES}-byte limit", bytes.len())));
+    }
+    let body = bytes.strip_prefix(SEALED_MAGIC.as_slice()).ok_or_else(|| Error::Corrupt("not a fieldsync sealed file (bad magic bytes)".into()))?;
+    if body.len() < HEADER_LEN {
+        return Err(Error::Corrupt("sealed file is cut short".into()));
+    }
+    let header = Header::decode(&body[..HEADER_LEN])?;
+    let keys = Keys::open(secret, &header)?;
+    keys.open_value(&body[HEADER_LEN..], SEALED_AAD)
+}
+
 /// A [`Kv`] whose values and content-bearing key parts are encrypted; see the module docs.
 #[derive(Debug)]
 pub struct EncryptedKv<K: Kv> {
@@ -534,6 +573,23 @@ mod tests {
         let raw = inner.scan(b"m", usize::MAX, &mut |k| k.first() == Some(&b'm')).unwrap();
         inner.apply(vec![(raw[0].0.clone(), Some(raw[1].1.clone())), (raw[1].0.clone(), Some(raw[0].1.clone()))]).unwrap();
         assert!(right.get(b"mone").is_err());
+    }
+
+    #[test]
+    fn sealed_files_open_only_with_their_passphrase_and_refuse_any_change() {
+        let pass = Secret::Passphrase("backup pass".into());
+        let sealed = seal_file(b"the authority key", &pass).unwrap();
+        assert_eq!(open_sealed_file(&sealed, &pass).unwrap(), b"the authority key");
+        assert!(matches!(open_sealed_file(&sealed, &Secret::Passphrase("backup pasS".into())), Err(Error::WrongKey(_))));
+        for at in [0, 9, 20, sealed.len() - 1] {
+            let mut bad = sealed.clone();
+            bad[at] ^= 1;
+            assert!(open_sealed_file(&bad, &pass).is_err(), "flip at {at}");
+        }
+        for cut in [0, 8, 40, sealed.len() - 1] {
+            assert!(open_sealed_file(&sealed[..cut], &pass).is_err(), "cut at {cut}");
+        }
+        assert_eq!(generate_key_file().len(), 65);
     }
 
     #[test]

@@ -21,7 +21,7 @@
 
 mod crypt;
 mod memory;
-pub use crypt::{EncryptedKv, Header as KeyHeader, KeyKind, KeyProvider, Secret, MAX_KEY_FILE_BYTES, MIN_KEY_FILE_BYTES};
+pub use crypt::{generate_key_file, open_sealed_file, seal_file, EncryptedKv, Header as KeyHeader, KeyKind, KeyProvider, Secret, MAX_KEY_FILE_BYTES, MAX_SEALED_BYTES, MIN_KEY_FILE_BYTES};
 pub use memory::{MemKv, MemoryStore};
 
 use std::sync::atomic::{AtomicU64, Ordering};
