@@ -51,7 +51,7 @@ pub(crate) enum Command {
     /// Create a node: a new workspace (--schema, this node is its authority) or join one (--join).
     Init {
         /// Schema TOML file: creates a workspace with this node as its authority.
-        #[arg(long, conflicts_with = "join", required_unless_present = "join")]
+        #[arg(long, conflicts_with = "join", required_unless_present_any = ["join", "restore"])]
         schema: Option<PathBuf>,
         /// Invite file from `fieldsync invite`: joins that workspace as a device.
         #[arg(long)]
