@@ -333,7 +333,7 @@ start    = { rule = "manual" }
     #[test]
     fn parses_the_documented_example() {
         let s = Schema::from_toml(EXAMPLE).unwrap();
-        assert_eq!(s.collections.len(), 6, "four declared plus the built-in _members and _schemas");
+        assert_eq!(s.collections.len(), 7, "four declared plus the built-in _members, _schemas and _purges");
         let tasks = s.collection("tasks").unwrap();
         assert_eq!(tasks.rule("status").name(), "rank");
         assert_eq!(tasks.rule("undeclared"), &Rule::Lww { by_actor: false });
