@@ -178,17 +178,17 @@ fn master(secret: &Secret, h: &Header) -> Result<[u8; 32], Error> {
     Ok(out)
 }
 
-/// The secret part of a key file: its bytes without trailing whitespace (an editor's
-/// newline), at least [`MIN_KEY_FILE_BYTES`] long.
+/// The secret part of a key file: its bytes without one trailing line ending (an editor's
+/// newline; other bytes, whitespace included, are secret), 16 to 4,096 bytes.
 fn key_file_secret(bytes: &[u8]) -> Result<&[u8], Error> {
-    let end = bytes.iter().rposition(|b| !b.is_ascii_whitespace()).map(|i| i + 1).unwrap_or(0);
-    if end < MIN_KEY_FILE_BYTES || bytes.len() > MAX_KEY_FILE_BYTES {
+    let secret = bytes.strip_suffix(b"\n").map(|b| b.strip_suffix(b"\r").unwrap_or(b)).unwrap_or(bytes);
+    if secret.len() < MIN_KEY_FILE_BYTES || secret.len() > MAX_KEY_FILE_BYTES {
         return Err(Error::WrongKey(format!(
-            "the key file holds {} bytes; it must hold {MIN_KEY_FILE_BYTES} to {MAX_KEY_FILE_BYTES} bytes of secret (e.g. `head -c 32 /dev/urandom > FILE`)",
-            bytes.len()
+            "the key file holds {} bytes of secret; it must hold {MIN_KEY_FILE_BYTES} to {MAX_KEY_FILE_BYTES} (e.g. `head -c 32 /dev/urandom > FILE`)",
+            secret.len()
         )));
     }
-    Ok(&bytes[..end])
+    Ok(secret)
 }
 
 impl Keys {
