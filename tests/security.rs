@@ -159,6 +159,7 @@ fn a_stranger_is_refused_before_any_entity_data_and_counted() {
     let bare = {
         let mut v: serde_json::Value = serde_json::from_slice(&site.r(0).invite()).unwrap();
         v.as_object_mut().unwrap().remove("token");
+        v.as_object_mut().unwrap().remove("token_secret");
         serde_json::to_vec(&v).unwrap()
     };
     let stranger = site.join("stranger", &bare);
@@ -456,4 +457,62 @@ fn a_device_does_not_take_in_entities_its_user_may_not_see() {
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert!(refused[0].contains("this node's user may not hold it"), "{refused:?}");
     assert!(site.r(dora).get("tasks", id).is_err());
+}
+
+/// Invite theft: a device presents its invite to a peer that is not the authority (here a
+/// member it dialed); that peer copies the `Hello` and presents the same credential to the
+/// authority first, from its own peer id. The credential carries only a proof made for
+/// the device's peer id with the invite's one-time key, so the thief is refused and the
+/// device still joins.
+#[test]
+fn a_copied_invite_credential_admits_nobody_and_the_device_still_joins() {
+    use fieldsync::core::membership::Credential;
+    let mut site = Site::new();
+    site.r(0).put("tasks", None, r#"{"title":"secret","assignee":"ana"}"#).unwrap();
+    let member = site.device("member", "bo", Access::All);
+    site.connect(0, member);
+    let members_before = site.r(0).members().unwrap().len();
+    let invite = site.r(0).issue_invite("ana", MemberRole::Device, Default::default(), WEEK_MS).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&invite).is_empty() && serde_json::from_slice::<serde_json::Value>(&invite).unwrap()["token_secret"].is_string(),
+        "the invite file holds the one-time key"
+    );
+    let device = site.join("device", &invite);
+
+    // The device dials the member; the member's side sees its Hello.
+    let (pd, pm) = (site.peer(device), site.peer(member));
+    site.engines[device].handle(Input::Dialed(pm)).unwrap();
+    let (to, hello) = site.engines[device].poll_transmit().expect("the dialer speaks first");
+    assert_eq!(to, pm);
+    let Frame::Hello { credential: Some(stolen @ Credential::Invite { .. }), version } = Frame::decode(&hello, u32::MAX).unwrap() else {
+        panic!("the device presents its invite")
+    };
+    let Credential::Invite { token, .. } = &stolen else { unreachable!() };
+    assert!(!serde_json::to_string(&stolen).unwrap().contains(&serde_json::from_slice::<serde_json::Value>(&invite).unwrap()["token_secret"].as_str().unwrap().to_owned()), "the Hello does not carry the key");
+    let invite_id = token.id;
+    site.engines[device].handle(Input::Disconnected(pm)).unwrap();
+    while site.engines[device].poll_transmit().is_some() {}
+
+    // The thief, with its own peer id, races the device to the authority.
+    let thief = fieldsync::PeerId::from(libp2p_identity::Keypair::generate_ed25519().public());
+    site.engines[0].handle(Input::Connected(thief)).unwrap();
+    site.engines[0].handle(Input::Frame(thief, Frame::Hello { version, credential: Some(stolen) }.encode())).unwrap();
+    let mut sent_to_thief = vec![];
+    while let Some((to, bytes)) = site.engines[0].poll_transmit() {
+        if to == thief {
+            sent_to_thief.push(Frame::decode(&bytes, u32::MAX).unwrap());
+        }
+    }
+    let reason = peer_refused(&site.events(0)).expect("the thief is refused");
+    assert!(reason.contains("without its key"), "{reason}");
+    assert!(sent_to_thief.iter().all(|f| matches!(f, Frame::Goodbye { .. })), "the thief got more than a Goodbye: {sent_to_thief:?}");
+    assert_eq!(site.r(0).members().unwrap().len(), members_before, "the thief took no member record");
+
+    // The device, presenting its own proof, joins and receives the workspace's data.
+    site.connect(0, device);
+    assert!(peer_refused(&site.events(0)).is_none());
+    let members = site.r(0).members().unwrap();
+    assert_eq!(members.len(), members_before + 1);
+    assert!(members.iter().any(|m| m.peer == pd.to_string() && m.invite == Some(invite_id)), "{members:?}");
+    assert_eq!(count(site.r(device), "tasks"), 1);
 }

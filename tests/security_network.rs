@@ -34,7 +34,7 @@ async fn a_stranger_and_a_flooding_member_are_refused_banned_and_counted() -> an
     // A stranger: knows the workspace, has no invite.
     let bare = {
         let mut v: serde_json::Value = serde_json::from_slice(&hq.invite())?;
-        v.as_object_mut().map(|o| o.remove("token"));
+        v.as_object_mut().map(|o| (o.remove("token"), o.remove("token_secret")));
         serde_json::to_vec(&v)?
     };
     let stranger = Arc::new(Replica::init_join(&tmp.path().join("stranger"), &bare, "stranger")?);

@@ -18,6 +18,11 @@ pub struct Cli {
     /// Data directory of this node.
     #[arg(long, global = true, env = "FIELDSYNC_DATA", default_value = "./fieldsync-data")]
     data: PathBuf,
+    /// Key file of a store encrypted with `init --encrypt --key-file` (needed by every
+    /// command that opens it). A store encrypted with a passphrase takes it from
+    /// FIELDSYNC_PASSPHRASE, or asks at the terminal.
+    #[arg(long, global = true, env = "FIELDSYNC_KEY_FILE", value_name = "FILE")]
+    key_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,15 +51,34 @@ pub(crate) enum Command {
     /// Create a node: a new workspace (--schema, this node is its authority) or join one (--join).
     Init {
         /// Schema TOML file: creates a workspace with this node as its authority.
-        #[arg(long, conflicts_with = "join", required_unless_present = "join")]
+        #[arg(long, conflicts_with = "join", required_unless_present_any = ["join", "restore"])]
         schema: Option<PathBuf>,
         /// Invite file from `fieldsync invite`: joins that workspace as a device.
         #[arg(long)]
         join: Option<PathBuf>,
+        /// An authority backup from `fieldsync authority export`: makes this node the
+        /// workspace authority again (same key and workspace); it fills up by syncing.
+        /// Its passphrase comes from FIELDSYNC_BACKUP_PASSPHRASE or the terminal.
+        #[arg(long, value_name = "BACKUP", conflicts_with_all = ["schema", "join"])]
+        restore: Option<PathBuf>,
+        /// Encrypt the store at rest (XChaCha20-Poly1305): with --key-file FILE (created
+        /// with a random key if missing), else with a passphrase (Argon2id) from
+        /// FIELDSYNC_PASSPHRASE or asked at the terminal. Every later command and daemon
+        /// needs the same key.
+        #[arg(long)]
+        encrypt: bool,
         /// Name of the user or device, recorded in every change's history.
         #[arg(long, env = "USER", default_value = "fieldsync")]
         name: String,
     },
+    /// Erase an entity on every node (authority or admin): its document, history, view and
+    /// index entries are dropped and no byte of them stays in the data directory; a signed
+    /// purge record (in `_purges`, ids only) syncs to every node and keeps the entity from
+    /// coming back from an old peer or bundle. Cannot be undone.
+    Purge { collection: String, id: String },
+    /// The authority's key: back it up so the workspace survives the authority's disk.
+    #[command(subcommand)]
+    Authority(AuthorityCommand),
     /// Print a one-time invite (JSON) that lets one device join this workspace (authority only).
     ///
     /// The first device that presents it to the authority (directly, through a relay's
@@ -252,6 +276,14 @@ pub(crate) enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuthorityCommand {
+    /// Write the authority's key and workspace to FILE, encrypted with a passphrase from
+    /// FIELDSYNC_BACKUP_PASSPHRASE (or asked at the terminal); `init --restore FILE` makes a
+    /// new authority from it. Keep it offline: it can sign for the whole workspace.
+    Export { file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -518,22 +550,31 @@ fn stream_views(replica: &Replica, collection: &str, filters: &[String], include
 /// Runs one command.
 pub fn run(cli: Cli) -> Result<()> {
     let dir = cli.data;
+    let key_file = cli.key_file;
     match cli.command {
-        Command::Init { schema, join, name } => {
-            let replica = match (schema, join) {
-                (Some(schema), None) => {
+        Command::Init { schema, join, restore, encrypt, name } => {
+            let secret = if encrypt { Some(new_store_secret(&dir, key_file.as_deref())?) } else { None };
+            let key = libp2p::identity::ed25519::Keypair::generate();
+            let replica = match (schema, join, restore) {
+                (Some(schema), None, None) => {
                     let text = String::from_utf8(read_file(&schema)?)
                         .map_err(|_| CliError::invalid(format!("{} is not UTF-8 text", schema.display())))?;
-                    Replica::init_authority(&dir, &text, &name)?
+                    Replica::init_authority_with(&dir, &text, &name, key, secret.as_ref())?
                 }
-                (None, Some(invite)) => Replica::init_join(&dir, &read_file(&invite)?, &name)?,
-                _ => return Err(CliError::invalid("give exactly one of --schema FILE or --join INVITE_FILE")),
+                (None, Some(invite), None) => Replica::init_join_with(&dir, &read_file(&invite)?, &name, key, secret.as_ref())?,
+                (None, None, Some(backup)) => {
+                    let pass = passphrase("FIELDSYNC_BACKUP_PASSPHRASE", &format!("passphrase of {}: ", backup.display()), false)
+                        .map_err(|why| CliError::invalid(format!("init --restore needs the backup's passphrase: {why}")))?;
+                    Replica::init_restore(&dir, &read_file(&backup)?, &pass, secret.as_ref())?
+                }
+                _ => return Err(CliError::invalid("give exactly one of --schema FILE, --join INVITE_FILE or --restore BACKUP")),
             };
             eprintln!("initialised {} in {}", if replica.is_authority() { "workspace authority" } else { "device" }, dir.display());
             emit(&json!({
                 "peer_id": replica.peer_id().to_string(),
                 "workspace": replica.workspace().id.to_string(),
                 "authority": replica.is_authority(),
+                "encrypted": replica.encrypted(),
             }))
         }
         Command::Run { relays, peers, mdns, listen, api, memory, config } => {
@@ -553,7 +594,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 mirror: None,
                 api_access: file.api,
             };
-            crate::daemon::run(&dir, options)
+            crate::daemon::run(&dir, options, key_file.as_deref())
         }
         Command::Relay { listen, peers, open_relay, api, postgres, memory, config } => {
             let file = crate::config::load(config.as_deref())?;
@@ -571,7 +612,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 mirror: postgres.or(c.postgres).map(|url| fieldsync_mirror::MirrorConfig { url, tables: c.postgres_tables }),
                 api_access: file.api,
             };
-            crate::daemon::run(&dir, options)
+            crate::daemon::run(&dir, options, key_file.as_deref())
         }
         Command::ApiToken { rotate } => {
             if !dir.is_dir() {
@@ -588,14 +629,106 @@ pub fn run(cli: Cli) -> Result<()> {
         command => match crate::remote::daemon_api(&dir) {
             // A daemon holds the store: data commands go through its API.
             Some(api) => crate::remote::run(&api, command),
-            None => run_on(&Replica::open(&dir)?, command),
+            None => run_on(&open_replica(&dir, fieldsync::MemoryOptions::default(), key_file.as_deref())?, command),
         },
     }
+}
+
+/// Opens the node in `dir`; if its store is encrypted, with the key file given, or the
+/// passphrase from FIELDSYNC_PASSPHRASE or the terminal.
+pub(crate) fn open_replica(dir: &Path, memory: fieldsync::MemoryOptions, key_file: Option<&Path>) -> Result<Replica> {
+    let prompt = format!("passphrase of the store in {}: ", dir.display());
+    Ok(Replica::open_with_key(dir, memory, &mut |kind| match kind {
+        fieldsync::KeyKind::KeyFile => match key_file {
+            Some(file) => read_key_file(file).map(fieldsync::Secret::KeyFile),
+            None => Err("it was encrypted with a key file: pass --key-file FILE (or set FIELDSYNC_KEY_FILE)".into()),
+        },
+        fieldsync::KeyKind::Passphrase => passphrase("FIELDSYNC_PASSPHRASE", &prompt, false)
+            .map_err(|why| format!("it was encrypted with a passphrase: {why}")),
+    })?)
+}
+
+fn read_key_file(file: &Path) -> std::result::Result<Vec<u8>, String> {
+    let meta = std::fs::metadata(file).map_err(|e| format!("cannot read the key file {}: {e}", file.display()))?;
+    if meta.len() > fieldsync::MAX_KEY_FILE_BYTES as u64 {
+        return Err(format!("{} is {} bytes, too large for a key file", file.display(), meta.len()));
+    }
+    std::fs::read(file).map_err(|e| format!("cannot read the key file {}: {e}", file.display()))
+}
+
+/// A passphrase from `env`, else asked at the terminal (twice when `confirm`).
+fn passphrase(env: &str, prompt: &str, confirm: bool) -> std::result::Result<fieldsync::Secret, String> {
+    if let Ok(p) = std::env::var(env) {
+        return Ok(fieldsync::Secret::Passphrase(p));
+    }
+    if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        return Err(format!("set {env}, or run the command at a terminal to be asked"));
+    }
+    let p = rpassword::prompt_password(prompt).map_err(|e| format!("cannot read it from the terminal: {e}"))?;
+    if confirm && rpassword::prompt_password("again: ").map_err(|e| format!("cannot read it from the terminal: {e}"))? != p {
+        return Err("the two passphrases differ".into());
+    }
+    Ok(fieldsync::Secret::Passphrase(p))
+}
+
+/// Shortest passphrase `init --encrypt` and `authority export` take.
+const MIN_PASSPHRASE_CHARS: usize = 8;
+
+/// The secret a new encrypted store gets: the key file (created with a random key if it
+/// does not exist), else a new passphrase.
+fn new_store_secret(dir: &Path, key_file: Option<&Path>) -> Result<fieldsync::Secret> {
+    if let Some(file) = key_file {
+        if !file.exists() {
+            write_secret_file(file, &fieldsync::generate_key_file())?;
+            eprintln!("wrote a new random key to {}; keep it safe and apart from the data directory: without it the store cannot be opened", file.display());
+        }
+        return read_key_file(file).map(fieldsync::Secret::KeyFile).map_err(CliError::invalid);
+    }
+    let secret = passphrase("FIELDSYNC_PASSPHRASE", &format!("new passphrase for the store in {}: ", dir.display()), true)
+        .map_err(|why| CliError::invalid(format!("init --encrypt needs a passphrase or --key-file FILE: {why}")))?;
+    check_new_passphrase(&secret)?;
+    Ok(secret)
+}
+
+fn check_new_passphrase(secret: &fieldsync::Secret) -> Result<()> {
+    if let fieldsync::Secret::Passphrase(p) = secret {
+        if p.chars().count() < MIN_PASSPHRASE_CHARS {
+            return Err(CliError::invalid(format!("the passphrase must have at least {MIN_PASSPHRASE_CHARS} characters")));
+        }
+    }
+    Ok(())
+}
+
+/// Writes a secret readable by its owner only.
+fn write_secret_file(file: &Path, bytes: &[u8]) -> Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(file).map_err(|e| CliError::invalid(format!("cannot create {}: {e}", file.display())))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| CliError::runtime(format!("{}: {e}", file.display())))
 }
 
 fn run_on(replica: &Replica, command: Command) -> Result<()> {
     match command {
         Command::Init { .. } | Command::Run { .. } | Command::Relay { .. } | Command::ApiToken { .. } => unreachable!("handled by run"),
+        Command::Purge { collection, id } => {
+            let record = replica.purge(&collection, parse_id("entity id", &id)?)?;
+            eprintln!("purged {collection} {id}; the purge reaches other nodes when they sync");
+            emit(&json!({ "id": id, "collection": collection, "purged": true, "by": record.by, "at_ms": record.at_ms }))
+        }
+        Command::Authority(AuthorityCommand::Export { file }) => {
+            if !replica.is_authority() {
+                return Err(CliError::invalid("only the workspace authority holds the authority key"));
+            }
+            let secret = passphrase("FIELDSYNC_BACKUP_PASSPHRASE", "new passphrase for the backup: ", true)
+                .map_err(|why| CliError::invalid(format!("authority export needs a passphrase: {why}")))?;
+            check_new_passphrase(&secret)?;
+            let sealed = replica.export_authority(&secret)?;
+            write_secret_file(&file, &sealed)?;
+            eprintln!("wrote the authority backup to {}; keep it offline: with its passphrase it signs for the whole workspace", file.display());
+            emit(&json!({ "file": file.display().to_string(), "bytes": sealed.len() }))
+        }
         Command::Invite { action: Some(InviteAction::Cancel { invite_id }), .. } => {
             let cancelled = replica.cancel_invite(parse_id("invite id", &invite_id)?)?;
             emit(&json!({ "invite": cancelled.id.to_string(), "cancelled": true }))

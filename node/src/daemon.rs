@@ -60,8 +60,8 @@ impl Drop for DaemonFile {
 }
 
 /// Runs the node in `dir` until shutdown.
-pub fn run(dir: &Path, options: Options) -> Result<(), CliError> {
-    let replica = Arc::new(Replica::open_with(dir, options.memory)?);
+pub fn run(dir: &Path, options: Options, key_file: Option<&Path>) -> Result<(), CliError> {
+    let replica = Arc::new(crate::cli::open_replica(dir, options.memory, key_file)?);
     // Schema versions that arrive while running are recomputed off the sync path.
     replica.start_background_recompute();
     let runtime = tokio::runtime::Builder::new_multi_thread()

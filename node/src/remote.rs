@@ -312,5 +312,10 @@ pub fn run(api: &str, command: Command) -> Result<()> {
         }
         Command::Init { .. } | Command::Run { .. } | Command::Relay { .. } => Err(CliError::invalid("a daemon is already running on this data directory")),
         Command::ApiToken { .. } => unreachable!("handled by cli::run"),
+        Command::Purge { collection, id } => {
+            parse_id::<fieldsync::EntityId>("entity id", &id)?;
+            emit(&call("POST", &format!("{api}/v1/collections/{}/{}/purge", query(&collection), query(&id)), None)?)
+        }
+        Command::Authority(_) => Err(CliError::invalid("stop the daemon first: `authority export` reads the key from the store")),
     }
 }

@@ -282,6 +282,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/collections/{collection}", get(list).post(create))
         .route("/v1/collections/{collection}/{id}", get(read).patch(update).put(update).delete(remove))
         .route("/v1/collections/{collection}/{id}/history", get(history))
+        .route("/v1/collections/{collection}/{id}/purge", post(purge))
         .route("/v1/conflicts", get(conflicts))
         .route("/v1/conflicts/{id}/resolve", post(resolve))
         .route("/v1/proposals", get(proposals))
@@ -598,6 +599,15 @@ async fn remove(State(s): State<AppState>, Path((collection, id)): Path<(String,
     let applied = blocking(&s, move |r| r.delete_op(&collection, id, op.as_ref())).await?;
     (s.on_change)();
     Ok(written(StatusCode::OK, json!({ "id": id.to_string(), "deleted": true }), applied))
+}
+
+/// Erases an entity on every node (authority or admin): see `Replica::purge`.
+async fn purge(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>) -> ApiResult {
+    let id = parse("entity id", &id)?;
+    let c = collection.clone();
+    let record = blocking(&s, move |r| r.purge(&c, id)).await?;
+    (s.on_change)();
+    Ok(Json(json!({ "id": id.to_string(), "collection": collection, "purged": true, "by": record.by, "at_ms": record.at_ms })))
 }
 
 async fn history(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>) -> ApiResult {

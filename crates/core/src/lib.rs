@@ -13,6 +13,7 @@
 //! - [`workspace`]: the workspace identity and the invite that carries it.
 //! - [`membership`]: the signed member list, invite tokens and per-user partitions.
 //! - [`protocol`]: the sync protocol's frames and their size-limited codec.
+//! - [`purge`]: signed purge records (erasure) and the tombstones they leave.
 //!
 //! Time, randomness and storage come from the caller (see the `fieldsync` crate).
 
@@ -25,6 +26,7 @@ pub mod migration;
 pub mod numeric;
 pub mod patch;
 pub mod protocol;
+pub mod purge;
 pub(crate) mod rules;
 pub mod schema;
 pub mod schema_version;

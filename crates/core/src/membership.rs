@@ -172,24 +172,47 @@ pub struct InviteToken {
     pub grant: Grant,
     /// Milliseconds since the Unix epoch after which the token is refused.
     pub expires_ms: i64,
+    /// The public half of the invite's one-time key, hex. Its secret half stays on the
+    /// device that joins with the invite; a `Hello` carries only a signature by it over the
+    /// presenter's peer id ([`invite_proof`]), so a peer that receives the token cannot
+    /// present it as its own.
+    pub key: String,
     /// ed25519 signature by the authority, hex.
     pub sig: String,
 }
 
-fn token_bytes(id: uuid::Uuid, ws: WorkspaceId, grant: &Grant, expires_ms: i64) -> Vec<u8> {
-    let mut msg = b"fieldsync/invite/v1\0".to_vec();
+fn token_bytes(id: uuid::Uuid, ws: WorkspaceId, grant: &Grant, expires_ms: i64, key: &str) -> Vec<u8> {
+    let mut msg = b"fieldsync/invite/v2\0".to_vec();
     msg.extend_from_slice(id.as_bytes());
     msg.extend_from_slice(ws.as_bytes());
     msg.extend_from_slice(&expires_ms.to_be_bytes());
+    msg.extend_from_slice(key.as_bytes());
+    msg.push(0);
     // A struct serialises its fields in declaration order: canonical.
     msg.extend_from_slice(&serde_json::to_vec(grant).unwrap_or_default());
     msg
 }
 
 impl InviteToken {
-    pub fn sign(key: &ed25519::Keypair, id: uuid::Uuid, workspace: WorkspaceId, grant: Grant, expires_ms: i64) -> Self {
-        let sig = hex::encode(key.sign(&token_bytes(id, workspace, &grant, expires_ms)));
-        InviteToken { id, workspace, grant, expires_ms, sig }
+    /// A token signed by the authority `key`, bound to the one-time key `holder` (whose
+    /// secret half goes in the invite beside the token).
+    pub fn sign(key: &ed25519::Keypair, id: uuid::Uuid, workspace: WorkspaceId, grant: Grant, expires_ms: i64, holder: &ed25519::PublicKey) -> Self {
+        let holder = hex::encode(holder.to_bytes());
+        let sig = hex::encode(key.sign(&token_bytes(id, workspace, &grant, expires_ms, &holder)));
+        InviteToken { id, workspace, grant, expires_ms, key: holder, sig }
+    }
+
+    /// Checks that `proof` was made with this token's one-time key for `peer`.
+    pub fn verify_proof(&self, peer: &PeerId, proof: &str) -> Result<(), String> {
+        let key = hex::decode(&self.key)
+            .ok()
+            .and_then(|b| ed25519::PublicKey::try_from_bytes(&b).ok())
+            .ok_or_else(|| "the invite's key is not an ed25519 public key".to_owned())?;
+        let sig = hex::decode(proof).map_err(|_| "the invite proof is not hex".to_owned())?;
+        if !key.verify(&proof_bytes(self.workspace, self.id, peer), &sig) {
+            return Err(format!("the invite {} was presented without its key (a copied token)", self.id));
+        }
+        Ok(())
     }
 
     /// Checks signature, workspace and expiry; the reason it is refused otherwise.
@@ -198,7 +221,7 @@ impl InviteToken {
             return Err(format!("the invite is for workspace {}", self.workspace));
         }
         let sig = hex::decode(&self.sig).map_err(|_| "the invite's signature is not hex".to_owned())?;
-        if !authority.verify(&token_bytes(self.id, self.workspace, &self.grant, self.expires_ms), &sig) {
+        if !authority.verify(&token_bytes(self.id, self.workspace, &self.grant, self.expires_ms, &self.key), &sig) {
             return Err("the invite's signature is not the authority's".into());
         }
         if now_ms > self.expires_ms {
@@ -214,8 +237,23 @@ impl InviteToken {
 pub enum Credential {
     /// The authority's confirmation of the peer's member record.
     Member { record: Confirmation },
-    /// An invite not yet known to be bound to the peer.
-    Invite { token: InviteToken },
+    /// An invite not yet known to be bound to the peer, with the proof that the peer holds
+    /// the invite's one-time key.
+    Invite { token: InviteToken, proof: String },
+}
+
+fn proof_bytes(workspace: WorkspaceId, invite: uuid::Uuid, peer: &PeerId) -> Vec<u8> {
+    let mut msg = b"fieldsync/invite-proof/v1\0".to_vec();
+    msg.extend_from_slice(workspace.as_bytes());
+    msg.extend_from_slice(invite.as_bytes());
+    msg.extend_from_slice(&peer.to_bytes());
+    msg
+}
+
+/// The proof that `peer` holds the one-time key `secret` of `token`: what its `Hello`
+/// carries instead of the key.
+pub fn invite_proof(token: &InviteToken, secret: &ed25519::Keypair, peer: &PeerId) -> String {
+    hex::encode(secret.sign(&proof_bytes(token.workspace, token.id, peer)))
 }
 
 /// Why a received write was refused.
@@ -341,8 +379,12 @@ mod tests {
         let key = ed25519::Keypair::generate();
         let ws = WorkspaceId(uuid::Uuid::from_u128(1));
         let grant = Grant { user: "ana".into(), role: MemberRole::Device, partitions: BTreeMap::new() };
-        let t = InviteToken::sign(&key, uuid::Uuid::from_u128(7), ws, grant, 1_000);
+        let holder = ed25519::Keypair::generate();
+        let t = InviteToken::sign(&key, uuid::Uuid::from_u128(7), ws, grant, 1_000, &holder.public());
         assert!(t.verify(&key.public(), ws, 999).is_ok());
+        let mut rekeyed = t.clone();
+        rekeyed.key = hex::encode(ed25519::Keypair::generate().public().to_bytes());
+        assert!(rekeyed.verify(&key.public(), ws, 0).is_err(), "the one-time key is signed too");
         assert!(t.verify(&key.public(), ws, 1_001).unwrap_err().contains("expired"));
         assert!(t.verify(&ed25519::Keypair::generate().public(), ws, 0).unwrap_err().contains("signature"));
         assert!(t.verify(&key.public(), WorkspaceId(uuid::Uuid::from_u128(2)), 0).is_err());
@@ -352,6 +394,23 @@ mod tests {
         let mut later = t;
         later.expires_ms = i64::MAX;
         assert!(later.verify(&key.public(), ws, 0).is_err());
+    }
+
+    #[test]
+    fn an_invite_proof_holds_only_for_the_peer_that_made_it() {
+        let key = ed25519::Keypair::generate();
+        let ws = WorkspaceId(uuid::Uuid::from_u128(1));
+        let grant = Grant { user: "ana".into(), role: MemberRole::Device, partitions: BTreeMap::new() };
+        let holder = ed25519::Keypair::generate();
+        let t = InviteToken::sign(&key, uuid::Uuid::from_u128(7), ws, grant, 1_000, &holder.public());
+        let device = libp2p_identity::Keypair::generate_ed25519().public().to_peer_id();
+        let thief = libp2p_identity::Keypair::generate_ed25519().public().to_peer_id();
+        let proof = invite_proof(&t, &holder, &device);
+        assert!(t.verify_proof(&device, &proof).is_ok());
+        assert!(t.verify_proof(&thief, &proof).unwrap_err().contains("without its key"), "a copied proof is another peer's");
+        let forged = invite_proof(&t, &ed25519::Keypair::generate(), &thief);
+        assert!(t.verify_proof(&thief, &forged).is_err(), "a proof needs the invite's own key");
+        assert!(t.verify_proof(&device, "zz").unwrap_err().contains("hex"));
     }
 
     #[test]
@@ -431,8 +490,8 @@ impl MemberList {
                     None => Admission::Refused(format!("peer {peer} presented another peer's member record")),
                 }
             }
-            Some(Credential::Invite { token }) => {
-                if let Err(why) = token.verify(&ws.authority, ws.id, now_ms) {
+            Some(Credential::Invite { token, proof }) => {
+                if let Err(why) = token.verify(&ws.authority, ws.id, now_ms).and_then(|()| token.verify_proof(peer, proof)) {
                     return Admission::Refused(format!("peer {peer}: {why}"));
                 }
                 if let Err(e) = token.grant.check(&ws.schema) {

@@ -307,6 +307,7 @@ impl Schema {
         let migrations = crate::migration::parse(raw.migrations, &collections)?;
         collections.insert(crate::membership::MEMBERS.to_owned(), crate::membership::members_collection());
         collections.insert(crate::schema_version::SCHEMAS.to_owned(), crate::schema_version::schemas_collection());
+        collections.insert(crate::purge::PURGES.to_owned(), crate::purge::purges_collection());
         Ok(Schema { collections, migrations, source: text.to_owned(), version: 1 })
     }
 
@@ -361,7 +362,7 @@ start    = { rule = "manual" }
     #[test]
     fn parses_the_documented_example() {
         let s = Schema::from_toml(EXAMPLE).unwrap();
-        assert_eq!(s.collections.len(), 6, "four declared plus the built-in _members and _schemas");
+        assert_eq!(s.collections.len(), 7, "four declared plus the built-in _members, _schemas and _purges");
         let tasks = s.collection("tasks").unwrap();
         assert_eq!(tasks.rule("status").name(), "rank");
         assert_eq!(tasks.rule("undeclared"), &Rule::Lww { by_actor: false });

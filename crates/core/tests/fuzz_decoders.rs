@@ -52,20 +52,29 @@ fn valid_frames() -> Vec<Vec<u8>> {
 }
 
 fn valid_bundle() -> Vec<u8> {
-    let header = BundleHeader { workspace: WorkspaceId(uuid::Uuid::from_u128(5)), from: "peer".into(), since: 0, upto: 1, acks: Default::default(), credential: None };
+    let k = key();
+    let from = libp2p_identity::PublicKey::from(k.public()).to_peer_id().to_string();
+    let header = BundleHeader { workspace: WorkspaceId(uuid::Uuid::from_u128(5)), from, since: 0, upto: 1, acks: Default::default(), credential: None };
     let mut enc = BundleEncoder::new(&header);
     enc.push(&BundleEntity { id: EntityId(uuid::Uuid::from_u128(1)), collection: "payments".into(), doc: valid_doc() });
     let mut out = enc.take_written();
-    out.extend(enc.finish());
+    out.extend(enc.finish(&k));
     out
+}
+
+fn valid_purge() -> Vec<u8> {
+    let r = fieldsync_core::purge::PurgeRecord::sign(&key(), WorkspaceId(uuid::Uuid::from_u128(5)), "tasks", EntityId(uuid::Uuid::from_u128(1)), 7);
+    r.to_text().into_bytes()
 }
 
 fn valid_invite() -> Vec<u8> {
     let k = key();
     let ws = workspace(&k);
     let grant = Grant { user: "ana".into(), role: MemberRole::Device, partitions: Default::default() };
-    let token = InviteToken::sign(&k, uuid::Uuid::from_u128(8), ws.id, grant, i64::MAX);
-    serde_json::to_vec(&Invite { token: Some(token), ..Invite::new(&ws) }).unwrap()
+    let holder = ed25519::Keypair::from(ed25519::SecretKey::try_from_bytes([3u8; 32]).unwrap());
+    let token = InviteToken::sign(&k, uuid::Uuid::from_u128(8), ws.id, grant, i64::MAX, &holder.public());
+    let secret = Some(hex::encode(holder.secret().as_ref()));
+    serde_json::to_vec(&Invite { token: Some(token), token_secret: secret, ..Invite::new(&ws) }).unwrap()
 }
 
 /// Random bytes, or a valid encoding with a few bytes flipped, cut short, or spliced.
@@ -133,6 +142,16 @@ proptest! {
     }
 
     #[test]
+    fn purge_records(bytes in mutated(vec![valid_purge()])) {
+        if let Ok(text) = std::str::from_utf8(&bytes) {
+            if let Ok(r) = fieldsync_core::purge::PurgeRecord::parse(text) {
+                let k = key();
+                let _ = r.verify(WorkspaceId(uuid::Uuid::from_u128(5)), &k.public(), r.entity, |_| true);
+            }
+        }
+    }
+
+    #[test]
     fn bundles(bytes in mutated(vec![valid_bundle()])) {
         let _ = Bundle::decode(&bytes, BundleLimits::default());
     }
@@ -140,8 +159,11 @@ proptest! {
     #[test]
     fn invites(bytes in mutated(vec![valid_invite()])) {
         // Whatever decodes must still verify against the key it names, or be refused.
-        if let Ok((ws, Some(t))) = Invite::decode_with_token(&bytes) {
-            prop_assert!(t.verify(&ws.authority, ws.id, i64::MIN).is_ok());
+        if let Ok((ws, Some(held))) = Invite::decode_with_token(&bytes) {
+            prop_assert!(held.token.verify(&ws.authority, ws.id, i64::MIN).is_ok());
+            let peer = ws.authority_peer();
+            let fieldsync_core::membership::Credential::Invite { token, proof } = held.credential(&peer) else { unreachable!() };
+            prop_assert!(token.verify_proof(&peer, &proof).is_ok(), "a decoded secret matches its token");
         }
     }
 

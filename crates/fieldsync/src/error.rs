@@ -63,6 +63,7 @@ impl Error {
         use fieldsync_core::Error as C;
         match self {
             Error::Core(C::NotFound(_) | C::Deleted(_)) | Error::EntityNotFound { .. } => ErrorKind::NotFound,
+            Error::Store(fieldsync_store::Error::KeyNeeded(_) | fieldsync_store::Error::WrongKey(_)) => ErrorKind::Invalid,
             Error::Core(C::Document(_)) | Error::Store(_) | Error::File { .. } | Error::CorruptMeta(_) => ErrorKind::Runtime,
             Error::Core(_)
             | Error::NotInitialized(_)

@@ -17,9 +17,11 @@
 //! # Ok(()) }
 //! ```
 
+mod backup;
 mod cache;
 mod error;
 mod members;
+mod purge;
 mod replica;
 mod schemas;
 pub mod sync_host;
@@ -35,3 +37,4 @@ pub use replica::{Clock, FeedChange, Replica, Status, SystemClock};
 pub use members::{MemberInfo, Membership, PendingInvite};
 pub use schemas::{RecomputeProgress, SchemaDiff, SchemaInfo, SchemaPushed};
 pub use transfer::{ExportedBundle, ImportSummary};
+pub use fieldsync_store::{generate_key_file, KeyKind, Secret, MAX_KEY_FILE_BYTES};

@@ -7,10 +7,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use fieldsync_core::membership::{check_write, member_entity_id, Admission, Credential, Facts, Grant, InviteToken, MemberList, MemberRecord, MemberRole, MembershipState, MEMBERS, RECORD};
-use fieldsync_core::workspace::Invite;
+use fieldsync_core::workspace::{HeldInvite, Invite};
+use libp2p_identity::ed25519;
 use fieldsync_core::{Access, Entity, EntityId, Patch, PeerId};
 
-use crate::replica::{Replica, META_INVITE_TOKEN};
+use crate::replica::{Replica, META_INVITE_SECRET, META_INVITE_TOKEN};
 use crate::Error;
 
 /// Where this node's last membership refusal is kept (absent: none).
@@ -93,11 +94,14 @@ impl Replica {
         let grant = Grant { user: user.to_owned(), role, partitions };
         grant.check(&self.ws().schema)?;
         let expires = self.now_ms().saturating_add(ttl_ms.max(0));
-        let token = InviteToken::sign(&self.key, self.new_id(), self.ws().id, grant, expires);
+        // The invite's one-time key: its secret goes only into the invite, so the token
+        // alone (what a Hello shows) admits nobody.
+        let holder = ed25519::Keypair::generate();
+        let token = InviteToken::sign(&self.key, self.new_id(), self.ws().id, grant, expires, &holder.public());
         // Remembered so `members` lists it until it is used, and so it can be cancelled.
         let pending = PendingInvite { id: token.id, grant: token.grant.clone(), issued_ms: self.now_ms(), expires_ms: expires, cancelled: false };
         self.commit_durable(vec![], vec![(format!("{META_INVITES}{}", token.id), Some(serde_json::to_vec(&pending).unwrap_or_default()))])?;
-        let invite = Invite { token: Some(token), ..Invite::new(&self.ws()) };
+        let invite = Invite { token: Some(token), token_secret: Some(hex::encode(holder.secret().as_ref())), ..Invite::new(&self.ws()) };
         Ok(serde_json::to_vec_pretty(&invite).unwrap_or_default())
     }
 
@@ -273,7 +277,7 @@ impl Replica {
             Some(Credential::Member { record }) => {
                 MemberRecord::from_confirmation(&record, &self.peer).is_none_or(|r| r.grant.role != MemberRole::Device)
             }
-            Some(Credential::Invite { token }) => token.grant.role != MemberRole::Device,
+            Some(Credential::Invite { token, .. }) => token.grant.role != MemberRole::Device,
         })
     }
 
@@ -318,6 +322,11 @@ impl Replica {
         })
     }
 
+    /// Whether `peer` is an unrevoked admin member.
+    pub(crate) fn is_admin(&self, peer: &PeerId) -> Result<bool, Error> {
+        Ok(self.member_list()?.by_peer.get(peer).is_some_and(|r| !r.revoked && r.grant.role == MemberRole::Admin))
+    }
+
     /// Why `peer` may no longer sync, if the member list now says it was revoked.
     pub fn revoked(&self, peer: &PeerId) -> Result<Option<String>, Error> {
         Ok(self.member_list()?.revoked(peer))
@@ -342,12 +351,11 @@ impl Replica {
         if let Some(record) = record {
             return Ok(Some(Credential::Member { record }));
         }
-        Ok(match self.store.meta(META_INVITE_TOKEN)? {
-            Some(bytes) => Some(Credential::Invite {
-                token: serde_json::from_slice(&bytes).map_err(|e| Error::CorruptMeta(format!("stored invite: {e}")))?,
-            }),
-            None => None,
-        })
+        let Some(token) = self.store.meta(META_INVITE_TOKEN)? else { return Ok(None) };
+        let token = serde_json::from_slice(&token).map_err(|e| Error::CorruptMeta(format!("stored invite: {e}")))?;
+        let secret = self.store.meta(META_INVITE_SECRET)?.ok_or_else(|| Error::CorruptMeta("the stored invite has no key; join again with a new invite".into()))?;
+        let held = HeldInvite::new(token, &secret).map_err(|e| Error::CorruptMeta(format!("stored invite: {e}")))?;
+        Ok(Some(held.credential(&self.peer)))
     }
 
     /// Whether a member with `grant` may see entity `id` of `collection`.

@@ -14,7 +14,7 @@ use fieldsync_core::{
     Applied, Conflict, ConflictId, ConflictState, Entity, EntityId, HistoryEntry, OpId, Patch, PeerId, Proposal, ProposalId, Schema, View, Workspace,
     WorkspaceId, Writer,
 };
-use fieldsync_store::{DocWrite, EntityWrite, SledStore, Store, Ticket};
+use fieldsync_store::{DocWrite, EntityWrite, KeyKind, Secret, Store, Ticket};
 use libp2p_identity::ed25519;
 use serde::Serialize;
 use serde_json::Value as Json;
@@ -31,6 +31,8 @@ pub(crate) const META_CHECKPOINT_IN: &str = "ckin/";
 pub(crate) const META_CHECKPOINT_OUT: &str = "ckout/";
 /// The invite token this device joined with (presented until its member record arrives).
 pub(crate) const META_INVITE_TOKEN: &str = "invite_token";
+/// The secret half of the invite token's one-time key (32 bytes).
+pub(crate) const META_INVITE_SECRET: &str = "invite_secret";
 pub(crate) const INDEX_CONFLICT: &str = "conflict";
 pub(crate) const INDEX_PROPOSAL: &str = "proposal";
 
@@ -103,6 +105,8 @@ pub struct Status {
     /// While views are recomputed under a new version: how far (absent otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub schema_recompute: Option<crate::schemas::RecomputeProgress>,
+    /// Whether the store is encrypted at rest (`init --encrypt`).
+    pub encrypted: bool,
 }
 
 /// One node's replica of its workspace.
@@ -154,9 +158,15 @@ impl Replica {
 
     /// Like [`Self::init_authority`] with a given identity key (the simulator's are seeded).
     pub fn init_authority_with_key(dir: &Path, schema_toml: &str, name: &str, key: ed25519::Keypair) -> Result<Self, Error> {
+        Self::init_authority_with(dir, schema_toml, name, key, None)
+    }
+
+    /// Like [`Self::init_authority_with_key`]; with `secret`, the store is encrypted at rest
+    /// and every later open needs the same secret ([`Self::open_with_key`]).
+    pub fn init_authority_with(dir: &Path, schema_toml: &str, name: &str, key: ed25519::Keypair, secret: Option<&Secret>) -> Result<Self, Error> {
         Self::ensure_free(dir)?;
         Schema::from_toml(schema_toml)?; // before anything is created
-        Self::init_authority_on(Self::new_store(dir)?, dir, schema_toml, name, key)
+        Self::init_authority_on(Self::new_store(dir, secret)?, dir, schema_toml, name, key)
     }
 
     /// Joins the workspace of `invite` (JSON bytes from `fieldsync invite`) as a device.
@@ -166,9 +176,14 @@ impl Replica {
 
     /// Like [`Self::init_join`] with a given identity key.
     pub fn init_join_with_key(dir: &Path, invite: &[u8], name: &str, key: ed25519::Keypair) -> Result<Self, Error> {
+        Self::init_join_with(dir, invite, name, key, None)
+    }
+
+    /// Like [`Self::init_join_with_key`]; with `secret`, the store is encrypted at rest.
+    pub fn init_join_with(dir: &Path, invite: &[u8], name: &str, key: ed25519::Keypair, secret: Option<&Secret>) -> Result<Self, Error> {
         Self::ensure_free(dir)?;
         Invite::decode_with_token(invite)?; // before anything is created
-        Self::init_join_on(Self::new_store(dir)?, dir, invite, name, key)
+        Self::init_join_on(Self::new_store(dir, secret)?, dir, invite, name, key)
     }
 
     /// Uses `clock` for time and new ids from now on.
@@ -177,17 +192,17 @@ impl Replica {
         self
     }
 
-    fn ensure_free(dir: &Path) -> Result<(), Error> {
+    pub(crate) fn ensure_free(dir: &Path) -> Result<(), Error> {
         if db_dir(dir).exists() {
             return Err(Error::AlreadyInitialized(dir.to_owned()));
         }
         Ok(())
     }
 
-    /// A new sled store in `dir`.
-    fn new_store(dir: &Path) -> Result<Arc<dyn Store>, Error> {
+    /// A new sled store in `dir`, encrypted with `secret` if given.
+    pub(crate) fn new_store(dir: &Path, secret: Option<&Secret>) -> Result<Arc<dyn Store>, Error> {
         std::fs::create_dir_all(dir).map_err(Error::file(dir))?;
-        Ok(Arc::new(SledStore::open(&db_dir(dir))?))
+        Ok(fieldsync_store::create_store(&db_dir(dir), fieldsync_store::DEFAULT_CACHE_BYTES, secret)?)
     }
 
     /// A new workspace on `store` (any engine, e.g. [`fieldsync_store::MemoryStore`]), with
@@ -200,15 +215,18 @@ impl Replica {
 
     /// Joins the workspace of `invite` on `store`, like [`Self::init_join_with_key`].
     pub fn init_join_on(store: Arc<dyn Store>, label: &Path, invite: &[u8], name: &str, key: ed25519::Keypair) -> Result<Self, Error> {
-        let (ws, token) = Invite::decode_with_token(invite)?;
+        let (ws, held) = Invite::decode_with_token(invite)?;
         let replica = Self::init_on(store, label, ws, key, name, false)?;
-        if let Some(token) = token {
-            replica.commit_durable(vec![], vec![(META_INVITE_TOKEN.to_owned(), Some(to_json_bytes(&token)))])?;
+        if let Some(held) = held {
+            replica.commit_durable(
+                vec![],
+                vec![(META_INVITE_TOKEN.to_owned(), Some(to_json_bytes(&held.token))), (META_INVITE_SECRET.to_owned(), Some(held.secret_bytes()))],
+            )?;
         }
         Ok(replica)
     }
 
-    fn init_on(store: Arc<dyn Store>, dir: &Path, ws: Workspace, key: ed25519::Keypair, name: &str, authority: bool) -> Result<Self, Error> {
+    pub(crate) fn init_on(store: Arc<dyn Store>, dir: &Path, ws: Workspace, key: ed25519::Keypair, name: &str, authority: bool) -> Result<Self, Error> {
         if store.meta(META_IDENTITY)?.is_some() {
             return Err(Error::AlreadyInitialized(dir.to_owned()));
         }
@@ -234,11 +252,22 @@ impl Replica {
 
     /// Opens the node in `dir` with caches sized by `memory`.
     pub fn open_with(dir: &Path, memory: MemoryOptions) -> Result<Self, Error> {
+        Self::open_with_key(dir, memory, &mut |kind: KeyKind| Err(format!("it needs {} to open", kind.name())))
+    }
+
+    /// Opens the node in `dir`, encrypted or not: `key` is asked for the secret (passphrase
+    /// or key file) only if the store is encrypted; its `Err` says what is missing.
+    pub fn open_with_key(dir: &Path, memory: MemoryOptions, key: fieldsync_store::KeyProvider<'_>) -> Result<Self, Error> {
         if !db_dir(dir).exists() {
             return Err(Error::NotInitialized(dir.to_owned()));
         }
-        let store = Arc::new(SledStore::open_with(&db_dir(dir), memory.store_cache_bytes)?);
+        let store = fieldsync_store::open_store(&db_dir(dir), memory.store_cache_bytes, key)?;
         Ok(Self::open_on(store, dir)?.with_doc_cache_bytes(memory.doc_cache_bytes))
+    }
+
+    /// Whether this node's store is encrypted at rest.
+    pub fn encrypted(&self) -> bool {
+        self.store.encrypted()
     }
 
     /// Opens the node kept in `store` (any engine); `label` stands for the data directory.
@@ -252,6 +281,7 @@ impl Replica {
         let replica = Self::assemble(store, ws, key, node, label);
         // The newest schema version held, and views that follow it (after a crash mid-way).
         replica.adopt_newest_schema()?;
+        replica.finish_purges()?;
         Ok(replica)
     }
 
@@ -380,6 +410,12 @@ impl Replica {
         }
     }
 
+    /// Forgets a cached entity (it is being purged).
+    pub(crate) fn uncache(&self, id: EntityId) {
+        let gone = self.cache.lock().unwrap_or_else(|p| p.into_inner()).pop(&id);
+        drop(gone);
+    }
+
     /// Keeps a fully persisted entity in memory for its next use.
     pub(crate) fn cache(&self, entity: Entity) {
         let evicted = self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(entity.id(), entity);
@@ -472,6 +508,9 @@ impl Replica {
         let w = self.writer(self.now_ms());
         let mut before = None;
         let (mut entity, applied) = match self.load(id)? {
+            None if collection != fieldsync_core::purge::PURGES && self.is_purged(id)? => {
+                return Err(Error::Refused(format!("entity {id} was purged; it cannot be written again")))
+            }
             None => (Entity::create_op(&self.ws(), id, collection, &w, patch, op, &mut || self.new_proposal_id())?, Applied::Now),
             Some(mut e) => {
                 let actual = e.collection().unwrap_or_default();
@@ -746,6 +785,7 @@ impl Replica {
             schema_version: self.schema_version(),
             views_schema_version: self.views_schema_version()?,
             schema_recompute: self.recompute_progress(),
+            encrypted: self.store.encrypted(),
         })
     }
 }

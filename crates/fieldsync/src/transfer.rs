@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use fieldsync_core::bundle::{Bundle, BundleEncoder, BundleEntity, BundleHeader, Limits};
 use fieldsync_core::membership::{check_write, Facts, Grant, Refusal, RefusalKind};
+use fieldsync_core::purge::PURGES;
 use fieldsync_core::schema_version::SCHEMAS;
 use fieldsync_core::{Entity, EntityId, Patch, PeerId};
 use rayon::prelude::*;
@@ -72,6 +73,8 @@ enum Merged {
 /// One entity's outcome in [`Replica::merge_incoming`].
 enum Outcome {
     Unchanged,
+    /// The entity was purged here: taken in never again.
+    Purged,
     Refused(Refusal),
     /// The store write, the entity to keep cached (if any), and what happened.
     Written(Box<(fieldsync_store::EntityWrite, Option<Entity>, Merged)>),
@@ -85,6 +88,9 @@ pub struct ImportSummary {
     pub updated: usize,
     pub unchanged: usize,
     pub auto_accepted: usize,
+    /// Entities left out because they were purged (erased) here.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub purged: usize,
     /// Entities refused by the write check (forged authority values, outside the sender's
     /// partitions…), with the reason; none of their changes were applied.
     #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "refusal_reasons")]
@@ -93,6 +99,10 @@ pub struct ImportSummary {
 
 fn refusal_reasons<S: serde::Serializer>(refused: &[Refusal], s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(refused.iter().map(|r| serde_json::json!({ "kind": r.kind.name(), "reason": r.reason })))
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn seq_of(bytes: Option<Vec<u8>>) -> u64 {
@@ -166,7 +176,7 @@ impl Replica {
             out.extend(enc.take_written());
             progress(count.min(total), total);
         }
-        out.extend(enc.finish());
+        out.extend(enc.finish(&self.key));
         Ok(ExportedBundle { bytes: out, entities: count, since, upto })
     }
 
@@ -245,13 +255,16 @@ impl Replica {
     /// `summary.refused`.
     pub(crate) fn merge_incoming(&self, items: Vec<Incoming>, meta: Vec<(String, Option<Vec<u8>>)>, grant: &Grant, summary: &mut ImportSummary) -> Result<(), Error> {
         // A schema version first: it is adopted before the rest is read, so entities of
-        // collections it adds are known and derived under its rules.
+        // collections it adds are known and derived under its rules. Then purges, so an
+        // entity purged in the same batch is not taken in.
         let (schemas, rest): (Vec<Incoming>, Vec<Incoming>) = items.into_iter().partition(|i| i.collection() == SCHEMAS);
-        if !schemas.is_empty() && !rest.is_empty() {
-            self.merge_batch(schemas, vec![], grant, summary)?;
-            return self.merge_batch(rest, meta, grant, summary);
+        let (purges, rest): (Vec<Incoming>, Vec<Incoming>) = rest.into_iter().partition(|i| i.collection() == PURGES);
+        let mut groups: Vec<Vec<Incoming>> = [schemas, purges, rest].into_iter().filter(|g| !g.is_empty()).collect();
+        let last = groups.pop().unwrap_or_default();
+        for group in groups {
+            self.merge_batch(group, vec![], grant, summary)?;
         }
-        self.merge_batch(if schemas.is_empty() { rest } else { schemas }, meta, grant, summary)
+        self.merge_batch(last, meta, grant, summary)
     }
 
     fn merge_batch(&self, items: Vec<Incoming>, meta: Vec<(String, Option<Vec<u8>>)>, grant: &Grant, summary: &mut ImportSummary) -> Result<(), Error> {
@@ -265,6 +278,9 @@ impl Replica {
             .map(|item| {
                 let w = self.writer(now);
                 let id = item.id();
+                if item.collection() != PURGES && self.is_purged(id)? {
+                    return Ok(Outcome::Purged);
+                }
                 if ws.schema.collection(item.collection()).is_err() {
                     let reason = format!("entity {id} is in collection {:?}, which schema version {} lacks", item.collection(), ws.schema.version());
                     return Ok(Outcome::Refused(Refusal { kind: RefusalKind::UnknownCollection, reason }));
@@ -304,6 +320,12 @@ impl Replica {
                     // The merged document is dropped; the stored one is untouched.
                     return Ok(Outcome::Refused(refusal));
                 }
+                // A purge counts only with a valid signed record.
+                if collection == PURGES {
+                    if let Err(reason) = self.purge_target(&entity) {
+                        return Ok(Outcome::Refused(Refusal { kind: RefusalKind::Forged, reason: format!("entity {id} ({PURGES}): {reason}") }));
+                    }
+                }
                 // A device does not take in what its own user may not see either.
                 if let Err(Error::Refused(reason)) = self.check_own_write(before.as_ref(), &entity) {
                     return Ok(Outcome::Refused(Refusal { kind: RefusalKind::Partition, reason: format!("this node's user may not hold it: {reason}") }));
@@ -328,6 +350,7 @@ impl Replica {
         for r in results {
             match r {
                 Outcome::Unchanged => summary.unchanged += 1,
+                Outcome::Purged => summary.purged += 1,
                 Outcome::Refused(refusal) => summary.refused.push(refusal),
                 Outcome::Written(written) => {
                     let (write, entity, how) = *written;
@@ -345,11 +368,20 @@ impl Replica {
             }
         }
         let schema_arrived = writes.iter().any(|w| w.collection == fieldsync_core::schema_version::SCHEMAS);
+        // Checked above: every written purge entity holds a valid record.
+        let purged: Vec<EntityId> = writes
+            .iter()
+            .filter(|w| w.collection == PURGES)
+            .filter_map(|w| serde_json::from_slice::<Json>(&w.view).ok())
+            .filter_map(|v| v.get(fieldsync_core::purge::RECORD).and_then(|t| t.as_str()).and_then(|t| fieldsync_core::purge::PurgeRecord::parse(t).ok()))
+            .map(|r| r.entity)
+            .collect();
         self.commit_durable(writes, meta)?;
         for entity in merged {
             self.cache(entity);
         }
         drop(guards);
+        self.apply_purges(&purged)?;
         if schema_arrived {
             self.adopt_newest_schema()?;
         }
@@ -379,6 +411,9 @@ impl Replica {
         let mut seen = std::collections::HashMap::new();
         for ((n, _), (id, _)) in lines.iter().zip(&parsed) {
             if let Some(id) = id {
+                if self.is_purged(*id)? {
+                    return Err(Error::ImportLine { line: *n, message: format!("_id {id} was purged; it cannot be written again") });
+                }
                 if let Some(first) = seen.insert(*id, *n) {
                     return Err(Error::ImportLine { line: *n, message: format!("_id {id} repeats line {first}") });
                 }

@@ -19,11 +19,13 @@
 //! [`SledStore`], or memory for [`MemoryStore`] — the simulator's, which can crash (lose
 //! what was not flushed) and pause its flushes.
 
+mod crypt;
 mod memory;
+pub use crypt::{generate_key_file, open_sealed_file, seal_file, EncryptedKv, Header as KeyHeader, KeyKind, KeyProvider, Secret, MAX_KEY_FILE_BYTES, MAX_SEALED_BYTES, MIN_KEY_FILE_BYTES};
 pub use memory::{MemKv, MemoryStore};
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// An entity id as stored: 16 bytes (a UUID).
 pub type EntityKey = [u8; 16];
@@ -44,6 +46,12 @@ pub enum Error {
     /// A failure the memory store was told to simulate.
     #[error("simulated storage failure: {0}")]
     Simulated(String),
+    /// The store is encrypted and no key was given; says what to give.
+    #[error("this data directory is encrypted: {0}")]
+    KeyNeeded(String),
+    /// The key given does not open the store (or is not usable).
+    #[error("cannot open the encrypted store: {0}")]
+    WrongKey(String),
     /// An earlier flush failed, so durability is unknown.
     #[error("a previous flush failed ({0}); close and reopen the store")]
     FlushFailed(String),
@@ -134,34 +142,98 @@ pub trait Kv: Send + Sync + std::fmt::Debug {
     fn apply(&self, batch: Vec<KvWrite>) -> Result<(), Error>;
     /// Makes everything applied so far durable.
     fn flush(&self) -> Result<(), Error>;
+    /// Whether values are encrypted ([`EncryptedKv`]).
+    fn encrypted(&self) -> bool {
+        false
+    }
+    /// Removes `drop_key`, and makes removed values unreadable from the files (they may
+    /// linger in a log until then); a map with no log only removes the key.
+    fn rewrite(&self, drop_key: &[u8]) -> Result<(), Error> {
+        self.apply(vec![(drop_key.to_vec(), None)])
+    }
 }
 
-/// sled's tree as a [`Kv`].
+/// sled's tree as a [`Kv`]. The handles sit behind a lock only so [`Kv::rewrite`] can
+/// swap in a fresh copy of the data.
 #[derive(Debug)]
 pub struct SledKv {
-    db: sled::Db,
-    tree: sled::Tree,
+    dir: std::path::PathBuf,
+    cache_bytes: u64,
+    handles: std::sync::RwLock<Option<(sled::Db, sled::Tree)>>,
+}
+
+fn open_sled(dir: &std::path::Path, cache_bytes: u64) -> Result<(sled::Db, sled::Tree), Error> {
+    remove_unfinished_snapshots(dir)?;
+    let db = match sled::Config::new().path(dir).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput).open() {
+        Ok(db) => db,
+        Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") => return Err(Error::Locked),
+        Err(e) => return Err(e.into()),
+    };
+    let tree = db.open_tree("fieldsync")?;
+    Ok((db, tree))
+}
+
+fn io_error(e: std::io::Error) -> Error {
+    Error::Engine(sled::Error::Io(e))
+}
+
+/// Where [`Kv::rewrite`] builds the copy, and where the old files wait to be removed.
+fn rewrite_dirs(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    (dir.with_extension("rewrite"), dir.with_extension("old"))
+}
+
+/// Finishes or drops a rewrite a crash interrupted: a complete copy is renamed into place
+/// only after it was flushed, so a copy beside a missing store is complete.
+fn recover_rewrite(dir: &std::path::Path) -> Result<(), Error> {
+    let (fresh, old) = rewrite_dirs(dir);
+    if !dir.exists() && fresh.exists() {
+        std::fs::rename(&fresh, dir).map_err(io_error)?;
+    }
+    for leftover in [fresh, old] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(&leftover).map_err(io_error)?;
+        }
+    }
+    Ok(())
+}
+
+impl SledKv {
+    fn open(dir: &std::path::Path, cache_bytes: u64) -> Result<Self, Error> {
+        recover_rewrite(dir)?;
+        let handles = open_sled(dir, cache_bytes)?;
+        Ok(SledKv { dir: dir.to_owned(), cache_bytes, handles: std::sync::RwLock::new(Some(handles)) })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&sled::Db, &sled::Tree) -> Result<T, Error>) -> Result<T, Error> {
+        let guard = self.handles.read().unwrap_or_else(|p| p.into_inner());
+        match &*guard {
+            Some((db, tree)) => f(db, tree),
+            None => Err(Error::FlushFailed("a rewrite of the store failed and it could not be reopened".into())),
+        }
+    }
 }
 
 impl Kv for SledKv {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
-        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+        self.with(|_, tree| Ok(tree.get(key)?.map(|v| v.to_vec())))
     }
 
     fn scan(&self, start: &[u8], limit: usize, keep: &mut dyn FnMut(&[u8]) -> bool) -> Result<Vec<KvPair>, Error> {
-        let mut out = Vec::new();
-        for kv in self.tree.range(start..) {
-            let (k, v) = kv?;
-            if out.len() >= limit || !keep(&k) {
-                break;
+        self.with(|_, tree| {
+            let mut out = Vec::new();
+            for kv in tree.range(start..) {
+                let (k, v) = kv?;
+                if out.len() >= limit || !keep(&k) {
+                    break;
+                }
+                out.push((k.to_vec(), v.to_vec()));
             }
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     fn last_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, Error> {
-        Ok(self.tree.scan_prefix(prefix).next_back().transpose()?.map(|(k, _)| k.to_vec()))
+        self.with(|_, tree| Ok(tree.scan_prefix(prefix).next_back().transpose()?.map(|(k, _)| k.to_vec())))
     }
 
     fn apply(&self, batch: Vec<KvWrite>) -> Result<(), Error> {
@@ -172,12 +244,70 @@ impl Kv for SledKv {
                 None => b.remove(k),
             }
         }
-        Ok(self.tree.apply_batch(b)?)
+        self.with(|_, tree| Ok(tree.apply_batch(b)?))
     }
 
     fn flush(&self) -> Result<(), Error> {
-        self.db.flush()?;
-        Ok(())
+        self.with(|db, _| {
+            db.flush()?;
+            Ok(())
+        })
+    }
+
+    /// sled keeps overwritten and removed values in its log until it happens to rewrite
+    /// their segments. To make a removal final, the live entries are copied into a new
+    /// store beside this one, which then replaces it; the old files are deleted. Reads and
+    /// writes wait meanwhile.
+    fn rewrite(&self, drop_key: &[u8]) -> Result<(), Error> {
+        let mut guard = self.handles.write().unwrap_or_else(|p| p.into_inner());
+        let (fresh, old) = rewrite_dirs(&self.dir);
+        if fresh.exists() {
+            std::fs::remove_dir_all(&fresh).map_err(io_error)?;
+        }
+        let copied = (|| {
+            let Some((_, tree)) = &*guard else { return Err(Error::FlushFailed("the store is closed".into())) };
+            let (db2, tree2) = open_sled(&fresh, self.cache_bytes)?;
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for kv in tree.iter() {
+                let (k, v) = kv?;
+                if &*k == drop_key {
+                    continue;
+                }
+                batch.insert(k, v);
+                n += 1;
+                if n % 1024 == 0 {
+                    tree2.apply_batch(std::mem::take(&mut batch))?;
+                }
+            }
+            tree2.apply_batch(batch)?;
+            db2.flush()?;
+            Ok(())
+        })();
+        if let Err(e) = copied {
+            let _ = std::fs::remove_dir_all(&fresh);
+            return Err(e);
+        }
+        // Close the old store (every handle: sled's flusher stops with the last one).
+        if let Some((db, tree)) = guard.take() {
+            let flushed = db.flush();
+            drop(tree);
+            drop(db);
+            flushed?;
+        }
+        let swapped = std::fs::rename(&self.dir, &old).and_then(|_| std::fs::rename(&fresh, &self.dir)).map_err(io_error);
+        let reopened = recover_rewrite(&self.dir).and_then(|_| open_sled(&self.dir, self.cache_bytes));
+        match (swapped, reopened) {
+            (Ok(()), Ok(handles)) => {
+                *guard = Some(handles);
+                Ok(())
+            }
+            (Err(e), Ok(handles)) => {
+                *guard = Some(handles);
+                Err(e)
+            }
+            (_, Err(e)) => Err(e),
+        }
     }
 }
 
@@ -212,7 +342,16 @@ pub trait Store: Send + Sync {
     fn counts(&self) -> Result<Vec<(String, u64)>, Error>;
     /// (commits, flushes) since open: their ratio is how many commits share a flush.
     fn commit_stats(&self) -> (u64, u64);
+    /// Whether values are encrypted at rest.
+    fn encrypted(&self) -> bool;
+    /// Removes entities whole — document, chunks, record, view, feed entry, index entries —
+    /// in one atomic batch, and returns once no byte of them is readable in the store's
+    /// files (see [`Kv::rewrite`]). Ids not stored are skipped.
+    fn purge(&self, ids: &[EntityKey]) -> Result<(), Error>;
 }
+
+/// Set while a purge's rewrite is unfinished: the next open finishes it.
+const META_REWRITE: &[u8] = b"~rewrite";
 
 fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
@@ -327,28 +466,58 @@ pub struct KvStore<K: Kv> {
 /// The sled engine.
 pub type SledStore = KvStore<SledKv>;
 
+/// The sled engine with encryption at rest.
+pub type EncryptedSledStore = KvStore<EncryptedKv<SledKv>>;
+
 impl SledStore {
     /// Opens (or creates) the store in `dir` with the default page cache.
     pub fn open(dir: &std::path::Path) -> Result<Self, Error> {
         Self::open_with(dir, DEFAULT_CACHE_BYTES)
     }
 
-    /// Opens (or creates) the store in `dir`; sled's page cache may hold `cache_bytes`.
+    /// Opens (or creates) an unencrypted store in `dir`; sled's page cache may hold
+    /// `cache_bytes`. An encrypted store is refused ([`open_store`] opens both).
     pub fn open_with(dir: &std::path::Path, cache_bytes: u64) -> Result<Self, Error> {
-        remove_unfinished_snapshots(dir)?;
-        let db = match sled::Config::new().path(dir).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput).open() {
-            Ok(db) => db,
-            Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") => return Err(Error::Locked),
-            Err(e) => return Err(e.into()),
-        };
-        let tree = db.open_tree("fieldsync")?;
-        KvStore::on(SledKv { db, tree })
+        let kv = SledKv::open(dir, cache_bytes)?;
+        if let Some(h) = crypt::header_of(&kv)? {
+            return Err(Error::KeyNeeded(format!("it needs {}", h.kind.name())));
+        }
+        KvStore::on(kv)
     }
 
     /// Bytes the store takes on disk.
     pub fn size_on_disk(&self) -> Result<u64, Error> {
-        Ok(self.kv.db.size_on_disk()?)
+        self.kv.with(|db, _| Ok(db.size_on_disk()?))
     }
+}
+
+impl EncryptedSledStore {
+    /// Bytes the store takes on disk.
+    pub fn size_on_disk(&self) -> Result<u64, Error> {
+        self.kv.inner.with(|db, _| Ok(db.size_on_disk()?))
+    }
+}
+
+/// Creates the store in `dir` (which must hold none), encrypted with `secret` if given.
+pub fn create_store(dir: &std::path::Path, cache_bytes: u64, secret: Option<&Secret>) -> Result<Arc<dyn Store>, Error> {
+    let kv = SledKv::open(dir, cache_bytes)?;
+    Ok(match secret {
+        None => Arc::new(KvStore::on(kv)?),
+        Some(s) => Arc::new(KvStore::on(EncryptedKv::create(kv, s)?)?),
+    })
+}
+
+/// Opens the store in `dir`, encrypted or not: `key` is asked for the secret only when the
+/// store is encrypted (its `Err` says what is missing and becomes [`Error::KeyNeeded`]).
+pub fn open_store(dir: &std::path::Path, cache_bytes: u64, key: KeyProvider<'_>) -> Result<Arc<dyn Store>, Error> {
+    let kv = SledKv::open(dir, cache_bytes)?;
+    Ok(match crypt::header_of(&kv)? {
+        None => Arc::new(KvStore::on(kv)?),
+        Some(h) => {
+            let secret = key(h.kind).map_err(Error::KeyNeeded)?;
+            Arc::new(KvStore::on(EncryptedKv::open(kv, &h, &secret)?)?)
+        }
+    })
 }
 
 impl<K: Kv> KvStore<K> {
@@ -361,6 +530,10 @@ impl<K: Kv> KvStore<K> {
             }
             None => 0,
         };
+        // A purge whose rewrite a crash cut short: finish it before anything is read.
+        if kv.get(&key(b'm', &[META_REWRITE]))?.is_some() {
+            kv.rewrite(&key(b'm', &[META_REWRITE]))?;
+        }
         Ok(KvStore {
             kv,
             commit_lock: Mutex::new(()),
@@ -559,6 +732,38 @@ impl<K: Kv> Store for KvStore<K> {
         (self.committed.load(Ordering::Relaxed), self.flushes.load(Ordering::Relaxed))
     }
 
+    fn encrypted(&self) -> bool {
+        self.kv.encrypted()
+    }
+
+    fn purge(&self, ids: &[EntityKey]) -> Result<(), Error> {
+        let flag = key(b'm', &[META_REWRITE]);
+        {
+            let _guard = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let mut batch = Batch::default();
+            for id in ids {
+                let Some(rec) = self.record(id)? else { continue };
+                batch.remove(key(b'd', &[id]));
+                for n in 0..rec.chunks {
+                    batch.remove(chunk_key(id, n));
+                }
+                batch.remove(key(b'e', &[id]));
+                batch.remove(view_key(&rec.collection, id));
+                batch.remove(key(b'f', &[&rec.seq.to_be_bytes()]));
+                for k in &rec.index_keys {
+                    batch.remove(k.as_slice());
+                }
+            }
+            batch.insert(flag.clone(), vec![1]);
+            self.kv.apply(batch.0)?;
+            self.kv.flush()?;
+            // The copy leaves the flag out: once it replaced the store, the purge is final.
+            self.kv.rewrite(&flag)?;
+        }
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn counts(&self) -> Result<Vec<(String, u64)>, Error> {
         let mut out: Vec<(String, u64)> = Vec::new();
         for (k, _) in self.kv.scan(b"v", usize::MAX, &mut |k| k.first() == Some(&b'v'))? {
@@ -592,6 +797,13 @@ fn remove_unfinished_snapshots(dir: &std::path::Path) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+impl SledStore {
+    fn flush_for_test(&self) {
+        self.kv.flush().unwrap();
+    }
 }
 
 #[cfg(test)]
@@ -645,6 +857,102 @@ mod tests {
         let s = SledStore::open(dir.path()).unwrap();
         assert_eq!(s.load_doc(&[1; 16]).unwrap().unwrap().snapshot, vec![9]);
         assert!(!dir.path().join("snap.7FFFFFFFFFFFFFFF.generating").exists());
+    }
+
+    fn files_contain(dir: &std::path::Path, needle: &[u8]) -> bool {
+        let mut found = false;
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                found |= files_contain(&path, needle);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                found |= bytes.windows(needle.len()).any(|w| w == needle);
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn a_purge_leaves_no_byte_of_the_entity_in_the_files_and_the_rest_intact() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("db");
+        let marker = b"PURGE-ME-7f3a9c";
+        {
+            let s = SledStore::open(&dir).unwrap();
+            let mut w = write(1, DocWrite::Snapshot(marker.to_vec()), vec![("conflict".into(), b"k1".to_vec(), marker.to_vec())]);
+            w.view = marker.to_vec();
+            let t = s.commit(vec![w, write(2, DocWrite::Snapshot(vec![8]), vec![])], vec![]).unwrap();
+            // Overwritten versions linger in sled's log too.
+            s.commit(vec![write(1, DocWrite::Append(marker.to_vec()), vec![])], vec![]).unwrap();
+            s.wait_durable(t).unwrap();
+            s.flush_for_test();
+            assert!(files_contain(root.path(), marker), "the marker is on disk before the purge (else this test proves nothing)");
+            s.purge(&[[1; 16]]).unwrap();
+            assert!(!files_contain(root.path(), marker), "a byte of the purged entity is still in the files");
+            assert!(s.record(&[1; 16]).unwrap().is_none());
+            assert_eq!(s.load_doc(&[2; 16]).unwrap().unwrap().snapshot, vec![8]);
+            let t = s.commit(vec![write(3, DocWrite::Snapshot(vec![7]), vec![])], vec![]).unwrap();
+            s.wait_durable(t).unwrap();
+        }
+        let s = SledStore::open(&dir).unwrap();
+        assert_eq!(s.feed_since(0, 10).unwrap().iter().map(|(_, id)| id[0]).collect::<Vec<_>>(), vec![2, 3]);
+        assert!(s.index("conflict").unwrap().is_empty());
+        assert!(!files_contain(root.path(), marker));
+    }
+
+    #[test]
+    fn a_rewrite_cut_by_a_crash_is_finished_on_open() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("db");
+        {
+            let s = SledStore::open(&dir).unwrap();
+            let t = s.commit(vec![write(1, DocWrite::Snapshot(vec![9]), vec![])], vec![("~rewrite".into(), Some(vec![1]))]).unwrap();
+            s.wait_durable(t).unwrap();
+        }
+        // A crash after the copy was complete and the old store moved aside.
+        std::fs::rename(&dir, dir.with_extension("old")).unwrap();
+        std::fs::create_dir(dir.with_extension("rewrite")).unwrap();
+        std::fs::remove_dir(dir.with_extension("rewrite")).unwrap();
+        std::fs::rename(dir.with_extension("old"), dir.with_extension("rewrite")).unwrap();
+        let s = SledStore::open(&dir).unwrap();
+        assert!(s.meta("~rewrite").unwrap().is_none(), "the unfinished rewrite ran on open");
+        assert_eq!(s.load_doc(&[1; 16]).unwrap().unwrap().snapshot, vec![9]);
+        assert!(!dir.with_extension("rewrite").exists() && !dir.with_extension("old").exists());
+    }
+
+    #[test]
+    fn an_encrypted_store_needs_its_key_and_shows_no_content() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("db");
+        let marker = b"SECRET-CUSTOMER-41";
+        let secret = || Secret::KeyFile(vec![3; 32]);
+        {
+            let s = create_store(&dir, DEFAULT_CACHE_BYTES, Some(&secret())).unwrap();
+            assert!(s.encrypted());
+            let mut w = write(1, DocWrite::Snapshot(marker.to_vec()), vec![("conflict".into(), marker.to_vec(), marker.to_vec())]);
+            w.collection = "customers".into();
+            w.view = marker.to_vec();
+            let t = s.commit(vec![w], vec![("seen/SECRET-CUSTOMER-41".into(), Some(marker.to_vec()))]).unwrap();
+            s.wait_durable(t).unwrap();
+        }
+        assert!(!files_contain(root.path(), marker));
+        assert!(!files_contain(root.path(), b"customers"));
+        let err = SledStore::open(&dir).err().unwrap();
+        assert!(err.to_string().contains("encrypted") && err.to_string().contains("key file"), "{err}");
+        let err = open_store(&dir, DEFAULT_CACHE_BYTES, &mut |_| Err("pass --key-file FILE".into())).err().unwrap();
+        assert!(err.to_string().contains("--key-file"), "{err}");
+        let err = open_store(&dir, DEFAULT_CACHE_BYTES, &mut |_| Ok(Secret::KeyFile(vec![4; 32]))).err().unwrap();
+        assert!(matches!(err, Error::WrongKey(_)), "{err}");
+        let s = open_store(&dir, DEFAULT_CACHE_BYTES, &mut |_| Ok(secret())).unwrap();
+        assert_eq!(s.view("customers", &[1; 16]).unwrap(), Some(marker.to_vec()));
+        assert_eq!(s.index_get("conflict", marker).unwrap(), Some(marker.to_vec()));
+        assert_eq!(s.meta_prefix("seen/").unwrap(), vec![("seen/SECRET-CUSTOMER-41".to_owned(), marker.to_vec())]);
+        assert_eq!(s.counts().unwrap(), vec![("customers".to_owned(), 1)]);
+        assert_eq!(s.last_seq(), 1);
+        s.purge(&[[1; 16]]).unwrap();
+        assert!(s.view("customers", &[1; 16]).unwrap().is_none());
+        assert!(s.index("conflict").unwrap().is_empty());
     }
 
     #[test]

@@ -70,6 +70,16 @@ impl Daemon {
         d
     }
 
+    /// Like [`Self::start`] with these environment variables (and no inherited secrets).
+    pub fn start_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let mut c = bin();
+        c.env_remove("FIELDSYNC_PASSPHRASE").env_remove("FIELDSYNC_KEY_FILE");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        Self::spawn(c.arg("--data").arg(dir).args(args).stderr(Stdio::null()))
+    }
+
     fn spawn(command: &mut Command) -> Daemon {
         let mut child = command.stdout(Stdio::piped()).spawn().expect("spawn daemon");
         let stdout = child.stdout.take().expect("stdout");
