@@ -16,7 +16,10 @@ use fieldsync_tests::live::{until, LiveNode};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn count(r: &Replica) -> u64 {
-    r.status().ok().and_then(|s| s.entities.get("tasks").and_then(|v| v.as_u64())).unwrap_or(0)
+    r.status()
+        .ok()
+        .and_then(|s| s.entities.get("tasks").and_then(|v| v.as_u64()))
+        .unwrap_or(0)
 }
 
 fn received(n: &LiveNode) -> u64 {
@@ -25,14 +28,27 @@ fn received(n: &LiveNode) -> u64 {
 
 /// A row for scripts/bench-report.
 fn report(metric: &str, figure: &str, target: &str, meets: bool) {
-    println!("report: | {metric} | {figure} | {target} | {} |", if meets { "yes" } else { "**no**" });
+    println!(
+        "report: | {metric} | {figure} | {target} | {} |",
+        if meets { "yes" } else { "**no**" }
+    );
 }
 
 async fn sizes(n: usize) -> anyhow::Result<(f64, f64)> {
     let tmp = tempfile::tempdir()?;
-    let hq = Arc::new(Replica::init_authority(&tmp.path().join("relay"), fieldsync_tests::SCHEMA, "relay")?);
-    let device = Arc::new(Replica::init_join(&tmp.path().join("device"), &hq.invite(), "device")?);
-    let lines: String = (0..n).map(|i| fieldsync_tests::ten_field_task(i) + "\n").collect();
+    let hq = Arc::new(Replica::init_authority(
+        &tmp.path().join("relay"),
+        fieldsync_tests::SCHEMA,
+        "relay",
+    )?);
+    let device = Arc::new(Replica::init_join(
+        &tmp.path().join("device"),
+        &hq.invite(),
+        "device",
+    )?);
+    let lines: String = (0..n)
+        .map(|i| fieldsync_tests::ten_field_task(i) + "\n")
+        .collect();
     hq.bulk_import("tasks", &lines, &mut |_, _| {})?;
     let relay = LiveNode::start("relay", hq, Role::Relay, &[]).await?;
     let dial = [relay.addr.clone()];
@@ -40,30 +56,70 @@ async fn sizes(n: usize) -> anyhow::Result<(f64, f64)> {
     let t = Instant::now();
     let node = LiveNode::start("device", device, Role::Device, &dial).await?;
     // Counting scans every view: only once the feed could hold them all (cheap to read).
-    until("first sync", || node.replica.feed_seq() >= n as u64 && count(&node.replica) == n as u64).await?;
+    until("first sync", || {
+        node.replica.feed_seq() >= n as u64 && count(&node.replica) == n as u64
+    })
+    .await?;
     let first = t.elapsed();
     let first_bytes = received(&node);
-    println!("| first sync, {n} entities relay → new device | {:.2} s | {:.1} MB | {} |", first.as_secs_f64(), first_bytes as f64 / 1e6, if n == 10_000 { "≤ 0.7 s" } else if n == 100_000 { "≤ 7 s" } else { "" });
-    let limit = if n <= 10_000 { 0.7 } else { 7.0 * n as f64 / 100_000.0 };
-    report(&format!("first sync, {n} entities relay → new device (libp2p)"), &format!("{:.2} s, {:.1} MB", first.as_secs_f64(), first_bytes as f64 / 1e6), &format!("≤ {limit} s"), first.as_secs_f64() <= limit);
+    println!(
+        "| first sync, {n} entities relay → new device | {:.2} s | {:.1} MB | {} |",
+        first.as_secs_f64(),
+        first_bytes as f64 / 1e6,
+        if n == 10_000 {
+            "≤ 0.7 s"
+        } else if n == 100_000 {
+            "≤ 7 s"
+        } else {
+            ""
+        }
+    );
+    let limit = if n <= 10_000 {
+        0.7
+    } else {
+        7.0 * n as f64 / 100_000.0
+    };
+    report(
+        &format!("first sync, {n} entities relay → new device (libp2p)"),
+        &format!(
+            "{:.2} s, {:.1} MB",
+            first.as_secs_f64(),
+            first_bytes as f64 / 1e6
+        ),
+        &format!("≤ {limit} s"),
+        first.as_secs_f64() <= limit,
+    );
 
     // Reconnect after 10 changes made while the device was away.
     let device = node.stop().await;
     let mut ids = Vec::new();
     relay.replica.list("tasks", &[], false, &mut |v| {
-        ids.extend(v["_id"].as_str().and_then(|s| s.parse::<fieldsync::EntityId>().ok()));
+        ids.extend(
+            v["_id"]
+                .as_str()
+                .and_then(|s| s.parse::<fieldsync::EntityId>().ok()),
+        );
         ids.len() < 10
     })?;
     for id in &ids {
-        relay.put("tasks", Some(*id), r#"{"status":"completed"}"#).await?;
+        relay
+            .put("tasks", Some(*id), r#"{"status":"completed"}"#)
+            .await?;
     }
     let seq = relay.replica.status()?.feed_seq;
     let t = Instant::now();
     let node = LiveNode::start("device", device, Role::Device, &dial).await?;
     // Polled every millisecond: `until` polls every 50 ms, coarser than the figure.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !ids.iter().all(|id| node.replica.get("tasks", *id).is_ok_and(|v| v["status"] == "completed")) {
-        anyhow::ensure!(Instant::now() < deadline, "reconnect did not finish in 30 s");
+    while !ids.iter().all(|id| {
+        node.replica
+            .get("tasks", *id)
+            .is_ok_and(|v| v["status"] == "completed")
+    }) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "reconnect did not finish in 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let reconnect = t.elapsed();
@@ -96,17 +152,32 @@ async fn live(writes: usize) -> anyhow::Result<()> {
     let mut samples = Vec::with_capacity(writes);
     for i in 0..writes {
         let t = Instant::now();
-        let id = a.put("tasks", None, &format!(r#"{{"title":"live {i}"}}"#)).await?;
+        let id = a
+            .put("tasks", None, &format!(r#"{{"title":"live {i}"}}"#))
+            .await?;
         while b.replica.get("tasks", id).is_err() {
             tokio::time::sleep(Duration::from_micros(200)).await;
-            anyhow::ensure!(t.elapsed() < Duration::from_secs(10), "write {i} never arrived");
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(10),
+                "write {i} never arrived"
+            );
         }
         samples.push(t.elapsed());
     }
     samples.sort();
     let p = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
     println!("| live latency device → relay → device, {writes} writes (incl. the durable local write) | p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms | | p50 ≤ 20 ms |", p(0.5), p(0.9), p(0.99));
-    report(&format!("live latency device → relay → device, {writes} writes"), &format!("p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms", p(0.5), p(0.9), p(0.99)), "p50 ≤ 20 ms", p(0.5) <= 20.0);
+    report(
+        &format!("live latency device → relay → device, {writes} writes"),
+        &format!(
+            "p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms",
+            p(0.5),
+            p(0.9),
+            p(0.99)
+        ),
+        "p50 ≤ 20 ms",
+        p(0.5) <= 20.0,
+    );
     Ok(())
 }
 
@@ -116,8 +187,13 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![10_000, 100_000]);
-    let writes: usize = std::env::var("BENCH_LIVE_WRITES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
-    println!("| benchmark (libp2p on 127.0.0.1, sled both ends) | time | received by device | target |");
+    let writes: usize = std::env::var("BENCH_LIVE_WRITES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    println!(
+        "| benchmark (libp2p on 127.0.0.1, sled both ends) | time | received by device | target |"
+    );
     println!("|---|---|---|---|");
     let mut reconnects = Vec::new();
     for n in sizes_env {
@@ -126,7 +202,13 @@ async fn main() -> anyhow::Result<()> {
     if let [(small, (ta, ba)), .., (large, (tb, bb))] = reconnects.as_slice() {
         report(
             &format!("reconnect cost, 10 changed among {large} vs among {small}"),
-            &format!("{:.2}× time ({:.0} vs {:.0} ms), {:.2}× bytes", tb / ta, tb * 1000.0, ta * 1000.0, bb / ba),
+            &format!(
+                "{:.2}× time ({:.0} vs {:.0} ms), {:.2}× bytes",
+                tb / ta,
+                tb * 1000.0,
+                ta * 1000.0,
+                bb / ba
+            ),
             "≈ same: ≤ 1.2× bytes, both ≤ 100 ms",
             bb / ba <= 1.2 && *ta <= 0.1 && *tb <= 0.1,
         );

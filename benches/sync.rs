@@ -23,7 +23,10 @@ struct Figures {
 /// while a first sync runs: see docs/performance.md.
 fn perf_ctl(cmd: &str) {
     if let Ok(fifo) = std::env::var("PERF_CTL") {
-        let _ = std::fs::OpenOptions::new().write(true).open(fifo).and_then(|mut f| std::io::Write::write_all(&mut f, format!("{cmd}\n").as_bytes()));
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .open(fifo)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{cmd}\n").as_bytes()));
     }
 }
 
@@ -32,15 +35,23 @@ fn measure(net: &mut Network, start: impl FnOnce(&mut Network)) -> Figures {
     let t = Instant::now();
     start(net);
     net.run_until_quiescent();
-    Figures { seconds: t.elapsed().as_secs_f64(), frames: net.traffic.frames - before.frames, bytes: net.traffic.bytes - before.bytes }
+    Figures {
+        seconds: t.elapsed().as_secs_f64(),
+        frames: net.traffic.frames - before.frames,
+        bytes: net.traffic.bytes - before.bytes,
+    }
 }
 
 fn scenario(n: usize) -> (Figures, Figures) {
     let mut net = Network::new(1, Faults::none());
     let relay = net.add_relay("relay");
     let device: NodeId = net.add_device("device");
-    let lines: String = (0..n).map(|i| fieldsync_tests::ten_field_task(i) + "\n").collect();
-    net.replica(relay).bulk_import("tasks", &lines, &mut |_, _| {}).expect("import");
+    let lines: String = (0..n)
+        .map(|i| fieldsync_tests::ten_field_task(i) + "\n")
+        .collect();
+    net.replica(relay)
+        .bulk_import("tasks", &lines, &mut |_, _| {})
+        .expect("import");
     perf_ctl("enable");
     let first = measure(&mut net, |net| net.connect(device, relay));
     perf_ctl("disable");
@@ -48,7 +59,12 @@ fn scenario(n: usize) -> (Figures, Figures) {
 
     net.isolate(device);
     net.run_until_quiescent();
-    let ids: Vec<_> = net.views(relay, "tasks").iter().take(10).map(|v| v["_id"].as_str().unwrap().parse().unwrap()).collect();
+    let ids: Vec<_> = net
+        .views(relay, "tasks")
+        .iter()
+        .take(10)
+        .map(|v| v["_id"].as_str().unwrap().parse().unwrap())
+        .collect();
     for id in ids {
         net.put(relay, "tasks", Some(id), r#"{"status":"completed"}"#);
     }
@@ -71,7 +87,10 @@ fn main() {
             100_000 => "≤ 7 s",
             _ => "",
         };
-        println!("| first sync, {n} entities relay → new device | {:.2} s | {} | {} | {target} |", first.seconds, first.frames, first.bytes);
+        println!(
+            "| first sync, {n} entities relay → new device | {:.2} s | {} | {} | {target} |",
+            first.seconds, first.frames, first.bytes
+        );
         println!(
             "| reconnect, 10 changed among {n} | {:.1} ms | {} | {} | ≤ 20 KB, ≤ 100 ms |",
             reconnect.seconds * 1000.0,

@@ -8,19 +8,33 @@ use fieldsync::Replica;
 use fieldsync_tests::{exchange, workspace};
 
 fn show(label: &str, node: &Replica, collection: &str, id: fieldsync::EntityId) -> Result<()> {
-    println!("  {label:<6} {}", serde_json::Value::Object(node.get(collection, id)?));
+    println!(
+        "  {label:<6} {}",
+        serde_json::Value::Object(node.get(collection, id)?)
+    );
     Ok(())
 }
 
 fn main() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let root = std::env::args().nth(1).map(std::path::PathBuf::from).unwrap_or_else(|| tmp.path().to_owned());
+    let root = std::env::args()
+        .nth(1)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| tmp.path().to_owned());
     let (hq, devices) = workspace(&root, &["ana", "ben"])?;
     let (ana, ben) = (&devices[0], &devices[1]);
-    println!("workspace {} — authority {}, devices ana and ben\n", hq.workspace().id, hq.peer_id());
+    println!(
+        "workspace {} — authority {}, devices ana and ben\n",
+        hq.workspace().id,
+        hq.peer_id()
+    );
 
     // The office plans the work and hands it out.
-    let task = hq.put("tasks", None, r#"{"title":"Fit boiler","status":"open","tags":["boiler"],"progress":0}"#)?;
+    let task = hq.put(
+        "tasks",
+        None,
+        r#"{"title":"Fit boiler","status":"open","tags":["boiler"],"progress":0}"#,
+    )?;
     let stock = hq.put("inventory", None, r#"{"item":"valve","stock":10}"#)?;
     let shift = hq.put("shifts", None, r#"{"start":"08:00","who":"ana"}"#)?;
     exchange(&hq, ana)?;
@@ -28,10 +42,18 @@ fn main() -> Result<()> {
     println!("1. everyone has the plan; now the network goes away.\n");
 
     // Apart, each does their job.
-    ana.put("tasks", Some(task), r#"{"status":"completed","progress":100,"tags":{"$add":["done-by-ana"]}}"#)?;
+    ana.put(
+        "tasks",
+        Some(task),
+        r#"{"status":"completed","progress":100,"tags":{"$add":["done-by-ana"]}}"#,
+    )?;
     ana.put("inventory", Some(stock), r#"{"stock":{"$inc":-2}}"#)?;
     ana.put("shifts", Some(shift), r#"{"start":"09:00"}"#)?;
-    let payment = ana.put("payments", None, r#"{"amount":120,"status":"collected","customer":"Bakker"}"#)?;
+    let payment = ana.put(
+        "payments",
+        None,
+        r#"{"amount":120,"status":"collected","customer":"Bakker"}"#,
+    )?;
     ben.put("tasks", Some(task), r#"{"status":"in_progress","title":"Fit boiler (2nd floor)","tags":{"$add":["gas"]},"progress":40}"#)?;
     ben.put("inventory", Some(stock), r#"{"stock":{"$inc":-3}}"#)?;
     hq.put("shifts", Some(shift), r#"{"start":"10:00"}"#)?;
@@ -61,7 +83,10 @@ fn main() -> Result<()> {
     }
     println!("   the shift times clashed; that one needs a person:");
     for c in hq.conflicts(false)? {
-        println!("  conflict {} on {}.{}: {:?}", c.id, c.collection, c.field, c.values);
+        println!(
+            "  conflict {} on {}.{}: {:?}",
+            c.id, c.collection, c.field, c.values
+        );
         hq.resolve(&c.id, "\"09:30\"")?;
     }
     exchange(&hq, ana)?;

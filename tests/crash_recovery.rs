@@ -17,7 +17,9 @@ const WRITER_ENV: &str = "FIELDSYNC_CRASH_WRITER";
 /// Not a test on its own: the body of the writer process.
 #[test]
 fn crash_writer_child() {
-    let Ok(dir) = std::env::var(WRITER_ENV) else { return };
+    let Ok(dir) = std::env::var(WRITER_ENV) else {
+        return;
+    };
     let replica = Replica::open(dir.as_ref()).expect("open store");
     let stdout = std::sync::Mutex::new(std::io::stdout());
     std::thread::scope(|s| {
@@ -29,7 +31,9 @@ fn crash_writer_child() {
                     // Alternate creating entities and updating the last one (appends + compaction).
                     let value = format!("w{t}-{i}");
                     let patch = format!(r#"{{"title":"{value}","tags":{{"$add":["{value}"]}}}}"#);
-                    let id = replica.put("tasks", existing.filter(|_| i % 3 != 0), &patch).expect("put");
+                    let id = replica
+                        .put("tasks", existing.filter(|_| i % 3 != 0), &patch)
+                        .expect("put");
                     existing = Some(id);
                     use std::io::Write;
                     let mut out = stdout.lock().unwrap_or_else(|p| p.into_inner());
@@ -46,8 +50,14 @@ fn acknowledged_writes_survive_sigkill() {
     if std::env::var(WRITER_ENV).is_ok() {
         return;
     }
-    let rounds: usize = std::env::var("FIELDSYNC_CRASH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(40);
-    let seed: u64 = std::env::var("FIELDSYNC_CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(7);
+    let rounds: usize = std::env::var("FIELDSYNC_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let seed: u64 = std::env::var("FIELDSYNC_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("node");
@@ -57,7 +67,12 @@ fn acknowledged_writes_survive_sigkill() {
     let mut total = 0;
     for round in 0..rounds {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "crash_writer_child", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "crash_writer_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(WRITER_ENV, &dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -77,7 +92,9 @@ fn acknowledged_writes_survive_sigkill() {
         let mut lines = Vec::new();
         let started = Instant::now();
         let mut first: Option<Instant> = None;
-        while first.is_none_or(|f| f.elapsed() < kill_after) && started.elapsed() < Duration::from_secs(30) {
+        while first.is_none_or(|f| f.elapsed() < kill_after)
+            && started.elapsed() < Duration::from_secs(30)
+        {
             if let Ok(line) = rx.recv_timeout(Duration::from_millis(2)) {
                 first.get_or_insert_with(Instant::now);
                 lines.push(line);
@@ -87,22 +104,42 @@ fn acknowledged_writes_survive_sigkill() {
         child.wait().unwrap();
         reader.join().unwrap();
         lines.extend(rx.try_iter());
-        assert!(!lines.is_empty(), "round {round}: the writer acknowledged nothing");
+        assert!(
+            !lines.is_empty(),
+            "round {round}: the writer acknowledged nothing"
+        );
         for line in &lines {
             let mut parts = line.split(' ');
             // A line cut by the kill is not an acknowledgement.
-            let (Some("ACK"), Some(id), Some(value), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else { continue };
-            let Ok(id) = id.parse::<EntityId>() else { continue };
+            let (Some("ACK"), Some(id), Some(value), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let Ok(id) = id.parse::<EntityId>() else {
+                continue;
+            };
             acked.entry(id).or_default().push(value.to_owned());
             total += 1;
         }
 
-        let replica = Replica::open(&dir).unwrap_or_else(|e| panic!("round {round}: store does not reopen: {e}"));
+        let replica = Replica::open(&dir)
+            .unwrap_or_else(|e| panic!("round {round}: store does not reopen: {e}"));
         for (id, values) in &acked {
-            let view = replica.get("tasks", *id).unwrap_or_else(|e| panic!("round {round}: acknowledged entity {id} lost: {e}"));
-            let tags: Vec<&str> = view["tags"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+            let view = replica
+                .get("tasks", *id)
+                .unwrap_or_else(|e| panic!("round {round}: acknowledged entity {id} lost: {e}"));
+            let tags: Vec<&str> = view["tags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|v| v.as_str())
+                .collect();
             for v in values {
-                assert!(tags.contains(&v.as_str()), "round {round}: acknowledged tag {v} of {id} lost");
+                assert!(
+                    tags.contains(&v.as_str()),
+                    "round {round}: acknowledged tag {v} of {id} lost"
+                );
             }
         }
         drop(replica);

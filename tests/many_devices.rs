@@ -14,12 +14,19 @@ use fieldsync_tests::load::{run, Spec};
 async fn fifty_devices_converge_through_a_relay_with_a_tiny_cache() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     // About three documents' worth: the relay loads most documents on demand.
-    let hq = Replica::init_authority(&tmp.path().join("relay"), fieldsync_tests::SCHEMA, "relay")?.with_doc_cache_bytes(32 << 10);
-    let lines: String = (0..4).map(|i| fieldsync_tests::ten_field_task(i) + "\n").collect();
+    let hq = Replica::init_authority(&tmp.path().join("relay"), fieldsync_tests::SCHEMA, "relay")?
+        .with_doc_cache_bytes(32 << 10);
+    let lines: String = (0..4)
+        .map(|i| fieldsync_tests::ten_field_task(i) + "\n")
+        .collect();
     hq.bulk_import("tasks", &lines, &mut |_, _| {})?;
     let mut shared: Vec<fieldsync::EntityId> = Vec::new();
     hq.list("tasks", &[], false, &mut |v| {
-        shared.extend(v["_id"].as_str().and_then(|s| s.parse::<fieldsync::EntityId>().ok()));
+        shared.extend(
+            v["_id"]
+                .as_str()
+                .and_then(|s| s.parse::<fieldsync::EntityId>().ok()),
+        );
         true
     })?;
 
@@ -28,14 +35,27 @@ async fn fifty_devices_converge_through_a_relay_with_a_tiny_cache() -> anyhow::R
         devices: 50,
         owned: 5,
         edits: 2,
-        memory: MemoryOptions { doc_cache_bytes: 64 << 10, store_cache_bytes: 1 << 20 },
+        memory: MemoryOptions {
+            doc_cache_bytes: 64 << 10,
+            store_cache_bytes: 1 << 20,
+        },
         timeout: Duration::from_secs(300),
     };
-    let outcome = run(tmp.path(), &mut || Ok(relay.replica.invite()), &relay.addr, &shared, &spec).await?;
+    let outcome = run(
+        tmp.path(),
+        &mut || Ok(relay.replica.invite()),
+        &relay.addr,
+        &shared,
+        &spec,
+    )
+    .await?;
     assert_eq!(outcome.entities, 4 + 50 * 5);
     assert_eq!(relay.replica.status()?.entities["tasks"], 4 + 50 * 5);
     let (_, bytes) = relay.replica.doc_cache_usage();
-    assert!(bytes <= 32 << 10, "the relay's cache holds {bytes} bytes, over its bound");
+    assert!(
+        bytes <= 32 << 10,
+        "the relay's cache holds {bytes} bytes, over its bound"
+    );
     relay.stop().await;
     Ok(())
 }

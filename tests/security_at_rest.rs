@@ -39,25 +39,64 @@ fn an_encrypted_store_shows_no_content_and_opens_only_with_its_key() {
     let dir = tmp.path().join("hq");
     let marker = "Marker-Customer-Ana-Lopes-771";
     let id = {
-        let hq = Replica::init_authority_with(&dir, SCHEMA, "hq", libp2p_identity::ed25519::Keypair::generate(), Some(&key_file())).unwrap();
+        let hq = Replica::init_authority_with(
+            &dir,
+            SCHEMA,
+            "hq",
+            libp2p_identity::ed25519::Keypair::generate(),
+            Some(&key_file()),
+        )
+        .unwrap();
         assert!(hq.status().unwrap().encrypted);
-        let id = hq.put("tasks", None, &format!(r#"{{"title": "{marker}", "status": "open"}}"#)).unwrap();
-        hq.put("tasks", Some(id), r#"{"status": "completed"}"#).unwrap();
+        let id = hq
+            .put(
+                "tasks",
+                None,
+                &format!(r#"{{"title": "{marker}", "status": "open"}}"#),
+            )
+            .unwrap();
+        hq.put("tasks", Some(id), r#"{"status": "completed"}"#)
+            .unwrap();
         id
     };
-    assert!(!files_contain(&dir, marker.as_bytes()), "the task's title is readable in the data directory");
-    assert!(!files_contain(&dir, b"tasks"), "the collection name is readable in the data directory");
+    assert!(
+        !files_contain(&dir, marker.as_bytes()),
+        "the task's title is readable in the data directory"
+    );
+    assert!(
+        !files_contain(&dir, b"tasks"),
+        "the collection name is readable in the data directory"
+    );
     // No key, the wrong kind, the wrong key: each a clear error saying so, exit 2.
     let none = Replica::open(&dir).unwrap_err();
-    assert!(none.to_string().contains("encrypted") && none.to_string().contains("a key file"), "{none}");
+    assert!(
+        none.to_string().contains("encrypted") && none.to_string().contains("a key file"),
+        "{none}"
+    );
     assert_eq!(none.kind(), fieldsync::ErrorKind::Invalid);
-    let kind = Replica::open_with_key(&dir, MemoryOptions::default(), &mut |_| Ok(Secret::Passphrase("hunter22".into()))).unwrap_err();
-    assert!(kind.to_string().contains("encrypted with a key file"), "{kind}");
-    let wrong = Replica::open_with_key(&dir, MemoryOptions::default(), &mut |_| Ok(Secret::KeyFile(vec![1; 32]))).unwrap_err();
-    assert!(wrong.to_string().contains("does not open this store"), "{wrong}");
-    let hq = Replica::open_with_key(&dir, MemoryOptions::default(), &mut |_| Ok(key_file())).unwrap();
+    let kind = Replica::open_with_key(&dir, MemoryOptions::default(), &mut |_| {
+        Ok(Secret::Passphrase("hunter22".into()))
+    })
+    .unwrap_err();
+    assert!(
+        kind.to_string().contains("encrypted with a key file"),
+        "{kind}"
+    );
+    let wrong = Replica::open_with_key(&dir, MemoryOptions::default(), &mut |_| {
+        Ok(Secret::KeyFile(vec![1; 32]))
+    })
+    .unwrap_err();
+    assert!(
+        wrong.to_string().contains("does not open this store"),
+        "{wrong}"
+    );
+    let hq =
+        Replica::open_with_key(&dir, MemoryOptions::default(), &mut |_| Ok(key_file())).unwrap();
     let view = hq.get("tasks", id).unwrap();
-    assert_eq!((view["title"].as_str(), view["status"].as_str()), (Some(marker), Some("completed")));
+    assert_eq!(
+        (view["title"].as_str(), view["status"].as_str()),
+        (Some(marker), Some("completed"))
+    );
     assert_eq!(hq.history("tasks", id).unwrap().len(), 2);
 }
 
@@ -67,9 +106,22 @@ fn a_passphrase_store_syncs_like_any_other() {
     let hq = Replica::init_authority(&tmp.path().join("hq"), SCHEMA, "hq").unwrap();
     let pass = || Secret::Passphrase("correct horse battery".into());
     let dev_dir = tmp.path().join("ana");
-    let dev = Replica::init_join_with(&dev_dir, &hq.invite(), "ana", libp2p_identity::ed25519::Keypair::generate(), Some(&pass())).unwrap();
+    let dev = Replica::init_join_with(
+        &dev_dir,
+        &hq.invite(),
+        "ana",
+        libp2p_identity::ed25519::Keypair::generate(),
+        Some(&pass()),
+    )
+    .unwrap();
     exchange(&dev, &hq).unwrap();
-    let id = hq.put("tasks", None, r#"{"title": "Marker-Boiler-9921", "status": "open"}"#).unwrap();
+    let id = hq
+        .put(
+            "tasks",
+            None,
+            r#"{"title": "Marker-Boiler-9921", "status": "open"}"#,
+        )
+        .unwrap();
     exchange(&hq, &dev).unwrap();
     assert_eq!(dev.get("tasks", id).unwrap()["title"], "Marker-Boiler-9921");
     drop(dev);
@@ -87,15 +139,22 @@ fn bundles_relabelled_as_another_members_or_tampered_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let (hq, devices) = fieldsync_tests::workspace(tmp.path(), &["ana", "bo"]).unwrap();
     let (ana, bo) = (&devices[0], &devices[1]);
-    ana.put("tasks", None, r#"{"title": "from ana", "status": "open"}"#).unwrap();
+    ana.put("tasks", None, r#"{"title": "from ana", "status": "open"}"#)
+        .unwrap();
     let exported = ana.export_bundle(None, &mut |_, _| {}).unwrap();
     // Relabelled: the same entities under bo's name, re-signed with ana's key (all she has).
     let mut relabelled = Bundle::decode(&exported.bytes, BundleLimits::default()).unwrap();
     relabelled.header.from = bo.peer_id().to_string();
     relabelled.header.credential = bo.credential().unwrap();
     let ana_key = ana.keypair().try_into_ed25519().unwrap();
-    let err = hq.import_bundle(&relabelled.encode(&ana_key), &mut |_, _| {}).unwrap_err().to_string();
-    assert!(err.contains("not by") && err.contains(&bo.peer_id().to_string()), "{err}");
+    let err = hq
+        .import_bundle(&relabelled.encode(&ana_key), &mut |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("not by") && err.contains(&bo.peer_id().to_string()),
+        "{err}"
+    );
     // Tampered: one byte of an entity's document changed.
     let mut tampered = exported.bytes.clone();
     let at = tampered.len() - 200;
@@ -104,10 +163,23 @@ fn bundles_relabelled_as_another_members_or_tampered_are_refused() {
     // Signed by a stranger's key under ana's name.
     let stranger = libp2p_identity::ed25519::Keypair::generate();
     let as_ana = Bundle::decode(&exported.bytes, BundleLimits::default()).unwrap();
-    assert!(hq.import_bundle(&as_ana.encode(&stranger), &mut |_, _| {}).unwrap_err().to_string().contains("not by"));
-    assert_eq!(hq.list_count("tasks"), 0, "nothing of a refused bundle is applied");
+    assert!(hq
+        .import_bundle(&as_ana.encode(&stranger), &mut |_, _| {})
+        .unwrap_err()
+        .to_string()
+        .contains("not by"));
+    assert_eq!(
+        hq.list_count("tasks"),
+        0,
+        "nothing of a refused bundle is applied"
+    );
     // The honest bundle goes in.
-    assert_eq!(hq.import_bundle(&exported.bytes, &mut |_, _| {}).unwrap().created, 1);
+    assert_eq!(
+        hq.import_bundle(&exported.bytes, &mut |_, _| {})
+            .unwrap()
+            .created,
+        1
+    );
 }
 
 trait Count {
@@ -132,27 +204,52 @@ fn a_purge_erases_an_entity_everywhere_and_it_never_comes_back() {
     let (hq, devices) = fieldsync_tests::workspace(tmp.path(), &["ana"]).unwrap();
     let ana = &devices[0];
     let marker = "Marker-Erase-Me-Maria-Perez-5150";
-    let id = ana.put("tasks", None, &format!(r#"{{"title": "{marker}", "status": "open"}}"#)).unwrap();
-    ana.put("tasks", Some(id), &format!(r#"{{"notes": "{marker} again"}}"#)).unwrap();
-    let keep = ana.put("tasks", None, r#"{"title": "Keep me", "status": "open"}"#).unwrap();
+    let id = ana
+        .put(
+            "tasks",
+            None,
+            &format!(r#"{{"title": "{marker}", "status": "open"}}"#),
+        )
+        .unwrap();
+    ana.put(
+        "tasks",
+        Some(id),
+        &format!(r#"{{"notes": "{marker} again"}}"#),
+    )
+    .unwrap();
+    let keep = ana
+        .put("tasks", None, r#"{"title": "Keep me", "status": "open"}"#)
+        .unwrap();
     exchange(ana, &hq).unwrap();
     // A bundle made before the purge: an old file that must not bring the entity back.
     let old_bundle = ana.export_bundle(None, &mut |_, _| {}).unwrap();
     for name in ["hq", "ana"] {
-        assert!(files_contain(&tmp.path().join(name), marker.as_bytes()), "{name} holds the marker before the purge (else this test proves nothing)");
+        assert!(
+            files_contain(&tmp.path().join(name), marker.as_bytes()),
+            "{name} holds the marker before the purge (else this test proves nothing)"
+        );
     }
     // A device may not purge.
     let refused = ana.purge("tasks", id).unwrap_err();
-    assert!(refused.to_string().contains("authority or an admin"), "{refused}");
+    assert!(
+        refused.to_string().contains("authority or an admin"),
+        "{refused}"
+    );
 
     let record = hq.purge("tasks", id).unwrap();
     assert_eq!((record.entity, record.collection.as_str()), (id, "tasks"));
     assert!(hq.get("tasks", id).is_err() && hq.history("tasks", id).is_err());
-    assert!(!files_contain(&tmp.path().join("hq"), marker.as_bytes()), "a byte of the purged entity is left in hq's files");
+    assert!(
+        !files_contain(&tmp.path().join("hq"), marker.as_bytes()),
+        "a byte of the purged entity is left in hq's files"
+    );
     exchange(&hq, ana).unwrap();
     assert!(ana.is_purged(id).unwrap());
     assert!(ana.get("tasks", id).is_err());
-    assert!(!files_contain(&tmp.path().join("ana"), marker.as_bytes()), "a byte of the purged entity is left in ana's files");
+    assert!(
+        !files_contain(&tmp.path().join("ana"), marker.as_bytes()),
+        "a byte of the purged entity is left in ana's files"
+    );
     assert_eq!(ana.get("tasks", keep).unwrap()["title"], "Keep me");
 
     // Never again: an old bundle, a local write with its id, a re-import.
@@ -160,15 +257,26 @@ fn a_purge_erases_an_entity_everywhere_and_it_never_comes_back() {
     assert_eq!(summary.purged, 1, "{summary:?}");
     assert!(hq.get("tasks", id).is_err());
     assert!(!files_contain(&tmp.path().join("hq"), marker.as_bytes()));
-    let again = hq.put("tasks", Some(id), r#"{"title": "back"}"#).unwrap_err();
+    let again = hq
+        .put("tasks", Some(id), r#"{"title": "back"}"#)
+        .unwrap_err();
     assert!(again.to_string().contains("was purged"), "{again}");
     let line = format!("{{\"_id\": \"{id}\", \"title\": \"back\"}}\n");
-    assert!(hq.bulk_import("tasks", &line, &mut |_, _| {}).unwrap_err().to_string().contains("was purged"));
+    assert!(hq
+        .bulk_import("tasks", &line, &mut |_, _| {})
+        .unwrap_err()
+        .to_string()
+        .contains("was purged"));
     // The record survives a restart, and is all that is left.
     drop(devices);
     let ana = Replica::open(&tmp.path().join("ana")).unwrap();
     assert_eq!(ana.purges().unwrap().len(), 1);
-    assert_eq!(ana.import_bundle(&old_bundle.bytes, &mut |_, _| {}).unwrap().purged, 1);
+    assert_eq!(
+        ana.import_bundle(&old_bundle.bytes, &mut |_, _| {})
+            .unwrap()
+            .purged,
+        1
+    );
     assert!(ana.get("tasks", id).is_err());
 }
 
@@ -176,16 +284,25 @@ fn a_purge_erases_an_entity_everywhere_and_it_never_comes_back() {
 fn an_admin_may_purge_and_a_purge_reaches_peers_over_sync() {
     let tmp = tempfile::tempdir().unwrap();
     let hq = Arc::new(Replica::init_authority(&tmp.path().join("hq"), SCHEMA, "hq").unwrap());
-    let admin_invite = hq.issue_invite("office", MemberRole::Admin, Default::default(), WEEK_MS).unwrap();
-    let admin = Arc::new(Replica::init_join(&tmp.path().join("office"), &admin_invite, "office").unwrap());
+    let admin_invite = hq
+        .issue_invite("office", MemberRole::Admin, Default::default(), WEEK_MS)
+        .unwrap();
+    let admin =
+        Arc::new(Replica::init_join(&tmp.path().join("office"), &admin_invite, "office").unwrap());
     let dev = Arc::new(Replica::init_join(&tmp.path().join("ana"), &hq.invite(), "ana").unwrap());
-    let mut engines = vec![Engine::new(hq.clone(), Config::default().with_role(Role::Relay)).unwrap(), Engine::new(admin.clone(), Config::default()).unwrap(), Engine::new(dev.clone(), Config::default()).unwrap()];
+    let mut engines = vec![
+        Engine::new(hq.clone(), Config::default().with_role(Role::Relay)).unwrap(),
+        Engine::new(admin.clone(), Config::default()).unwrap(),
+        Engine::new(dev.clone(), Config::default()).unwrap(),
+    ];
     let run = |engines: &mut Vec<Engine>| loop {
         let mut moved = false;
         for from in 0..engines.len() {
             while let Some((to, bytes)) = engines[from].poll_transmit() {
                 let src = engines[from].replica().peer_id();
-                if let Some(dst) = (0..engines.len()).find(|&j| engines[j].replica().peer_id() == to) {
+                if let Some(dst) =
+                    (0..engines.len()).find(|&j| engines[j].replica().peer_id() == to)
+                {
                     engines[dst].handle(Input::Frame(src, bytes)).unwrap();
                 }
                 moved = true;
@@ -196,23 +313,39 @@ fn an_admin_may_purge_and_a_purge_reaches_peers_over_sync() {
         }
     };
     for i in [1, 2] {
-        let (pa, pb) = (engines[i].replica().peer_id(), engines[0].replica().peer_id());
+        let (pa, pb) = (
+            engines[i].replica().peer_id(),
+            engines[0].replica().peer_id(),
+        );
         engines[i].handle(Input::Dialed(pb)).unwrap();
         engines[0].handle(Input::Connected(pa)).unwrap();
         run(&mut engines);
     }
     let marker = "Marker-Admin-Purge-3141";
-    let id = dev.put("tasks", None, &format!(r#"{{"title": "{marker}", "status": "open"}}"#)).unwrap();
+    let id = dev
+        .put(
+            "tasks",
+            None,
+            &format!(r#"{{"title": "{marker}", "status": "open"}}"#),
+        )
+        .unwrap();
     engines[2].local_change().unwrap();
     run(&mut engines);
-    assert_eq!(admin.get("tasks", id).unwrap()["title"], marker, "the task reached the admin through hq");
+    assert_eq!(
+        admin.get("tasks", id).unwrap()["title"],
+        marker,
+        "the task reached the admin through hq"
+    );
     admin.purge("tasks", id).unwrap();
     engines[1].local_change().unwrap();
     run(&mut engines);
     for (name, r) in [("hq", &hq), ("office", &admin), ("ana", &dev)] {
         assert!(r.is_purged(id).unwrap(), "{name} has the purge");
         assert!(r.get("tasks", id).is_err(), "{name} still has the task");
-        assert!(!files_contain(&tmp.path().join(name), marker.as_bytes()), "{name}'s files still hold the task");
+        assert!(
+            !files_contain(&tmp.path().join(name), marker.as_bytes()),
+            "{name}'s files still hold the task"
+        );
     }
 }
 
@@ -223,25 +356,54 @@ fn the_authority_key_survives_its_disk_through_an_encrypted_backup() {
     let ana = &devices[0];
     let pass = || Secret::Passphrase("office safe 2026".into());
     let backup = hq.export_authority(&pass()).unwrap();
-    assert!(!backup.windows(hq.workspace().id.to_string().len()).any(|w| w == hq.workspace().id.to_string().as_bytes()), "the backup is not in clear");
-    assert!(ana.export_authority(&pass()).is_err(), "only the authority has the key");
+    assert!(
+        !backup
+            .windows(hq.workspace().id.to_string().len())
+            .any(|w| w == hq.workspace().id.to_string().as_bytes()),
+        "the backup is not in clear"
+    );
+    assert!(
+        ana.export_authority(&pass()).is_err(),
+        "only the authority has the key"
+    );
     let id = ana.put("payments", None, r#"{"amount": 50}"#).unwrap();
     let (ws, peer) = (hq.workspace().id, hq.peer_id());
     drop(hq);
     std::fs::remove_dir_all(tmp.path().join("hq")).unwrap(); // the disk dies
 
-    let wrong = Replica::init_restore(&tmp.path().join("hq2"), &backup, &Secret::Passphrase("office safe 2025".into()), None).unwrap_err();
+    let wrong = Replica::init_restore(
+        &tmp.path().join("hq2"),
+        &backup,
+        &Secret::Passphrase("office safe 2025".into()),
+        None,
+    )
+    .unwrap_err();
     assert!(wrong.to_string().contains("does not open"), "{wrong}");
-    assert!(!tmp.path().join("hq2").exists(), "nothing is created on a wrong passphrase");
-    let hq2 = Replica::init_restore(&tmp.path().join("hq2"), &backup, &pass(), Some(&key_file())).unwrap();
-    assert_eq!((hq2.workspace().id, hq2.peer_id(), hq2.is_authority()), (ws, peer, true));
+    assert!(
+        !tmp.path().join("hq2").exists(),
+        "nothing is created on a wrong passphrase"
+    );
+    let hq2 = Replica::init_restore(&tmp.path().join("hq2"), &backup, &pass(), Some(&key_file()))
+        .unwrap();
+    assert_eq!(
+        (hq2.workspace().id, hq2.peer_id(), hq2.is_authority()),
+        (ws, peer, true)
+    );
     // The devices bring the data (and the member list) back; the restored key confirms.
     exchange(ana, &hq2).unwrap();
     assert_eq!(hq2.members().unwrap().len(), 1);
-    let proposal = hq2.proposals().unwrap().into_iter().find(|p| p.entity == id).expect("ana's payment is pending at the restored authority");
+    let proposal = hq2
+        .proposals()
+        .unwrap()
+        .into_iter()
+        .find(|p| p.entity == id)
+        .expect("ana's payment is pending at the restored authority");
     assert_eq!(ana.my_proposals().unwrap().len(), 1);
     hq2.accept(proposal.id).unwrap();
     exchange(&hq2, ana).unwrap();
-    assert!(ana.my_proposals().unwrap().is_empty(), "the restored authority's confirmation verifies on the device");
+    assert!(
+        ana.my_proposals().unwrap().is_empty(),
+        "the restored authority's confirmation verifies on the device"
+    );
     assert_eq!(ana.get("payments", id).unwrap()["amount"], 50);
 }

@@ -11,13 +11,20 @@ use fieldsync_tests::live::{until, LiveNode};
 use fieldsync_tests::SCHEMA;
 
 fn count(r: &Replica) -> u64 {
-    r.status().ok().and_then(|s| s.entities.get("tasks").and_then(|v| v.as_u64())).unwrap_or(0)
+    r.status()
+        .ok()
+        .and_then(|s| s.entities.get("tasks").and_then(|v| v.as_u64()))
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stranger_and_a_flooding_member_are_refused_banned_and_counted() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
-    let hq = Arc::new(Replica::init_authority(&tmp.path().join("hq"), SCHEMA, "hq")?);
+    let hq = Arc::new(Replica::init_authority(
+        &tmp.path().join("hq"),
+        SCHEMA,
+        "hq",
+    )?);
     for i in 0..300 {
         hq.put("tasks", None, &format!(r#"{{"title":"t{i}"}}"#))?;
     }
@@ -34,13 +41,19 @@ async fn a_stranger_and_a_flooding_member_are_refused_banned_and_counted() -> an
     // A stranger: knows the workspace, has no invite.
     let bare = {
         let mut v: serde_json::Value = serde_json::from_slice(&hq.invite())?;
-        v.as_object_mut().map(|o| (o.remove("token"), o.remove("token_secret")));
+        v.as_object_mut()
+            .map(|o| (o.remove("token"), o.remove("token_secret")));
         serde_json::to_vec(&v)?
     };
-    let stranger = Arc::new(Replica::init_join(&tmp.path().join("stranger"), &bare, "stranger")?);
+    let stranger = Arc::new(Replica::init_join(
+        &tmp.path().join("stranger"),
+        &bare,
+        "stranger",
+    )?);
     let s = LiveNode::start("stranger", stranger.clone(), Role::Device, &dial).await?;
     until("the stranger is refused and banned", || {
-        security.sessions_refused.load(Ordering::Relaxed) >= 1 && security.peers_banned.load(Ordering::Relaxed) >= 1
+        security.sessions_refused.load(Ordering::Relaxed) >= 1
+            && security.peers_banned.load(Ordering::Relaxed) >= 1
     })
     .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -48,7 +61,11 @@ async fn a_stranger_and_a_flooding_member_are_refused_banned_and_counted() -> an
     s.stop().await;
 
     // A member whose device sends more than 2 frames a second.
-    let flooder = Arc::new(Replica::init_join(&tmp.path().join("flooder"), &hq.invite(), "flooder")?);
+    let flooder = Arc::new(Replica::init_join(
+        &tmp.path().join("flooder"),
+        &hq.invite(),
+        "flooder",
+    )?);
     for i in 0..400 {
         flooder.put("tasks", None, &format!(r#"{{"title":"f{i}"}}"#))?;
     }
@@ -57,8 +74,14 @@ async fn a_stranger_and_a_flooding_member_are_refused_banned_and_counted() -> an
         c.max_frames_per_sec = 1_000_000;
     })
     .await?;
-    until("the flood is cut off", || security.floods.load(Ordering::Relaxed) >= 1).await?;
-    until("the flooder is banned too", || security.peers_banned.load(Ordering::Relaxed) >= 2).await?;
+    until("the flood is cut off", || {
+        security.floods.load(Ordering::Relaxed) >= 1
+    })
+    .await?;
+    until("the flooder is banned too", || {
+        security.peers_banned.load(Ordering::Relaxed) >= 2
+    })
+    .await?;
     let at_ban = count(&hq);
     // Banned: its redials are refused, so nothing more arrives from it.
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -24,8 +24,17 @@ fn engines(same_workspace: bool) -> Pair {
     } else {
         Arc::new(Replica::init_authority(&tmp.path().join("b"), SCHEMA, "b").unwrap())
     };
-    let cfg = Config::default().with_role(Role::Device).with_limits(Limits { max_frame: 64 << 10, ..Default::default() });
-    Pair { a: Engine::new(a, cfg.clone()).unwrap(), b: Engine::new(b, cfg).unwrap(), _tmp: tmp }
+    let cfg = Config::default()
+        .with_role(Role::Device)
+        .with_limits(Limits {
+            max_frame: 64 << 10,
+            ..Default::default()
+        });
+    Pair {
+        a: Engine::new(a, cfg.clone()).unwrap(),
+        b: Engine::new(b, cfg).unwrap(),
+        _tmp: tmp,
+    }
 }
 
 /// Shuttles frames both ways until none are left; returns every frame a sent to b.
@@ -69,13 +78,19 @@ fn failure(events: &[Event]) -> Option<String> {
 #[test]
 fn another_workspace_is_refused_on_both_sides_before_any_data() {
     let mut p = engines(false);
-    p.a.replica().put("tasks", None, r#"{"title":"secret"}"#).unwrap();
+    p.a.replica()
+        .put("tasks", None, r#"{"title":"secret"}"#)
+        .unwrap();
     connect(&mut p);
     run(&mut p);
     let (ea, eb) = (events(&mut p.a), events(&mut p.b));
     assert!(failure(&ea).unwrap().contains("workspace"), "{ea:?}");
     assert!(failure(&eb).unwrap().contains("workspace"), "{eb:?}");
-    assert_eq!(p.b.replica().status().unwrap().feed_seq, 0, "data crossed to a stranger");
+    assert_eq!(
+        p.b.replica().status().unwrap().feed_seq,
+        0,
+        "data crossed to a stranger"
+    );
 }
 
 #[test]
@@ -83,19 +98,32 @@ fn a_wrong_version_is_refused_with_a_reason() {
     let mut p = engines(true);
     let pa = p.a.replica().peer_id();
     p.b.handle(Input::Connected(pa)).unwrap();
-    let hello = Frame::Hello { version: 99, credential: None };
+    let hello = Frame::Hello {
+        version: 99,
+        credential: None,
+    };
     p.b.handle(Input::Frame(pa, hello.encode())).unwrap();
     let reason = failure(&events(&mut p.b)).unwrap();
     assert!(reason.contains("version 99"), "{reason}");
     let goodbye = std::iter::from_fn(|| p.b.poll_transmit()).last().unwrap().1;
-    assert!(matches!(Frame::decode(&goodbye, 1 << 20).unwrap(), Frame::Goodbye { .. }));
+    assert!(matches!(
+        Frame::decode(&goodbye, 1 << 20).unwrap(),
+        Frame::Goodbye { .. }
+    ));
 }
 
 #[test]
 fn malformed_truncated_and_oversized_frames_end_the_session_and_lose_nothing() {
-    for bad in [b"\xff\xfe not cbor".to_vec(), Frame::Ack { upto: 3 }.encode()[..2].to_vec(), vec![0u8; 70 << 10]] {
+    for bad in [
+        b"\xff\xfe not cbor".to_vec(),
+        Frame::Ack { upto: 3 }.encode()[..2].to_vec(),
+        vec![0u8; 70 << 10],
+    ] {
         let mut p = engines(true);
-        let id = p.b.replica().put("tasks", None, r#"{"title":"mine"}"#).unwrap();
+        let id =
+            p.b.replica()
+                .put("tasks", None, r#"{"title":"mine"}"#)
+                .unwrap();
         connect(&mut p);
         run(&mut p);
         events(&mut p.b);
@@ -103,8 +131,18 @@ fn malformed_truncated_and_oversized_frames_end_the_session_and_lose_nothing() {
         let pa = p.a.replica().peer_id();
         p.b.handle(Input::Frame(pa, bad)).unwrap();
         let reason = failure(&events(&mut p.b)).expect("session ends");
-        assert!(reason.contains("malformed") || reason.contains("limit"), "{reason}");
-        assert_eq!(p.b.engine.security().protocol_violations.load(std::sync::atomic::Ordering::Relaxed), 1, "counted");
+        assert!(
+            reason.contains("malformed") || reason.contains("limit"),
+            "{reason}"
+        );
+        assert_eq!(
+            p.b.engine
+                .security()
+                .protocol_violations
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "counted"
+        );
         assert_eq!(p.b.replica().status().unwrap().feed_seq, before);
         assert_eq!(p.b.replica().get("tasks", id).unwrap()["title"], "mine");
         assert!(p.b.engine.peers().is_empty(), "the session is gone");
@@ -115,18 +153,21 @@ fn malformed_truncated_and_oversized_frames_end_the_session_and_lose_nothing() {
 fn replayed_and_duplicated_frames_change_nothing() {
     let mut p = engines(true);
     for i in 0..20 {
-        p.a.replica().put("tasks", None, &format!(r#"{{"title":"t{i}"}}"#)).unwrap();
+        p.a.replica()
+            .put("tasks", None, &format!(r#"{{"title":"t{i}"}}"#))
+            .unwrap();
     }
     connect(&mut p);
     let sent = run(&mut p);
     assert_eq!(p.b.replica().status().unwrap().entities["tasks"], 20);
     let views = |e: &Engine| {
         let mut v = Vec::new();
-        e.replica().list("tasks", &[], true, &mut |x| {
-            v.push(x);
-            true
-        })
-        .unwrap();
+        e.replica()
+            .list("tasks", &[], true, &mut |x| {
+                v.push(x);
+                true
+            })
+            .unwrap();
         v
     };
     let before = (views(&p.b), p.b.replica().status().unwrap().feed_seq);
@@ -137,6 +178,16 @@ fn replayed_and_duplicated_frames_change_nothing() {
     }
     run(&mut p);
     assert!(failure(&events(&mut p.b)).is_none());
-    assert_eq!((views(&p.b), p.b.replica().status().unwrap().feed_seq), before);
-    assert!(p.b.engine.security().frames_ignored.load(std::sync::atomic::Ordering::Relaxed) > 0, "replays are counted");
+    assert_eq!(
+        (views(&p.b), p.b.replica().status().unwrap().feed_seq),
+        before
+    );
+    assert!(
+        p.b.engine
+            .security()
+            .frames_ignored
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0,
+        "replays are counted"
+    );
 }

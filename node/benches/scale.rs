@@ -26,18 +26,28 @@ use fieldsync_tests::live::LiveNode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn fieldsync(dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_fieldsync"));
-    c.env_remove("FIELDSYNC_DATA").env("RUST_LOG", "warn").arg("--data").arg(dir);
+    c.env_remove("FIELDSYNC_DATA")
+        .env("RUST_LOG", "warn")
+        .arg("--data")
+        .arg(dir);
     c
 }
 
 fn cli(dir: &Path, args: &[&str]) -> anyhow::Result<Vec<u8>> {
     let out = fieldsync(dir).args(args).stderr(Stdio::piped()).output()?;
-    anyhow::ensure!(out.status.success(), "fieldsync {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "fieldsync {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(out.stdout)
 }
 
@@ -51,7 +61,10 @@ struct Relay {
 
 fn proc_status_kb(pid: u32, field: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// utime + stime of `pid`, in seconds.
@@ -59,13 +72,21 @@ fn cpu_seconds(pid: u32) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
     let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
     ticks as f64 / clock_ticks()
 }
 
 fn clock_ticks() -> f64 {
-    Command::new("getconf").arg("CLK_TCK").output().ok().and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok()).unwrap_or(100.0)
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 impl Relay {
@@ -73,21 +94,39 @@ impl Relay {
         let cache = std::env::var("BENCH_RELAY_CACHE_MB").unwrap_or_else(|_| "32".into());
         let store = std::env::var("BENCH_RELAY_STORE_CACHE_MB").unwrap_or_else(|_| "32".into());
         let mut child = fieldsync(dir)
-            .args(["relay", "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0", "--cache-mb", &cache, "--store-cache-mb", &store])
+            .args([
+                "relay",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--api",
+                "127.0.0.1:0",
+                "--cache-mb",
+                &cache,
+                "--store-cache-mb",
+                &store,
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
         let mut lines = BufReader::new(stdout).lines();
         let addr = loop {
-            let Some(line) = lines.next() else { anyhow::bail!("the relay exited before listening") };
+            let Some(line) = lines.next() else {
+                anyhow::bail!("the relay exited before listening")
+            };
             let v: serde_json::Value = serde_json::from_str(&line?).unwrap_or_default();
             if v["event"] == "listening" {
                 break v["addr"].as_str().unwrap_or_default().to_owned();
             }
         };
         std::thread::spawn(move || for _ in lines.by_ref() {});
-        let (peak_rss, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let (peak_rss, stop) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
         let (p, s, pid) = (peak_rss.clone(), stop.clone(), child.id());
         std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
@@ -95,7 +134,12 @@ impl Relay {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
-        Ok(Relay { child, addr, peak_rss, stop })
+        Ok(Relay {
+            child,
+            addr,
+            peak_rss,
+            stop,
+        })
     }
 
     fn pid(&self) -> u32 {
@@ -104,7 +148,10 @@ impl Relay {
 
     /// (sampled peak VmRSS, VmHWM) in MB.
     fn peak_mb(&self) -> (f64, f64) {
-        (self.peak_rss.load(Ordering::Relaxed) as f64 / 1024.0, proc_status_kb(self.pid(), "VmHWM:") as f64 / 1024.0)
+        (
+            self.peak_rss.load(Ordering::Relaxed) as f64 / 1024.0,
+            proc_status_kb(self.pid(), "VmHWM:") as f64 / 1024.0,
+        )
     }
 
     fn rss_mb(&self) -> f64 {
@@ -133,7 +180,16 @@ fn report(metric: &str, figure: &str, target: &str, meets: Option<bool>) {
 fn relay_with(dir: &Path, lines: &str) -> anyhow::Result<(Vec<u8>, Duration)> {
     let schema = dir.with_extension("schema.toml");
     std::fs::write(&schema, fieldsync_tests::SCHEMA)?;
-    cli(dir, &["init", "--schema", schema.to_str().unwrap_or_default(), "--name", "relay"])?;
+    cli(
+        dir,
+        &[
+            "init",
+            "--schema",
+            schema.to_str().unwrap_or_default(),
+            "--name",
+            "relay",
+        ],
+    )?;
     let file = dir.with_extension("jsonl");
     std::fs::File::create(&file)?.write_all(lines.as_bytes())?;
     let t = Instant::now();
@@ -143,33 +199,67 @@ fn relay_with(dir: &Path, lines: &str) -> anyhow::Result<(Vec<u8>, Duration)> {
 }
 
 fn count(r: &Replica) -> u64 {
-    r.status().ok().and_then(|s| s.entities.get("tasks").and_then(|v| v.as_u64())).unwrap_or(0)
+    r.status()
+        .ok()
+        .and_then(|s| s.entities.get("tasks").and_then(|v| v.as_u64()))
+        .unwrap_or(0)
 }
 
 async fn relay_rss(n: usize) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("relay");
-    let lines: String = (0..n).map(|i| fieldsync_tests::ten_field_task(i) + "\n").collect();
+    let lines: String = (0..n)
+        .map(|i| fieldsync_tests::ten_field_task(i) + "\n")
+        .collect();
     let (invite, import) = relay_with(&dir, &lines)?;
-    println!("imported {n} entities into the relay with `fieldsync import` in {:.1} s", import.as_secs_f64());
+    println!(
+        "imported {n} entities into the relay with `fieldsync import` in {:.1} s",
+        import.as_secs_f64()
+    );
     let relay = Relay::start(&dir)?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (idle_rss, cpu0) = (relay.rss_mb(), cpu_seconds(relay.pid()));
-    let device = Arc::new(Replica::init_join(&tmp.path().join("device"), &invite, "device")?);
+    let device = Arc::new(Replica::init_join(
+        &tmp.path().join("device"),
+        &invite,
+        "device",
+    )?);
     let t = Instant::now();
-    let node = LiveNode::start("device", device, Role::Device, std::slice::from_ref(&relay.addr)).await?;
+    let node = LiveNode::start(
+        "device",
+        device,
+        Role::Device,
+        std::slice::from_ref(&relay.addr),
+    )
+    .await?;
     let deadline = Instant::now() + Duration::from_secs(600);
     // Counting scans every view: only once the feed could hold them all (cheap to read).
     while node.replica.feed_seq() < n as u64 || count(&node.replica) != n as u64 {
-        anyhow::ensure!(Instant::now() < deadline, "first sync from the relay process did not finish in 600 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "first sync from the relay process did not finish in 600 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let took = t.elapsed();
     let cpu = cpu_seconds(relay.pid()) - cpu0;
     let (sampled, hwm) = relay.peak_mb();
     println!("relay process: idle {idle_rss:.0} MB, sampled peak {sampled:.0} MB, VmHWM {hwm:.0} MB, CPU {cpu:.1} s; device first sync {:.2} s", took.as_secs_f64());
-    report(&format!("relay peak RSS serving a first sync of {n} entities (relay process, VmHWM)"), &format!("{hwm:.0} MB (idle {idle_rss:.0} MB)"), "< 200 MB", Some(hwm < 200.0));
-    report(&format!("relay CPU for that first sync ({:.1} s wall, device in-process)", took.as_secs_f64()), &format!("{cpu:.1} s"), "", None);
+    report(
+        &format!("relay peak RSS serving a first sync of {n} entities (relay process, VmHWM)"),
+        &format!("{hwm:.0} MB (idle {idle_rss:.0} MB)"),
+        "< 200 MB",
+        Some(hwm < 200.0),
+    );
+    report(
+        &format!(
+            "relay CPU for that first sync ({:.1} s wall, device in-process)",
+            took.as_secs_f64()
+        ),
+        &format!("{cpu:.1} s"),
+        "",
+        None,
+    );
     node.stop().await;
     Ok(())
 }
@@ -182,7 +272,8 @@ async fn many_devices(devices: usize, owned: usize) -> anyhow::Result<()> {
         .iter()
         .enumerate()
         .map(|(i, id)| {
-            let mut v: serde_json::Value = serde_json::from_str(&fieldsync_tests::ten_field_task(i)).unwrap_or_default();
+            let mut v: serde_json::Value =
+                serde_json::from_str(&fieldsync_tests::ten_field_task(i)).unwrap_or_default();
             v["_id"] = id.to_string().into();
             v.to_string() + "\n"
         })
@@ -194,12 +285,22 @@ async fn many_devices(devices: usize, owned: usize) -> anyhow::Result<()> {
         owned,
         edits: 2,
         // The devices share this process and its two cores with the benchmark: small caches.
-        memory: MemoryOptions { doc_cache_bytes: 4 << 20, store_cache_bytes: 8 << 20 },
+        memory: MemoryOptions {
+            doc_cache_bytes: 4 << 20,
+            store_cache_bytes: 8 << 20,
+        },
         timeout: Duration::from_secs(env_num("BENCH_DEVICES_TIMEOUT", 900) as u64),
     };
     let cpu0 = cpu_seconds(relay.pid());
     // One invite per device, issued by the running relay (the authority) through its API.
-    let outcome = fieldsync_tests::load::run(tmp.path(), &mut || cli(&dir, &["invite"]), &relay.addr, &shared, &spec).await?;
+    let outcome = fieldsync_tests::load::run(
+        tmp.path(),
+        &mut || cli(&dir, &["invite"]),
+        &relay.addr,
+        &shared,
+        &spec,
+    )
+    .await?;
     let cpu = cpu_seconds(relay.pid()) - cpu0;
     let (sampled, hwm) = relay.peak_mb();
     println!(
@@ -214,7 +315,12 @@ async fn many_devices(devices: usize, owned: usize) -> anyhow::Result<()> {
         Some(true),
     );
     // The issue sets no figure for this run (< 200 MB is the single-device first sync's).
-    report(&format!("relay peak RSS / CPU during the {devices}-device run"), &format!("{hwm:.0} MB / {cpu:.0} s CPU"), "reported (no target)", None);
+    report(
+        &format!("relay peak RSS / CPU during the {devices}-device run"),
+        &format!("{hwm:.0} MB / {cpu:.0} s CPU"),
+        "reported (no target)",
+        None,
+    );
     Ok(())
 }
 

@@ -16,7 +16,12 @@ use serde_json::{json, Value as Json};
 #[command(name = "fieldsync", version)]
 pub struct Cli {
     /// Data directory of this node.
-    #[arg(long, global = true, env = "FIELDSYNC_DATA", default_value = "./fieldsync-data")]
+    #[arg(
+        long,
+        global = true,
+        env = "FIELDSYNC_DATA",
+        default_value = "./fieldsync-data"
+    )]
     data: PathBuf,
     /// Key file of a store encrypted with `init --encrypt --key-file` (needed by every
     /// command that opens it). A store encrypted with a passphrase takes it from
@@ -42,7 +47,10 @@ pub(crate) struct MemoryArgs {
 impl MemoryArgs {
     /// The options, with the config file's values where no flag was given.
     fn options(&self, cache_mb: u64, store_cache_mb: u64) -> fieldsync::MemoryOptions {
-        fieldsync::MemoryOptions::from_mib(self.cache_mb.unwrap_or(cache_mb), self.store_cache_mb.unwrap_or(store_cache_mb))
+        fieldsync::MemoryOptions::from_mib(
+            self.cache_mb.unwrap_or(cache_mb),
+            self.store_cache_mb.unwrap_or(store_cache_mb),
+        )
     }
 }
 
@@ -328,7 +336,8 @@ pub(crate) enum SchemaCommand {
 
 /// Reads a schema TOML file as text.
 pub(crate) fn read_schema(file: &Path) -> Result<String> {
-    String::from_utf8(read_file(file)?).map_err(|_| CliError::invalid(format!("{} is not UTF-8 text", file.display())))
+    String::from_utf8(read_file(file)?)
+        .map_err(|_| CliError::invalid(format!("{} is not UTF-8 text", file.display())))
 }
 
 #[derive(Debug, Subcommand)]
@@ -362,13 +371,22 @@ impl CliError {
         self.code
     }
     pub(crate) fn invalid(message: impl Into<String>) -> Self {
-        CliError { message: message.into(), code: 2 }
+        CliError {
+            message: message.into(),
+            code: 2,
+        }
     }
     pub(crate) fn not_found(message: impl Into<String>) -> Self {
-        CliError { message: message.into(), code: 3 }
+        CliError {
+            message: message.into(),
+            code: 3,
+        }
     }
     pub(crate) fn runtime(message: impl Into<String>) -> Self {
-        CliError { message: message.into(), code: 1 }
+        CliError {
+            message: message.into(),
+            code: 1,
+        }
     }
 }
 
@@ -379,7 +397,10 @@ impl From<fieldsync::Error> for CliError {
             ErrorKind::NotFound => 3,
             _ => 1,
         };
-        CliError { message: e.to_string(), code }
+        CliError {
+            message: e.to_string(),
+            code,
+        }
     }
 }
 
@@ -392,10 +413,14 @@ impl From<std::io::Error> for CliError {
 pub(crate) type Result<T> = std::result::Result<T, CliError>;
 
 /// `COLLECTION=ACCESS` arguments as a map.
-pub(crate) fn parse_partitions(args: &[String]) -> Result<std::collections::BTreeMap<String, fieldsync::core::Access>> {
+pub(crate) fn parse_partitions(
+    args: &[String],
+) -> Result<std::collections::BTreeMap<String, fieldsync::core::Access>> {
     args.iter()
         .map(|a| {
-            let (c, access) = a.split_once('=').ok_or_else(|| CliError::invalid(format!("--partition {a:?} is not COLLECTION=all|own|none")))?;
+            let (c, access) = a.split_once('=').ok_or_else(|| {
+                CliError::invalid(format!("--partition {a:?} is not COLLECTION=all|own|none"))
+            })?;
             Ok((c.to_owned(), parse_id("access", access)?))
         })
         .collect()
@@ -403,12 +428,21 @@ pub(crate) fn parse_partitions(args: &[String]) -> Result<std::collections::BTre
 
 /// Settles each proposal in turn, one JSON line per id; every id is checked before any is
 /// settled, and a failure of one does not stop the others (exit 1 at the end).
-fn settle_all(ids: &[String], verb: &str, settle: impl Fn(ProposalId) -> std::result::Result<EntityId, fieldsync::Error>) -> Result<()> {
-    let parsed = ids.iter().map(|id| parse_id::<ProposalId>("proposal id", id)).collect::<Result<Vec<_>>>()?;
+fn settle_all(
+    ids: &[String],
+    verb: &str,
+    settle: impl Fn(ProposalId) -> std::result::Result<EntityId, fieldsync::Error>,
+) -> Result<()> {
+    let parsed = ids
+        .iter()
+        .map(|id| parse_id::<ProposalId>("proposal id", id))
+        .collect::<Result<Vec<_>>>()?;
     let mut failed = 0;
     for pid in parsed {
         match settle(pid) {
-            Ok(entity) => emit(&json!({ "proposal": pid.to_string(), "entity": entity.to_string(), verb: true }))?,
+            Ok(entity) => emit(
+                &json!({ "proposal": pid.to_string(), "entity": entity.to_string(), verb: true }),
+            )?,
             Err(e) if ids.len() == 1 => return Err(e.into()),
             Err(e) => {
                 failed += 1;
@@ -417,7 +451,10 @@ fn settle_all(ids: &[String], verb: &str, settle: impl Fn(ProposalId) -> std::re
         }
     }
     if failed > 0 {
-        return Err(CliError::runtime(format!("{failed} of {} proposal(s) could not be settled", ids.len())));
+        return Err(CliError::runtime(format!(
+            "{failed} of {} proposal(s) could not be settled",
+            ids.len()
+        )));
     }
     Ok(())
 }
@@ -427,22 +464,37 @@ pub(crate) const MAX_PATCH_BYTES: u64 = 8 << 20;
 
 /// `put`'s entity id and patch text, from `[ID] PATCH_JSON`, `[ID] -` (stdin) or
 /// `[ID] --file FILE`.
-pub(crate) fn put_args(first: Option<String>, second: Option<String>, file: Option<PathBuf>) -> Result<(Option<EntityId>, String)> {
+pub(crate) fn put_args(
+    first: Option<String>,
+    second: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<(Option<EntityId>, String)> {
     let (id, source) = match (first, second, file) {
-        (Some(patch), None, Some(_)) if patch == "-" || patch.trim_start().starts_with('{') => return Err(both()),
+        (Some(patch), None, Some(_)) if patch == "-" || patch.trim_start().starts_with('{') => {
+            return Err(both())
+        }
         (id, None, Some(file)) => (id, Source::File(file)),
         (_, Some(_), Some(_)) => return Err(both()),
         (Some(id), Some(patch), None) => (Some(id), Source::Text(patch)),
         (Some(patch), None, None) => (None, Source::Text(patch)),
-        (None, _, None) => return Err(CliError::invalid("put needs a patch: PATCH_JSON, - (standard input) or --file FILE")),
+        (None, _, None) => {
+            return Err(CliError::invalid(
+                "put needs a patch: PATCH_JSON, - (standard input) or --file FILE",
+            ))
+        }
     };
-    let id = id.map(|i| parse_id::<EntityId>("entity id", &i)).transpose()?;
+    let id = id
+        .map(|i| parse_id::<EntityId>("entity id", &i))
+        .transpose()?;
     let text = match source {
         Source::Text(t) if t == "-" => read_limited(std::io::stdin().lock(), "standard input")?,
-        Source::File(f) if f.as_os_str() == "-" => read_limited(std::io::stdin().lock(), "standard input")?,
+        Source::File(f) if f.as_os_str() == "-" => {
+            read_limited(std::io::stdin().lock(), "standard input")?
+        }
         Source::Text(t) => t,
         Source::File(f) => {
-            let opened = std::fs::File::open(&f).map_err(|e| CliError::invalid(format!("cannot read {}: {e}", f.display())))?;
+            let opened = std::fs::File::open(&f)
+                .map_err(|e| CliError::invalid(format!("cannot read {}: {e}", f.display())))?;
             read_limited(opened, &f.display().to_string())?
         }
     };
@@ -461,23 +513,32 @@ enum Source {
 /// Reads a patch of at most [`MAX_PATCH_BYTES`] as UTF-8 text.
 fn read_limited(from: impl std::io::Read, what: &str) -> Result<String> {
     let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut std::io::Read::take(from, MAX_PATCH_BYTES + 1), &mut bytes)
-        .map_err(|e| CliError::invalid(format!("cannot read {what}: {e}")))?;
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(from, MAX_PATCH_BYTES + 1),
+        &mut bytes,
+    )
+    .map_err(|e| CliError::invalid(format!("cannot read {what}: {e}")))?;
     if bytes.len() as u64 > MAX_PATCH_BYTES {
-        return Err(CliError::invalid(format!("the patch in {what} is over the {} MiB limit", MAX_PATCH_BYTES >> 20)));
+        return Err(CliError::invalid(format!(
+            "the patch in {what} is over the {} MiB limit",
+            MAX_PATCH_BYTES >> 20
+        )));
     }
-    String::from_utf8(bytes).map_err(|_| CliError::invalid(format!("the patch in {what} is not UTF-8 text")))
+    String::from_utf8(bytes)
+        .map_err(|_| CliError::invalid(format!("the patch in {what} is not UTF-8 text")))
 }
 
 pub(crate) fn parse_id<T: std::str::FromStr>(what: &str, text: &str) -> Result<T>
 where
     T::Err: std::fmt::Display,
 {
-    text.parse().map_err(|e| CliError::invalid(format!("{what} {text:?} is not valid: {e}")))
+    text.parse()
+        .map_err(|e| CliError::invalid(format!("{what} {text:?} is not valid: {e}")))
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| CliError::invalid(format!("cannot read {}: {e}", path.display())))
+    std::fs::read(path)
+        .map_err(|e| CliError::invalid(format!("cannot read {}: {e}", path.display())))
 }
 
 pub(crate) fn emit(value: &impl serde::Serialize) -> Result<()> {
@@ -496,7 +557,12 @@ pub(crate) fn emit_members(members: Vec<Json>, invites: Vec<Json>) -> Result<()>
         }
         v
     };
-    emit_lines(members.into_iter().map(|m| tag("member", m)).chain(invites.into_iter().map(|i| tag("invite", i))))
+    emit_lines(
+        members
+            .into_iter()
+            .map(|m| tag("member", m))
+            .chain(invites.into_iter().map(|i| tag("invite", i))),
+    )
 }
 
 fn emit_lines<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> Result<()> {
@@ -532,11 +598,19 @@ fn with_progress<T>(what: &'static str, work: impl FnOnce(&mut dyn FnMut(usize, 
 }
 
 /// Prints a collection's views as JSON Lines, each passed through `shape`.
-fn stream_views(replica: &Replica, collection: &str, filters: &[String], include_deleted: bool, shape: impl Fn(fieldsync::View) -> fieldsync::View) -> Result<()> {
+fn stream_views(
+    replica: &Replica,
+    collection: &str,
+    filters: &[String],
+    include_deleted: bool,
+    shape: impl Fn(fieldsync::View) -> fieldsync::View,
+) -> Result<()> {
     let mut out = BufWriter::new(std::io::stdout().lock());
     let mut failed = None;
     replica.list(collection, filters, include_deleted, &mut |view| {
-        let written = serde_json::to_writer(&mut out, &Json::Object(shape(view))).map_err(std::io::Error::from).and_then(|_| writeln!(out));
+        let written = serde_json::to_writer(&mut out, &Json::Object(shape(view)))
+            .map_err(std::io::Error::from)
+            .and_then(|_| writeln!(out));
         failed = written.err();
         failed.is_none()
     })?;
@@ -552,24 +626,60 @@ pub fn run(cli: Cli) -> Result<()> {
     let dir = cli.data;
     let key_file = cli.key_file;
     match cli.command {
-        Command::Init { schema, join, restore, encrypt, name } => {
-            let secret = if encrypt { Some(new_store_secret(&dir, key_file.as_deref())?) } else { None };
-            let key = libp2p::identity::ed25519::Keypair::generate();
-            let replica = match (schema, join, restore) {
-                (Some(schema), None, None) => {
-                    let text = String::from_utf8(read_file(&schema)?)
-                        .map_err(|_| CliError::invalid(format!("{} is not UTF-8 text", schema.display())))?;
-                    Replica::init_authority_with(&dir, &text, &name, key, secret.as_ref())?
-                }
-                (None, Some(invite), None) => Replica::init_join_with(&dir, &read_file(&invite)?, &name, key, secret.as_ref())?,
-                (None, None, Some(backup)) => {
-                    let pass = passphrase("FIELDSYNC_BACKUP_PASSPHRASE", &format!("passphrase of {}: ", backup.display()), false)
-                        .map_err(|why| CliError::invalid(format!("init --restore needs the backup's passphrase: {why}")))?;
-                    Replica::init_restore(&dir, &read_file(&backup)?, &pass, secret.as_ref())?
-                }
-                _ => return Err(CliError::invalid("give exactly one of --schema FILE, --join INVITE_FILE or --restore BACKUP")),
+        Command::Init {
+            schema,
+            join,
+            restore,
+            encrypt,
+            name,
+        } => {
+            let secret = if encrypt {
+                Some(new_store_secret(&dir, key_file.as_deref())?)
+            } else {
+                None
             };
-            eprintln!("initialised {} in {}", if replica.is_authority() { "workspace authority" } else { "device" }, dir.display());
+            let key = libp2p::identity::ed25519::Keypair::generate();
+            let replica =
+                match (schema, join, restore) {
+                    (Some(schema), None, None) => {
+                        let text = String::from_utf8(read_file(&schema)?).map_err(|_| {
+                            CliError::invalid(format!("{} is not UTF-8 text", schema.display()))
+                        })?;
+                        Replica::init_authority_with(&dir, &text, &name, key, secret.as_ref())?
+                    }
+                    (None, Some(invite), None) => Replica::init_join_with(
+                        &dir,
+                        &read_file(&invite)?,
+                        &name,
+                        key,
+                        secret.as_ref(),
+                    )?,
+                    (None, None, Some(backup)) => {
+                        let pass = passphrase(
+                            "FIELDSYNC_BACKUP_PASSPHRASE",
+                            &format!("passphrase of {}: ", backup.display()),
+                            false,
+                        )
+                        .map_err(|why| {
+                            CliError::invalid(format!(
+                                "init --restore needs the backup's passphrase: {why}"
+                            ))
+                        })?;
+                        Replica::init_restore(&dir, &read_file(&backup)?, &pass, secret.as_ref())?
+                    }
+                    _ => return Err(CliError::invalid(
+                        "give exactly one of --schema FILE, --join INVITE_FILE or --restore BACKUP",
+                    )),
+                };
+            eprintln!(
+                "initialised {} in {}",
+                if replica.is_authority() {
+                    "workspace authority"
+                } else {
+                    "device"
+                },
+                dir.display()
+            );
             emit(&json!({
                 "peer_id": replica.peer_id().to_string(),
                 "workspace": replica.workspace().id.to_string(),
@@ -577,10 +687,22 @@ pub fn run(cli: Cli) -> Result<()> {
                 "encrypted": replica.encrypted(),
             }))
         }
-        Command::Run { relays, peers, mdns, listen, api, memory, config } => {
+        Command::Run {
+            relays,
+            peers,
+            mdns,
+            listen,
+            api,
+            memory,
+            config,
+        } => {
             let file = crate::config::load(config.as_deref())?;
             let c = file.run;
-            let (relays, peers) = if relays.is_empty() && peers.is_empty() { (c.relays, c.peers) } else { (relays, peers) };
+            let (relays, peers) = if relays.is_empty() && peers.is_empty() {
+                (c.relays, c.peers)
+            } else {
+                (relays, peers)
+            };
             let options = crate::daemon::Options {
                 role: fieldsync::core::protocol::Role::Device,
                 listen: if listen.is_empty() { c.listen } else { listen },
@@ -596,7 +718,15 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             crate::daemon::run(&dir, options, key_file.as_deref())
         }
-        Command::Relay { listen, peers, open_relay, api, postgres, memory, config } => {
+        Command::Relay {
+            listen,
+            peers,
+            open_relay,
+            api,
+            postgres,
+            memory,
+            config,
+        } => {
             let file = crate::config::load(config.as_deref())?;
             let c = file.relay;
             let options = crate::daemon::Options {
@@ -609,63 +739,112 @@ pub fn run(cli: Cli) -> Result<()> {
                 api: api.unwrap_or(c.api),
                 memory: memory.options(c.cache_mb, c.store_cache_mb),
                 net: file.net,
-                mirror: postgres.or(c.postgres).map(|url| fieldsync_mirror::MirrorConfig { url, tables: c.postgres_tables }),
+                mirror: postgres
+                    .or(c.postgres)
+                    .map(|url| fieldsync_mirror::MirrorConfig {
+                        url,
+                        tables: c.postgres_tables,
+                    }),
                 api_access: file.api,
             };
             crate::daemon::run(&dir, options, key_file.as_deref())
         }
         Command::ApiToken { rotate } => {
             if !dir.is_dir() {
-                return Err(CliError::not_found(format!("no node in {} (`fieldsync init` first)", dir.display())));
+                return Err(CliError::not_found(format!(
+                    "no node in {} (`fieldsync init` first)",
+                    dir.display()
+                )));
             }
             let file = dir.join(fieldsync_api::auth::TOKEN_FILE);
             let failed = |e: std::io::Error| CliError::runtime(format!("{}: {e}", file.display()));
-            let (token, created) = if rotate { (fieldsync_api::auth::rotate_token(&dir).map_err(failed)?, false) } else { fieldsync_api::auth::ensure_token(&dir).map_err(failed)? };
+            let (token, created) = if rotate {
+                (
+                    fieldsync_api::auth::rotate_token(&dir).map_err(failed)?,
+                    false,
+                )
+            } else {
+                fieldsync_api::auth::ensure_token(&dir).map_err(failed)?
+            };
             if rotate {
-                eprintln!("new API token in {}; the old one no longer works", file.display());
+                eprintln!(
+                    "new API token in {}; the old one no longer works",
+                    file.display()
+                );
             }
-            emit(&json!({ "token": token, "file": file.display().to_string(), "created": created, "rotated": rotate }))
+            emit(
+                &json!({ "token": token, "file": file.display().to_string(), "created": created, "rotated": rotate }),
+            )
         }
         command => match crate::remote::daemon_api(&dir) {
             // A daemon holds the store: data commands go through its API.
             Some(api) => crate::remote::run(&api, command),
-            None => run_on(&open_replica(&dir, fieldsync::MemoryOptions::default(), key_file.as_deref())?, command),
+            None => run_on(
+                &open_replica(
+                    &dir,
+                    fieldsync::MemoryOptions::default(),
+                    key_file.as_deref(),
+                )?,
+                command,
+            ),
         },
     }
 }
 
 /// Opens the node in `dir`; if its store is encrypted, with the key file given, or the
 /// passphrase from FIELDSYNC_PASSPHRASE or the terminal.
-pub(crate) fn open_replica(dir: &Path, memory: fieldsync::MemoryOptions, key_file: Option<&Path>) -> Result<Replica> {
+pub(crate) fn open_replica(
+    dir: &Path,
+    memory: fieldsync::MemoryOptions,
+    key_file: Option<&Path>,
+) -> Result<Replica> {
     let prompt = format!("passphrase of the store in {}: ", dir.display());
-    Ok(Replica::open_with_key(dir, memory, &mut |kind| match kind {
+    Ok(Replica::open_with_key(dir, memory, &mut |kind| {
+        match kind {
         fieldsync::KeyKind::KeyFile => match key_file {
             Some(file) => read_key_file(file).map(fieldsync::Secret::KeyFile),
             None => Err("it was encrypted with a key file: pass --key-file FILE (or set FIELDSYNC_KEY_FILE)".into()),
         },
         fieldsync::KeyKind::Passphrase => passphrase("FIELDSYNC_PASSPHRASE", &prompt, false)
             .map_err(|why| format!("it was encrypted with a passphrase: {why}")),
+    }
     })?)
 }
 
 fn read_key_file(file: &Path) -> std::result::Result<Vec<u8>, String> {
-    let meta = std::fs::metadata(file).map_err(|e| format!("cannot read the key file {}: {e}", file.display()))?;
+    let meta = std::fs::metadata(file)
+        .map_err(|e| format!("cannot read the key file {}: {e}", file.display()))?;
     if meta.len() > fieldsync::MAX_KEY_FILE_BYTES as u64 {
-        return Err(format!("{} is {} bytes, too large for a key file", file.display(), meta.len()));
+        return Err(format!(
+            "{} is {} bytes, too large for a key file",
+            file.display(),
+            meta.len()
+        ));
     }
     std::fs::read(file).map_err(|e| format!("cannot read the key file {}: {e}", file.display()))
 }
 
 /// A passphrase from `env`, else asked at the terminal (twice when `confirm`).
-fn passphrase(env: &str, prompt: &str, confirm: bool) -> std::result::Result<fieldsync::Secret, String> {
+fn passphrase(
+    env: &str,
+    prompt: &str,
+    confirm: bool,
+) -> std::result::Result<fieldsync::Secret, String> {
     if let Ok(p) = std::env::var(env) {
         return Ok(fieldsync::Secret::Passphrase(p));
     }
     if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-        return Err(format!("set {env}, or run the command at a terminal to be asked"));
+        return Err(format!(
+            "set {env}, or run the command at a terminal to be asked"
+        ));
     }
-    let p = rpassword::prompt_password(prompt).map_err(|e| format!("cannot read it from the terminal: {e}"))?;
-    if confirm && rpassword::prompt_password("again: ").map_err(|e| format!("cannot read it from the terminal: {e}"))? != p {
+    let p = rpassword::prompt_password(prompt)
+        .map_err(|e| format!("cannot read it from the terminal: {e}"))?;
+    if confirm
+        && rpassword::prompt_password("again: ")
+            .map_err(|e| format!("cannot read it from the terminal: {e}"))?
+            != p
+    {
         return Err("the two passphrases differ".into());
     }
     Ok(fieldsync::Secret::Passphrase(p))
@@ -682,10 +861,20 @@ fn new_store_secret(dir: &Path, key_file: Option<&Path>) -> Result<fieldsync::Se
             write_secret_file(file, &fieldsync::generate_key_file())?;
             eprintln!("wrote a new random key to {}; keep it safe and apart from the data directory: without it the store cannot be opened", file.display());
         }
-        return read_key_file(file).map(fieldsync::Secret::KeyFile).map_err(CliError::invalid);
+        return read_key_file(file)
+            .map(fieldsync::Secret::KeyFile)
+            .map_err(CliError::invalid);
     }
-    let secret = passphrase("FIELDSYNC_PASSPHRASE", &format!("new passphrase for the store in {}: ", dir.display()), true)
-        .map_err(|why| CliError::invalid(format!("init --encrypt needs a passphrase or --key-file FILE: {why}")))?;
+    let secret = passphrase(
+        "FIELDSYNC_PASSPHRASE",
+        &format!("new passphrase for the store in {}: ", dir.display()),
+        true,
+    )
+    .map_err(|why| {
+        CliError::invalid(format!(
+            "init --encrypt needs a passphrase or --key-file FILE: {why}"
+        ))
+    })?;
     check_new_passphrase(&secret)?;
     Ok(secret)
 }
@@ -693,7 +882,9 @@ fn new_store_secret(dir: &Path, key_file: Option<&Path>) -> Result<fieldsync::Se
 fn check_new_passphrase(secret: &fieldsync::Secret) -> Result<()> {
     if let fieldsync::Secret::Passphrase(p) = secret {
         if p.chars().count() < MIN_PASSPHRASE_CHARS {
-            return Err(CliError::invalid(format!("the passphrase must have at least {MIN_PASSPHRASE_CHARS} characters")));
+            return Err(CliError::invalid(format!(
+                "the passphrase must have at least {MIN_PASSPHRASE_CHARS} characters"
+            )));
         }
     }
     Ok(())
@@ -705,37 +896,65 @@ fn write_secret_file(file: &Path, bytes: &[u8]) -> Result<()> {
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut f = options.open(file).map_err(|e| CliError::invalid(format!("cannot create {}: {e}", file.display())))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| CliError::runtime(format!("{}: {e}", file.display())))
+    let mut f = options
+        .open(file)
+        .map_err(|e| CliError::invalid(format!("cannot create {}: {e}", file.display())))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| CliError::runtime(format!("{}: {e}", file.display())))
 }
 
 fn run_on(replica: &Replica, command: Command) -> Result<()> {
     match command {
-        Command::Init { .. } | Command::Run { .. } | Command::Relay { .. } | Command::ApiToken { .. } => unreachable!("handled by run"),
+        Command::Init { .. }
+        | Command::Run { .. }
+        | Command::Relay { .. }
+        | Command::ApiToken { .. } => unreachable!("handled by run"),
         Command::Purge { collection, id } => {
             let record = replica.purge(&collection, parse_id("entity id", &id)?)?;
             eprintln!("purged {collection} {id}; the purge reaches other nodes when they sync");
-            emit(&json!({ "id": id, "collection": collection, "purged": true, "by": record.by, "at_ms": record.at_ms }))
+            emit(
+                &json!({ "id": id, "collection": collection, "purged": true, "by": record.by, "at_ms": record.at_ms }),
+            )
         }
         Command::Authority(AuthorityCommand::Export { file }) => {
             if !replica.is_authority() {
-                return Err(CliError::invalid("only the workspace authority holds the authority key"));
+                return Err(CliError::invalid(
+                    "only the workspace authority holds the authority key",
+                ));
             }
-            let secret = passphrase("FIELDSYNC_BACKUP_PASSPHRASE", "new passphrase for the backup: ", true)
-                .map_err(|why| CliError::invalid(format!("authority export needs a passphrase: {why}")))?;
+            let secret = passphrase(
+                "FIELDSYNC_BACKUP_PASSPHRASE",
+                "new passphrase for the backup: ",
+                true,
+            )
+            .map_err(|why| {
+                CliError::invalid(format!("authority export needs a passphrase: {why}"))
+            })?;
             check_new_passphrase(&secret)?;
             let sealed = replica.export_authority(&secret)?;
             write_secret_file(&file, &sealed)?;
             eprintln!("wrote the authority backup to {}; keep it offline: with its passphrase it signs for the whole workspace", file.display());
             emit(&json!({ "file": file.display().to_string(), "bytes": sealed.len() }))
         }
-        Command::Invite { action: Some(InviteAction::Cancel { invite_id }), .. } => {
+        Command::Invite {
+            action: Some(InviteAction::Cancel { invite_id }),
+            ..
+        } => {
             let cancelled = replica.cancel_invite(parse_id("invite id", &invite_id)?)?;
             emit(&json!({ "invite": cancelled.id.to_string(), "cancelled": true }))
         }
-        Command::Invite { action: None, user, role, partitions, valid_hours } => {
+        Command::Invite {
+            action: None,
+            user,
+            role,
+            partitions,
+            valid_hours,
+        } => {
             if !replica.is_authority() {
-                return Err(CliError::invalid("only the workspace authority issues invites"));
+                return Err(CliError::invalid(
+                    "only the workspace authority issues invites",
+                ));
             }
             let partitions = parse_partitions(&partitions)?;
             let ttl_ms = i64::try_from(valid_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX);
@@ -744,66 +963,130 @@ fn run_on(replica: &Replica, command: Command) -> Result<()> {
             Ok(())
         }
         Command::Members => {
-            let members = replica.member_infos()?.into_iter().map(|m| serde_json::to_value(m).unwrap_or_default());
-            let invites = replica.pending_invites()?.into_iter().map(|i| serde_json::to_value(i).unwrap_or_default());
+            let members = replica
+                .member_infos()?
+                .into_iter()
+                .map(|m| serde_json::to_value(m).unwrap_or_default());
+            let invites = replica
+                .pending_invites()?
+                .into_iter()
+                .map(|i| serde_json::to_value(i).unwrap_or_default());
             emit_members(members.collect(), invites.collect())
         }
         Command::Revoke { peer_id } => emit(&replica.revoke(&parse_id("peer id", &peer_id)?)?),
-        Command::Put { collection, id_or_patch, patch, file, op_id } => {
+        Command::Put {
+            collection,
+            id_or_patch,
+            patch,
+            file,
+            op_id,
+        } => {
             let (id, patch) = put_args(id_or_patch, patch, file)?;
-            let op = op_id.as_deref().map(|o| parse_id::<fieldsync::OpId>("op id", o)).transpose()?;
+            let op = op_id
+                .as_deref()
+                .map(|o| parse_id::<fieldsync::OpId>("op id", o))
+                .transpose()?;
             let (id, _) = replica.put_op(&collection, id, &patch, op.as_ref())?;
             if let Some(warning) = replica.membership()?.warning() {
                 eprintln!("warning: {warning}");
             }
             emit(&json!({ "id": id.to_string() }))
         }
-        Command::Get { collection, id } => emit(&replica.get(&collection, parse_id("entity id", &id)?)?),
-        Command::List { collection, filters, include_deleted } => stream_views(replica, &collection, &filters, include_deleted, |v| v),
-        Command::Delete { collection, id, op_id } => {
+        Command::Get { collection, id } => {
+            emit(&replica.get(&collection, parse_id("entity id", &id)?)?)
+        }
+        Command::List {
+            collection,
+            filters,
+            include_deleted,
+        } => stream_views(replica, &collection, &filters, include_deleted, |v| v),
+        Command::Delete {
+            collection,
+            id,
+            op_id,
+        } => {
             let id: EntityId = parse_id("entity id", &id)?;
-            let op = op_id.as_deref().map(|o| parse_id::<fieldsync::OpId>("op id", o)).transpose()?;
+            let op = op_id
+                .as_deref()
+                .map(|o| parse_id::<fieldsync::OpId>("op id", o))
+                .transpose()?;
             replica.delete_op(&collection, id, op.as_ref())?;
             emit(&json!({ "id": id.to_string(), "deleted": true }))
         }
-        Command::History { collection, id } => emit_lines(replica.history(&collection, parse_id("entity id", &id)?)?),
+        Command::History { collection, id } => {
+            emit_lines(replica.history(&collection, parse_id("entity id", &id)?)?)
+        }
         Command::Conflicts { all } => emit_lines(replica.conflicts(all)?),
-        Command::Resolve { conflict_id, value_json } => {
+        Command::Resolve {
+            conflict_id,
+            value_json,
+        } => {
             let conflict: ConflictId = parse_id("conflict id", &conflict_id)?;
             let entity = replica.resolve(&conflict, &value_json)?;
-            emit(&json!({ "conflict": conflict.to_string(), "entity": entity.to_string(), "resolved": true }))
+            emit(
+                &json!({ "conflict": conflict.to_string(), "entity": entity.to_string(), "resolved": true }),
+            )
         }
-        Command::Proposals { mine } => emit_lines(if mine { replica.my_proposals()? } else { replica.proposals()? }),
-        Command::Accept { proposal_ids } => settle_all(&proposal_ids, "accepted", |id| replica.accept(id)),
-        Command::Reject { proposal_ids } => settle_all(&proposal_ids, "rejected", |id| replica.reject(id)),
+        Command::Proposals { mine } => emit_lines(if mine {
+            replica.my_proposals()?
+        } else {
+            replica.proposals()?
+        }),
+        Command::Accept { proposal_ids } => {
+            settle_all(&proposal_ids, "accepted", |id| replica.accept(id))
+        }
+        Command::Reject { proposal_ids } => {
+            settle_all(&proposal_ids, "rejected", |id| replica.reject(id))
+        }
         Command::Status => emit(&replica.status()?),
         Command::Schema(SchemaCommand::Show { version }) => emit(&replica.schema_info(version)?),
-        Command::Schema(SchemaCommand::Diff { file }) => emit(&replica.diff_schema(&read_schema(&file)?)?),
+        Command::Schema(SchemaCommand::Diff { file }) => {
+            emit(&replica.diff_schema(&read_schema(&file)?)?)
+        }
         Command::Schema(SchemaCommand::Push { file }) => {
             let pushed = replica.push_schema(&read_schema(&file)?)?;
-            eprintln!("published schema version {}; it reaches other nodes when they sync", pushed.version);
+            eprintln!(
+                "published schema version {}; it reaches other nodes when they sync",
+                pushed.version
+            );
             emit(&pushed)
         }
-        Command::Sync { .. } => Err(CliError::invalid("`fieldsync sync` needs a running daemon (`fieldsync run`) on this data directory")),
+        Command::Sync { .. } => Err(CliError::invalid(
+            "`fieldsync sync` needs a running daemon (`fieldsync run`) on this data directory",
+        )),
         Command::Mirror(MirrorCommand::Rebuild { postgres, config }) => {
-            let tables = crate::config::load(config.as_deref())?.relay.postgres_tables;
-            let config = fieldsync_mirror::MirrorConfig { url: postgres, tables };
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::runtime(e.to_string()))?;
+            let tables = crate::config::load(config.as_deref())?
+                .relay
+                .postgres_tables;
+            let config = fieldsync_mirror::MirrorConfig {
+                url: postgres,
+                tables,
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| CliError::runtime(e.to_string()))?;
             let tables = runtime.block_on(async {
                 let mut client = fieldsync_mirror::connect(&config.url, None).await?;
                 fieldsync_mirror::rebuild(&mut client, replica, &config).await
             });
             let tables = tables.map_err(|e| CliError::runtime(format!("mirror rebuild: {e}")))?;
-            eprintln!("emptied {tables} mirror table(s); the relay writes every row again when it runs");
+            eprintln!(
+                "emptied {tables} mirror table(s); the relay writes every row again when it runs"
+            );
             emit(&json!({ "rebuilt": tables }))
         }
         Command::Bundle(BundleCommand::Export { file, since }) => {
-            let peer = since.map(|p| parse_id::<PeerId>("peer id", &p)).transpose()?;
+            let peer = since
+                .map(|p| parse_id::<PeerId>("peer id", &p))
+                .transpose()?;
             let bundle = with_progress("exporting", |p| replica.export_bundle(peer, p))?;
             // Write beside the target, then rename: a half-written bundle never has the name.
             let tmp = file.with_extension("partial");
-            std::fs::write(&tmp, &bundle.bytes).map_err(|e| CliError::runtime(format!("{}: {e}", tmp.display())))?;
-            std::fs::rename(&tmp, &file).map_err(|e| CliError::runtime(format!("{}: {e}", file.display())))?;
+            std::fs::write(&tmp, &bundle.bytes)
+                .map_err(|e| CliError::runtime(format!("{}: {e}", tmp.display())))?;
+            std::fs::rename(&tmp, &file)
+                .map_err(|e| CliError::runtime(format!("{}: {e}", file.display())))?;
             eprintln!("wrote {} entities to {}", bundle.entities, file.display());
             emit(&json!({
                 "file": file.display().to_string(),
@@ -816,7 +1099,11 @@ fn run_on(replica: &Replica, command: Command) -> Result<()> {
         Command::Bundle(BundleCommand::Import { file }) => {
             let bytes = read_file(&file)?;
             let summary = with_progress("importing", |p| replica.import_bundle(&bytes, p))?;
-            eprintln!("merged {} entities from {}", summary.entities, file.display());
+            eprintln!(
+                "merged {} entities from {}",
+                summary.entities,
+                file.display()
+            );
             emit(&summary)
         }
         Command::Import { collection, file } => {
@@ -826,10 +1113,12 @@ fn run_on(replica: &Replica, command: Command) -> Result<()> {
             eprintln!("imported {n} entities into {collection}");
             emit(&json!({ "collection": collection, "imported": n }))
         }
-        Command::Export { collection } => stream_views(replica, &collection, &[], false, |mut view| {
-            // Plain data plus the id: what `import` takes back.
-            view.retain(|k, _| k == "_id" || !k.starts_with('_'));
-            view
-        }),
+        Command::Export { collection } => {
+            stream_views(replica, &collection, &[], false, |mut view| {
+                // Plain data plus the id: what `import` takes back.
+                view.retain(|k, _| k == "_id" || !k.starts_with('_'));
+                view
+            })
+        }
     }
 }

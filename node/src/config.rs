@@ -83,7 +83,10 @@ pub struct Relay {
 impl Default for Relay {
     fn default() -> Self {
         Relay {
-            listen: vec![multiaddr("/ip4/0.0.0.0/tcp/4001"), multiaddr("/ip4/0.0.0.0/udp/4001/quic-v1")],
+            listen: vec![
+                multiaddr("/ip4/0.0.0.0/tcp/4001"),
+                multiaddr("/ip4/0.0.0.0/udp/4001/quic-v1"),
+            ],
             peers: vec![],
             open_relay: false,
             api: SocketAddr::from(([127, 0, 0, 1], 7070)),
@@ -125,11 +128,16 @@ fn multiaddr(s: &str) -> Multiaddr {
 
 /// Reads the file at `path`, or the defaults when there is none.
 pub fn load(path: Option<&Path>) -> Result<File, CliError> {
-    let Some(path) = path else { return Ok(File::default()) };
-    let text = std::fs::read_to_string(path).map_err(|e| CliError::invalid(format!("cannot read {}: {e}", path.display())))?;
-    let file: File = toml::from_str(&text).map_err(|e| CliError::invalid(format!("{}: {e}", path.display())))?;
+    let Some(path) = path else {
+        return Ok(File::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::invalid(format!("cannot read {}: {e}", path.display())))?;
+    let file: File =
+        toml::from_str(&text).map_err(|e| CliError::invalid(format!("{}: {e}", path.display())))?;
     for origin in &file.api.cors_origins {
-        fieldsync_api::auth::check_origin(origin).map_err(|e| CliError::invalid(format!("{}: [api] {e}", path.display())))?;
+        fieldsync_api::auth::check_origin(origin)
+            .map_err(|e| CliError::invalid(format!("{}: [api] {e}", path.display())))?;
     }
     Ok(file)
 }
@@ -140,15 +148,22 @@ mod tests {
 
     #[test]
     fn the_example_file_parses_to_the_defaults() {
-        let example: File = toml::from_str(include_str!("../../example.config.toml")).expect("example parses");
+        let example: File =
+            toml::from_str(include_str!("../../example.config.toml")).expect("example parses");
         let d = File::default();
         assert_eq!(example.run.listen, d.run.listen);
         assert_eq!(example.run.api, d.run.api);
         assert_eq!(example.relay.listen, d.relay.listen);
         assert_eq!(example.relay.api, d.relay.api);
         assert_eq!(example.relay.open_relay, d.relay.open_relay);
-        assert_eq!((example.run.cache_mb, example.run.store_cache_mb), (d.run.cache_mb, d.run.store_cache_mb));
-        assert_eq!((example.relay.cache_mb, example.relay.store_cache_mb), (d.relay.cache_mb, d.relay.store_cache_mb));
+        assert_eq!(
+            (example.run.cache_mb, example.run.store_cache_mb),
+            (d.run.cache_mb, d.run.store_cache_mb)
+        );
+        assert_eq!(
+            (example.relay.cache_mb, example.relay.store_cache_mb),
+            (d.relay.cache_mb, d.relay.store_cache_mb)
+        );
         assert_eq!(example.net.max_connections, d.net.max_connections);
         assert_eq!(example.net.min_backoff_ms, d.net.min_backoff_ms);
         assert_eq!(example.net.max_backoff_ms, d.net.max_backoff_ms);
@@ -156,8 +171,14 @@ mod tests {
         assert_eq!(example.net.max_frames_per_sec, d.net.max_frames_per_sec);
         assert!(toml::from_str::<File>("[run]\nlisten = [\"not an address\"]").is_err());
         assert!(toml::from_str::<File>("[run]\nbogus = 1").is_err());
-        assert_eq!((example.api.require_token, example.api.cors_origins.len()), (d.api.require_token, d.api.cors_origins.len()));
-        let api: File = toml::from_str("[api]\nrequire_token = true\ncors_origins = [\"http://localhost:5173\"]").expect("api parses");
+        assert_eq!(
+            (example.api.require_token, example.api.cors_origins.len()),
+            (d.api.require_token, d.api.cors_origins.len())
+        );
+        let api: File = toml::from_str(
+            "[api]\nrequire_token = true\ncors_origins = [\"http://localhost:5173\"]",
+        )
+        .expect("api parses");
         assert!(api.api.require_token);
         assert_eq!(api.api.cors_origins, ["http://localhost:5173"]);
     }

@@ -73,16 +73,37 @@ pub fn run(dir: &Path, options: Options, key_file: Option<&Path>) -> Result<(), 
 
 async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<(), CliError> {
     let (handle, inbox) = fieldsync_net::channel();
-    let metrics = Arc::new(Metrics { security: handle.stats.security.clone(), ..Default::default() });
+    let metrics = Arc::new(Metrics {
+        security: handle.stats.security.clone(),
+        ..Default::default()
+    });
     let (notice_tx, mut notices) = tokio::sync::mpsc::channel(NOTICE_QUEUE);
 
     let nudge = handle.clone();
     let live = Arc::new(Live::new());
     // Writes always need the token, so there always is one (`fieldsync api-token` prints it).
-    fieldsync_api::auth::ensure_token(dir).map_err(|e| CliError::runtime(format!("cannot create the API token in {}: {e}", dir.display())))?;
-    let token_everywhere = fieldsync_api::auth::token_required_everywhere(&options.api, options.api_access.require_token);
-    let access = Arc::new(fieldsync_api::auth::Access::new(dir, token_everywhere, options.api_access.cors_origins.clone()));
-    let state = AppState { replica: replica.clone(), on_change: Arc::new(move || nudge.try_local_change()), metrics: metrics.clone(), live: live.clone(), access };
+    fieldsync_api::auth::ensure_token(dir).map_err(|e| {
+        CliError::runtime(format!(
+            "cannot create the API token in {}: {e}",
+            dir.display()
+        ))
+    })?;
+    let token_everywhere = fieldsync_api::auth::token_required_everywhere(
+        &options.api,
+        options.api_access.require_token,
+    );
+    let access = Arc::new(fieldsync_api::auth::Access::new(
+        dir,
+        token_everywhere,
+        options.api_access.cors_origins.clone(),
+    ));
+    let state = AppState {
+        replica: replica.clone(),
+        on_change: Arc::new(move || nudge.try_local_change()),
+        metrics: metrics.clone(),
+        live: live.clone(),
+        access,
+    };
     // Both ports are checked before anything starts: a second node on a port in use fails
     // at once, naming the port, instead of sharing it.
     fieldsync_net::check_listen(&options.listen).map_err(|e| CliError::runtime(e.to_string()))?;
@@ -93,11 +114,14 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
             CliError::runtime(format!("cannot serve the API on {}: {e}", options.api))
         }
     })?;
-    let api_addr = listener.local_addr().map_err(|e| CliError::runtime(e.to_string()))?;
+    let api_addr = listener
+        .local_addr()
+        .map_err(|e| CliError::runtime(e.to_string()))?;
     let _daemon_file = {
         let path = dir.join(DAEMON_FILE);
         let body = json!({ "api": format!("http://{api_addr}"), "pid": std::process::id() });
-        std::fs::write(&path, body.to_string()).map_err(|e| CliError::runtime(format!("{}: {e}", path.display())))?;
+        std::fs::write(&path, body.to_string())
+            .map_err(|e| CliError::runtime(format!("{}: {e}", path.display())))?;
         DaemonFile(path)
     };
     print(json!({
@@ -111,10 +135,11 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut api_stop = stop_rx.clone();
     let api = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = api_stop.changed().await;
-        })
-        .await;
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = api_stop.changed().await;
+            })
+            .await;
     });
 
     let config = Config {
@@ -132,9 +157,15 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         max_frames_per_sec: options.net.max_frames_per_sec,
     };
     let mut net_stop = stop_rx.clone();
-    let mut net = tokio::spawn(fieldsync_net::run(replica.clone(), config, inbox, notice_tx, async move {
-        let _ = net_stop.changed().await;
-    }));
+    let mut net = tokio::spawn(fieldsync_net::run(
+        replica.clone(),
+        config,
+        inbox,
+        notice_tx,
+        async move {
+            let _ = net_stop.changed().await;
+        },
+    ));
 
     let metrics_for_traffic = metrics.clone();
     let reporter = {
@@ -146,16 +177,28 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         })
     };
     let watcher = tokio::spawn(watch_feed(replica.clone(), live.clone()));
-    let sampler = tokio::spawn(fieldsync_api::sample_health(metrics_for_traffic.clone(), live.clone()));
+    let sampler = tokio::spawn(fieldsync_api::sample_health(
+        metrics_for_traffic.clone(),
+        live.clone(),
+    ));
     let mirror = options.mirror.map(|config| {
         let state = Arc::new(fieldsync_mirror::MirrorState::default());
         let report_state = state.clone();
-        live.reports.lock().unwrap_or_else(|p| p.into_inner()).push(("mirror", Arc::new(move |head| report_state.report(head))));
+        live.reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(("mirror", Arc::new(move |head| report_state.report(head))));
         let nudge = handle.clone();
         let mut mirror_stop = stop_rx.clone();
-        tokio::spawn(fieldsync_mirror::run(replica.clone(), config, state, Arc::new(move || nudge.try_local_change()), async move {
-            let _ = mirror_stop.changed().await;
-        }))
+        tokio::spawn(fieldsync_mirror::run(
+            replica.clone(),
+            config,
+            state,
+            Arc::new(move || nudge.try_local_change()),
+            async move {
+                let _ = mirror_stop.changed().await;
+            },
+        ))
     });
     let traffic = {
         let (stats, metrics) = (handle.stats.clone(), metrics_for_traffic);
@@ -163,10 +206,20 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
             let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
             loop {
                 tick.tick().await;
-                metrics.frames_sent.store(stats.frames_sent.load(Ordering::Relaxed), Ordering::Relaxed);
-                metrics.bytes_sent.store(stats.bytes_sent.load(Ordering::Relaxed), Ordering::Relaxed);
-                metrics.frames_received.store(stats.frames_received.load(Ordering::Relaxed), Ordering::Relaxed);
-                metrics.bytes_received.store(stats.bytes_received.load(Ordering::Relaxed), Ordering::Relaxed);
+                metrics
+                    .frames_sent
+                    .store(stats.frames_sent.load(Ordering::Relaxed), Ordering::Relaxed);
+                metrics
+                    .bytes_sent
+                    .store(stats.bytes_sent.load(Ordering::Relaxed), Ordering::Relaxed);
+                metrics.frames_received.store(
+                    stats.frames_received.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+                metrics.bytes_received.store(
+                    stats.bytes_received.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
             }
         })
     };
@@ -197,13 +250,19 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
     }
 }
 
-fn peer_entry<'a>(peers: &'a mut serde_json::Map<String, serde_json::Value>, peer: &libp2p::PeerId) -> &'a mut serde_json::Value {
+fn peer_entry<'a>(
+    peers: &'a mut serde_json::Map<String, serde_json::Value>,
+    peer: &libp2p::PeerId,
+) -> &'a mut serde_json::Value {
     peers.entry(peer.to_string()).or_insert_with(|| json!({ "connected": false, "admitted": false, "completed": false, "done": 0, "total": 0, "acked_upto": 0 }))
 }
 
 /// Turns a network notice into a stdout line, metrics, peer status and an SSE event.
 fn report(live: &Live, metrics: &Metrics, notice: Notice) {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
     let mut peers = live.peers.lock().unwrap_or_else(|p| p.into_inner());
     let event = match notice {
         Notice::Listening(addr) => json!({ "event": "listening", "addr": addr.to_string() }),
@@ -257,10 +316,14 @@ fn report(live: &Live, metrics: &Metrics, notice: Notice) {
         Notice::Sync(Event::Acknowledged { peer, upto }) => {
             peer_entry(&mut peers, &peer)["acked_upto"] = json!(upto);
             drop(peers);
-            live.publish(&json!({ "event": "acknowledged", "peer": peer.to_string(), "upto": upto }));
+            live.publish(
+                &json!({ "event": "acknowledged", "peer": peer.to_string(), "upto": upto }),
+            );
             return;
         }
-        Notice::Sync(Event::StorageFailed { reason }) => json!({ "event": "storage_failed", "reason": reason }),
+        Notice::Sync(Event::StorageFailed { reason }) => {
+            json!({ "event": "storage_failed", "reason": reason })
+        }
         Notice::Sync(Event::SessionFailed { peer, reason }) => {
             metrics.sync_failed.fetch_add(1, Ordering::Relaxed);
             json!({ "event": "sync_failed", "peer": peer.to_string(), "reason": reason })
@@ -268,8 +331,11 @@ fn report(live: &Live, metrics: &Metrics, notice: Notice) {
         Notice::Sync(Event::PeerRefused { peer, reason }) => {
             drop(peers);
             live.refuse(&peer.to_string(), &reason, now);
-            metrics.peers_connected.store(live.connected(), Ordering::Relaxed);
-            let event = json!({ "event": "peer_refused", "peer": peer.to_string(), "reason": reason });
+            metrics
+                .peers_connected
+                .store(live.connected(), Ordering::Relaxed);
+            let event =
+                json!({ "event": "peer_refused", "peer": peer.to_string(), "reason": reason });
             print(event.clone());
             live.publish(&event);
             return;
@@ -278,12 +344,18 @@ fn report(live: &Live, metrics: &Metrics, notice: Notice) {
             json!({ "event": "writes_refused", "peer": peer.to_string(), "reasons": reasons })
         }
         // This node was refused: say why (status shows it as `membership` too).
-        Notice::Sync(Event::Refused { peer, state, reason }) => {
+        Notice::Sync(Event::Refused {
+            peer,
+            state,
+            reason,
+        }) => {
             json!({ "event": "refused", "peer": peer.to_string(), "state": state, "reason": reason })
         }
     };
     drop(peers);
-    metrics.peers_connected.store(live.connected(), Ordering::Relaxed);
+    metrics
+        .peers_connected
+        .store(live.connected(), Ordering::Relaxed);
     print(event.clone());
     live.publish(&event);
 }
@@ -303,8 +375,15 @@ async fn watch_feed(replica: Arc<Replica>, live: Arc<Live>) {
     let mut seen = replica.feed_seq();
     let mut known: std::collections::HashMap<String, fieldsync::core::ConflictState> = {
         let r = replica.clone();
-        let all = tokio::task::spawn_blocking(move || r.conflicts(true)).await.ok().and_then(Result::ok).unwrap_or_default();
-        all.into_iter().take(MAX_KNOWN_CONFLICTS).map(|c| (c.id.to_string(), c.state)).collect()
+        let all = tokio::task::spawn_blocking(move || r.conflicts(true))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        all.into_iter()
+            .take(MAX_KNOWN_CONFLICTS)
+            .map(|c| (c.id.to_string(), c.state))
+            .collect()
     };
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
     loop {
@@ -317,11 +396,23 @@ async fn watch_feed(replica: Arc<Replica>, live: Arc<Live>) {
         let watching = live.events.receiver_count() > 0;
         let found = tokio::task::spawn_blocking(move || {
             let changes = r.changes_since(after, 10_000)?;
-            let conflicts = changes.iter().map(|(_, _, id)| if watching { r.conflicts_of(*id).unwrap_or_default() } else { Default::default() }).collect::<Vec<_>>();
+            let conflicts = changes
+                .iter()
+                .map(|(_, _, id)| {
+                    if watching {
+                        r.conflicts_of(*id).unwrap_or_default()
+                    } else {
+                        Default::default()
+                    }
+                })
+                .collect::<Vec<_>>();
             Ok::<_, fieldsync::Error>((changes, conflicts))
         });
-        let Ok(Ok((changes, conflicts))) = found.await else { continue };
-        for ((seq, collection, id), (entity_conflicts, view)) in changes.into_iter().zip(conflicts) {
+        let Ok(Ok((changes, conflicts))) = found.await else {
+            continue;
+        };
+        for ((seq, collection, id), (entity_conflicts, view)) in changes.into_iter().zip(conflicts)
+        {
             live.publish(&json!({ "event": "entity_changed", "collection": collection, "id": id.to_string(), "seq": seq }));
             seen = seen.max(seq);
             for c in entity_conflicts {
@@ -351,13 +442,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -23,10 +23,16 @@ fn authorised<B>(request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
 /// The API address of a daemon running on `dir`, if one answers.
 pub fn daemon_api(dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(dir.join(DAEMON_FILE)).ok()?;
-    let api = serde_json::from_str::<Value>(&text).ok()?["api"].as_str()?.to_owned();
+    let api = serde_json::from_str::<Value>(&text).ok()?["api"]
+        .as_str()?
+        .to_owned();
     let _ = TOKEN.set(fieldsync_api::auth::read_token(dir).ok().flatten());
     // A daemon killed with SIGKILL leaves its file behind: only trust one that answers.
-    authorised(agent().get(format!("{api}/v1/status"))).call().ok().filter(|r| r.status().is_success()).map(|_| api)
+    authorised(agent().get(format!("{api}/v1/status")))
+        .call()
+        .ok()
+        .filter(|r| r.status().is_success())
+        .map(|_| api)
 }
 
 fn agent() -> ureq::Agent {
@@ -37,7 +43,11 @@ fn agent() -> ureq::Agent {
 const BUNDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 fn agent_for(timeout: std::time::Duration) -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(timeout)).build().into()
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .build()
+        .into()
 }
 
 /// Sends one request; the JSON answer, or the API's error mapped to the CLI's exit codes.
@@ -52,18 +62,39 @@ fn call_op(method: &str, url: &str, body: Option<&str>, op: Option<&str>) -> Res
     let sent = match (method, body, op.is_some()) {
         ("GET", _, _) => authorised(agent.get(url)).call(),
         ("DELETE", _, false) => authorised(agent.delete(url)).call(),
-        ("DELETE", _, true) => authorised(agent.delete(url)).header("idempotency-key", key).call(),
-        ("POST", b, false) => authorised(agent.post(url)).header("content-type", "application/json").send(b.unwrap_or("")),
-        ("POST", b, true) => authorised(agent.post(url)).header("content-type", "application/json").header("idempotency-key", key).send(b.unwrap_or("")),
-        ("PATCH", b, false) => authorised(agent.patch(url)).header("content-type", "application/json").send(b.unwrap_or("")),
-        ("PATCH", b, true) => authorised(agent.patch(url)).header("content-type", "application/json").header("idempotency-key", key).send(b.unwrap_or("")),
+        ("DELETE", _, true) => authorised(agent.delete(url))
+            .header("idempotency-key", key)
+            .call(),
+        ("POST", b, false) => authorised(agent.post(url))
+            .header("content-type", "application/json")
+            .send(b.unwrap_or("")),
+        ("POST", b, true) => authorised(agent.post(url))
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .send(b.unwrap_or("")),
+        ("PATCH", b, false) => authorised(agent.patch(url))
+            .header("content-type", "application/json")
+            .send(b.unwrap_or("")),
+        ("PATCH", b, true) => authorised(agent.patch(url))
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .send(b.unwrap_or("")),
         _ => return Err(CliError::runtime(format!("unsupported method {method}"))),
     };
-    let mut response = sent.map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
+    let mut response = sent
+        .map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
     let status = response.status().as_u16();
-    let text = response.body_mut().read_to_string().map_err(|e| CliError::runtime(e.to_string()))?;
+    let text = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| CliError::runtime(e.to_string()))?;
     let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    let message = || value["error"].as_str().unwrap_or("request failed").to_owned();
+    let message = || {
+        value["error"]
+            .as_str()
+            .unwrap_or("request failed")
+            .to_owned()
+    };
     match status {
         200..=299 => Ok(value),
         // As without a daemon: refused input, what only the authority may do, and an id
@@ -85,7 +116,9 @@ fn emit_array(value: Value) -> Result<()> {
 fn query(v: &str) -> String {
     v.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -96,17 +129,29 @@ fn sync(api: &str, timeout: std::time::Duration) -> Result<()> {
     let started = std::time::Instant::now();
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("syncing [{bar:30}] {pos}/{len} feed entries ({elapsed})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "syncing [{bar:30}] {pos}/{len} feed entries ({elapsed})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     let mut status = call("POST", &format!("{api}/v1/sync"), None)?;
     loop {
-        let peers: Vec<&Value> = status["peers"].as_object().map(|p| p.values().filter(|v| v["connected"] == true).collect()).unwrap_or_default();
-        let (done, total) = peers.iter().fold((0, 0), |(d, t), p| (d + p["done"].as_u64().unwrap_or(0), t + p["total"].as_u64().unwrap_or(0)));
+        let peers: Vec<&Value> = status["peers"]
+            .as_object()
+            .map(|p| p.values().filter(|v| v["connected"] == true).collect())
+            .unwrap_or_default();
+        let (done, total) = peers.iter().fold((0, 0), |(d, t), p| {
+            (
+                d + p["done"].as_u64().unwrap_or(0),
+                t + p["total"].as_u64().unwrap_or(0),
+            )
+        });
         bar.set_length(total);
         bar.set_position(done);
-        let caught_up = !peers.is_empty() && peers.iter().all(|p| p["completed"] == true) && status["pending_to_relay"] == 0;
+        let caught_up = !peers.is_empty()
+            && peers.iter().all(|p| p["completed"] == true)
+            && status["pending_to_relay"] == 0;
         if caught_up {
             bar.finish_and_clear();
             eprintln!("in sync with {} peer(s)", peers.len());
@@ -114,8 +159,15 @@ fn sync(api: &str, timeout: std::time::Duration) -> Result<()> {
         }
         if started.elapsed() > timeout {
             bar.finish_and_clear();
-            let why = if peers.is_empty() { "no peer is connected" } else { "peers are still catching up" };
-            return Err(CliError::runtime(format!("not in sync after {}s: {why}", timeout.as_secs())));
+            let why = if peers.is_empty() {
+                "no peer is connected"
+            } else {
+                "peers are still catching up"
+            };
+            return Err(CliError::runtime(format!(
+                "not in sync after {}s: {why}",
+                timeout.as_secs()
+            )));
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
         status = call("GET", &format!("{api}/v1/status"), None)?;
@@ -130,10 +182,16 @@ fn settle_many(api: &str, ids: &[String], verb: &str) -> Result<()> {
     }
     let body = serde_json::json!({ "ids": ids }).to_string();
     let results = call("POST", &format!("{api}/v1/proposals/{verb}"), Some(&body))?;
-    let failed = results.as_array().map(|a| a.iter().filter(|r| r["error"].is_string()).count()).unwrap_or(0);
+    let failed = results
+        .as_array()
+        .map(|a| a.iter().filter(|r| r["error"].is_string()).count())
+        .unwrap_or(0);
     emit_array(results)?;
     if failed > 0 {
-        return Err(CliError::runtime(format!("{failed} of {} proposal(s) could not be settled", ids.len())));
+        return Err(CliError::runtime(format!(
+            "{failed} of {} proposal(s) could not be settled",
+            ids.len()
+        )));
     }
     Ok(())
 }
@@ -146,18 +204,34 @@ fn bundle_export(api: &str, file: &Path, since: Option<&str>) -> Result<()> {
         let peer: fieldsync::PeerId = parse_id("peer id", peer)?;
         url.push_str(&format!("?since={peer}"));
     }
-    let mut response = authorised(agent_for(BUNDLE_TIMEOUT).get(&url)).call().map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
+    let mut response = authorised(agent_for(BUNDLE_TIMEOUT).get(&url))
+        .call()
+        .map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
     if !response.status().is_success() {
         let status = response.status().as_u16();
         let text = response.body_mut().read_to_string().unwrap_or_default();
         return Err(api_error(status, &text));
     }
-    let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    let (entities, since, upto) = (header("fieldsync-entities"), header("fieldsync-since"), header("fieldsync-upto"));
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (entities, since, upto) = (
+        header("fieldsync-entities"),
+        header("fieldsync-since"),
+        header("fieldsync-upto"),
+    );
     let tmp = file.with_extension("partial");
     let written = (|| {
         let mut out = std::fs::File::create(&tmp)?;
-        let n = std::io::copy(&mut response.body_mut().with_config().limit(u64::MAX).reader(), &mut out)?;
+        let n = std::io::copy(
+            &mut response.body_mut().with_config().limit(u64::MAX).reader(),
+            &mut out,
+        )?;
         out.sync_all()?;
         Ok::<u64, std::io::Error>(n)
     })();
@@ -168,14 +242,19 @@ fn bundle_export(api: &str, file: &Path, since: Option<&str>) -> Result<()> {
             return Err(CliError::runtime(format!("{}: {e}", tmp.display())));
         }
     };
-    std::fs::rename(&tmp, file).map_err(|e| CliError::runtime(format!("{}: {e}", file.display())))?;
+    std::fs::rename(&tmp, file)
+        .map_err(|e| CliError::runtime(format!("{}: {e}", file.display())))?;
     eprintln!("wrote {entities} entities to {}", file.display());
-    emit(&serde_json::json!({ "file": file.display().to_string(), "entities": entities, "bytes": bytes, "since": since, "upto": upto }))
+    emit(
+        &serde_json::json!({ "file": file.display().to_string(), "entities": entities, "bytes": bytes, "since": since, "upto": upto }),
+    )
 }
 
 /// `bundle import` through the daemon: `POST /v1/bundle`.
 fn bundle_import(api: &str, file: &Path) -> Result<()> {
-    let size = std::fs::metadata(file).map_err(|e| CliError::invalid(format!("cannot read {}: {e}", file.display())))?.len();
+    let size = std::fs::metadata(file)
+        .map_err(|e| CliError::invalid(format!("cannot read {}: {e}", file.display())))?
+        .len();
     if size > fieldsync_api::MAX_BUNDLE_BYTES as u64 {
         return Err(CliError::invalid(format!(
             "{} is {} MiB, over the {} MiB a running daemon takes; stop the daemon and import it on the data directory",
@@ -184,26 +263,38 @@ fn bundle_import(api: &str, file: &Path) -> Result<()> {
             fieldsync_api::MAX_BUNDLE_BYTES >> 20
         )));
     }
-    let bytes = std::fs::read(file).map_err(|e| CliError::invalid(format!("cannot read {}: {e}", file.display())))?;
+    let bytes = std::fs::read(file)
+        .map_err(|e| CliError::invalid(format!("cannot read {}: {e}", file.display())))?;
     let url = format!("{api}/v1/bundle");
     let mut response = authorised(agent_for(BUNDLE_TIMEOUT).post(&url))
         .header("content-type", "application/octet-stream")
         .send(&bytes[..])
         .map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
     let status = response.status().as_u16();
-    let text = response.body_mut().read_to_string().map_err(|e| CliError::runtime(e.to_string()))?;
+    let text = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| CliError::runtime(e.to_string()))?;
     if !(200..300).contains(&status) {
         return Err(api_error(status, &text));
     }
-    let summary: Value = serde_json::from_str(&text).map_err(|e| CliError::runtime(format!("the daemon answered {e}")))?;
-    eprintln!("merged {} entities from {}", summary["entities"], file.display());
+    let summary: Value = serde_json::from_str(&text)
+        .map_err(|e| CliError::runtime(format!("the daemon answered {e}")))?;
+    eprintln!(
+        "merged {} entities from {}",
+        summary["entities"],
+        file.display()
+    );
     emit(&summary)
 }
 
 /// An API error answer as the CLI's error (exit codes as for every command).
 fn api_error(status: u16, text: &str) -> CliError {
     let value: Value = serde_json::from_str(text).unwrap_or(Value::Null);
-    let message = value["error"].as_str().unwrap_or("request failed").to_owned();
+    let message = value["error"]
+        .as_str()
+        .unwrap_or("request failed")
+        .to_owned();
     match status {
         400 | 403 | 409 | 413 => CliError::invalid(message),
         404 => CliError::not_found(message),
@@ -214,12 +305,32 @@ fn api_error(status: u16, text: &str) -> CliError {
 /// Runs a data command against the daemon at `api`.
 pub fn run(api: &str, command: Command) -> Result<()> {
     match command {
-        Command::Put { collection, id_or_patch, patch, file, op_id } => {
+        Command::Put {
+            collection,
+            id_or_patch,
+            patch,
+            file,
+            op_id,
+        } => {
             let (id, patch) = crate::cli::put_args(id_or_patch, patch, file)?;
-            let op = op_id.as_deref().map(|o| parse_id::<fieldsync::OpId>("op id", o)).transpose()?.map(|o| o.to_string());
+            let op = op_id
+                .as_deref()
+                .map(|o| parse_id::<fieldsync::OpId>("op id", o))
+                .transpose()?
+                .map(|o| o.to_string());
             let mut written = match id {
-                Some(id) => call_op("PATCH", &format!("{api}/v1/collections/{collection}/{id}"), Some(&patch), op.as_deref())?,
-                None => call_op("POST", &format!("{api}/v1/collections/{collection}"), Some(&patch), op.as_deref())?,
+                Some(id) => call_op(
+                    "PATCH",
+                    &format!("{api}/v1/collections/{collection}/{id}"),
+                    Some(&patch),
+                    op.as_deref(),
+                )?,
+                None => call_op(
+                    "POST",
+                    &format!("{api}/v1/collections/{collection}"),
+                    Some(&patch),
+                    op.as_deref(),
+                )?,
             };
             // The API's `warning` (this device will not sync) goes to stderr, as without a daemon.
             if let Some(warning) = written.as_object_mut().and_then(|o| o.remove("warning")) {
@@ -230,11 +341,22 @@ pub fn run(api: &str, command: Command) -> Result<()> {
         Command::Get { collection, id } => {
             let id: fieldsync::EntityId = parse_id("entity id", &id)?;
             // Like `get` without a daemon: a deleted entity shows with `_deleted`.
-            emit(&call("GET", &format!("{api}/v1/collections/{collection}/{id}?include_deleted=true"), None)?)
+            emit(&call(
+                "GET",
+                &format!("{api}/v1/collections/{collection}/{id}?include_deleted=true"),
+                None,
+            )?)
         }
-        Command::List { collection, filters, include_deleted } => {
+        Command::List {
+            collection,
+            filters,
+            include_deleted,
+        } => {
             // Page by page, each printed as it arrives: any size streams in bounded memory.
-            let mut url = format!("{api}/v1/collections/{collection}?include_deleted={include_deleted}&limit={}", fieldsync_api::MAX_PAGE);
+            let mut url = format!(
+                "{api}/v1/collections/{collection}?include_deleted={include_deleted}&limit={}",
+                fieldsync_api::MAX_PAGE
+            );
             for filter in &filters {
                 url.push_str(&format!("&where={}", query(filter)));
             }
@@ -252,21 +374,51 @@ pub fn run(api: &str, command: Command) -> Result<()> {
                 }
             }
         }
-        Command::Delete { collection, id, op_id } => {
+        Command::Delete {
+            collection,
+            id,
+            op_id,
+        } => {
             let id: fieldsync::EntityId = parse_id("entity id", &id)?;
-            let op = op_id.as_deref().map(|o| parse_id::<fieldsync::OpId>("op id", o)).transpose()?.map(|o| o.to_string());
-            emit(&call_op("DELETE", &format!("{api}/v1/collections/{collection}/{id}"), None, op.as_deref())?)
+            let op = op_id
+                .as_deref()
+                .map(|o| parse_id::<fieldsync::OpId>("op id", o))
+                .transpose()?
+                .map(|o| o.to_string());
+            emit(&call_op(
+                "DELETE",
+                &format!("{api}/v1/collections/{collection}/{id}"),
+                None,
+                op.as_deref(),
+            )?)
         }
         Command::History { collection, id } => {
             let id: fieldsync::EntityId = parse_id("entity id", &id)?;
-            emit_array(call("GET", &format!("{api}/v1/collections/{collection}/{id}/history"), None)?)
+            emit_array(call(
+                "GET",
+                &format!("{api}/v1/collections/{collection}/{id}/history"),
+                None,
+            )?)
         }
-        Command::Conflicts { all } => emit_array(call("GET", &format!("{api}/v1/conflicts?all={all}"), None)?),
-        Command::Resolve { conflict_id, value_json } => {
+        Command::Conflicts { all } => {
+            emit_array(call("GET", &format!("{api}/v1/conflicts?all={all}"), None)?)
+        }
+        Command::Resolve {
+            conflict_id,
+            value_json,
+        } => {
             let id: fieldsync::ConflictId = parse_id("conflict id", &conflict_id)?;
-            emit(&call("POST", &format!("{api}/v1/conflicts/{id}/resolve"), Some(&value_json))?)
+            emit(&call(
+                "POST",
+                &format!("{api}/v1/conflicts/{id}/resolve"),
+                Some(&value_json),
+            )?)
         }
-        Command::Proposals { mine } => emit_array(call("GET", &format!("{api}/v1/proposals?mine={mine}"), None)?),
+        Command::Proposals { mine } => emit_array(call(
+            "GET",
+            &format!("{api}/v1/proposals?mine={mine}"),
+            None,
+        )?),
         Command::Accept { proposal_ids } => settle_many(api, &proposal_ids, "accept"),
         Command::Reject { proposal_ids } => settle_many(api, &proposal_ids, "reject"),
         Command::Status => emit(&call("GET", &format!("{api}/v1/status"), None)?),
@@ -274,25 +426,50 @@ pub fn run(api: &str, command: Command) -> Result<()> {
             let query = version.map(|v| format!("?version={v}")).unwrap_or_default();
             emit(&call("GET", &format!("{api}/v1/schema{query}"), None)?)
         }
-        Command::Schema(crate::cli::SchemaCommand::Diff { file }) => {
-            emit(&call("POST", &format!("{api}/v1/schema/diff"), Some(&crate::cli::read_schema(&file)?))?)
-        }
-        Command::Schema(crate::cli::SchemaCommand::Push { file }) => {
-            emit(&call("POST", &format!("{api}/v1/schema"), Some(&crate::cli::read_schema(&file)?))?)
-        }
+        Command::Schema(crate::cli::SchemaCommand::Diff { file }) => emit(&call(
+            "POST",
+            &format!("{api}/v1/schema/diff"),
+            Some(&crate::cli::read_schema(&file)?),
+        )?),
+        Command::Schema(crate::cli::SchemaCommand::Push { file }) => emit(&call(
+            "POST",
+            &format!("{api}/v1/schema"),
+            Some(&crate::cli::read_schema(&file)?),
+        )?),
         Command::Sync { timeout } => sync(api, std::time::Duration::from_secs(timeout)),
-        Command::Invite { action: Some(crate::cli::InviteAction::Cancel { invite_id }), .. } => {
+        Command::Invite {
+            action: Some(crate::cli::InviteAction::Cancel { invite_id }),
+            ..
+        } => {
             let id: uuid::Uuid = parse_id("invite id", &invite_id)?;
-            emit(&call("POST", &format!("{api}/v1/invites/{id}/cancel"), None)?)
+            emit(&call(
+                "POST",
+                &format!("{api}/v1/invites/{id}/cancel"),
+                None,
+            )?)
         }
-        Command::Invite { action: None, user, role, partitions, valid_hours } => {
+        Command::Invite {
+            action: None,
+            user,
+            role,
+            partitions,
+            valid_hours,
+        } => {
             let body = serde_json::json!({
                 "user": user,
                 "role": role,
                 "partitions": crate::cli::parse_partitions(&partitions)?,
                 "valid_secs": valid_hours.saturating_mul(3600),
             });
-            println!("{}", serde_json::to_string_pretty(&call("POST", &format!("{api}/v1/invites"), Some(&body.to_string()))?).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&call(
+                    "POST",
+                    &format!("{api}/v1/invites"),
+                    Some(&body.to_string())
+                )?)
+                .unwrap_or_default()
+            );
             Ok(())
         }
         Command::Members => {
@@ -303,19 +480,39 @@ pub fn run(api: &str, command: Command) -> Result<()> {
         }
         Command::Revoke { peer_id } => {
             let peer: fieldsync::PeerId = parse_id("peer id", &peer_id)?;
-            emit(&call("POST", &format!("{api}/v1/members/{peer}/revoke"), None)?)
+            emit(&call(
+                "POST",
+                &format!("{api}/v1/members/{peer}/revoke"),
+                None,
+            )?)
         }
-        Command::Bundle(BundleCommand::Export { file, since }) => bundle_export(api, &file, since.as_deref()),
+        Command::Bundle(BundleCommand::Export { file, since }) => {
+            bundle_export(api, &file, since.as_deref())
+        }
         Command::Bundle(BundleCommand::Import { file }) => bundle_import(api, &file),
         Command::Import { .. } | Command::Export { .. } | Command::Mirror(_) => {
-            Err(CliError::invalid("a daemon is running on this data directory; stop it (Ctrl-C) for this command"))
+            Err(CliError::invalid(
+                "a daemon is running on this data directory; stop it (Ctrl-C) for this command",
+            ))
         }
-        Command::Init { .. } | Command::Run { .. } | Command::Relay { .. } => Err(CliError::invalid("a daemon is already running on this data directory")),
+        Command::Init { .. } | Command::Run { .. } | Command::Relay { .. } => Err(
+            CliError::invalid("a daemon is already running on this data directory"),
+        ),
         Command::ApiToken { .. } => unreachable!("handled by cli::run"),
         Command::Purge { collection, id } => {
             parse_id::<fieldsync::EntityId>("entity id", &id)?;
-            emit(&call("POST", &format!("{api}/v1/collections/{}/{}/purge", query(&collection), query(&id)), None)?)
+            emit(&call(
+                "POST",
+                &format!(
+                    "{api}/v1/collections/{}/{}/purge",
+                    query(&collection),
+                    query(&id)
+                ),
+                None,
+            )?)
         }
-        Command::Authority(_) => Err(CliError::invalid("stop the daemon first: `authority export` reads the key from the store")),
+        Command::Authority(_) => Err(CliError::invalid(
+            "stop the daemon first: `authority export` reads the key from the store",
+        )),
     }
 }

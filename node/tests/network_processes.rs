@@ -20,22 +20,65 @@ fn devices_sync_through_the_relay_and_merge_offline_edits_after_a_restart() {
     let b = start_device(&s.devices[1], &raddr, &[]);
 
     // Live: a write on one device reaches the other through the relay.
-    let task = cli(&s.devices[0], &["put", "tasks", r#"{"title":"Fit boiler","status":"open","tags":["gas"]}"#])["id"].as_str().unwrap().to_owned();
-    eventually("the task reaches device1", || bin().arg("--data").arg(&s.devices[1]).args(["get", "tasks", &task]).output().unwrap().status.success());
+    let task = cli(
+        &s.devices[0],
+        &[
+            "put",
+            "tasks",
+            r#"{"title":"Fit boiler","status":"open","tags":["gas"]}"#,
+        ],
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    eventually("the task reaches device1", || {
+        bin()
+            .arg("--data")
+            .arg(&s.devices[1])
+            .args(["get", "tasks", &task])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    });
 
     // Device1 goes offline; both edit; device1 comes back and everything merges.
     b.stop();
-    cli(&s.devices[1], &["put", "tasks", &task, r#"{"status":"completed","tags":{"$add":["done"]}}"#]);
-    cli(&s.devices[0], &["put", "tasks", &task, r#"{"status":"in_progress","title":"Fit boiler, 2nd floor"}"#]);
+    cli(
+        &s.devices[1],
+        &[
+            "put",
+            "tasks",
+            &task,
+            r#"{"status":"completed","tags":{"$add":["done"]}}"#,
+        ],
+    );
+    cli(
+        &s.devices[0],
+        &[
+            "put",
+            "tasks",
+            &task,
+            r#"{"status":"in_progress","title":"Fit boiler, 2nd floor"}"#,
+        ],
+    );
     let _b = start_device(&s.devices[1], &raddr, &[]);
     eventually("the offline edits merge everywhere", || {
         [&s.relay, &s.devices[0], &s.devices[1]].iter().all(|d| {
             let v = cli(d, &["get", "tasks", &task]);
-            v["status"] == "completed" && v["title"] == "Fit boiler, 2nd floor" && v["tags"] == serde_json::json!(["done", "gas"])
+            v["status"] == "completed"
+                && v["title"] == "Fit boiler, 2nd floor"
+                && v["tags"] == serde_json::json!(["done", "gas"])
         })
     });
-    let views: Vec<Vec<Value>> = [&s.relay, &s.devices[0], &s.devices[1]].iter().map(|d| list(d, "tasks")).collect();
-    assert!(views.iter().all(|v| *v == views[0]), "views differ: {views:?}");
+    let views: Vec<Vec<Value>> = [&s.relay, &s.devices[0], &s.devices[1]]
+        .iter()
+        .map(|d| list(d, "tasks"))
+        .collect();
+    assert!(
+        views.iter().all(|v| *v == views[0]),
+        "views differ: {views:?}"
+    );
     drop(a);
 }
 
@@ -47,22 +90,50 @@ fn devices_keep_syncing_directly_while_the_relay_is_down_and_a_late_device_catch
     let a_addr = a.addr();
     let mut b = start_device(&s.devices[1], &raddr, &["--peer", &a_addr]);
     for i in 0..50 {
-        cli(&s.devices[0], &["put", "inventory", &format!(r#"{{"item":"part {i}","stock":{i}}}"#)]);
+        cli(
+            &s.devices[0],
+            &[
+                "put",
+                "inventory",
+                &format!(r#"{{"item":"part {i}","stock":{i}}}"#),
+            ],
+        );
     }
-    eventually("50 items on device1", || list(&s.devices[1], "inventory").len() == 50);
+    eventually("50 items on device1", || {
+        list(&s.devices[1], "inventory").len() == 50
+    });
 
     // The relay goes down; the devices still sync with each other.
     relay.stop();
-    let item = cli(&s.devices[1], &["put", "inventory", r#"{"item":"valve","stock":7}"#])["id"].as_str().unwrap().to_owned();
-    eventually("a direct write reaches device0", || bin().arg("--data").arg(&s.devices[0]).args(["get", "inventory", &item]).output().unwrap().status.success());
+    let item = cli(
+        &s.devices[1],
+        &["put", "inventory", r#"{"item":"valve","stock":7}"#],
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    eventually("a direct write reaches device0", || {
+        bin()
+            .arg("--data")
+            .arg(&s.devices[0])
+            .args(["get", "inventory", &item])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    });
 
     // The relay returns, and a device started long after catches up with everything.
     let (_relay, raddr) = start_relay(&s.relay);
     // The devices redial the relay's old address; point a new device at the new one.
     let mut c = start_device(&s.devices[2], &raddr, &["--peer", &a_addr]);
     c.wait_for("peer_connected");
-    eventually("device2 catches up", || list(&s.devices[2], "inventory").len() == 51);
-    eventually("the relay has everything", || list(&s.relay, "inventory").len() == 51);
+    eventually("device2 catches up", || {
+        list(&s.devices[2], "inventory").len() == 51
+    });
+    eventually("the relay has everything", || {
+        list(&s.relay, "inventory").len() == 51
+    });
 
     // Views are identical through the CLI and through the HTTP API.
     let reference = list(&s.devices[0], "inventory");
@@ -70,8 +141,18 @@ fn devices_keep_syncing_directly_while_the_relay_is_down_and_a_late_device_catch
         assert_eq!(list(d, "inventory"), reference);
     }
     let api = c.api();
-    let via_http: Value = ureq::get(format!("{api}/v1/collections/inventory?include_deleted=true")).call().unwrap().body_mut().read_json().unwrap();
-    assert_eq!(via_http, serde_json::json!({ "items": reference, "next": null }));
+    let via_http: Value = ureq::get(format!(
+        "{api}/v1/collections/inventory?include_deleted=true"
+    ))
+    .call()
+    .unwrap()
+    .body_mut()
+    .read_json()
+    .unwrap();
+    assert_eq!(
+        via_http,
+        serde_json::json!({ "items": reference, "next": null })
+    );
     let _ = b.wait_for("api");
 }
 
@@ -87,7 +168,9 @@ fn sync_status_events_and_metrics_of_a_running_device() {
     let (tx, rx) = mpsc::channel();
     let events_url = format!("{api}/v1/events");
     std::thread::spawn(move || {
-        let Ok(mut resp) = ureq::get(&events_url).call() else { return };
+        let Ok(mut resp) = ureq::get(&events_url).call() else {
+            return;
+        };
         let reader = BufReader::new(resp.body_mut().as_reader());
         for line in reader.lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
@@ -96,10 +179,15 @@ fn sync_status_events_and_metrics_of_a_running_device() {
         }
     });
     std::thread::sleep(Duration::from_millis(300));
-    let id = cli(&s.devices[0], &["put", "tasks", r#"{"title":"watched"}"#])["id"].as_str().unwrap().to_owned();
+    let id = cli(&s.devices[0], &["put", "tasks", r#"{"title":"watched"}"#])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let deadline = Instant::now() + WAIT;
     loop {
-        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("an entity_changed event");
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("an entity_changed event");
         if line.contains("entity_changed") && line.contains(&id) {
             break;
         }
@@ -111,11 +199,26 @@ fn sync_status_events_and_metrics_of_a_running_device() {
     let peers = status["peers"].as_object().expect("peers");
     assert_eq!(peers.len(), 1);
     let relay_peer = peers.values().next().unwrap();
-    assert_eq!((relay_peer["role"].as_str(), relay_peer["connected"].as_bool(), relay_peer["completed"].as_bool()), (Some("relay"), Some(true), Some(true)));
+    assert_eq!(
+        (
+            relay_peer["role"].as_str(),
+            relay_peer["connected"].as_bool(),
+            relay_peer["completed"].as_bool()
+        ),
+        (Some("relay"), Some(true), Some(true))
+    );
     assert!(cli(&s.relay, &["get", "tasks", &id])["title"] == "watched");
 
-    let metrics = ureq::get(format!("{api}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
-    assert!(metrics.contains("fieldsync_sync_completed_total 1"), "{metrics}");
+    let metrics = ureq::get(format!("{api}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("fieldsync_sync_completed_total 1"),
+        "{metrics}"
+    );
     assert!(metrics.contains("fieldsync_peers_connected 1"), "{metrics}");
     assert!(metrics.contains("fieldsync_frames_sent_total"), "{metrics}");
 }
@@ -130,17 +233,44 @@ fn a_device_is_reachable_through_a_relay_circuit() {
     let a_peer = a.wait_for("api")["peer_id"].as_str().unwrap().to_owned();
     let deadline = Instant::now() + WAIT;
     let circuit = loop {
-        let v = a.events.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("a listens through the relay");
+        let v = a
+            .events
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("a listens through the relay");
         a.seen.push(v.clone());
-        if v["event"] == "listening" && v["addr"].as_str().is_some_and(|x| x.contains("p2p-circuit")) {
+        if v["event"] == "listening"
+            && v["addr"]
+                .as_str()
+                .is_some_and(|x| x.contains("p2p-circuit"))
+        {
             break v["addr"].as_str().unwrap().to_owned();
         }
     };
-    let mut b = Daemon::start(&s.devices[1], &[&["run", "--peer", &circuit], LOCAL].concat());
+    let mut b = Daemon::start(
+        &s.devices[1],
+        &[&["run", "--peer", &circuit], LOCAL].concat(),
+    );
     b.wait_for("api");
-    eventually("b has a session with a", || cli(&s.devices[1], &["status"])["peers"][&a_peer]["connected"] == true);
-    let id = cli(&s.devices[0], &["put", "tasks", r#"{"title":"via the circuit"}"#])["id"].as_str().unwrap().to_owned();
-    eventually("the task reaches b", || bin().arg("--data").arg(&s.devices[1]).args(["get", "tasks", &id]).output().unwrap().status.success());
+    eventually("b has a session with a", || {
+        cli(&s.devices[1], &["status"])["peers"][&a_peer]["connected"] == true
+    });
+    let id = cli(
+        &s.devices[0],
+        &["put", "tasks", r#"{"title":"via the circuit"}"#],
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    eventually("the task reaches b", || {
+        bin()
+            .arg("--data")
+            .arg(&s.devices[1])
+            .args(["get", "tasks", &id])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    });
 }
 
 #[test]
@@ -148,49 +278,117 @@ fn members_partitions_and_revocation_with_running_daemons() {
     let s = site(0);
     let (mut relay, raddr) = start_relay(&s.relay);
     let relay_api = relay.api();
-    cli(&s.relay, &["put", "tasks", r#"{"title":"for ana","assignee":"ana"}"#]);
-    cli(&s.relay, &["put", "tasks", r#"{"title":"for bo","assignee":"bo"}"#]);
+    cli(
+        &s.relay,
+        &["put", "tasks", r#"{"title":"for ana","assignee":"ana"}"#],
+    );
+    cli(
+        &s.relay,
+        &["put", "tasks", r#"{"title":"for bo","assignee":"bo"}"#],
+    );
     // Invites through the running relay's API: ana sees only her tasks.
     let join = |name: &str, args: &[&str]| {
-        let out = bin().arg("--data").arg(&s.relay).arg("invite").args(args).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = bin()
+            .arg("--data")
+            .arg(&s.relay)
+            .arg("invite")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let invite = s.tmp.path().join(format!("{name}.json"));
         std::fs::write(&invite, out.stdout).unwrap();
         let dir = s.tmp.path().join(name);
-        cli(&dir, &["init", "--join", invite.to_str().unwrap(), "--name", name]);
+        cli(
+            &dir,
+            &["init", "--join", invite.to_str().unwrap(), "--name", name],
+        );
         dir
     };
     let ana = join("ana", &["--user", "ana", "--partition", "tasks=own"]);
-    let bad = bin().arg("--data").arg(&s.relay).args(["invite", "--partition", "tasks=some"]).output().unwrap();
+    let bad = bin()
+        .arg("--data")
+        .arg(&s.relay)
+        .args(["invite", "--partition", "tasks=some"])
+        .output()
+        .unwrap();
     assert_eq!(bad.status.code(), Some(2), "a bad partition is refused");
     let mut dev = start_device(&ana, &raddr, &[]);
     dev.wait_for("sync_completed");
     eventually("ana has her task", || list(&ana, "tasks").len() == 1);
     assert_eq!(list(&ana, "tasks")[0]["title"], "for ana");
     let members = cli(&s.relay, &["members"]);
-    assert_eq!((members["user"].as_str(), members["role"].as_str(), members["revoked"].as_bool()), (Some("ana"), Some("device"), Some(false)), "{members}");
+    assert_eq!(
+        (
+            members["user"].as_str(),
+            members["role"].as_str(),
+            members["revoked"].as_bool()
+        ),
+        (Some("ana"), Some("device"), Some(false)),
+        "{members}"
+    );
 
     // A stranger (the workspace without an invite) is refused, logged and counted.
     let stranger = s.tmp.path().join("stranger");
-    let mut bare: Value = serde_json::from_slice(&std::fs::read(s.tmp.path().join("ana.json")).unwrap()).unwrap();
+    let mut bare: Value =
+        serde_json::from_slice(&std::fs::read(s.tmp.path().join("ana.json")).unwrap()).unwrap();
     bare.as_object_mut().unwrap().remove("token");
     bare.as_object_mut().unwrap().remove("token_secret");
     std::fs::write(s.tmp.path().join("bare.json"), bare.to_string()).unwrap();
-    cli(&stranger, &["init", "--join", s.tmp.path().join("bare.json").to_str().unwrap(), "--name", "stranger"]);
+    cli(
+        &stranger,
+        &[
+            "init",
+            "--join",
+            s.tmp.path().join("bare.json").to_str().unwrap(),
+            "--name",
+            "stranger",
+        ],
+    );
     let _stranger = start_device(&stranger, &raddr, &[]);
-    assert!(relay.wait_for("peer_refused")["reason"].as_str().unwrap().contains("not a member"));
-    let metrics = || ureq::get(format!("{relay_api}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
-    eventually("the refusal is counted", || metrics().contains("fieldsync_sessions_refused_total 1"));
+    assert!(relay.wait_for("peer_refused")["reason"]
+        .as_str()
+        .unwrap()
+        .contains("not a member"));
+    let metrics = || {
+        ureq::get(format!("{relay_api}/metrics"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    };
+    eventually("the refusal is counted", || {
+        metrics().contains("fieldsync_sessions_refused_total 1")
+    });
     assert!(metrics().contains("fieldsync_peers_banned_total 1"));
     assert!(list(&stranger, "tasks").is_empty());
 
     // Revoked through the running relay: ana's session ends and she gets nothing new.
     let ana_peer = members["peer"].as_str().unwrap().to_owned();
     assert_eq!(cli(&s.relay, &["revoke", &ana_peer])["revoked"], true);
-    let reason = relay.wait_for_next("peer_refused")["reason"].as_str().unwrap().to_owned();
+    let reason = relay.wait_for_next("peer_refused")["reason"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(reason.contains("revoked"), "{reason}");
-    cli(&s.relay, &["put", "tasks", r#"{"title":"after revocation","assignee":"ana"}"#]);
+    cli(
+        &s.relay,
+        &[
+            "put",
+            "tasks",
+            r#"{"title":"after revocation","assignee":"ana"}"#,
+        ],
+    );
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(list(&ana, "tasks").len(), 1, "a revoked device kept receiving");
+    assert_eq!(
+        list(&ana, "tasks").len(),
+        1,
+        "a revoked device kept receiving"
+    );
     dev.stop();
 }

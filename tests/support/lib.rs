@@ -13,7 +13,10 @@ pub const SCHEMA: &str = include_str!("../../examples/schema.toml");
 
 /// An authority and `devices` joined devices (each already known to the authority as a
 /// member) in fresh directories under `root`.
-pub fn workspace(root: &Path, devices: &[&str]) -> Result<(Replica, Vec<Replica>), fieldsync::Error> {
+pub fn workspace(
+    root: &Path,
+    devices: &[&str],
+) -> Result<(Replica, Vec<Replica>), fieldsync::Error> {
     let hq = Replica::init_authority(&root.join("hq"), SCHEMA, "hq")?;
 
     let devices = devices

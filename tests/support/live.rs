@@ -24,12 +24,23 @@ pub struct LiveNode {
 
 impl LiveNode {
     /// Starts the node of `replica`, dialling `dial`, and waits until it listens.
-    pub async fn start(name: &str, replica: Arc<Replica>, role: Role, dial: &[String]) -> anyhow::Result<LiveNode> {
+    pub async fn start(
+        name: &str,
+        replica: Arc<Replica>,
+        role: Role,
+        dial: &[String],
+    ) -> anyhow::Result<LiveNode> {
         Self::start_with(name, replica, role, dial, |_| {}).await
     }
 
     /// Like [`Self::start`], with network settings changed by `tweak` (limits, bans).
-    pub async fn start_with(name: &str, replica: Arc<Replica>, role: Role, dial: &[String], tweak: impl FnOnce(&mut Config)) -> anyhow::Result<LiveNode> {
+    pub async fn start_with(
+        name: &str,
+        replica: Arc<Replica>,
+        role: Role,
+        dial: &[String],
+        tweak: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<LiveNode> {
         let (handle, inbox) = fieldsync_net::channel();
         let (tx, mut notices) = mpsc::channel(fieldsync_net::NOTICE_QUEUE);
         let (stop, mut stopped) = watch::channel(false);
@@ -41,9 +52,15 @@ impl LiveNode {
         };
         let mut config = config;
         tweak(&mut config);
-        let task = tokio::spawn(fieldsync_net::run(replica.clone(), config, inbox, tx, async move {
-            let _ = stopped.changed().await;
-        }));
+        let task = tokio::spawn(fieldsync_net::run(
+            replica.clone(),
+            config,
+            inbox,
+            tx,
+            async move {
+                let _ = stopped.changed().await;
+            },
+        ));
         let addr = loop {
             match tokio::time::timeout(Duration::from_secs(10), notices.recv()).await {
                 Ok(Some(Notice::Listening(a))) => break a.to_string(),
@@ -53,11 +70,23 @@ impl LiveNode {
         };
         // Keep draining notices so the node never waits on them.
         tokio::spawn(async move { while notices.recv().await.is_some() {} });
-        Ok(LiveNode { name: name.to_owned(), replica, handle, addr, stop, task })
+        Ok(LiveNode {
+            name: name.to_owned(),
+            replica,
+            handle,
+            addr,
+            stop,
+            task,
+        })
     }
 
     /// Writes through the replica and tells the node to offer the change.
-    pub async fn put(&self, collection: &str, id: Option<fieldsync::EntityId>, patch: &str) -> anyhow::Result<fieldsync::EntityId> {
+    pub async fn put(
+        &self,
+        collection: &str,
+        id: Option<fieldsync::EntityId>,
+        patch: &str,
+    ) -> anyhow::Result<fieldsync::EntityId> {
         let id = self.replica.put(collection, id, patch)?;
         self.handle.local_change().await;
         Ok(id)
@@ -72,7 +101,10 @@ impl LiveNode {
 }
 
 /// Opens (or creates) the replicas of an authority and devices under `root`.
-pub fn replicas(root: &Path, devices: &[&str]) -> anyhow::Result<(Arc<Replica>, Vec<Arc<Replica>>)> {
+pub fn replicas(
+    root: &Path,
+    devices: &[&str],
+) -> anyhow::Result<(Arc<Replica>, Vec<Arc<Replica>>)> {
     let (hq, devs) = crate::workspace(root, devices)?;
     Ok((Arc::new(hq), devs.into_iter().map(Arc::new).collect()))
 }

@@ -43,7 +43,10 @@ fn edit(d: usize) -> String {
 }
 
 fn count(r: &Replica) -> usize {
-    r.status().ok().and_then(|s| s.entities.get("tasks").and_then(|v| v.as_u64())).unwrap_or(0) as usize
+    r.status()
+        .ok()
+        .and_then(|s| s.entities.get("tasks").and_then(|v| v.as_u64()))
+        .unwrap_or(0) as usize
 }
 
 /// A digest of every view of `tasks` on `r`.
@@ -59,16 +62,33 @@ fn digest(r: &Replica) -> anyhow::Result<u64> {
 /// Runs `spec` against the relay at `relay_addr`, which holds the entities `shared` and
 /// nothing else; `invite` gives one invite per device (an invite admits one device). Device
 /// data goes under `root`.
-pub async fn run(root: &Path, invite: &mut dyn FnMut() -> anyhow::Result<Vec<u8>>, relay_addr: &str, shared: &[EntityId], spec: &Spec) -> anyhow::Result<Outcome> {
+pub async fn run(
+    root: &Path,
+    invite: &mut dyn FnMut() -> anyhow::Result<Vec<u8>>,
+    relay_addr: &str,
+    shared: &[EntityId],
+    spec: &Spec,
+) -> anyhow::Result<Outcome> {
     let deadline = Instant::now() + spec.timeout;
     let mut nodes = Vec::with_capacity(spec.devices);
     for d in 0..spec.devices {
         let dir = root.join(format!("device{d}"));
         drop(Replica::init_join(&dir, &invite()?, &format!("device{d}"))?);
         let replica = Arc::new(reopen(&dir, spec.memory).await?);
-        nodes.push(LiveNode::start(&format!("device{d}"), replica, Role::Device, &[relay_addr.to_owned()]).await?);
+        nodes.push(
+            LiveNode::start(
+                &format!("device{d}"),
+                replica,
+                Role::Device,
+                &[relay_addr.to_owned()],
+            )
+            .await?,
+        );
     }
-    wait(deadline, "every device has the shared entities", || nodes.iter().all(|n| count(&n.replica) == shared.len())).await?;
+    wait(deadline, "every device has the shared entities", || {
+        nodes.iter().all(|n| count(&n.replica) == shared.len())
+    })
+    .await?;
 
     let start = Instant::now();
     let mut writers = Vec::new();
@@ -79,7 +99,9 @@ pub async fn run(root: &Path, invite: &mut dyn FnMut() -> anyhow::Result<Vec<u8>
         let shared = shared.to_vec();
         writers.push(tokio::spawn(async move {
             let done = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-                let lines: String = (0..owned).map(|i| crate::ten_field_task(shared.len() + d * owned + i) + "\n").collect();
+                let lines: String = (0..owned)
+                    .map(|i| crate::ten_field_task(shared.len() + d * owned + i) + "\n")
+                    .collect();
                 replica.bulk_import("tasks", &lines, &mut |_, _| {})?;
                 for k in 0..edits.min(shared.len()) {
                     replica.put("tasks", Some(shared[(d + k) % shared.len()]), &edit(d))?;
@@ -97,18 +119,30 @@ pub async fn run(root: &Path, invite: &mut dyn FnMut() -> anyhow::Result<Vec<u8>
 
     let total = shared.len() + spec.devices * spec.owned;
     loop {
-        wait(deadline, "every device holds every entity", || nodes.iter().all(|n| n.replica.feed_seq() >= total as u64 && count(&n.replica) == total)).await?;
+        wait(deadline, "every device holds every entity", || {
+            nodes
+                .iter()
+                .all(|n| n.replica.feed_seq() >= total as u64 && count(&n.replica) == total)
+        })
+        .await?;
         if converged(&nodes, shared, spec)? {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "devices hold {total} entities each but differ (timed out after {:?})", spec.timeout);
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "devices hold {total} entities each but differ (timed out after {:?})",
+            spec.timeout
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let converged = start.elapsed();
     for n in nodes {
         n.stop().await;
     }
-    Ok(Outcome { converged, entities: total })
+    Ok(Outcome {
+        converged,
+        entities: total,
+    })
 }
 
 /// Whether every device has the expected shared values and the same views overall.
@@ -116,12 +150,21 @@ fn converged(nodes: &[LiveNode], shared: &[EntityId], spec: &Spec) -> anyhow::Re
     let edits = spec.edits.min(shared.len());
     for (s, id) in shared.iter().enumerate() {
         // Devices d with (d + k) % len == s for some k < edits edited entity s.
-        let editors: Vec<usize> = (0..spec.devices).filter(|d| (0..edits).any(|k| (d + k) % shared.len() == s)).collect();
+        let editors: Vec<usize> = (0..spec.devices)
+            .filter(|d| (0..edits).any(|k| (d + k) % shared.len() == s))
+            .collect();
         let tags: BTreeSet<String> = editors.iter().map(|d| format!("d{d}")).collect();
         let progress = editors.iter().map(|d| d + 1).max();
         for n in nodes {
             let v = n.replica.get("tasks", *id)?;
-            let have: BTreeSet<String> = v["tags"].as_array().into_iter().flatten().filter_map(|t| t.as_str()).filter(|t| t.starts_with('d')).map(str::to_owned).collect();
+            let have: BTreeSet<String> = v["tags"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.as_str())
+                .filter(|t| t.starts_with('d'))
+                .map(str::to_owned)
+                .collect();
             if have != tags || progress.is_some_and(|p| v["progress"].as_u64() != Some(p as u64)) {
                 return Ok(false);
             }
@@ -141,13 +184,19 @@ async fn reopen(dir: &Path, memory: MemoryOptions) -> anyhow::Result<Replica> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match Replica::open_with(dir, memory) {
-            Err(e) if e.to_string().contains("in use") && Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) if e.to_string().contains("in use") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
             other => return Ok(other?),
         }
     }
 }
 
-async fn wait(deadline: Instant, what: &str, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
+async fn wait(
+    deadline: Instant,
+    what: &str,
+    mut check: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
     while !check() {
         anyhow::ensure!(Instant::now() < deadline, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -45,8 +45,15 @@ impl Clock for SimClock {
     }
     fn new_id(&self) -> uuid::Uuid {
         let mut random = [0u8; 10];
-        self.rng.lock().unwrap_or_else(|p| p.into_inner()).fill(&mut random);
-        uuid::Builder::from_unix_timestamp_millis(EPOCH_MS + self.now.load(Ordering::Relaxed), &random).into_uuid()
+        self.rng
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .fill(&mut random);
+        uuid::Builder::from_unix_timestamp_millis(
+            EPOCH_MS + self.now.load(Ordering::Relaxed),
+            &random,
+        )
+        .into_uuid()
     }
 }
 
@@ -71,11 +78,21 @@ pub struct Faults {
 impl Faults {
     /// A perfect network with zero latency.
     pub fn none() -> Self {
-        Faults { latency_ms: (0, 0), duplicate: 0.0, drop_connection: 0.0, io_ms: (0, 0) }
+        Faults {
+            latency_ms: (0, 0),
+            duplicate: 0.0,
+            drop_connection: 0.0,
+            io_ms: (0, 0),
+        }
     }
     /// Latency, reordering, duplication and dropped connections.
     pub fn hostile() -> Self {
-        Faults { latency_ms: (1, 40), duplicate: 0.05, drop_connection: 0.002, io_ms: (0, 5) }
+        Faults {
+            latency_ms: (1, 40),
+            duplicate: 0.05,
+            drop_connection: 0.002,
+            io_ms: (0, 5),
+        }
     }
 }
 
@@ -117,10 +134,20 @@ pub struct Traffic {
 /// What the virtual clock runs, in order of time.
 enum Work {
     /// A frame in flight.
-    Frame { from: NodeId, to: NodeId, epoch: u64, bytes: Vec<u8> },
+    Frame {
+        from: NodeId,
+        to: NodeId,
+        epoch: u64,
+        bytes: Vec<u8>,
+    },
     /// A storage task of a node's engine, done when its time comes (tasks finish in any
     /// order, as on a real node's worker pool).
-    Io { node: NodeId, incarnation: u64, id: TaskId, task: Task },
+    Io {
+        node: NodeId,
+        incarnation: u64,
+        id: TaskId,
+        task: Task,
+    },
     /// A node's engine asked to be called at this time.
     Timer { node: NodeId, incarnation: u64 },
 }
@@ -182,14 +209,19 @@ impl Network {
     }
 
     fn engine(&self, name: &str, replica: &Arc<Replica>, role: Role) -> (Engine, Watch) {
-        let config = Config::default().with_role(role).with_limits(self.limits).with_name(name);
+        let config = Config::default()
+            .with_role(role)
+            .with_limits(self.limits)
+            .with_name(name);
         let local = sync_host::local_state(replica).unwrap_or_else(|e| panic!("{name}: {e}"));
         (Engine::new(config, local), Watch::new(replica))
     }
 
     /// The seed of the next node's key and ids.
     fn node_seed(&self) -> u64 {
-        self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(self.nodes.len() as u64 + 1)
+        self.seed
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(self.nodes.len() as u64 + 1)
     }
 
     fn key(node_seed: u64) -> ed25519::Keypair {
@@ -200,15 +232,26 @@ impl Network {
     }
 
     fn clock(&self, node_seed: u64) -> Arc<dyn Clock> {
-        Arc::new(SimClock { now: self.clock_now.clone(), rng: Mutex::new(StdRng::seed_from_u64(node_seed ^ 0xC10C)) })
+        Arc::new(SimClock {
+            now: self.clock_now.clone(),
+            rng: Mutex::new(StdRng::seed_from_u64(node_seed ^ 0xC10C)),
+        })
     }
 
     /// Adds the workspace's relay, which is its authority. Must be the first node.
     pub fn add_relay(&mut self, name: &str) -> NodeId {
-        assert!(self.invite.is_none(), "the first relay creates the workspace");
-        let (label, store) = (PathBuf::from(format!("memory:{name}")), Arc::new(MemoryStore::new()));
+        assert!(
+            self.invite.is_none(),
+            "the first relay creates the workspace"
+        );
+        let (label, store) = (
+            PathBuf::from(format!("memory:{name}")),
+            Arc::new(MemoryStore::new()),
+        );
         let node_seed = self.node_seed();
-        let replica = Replica::init_authority_on(store.clone(), &label, SCHEMA, name, Self::key(node_seed)).expect("init relay");
+        let replica =
+            Replica::init_authority_on(store.clone(), &label, SCHEMA, name, Self::key(node_seed))
+                .expect("init relay");
         let replica = Arc::new(replica.with_clock(self.clock(node_seed)));
         self.invite = Some(vec![]);
         self.push_node(name, node_seed, (label, store), Role::Relay, replica)
@@ -219,23 +262,50 @@ impl Network {
         assert!(self.invite.is_some(), "add a relay first");
         // One invite per device: an invite admits one device only.
         let invite = self.replica(NodeId(0)).invite();
-        let (label, store) = (PathBuf::from(format!("memory:{name}")), Arc::new(MemoryStore::new()));
+        let (label, store) = (
+            PathBuf::from(format!("memory:{name}")),
+            Arc::new(MemoryStore::new()),
+        );
         let node_seed = self.node_seed();
-        let replica = Replica::init_join_on(store.clone(), &label, &invite, name, Self::key(node_seed)).expect("init device");
+        let replica =
+            Replica::init_join_on(store.clone(), &label, &invite, name, Self::key(node_seed))
+                .expect("init device");
         let replica = Arc::new(replica.with_clock(self.clock(node_seed)));
         self.push_node(name, node_seed, (label, store), Role::Device, replica)
     }
 
-    fn push_node(&mut self, name: &str, node_seed: u64, (label, store): (PathBuf, Arc<MemoryStore>), role: Role, replica: Arc<Replica>) -> NodeId {
+    fn push_node(
+        &mut self,
+        name: &str,
+        node_seed: u64,
+        (label, store): (PathBuf, Arc<MemoryStore>),
+        role: Role,
+        replica: Arc<Replica>,
+    ) -> NodeId {
         let (engine, watch) = self.engine(name, &replica, role);
         let live = Some((replica, engine, watch));
-        self.nodes.push(Node { name: name.into(), node_seed, label, store, crash_at_flush: false, role, live, incarnation: 0, timer_at: None, events: Vec::new() });
+        self.nodes.push(Node {
+            name: name.into(),
+            node_seed,
+            label,
+            store,
+            crash_at_flush: false,
+            role,
+            live,
+            incarnation: 0,
+            timer_at: None,
+            events: Vec::new(),
+        });
         NodeId(self.nodes.len() - 1)
     }
 
     /// The node's replica (panics if it is crashed).
     pub fn replica(&self, n: NodeId) -> &Arc<Replica> {
-        &self.nodes[n.0].live.as_ref().unwrap_or_else(|| panic!("{} is down", self.nodes[n.0].name)).0
+        &self.nodes[n.0]
+            .live
+            .as_ref()
+            .unwrap_or_else(|| panic!("{} is down", self.nodes[n.0].name))
+            .0
     }
 
     fn peer(&self, n: NodeId) -> PeerId {
@@ -261,7 +331,12 @@ impl Network {
 
     /// Cuts `n` from everyone until `heal_all`.
     pub fn isolate(&mut self, n: NodeId) {
-        let keys: Vec<_> = self.links.keys().copied().filter(|(a, b)| *a == n || *b == n).collect();
+        let keys: Vec<_> = self
+            .links
+            .keys()
+            .copied()
+            .filter(|(a, b)| *a == n || *b == n)
+            .collect();
         for k in keys {
             self.links.get_mut(&k).expect("link").partitioned = true;
         }
@@ -279,7 +354,12 @@ impl Network {
     /// Crashes `n`: its engine and replica are dropped, its store keeps only what was
     /// flushed; its peers see the connection drop.
     pub fn crash(&mut self, n: NodeId) {
-        let keys: Vec<_> = self.links.keys().copied().filter(|(a, b)| *a == n || *b == n).collect();
+        let keys: Vec<_> = self
+            .links
+            .keys()
+            .copied()
+            .filter(|(a, b)| *a == n || *b == n)
+            .collect();
         for k in keys {
             self.disconnect(k);
         }
@@ -288,7 +368,11 @@ impl Network {
         node.incarnation += 1;
         node.timer_at = None;
         node.crash_at_flush = false;
-        node.store = Arc::new(node.store.crash().unwrap_or_else(|e| panic!("{} does not survive its crash: {e}", node.name)));
+        node.store = Arc::new(
+            node.store
+                .crash()
+                .unwrap_or_else(|e| panic!("{} does not survive its crash: {e}", node.name)),
+        );
     }
 
     /// Makes `n` crash during its next flush: what that flush was making durable is lost,
@@ -307,16 +391,20 @@ impl Network {
     /// Restarts a crashed node from its store.
     pub fn restart(&mut self, n: NodeId) {
         let node = &self.nodes[n.0];
-        let replica = Replica::open_on(node.store.clone(), &node.label).unwrap_or_else(|e| panic!("{} does not reopen: {e}", node.name));
+        let replica = Replica::open_on(node.store.clone(), &node.label)
+            .unwrap_or_else(|e| panic!("{} does not reopen: {e}", node.name));
         // A restarted node continues its id stream from a fresh, still seeded, generator.
-        let replica = Arc::new(replica.with_clock(self.clock(node.node_seed ^ self.now.rotate_left(17))));
+        let replica =
+            Arc::new(replica.with_clock(self.clock(node.node_seed ^ self.now.rotate_left(17))));
         let (engine, watch) = self.engine(&node.name.clone(), &replica, node.role);
         self.nodes[n.0].live = Some((replica, engine, watch));
         self.settle_links();
     }
 
     fn disconnect(&mut self, k: (NodeId, NodeId)) {
-        let Some(link) = self.links.get_mut(&k) else { return };
+        let Some(link) = self.links.get_mut(&k) else {
+            return;
+        };
         if !link.connected {
             return;
         }
@@ -335,7 +423,10 @@ impl Network {
         let keys: Vec<_> = self.links.keys().copied().collect();
         for k in keys {
             let link = self.links[&k];
-            let should = link.wanted && !link.partitioned && self.nodes[k.0 .0].live.is_some() && self.nodes[k.1 .0].live.is_some();
+            let should = link.wanted
+                && !link.partitioned
+                && self.nodes[k.0 .0].live.is_some()
+                && self.nodes[k.1 .0].live.is_some();
             if should && !link.connected {
                 self.links.get_mut(&k).expect("link").connected = true;
                 let (pa, pb) = (self.peer(k.0), self.peer(k.1));
@@ -358,12 +449,17 @@ impl Network {
             Some((replica, _, _)) => self.now_for(replica),
             None => return,
         };
-        let Some((replica, engine, watch)) = self.nodes[n.0].live.as_mut() else { return };
+        let Some((replica, engine, watch)) = self.nodes[n.0].live.as_mut() else {
+            return;
+        };
         engine.handle(now, input);
         // A write (local or received) may have changed the member list.
         match watch.poll(replica) {
             Ok(changes) => changes.into_iter().for_each(|c| engine.handle(now, c)),
-            Err(e) => panic!("seed {}: member list of {}: {e}", self.seed, self.nodes[n.0].name),
+            Err(e) => panic!(
+                "seed {}: member list of {}: {e}",
+                self.seed, self.nodes[n.0].name
+            ),
         }
         self.drain(n);
     }
@@ -380,32 +476,76 @@ impl Network {
     fn drain(&mut self, n: NodeId) {
         let mut failed = Vec::new();
         loop {
-            let Some((_, engine, _)) = self.nodes[n.0].live.as_mut() else { return };
-            let Some((peer, bytes)) = engine.poll_transmit() else { break };
-            let Some(to) = self.node_of(peer) else { continue };
-            let Some(link) = self.links.get(&pair(n, to)).copied() else { continue };
+            let Some((_, engine, _)) = self.nodes[n.0].live.as_mut() else {
+                return;
+            };
+            let Some((peer, bytes)) = engine.poll_transmit() else {
+                break;
+            };
+            let Some(to) = self.node_of(peer) else {
+                continue;
+            };
+            let Some(link) = self.links.get(&pair(n, to)).copied() else {
+                continue;
+            };
             if !link.connected {
                 continue;
             }
             self.traffic.frames += 1;
             self.traffic.bytes += bytes.len() as u64;
-            let copies = if self.rng.random_bool(self.faults.duplicate) { 2 } else { 1 };
+            let copies = if self.rng.random_bool(self.faults.duplicate) {
+                2
+            } else {
+                1
+            };
             for _ in 0..copies {
                 let (lo, hi) = self.faults.latency_ms;
-                let at = self.now + if hi > lo { self.rng.random_range(lo..=hi) } else { lo };
-                self.schedule(at, Work::Frame { from: n, to, epoch: link.epoch, bytes: bytes.clone() });
+                let at = self.now
+                    + if hi > lo {
+                        self.rng.random_range(lo..=hi)
+                    } else {
+                        lo
+                    };
+                self.schedule(
+                    at,
+                    Work::Frame {
+                        from: n,
+                        to,
+                        epoch: link.epoch,
+                        bytes: bytes.clone(),
+                    },
+                );
             }
         }
         loop {
             let incarnation = self.nodes[n.0].incarnation;
-            let Some((_, engine, _)) = self.nodes[n.0].live.as_mut() else { return };
-            let Some((id, task)) = engine.poll_io() else { break };
+            let Some((_, engine, _)) = self.nodes[n.0].live.as_mut() else {
+                return;
+            };
+            let Some((id, task)) = engine.poll_io() else {
+                break;
+            };
             let (lo, hi) = self.faults.io_ms;
-            let at = self.now + if hi > lo { self.rng.random_range(lo..=hi) } else { lo };
-            self.schedule(at, Work::Io { node: n, incarnation, id, task });
+            let at = self.now
+                + if hi > lo {
+                    self.rng.random_range(lo..=hi)
+                } else {
+                    lo
+                };
+            self.schedule(
+                at,
+                Work::Io {
+                    node: n,
+                    incarnation,
+                    id,
+                    task,
+                },
+            );
         }
         let node = &mut self.nodes[n.0];
-        let Some((_, engine, _)) = node.live.as_mut() else { return };
+        let Some((_, engine, _)) = node.live.as_mut() else {
+            return;
+        };
         let timeout = engine.poll_timeout().map(|t| t.as_millis() as u64);
         let mut storage_failed = None;
         while let Some(event) = engine.poll_event() {
@@ -419,10 +559,19 @@ impl Network {
         if let Some(at) = timeout.filter(|at| node.timer_at.is_none_or(|t| *at < t)) {
             node.timer_at = Some(at);
             let incarnation = node.incarnation;
-            self.schedule(at.max(self.now), Work::Timer { node: n, incarnation });
+            self.schedule(
+                at.max(self.now),
+                Work::Timer {
+                    node: n,
+                    incarnation,
+                },
+            );
         }
         if let Some(reason) = storage_failed {
-            panic!("seed {}: storage of {} failed: {reason}", self.seed, self.nodes[n.0].name);
+            panic!(
+                "seed {}: storage of {} failed: {reason}",
+                self.seed, self.nodes[n.0].name
+            );
         }
         for peer in failed {
             if let Some(to) = self.node_of(peer) {
@@ -438,7 +587,9 @@ impl Network {
         if self.nodes[n.0].incarnation != incarnation {
             return; // of a run that crashed
         }
-        let Some((replica, _, _)) = self.nodes[n.0].live.as_ref() else { return };
+        let Some((replica, _, _)) = self.nodes[n.0].live.as_ref() else {
+            return;
+        };
         let outcome = sync_host::run_task(replica, task);
         if matches!(outcome, Outcome::Failed(_)) && self.nodes[n.0].crash_at_flush {
             self.crash(n);
@@ -448,18 +599,38 @@ impl Network {
     }
 
     fn node_of(&self, peer: PeerId) -> Option<NodeId> {
-        self.nodes.iter().position(|node| node.live.as_ref().is_some_and(|(r, _, _)| r.peer_id() == peer)).map(NodeId)
+        self.nodes
+            .iter()
+            .position(|node| {
+                node.live
+                    .as_ref()
+                    .is_some_and(|(r, _, _)| r.peer_id() == peer)
+            })
+            .map(NodeId)
     }
 
     /// Writes on a node, as its app would, and lets its engine offer the change.
-    pub fn put(&mut self, n: NodeId, collection: &str, id: Option<EntityId>, patch: &str) -> EntityId {
-        self.try_put(n, collection, id, patch).unwrap_or_else(|e| panic!("put on {}: {e}", self.nodes[n.0].name))
+    pub fn put(
+        &mut self,
+        n: NodeId,
+        collection: &str,
+        id: Option<EntityId>,
+        patch: &str,
+    ) -> EntityId {
+        self.try_put(n, collection, id, patch)
+            .unwrap_or_else(|e| panic!("put on {}: {e}", self.nodes[n.0].name))
     }
 
     /// [`Self::put`] on a node that may crash in the write's flush
     /// ([`Self::crash_at_next_flush`]): then the write is not acknowledged (an error) and
     /// the node is down.
-    pub fn try_put(&mut self, n: NodeId, collection: &str, id: Option<EntityId>, patch: &str) -> Result<EntityId, fieldsync::Error> {
+    pub fn try_put(
+        &mut self,
+        n: NodeId,
+        collection: &str,
+        id: Option<EntityId>,
+        patch: &str,
+    ) -> Result<EntityId, fieldsync::Error> {
         match self.replica(n).put(collection, id, patch) {
             Ok(id) => {
                 let feed_seq = self.replica(n).feed_seq();
@@ -486,7 +657,11 @@ impl Network {
     /// number of deliveries.
     pub fn run_until_quiescent(&mut self) -> u64 {
         let steps = self.run_steps(self.max_steps);
-        assert!(self.queue.is_empty(), "seed {}: no quiescence after {steps} deliveries", self.seed);
+        assert!(
+            self.queue.is_empty(),
+            "seed {}: no quiescence after {steps} deliveries",
+            self.seed
+        );
         steps
     }
 
@@ -498,13 +673,25 @@ impl Network {
             if steps >= max {
                 return steps;
             }
-            let Some(Reverse((at, _, id))) = self.queue.pop() else { return steps };
+            let Some(Reverse((at, _, id))) = self.queue.pop() else {
+                return steps;
+            };
             steps += 1;
             self.now = self.now.max(at);
             self.clock_now.store(self.now, Ordering::Relaxed);
             let (from, to, epoch, bytes) = match self.deliveries.remove(&id).expect("delivery") {
-                Work::Frame { from, to, epoch, bytes } => (from, to, epoch, bytes),
-                Work::Io { node, incarnation, id, task } => {
+                Work::Frame {
+                    from,
+                    to,
+                    epoch,
+                    bytes,
+                } => (from, to, epoch, bytes),
+                Work::Io {
+                    node,
+                    incarnation,
+                    id,
+                    task,
+                } => {
                     self.run_task(node, incarnation, id, task);
                     continue;
                 }
@@ -517,7 +704,9 @@ impl Network {
                 }
             };
             let k = pair(from, to);
-            let Some(link) = self.links.get(&k).copied() else { continue };
+            let Some(link) = self.links.get(&k).copied() else {
+                continue;
+            };
             if !link.connected || link.epoch != epoch {
                 continue; // sent on a connection that is gone
             }
@@ -538,11 +727,12 @@ impl Network {
     /// Every view of a collection on a node, including deleted ones.
     pub fn views(&self, n: NodeId, collection: &str) -> Vec<View> {
         let mut out = Vec::new();
-        self.replica(n).list(collection, &[], true, &mut |v| {
-            out.push(v);
-            true
-        })
-        .expect("list");
+        self.replica(n)
+            .list(collection, &[], true, &mut |v| {
+                out.push(v);
+                true
+            })
+            .expect("list");
         out
     }
 

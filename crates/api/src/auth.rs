@@ -36,7 +36,8 @@ pub const TOKEN_FILE: &str = "api-token";
 /// Request headers a page from an allowed origin may send.
 const CORS_ALLOW_HEADERS: &str = "authorization, content-type, idempotency-key, last-event-id";
 /// Response headers such a page may read.
-const CORS_EXPOSE_HEADERS: &str = "idempotent-replayed, fieldsync-entities, fieldsync-since, fieldsync-upto";
+const CORS_EXPOSE_HEADERS: &str =
+    "idempotent-replayed, fieldsync-entities, fieldsync-since, fieldsync-upto";
 const CORS_ALLOW_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE";
 
 /// Whether every route needs the token: when asked to, or when the API listens on an
@@ -127,7 +128,12 @@ impl FileStamp {
 impl Access {
     /// Rules for a node whose data directory is `dir`.
     pub fn new(dir: &Path, everywhere: bool, cors_origins: Vec<String>) -> Self {
-        Access { token_path: dir.join(TOKEN_FILE), cached: Mutex::new(None), everywhere, cors_origins }
+        Access {
+            token_path: dir.join(TOKEN_FILE),
+            cached: Mutex::new(None),
+            everywhere,
+            cors_origins,
+        }
     }
 
     /// The token in force now (none if the file is gone: then nothing that needs one passes).
@@ -140,7 +146,10 @@ impl Access {
                 return Some(token.clone());
             }
         }
-        let token = std::fs::read_to_string(&self.token_path).ok()?.trim().to_owned();
+        let token = std::fs::read_to_string(&self.token_path)
+            .ok()?
+            .trim()
+            .to_owned();
         if token.is_empty() {
             return None;
         }
@@ -154,11 +163,15 @@ impl Access {
             return Err("this request needs `Authorization: Bearer TOKEN` (`fieldsync api-token` on the node prints the token)");
         };
         let given = given.to_str().unwrap_or("");
-        let Some((scheme, given)) = given.split_once(' ') else { return Err("the Authorization header must be `Bearer TOKEN`") };
+        let Some((scheme, given)) = given.split_once(' ') else {
+            return Err("the Authorization header must be `Bearer TOKEN`");
+        };
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err("the Authorization header must be `Bearer TOKEN`");
         }
-        let Some(token) = self.token() else { return Err("this node has no API token yet: run `fieldsync api-token` on it") };
+        let Some(token) = self.token() else {
+            return Err("this node has no API token yet: run `fieldsync api-token` on it");
+        };
         if constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
             Ok(())
         } else {
@@ -178,7 +191,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Checks an `[api] cors_origins` entry: `scheme://host[:port]`, nothing after.
 pub fn check_origin(origin: &str) -> Result<(), String> {
-    let rest = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+    let rest = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"));
     match rest {
         Some(host) if !host.is_empty() && !host.contains(['/', '?', '#', ' ', '*']) => Ok(()),
         _ => Err(format!("cors_origins: {origin:?} is not an origin such as \"https://office.example.com\" or \"http://localhost:5173\" (scheme, host and port only; no wildcard)")),
@@ -192,12 +207,19 @@ fn is_console_path(path: &str) -> bool {
 
 fn unauthorised(message: &str) -> Response {
     let mut res = (StatusCode::UNAUTHORIZED, Json(json!({ "error": message }))).into_response();
-    res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"fieldsync\""));
+    res.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"fieldsync\""),
+    );
     res
 }
 
 /// The token rule (2 and 3 above).
-pub(crate) async fn require_token(State(s): State<AppState>, request: Request, next: Next) -> Response {
+pub(crate) async fn require_token(
+    State(s): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
     let safe = matches!(*request.method(), Method::GET | Method::HEAD);
     // A token given is always checked: a wrong one gets nothing, not even what an open
     // read would show (so a page can tell a wrong token at once).
@@ -216,14 +238,24 @@ pub(crate) async fn require_token(State(s): State<AppState>, request: Request, n
 
 /// The CORS rules (1 and 4 above).
 pub(crate) async fn cors(State(s): State<AppState>, request: Request, next: Next) -> Response {
-    let origin = request.headers().get(header::ORIGIN).and_then(|o| o.to_str().ok()).map(str::to_owned);
-    let preflight = request.method() == Method::OPTIONS && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    let Some(origin) = origin else { return next.run(request).await };
+    let origin = request
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .map(str::to_owned);
+    let preflight = request.method() == Method::OPTIONS
+        && request
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let Some(origin) = origin else {
+        return next.run(request).await;
+    };
     let allowed = s.access.origin_allowed(&origin);
     if preflight {
         if !allowed {
             let mut res = (StatusCode::FORBIDDEN, Json(json!({ "error": format!("origin {origin} is not allowed to call this API (add it to [api] cors_origins in the node's config)") }))).into_response();
-            res.headers_mut().insert(header::VARY, HeaderValue::from_static("origin"));
+            res.headers_mut()
+                .insert(header::VARY, HeaderValue::from_static("origin"));
             return res;
         }
         let mut res = StatusCode::NO_CONTENT.into_response();
@@ -231,9 +263,18 @@ pub(crate) async fn cors(State(s): State<AppState>, request: Request, next: Next
         if let Ok(v) = HeaderValue::from_str(&origin) {
             h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
         }
-        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(CORS_ALLOW_METHODS));
-        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static(CORS_ALLOW_HEADERS));
-        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static(CORS_ALLOW_METHODS),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static(CORS_ALLOW_HEADERS),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
         h.insert(header::VARY, HeaderValue::from_static("origin"));
         return res;
     }
@@ -244,7 +285,10 @@ pub(crate) async fn cors(State(s): State<AppState>, request: Request, next: Next
         if let Ok(v) = HeaderValue::from_str(&origin) {
             h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
         }
-        h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static(CORS_EXPOSE_HEADERS));
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static(CORS_EXPOSE_HEADERS),
+        );
     }
     res
 }
@@ -257,10 +301,22 @@ mod tests {
     fn a_non_loopback_listener_needs_the_token_everywhere() {
         let addr = |s: &str| s.parse::<std::net::SocketAddr>().expect("addr");
         for loopback in ["127.0.0.1:7070", "127.0.0.2:7070", "[::1]:7070"] {
-            assert!(!token_required_everywhere(&addr(loopback), false), "{loopback}");
-            assert!(token_required_everywhere(&addr(loopback), true), "{loopback} with require_token");
+            assert!(
+                !token_required_everywhere(&addr(loopback), false),
+                "{loopback}"
+            );
+            assert!(
+                token_required_everywhere(&addr(loopback), true),
+                "{loopback} with require_token"
+            );
         }
-        for open in ["0.0.0.0:7070", "192.168.1.20:7070", "10.0.0.1:80", "[::]:7070", "[fe80::1]:7070"] {
+        for open in [
+            "0.0.0.0:7070",
+            "192.168.1.20:7070",
+            "10.0.0.1:80",
+            "[::]:7070",
+            "[fe80::1]:7070",
+        ] {
             assert!(token_required_everywhere(&addr(open), false), "{open}");
         }
     }
@@ -272,24 +328,36 @@ mod tests {
         let (token, created) = ensure_token(dir.path()).expect("create");
         assert!(created);
         assert_eq!(token.len(), 64);
-        assert_eq!(ensure_token(dir.path()).expect("again"), (token.clone(), false));
+        assert_eq!(
+            ensure_token(dir.path()).expect("again"),
+            (token.clone(), false)
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join(TOKEN_FILE)).expect("meta").permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(TOKEN_FILE))
+                .expect("meta")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         let access = Access::new(dir.path(), false, vec![]);
         let bearer = |t: &str| {
             let mut h = HeaderMap::new();
-            h.insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {t}")).expect("header"));
+            h.insert(
+                header::AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {t}")).expect("header"),
+            );
             h
         };
         assert!(access.authorised(&bearer(&token)).is_ok());
         assert!(access.authorised(&HeaderMap::new()).is_err());
         let rotated = rotate_token(dir.path()).expect("rotate");
         assert_ne!(rotated, token);
-        assert!(access.authorised(&bearer(&token)).is_err(), "the old token still works after rotation");
+        assert!(
+            access.authorised(&bearer(&token)).is_err(),
+            "the old token still works after rotation"
+        );
         assert!(access.authorised(&bearer(&rotated)).is_ok());
         assert!(access.authorised(&bearer(&rotated[..63])).is_err());
     }
@@ -298,7 +366,14 @@ mod tests {
     fn origins_are_scheme_host_and_port() {
         assert!(check_origin("https://office.example.com").is_ok());
         assert!(check_origin("http://localhost:5173").is_ok());
-        for bad in ["*", "office.example.com", "https://office.example.com/", "https://*.example.com", "ftp://x", "https://"] {
+        for bad in [
+            "*",
+            "office.example.com",
+            "https://office.example.com/",
+            "https://*.example.com",
+            "ftp://x",
+            "https://",
+        ] {
             assert!(check_origin(bad).is_err(), "{bad}");
         }
     }

@@ -107,21 +107,34 @@ enum Resume {
 
 impl Live {
     pub fn new() -> Self {
-        let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         Live {
             peers: std::sync::Mutex::new(serde_json::Map::new()),
-            refused: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(RECENT_REFUSED)),
+            refused: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(
+                RECENT_REFUSED,
+            )),
             events: tokio::sync::broadcast::channel(1024).0,
-            recent: std::sync::Mutex::new(RecentEvents { next: 1, ..Default::default() }),
+            recent: std::sync::Mutex::new(RecentEvents {
+                next: 1,
+                ..Default::default()
+            }),
             epoch,
             reports: std::sync::Mutex::new(Vec::new()),
-            health: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(HEALTH_SAMPLES)),
+            health: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(
+                HEALTH_SAMPLES,
+            )),
         }
     }
 
     /// Notes a refused peer: it leaves `peers` and joins the bounded list of recent refusals.
     pub fn refuse(&self, peer: &str, reason: &str, at_ms: u64) {
-        self.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(peer);
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(peer);
         let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
         refused.retain(|r| r["peer"] != peer);
         if refused.len() >= RECENT_REFUSED {
@@ -132,19 +145,29 @@ impl Live {
 
     /// Peers with a sync session now.
     pub fn connected(&self) -> u64 {
-        self.peers.lock().unwrap_or_else(|p| p.into_inner()).values().filter(|p| p["connected"] == true).count() as u64
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|p| p["connected"] == true)
+            .count() as u64
     }
 
     /// Publishes an event to `/v1/events` subscribers, and keeps it for those that resume.
     pub fn publish(&self, event: &Value) {
         let text: Arc<str> = event.to_string().into();
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        let sent = SentEvent { n: recent.next, text };
+        let sent = SentEvent {
+            n: recent.next,
+            text,
+        };
         recent.next += 1;
         recent.bytes += sent.text.len();
         recent.events.push_back(sent.clone());
         while recent.events.len() > RECENT_EVENTS || recent.bytes > RECENT_EVENT_BYTES {
-            let Some(old) = recent.events.pop_front() else { break };
+            let Some(old) = recent.events.pop_front() else {
+                break;
+            };
             recent.bytes -= old.text.len();
         }
         // Sent under the lock, so subscribers see events in number order.
@@ -158,8 +181,13 @@ impl Live {
 
     /// Where a subscriber with this `Last-Event-ID` resumes.
     fn resume_from(&self, last_event_id: Option<&str>) -> Resume {
-        let Some(id) = last_event_id else { return Resume::Live };
-        let Some((epoch, n)) = id.split_once('-').and_then(|(e, n)| Some((e.parse::<u64>().ok()?, n.parse::<u64>().ok()?))) else {
+        let Some(id) = last_event_id else {
+            return Resume::Live;
+        };
+        let Some((epoch, n)) = id
+            .split_once('-')
+            .and_then(|(e, n)| Some((e.parse::<u64>().ok()?, n.parse::<u64>().ok()?)))
+        else {
             return Resume::Missed;
         };
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
@@ -173,7 +201,10 @@ impl Live {
 
     /// Subscribes, and returns the kept events after `n` (none for `None`): subscribing
     /// under the lock means no event falls between the replay and the live stream.
-    fn subscribe_after(&self, n: Option<u64>) -> (Vec<SentEvent>, tokio::sync::broadcast::Receiver<SentEvent>) {
+    fn subscribe_after(
+        &self,
+        n: Option<u64>,
+    ) -> (Vec<SentEvent>, tokio::sync::broadcast::Receiver<SentEvent>) {
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         let rx = self.events.subscribe();
         let replay = match n {
@@ -187,7 +218,11 @@ impl Live {
 impl std::fmt::Debug for Live {
     // (The report functions have nothing to show.)
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Live").field("peers", &self.peers).field("refused", &self.refused).field("epoch", &self.epoch).finish_non_exhaustive()
+        f.debug_struct("Live")
+            .field("peers", &self.peers)
+            .field("refused", &self.refused)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
     }
 }
 
@@ -212,7 +247,10 @@ pub struct AppState {
 impl std::fmt::Debug for AppState {
     // (Debug shows the replica and metrics; the callback has nothing to show.)
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppState").field("replica", &self.replica).field("metrics", &self.metrics).finish()
+        f.debug_struct("AppState")
+            .field("replica", &self.replica)
+            .field("metrics", &self.metrics)
+            .finish()
     }
 }
 
@@ -238,9 +276,9 @@ impl From<fieldsync::Error> for ApiError {
             // The id, or the op id, is taken by something else: not bad input as such.
             E::WrongCollection { .. } | E::Core(C::OpReused(_)) => StatusCode::CONFLICT,
             _ => match e.kind() {
-            ErrorKind::Invalid => StatusCode::BAD_REQUEST,
-            ErrorKind::NotFound => StatusCode::NOT_FOUND,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+                ErrorKind::NotFound => StatusCode::NOT_FOUND,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
         };
         ApiError(status, e.to_string())
@@ -250,7 +288,10 @@ impl From<fieldsync::Error> for ApiError {
 type ApiResult = Result<Json<Value>, ApiError>;
 
 /// Runs a blocking replica call on the blocking pool.
-async fn blocking<T: Send + 'static>(state: &AppState, f: impl FnOnce(&Replica) -> Result<T, fieldsync::Error> + Send + 'static) -> Result<T, ApiError> {
+async fn blocking<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&Replica) -> Result<T, fieldsync::Error> + Send + 'static,
+) -> Result<T, ApiError> {
     state.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
     let replica = state.replica.clone();
     let result = tokio::task::spawn_blocking(move || f(&replica))
@@ -266,7 +307,12 @@ fn parse<T: std::str::FromStr>(what: &str, text: &str) -> Result<T, ApiError>
 where
     T::Err: std::fmt::Display,
 {
-    text.parse().map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{what} {text:?} is not valid: {e}")))
+    text.parse().map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{what} {text:?} is not valid: {e}"),
+        )
+    })
 }
 
 /// Largest request body (a patch, a value, a list of ids): 8 MiB, as `fieldsync put`.
@@ -280,7 +326,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/collections/{collection}", get(list).post(create))
-        .route("/v1/collections/{collection}/{id}", get(read).patch(update).put(update).delete(remove))
+        .route(
+            "/v1/collections/{collection}/{id}",
+            get(read).patch(update).put(update).delete(remove),
+        )
         .route("/v1/collections/{collection}/{id}/history", get(history))
         .route("/v1/collections/{collection}/{id}/purge", post(purge))
         .route("/v1/conflicts", get(conflicts))
@@ -300,7 +349,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/members/{peer}/revoke", post(revoke))
         .route("/v1/invites", get(pending_invites).post(invite))
         .route("/v1/invites/{id}/cancel", post(cancel_invite))
-        .route("/v1/bundle", get(bundle_export).post(bundle_import).layer(axum::extract::DefaultBodyLimit::max(MAX_BUNDLE_BYTES)))
+        .route(
+            "/v1/bundle",
+            get(bundle_export)
+                .post(bundle_import)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_BUNDLE_BYTES)),
+        )
         .route("/v1/events", get(events))
         .route("/v1/changes", get(changes))
         .route("/metrics", get(metrics))
@@ -313,14 +367,23 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(json_errors))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::cors))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::cors,
+        ))
         .with_state(state)
 }
 
 /// Unknown routes: 404 with the JSON error body, like every other error.
 async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError(StatusCode::NOT_FOUND, format!("no route for {method} {}", uri.path()))
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("no route for {method} {}", uri.path()),
+    )
 }
 
 /// Makes every error response `{"error": "..."}` JSON: axum's own answers (405, extractor
@@ -343,7 +406,10 @@ async fn json_errors(response: Response) -> Response {
         _ => status.canonical_reason().unwrap_or("error").to_lowercase(),
     };
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);
-    parts.headers.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/json"));
+    parts.headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
     let body = json!({ "error": text }).to_string();
     Response::from_parts(parts, axum::body::Body::from(body))
 }
@@ -359,10 +425,16 @@ async fn status(State(s): State<AppState>) -> ApiResult {
         .filter_map(|p| p["acked_upto"].as_u64())
         .max()
         .unwrap_or(0);
-    let pending = blocking(&s, move |r| Ok(r.changes_since(acked, 1_000_000)?.len())).await?;
+    let pending = blocking(&s, move |r| r.pending_after(acked)).await?;
     v["pending_to_relay"] = json!(pending);
     v["peers"] = Value::Object(peers);
-    v["refused_peers"] = Value::Array(s.live.refused.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default());
+    v["refused_peers"] = Value::Array(
+        s.live
+            .refused
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default(),
+    );
     let head = s.replica.feed_seq();
     for (name, report) in s.live.reports.lock().map(|r| r.clone()).unwrap_or_default() {
         v[name] = report(head);
@@ -379,14 +451,28 @@ async fn sync_now(State(s): State<AppState>) -> ApiResult {
 /// `Last-Event-ID` first gets what it missed, if the daemon still keeps it; otherwise (too
 /// old, a restarted daemon, or a subscriber too slow to keep up) an `events_missed` event
 /// tells it to catch up from `/v1/changes`.
-async fn events(State(s): State<AppState>, headers: axum::http::HeaderMap) -> axum::response::sse::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>> {
+async fn events(
+    State(s): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::sse::Sse<
+    impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
     use axum::response::sse::{Event, KeepAlive, Sse};
     let live = s.live.clone();
-    let last = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty());
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty());
     let (first, after) = match live.resume_from(last) {
         Resume::Live => (None, None),
         Resume::After(n) => (None, Some(n)),
-        Resume::Missed => (Some(missed_event("the events after the given Last-Event-ID are no longer kept")), None),
+        Resume::Missed => (
+            Some(missed_event(
+                "the events after the given Last-Event-ID are no longer kept",
+            )),
+            None,
+        ),
     };
     let (replay, rx) = live.subscribe_after(after);
     let last_sent = replay.last().map(|e| e.n).or(after).unwrap_or(0);
@@ -394,23 +480,33 @@ async fn events(State(s): State<AppState>, headers: axum::http::HeaderMap) -> ax
         let live = live.clone();
         move |e: &SentEvent| Event::default().id(live.event_id(e.n)).data(&*e.text)
     };
-    let head = futures::stream::iter(first.into_iter().chain(replay.iter().map(&event)).map(Ok).collect::<Vec<_>>());
-    let tail = futures::stream::unfold((rx, last_sent, event), |(mut rx, last_sent, event)| async move {
-        loop {
-            match rx.recv().await {
-                Ok(e) if e.n <= last_sent => continue,
-                Ok(e) => {
-                    let out = event(&e);
-                    return Some((Ok(out), (rx, e.n, event)));
+    let head = futures::stream::iter(
+        first
+            .into_iter()
+            .chain(replay.iter().map(&event))
+            .map(Ok)
+            .collect::<Vec<_>>(),
+    );
+    let tail = futures::stream::unfold(
+        (rx, last_sent, event),
+        |(mut rx, last_sent, event)| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(e) if e.n <= last_sent => continue,
+                    Ok(e) => {
+                        let out = event(&e);
+                        return Some((Ok(out), (rx, e.n, event)));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(skipped)) => {
+                        let out =
+                            missed_event(&format!("this subscriber fell {skipped} events behind"));
+                        return Some((Ok(out), (rx, last_sent, event)));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(skipped)) => {
-                    let out = missed_event(&format!("this subscriber fell {skipped} events behind"));
-                    return Some((Ok(out), (rx, last_sent, event)));
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
             }
-        }
-    });
+        },
+    );
     use futures::StreamExt as _;
     Sse::new(head.chain(tail)).keep_alive(KeepAlive::default())
 }
@@ -432,7 +528,10 @@ const MAX_SEQ: u64 = (1 << 53) - 1;
 /// The query parameters each route takes; any other is a 400 that names it (a typo such as
 /// `?limt=10` would otherwise be silently ignored).
 const QUERY_PARAMS: &[(&str, &[&str])] = &[
-    ("/v1/collections/{collection}", &["where", "include_deleted", "limit", "cursor"]),
+    (
+        "/v1/collections/{collection}",
+        &["where", "include_deleted", "limit", "cursor"],
+    ),
     ("/v1/collections/{collection}/{id}", &["include_deleted"]),
     ("/v1/conflicts", &["all"]),
     ("/v1/proposals", &["mine"]),
@@ -441,13 +540,32 @@ const QUERY_PARAMS: &[(&str, &[&str])] = &[
     ("/v1/schema", &["version"]),
 ];
 
-async fn check_query_params(path: Option<axum::extract::MatchedPath>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let allowed = path.and_then(|p| QUERY_PARAMS.iter().find(|(route, _)| *route == p.as_str()).map(|(_, names)| *names)).unwrap_or(&[]);
+async fn check_query_params(
+    path: Option<axum::extract::MatchedPath>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let allowed = path
+        .and_then(|p| {
+            QUERY_PARAMS
+                .iter()
+                .find(|(route, _)| *route == p.as_str())
+                .map(|(_, names)| *names)
+        })
+        .unwrap_or(&[]);
     let query = request.uri().query().unwrap_or("");
     for (name, _) in form_urlencoded::parse(query.as_bytes()) {
         if !allowed.contains(&name.as_ref()) {
-            let takes = if allowed.is_empty() { "no query parameters".to_owned() } else { format!("only {}", allowed.join(", ")) };
-            return ApiError(StatusCode::BAD_REQUEST, format!("unknown query parameter {name:?}: this route takes {takes}")).into_response();
+            let takes = if allowed.is_empty() {
+                "no query parameters".to_owned()
+            } else {
+                format!("only {}", allowed.join(", "))
+            };
+            return ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("unknown query parameter {name:?}: this route takes {takes}"),
+            )
+            .into_response();
         }
     }
     next.run(request).await
@@ -455,10 +573,15 @@ async fn check_query_params(path: Option<axum::extract::MatchedPath>, request: a
 
 /// A page size: 1 to [`MAX_PAGE`].
 fn page_size(text: Option<&str>) -> Result<usize, ApiError> {
-    let Some(text) = text else { return Ok(DEFAULT_PAGE) };
+    let Some(text) = text else {
+        return Ok(DEFAULT_PAGE);
+    };
     match text.parse::<usize>() {
         Ok(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
-        _ => Err(ApiError(StatusCode::BAD_REQUEST, format!("limit takes a whole number from 1 to {MAX_PAGE}, got {text:?}"))),
+        _ => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("limit takes a whole number from 1 to {MAX_PAGE}, got {text:?}"),
+        )),
     }
 }
 
@@ -466,14 +589,21 @@ fn flag(name: &str, text: &str) -> Result<bool, ApiError> {
     match text {
         "true" => Ok(true),
         "false" => Ok(false),
-        _ => Err(ApiError(StatusCode::BAD_REQUEST, format!("{name} takes true or false, got {text:?}"))),
+        _ => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{name} takes true or false, got {text:?}"),
+        )),
     }
 }
 
 /// `GET /v1/collections/{collection}`: one page of views, `{"items": [...], "next": cursor
 /// or null}`. Each `where=FIELD=VALUE` is one filter (repeat it for several; a value may
 /// contain commas); `cursor` is a page's `next`.
-async fn list(State(s): State<AppState>, Path(collection): Path<String>, axum::extract::RawQuery(query): axum::extract::RawQuery) -> ApiResult {
+async fn list(
+    State(s): State<AppState>,
+    Path(collection): Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> ApiResult {
     let (mut filters, mut include_deleted, mut limit, mut cursor) = (Vec::new(), false, None, None);
     for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match name.as_ref() {
@@ -486,26 +616,40 @@ async fn list(State(s): State<AppState>, Path(collection): Path<String>, axum::e
     }
     let limit = page_size(limit.as_deref())?;
     if filters.len() > MAX_FILTERS {
-        return Err(ApiError(StatusCode::BAD_REQUEST, format!("where: at most {MAX_FILTERS} filters, got {}", filters.len())));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "where: at most {MAX_FILTERS} filters, got {}",
+                filters.len()
+            ),
+        ));
     }
     let (items, next) = blocking(&s, move |r| {
         let mut items = Vec::with_capacity(limit.min(DEFAULT_PAGE));
         let mut next = None;
         // One view past the page tells whether there is a next page.
         let mut last = None;
-        r.list_after(&collection, &filters, include_deleted, cursor, &mut |id, view| {
-            if items.len() == limit {
-                next = last;
-                return false;
-            }
-            last = Some(id);
-            items.push(Value::Object(view));
-            true
-        })?;
+        r.list_after(
+            &collection,
+            &filters,
+            include_deleted,
+            cursor,
+            &mut |id, view| {
+                if items.len() == limit {
+                    next = last;
+                    return false;
+                }
+                last = Some(id);
+                items.push(Value::Object(view));
+                true
+            },
+        )?;
         Ok((items, next))
     })
     .await?;
-    Ok(Json(json!({ "items": items, "next": next.map(|id: fieldsync::EntityId| id.to_string()) })))
+    Ok(Json(
+        json!({ "items": items, "next": next.map(|id: fieldsync::EntityId| id.to_string()) }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -522,9 +666,13 @@ async fn changes(State(s): State<AppState>, Query(q): Query<ChangesQuery>) -> Ap
     let limit = page_size(q.limit.as_deref())?;
     let since = q.since;
     if since > MAX_SEQ {
-        return Err(ApiError(StatusCode::BAD_REQUEST, format!("since takes a feed position from 0 to {MAX_SEQ}, got {since}")));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("since takes a feed position from 0 to {MAX_SEQ}, got {since}"),
+        ));
     }
-    let (changes, head) = blocking(&s, move |r| Ok((r.changes(since, limit)?, r.feed_seq()))).await?;
+    let (changes, head) =
+        blocking(&s, move |r| Ok((r.changes(since, limit)?, r.feed_seq()))).await?;
     let next = changes.last().map_or(since, |c| c.seq);
     let changes: Vec<Value> = changes
         .into_iter()
@@ -533,14 +681,25 @@ async fn changes(State(s): State<AppState>, Query(q): Query<ChangesQuery>) -> Ap
             true => json!({ "seq": c.seq, "collection": c.collection, "id": c.id.to_string(), "deleted": true }),
         })
         .collect();
-    Ok(Json(json!({ "changes": changes, "next": next, "head": head.max(next) })))
+    Ok(Json(
+        json!({ "changes": changes, "next": next, "head": head.max(next) }),
+    ))
 }
 
 /// The `Idempotency-Key` header as an operation id, if the request carries one.
 fn op_id(headers: &axum::http::HeaderMap) -> Result<Option<fieldsync::OpId>, ApiError> {
-    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
-    let text = v.to_str().map_err(|_| ApiError(StatusCode::BAD_REQUEST, "Idempotency-Key must be printable ASCII".into()))?;
-    text.parse().map(Some).map_err(|e: &str| ApiError(StatusCode::BAD_REQUEST, format!("Idempotency-Key: {e}")))
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let text = v.to_str().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "Idempotency-Key must be printable ASCII".into(),
+        )
+    })?;
+    text.parse()
+        .map(Some)
+        .map_err(|e: &str| ApiError(StatusCode::BAD_REQUEST, format!("Idempotency-Key: {e}")))
 }
 
 /// A write's answer; a replayed operation answers as the first call did, marked with
@@ -548,7 +707,10 @@ fn op_id(headers: &axum::http::HeaderMap) -> Result<Option<fieldsync::OpId>, Api
 fn written(status: StatusCode, body: Value, applied: fieldsync::Applied) -> Response {
     let mut res = (status, Json(body)).into_response();
     if applied == fieldsync::Applied::Already {
-        res.headers_mut().insert("idempotent-replayed", axum::http::HeaderValue::from_static("true"));
+        res.headers_mut().insert(
+            "idempotent-replayed",
+            axum::http::HeaderValue::from_static("true"),
+        );
     }
     res
 }
@@ -562,11 +724,26 @@ fn with_warning(mut body: Value, warning: Option<String>) -> Value {
     body
 }
 
-async fn create(State(s): State<AppState>, Path(collection): Path<String>, headers: axum::http::HeaderMap, body: String) -> Result<Response, ApiError> {
+async fn create(
+    State(s): State<AppState>,
+    Path(collection): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> Result<Response, ApiError> {
     let op = op_id(&headers)?;
-    let ((id, applied), warning) = blocking(&s, move |r| Ok((r.put_op(&collection, None, &body, op.as_ref())?, r.membership()?.warning()))).await?;
+    let ((id, applied), warning) = blocking(&s, move |r| {
+        Ok((
+            r.put_op(&collection, None, &body, op.as_ref())?,
+            r.membership()?.warning(),
+        ))
+    })
+    .await?;
     (s.on_change)();
-    Ok(written(StatusCode::CREATED, with_warning(json!({ "id": id.to_string() }), warning), applied))
+    Ok(written(
+        StatusCode::CREATED,
+        with_warning(json!({ "id": id.to_string() }), warning),
+        applied,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -576,47 +753,87 @@ struct ReadQuery {
 }
 
 /// A deleted entity answers 404 unless `include_deleted=true` (then its view shows `_deleted`).
-async fn read(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>, Query(q): Query<ReadQuery>) -> ApiResult {
+async fn read(
+    State(s): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+    Query(q): Query<ReadQuery>,
+) -> ApiResult {
     let id: fieldsync::EntityId = parse("entity id", &id)?;
     let view = blocking(&s, move |r| r.get(&collection, id)).await?;
     if !q.include_deleted && view.get("_deleted").is_some_and(|d| d == true) {
-        return Err(ApiError(StatusCode::NOT_FOUND, format!("entity {id} is deleted (include_deleted=true shows it)")));
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("entity {id} is deleted (include_deleted=true shows it)"),
+        ));
     }
     Ok(Json(Value::Object(view)))
 }
 
-async fn update(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>, headers: axum::http::HeaderMap, body: String) -> Result<Response, ApiError> {
+async fn update(
+    State(s): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> Result<Response, ApiError> {
     let id = parse("entity id", &id)?;
     let op = op_id(&headers)?;
-    let ((id, applied), warning) = blocking(&s, move |r| Ok((r.put_op(&collection, Some(id), &body, op.as_ref())?, r.membership()?.warning()))).await?;
+    let ((id, applied), warning) = blocking(&s, move |r| {
+        Ok((
+            r.put_op(&collection, Some(id), &body, op.as_ref())?,
+            r.membership()?.warning(),
+        ))
+    })
+    .await?;
     (s.on_change)();
-    Ok(written(StatusCode::OK, with_warning(json!({ "id": id.to_string() }), warning), applied))
+    Ok(written(
+        StatusCode::OK,
+        with_warning(json!({ "id": id.to_string() }), warning),
+        applied,
+    ))
 }
 
-async fn remove(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>, headers: axum::http::HeaderMap) -> Result<Response, ApiError> {
+async fn remove(
+    State(s): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
     let id = parse("entity id", &id)?;
     let op = op_id(&headers)?;
     let applied = blocking(&s, move |r| r.delete_op(&collection, id, op.as_ref())).await?;
     (s.on_change)();
-    Ok(written(StatusCode::OK, json!({ "id": id.to_string(), "deleted": true }), applied))
+    Ok(written(
+        StatusCode::OK,
+        json!({ "id": id.to_string(), "deleted": true }),
+        applied,
+    ))
 }
 
 /// Erases an entity on every node (authority or admin): see `Replica::purge`.
-async fn purge(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>) -> ApiResult {
+async fn purge(
+    State(s): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+) -> ApiResult {
     let id = parse("entity id", &id)?;
     let c = collection.clone();
     let record = blocking(&s, move |r| r.purge(&c, id)).await?;
     (s.on_change)();
-    Ok(Json(json!({ "id": id.to_string(), "collection": collection, "purged": true, "by": record.by, "at_ms": record.at_ms })))
+    Ok(Json(
+        json!({ "id": id.to_string(), "collection": collection, "purged": true, "by": record.by, "at_ms": record.at_ms }),
+    ))
 }
 
-async fn history(State(s): State<AppState>, Path((collection, id)): Path<(String, String)>) -> ApiResult {
+async fn history(
+    State(s): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+) -> ApiResult {
     let id = parse("entity id", &id)?;
     // Reading an id of another collection: there is no such entity here (404, not 409).
-    let h = blocking(&s, move |r| r.history(&collection, id)).await.map_err(|ApiError(status, m)| match status {
-        StatusCode::CONFLICT => ApiError(StatusCode::NOT_FOUND, m),
-        _ => ApiError(status, m),
-    })?;
+    let h = blocking(&s, move |r| r.history(&collection, id))
+        .await
+        .map_err(|ApiError(status, m)| match status {
+            StatusCode::CONFLICT => ApiError(StatusCode::NOT_FOUND, m),
+            _ => ApiError(status, m),
+        })?;
     Ok(Json(serde_json::to_value(h).unwrap_or(Value::Null)))
 }
 
@@ -635,7 +852,9 @@ async fn resolve(State(s): State<AppState>, Path(id): Path<String>, body: String
     let conflict: fieldsync::ConflictId = parse("conflict id", &id)?;
     let entity = blocking(&s, move |r| r.resolve(&conflict, &body)).await?;
     (s.on_change)();
-    Ok(Json(json!({ "conflict": id, "entity": entity.to_string(), "resolved": true })))
+    Ok(Json(
+        json!({ "conflict": id, "entity": entity.to_string(), "resolved": true }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -647,7 +866,14 @@ struct ProposalsQuery {
 }
 
 async fn proposals(State(s): State<AppState>, Query(q): Query<ProposalsQuery>) -> ApiResult {
-    let p = blocking(&s, move |r| if q.mine { r.my_proposals() } else { r.proposals() }).await?;
+    let p = blocking(&s, move |r| {
+        if q.mine {
+            r.my_proposals()
+        } else {
+            r.proposals()
+        }
+    })
+    .await?;
     Ok(Json(serde_json::to_value(p).unwrap_or(Value::Null)))
 }
 
@@ -655,7 +881,9 @@ async fn accept(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult 
     let pid: fieldsync::ProposalId = parse("proposal id", &id)?;
     let entity = blocking(&s, move |r| r.accept(pid)).await?;
     (s.on_change)();
-    Ok(Json(json!({ "proposal": id, "entity": entity.to_string(), "accepted": true })))
+    Ok(Json(
+        json!({ "proposal": id, "entity": entity.to_string(), "accepted": true }),
+    ))
 }
 
 /// What the bulk `accept`/`reject` routes take.
@@ -668,12 +896,23 @@ struct ProposalIds {
 /// Settles several proposals; answers one result per id, in order (an id that fails does
 /// not stop the others).
 async fn settle_many(s: AppState, body: String, accept: bool) -> ApiResult {
-    let req: ProposalIds = serde_json::from_str(&body)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("expected {{\"ids\": [proposal id, …]}}: {e}")))?;
+    let req: ProposalIds = serde_json::from_str(&body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("expected {{\"ids\": [proposal id, …]}}: {e}"),
+        )
+    })?;
     if req.ids.is_empty() || req.ids.len() > 1000 {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "ids: give 1 to 1000 proposal ids".into()));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "ids: give 1 to 1000 proposal ids".into(),
+        ));
     }
-    let ids = req.ids.iter().map(|id| parse::<fieldsync::ProposalId>("proposal id", id)).collect::<Result<Vec<_>, _>>()?;
+    let ids = req
+        .ids
+        .iter()
+        .map(|id| parse::<fieldsync::ProposalId>("proposal id", id))
+        .collect::<Result<Vec<_>, _>>()?;
     let verb = if accept { "accepted" } else { "rejected" };
     let results = blocking(&s, move |r| {
         Ok(ids
@@ -757,21 +996,42 @@ fn default_role() -> fieldsync::core::membership::MemberRole {
 
 fn valid_secs(n: Option<&serde_json::Number>) -> Result<u64, ApiError> {
     let Some(n) = n else { return Ok(7 * 24 * 3600) };
-    let secs = n.as_u64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= MAX_VALID_SECS as f64).map(|f| f as u64));
+    let secs = n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= MAX_VALID_SECS as f64)
+            .map(|f| f as u64)
+    });
     match secs {
         Some(s) if s <= MAX_VALID_SECS => Ok(s),
-        _ => Err(ApiError(StatusCode::BAD_REQUEST, format!("valid_secs takes a whole number of seconds from 0 to {MAX_VALID_SECS}, got {n}"))),
+        _ => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "valid_secs takes a whole number of seconds from 0 to {MAX_VALID_SECS}, got {n}"
+            ),
+        )),
     }
 }
 
 async fn invite(State(s): State<AppState>, body: String) -> ApiResult {
-    let req: InviteRequest = serde_json::from_str(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid invite request: {e}")))?;
+    let req: InviteRequest = serde_json::from_str(&body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid invite request: {e}"),
+        )
+    })?;
     // Absent means the default; an explicit null is not a number of seconds.
     if body.contains("valid_secs") && req.valid_secs.is_none() {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "invalid invite request: valid_secs must be a number, not null".into()));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid invite request: valid_secs must be a number, not null".into(),
+        ));
     }
-    let ttl_ms = i64::try_from(valid_secs(req.valid_secs.as_ref())?.saturating_mul(1000)).unwrap_or(i64::MAX);
-    let bytes = blocking(&s, move |r| r.issue_invite(&req.user, req.role, req.partitions, ttl_ms)).await?;
+    let ttl_ms = i64::try_from(valid_secs(req.valid_secs.as_ref())?.saturating_mul(1000))
+        .unwrap_or(i64::MAX);
+    let bytes = blocking(&s, move |r| {
+        r.issue_invite(&req.user, req.role, req.partitions, ttl_ms)
+    })
+    .await?;
     Ok(Json(serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
 }
 
@@ -779,7 +1039,9 @@ async fn reject(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult 
     let pid: fieldsync::ProposalId = parse("proposal id", &id)?;
     let entity = blocking(&s, move |r| r.reject(pid)).await?;
     (s.on_change)();
-    Ok(Json(json!({ "proposal": id, "entity": entity.to_string(), "rejected": true })))
+    Ok(Json(
+        json!({ "proposal": id, "entity": entity.to_string(), "rejected": true }),
+    ))
 }
 
 async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
@@ -788,42 +1050,166 @@ async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
     let m = &s.metrics;
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, kind: &str, value: u64| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
     };
-    gauge("fieldsync_http_requests_total", "HTTP API requests.", "counter", m.http_requests.load(Ordering::Relaxed));
-    gauge("fieldsync_http_errors_total", "HTTP API requests that failed.", "counter", m.http_errors.load(Ordering::Relaxed));
-    gauge("fieldsync_http_unauthorised_total", "HTTP API requests refused for a missing or wrong token (401).", "counter", m.http_unauthorised.load(Ordering::Relaxed));
-    gauge("fieldsync_sync_sessions_total", "Sync sessions started.", "counter", m.sync_sessions.load(Ordering::Relaxed));
-    gauge("fieldsync_sync_completed_total", "Catch-ups completed.", "counter", m.sync_completed.load(Ordering::Relaxed));
-    gauge("fieldsync_sync_failed_total", "Sync sessions that failed (rejected frames, wrong workspace…).", "counter", m.sync_failed.load(Ordering::Relaxed));
-    gauge("fieldsync_peers_connected", "Peers with a sync session.", "gauge", s.live.connected());
-    gauge("fieldsync_frames_sent_total", "Sync frames sent.", "counter", m.frames_sent.load(Ordering::Relaxed));
-    gauge("fieldsync_bytes_sent_total", "Sync bytes sent.", "counter", m.bytes_sent.load(Ordering::Relaxed));
-    gauge("fieldsync_frames_received_total", "Sync frames received.", "counter", m.frames_received.load(Ordering::Relaxed));
-    gauge("fieldsync_bytes_received_total", "Sync bytes received.", "counter", m.bytes_received.load(Ordering::Relaxed));
+    gauge(
+        "fieldsync_http_requests_total",
+        "HTTP API requests.",
+        "counter",
+        m.http_requests.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_http_errors_total",
+        "HTTP API requests that failed.",
+        "counter",
+        m.http_errors.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_http_unauthorised_total",
+        "HTTP API requests refused for a missing or wrong token (401).",
+        "counter",
+        m.http_unauthorised.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_sync_sessions_total",
+        "Sync sessions started.",
+        "counter",
+        m.sync_sessions.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_sync_completed_total",
+        "Catch-ups completed.",
+        "counter",
+        m.sync_completed.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_sync_failed_total",
+        "Sync sessions that failed (rejected frames, wrong workspace…).",
+        "counter",
+        m.sync_failed.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_peers_connected",
+        "Peers with a sync session.",
+        "gauge",
+        s.live.connected(),
+    );
+    gauge(
+        "fieldsync_frames_sent_total",
+        "Sync frames sent.",
+        "counter",
+        m.frames_sent.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_bytes_sent_total",
+        "Sync bytes sent.",
+        "counter",
+        m.bytes_sent.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_frames_received_total",
+        "Sync frames received.",
+        "counter",
+        m.frames_received.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_bytes_received_total",
+        "Sync bytes received.",
+        "counter",
+        m.bytes_received.load(Ordering::Relaxed),
+    );
     let sec = &m.security;
-    gauge("fieldsync_sessions_refused_total", "Sessions refused: not a member, revoked, wrong workspace, bad invite.", "counter", sec.sessions_refused.load(Ordering::Relaxed));
-    gauge("fieldsync_protocol_violations_total", "Sessions ended for malformed, oversized or out-of-order frames.", "counter", sec.protocol_violations.load(Ordering::Relaxed));
+    gauge(
+        "fieldsync_sessions_refused_total",
+        "Sessions refused: not a member, revoked, wrong workspace, bad invite.",
+        "counter",
+        sec.sessions_refused.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_protocol_violations_total",
+        "Sessions ended for malformed, oversized or out-of-order frames.",
+        "counter",
+        sec.protocol_violations.load(Ordering::Relaxed),
+    );
     gauge("fieldsync_writes_refused_total", "Received entity writes refused (partitions, forged or removed authority values, member list).", "counter", sec.writes_refused.load(Ordering::Relaxed));
-    gauge("fieldsync_forged_refused_total", "Received writes refused for forging or removing authority-confirmed values.", "counter", sec.forged_refused.load(Ordering::Relaxed));
-    gauge("fieldsync_reads_refused_total", "Entities a peer asked for outside its partitions.", "counter", sec.reads_refused.load(Ordering::Relaxed));
-    gauge("fieldsync_peers_banned_total", "Peers disconnected and refused for a while.", "counter", sec.peers_banned.load(Ordering::Relaxed));
-    gauge("fieldsync_frames_ignored_total", "Replayed or duplicated sync frames, ignored.", "counter", sec.frames_ignored.load(Ordering::Relaxed));
-    gauge("fieldsync_frame_floods_total", "Sessions ended for sending frames too fast.", "counter", sec.floods.load(Ordering::Relaxed));
-    gauge("fieldsync_relay_refused_total", "Circuit relay reservations and circuits refused to peers that are not admitted members.", "counter", sec.relay_refused.load(Ordering::Relaxed));
-    gauge("fieldsync_feed_seq", "Head of the local changes feed.", "gauge", status.feed_seq);
-    gauge("fieldsync_open_conflicts", "Open manual conflicts.", "gauge", status.open_conflicts as u64);
-    gauge("fieldsync_store_commits_total", "Store commits since start.", "counter", commits);
-    gauge("fieldsync_store_flushes_total", "Store flushes since start (commits share them).", "counter", flushes);
+    gauge(
+        "fieldsync_forged_refused_total",
+        "Received writes refused for forging or removing authority-confirmed values.",
+        "counter",
+        sec.forged_refused.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_reads_refused_total",
+        "Entities a peer asked for outside its partitions.",
+        "counter",
+        sec.reads_refused.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_peers_banned_total",
+        "Peers disconnected and refused for a while.",
+        "counter",
+        sec.peers_banned.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_frames_ignored_total",
+        "Replayed or duplicated sync frames, ignored.",
+        "counter",
+        sec.frames_ignored.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_frame_floods_total",
+        "Sessions ended for sending frames too fast.",
+        "counter",
+        sec.floods.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_relay_refused_total",
+        "Circuit relay reservations and circuits refused to peers that are not admitted members.",
+        "counter",
+        sec.relay_refused.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_feed_seq",
+        "Head of the local changes feed.",
+        "gauge",
+        status.feed_seq,
+    );
+    gauge(
+        "fieldsync_open_conflicts",
+        "Open manual conflicts.",
+        "gauge",
+        status.open_conflicts as u64,
+    );
+    gauge(
+        "fieldsync_store_commits_total",
+        "Store commits since start.",
+        "counter",
+        commits,
+    );
+    gauge(
+        "fieldsync_store_flushes_total",
+        "Store flushes since start (commits share them).",
+        "counter",
+        flushes,
+    );
     for (name, report) in s.live.reports.lock().map(|r| r.clone()).unwrap_or_default() {
-        let Value::Object(fields) = report(status.feed_seq) else { continue };
+        let Value::Object(fields) = report(status.feed_seq) else {
+            continue;
+        };
         for (key, value) in fields {
             let value = match value {
                 Value::Bool(b) => u64::from(b),
                 Value::Number(n) => n.as_u64().unwrap_or(0),
                 _ => continue,
             };
-            gauge(&format!("fieldsync_{name}_{key}"), &format!("{name}: {key} (as in /v1/status)."), "gauge", value);
+            gauge(
+                &format!("fieldsync_{name}_{key}"),
+                &format!("{name}: {key} (as in /v1/status)."),
+                "gauge",
+                value,
+            );
         }
     }
     Ok(out)
@@ -844,7 +1230,9 @@ async fn pending_invites(State(s): State<AppState>) -> ApiResult {
 async fn cancel_invite(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
     let id: uuid::Uuid = parse("invite id", &id)?;
     let invite = blocking(&s, move |r| r.cancel_invite(id)).await?;
-    Ok(Json(json!({ "invite": invite.id.to_string(), "cancelled": true })))
+    Ok(Json(
+        json!({ "invite": invite.id.to_string(), "cancelled": true }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -857,13 +1245,27 @@ struct BundleQuery {
 
 /// A bundle of this node's changes (`fieldsync bundle export` through a running daemon):
 /// the bytes, with `Fieldsync-Entities`, `Fieldsync-Since` and `Fieldsync-Upto` headers.
-async fn bundle_export(State(s): State<AppState>, Query(q): Query<BundleQuery>) -> Result<Response, ApiError> {
-    let peer = q.since.as_deref().map(|p| parse::<fieldsync::PeerId>("peer id", p)).transpose()?;
+async fn bundle_export(
+    State(s): State<AppState>,
+    Query(q): Query<BundleQuery>,
+) -> Result<Response, ApiError> {
+    let peer = q
+        .since
+        .as_deref()
+        .map(|p| parse::<fieldsync::PeerId>("peer id", p))
+        .transpose()?;
     let bundle = blocking(&s, move |r| r.export_bundle(peer, &mut |_, _| {})).await?;
     let mut res = (StatusCode::OK, bundle.bytes).into_response();
     let headers = res.headers_mut();
-    headers.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/octet-stream"));
-    for (name, value) in [("fieldsync-entities", bundle.entities as u64), ("fieldsync-since", bundle.since), ("fieldsync-upto", bundle.upto)] {
+    headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/octet-stream"),
+    );
+    for (name, value) in [
+        ("fieldsync-entities", bundle.entities as u64),
+        ("fieldsync-since", bundle.since),
+        ("fieldsync-upto", bundle.upto),
+    ] {
         headers.insert(name, axum::http::HeaderValue::from(value));
     }
     Ok(res)
@@ -886,9 +1288,17 @@ pub const MAX_COUNTED: usize = 10_000;
 /// now), `last_sync_ms` (its last completed catch-up in this run), `incoming` (its feed
 /// entries not yet received here, while online), `unacked` (this node's feed entries it has
 /// not acknowledged yet) and `refused` (`{reason, at_ms}` if this node refused it lately).
-async fn device_rows(s: &AppState, only: Option<fieldsync::PeerId>) -> Result<Vec<Value>, ApiError> {
+async fn device_rows(
+    s: &AppState,
+    only: Option<fieldsync::PeerId>,
+) -> Result<Vec<Value>, ApiError> {
     let peers = s.live.peers.lock().map(|p| p.clone()).unwrap_or_default();
-    let refused: Vec<Value> = s.live.refused.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default();
+    let refused: Vec<Value> = s
+        .live
+        .refused
+        .lock()
+        .map(|r| r.iter().cloned().collect())
+        .unwrap_or_default();
     blocking(s, move |r| {
         let me = r.peer_id().to_string();
         let only = only.map(|p| p.to_string());
@@ -904,9 +1314,15 @@ async fn device_rows(s: &AppState, only: Option<fieldsync::PeerId>) -> Result<Ve
             let this_node = peer == me;
             row["this_node"] = json!(this_node);
             row["online"] = json!(online);
-            row["last_sync_ms"] = live.and_then(|p| p.get("last_sync_ms")).cloned().unwrap_or(Value::Null);
+            row["last_sync_ms"] = live
+                .and_then(|p| p.get("last_sync_ms"))
+                .cloned()
+                .unwrap_or(Value::Null);
             row["incoming"] = match (online, live) {
-                (true, Some(p)) => json!(p["total"].as_u64().unwrap_or(0).saturating_sub(p["done"].as_u64().unwrap_or(0))),
+                (true, Some(p)) => json!(p["total"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    .saturating_sub(p["done"].as_u64().unwrap_or(0))),
                 _ => Value::Null,
             };
             if this_node {
@@ -914,7 +1330,10 @@ async fn device_rows(s: &AppState, only: Option<fieldsync::PeerId>) -> Result<Ve
             } else {
                 // This run's acknowledgement if newer, else the one kept from earlier runs.
                 let (kept, _) = r.sync_checkpoints(&peer)?;
-                let acked = live.and_then(|p| p["acked_upto"].as_u64()).unwrap_or(0).max(kept);
+                let acked = live
+                    .and_then(|p| p["acked_upto"].as_u64())
+                    .unwrap_or(0)
+                    .max(kept);
                 let n = r.changes_since(acked, MAX_COUNTED + 1)?.len();
                 row["unacked"] = json!(n.min(MAX_COUNTED));
                 row["unacked_capped"] = json!(n > MAX_COUNTED);
@@ -936,10 +1355,25 @@ async fn device_rows(s: &AppState, only: Option<fieldsync::PeerId>) -> Result<Ve
 /// [`device_rows`]), the peers refused lately that are not members, and this node's feed head.
 async fn devices(State(s): State<AppState>) -> ApiResult {
     let rows = device_rows(&s, None).await?;
-    let members: std::collections::HashSet<String> = rows.iter().filter_map(|r| r["peer"].as_str().map(str::to_owned)).collect();
-    let strangers: Vec<Value> = s.live.refused.lock().map(|r| r.iter().filter(|x| !x["peer"].as_str().is_some_and(|p| members.contains(p))).cloned().collect()).unwrap_or_default();
+    let members: std::collections::HashSet<String> = rows
+        .iter()
+        .filter_map(|r| r["peer"].as_str().map(str::to_owned))
+        .collect();
+    let strangers: Vec<Value> = s
+        .live
+        .refused
+        .lock()
+        .map(|r| {
+            r.iter()
+                .filter(|x| !x["peer"].as_str().is_some_and(|p| members.contains(p)))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
     let feed_seq = s.replica.feed_seq();
-    Ok(Json(json!({ "devices": rows, "refused": strangers, "feed_seq": feed_seq, "authority": s.replica.is_authority() })))
+    Ok(Json(
+        json!({ "devices": rows, "refused": strangers, "feed_seq": feed_seq, "authority": s.replica.is_authority() }),
+    ))
 }
 
 /// `GET /v1/members/{peer}`: one member as in `/v1/devices`; 404 if it is not a member.
@@ -955,7 +1389,10 @@ async fn member(State(s): State<AppState>, Path(peer): Path<String>) -> ApiResul
 /// One sample of the counters the health page draws (cumulative since the daemon started,
 /// except `peers_connected`).
 fn health_sample(m: &Metrics, live: &Live) -> Value {
-    let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
     let sec = &m.security;
     json!({
         "at_ms": at_ms,
@@ -992,7 +1429,14 @@ pub async fn sample_health(metrics: Arc<Metrics>, live: Arc<Live>) {
 /// `/metrics` exports (cumulative since the daemon started: a chart draws the differences).
 async fn health(State(s): State<AppState>) -> ApiResult {
     s.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
-    let mut samples: Vec<Value> = s.live.health.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default();
+    let mut samples: Vec<Value> = s
+        .live
+        .health
+        .lock()
+        .map(|r| r.iter().cloned().collect())
+        .unwrap_or_default();
     samples.push(health_sample(&s.metrics, &s.live));
-    Ok(Json(json!({ "interval_ms": HEALTH_INTERVAL.as_millis() as u64, "max_samples": HEALTH_SAMPLES, "samples": samples })))
+    Ok(Json(
+        json!({ "interval_ms": HEALTH_INTERVAL.as_millis() as u64, "max_samples": HEALTH_SAMPLES, "samples": samples }),
+    ))
 }

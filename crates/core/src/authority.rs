@@ -28,7 +28,14 @@ pub fn seq_key(seq: u64) -> String {
     format!("{seq:016x}")
 }
 
-fn signed_bytes(ws: WorkspaceId, entity: EntityId, field: &str, seq: u64, value: &Json, accepts: Option<ProposalId>) -> Vec<u8> {
+fn signed_bytes(
+    ws: WorkspaceId,
+    entity: EntityId,
+    field: &str,
+    seq: u64,
+    value: &Json,
+    accepts: Option<ProposalId>,
+) -> Vec<u8> {
     let mut msg = b"fieldsync/confirm/v1\0".to_vec();
     msg.extend_from_slice(ws.as_bytes());
     msg.extend_from_slice(entity.as_bytes());
@@ -53,13 +60,29 @@ impl Confirmation {
         accepts: Option<ProposalId>,
     ) -> Self {
         let sig = key.sign(&signed_bytes(ws, entity, field, seq, &value, accepts));
-        Confirmation { seq, value, accepts, sig: hex::encode(sig) }
+        Confirmation {
+            seq,
+            value,
+            accepts,
+            sig: hex::encode(sig),
+        }
     }
 
     /// Whether the signature is the authority's over exactly this record.
-    pub fn verify(&self, authority: &ed25519::PublicKey, ws: WorkspaceId, entity: EntityId, field: &str) -> bool {
-        let Ok(sig) = hex::decode(&self.sig) else { return false };
-        authority.verify(&signed_bytes(ws, entity, field, self.seq, &self.value, self.accepts), &sig)
+    pub fn verify(
+        &self,
+        authority: &ed25519::PublicKey,
+        ws: WorkspaceId,
+        entity: EntityId,
+        field: &str,
+    ) -> bool {
+        let Ok(sig) = hex::decode(&self.sig) else {
+            return false;
+        };
+        authority.verify(
+            &signed_bytes(ws, entity, field, self.seq, &self.value, self.accepts),
+            &sig,
+        )
     }
 }
 
@@ -77,7 +100,12 @@ mod tests {
         assert!(c.verify(&key.public(), ws, e, "amount"));
         assert!(!c.verify(&other.public(), ws, e, "amount"));
         assert!(!c.verify(&key.public(), ws, e, "status"));
-        assert!(!c.verify(&key.public(), ws, EntityId(uuid::Uuid::from_u128(3)), "amount"));
+        assert!(!c.verify(
+            &key.public(),
+            ws,
+            EntityId(uuid::Uuid::from_u128(3)),
+            "amount"
+        ));
         let mut tampered = c.clone();
         tampered.value = serde_json::json!(5000);
         assert!(!tampered.verify(&key.public(), ws, e, "amount"));

@@ -35,7 +35,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_bundle_bytes: 4 << 30, max_frame_bytes: 64 << 20 }
+        Limits {
+            max_bundle_bytes: 4 << 30,
+            max_frame_bytes: 64 << 20,
+        }
     }
 }
 
@@ -88,7 +91,10 @@ pub fn peer_key(peer: &PeerId) -> Option<ed25519::PublicKey> {
     if mh.code() != 0 {
         return None;
     }
-    libp2p_identity::PublicKey::try_decode_protobuf(mh.digest()).ok()?.try_into_ed25519().ok()
+    libp2p_identity::PublicKey::try_decode_protobuf(mh.digest())
+        .ok()?
+        .try_into_ed25519()
+        .ok()
 }
 
 /// A decoded bundle.
@@ -122,7 +128,11 @@ impl BundleEncoder {
         let start = push_frame(&mut out, header);
         let mut hash = Sha256::new();
         hash.update(&out[start..]);
-        BundleEncoder { out, hash, count: 0 }
+        BundleEncoder {
+            out,
+            hash,
+            count: 0,
+        }
     }
 
     pub fn push(&mut self, entity: &BundleEntity) {
@@ -141,7 +151,11 @@ impl BundleEncoder {
     pub fn finish(mut self, key: &ed25519::Keypair) -> Vec<u8> {
         let sha256 = self.hash.finalize().to_vec();
         let sig = key.sign(&signed_bytes(&sha256, self.count));
-        let trailer = BundleTrailer { count: self.count, sha256, sig };
+        let trailer = BundleTrailer {
+            count: self.count,
+            sha256,
+            sig,
+        };
         push_frame(&mut self.out, &trailer);
         self.out
     }
@@ -155,11 +169,17 @@ struct Frames<'a> {
 impl<'a> Frames<'a> {
     fn next(&mut self, what: &str) -> Result<&'a [u8], Error> {
         if self.rest.len() < 4 {
-            return Err(Error::Bundle(format!("truncated: the file ends before the {what}")));
+            return Err(Error::Bundle(format!(
+                "truncated: the file ends before the {what}"
+            )));
         }
-        let len = u32::from_be_bytes([self.rest[0], self.rest[1], self.rest[2], self.rest[3]]) as usize;
+        let len =
+            u32::from_be_bytes([self.rest[0], self.rest[1], self.rest[2], self.rest[3]]) as usize;
         if len > self.limits.max_frame_bytes {
-            return Err(Error::Bundle(format!("{what} of {len} bytes is over the {}-byte frame limit", self.limits.max_frame_bytes)));
+            return Err(Error::Bundle(format!(
+                "{what} of {len} bytes is over the {}-byte frame limit",
+                self.limits.max_frame_bytes
+            )));
         }
         if self.rest.len() < 4 + len {
             return Err(Error::Bundle(format!("truncated: the {what} is cut short")));
@@ -171,14 +191,19 @@ impl<'a> Frames<'a> {
 }
 
 fn decode_frame<T: for<'de> Deserialize<'de>>(frame: &[u8], what: &str) -> Result<T, Error> {
-    ciborium::from_reader(&frame[4..]).map_err(|e| Error::Bundle(format!("{what} is not valid: {e}")))
+    ciborium::from_reader(&frame[4..])
+        .map_err(|e| Error::Bundle(format!("{what} is not valid: {e}")))
 }
 
 impl Bundle {
     /// Decodes and checks a whole bundle.
     pub fn decode(bytes: &[u8], limits: Limits) -> Result<Self, Error> {
         if bytes.len() > limits.max_bundle_bytes {
-            return Err(Error::Bundle(format!("{} bytes is over the {}-byte bundle limit", bytes.len(), limits.max_bundle_bytes)));
+            return Err(Error::Bundle(format!(
+                "{} bytes is over the {}-byte bundle limit",
+                bytes.len(),
+                limits.max_bundle_bytes
+            )));
         }
         if bytes.starts_with(MAGIC_V1) {
             return Err(Error::Bundle(
@@ -200,7 +225,9 @@ impl Bundle {
                 let trailer: BundleTrailer = decode_frame(frame, "trailer")?;
                 let sha256 = hash.finalize();
                 if trailer.count != entities.len() as u64 || trailer.sha256 != sha256.as_slice() {
-                    return Err(Error::Bundle("corrupt: entity count or checksum does not match the trailer".into()));
+                    return Err(Error::Bundle(
+                        "corrupt: entity count or checksum does not match the trailer".into(),
+                    ));
                 }
                 let key = header
                     .from
@@ -242,7 +269,9 @@ mod tests {
     }
 
     fn peer_of(k: &ed25519::Keypair) -> String {
-        libp2p_identity::PublicKey::from(k.public()).to_peer_id().to_string()
+        libp2p_identity::PublicKey::from(k.public())
+            .to_peer_id()
+            .to_string()
     }
 
     fn sample() -> Bundle {
@@ -256,8 +285,16 @@ mod tests {
                 credential: None,
             },
             entities: vec![
-                BundleEntity { id: EntityId(uuid::Uuid::from_u128(1)), collection: "tasks".into(), doc: vec![1, 2, 3] },
-                BundleEntity { id: EntityId(uuid::Uuid::from_u128(2)), collection: "tasks".into(), doc: vec![4; 100] },
+                BundleEntity {
+                    id: EntityId(uuid::Uuid::from_u128(1)),
+                    collection: "tasks".into(),
+                    doc: vec![1, 2, 3],
+                },
+                BundleEntity {
+                    id: EntityId(uuid::Uuid::from_u128(2)),
+                    collection: "tasks".into(),
+                    doc: vec![4; 100],
+                },
             ],
         }
     }
@@ -265,7 +302,10 @@ mod tests {
     #[test]
     fn round_trips() {
         let b = sample();
-        assert_eq!(Bundle::decode(&b.encode(&key()), Limits::default()).unwrap(), b);
+        assert_eq!(
+            Bundle::decode(&b.encode(&key()), Limits::default()).unwrap(),
+            b
+        );
     }
 
     #[test]
@@ -274,39 +314,70 @@ mod tests {
         // Relabelled: the header names another peer, the signature is still the exporter's.
         let mut relabelled = sample();
         relabelled.header.from = peer_of(&other);
-        let err = Bundle::decode(&relabelled.encode(&key()), Limits::default()).unwrap_err().to_string();
-        assert!(err.contains("not by") && err.contains("relabelled"), "{err}");
+        let err = Bundle::decode(&relabelled.encode(&key()), Limits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not by") && err.contains("relabelled"),
+            "{err}"
+        );
         // Signed by a key that is not the named sender's.
-        let err = Bundle::decode(&sample().encode(&other), Limits::default()).unwrap_err().to_string();
+        let err = Bundle::decode(&sample().encode(&other), Limits::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not by"), "{err}");
         // A changed header (the acks) breaks the hash even with the signature left alone.
         let mut bytes = sample().encode(&key());
         let at = bytes.windows(5).position(|w| w == b"other").unwrap();
         bytes[at] = b'O';
-        assert!(Bundle::decode(&bytes, Limits::default()).unwrap_err().to_string().contains("checksum"));
+        assert!(Bundle::decode(&bytes, Limits::default())
+            .unwrap_err()
+            .to_string()
+            .contains("checksum"));
         // Not a peer id: cannot be checked.
         let mut nameless = sample();
         nameless.header.from = "peer".into();
-        assert!(Bundle::decode(&nameless.encode(&key()), Limits::default()).unwrap_err().to_string().contains("not an ed25519 peer id"));
+        assert!(Bundle::decode(&nameless.encode(&key()), Limits::default())
+            .unwrap_err()
+            .to_string()
+            .contains("not an ed25519 peer id"));
         // Format 1 is refused with what to do.
         let mut v1 = sample().encode(&key());
         v1[7] = 1;
-        assert!(Bundle::decode(&v1, Limits::default()).unwrap_err().to_string().contains("export it again"));
+        assert!(Bundle::decode(&v1, Limits::default())
+            .unwrap_err()
+            .to_string()
+            .contains("export it again"));
     }
 
     #[test]
     fn refuses_truncated_corrupt_and_oversized_files() {
         let bytes = sample().encode(&key());
         for cut in [0, 5, 8, 12, bytes.len() / 2, bytes.len() - 1] {
-            assert!(Bundle::decode(&bytes[..cut], Limits::default()).is_err(), "cut at {cut}");
+            assert!(
+                Bundle::decode(&bytes[..cut], Limits::default()).is_err(),
+                "cut at {cut}"
+            );
         }
         let mut flipped = bytes.clone();
         let at = bytes.len() - 60;
         flipped[at] ^= 0xff;
         assert!(Bundle::decode(&flipped, Limits::default()).is_err());
-        let small = Limits { max_bundle_bytes: 1 << 20, max_frame_bytes: 50 };
-        assert!(Bundle::decode(&bytes, small).unwrap_err().to_string().contains("frame limit"));
-        let tiny = Limits { max_bundle_bytes: 10, max_frame_bytes: 1 << 20 };
-        assert!(Bundle::decode(&bytes, tiny).unwrap_err().to_string().contains("bundle limit"));
+        let small = Limits {
+            max_bundle_bytes: 1 << 20,
+            max_frame_bytes: 50,
+        };
+        assert!(Bundle::decode(&bytes, small)
+            .unwrap_err()
+            .to_string()
+            .contains("frame limit"));
+        let tiny = Limits {
+            max_bundle_bytes: 10,
+            max_frame_bytes: 1 << 20,
+        };
+        assert!(Bundle::decode(&bytes, tiny)
+            .unwrap_err()
+            .to_string()
+            .contains("bundle limit"));
     }
 }

@@ -59,7 +59,9 @@ uuid_id!(
 pub type PeerId = libp2p_identity::PeerId;
 
 /// A position in a node's local changes feed. Strictly increasing per node.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct Seq(pub u64);
 

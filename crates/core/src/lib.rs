@@ -32,7 +32,10 @@ pub mod schema;
 pub mod schema_version;
 pub mod workspace;
 
-pub use entity::{Applied, Conflict, ConflictState, Derived, Entity, FieldChange, HistoryEntry, Proposal, Resolution, View, Writer};
+pub use entity::{
+    Applied, Conflict, ConflictState, Derived, Entity, FieldChange, HistoryEntry, Proposal,
+    Resolution, View, Writer,
+};
 pub use ids::{ConflictId, EntityId, OpId, PeerId, ProposalId, Seq, WorkspaceId};
 pub use patch::{FieldOp, Patch};
 pub use schema::{Access, Collection, OnDelete, Rule, Schema};
@@ -59,7 +62,9 @@ pub enum Error {
     #[error("not found: {0}")]
     NotFound(String),
     /// An operation id already named a different write.
-    #[error("operation id {0} was already used for a different write; use a new op id for a new write")]
+    #[error(
+        "operation id {0} was already used for a different write; use a new op id for a new write"
+    )]
     OpReused(crate::ids::OpId),
     /// Only the workspace authority may do this.
     #[error("only the workspace authority can settle proposals; this node is a device")]

@@ -45,8 +45,19 @@ pub const MAX_TOKEN_BYTES: usize = 64 << 10;
 
 /// The `_members` collection's schema.
 pub(crate) fn members_collection() -> Collection {
-    let fields = BTreeMap::from([(RECORD.to_owned(), FieldSpec { rule: Rule::Authority, auto_accept: false, default: None, renamed_from: None })]);
-    Collection { fields, ..Default::default() }
+    let fields = BTreeMap::from([(
+        RECORD.to_owned(),
+        FieldSpec {
+            rule: Rule::Authority,
+            auto_accept: false,
+            default: None,
+            renamed_from: None,
+        },
+    )]);
+    Collection {
+        fields,
+        ..Default::default()
+    }
 }
 
 /// The entity holding `peer`'s member record: the same id on every node.
@@ -97,22 +108,32 @@ pub struct Grant {
 impl Grant {
     /// The grant of the workspace authority itself.
     pub fn authority() -> Self {
-        Grant { user: "authority".into(), role: MemberRole::Admin, partitions: BTreeMap::new() }
+        Grant {
+            user: "authority".into(),
+            role: MemberRole::Admin,
+            partitions: BTreeMap::new(),
+        }
     }
 
     /// Checks the grant against the schema: known collections, `own` only where the
     /// collection names an owner field.
     pub fn check(&self, schema: &Schema) -> Result<(), Error> {
         if self.user.is_empty() || self.user.chars().count() > 128 {
-            return Err(Error::Invite("the user name must have 1 to 128 characters".into()));
+            return Err(Error::Invite(
+                "the user name must have 1 to 128 characters".into(),
+            ));
         }
         for (c, access) in &self.partitions {
             let coll = schema.collection(c)?;
             if c.starts_with('_') {
-                return Err(Error::Invite(format!("{c} is built in; its access cannot be changed")));
+                return Err(Error::Invite(format!(
+                    "{c} is built in; its access cannot be changed"
+                )));
             }
             if *access == Access::Own && coll.owner.is_none() {
-                return Err(Error::Invite(format!("{c} has no `owner` field in the schema, so \"own\" cannot apply")));
+                return Err(Error::Invite(format!(
+                    "{c} has no `owner` field in the schema, so \"own\" cannot apply"
+                )));
             }
         }
         Ok(())
@@ -124,14 +145,23 @@ impl Grant {
             return Access::All;
         }
         match schema.collection(collection) {
-            Ok(coll) => self.partitions.get(collection).copied().unwrap_or(coll.access),
+            Ok(coll) => self
+                .partitions
+                .get(collection)
+                .copied()
+                .unwrap_or(coll.access),
             Err(_) => Access::None,
         }
     }
 
     /// Whether this member may see an entity of `collection` whose owner field holds
     /// `owner` (asked only for [`Access::Own`]).
-    pub fn may_see(&self, schema: &Schema, collection: &str, owner: impl FnOnce() -> Option<String>) -> bool {
+    pub fn may_see(
+        &self,
+        schema: &Schema,
+        collection: &str,
+        owner: impl FnOnce() -> Option<String>,
+    ) -> bool {
         match self.access(schema, collection) {
             Access::All => true,
             Access::None => false,
@@ -181,7 +211,13 @@ pub struct InviteToken {
     pub sig: String,
 }
 
-fn token_bytes(id: uuid::Uuid, ws: WorkspaceId, grant: &Grant, expires_ms: i64, key: &str) -> Vec<u8> {
+fn token_bytes(
+    id: uuid::Uuid,
+    ws: WorkspaceId,
+    grant: &Grant,
+    expires_ms: i64,
+    key: &str,
+) -> Vec<u8> {
     let mut msg = b"fieldsync/invite/v2\0".to_vec();
     msg.extend_from_slice(id.as_bytes());
     msg.extend_from_slice(ws.as_bytes());
@@ -196,10 +232,24 @@ fn token_bytes(id: uuid::Uuid, ws: WorkspaceId, grant: &Grant, expires_ms: i64, 
 impl InviteToken {
     /// A token signed by the authority `key`, bound to the one-time key `holder` (whose
     /// secret half goes in the invite beside the token).
-    pub fn sign(key: &ed25519::Keypair, id: uuid::Uuid, workspace: WorkspaceId, grant: Grant, expires_ms: i64, holder: &ed25519::PublicKey) -> Self {
+    pub fn sign(
+        key: &ed25519::Keypair,
+        id: uuid::Uuid,
+        workspace: WorkspaceId,
+        grant: Grant,
+        expires_ms: i64,
+        holder: &ed25519::PublicKey,
+    ) -> Self {
         let holder = hex::encode(holder.to_bytes());
         let sig = hex::encode(key.sign(&token_bytes(id, workspace, &grant, expires_ms, &holder)));
-        InviteToken { id, workspace, grant, expires_ms, key: holder, sig }
+        InviteToken {
+            id,
+            workspace,
+            grant,
+            expires_ms,
+            key: holder,
+            sig,
+        }
     }
 
     /// Checks that `proof` was made with this token's one-time key for `peer`.
@@ -210,18 +260,36 @@ impl InviteToken {
             .ok_or_else(|| "the invite's key is not an ed25519 public key".to_owned())?;
         let sig = hex::decode(proof).map_err(|_| "the invite proof is not hex".to_owned())?;
         if !key.verify(&proof_bytes(self.workspace, self.id, peer), &sig) {
-            return Err(format!("the invite {} was presented without its key (a copied token)", self.id));
+            return Err(format!(
+                "the invite {} was presented without its key (a copied token)",
+                self.id
+            ));
         }
         Ok(())
     }
 
     /// Checks signature, workspace and expiry; the reason it is refused otherwise.
-    pub fn verify(&self, authority: &ed25519::PublicKey, workspace: WorkspaceId, now_ms: i64) -> Result<(), String> {
+    pub fn verify(
+        &self,
+        authority: &ed25519::PublicKey,
+        workspace: WorkspaceId,
+        now_ms: i64,
+    ) -> Result<(), String> {
         if self.workspace != workspace {
             return Err(format!("the invite is for workspace {}", self.workspace));
         }
-        let sig = hex::decode(&self.sig).map_err(|_| "the invite's signature is not hex".to_owned())?;
-        if !authority.verify(&token_bytes(self.id, self.workspace, &self.grant, self.expires_ms, &self.key), &sig) {
+        let sig =
+            hex::decode(&self.sig).map_err(|_| "the invite's signature is not hex".to_owned())?;
+        if !authority.verify(
+            &token_bytes(
+                self.id,
+                self.workspace,
+                &self.grant,
+                self.expires_ms,
+                &self.key,
+            ),
+            &sig,
+        ) {
             return Err("the invite's signature is not the authority's".into());
         }
         if now_ms > self.expires_ms {
@@ -300,32 +368,71 @@ pub struct Facts {
 
 impl Facts {
     pub fn of(ws: &crate::Workspace, entity: &crate::Entity) -> Self {
-        Facts { integrity: entity.integrity(ws), owner: entity.owner(ws) }
+        Facts {
+            integrity: entity.integrity(ws),
+            owner: entity.owner(ws),
+        }
     }
 }
 
 /// Whether a member with `grant` may turn an entity from `before` (absent: new to this
 /// node) into `after` by the changes it sent. Authority records are checked for everyone,
 /// partitions for the sender's grant.
-pub fn check_write(schema: &Schema, grant: &Grant, id: EntityId, collection: &str, before: Option<&Facts>, after: &Facts) -> Result<(), Refusal> {
-    let refuse = |kind, reason: String| Err(Refusal { kind, reason: format!("entity {id} ({collection}): {reason}") });
-    let new_forged: Vec<&String> =
-        after.integrity.forged.iter().filter(|f| before.is_none_or(|b| !b.integrity.forged.contains(*f))).collect();
+pub fn check_write(
+    schema: &Schema,
+    grant: &Grant,
+    id: EntityId,
+    collection: &str,
+    before: Option<&Facts>,
+    after: &Facts,
+) -> Result<(), Refusal> {
+    let refuse = |kind, reason: String| {
+        Err(Refusal {
+            kind,
+            reason: format!("entity {id} ({collection}): {reason}"),
+        })
+    };
+    let new_forged: Vec<&String> = after
+        .integrity
+        .forged
+        .iter()
+        .filter(|f| before.is_none_or(|b| !b.integrity.forged.contains(*f)))
+        .collect();
     if !new_forged.is_empty() {
-        return refuse(RefusalKind::Forged, format!("authority records not signed by the authority: {new_forged:?}"));
+        return refuse(
+            RefusalKind::Forged,
+            format!("authority records not signed by the authority: {new_forged:?}"),
+        );
     }
     if let Some(b) = before {
-        let lost = b.integrity.confirmed.difference(&after.integrity.confirmed).count();
+        let lost = b
+            .integrity
+            .confirmed
+            .difference(&after.integrity.confirmed)
+            .count();
         if lost > 0 {
-            return refuse(RefusalKind::Rollback, format!("removes {lost} confirmed authority value(s)"));
+            return refuse(
+                RefusalKind::Rollback,
+                format!("removes {lost} confirmed authority value(s)"),
+            );
         }
     }
-    if collection == MEMBERS && (after.integrity.plain_fields > 0 || after.integrity.proposals > 0 || after.integrity.tombstone) {
-        return refuse(RefusalKind::Members, "the member list changes only by the authority's signed records".into());
+    if collection == MEMBERS
+        && (after.integrity.plain_fields > 0
+            || after.integrity.proposals > 0
+            || after.integrity.tombstone)
+    {
+        return refuse(
+            RefusalKind::Members,
+            "the member list changes only by the authority's signed records".into(),
+        );
     }
     match grant.access(schema, collection) {
         Access::All => Ok(()),
-        Access::None => refuse(RefusalKind::Partition, format!("user {:?} may not write this collection", grant.user)),
+        Access::None => refuse(
+            RefusalKind::Partition,
+            format!("user {:?} may not write this collection", grant.user),
+        ),
         Access::Own => {
             let mine = |f: &Facts| f.owner.as_deref() == Some(grant.user.as_str());
             let not_mine = match before {
@@ -334,7 +441,10 @@ pub fn check_write(schema: &Schema, grant: &Grant, id: EntityId, collection: &st
             };
             if let Some(f) = not_mine {
                 let owner = f.owner.clone().unwrap_or_else(|| "nobody".into());
-                return refuse(RefusalKind::Partition, format!("would belong to {owner:?}, not to user {:?}", grant.user));
+                return refuse(
+                    RefusalKind::Partition,
+                    format!("would belong to {owner:?}, not to user {:?}", grant.user),
+                );
             }
             Ok(())
         }
@@ -355,7 +465,11 @@ mod tests {
     #[test]
     fn access_follows_role_partitions_and_schema_defaults() {
         let s = schema();
-        let mut g = Grant { user: "ana".into(), role: MemberRole::Device, partitions: BTreeMap::new() };
+        let mut g = Grant {
+            user: "ana".into(),
+            role: MemberRole::Device,
+            partitions: BTreeMap::new(),
+        };
         assert_eq!(g.access(&s, "tasks"), Access::Own);
         assert_eq!(g.access(&s, "payments"), Access::All);
         assert_eq!(g.access(&s, MEMBERS), Access::All);
@@ -370,7 +484,10 @@ mod tests {
         assert!(g.check(&s).is_ok());
         g.partitions.insert("prices".into(), Access::Own);
         assert!(g.check(&s).unwrap_err().to_string().contains("no `owner`"));
-        let relay = Grant { role: MemberRole::Relay, ..g };
+        let relay = Grant {
+            role: MemberRole::Relay,
+            ..g
+        };
         assert_eq!(relay.access(&s, "prices"), Access::All);
     }
 
@@ -378,19 +495,44 @@ mod tests {
     fn tokens_bind_grant_workspace_and_expiry() {
         let key = ed25519::Keypair::generate();
         let ws = WorkspaceId(uuid::Uuid::from_u128(1));
-        let grant = Grant { user: "ana".into(), role: MemberRole::Device, partitions: BTreeMap::new() };
+        let grant = Grant {
+            user: "ana".into(),
+            role: MemberRole::Device,
+            partitions: BTreeMap::new(),
+        };
         let holder = ed25519::Keypair::generate();
-        let t = InviteToken::sign(&key, uuid::Uuid::from_u128(7), ws, grant, 1_000, &holder.public());
+        let t = InviteToken::sign(
+            &key,
+            uuid::Uuid::from_u128(7),
+            ws,
+            grant,
+            1_000,
+            &holder.public(),
+        );
         assert!(t.verify(&key.public(), ws, 999).is_ok());
         let mut rekeyed = t.clone();
         rekeyed.key = hex::encode(ed25519::Keypair::generate().public().to_bytes());
-        assert!(rekeyed.verify(&key.public(), ws, 0).is_err(), "the one-time key is signed too");
-        assert!(t.verify(&key.public(), ws, 1_001).unwrap_err().contains("expired"));
-        assert!(t.verify(&ed25519::Keypair::generate().public(), ws, 0).unwrap_err().contains("signature"));
-        assert!(t.verify(&key.public(), WorkspaceId(uuid::Uuid::from_u128(2)), 0).is_err());
+        assert!(
+            rekeyed.verify(&key.public(), ws, 0).is_err(),
+            "the one-time key is signed too"
+        );
+        assert!(t
+            .verify(&key.public(), ws, 1_001)
+            .unwrap_err()
+            .contains("expired"));
+        assert!(t
+            .verify(&ed25519::Keypair::generate().public(), ws, 0)
+            .unwrap_err()
+            .contains("signature"));
+        assert!(t
+            .verify(&key.public(), WorkspaceId(uuid::Uuid::from_u128(2)), 0)
+            .is_err());
         let mut admin = t.clone();
         admin.grant.role = MemberRole::Admin;
-        assert!(admin.verify(&key.public(), ws, 0).is_err(), "a changed grant breaks the signature");
+        assert!(
+            admin.verify(&key.public(), ws, 0).is_err(),
+            "a changed grant breaks the signature"
+        );
         let mut later = t;
         later.expires_ms = i64::MAX;
         assert!(later.verify(&key.public(), ws, 0).is_err());
@@ -400,27 +542,57 @@ mod tests {
     fn an_invite_proof_holds_only_for_the_peer_that_made_it() {
         let key = ed25519::Keypair::generate();
         let ws = WorkspaceId(uuid::Uuid::from_u128(1));
-        let grant = Grant { user: "ana".into(), role: MemberRole::Device, partitions: BTreeMap::new() };
+        let grant = Grant {
+            user: "ana".into(),
+            role: MemberRole::Device,
+            partitions: BTreeMap::new(),
+        };
         let holder = ed25519::Keypair::generate();
-        let t = InviteToken::sign(&key, uuid::Uuid::from_u128(7), ws, grant, 1_000, &holder.public());
-        let device = libp2p_identity::Keypair::generate_ed25519().public().to_peer_id();
-        let thief = libp2p_identity::Keypair::generate_ed25519().public().to_peer_id();
+        let t = InviteToken::sign(
+            &key,
+            uuid::Uuid::from_u128(7),
+            ws,
+            grant,
+            1_000,
+            &holder.public(),
+        );
+        let device = libp2p_identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let thief = libp2p_identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
         let proof = invite_proof(&t, &holder, &device);
         assert!(t.verify_proof(&device, &proof).is_ok());
-        assert!(t.verify_proof(&thief, &proof).unwrap_err().contains("without its key"), "a copied proof is another peer's");
+        assert!(
+            t.verify_proof(&thief, &proof)
+                .unwrap_err()
+                .contains("without its key"),
+            "a copied proof is another peer's"
+        );
         let forged = invite_proof(&t, &ed25519::Keypair::generate(), &thief);
-        assert!(t.verify_proof(&thief, &forged).is_err(), "a proof needs the invite's own key");
+        assert!(
+            t.verify_proof(&thief, &forged).is_err(),
+            "a proof needs the invite's own key"
+        );
         assert!(t.verify_proof(&device, "zz").unwrap_err().contains("hex"));
     }
 
     #[test]
     fn member_entities_are_per_peer_and_workspace() {
         let ws = WorkspaceId(uuid::Uuid::from_u128(1));
-        let a = libp2p_identity::Keypair::generate_ed25519().public().to_peer_id();
-        let b = libp2p_identity::Keypair::generate_ed25519().public().to_peer_id();
+        let a = libp2p_identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let b = libp2p_identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
         assert_eq!(member_entity_id(ws, &a), member_entity_id(ws, &a));
         assert_ne!(member_entity_id(ws, &a), member_entity_id(ws, &b));
-        assert_ne!(member_entity_id(ws, &a), member_entity_id(WorkspaceId(uuid::Uuid::from_u128(2)), &a));
+        assert_ne!(
+            member_entity_id(ws, &a),
+            member_entity_id(WorkspaceId(uuid::Uuid::from_u128(2)), &a)
+        );
     }
 }
 
@@ -465,7 +637,13 @@ pub enum Admission {
 impl MemberList {
     /// An empty list for `workspace`.
     pub fn new(workspace: std::sync::Arc<crate::Workspace>, authority: bool) -> Self {
-        MemberList { workspace, authority, by_peer: Default::default(), invites: Default::default(), cancelled: Default::default() }
+        MemberList {
+            workspace,
+            authority,
+            by_peer: Default::default(),
+            invites: Default::default(),
+            cancelled: Default::default(),
+        }
     }
 
     /// Decides whether `peer` may sync from the list and what it presented, at wall-clock
@@ -476,37 +654,59 @@ impl MemberList {
             return Admission::Admitted(Grant::authority());
         }
         if let Some(r) = self.by_peer.get(peer) {
-            return if r.revoked { Admission::Refused(revoked_reason(peer)) } else { Admission::Admitted(r.grant.clone()) };
+            return if r.revoked {
+                Admission::Refused(revoked_reason(peer))
+            } else {
+                Admission::Admitted(r.grant.clone())
+            };
         }
         match credential {
             Some(Credential::Member { record }) => {
                 let id = member_entity_id(ws.id, peer);
                 if !record.verify(&ws.authority, ws.id, id, RECORD) {
-                    return Admission::Refused(format!("peer {peer} presented a member record the authority did not sign"));
+                    return Admission::Refused(format!(
+                        "peer {peer} presented a member record the authority did not sign"
+                    ));
                 }
                 match MemberRecord::from_confirmation(record, peer) {
                     Some(r) if !r.revoked => Admission::Admitted(r.grant),
                     Some(_) => Admission::Refused(revoked_reason(peer)),
-                    None => Admission::Refused(format!("peer {peer} presented another peer's member record")),
+                    None => Admission::Refused(format!(
+                        "peer {peer} presented another peer's member record"
+                    )),
                 }
             }
             Some(Credential::Invite { token, proof }) => {
-                if let Err(why) = token.verify(&ws.authority, ws.id, now_ms).and_then(|()| token.verify_proof(peer, proof)) {
+                if let Err(why) = token
+                    .verify(&ws.authority, ws.id, now_ms)
+                    .and_then(|()| token.verify_proof(peer, proof))
+                {
                     return Admission::Refused(format!("peer {peer}: {why}"));
                 }
                 if let Err(e) = token.grant.check(&ws.schema) {
                     return Admission::Refused(format!("peer {peer}: {e}"));
                 }
                 if let Some(other) = self.invites.get(&token.id).filter(|p| *p != peer) {
-                    return Admission::Refused(format!("peer {peer}: invite {} was already used by {other}", token.id));
+                    return Admission::Refused(format!(
+                        "peer {peer}: invite {} was already used by {other}",
+                        token.id
+                    ));
                 }
                 if !self.authority {
                     return Admission::Admitted(token.grant.clone());
                 }
                 if self.cancelled.contains(&token.id) {
-                    return Admission::Refused(format!("peer {peer}: invite {} was cancelled", token.id));
+                    return Admission::Refused(format!(
+                        "peer {peer}: invite {} was cancelled",
+                        token.id
+                    ));
                 }
-                Admission::Bind(MemberRecord { peer: peer.to_string(), grant: token.grant.clone(), revoked: false, invite: Some(token.id) })
+                Admission::Bind(MemberRecord {
+                    peer: peer.to_string(),
+                    grant: token.grant.clone(),
+                    revoked: false,
+                    invite: Some(token.id),
+                })
             }
             None => Admission::Refused(format!("peer {peer} is not a member of this workspace")),
         }
@@ -514,6 +714,9 @@ impl MemberList {
 
     /// Why `peer` may no longer sync, if the list says it was revoked.
     pub fn revoked(&self, peer: &PeerId) -> Option<String> {
-        self.by_peer.get(peer).filter(|r| r.revoked).map(|_| revoked_reason(peer))
+        self.by_peer
+            .get(peer)
+            .filter(|r| r.revoked)
+            .map(|_| revoked_reason(peer))
     }
 }

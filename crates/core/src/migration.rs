@@ -54,7 +54,11 @@ pub enum MigrationKind {
     Copy { from: String, field: String },
     /// The string in `from` cut at `separator` into the fields `into` (the last takes the
     /// rest), each where it has no value.
-    Split { from: String, into: Vec<String>, separator: String },
+    Split {
+        from: String,
+        into: Vec<String>,
+        separator: String,
+    },
 }
 
 /// One declared migration.
@@ -79,7 +83,9 @@ impl Migration {
     /// The fields it writes.
     pub fn targets(&self) -> Vec<String> {
         match &self.kind {
-            MigrationKind::Backfill { field, .. } | MigrationKind::Copy { field, .. } => vec![field.clone()],
+            MigrationKind::Backfill { field, .. } | MigrationKind::Copy { field, .. } => {
+                vec![field.clone()]
+            }
             MigrationKind::Split { into, .. } => into.clone(),
         }
     }
@@ -108,14 +114,20 @@ pub(crate) struct RawMigration {
 }
 
 fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
 /// Rules a migration may write: everything but authority fields (only the authority's
 /// signature makes those) and the owner of a partitioned collection.
 fn writable(coll: &Collection, cname: &str, field: &str, id: &str) -> Result<(), Error> {
     if field.starts_with('_') {
-        return Err(Error::Schema(format!("migration {id:?}: field {field:?} is reserved")));
+        return Err(Error::Schema(format!(
+            "migration {id:?}: field {field:?} is reserved"
+        )));
     }
     if *coll.rule(field) == Rule::Authority {
         return Err(Error::Schema(format!(
@@ -129,26 +141,47 @@ fn writable(coll: &Collection, cname: &str, field: &str, id: &str) -> Result<(),
 }
 
 /// Checks the declared migrations against the collections.
-pub(crate) fn parse(raw: Vec<RawMigration>, collections: &BTreeMap<String, Collection>) -> Result<Vec<Migration>, Error> {
+pub(crate) fn parse(
+    raw: Vec<RawMigration>,
+    collections: &BTreeMap<String, Collection>,
+) -> Result<Vec<Migration>, Error> {
     if raw.len() > MAX_MIGRATIONS {
-        return Err(Error::Schema(format!("{} migrations is over the limit of {MAX_MIGRATIONS}", raw.len())));
+        return Err(Error::Schema(format!(
+            "{} migrations is over the limit of {MAX_MIGRATIONS}",
+            raw.len()
+        )));
     }
     let mut out: Vec<Migration> = Vec::with_capacity(raw.len());
     for r in raw {
         let id = r.id.clone();
         if !valid_id(&id) {
-            return Err(Error::Schema(format!("migration id {id:?} must be 1–64 letters, digits, '_', '-' or '.'")));
+            return Err(Error::Schema(format!(
+                "migration id {id:?} must be 1–64 letters, digits, '_', '-' or '.'"
+            )));
         }
         if out.iter().any(|m| m.id == id) {
-            return Err(Error::Schema(format!("migration id {id:?} is declared twice")));
+            return Err(Error::Schema(format!(
+                "migration id {id:?} is declared twice"
+            )));
         }
         let coll = match collections.get(&r.collection) {
             Some(c) if !r.collection.starts_with('_') => c,
-            _ => return Err(Error::Schema(format!("migration {id:?}: collection {:?} is not declared", r.collection))),
+            _ => {
+                return Err(Error::Schema(format!(
+                    "migration {id:?}: collection {:?} is not declared",
+                    r.collection
+                )))
+            }
         };
         let cname = r.collection.as_str();
-        let misplaced = |key: &str, kind: &str| Error::Schema(format!("migration {id:?}: `{key}` does not apply to kind {kind:?}"));
-        let need = |key: &str, kind: &str| Error::Schema(format!("migration {id:?}: kind {kind:?} needs `{key}`"));
+        let misplaced = |key: &str, kind: &str| {
+            Error::Schema(format!(
+                "migration {id:?}: `{key}` does not apply to kind {kind:?}"
+            ))
+        };
+        let need = |key: &str, kind: &str| {
+            Error::Schema(format!("migration {id:?}: kind {kind:?} needs `{key}`"))
+        };
         let kind = match r.kind.as_str() {
             "backfill" => {
                 if r.from.is_some() || r.into.is_some() || r.separator.is_some() {
@@ -156,13 +189,23 @@ pub(crate) fn parse(raw: Vec<RawMigration>, collections: &BTreeMap<String, Colle
                 }
                 let field = r.field.ok_or_else(|| need("field", "backfill"))?;
                 let value = r.value.ok_or_else(|| need("value", "backfill"))?;
-                let value = serde_json::to_value(&value).map_err(|e| Error::Schema(format!("migration {id:?}: value: {e}")))?;
+                let value = serde_json::to_value(&value)
+                    .map_err(|e| Error::Schema(format!("migration {id:?}: value: {e}")))?;
                 writable(coll, cname, &field, &id)?;
                 // The value must be one the field's rule takes, as a write would be checked.
-                crate::patch::Patch::from_json(coll, &serde_json::json!({ field.clone(): value.clone() }))
-                    .map_err(|e| Error::Schema(format!("migration {id:?}: value does not fit {cname}.{field}: {e}")))?;
+                crate::patch::Patch::from_json(
+                    coll,
+                    &serde_json::json!({ field.clone(): value.clone() }),
+                )
+                .map_err(|e| {
+                    Error::Schema(format!(
+                        "migration {id:?}: value does not fit {cname}.{field}: {e}"
+                    ))
+                })?;
                 if value.is_null() {
-                    return Err(Error::Schema(format!("migration {id:?}: a backfill value cannot be null")));
+                    return Err(Error::Schema(format!(
+                        "migration {id:?}: a backfill value cannot be null"
+                    )));
                 }
                 MigrationKind::Backfill { field, value }
             }
@@ -173,7 +216,9 @@ pub(crate) fn parse(raw: Vec<RawMigration>, collections: &BTreeMap<String, Colle
                 let from = r.from.ok_or_else(|| need("from", "copy"))?;
                 let field = r.field.ok_or_else(|| need("field", "copy"))?;
                 if from == field {
-                    return Err(Error::Schema(format!("migration {id:?}: `from` and `field` are the same field")));
+                    return Err(Error::Schema(format!(
+                        "migration {id:?}: `from` and `field` are the same field"
+                    )));
                 }
                 source(coll, cname, &from, &id)?;
                 writable(coll, cname, &field, &id)?;
@@ -191,7 +236,9 @@ pub(crate) fn parse(raw: Vec<RawMigration>, collections: &BTreeMap<String, Colle
                 }
                 let mut seen = std::collections::BTreeSet::new();
                 if !into.iter().all(|f| seen.insert(f.clone())) || into.contains(&from) {
-                    return Err(Error::Schema(format!("migration {id:?}: `into` must name distinct fields other than `from`")));
+                    return Err(Error::Schema(format!(
+                        "migration {id:?}: `into` must name distinct fields other than `from`"
+                    )));
                 }
                 source(coll, cname, &from, &id)?;
                 for f in &into {
@@ -200,11 +247,23 @@ pub(crate) fn parse(raw: Vec<RawMigration>, collections: &BTreeMap<String, Colle
                         return Err(Error::Schema(format!("migration {id:?}: split writes strings; {cname}.{f} (rule {}) does not take one", coll.rule(f).name())));
                     }
                 }
-                MigrationKind::Split { from, into, separator }
+                MigrationKind::Split {
+                    from,
+                    into,
+                    separator,
+                }
             }
-            other => return Err(Error::Schema(format!("migration {id:?}: unknown kind {other:?}; expected backfill, copy or split"))),
+            other => {
+                return Err(Error::Schema(format!(
+                    "migration {id:?}: unknown kind {other:?}; expected backfill, copy or split"
+                )))
+            }
         };
-        out.push(Migration { id, collection: r.collection, kind });
+        out.push(Migration {
+            id,
+            collection: r.collection,
+            kind,
+        });
     }
     Ok(out)
 }
@@ -213,7 +272,9 @@ pub(crate) fn parse(raw: Vec<RawMigration>, collections: &BTreeMap<String, Colle
 /// authority field, whose values are not plain registers).
 fn source(coll: &Collection, cname: &str, from: &str, id: &str) -> Result<(), Error> {
     if from.starts_with('_') {
-        return Err(Error::Schema(format!("migration {id:?}: field {from:?} is reserved")));
+        return Err(Error::Schema(format!(
+            "migration {id:?}: field {from:?} is reserved"
+        )));
     }
     match coll.rule(from) {
         Rule::Lww { .. } | Rule::Rank { .. } | Rule::Max | Rule::Min | Rule::Manual => Ok(()),

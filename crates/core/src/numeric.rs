@@ -20,7 +20,9 @@ use crate::Error;
 pub const MAX_SAFE: i64 = 9_007_199_254_740_991;
 
 fn out_of_range(field: &str, rule: &str, what: impl std::fmt::Display) -> Error {
-    Error::Patch(format!("field {field:?} (rule {rule}) takes numbers from -{MAX_SAFE} to {MAX_SAFE}, got {what}"))
+    Error::Patch(format!(
+        "field {field:?} (rule {rule}) takes numbers from -{MAX_SAFE} to {MAX_SAFE}, got {what}"
+    ))
 }
 
 /// Checks a number for a `max`/`min` field.
@@ -44,7 +46,9 @@ pub fn counter_arg(field: &str, n: &serde_json::Number) -> Result<i64, Error> {
         Some(i) if i.unsigned_abs() <= MAX_SAFE as u64 => Ok(i),
         Some(_) => Err(out_of_range(field, "counter", n)),
         None if n.as_u64().is_some() => Err(out_of_range(field, "counter", n)),
-        None => Err(Error::Patch(format!("field {field:?} (rule counter) takes an integer, got {n}"))),
+        None => Err(Error::Patch(format!(
+            "field {field:?} (rule counter) takes an integer, got {n}"
+        ))),
     }
 }
 
@@ -82,7 +86,17 @@ mod tests {
     const SAFE: i128 = MAX_SAFE as i128;
 
     fn near_bounds() -> impl Strategy<Value = i64> {
-        prop_oneof![Just(i64::MAX), Just(i64::MIN), Just(MAX_SAFE), Just(-MAX_SAFE), Just(0i64), (MAX_SAFE - 3)..=(MAX_SAFE + 3), (-MAX_SAFE - 3)..=(-MAX_SAFE + 3), -3i64..=3, any::<i64>()]
+        prop_oneof![
+            Just(i64::MAX),
+            Just(i64::MIN),
+            Just(MAX_SAFE),
+            Just(-MAX_SAFE),
+            Just(0i64),
+            (MAX_SAFE - 3)..=(MAX_SAFE + 3),
+            (-MAX_SAFE - 3)..=(-MAX_SAFE + 3),
+            -3i64..=3,
+            any::<i64>()
+        ]
     }
 
     proptest! {

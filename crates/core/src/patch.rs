@@ -35,14 +35,18 @@ pub struct Patch {
 impl Patch {
     /// Parses `text` as a patch for `collection`.
     pub fn parse(collection: &Collection, text: &str) -> Result<Self, Error> {
-        let json: Json = serde_json::from_str(text).map_err(|e| Error::Patch(format!("malformed JSON: {e}")))?;
+        let json: Json =
+            serde_json::from_str(text).map_err(|e| Error::Patch(format!("malformed JSON: {e}")))?;
         Self::from_json(collection, &json)
     }
 
     /// Checks an already-parsed JSON patch for `collection`.
     pub fn from_json(collection: &Collection, json: &Json) -> Result<Self, Error> {
         let Json::Object(map) = json else {
-            return Err(Error::Patch(format!("a patch is a JSON object of fields, got {}", crate::entity::json::kind(json))));
+            return Err(Error::Patch(format!(
+                "a patch is a JSON object of fields, got {}",
+                crate::entity::json::kind(json)
+            )));
         };
         let mut ops = Vec::with_capacity(map.len());
         for (field, value) in map {
@@ -52,7 +56,9 @@ impl Patch {
                 )));
             }
             if field.is_empty() || field.chars().count() > 64 {
-                return Err(Error::Patch("field names must be 1 to 64 characters".into()));
+                return Err(Error::Patch(
+                    "field names must be 1 to 64 characters".into(),
+                ));
             }
             let op = parse_op(field, collection.rule(field), value)?;
             ops.push((field.clone(), op));
@@ -81,12 +87,16 @@ fn parse_op(field: &str, rule: &Rule, value: &Json) -> Result<FieldOp, Error> {
     let input = match operator(value) {
         Some((op @ ("$inc" | "$add" | "$remove"), arg)) => Input::Op(op, arg),
         Some((op, _)) => {
-            return Err(Error::Patch(format!("field {field:?}: unknown operator {op}; expected $inc, $add or $remove")))
+            return Err(Error::Patch(format!(
+                "field {field:?}: unknown operator {op}; expected $inc, $add or $remove"
+            )))
         }
         None => {
             if let Json::Object(m) = value {
                 if m.keys().any(|k| k.starts_with('$')) {
-                    return Err(Error::Patch(format!("field {field:?}: an operator object must hold exactly one operator")));
+                    return Err(Error::Patch(format!(
+                        "field {field:?}: an operator object must hold exactly one operator"
+                    )));
                 }
             }
             Input::Plain(value)
@@ -183,7 +193,8 @@ notes = { rule = "text" }"#,
 
     #[test]
     fn filters_match_values_and_set_members() {
-        let view: Map<String, Json> = serde_json::from_str(r#"{"a":"x","n":2,"tags":["t"]}"#).unwrap();
+        let view: Map<String, Json> =
+            serde_json::from_str(r#"{"a":"x","n":2,"tags":["t"]}"#).unwrap();
         let (f, v) = parse_filter("a=x").unwrap();
         assert!(matches_filter(&view, &f, &v));
         let (f, v) = parse_filter("n=2.0").unwrap();

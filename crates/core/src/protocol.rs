@@ -34,7 +34,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_frame: 16 << 20, page_entities: 512, window: 4 }
+        Limits {
+            max_frame: 16 << 20,
+            page_entities: 512,
+            window: 4,
+        }
     }
 }
 
@@ -110,13 +114,23 @@ pub enum Frame {
         membership: Option<crate::membership::MembershipState>,
     },
     /// Entities of a feed page with their heads.
-    Offer { page: PageRange, entries: Vec<OfferEntry> },
+    Offer {
+        page: PageRange,
+        entries: Vec<OfferEntry>,
+    },
     /// Which offered entities the receiver needs.
-    Want { page: PageRange, wants: Vec<WantEntry> },
+    Want {
+        page: PageRange,
+        wants: Vec<WantEntry>,
+    },
     /// The data asked for by a `Want`, in one or more frames. `skipped` lists wanted
     /// entities the sender no longer has to give. A page is complete once every wanted
     /// entity arrived or was skipped, whatever the order of the frames.
-    Data { page: PageRange, payloads: Vec<Payload>, skipped: Vec<EntityId> },
+    Data {
+        page: PageRange,
+        payloads: Vec<Payload>,
+        skipped: Vec<EntityId>,
+    },
     /// The receiver has durably applied the sender's feed up to `upto`.
     Ack { upto: u64 },
 }
@@ -133,7 +147,10 @@ impl Frame {
     /// Decodes a frame, refusing anything over `max_frame` bytes before parsing.
     pub fn decode(bytes: &[u8], max_frame: u32) -> Result<Self, Error> {
         if bytes.len() > max_frame as usize {
-            return Err(Error::Protocol(format!("frame of {} bytes is over the {max_frame}-byte limit", bytes.len())));
+            return Err(Error::Protocol(format!(
+                "frame of {} bytes is over the {max_frame}-byte limit",
+                bytes.len()
+            )));
         }
         ciborium::from_reader(bytes).map_err(|e| Error::Protocol(format!("malformed frame: {e}")))
     }
@@ -148,11 +165,19 @@ mod tests {
         let f = Frame::Data {
             skipped: vec![],
             page: PageRange { from: 1, upto: 9 },
-            payloads: vec![Payload { id: EntityId(uuid::Uuid::from_u128(3)), collection: "t".into(), full: true, chunks: vec![serde_bytes::ByteBuf::from(vec![1, 2, 3])] }],
+            payloads: vec![Payload {
+                id: EntityId(uuid::Uuid::from_u128(3)),
+                collection: "t".into(),
+                full: true,
+                chunks: vec![serde_bytes::ByteBuf::from(vec![1, 2, 3])],
+            }],
         };
         let bytes = f.encode();
         assert_eq!(Frame::decode(&bytes, 1 << 20).unwrap(), f);
-        assert!(Frame::decode(&bytes, 4).unwrap_err().to_string().contains("limit"));
+        assert!(Frame::decode(&bytes, 4)
+            .unwrap_err()
+            .to_string()
+            .contains("limit"));
         assert!(Frame::decode(&bytes[..bytes.len() - 2], 1 << 20).is_err());
         assert!(Frame::decode(b"\xff\x00garbage", 1 << 20).is_err());
     }

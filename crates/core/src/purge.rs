@@ -54,7 +54,13 @@ pub struct PurgeRecord {
     pub sig: String,
 }
 
-fn signed_bytes(ws: WorkspaceId, collection: &str, entity: EntityId, by: &str, at_ms: i64) -> Vec<u8> {
+fn signed_bytes(
+    ws: WorkspaceId,
+    collection: &str,
+    entity: EntityId,
+    by: &str,
+    at_ms: i64,
+) -> Vec<u8> {
     let mut msg = b"fieldsync/purge/v1\0".to_vec();
     msg.extend_from_slice(ws.as_bytes());
     msg.extend_from_slice(entity.as_bytes());
@@ -68,16 +74,33 @@ fn signed_bytes(ws: WorkspaceId, collection: &str, entity: EntityId, by: &str, a
 
 impl PurgeRecord {
     /// A record signed by `key`, whose peer id is `by`.
-    pub fn sign(key: &ed25519::Keypair, ws: WorkspaceId, collection: &str, entity: EntityId, at_ms: i64) -> Self {
-        let by = libp2p_identity::PublicKey::from(key.public()).to_peer_id().to_string();
+    pub fn sign(
+        key: &ed25519::Keypair,
+        ws: WorkspaceId,
+        collection: &str,
+        entity: EntityId,
+        at_ms: i64,
+    ) -> Self {
+        let by = libp2p_identity::PublicKey::from(key.public())
+            .to_peer_id()
+            .to_string();
         let sig = hex::encode(key.sign(&signed_bytes(ws, collection, entity, &by, at_ms)));
-        PurgeRecord { collection: collection.to_owned(), entity, by, at_ms, sig }
+        PurgeRecord {
+            collection: collection.to_owned(),
+            entity,
+            by,
+            at_ms,
+            sig,
+        }
     }
 
     /// Reads a record from the `record` field's text; bounded, never panics.
     pub fn parse(text: &str) -> Result<Self, String> {
         if text.len() > MAX_RECORD_BYTES {
-            return Err(format!("a purge record of {} bytes is over the {MAX_RECORD_BYTES}-byte limit", text.len()));
+            return Err(format!(
+                "a purge record of {} bytes is over the {MAX_RECORD_BYTES}-byte limit",
+                text.len()
+            ));
         }
         serde_json::from_str(text).map_err(|e| format!("not a purge record: {e}"))
     }
@@ -88,25 +111,50 @@ impl PurgeRecord {
 
     /// Whether the record is valid under entity `carrier` of workspace `ws`: in its own
     /// entity, from the authority or a peer `is_admin` accepts, and signed by that peer.
-    pub fn verify(&self, ws: WorkspaceId, authority: &ed25519::PublicKey, carrier: EntityId, is_admin: impl FnOnce(&PeerId) -> bool) -> Result<(), String> {
+    pub fn verify(
+        &self,
+        ws: WorkspaceId,
+        authority: &ed25519::PublicKey,
+        carrier: EntityId,
+        is_admin: impl FnOnce(&PeerId) -> bool,
+    ) -> Result<(), String> {
         if purge_entity_id(ws, self.entity) != carrier {
-            return Err(format!("the purge record of {} is under another entity", self.entity));
+            return Err(format!(
+                "the purge record of {} is under another entity",
+                self.entity
+            ));
         }
         if self.collection.starts_with('_') {
-            return Err(format!("built-in collection {} cannot be purged", self.collection));
+            return Err(format!(
+                "built-in collection {} cannot be purged",
+                self.collection
+            ));
         }
-        let by: PeerId = self.by.parse().map_err(|_| format!("purge issuer {:?} is not a peer id", self.by))?;
+        let by: PeerId = self
+            .by
+            .parse()
+            .map_err(|_| format!("purge issuer {:?} is not a peer id", self.by))?;
         let authority_peer = libp2p_identity::PublicKey::from(authority.clone()).to_peer_id();
         let key = if by == authority_peer {
             authority.clone()
         } else if is_admin(&by) {
-            crate::bundle::peer_key(&by).ok_or_else(|| format!("purge issuer {by} has no ed25519 key"))?
+            crate::bundle::peer_key(&by)
+                .ok_or_else(|| format!("purge issuer {by} has no ed25519 key"))?
         } else {
-            return Err(format!("purge issuer {by} is neither the authority nor an admin member"));
+            return Err(format!(
+                "purge issuer {by} is neither the authority nor an admin member"
+            ));
         };
-        let sig = hex::decode(&self.sig).map_err(|_| "the purge record's signature is not hex".to_owned())?;
-        if !key.verify(&signed_bytes(ws, &self.collection, self.entity, &self.by, self.at_ms), &sig) {
-            return Err(format!("the purge record of {} is not signed by {by}", self.entity));
+        let sig = hex::decode(&self.sig)
+            .map_err(|_| "the purge record's signature is not hex".to_owned())?;
+        if !key.verify(
+            &signed_bytes(ws, &self.collection, self.entity, &self.by, self.at_ms),
+            &sig,
+        ) {
+            return Err(format!(
+                "the purge record of {} is not signed by {by}",
+                self.entity
+            ));
         }
         Ok(())
     }
@@ -124,19 +172,48 @@ mod tests {
         let e = EntityId(uuid::Uuid::from_u128(2));
         let carrier = purge_entity_id(ws, e);
         let r = PurgeRecord::sign(&authority, ws, "customers", e, 5);
-        assert!(r.verify(ws, &authority.public(), carrier, |_| false).is_ok());
+        assert!(r
+            .verify(ws, &authority.public(), carrier, |_| false)
+            .is_ok());
         assert_eq!(PurgeRecord::parse(&r.to_text()).unwrap(), r);
-        assert!(r.verify(ws, &authority.public(), purge_entity_id(ws, EntityId(uuid::Uuid::from_u128(3))), |_| false).is_err());
-        assert!(r.verify(WorkspaceId(uuid::Uuid::from_u128(9)), &authority.public(), carrier, |_| false).is_err());
+        assert!(r
+            .verify(
+                ws,
+                &authority.public(),
+                purge_entity_id(ws, EntityId(uuid::Uuid::from_u128(3))),
+                |_| false
+            )
+            .is_err());
+        assert!(r
+            .verify(
+                WorkspaceId(uuid::Uuid::from_u128(9)),
+                &authority.public(),
+                carrier,
+                |_| false
+            )
+            .is_err());
         let by_admin = PurgeRecord::sign(&admin, ws, "customers", e, 5);
-        assert!(by_admin.verify(ws, &authority.public(), carrier, |_| true).is_ok());
-        assert!(by_admin.verify(ws, &authority.public(), carrier, |_| false).unwrap_err().contains("neither"));
+        assert!(by_admin
+            .verify(ws, &authority.public(), carrier, |_| true)
+            .is_ok());
+        assert!(by_admin
+            .verify(ws, &authority.public(), carrier, |_| false)
+            .unwrap_err()
+            .contains("neither"));
         let mut moved = by_admin.clone();
         moved.collection = "payments".into();
-        assert!(moved.verify(ws, &authority.public(), carrier, |_| true).unwrap_err().contains("not signed"));
+        assert!(moved
+            .verify(ws, &authority.public(), carrier, |_| true)
+            .unwrap_err()
+            .contains("not signed"));
         let mut forged = r.clone();
         forged.by = by_admin.by.clone();
-        assert!(forged.verify(ws, &authority.public(), carrier, |_| true).is_err(), "an authority signature relabelled as an admin's");
+        assert!(
+            forged
+                .verify(ws, &authority.public(), carrier, |_| true)
+                .is_err(),
+            "an authority signature relabelled as an admin's"
+        );
         assert!(PurgeRecord::parse(&"x".repeat(MAX_RECORD_BYTES + 1)).is_err());
         assert!(PurgeRecord::parse("{\"collection\": 1}").is_err());
     }

@@ -39,7 +39,20 @@ pub enum Rule {
 impl Rule {
     /// The static name of a rule named `s` (`lww` for an unknown name).
     pub fn name_of(s: &str) -> &'static str {
-        ["lww", "rank", "max", "min", "counter", "set", "text", "authority", "manual"].into_iter().find(|r| *r == s).unwrap_or("lww")
+        [
+            "lww",
+            "rank",
+            "max",
+            "min",
+            "counter",
+            "set",
+            "text",
+            "authority",
+            "manual",
+        ]
+        .into_iter()
+        .find(|r| *r == s)
+        .unwrap_or("lww")
     }
 
     /// The rule's name as written in the schema.
@@ -183,7 +196,9 @@ fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('_')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 impl Schema {
@@ -191,7 +206,9 @@ impl Schema {
     pub fn from_toml(text: &str) -> Result<Self, Error> {
         let raw: RawSchema = toml::from_str(text).map_err(|e| Error::Schema(e.to_string()))?;
         if raw.collections.is_empty() {
-            return Err(Error::Schema("the schema declares no collection; add a [collections.NAME] table".into()));
+            return Err(Error::Schema(
+                "the schema declares no collection; add a [collections.NAME] table".into(),
+            ));
         }
         let mut collections = BTreeMap::new();
         for (cname, rc) in raw.collections {
@@ -255,11 +272,33 @@ impl Schema {
                 let default = match rf.default {
                     None => None,
                     Some(v) => {
-                        let json = serde_json::to_value(&v).map_err(|e| Error::Schema(format!("{cname}.{fname}: default: {e}")))?;
-                        let coll = Collection { fields: BTreeMap::from([(fname.clone(), FieldSpec { rule: rule.clone(), auto_accept: false, default: None, renamed_from: None })]), ..Default::default() };
-                        let fits = matches!(rule, Rule::Lww { .. } | Rule::Rank { .. } | Rule::Max | Rule::Min | Rule::Manual)
-                            && !json.is_null()
-                            && crate::patch::Patch::from_json(&coll, &serde_json::json!({ fname.clone(): json.clone() })).is_ok();
+                        let json = serde_json::to_value(&v)
+                            .map_err(|e| Error::Schema(format!("{cname}.{fname}: default: {e}")))?;
+                        let coll = Collection {
+                            fields: BTreeMap::from([(
+                                fname.clone(),
+                                FieldSpec {
+                                    rule: rule.clone(),
+                                    auto_accept: false,
+                                    default: None,
+                                    renamed_from: None,
+                                },
+                            )]),
+                            ..Default::default()
+                        };
+                        let fits = matches!(
+                            rule,
+                            Rule::Lww { .. }
+                                | Rule::Rank { .. }
+                                | Rule::Max
+                                | Rule::Min
+                                | Rule::Manual
+                        ) && !json.is_null()
+                            && crate::patch::Patch::from_json(
+                                &coll,
+                                &serde_json::json!({ fname.clone(): json.clone() }),
+                            )
+                            .is_ok();
                         if !fits {
                             return Err(Error::Schema(format!(
                                 "{cname}.{fname}: default {json} does not fit rule {:?}; defaults apply to lww, rank, max, min and manual fields and must be a value the rule accepts",
@@ -273,42 +312,92 @@ impl Schema {
                     if !valid_name(old) || *old == fname {
                         return Err(Error::Schema(format!("{cname}.{fname}: renamed_from {old:?} must be another valid field name")));
                     }
-                    if !matches!(rule, Rule::Lww { .. } | Rule::Rank { .. } | Rule::Max | Rule::Min | Rule::Manual) {
+                    if !matches!(
+                        rule,
+                        Rule::Lww { .. } | Rule::Rank { .. } | Rule::Max | Rule::Min | Rule::Manual
+                    ) {
                         return Err(Error::Schema(format!(
                             "{cname}.{fname}: renamed_from applies to lww, rank, max, min and manual fields; a {} keeps its data in a container that values under another name cannot join",
                             rule.name()
                         )));
                     }
                 }
-                fields.insert(fname, FieldSpec { rule, auto_accept: rf.auto_accept, default, renamed_from: rf.renamed_from });
+                fields.insert(
+                    fname,
+                    FieldSpec {
+                        rule,
+                        auto_accept: rf.auto_accept,
+                        default,
+                        renamed_from: rf.renamed_from,
+                    },
+                );
             }
             if let Some(owner) = &rc.owner {
                 if !valid_name(owner) {
-                    return Err(Error::Schema(format!("{cname}: owner field {owner:?} must use letters, digits, '_' or '-'")));
+                    return Err(Error::Schema(format!(
+                        "{cname}: owner field {owner:?} must use letters, digits, '_' or '-'"
+                    )));
                 }
-                if fields.get(owner).is_some_and(|f: &FieldSpec| !matches!(f.rule, Rule::Lww { .. })) {
-                    return Err(Error::Schema(format!("{cname}: owner field {owner:?} must use rule \"lww\"")));
+                if fields
+                    .get(owner)
+                    .is_some_and(|f: &FieldSpec| !matches!(f.rule, Rule::Lww { .. }))
+                {
+                    return Err(Error::Schema(format!(
+                        "{cname}: owner field {owner:?} must use rule \"lww\""
+                    )));
                 }
             }
             if rc.access == Access::Own && rc.owner.is_none() {
-                return Err(Error::Schema(format!("{cname}: access \"own\" needs `owner = \"<field naming the user>\"`")));
+                return Err(Error::Schema(format!(
+                    "{cname}: access \"own\" needs `owner = \"<field naming the user>\"`"
+                )));
             }
             for (fname, spec) in &fields {
-                let Some(old) = &spec.renamed_from else { continue };
+                let Some(old) = &spec.renamed_from else {
+                    continue;
+                };
                 if fields.contains_key(old) {
                     return Err(Error::Schema(format!("{cname}.{fname}: renamed_from {old:?} is still declared; remove the old declaration")));
                 }
-                if let Some(other) = fields.iter().find(|(n, f)| *n != fname && f.renamed_from.as_deref() == Some(old.as_str())) {
-                    return Err(Error::Schema(format!("{cname}: {fname} and {} are both renamed from {old:?}", other.0)));
+                if let Some(other) = fields
+                    .iter()
+                    .find(|(n, f)| *n != fname && f.renamed_from.as_deref() == Some(old.as_str()))
+                {
+                    return Err(Error::Schema(format!(
+                        "{cname}: {fname} and {} are both renamed from {old:?}",
+                        other.0
+                    )));
                 }
             }
-            collections.insert(cname, Collection { on_delete: rc.on_delete, fields, owner: rc.owner, access: rc.access });
+            collections.insert(
+                cname,
+                Collection {
+                    on_delete: rc.on_delete,
+                    fields,
+                    owner: rc.owner,
+                    access: rc.access,
+                },
+            );
         }
         let migrations = crate::migration::parse(raw.migrations, &collections)?;
-        collections.insert(crate::membership::MEMBERS.to_owned(), crate::membership::members_collection());
-        collections.insert(crate::schema_version::SCHEMAS.to_owned(), crate::schema_version::schemas_collection());
-        collections.insert(crate::purge::PURGES.to_owned(), crate::purge::purges_collection());
-        Ok(Schema { collections, migrations, source: text.to_owned(), version: 1 })
+        collections.insert(
+            crate::membership::MEMBERS.to_owned(),
+            crate::membership::members_collection(),
+        );
+        collections.insert(
+            crate::schema_version::SCHEMAS.to_owned(),
+            crate::schema_version::schemas_collection(),
+        );
+        collections.insert(
+            crate::purge::PURGES.to_owned(),
+            crate::purge::purges_collection(),
+        );
+        Ok(Schema {
+            collections,
+            migrations,
+            source: text.to_owned(),
+            version: 1,
+        })
     }
 
     /// This schema's version (1: the one given at `init`).
@@ -329,10 +418,18 @@ impl Schema {
 
     /// The named collection, or [`Error::UnknownCollection`].
     pub fn collection(&self, name: &str) -> Result<&Collection, Error> {
-        self.collections.get(name).ok_or_else(|| Error::UnknownCollection {
-            name: name.to_owned(),
-            known: self.collections.keys().filter(|k| !k.starts_with('_')).cloned().collect::<Vec<_>>().join(", "),
-        })
+        self.collections
+            .get(name)
+            .ok_or_else(|| Error::UnknownCollection {
+                name: name.to_owned(),
+                known: self
+                    .collections
+                    .keys()
+                    .filter(|k| !k.starts_with('_'))
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 }
 
@@ -362,13 +459,23 @@ start    = { rule = "manual" }
     #[test]
     fn parses_the_documented_example() {
         let s = Schema::from_toml(EXAMPLE).unwrap();
-        assert_eq!(s.collections.len(), 7, "four declared plus the built-in _members, _schemas and _purges");
+        assert_eq!(
+            s.collections.len(),
+            7,
+            "four declared plus the built-in _members, _schemas and _purges"
+        );
         let tasks = s.collection("tasks").unwrap();
         assert_eq!(tasks.rule("status").name(), "rank");
         assert_eq!(tasks.rule("undeclared"), &Rule::Lww { by_actor: false });
         assert!(s.collection("payments").unwrap().fields["status"].auto_accept);
-        assert_eq!(s.collection("shifts").unwrap().on_delete, OnDelete::UpdateWins);
-        assert!(matches!(s.collection("nope"), Err(Error::UnknownCollection { .. })));
+        assert_eq!(
+            s.collection("shifts").unwrap().on_delete,
+            OnDelete::UpdateWins
+        );
+        assert!(matches!(
+            s.collection("nope"),
+            Err(Error::UnknownCollection { .. })
+        ));
     }
 
     #[test]

@@ -28,8 +28,19 @@ pub const MAX_SCHEMA_BYTES: usize = 256 << 10;
 
 /// The `_schemas` collection's schema.
 pub(crate) fn schemas_collection() -> Collection {
-    let fields = BTreeMap::from([(RECORD.to_owned(), FieldSpec { rule: Rule::Authority, auto_accept: false, default: None, renamed_from: None })]);
-    Collection { fields, ..Default::default() }
+    let fields = BTreeMap::from([(
+        RECORD.to_owned(),
+        FieldSpec {
+            rule: Rule::Authority,
+            auto_accept: false,
+            default: None,
+            renamed_from: None,
+        },
+    )]);
+    Collection {
+        fields,
+        ..Default::default()
+    }
 }
 
 /// The entity holding schema `version` of workspace `ws`: the same id on every node, so
@@ -62,10 +73,16 @@ impl SchemaRecord {
     /// (a record counts only under its own version's entity id).
     pub fn schema(&self, ws: WorkspaceId, id: EntityId) -> Result<Schema, crate::Error> {
         if self.version < 2 || schema_entity_id(ws, self.version) != id {
-            return Err(crate::Error::Schema(format!("schema record for version {} is under the wrong entity", self.version)));
+            return Err(crate::Error::Schema(format!(
+                "schema record for version {} is under the wrong entity",
+                self.version
+            )));
         }
         if self.schema.len() > MAX_SCHEMA_BYTES {
-            return Err(crate::Error::Schema(format!("{} bytes is over the {MAX_SCHEMA_BYTES}-byte limit", self.schema.len())));
+            return Err(crate::Error::Schema(format!(
+                "{} bytes is over the {MAX_SCHEMA_BYTES}-byte limit",
+                self.schema.len()
+            )));
         }
         Ok(Schema::from_toml(&self.schema)?.with_version(self.version))
     }
@@ -102,7 +119,14 @@ impl Evolution {
         self.changes
             .iter()
             .filter(|c| !c.allowed)
-            .map(|c| format!("{}: {}: {}", c.path, c.change, c.reason.as_deref().unwrap_or("refused")))
+            .map(|c| {
+                format!(
+                    "{}: {}: {}",
+                    c.path,
+                    c.change,
+                    c.reason.as_deref().unwrap_or("refused")
+                )
+            })
             .collect()
     }
 }
@@ -156,18 +180,33 @@ impl Schema {
     pub fn evolve(&self, next: &Schema) -> Evolution {
         let mut changes = Vec::new();
         let mut push = |path: String, change: String, refused: Option<String>| {
-            changes.push(SchemaChange { path, change, allowed: refused.is_none(), reason: refused });
+            changes.push(SchemaChange {
+                path,
+                change,
+                allowed: refused.is_none(),
+                reason: refused,
+            });
         };
         for (cname, old) in self.collections.iter().filter(|(c, _)| !c.starts_with('_')) {
             let Some(new) = next.collections.get(cname) else {
-                push(cname.clone(), "collection removed".into(), Some("its entities would no longer be readable or syncable; keep the collection".into()));
+                push(
+                    cname.clone(),
+                    "collection removed".into(),
+                    Some(
+                        "its entities would no longer be readable or syncable; keep the collection"
+                            .into(),
+                    ),
+                );
                 continue;
             };
             if old.on_delete != new.on_delete {
                 push(
                     cname.clone(),
                     format!("on_delete {:?} → {:?}", old.on_delete, new.on_delete),
-                    Some("entities deleted concurrently with an update would come back or disappear".into()),
+                    Some(
+                        "entities deleted concurrently with an update would come back or disappear"
+                            .into(),
+                    ),
                 );
             }
             if old.owner != new.owner || old.access != new.access {
@@ -182,17 +221,38 @@ impl Schema {
                 );
             }
             // Renames: the new field reads the old name's values under its own rule.
-            let renames: BTreeMap<&str, (&String, &FieldSpec)> =
-                new.fields.iter().filter_map(|(n, f)| Some((f.renamed_from.as_deref()?, (n, f)))).collect();
+            let renames: BTreeMap<&str, (&String, &FieldSpec)> = new
+                .fields
+                .iter()
+                .filter_map(|(n, f)| Some((f.renamed_from.as_deref()?, (n, f))))
+                .collect();
             for (old_name, (fname, nf)) in &renames {
                 let path = format!("{cname}.{fname}");
-                let old_rule = old.fields.get(*old_name).map(|f| f.rule.clone()).unwrap_or(Rule::Lww { by_actor: false });
-                let into_rule = old.fields.get(fname.as_str()).map(|f| f.rule.clone()).unwrap_or_else(|| nf.rule.clone());
-                let mut refused = rule_change(&old_rule, &nf.rule).err().filter(|_| old_rule != nf.rule);
+                let old_rule = old
+                    .fields
+                    .get(*old_name)
+                    .map(|f| f.rule.clone())
+                    .unwrap_or(Rule::Lww { by_actor: false });
+                let into_rule = old
+                    .fields
+                    .get(fname.as_str())
+                    .map(|f| f.rule.clone())
+                    .unwrap_or_else(|| nf.rule.clone());
+                let mut refused = rule_change(&old_rule, &nf.rule)
+                    .err()
+                    .filter(|_| old_rule != nf.rule);
                 if refused.is_none() && into_rule != nf.rule {
                     refused = rule_change(&into_rule, &nf.rule).err();
                 }
-                push(path, format!("renamed from {old_name} ({} → {})", rule_text(&old_rule), rule_text(&nf.rule)), refused);
+                push(
+                    path,
+                    format!(
+                        "renamed from {old_name} ({} → {})",
+                        rule_text(&old_rule),
+                        rule_text(&nf.rule)
+                    ),
+                    refused,
+                );
             }
             for (fname, of) in &old.fields {
                 let path = format!("{cname}.{fname}");
@@ -200,7 +260,9 @@ impl Schema {
                     continue; // reported as the rename
                 }
                 match new.fields.get(fname) {
-                    None if matches!(of.rule, Rule::Lww { by_actor: false }) => push(path, "declaration removed (stays lww)".into(), None),
+                    None if matches!(of.rule, Rule::Lww { by_actor: false }) => {
+                        push(path, "declaration removed (stays lww)".into(), None)
+                    }
                     None => push(
                         path,
                         format!("declaration removed ({} → lww)", rule_text(&of.rule)),
@@ -208,13 +270,25 @@ impl Schema {
                     ),
                     Some(nf) => {
                         if of.rule != nf.rule {
-                            push(path.clone(), format!("rule {} → {}", rule_text(&of.rule), rule_text(&nf.rule)), rule_change(&of.rule, &nf.rule).err());
+                            push(
+                                path.clone(),
+                                format!("rule {} → {}", rule_text(&of.rule), rule_text(&nf.rule)),
+                                rule_change(&of.rule, &nf.rule).err(),
+                            );
                         }
                         if of.default != nf.default {
-                            push(path.clone(), format!("default {:?} → {:?}", of.default, nf.default), None);
+                            push(
+                                path.clone(),
+                                format!("default {:?} → {:?}", of.default, nf.default),
+                                None,
+                            );
                         }
                         if of.auto_accept != nf.auto_accept {
-                            push(path.clone(), format!("auto_accept {} → {}", of.auto_accept, nf.auto_accept), None);
+                            push(
+                                path.clone(),
+                                format!("auto_accept {} → {}", of.auto_accept, nf.auto_accept),
+                                None,
+                            );
                         }
                         if of.renamed_from.is_some() && nf.renamed_from.is_none() {
                             push(
@@ -226,7 +300,11 @@ impl Schema {
                     }
                 }
             }
-            for (fname, nf) in new.fields.iter().filter(|(f, nf)| !old.fields.contains_key(*f) && nf.renamed_from.is_none()) {
+            for (fname, nf) in new
+                .fields
+                .iter()
+                .filter(|(f, nf)| !old.fields.contains_key(*f) && nf.renamed_from.is_none())
+            {
                 let path = format!("{cname}.{fname}");
                 let mut what = format!("field added ({})", rule_text(&nf.rule));
                 if let Some(d) = &nf.default {
@@ -237,7 +315,11 @@ impl Schema {
                 push(path, what, None);
             }
         }
-        for cname in next.collections.keys().filter(|c| !c.starts_with('_') && !self.collections.contains_key(*c)) {
+        for cname in next
+            .collections
+            .keys()
+            .filter(|c| !c.starts_with('_') && !self.collections.contains_key(*c))
+        {
             push(cname.clone(), "collection added".into(), None);
         }
         // Published migrations stay, unchanged and in order: entities that arrive later (a
@@ -254,9 +336,21 @@ impl Schema {
             if self.migrations.iter().any(|o| o.id == m.id) {
                 continue;
             }
-            push(format!("migrations.{}", m.id), format!("migration added ({} on {}: {})", m.kind_name(), m.collection, m.targets().join(", ")), None);
+            push(
+                format!("migrations.{}", m.id),
+                format!(
+                    "migration added ({} on {}: {})",
+                    m.kind_name(),
+                    m.collection,
+                    m.targets().join(", ")
+                ),
+                None,
+            );
         }
-        Evolution { from_version: self.version(), changes }
+        Evolution {
+            from_version: self.version(),
+            changes,
+        }
     }
 }
 
@@ -272,7 +366,9 @@ notes  = { rule = "text" }
 "#;
 
     fn evolve(next: &str) -> Evolution {
-        Schema::from_toml(V1).unwrap().evolve(&Schema::from_toml(next).unwrap())
+        Schema::from_toml(V1)
+            .unwrap()
+            .evolve(&Schema::from_toml(next).unwrap())
     }
 
     #[test]
@@ -316,35 +412,74 @@ name = { rule = "lww" }
         // An undeclared (lww) `title` renamed to a declared `label`.
         let e = next("label = { rule = \"lww\", renamed_from = \"title\" }\n");
         assert!(e.allowed(), "{:?}", e.refusals());
-        assert!(e.changes.iter().any(|c| c.path == "tasks.label" && c.change.starts_with("renamed from title")), "{:?}", e.changes);
+        assert!(
+            e.changes
+                .iter()
+                .any(|c| c.path == "tasks.label" && c.change.starts_with("renamed from title")),
+            "{:?}",
+            e.changes
+        );
         // Partitions may change.
-        let e = old.evolve(&Schema::from_toml(&base.replace("owner = \"who\"", "owner = \"who\"\naccess = \"own\"")).unwrap());
-        assert!(e.allowed() && e.changes[0].change.starts_with("partitions recomputed"), "{:?}", e.changes);
+        let e = old.evolve(
+            &Schema::from_toml(
+                &base.replace("owner = \"who\"", "owner = \"who\"\naccess = \"own\""),
+            )
+            .unwrap(),
+        );
+        assert!(
+            e.allowed() && e.changes[0].change.starts_with("partitions recomputed"),
+            "{:?}",
+            e.changes
+        );
         // A rename across rules the table refuses is refused.
         let renamed_rank = Schema::from_toml("[collections.tasks]\nowner = \"who\"\n[collections.tasks.fields]\nstate = { rule = \"max\", renamed_from = \"status\" }\nstock = { rule = \"counter\" }\n");
         let e = old.evolve(&renamed_rank.unwrap());
-        assert!(!e.allowed() && e.refusals().join(" ").contains("renamed from status"), "{:?}", e.changes);
+        assert!(
+            !e.allowed() && e.refusals().join(" ").contains("renamed from status"),
+            "{:?}",
+            e.changes
+        );
         // Migrations: added at the end is allowed; a published one stays as it was.
         let m1 = "[[migrations]]\nid = \"a\"\ncollection = \"tasks\"\nkind = \"backfill\"\nfield = \"status\"\nvalue = \"open\"\n";
         let m2 = "[[migrations]]\nid = \"b\"\ncollection = \"tasks\"\nkind = \"copy\"\nfrom = \"status\"\nfield = \"label\"\n";
         let with = |m: &str| Schema::from_toml(&format!("{base}{m}")).unwrap();
         assert!(old.evolve(&with(m1)).allowed());
         assert!(with(m1).evolve(&with(&format!("{m1}{m2}"))).allowed());
-        assert!(with(&format!("{m1}{m2}")).evolve(&with(m2)).refusals().join(" ").contains("in the order published"));
-        assert!(with(m1).evolve(&with(&m1.replace("\"open\"", "\"done\""))).refusals().join(" ").contains("new id"));
+        assert!(with(&format!("{m1}{m2}"))
+            .evolve(&with(m2))
+            .refusals()
+            .join(" ")
+            .contains("in the order published"));
+        assert!(with(m1)
+            .evolve(&with(&m1.replace("\"open\"", "\"done\"")))
+            .refusals()
+            .join(" ")
+            .contains("new id"));
         // Authority stays refused, with the way out in the reason.
         assert!(next("").changes.is_empty());
-        let auth = Schema::from_toml(&base.replace("rule = \"counter\"", "rule = \"authority\"")).unwrap();
-        assert!(old.evolve(&auth).refusals().join(" ").contains("declare a new authority field"));
+        let auth =
+            Schema::from_toml(&base.replace("rule = \"counter\"", "rule = \"authority\"")).unwrap();
+        assert!(old
+            .evolve(&auth)
+            .refusals()
+            .join(" ")
+            .contains("declare a new authority field"));
     }
 
     #[test]
     fn a_record_counts_only_under_its_own_entity() {
         let ws = WorkspaceId(uuid::Uuid::from_u128(7));
-        let r = SchemaRecord { version: 2, schema: V1.into(), published_ms: 0 };
+        let r = SchemaRecord {
+            version: 2,
+            schema: V1.into(),
+            published_ms: 0,
+        };
         assert_eq!(r.schema(ws, schema_entity_id(ws, 2)).unwrap().version(), 2);
         assert!(r.schema(ws, schema_entity_id(ws, 3)).is_err());
         let one = SchemaRecord { version: 1, ..r };
-        assert!(one.schema(ws, schema_entity_id(ws, 1)).is_err(), "version 1 comes from init only");
+        assert!(
+            one.schema(ws, schema_entity_id(ws, 1)).is_err(),
+            "version 1 comes from init only"
+        );
     }
 }

@@ -56,11 +56,22 @@ pub struct HeldInvite {
     pub secret: ed25519::Keypair,
 }
 
+impl std::fmt::Debug for HeldInvite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secret is never printed.
+        f.debug_struct("HeldInvite")
+            .field("token", &self.token)
+            .finish_non_exhaustive()
+    }
+}
+
 impl HeldInvite {
     /// The key from its stored secret bytes (32), checked against the token.
     pub fn new(token: crate::membership::InviteToken, secret: &[u8]) -> Result<Self, String> {
         let mut bytes = secret.to_vec();
-        let secret: ed25519::Keypair = ed25519::SecretKey::try_from_bytes(&mut bytes).map_err(|e| format!("token_secret: {e}"))?.into();
+        let secret: ed25519::Keypair = ed25519::SecretKey::try_from_bytes(&mut bytes)
+            .map_err(|e| format!("token_secret: {e}"))?
+            .into();
         if hex::encode(secret.public().to_bytes()) != token.key {
             return Err("token_secret is not the secret of the token's key".into());
         }
@@ -74,7 +85,10 @@ impl HeldInvite {
 
     /// The credential `peer` presents with it.
     pub fn credential(&self, peer: &crate::PeerId) -> crate::membership::Credential {
-        crate::membership::Credential::Invite { token: self.token.clone(), proof: crate::membership::invite_proof(&self.token, &self.secret, peer) }
+        crate::membership::Credential::Invite {
+            token: self.token.clone(),
+            proof: crate::membership::invite_proof(&self.token, &self.secret, peer),
+        }
     }
 }
 
@@ -118,32 +132,52 @@ impl Invite {
     /// (its signature is checked here, its expiry when it is used).
     pub fn decode_with_token(bytes: &[u8]) -> Result<(Workspace, Option<HeldInvite>), Error> {
         if bytes.len() > MAX_INVITE_BYTES {
-            return Err(Error::Invite(format!("{} bytes is over the {MAX_INVITE_BYTES}-byte limit", bytes.len())));
+            return Err(Error::Invite(format!(
+                "{} bytes is over the {MAX_INVITE_BYTES}-byte limit",
+                bytes.len()
+            )));
         }
-        let invite: Invite = serde_json::from_slice(bytes).map_err(|e| Error::Invite(e.to_string()))?;
+        let invite: Invite =
+            serde_json::from_slice(bytes).map_err(|e| Error::Invite(e.to_string()))?;
         if invite.format == INVITE_FORMAT_1 && invite.token.is_some() {
             return Err(Error::Invite(format!("this invite ({INVITE_FORMAT_1}) was made by an older fieldsync and can be copied by any peer it is shown to; ask for a new invite")));
         }
         if invite.format != INVITE_FORMAT && invite.format != INVITE_FORMAT_1 {
-            return Err(Error::Invite(format!("format {:?} is not {INVITE_FORMAT:?}", invite.format)));
+            return Err(Error::Invite(format!(
+                "format {:?} is not {INVITE_FORMAT:?}",
+                invite.format
+            )));
         }
         let key_bytes = hex::decode(&invite.authority_public_key)
             .map_err(|e| Error::Invite(format!("authority_public_key: {e}")))?;
         let authority = ed25519::PublicKey::try_from_bytes(&key_bytes)
             .map_err(|e| Error::Invite(format!("authority_public_key: {e}")))?;
-        let workspace = Workspace { id: invite.workspace, schema: Schema::from_toml(&invite.schema)?.with_version(invite.schema_version), authority };
+        let workspace = Workspace {
+            id: invite.workspace,
+            schema: Schema::from_toml(&invite.schema)?.with_version(invite.schema_version),
+            authority,
+        };
         if workspace.authority_peer().to_string() != invite.authority_peer_id {
-            return Err(Error::Invite("authority_peer_id does not match authority_public_key".into()));
+            return Err(Error::Invite(
+                "authority_peer_id does not match authority_public_key".into(),
+            ));
         }
         let held = match (invite.token, invite.token_secret) {
             (None, None) => None,
             (Some(token), Some(secret)) => {
-                token.verify(&workspace.authority, workspace.id, i64::MIN).map_err(Error::Invite)?;
+                token
+                    .verify(&workspace.authority, workspace.id, i64::MIN)
+                    .map_err(Error::Invite)?;
                 token.grant.check(&workspace.schema)?;
-                let secret = hex::decode(&secret).map_err(|e| Error::Invite(format!("token_secret: {e}")))?;
+                let secret = hex::decode(&secret)
+                    .map_err(|e| Error::Invite(format!("token_secret: {e}")))?;
                 Some(HeldInvite::new(token, &secret).map_err(Error::Invite)?)
             }
-            (Some(_), None) => return Err(Error::Invite("the invite's token has no token_secret".into())),
+            (Some(_), None) => {
+                return Err(Error::Invite(
+                    "the invite's token has no token_secret".into(),
+                ))
+            }
             (None, Some(_)) => return Err(Error::Invite("token_secret without a token".into())),
         };
         Ok((workspace, held))

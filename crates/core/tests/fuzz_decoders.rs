@@ -6,7 +6,9 @@
 //! CI runs `FIELDSYNC_FUZZ_CASES` (default 256) cases per target; a longer run:
 //! `FIELDSYNC_FUZZ_CASES=200000 cargo test --release -p fieldsync-core --test fuzz_decoders`.
 
-use fieldsync_core::bundle::{Bundle, BundleEncoder, BundleEntity, BundleHeader, Limits as BundleLimits};
+use fieldsync_core::bundle::{
+    Bundle, BundleEncoder, BundleEntity, BundleHeader, Limits as BundleLimits,
+};
 use fieldsync_core::membership::{Grant, InviteToken, MemberRole};
 use fieldsync_core::protocol::{Frame, Limits, OfferEntry, PageRange, Payload, Role};
 use fieldsync_core::{Entity, EntityId, Invite, Patch, Schema, Workspace, WorkspaceId, Writer};
@@ -14,13 +16,20 @@ use libp2p_identity::ed25519;
 use proptest::prelude::*;
 
 fn cases() -> u32 {
-    std::env::var("FIELDSYNC_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+    std::env::var("FIELDSYNC_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
 }
 
 const SCHEMA: &str = "[collections.tasks]\nowner = \"assignee\"\n[collections.tasks.fields]\nstatus = { rule = \"rank\", order = [\"open\", \"done\"] }\n[collections.payments.fields]\namount = { rule = \"authority\" }\n";
 
 fn workspace(key: &ed25519::Keypair) -> Workspace {
-    Workspace { id: WorkspaceId(uuid::Uuid::from_u128(5)), schema: Schema::from_toml(SCHEMA).unwrap(), authority: key.public() }
+    Workspace {
+        id: WorkspaceId(uuid::Uuid::from_u128(5)),
+        schema: Schema::from_toml(SCHEMA).unwrap(),
+        authority: key.public(),
+    }
 }
 
 fn key() -> ed25519::Keypair {
@@ -32,10 +41,23 @@ fn valid_doc() -> Vec<u8> {
     let k = key();
     let ws = workspace(&k);
     let peer = libp2p_identity::PublicKey::from(k.public()).to_peer_id();
-    let w = Writer { peer, user: "hq", now_ms: 1_700_000_000_000, authority_key: Some(&k) };
+    let w = Writer {
+        peer,
+        user: "hq",
+        now_ms: 1_700_000_000_000,
+        authority_key: Some(&k),
+    };
     let coll = ws.schema.collection("payments").unwrap();
     let patch = Patch::parse(coll, r#"{"amount": 50, "note": "cash"}"#).unwrap();
-    let mut e = Entity::create(&ws, EntityId(uuid::Uuid::from_u128(1)), "payments", &w, &patch, &mut || fieldsync_core::ProposalId(uuid::Uuid::from_u128(2))).unwrap();
+    let mut e = Entity::create(
+        &ws,
+        EntityId(uuid::Uuid::from_u128(1)),
+        "payments",
+        &w,
+        &patch,
+        &mut || fieldsync_core::ProposalId(uuid::Uuid::from_u128(2)),
+    )
+    .unwrap();
     e.save()
 }
 
@@ -43,38 +65,102 @@ fn valid_frames() -> Vec<Vec<u8>> {
     let id = EntityId(uuid::Uuid::from_u128(3));
     let page = PageRange { from: 4, upto: 9 };
     vec![
-        Frame::Hello { version: 2, credential: None }.encode(),
-        Frame::Welcome { workspace: WorkspaceId(uuid::Uuid::from_u128(5)), role: Role::Device, limits: Limits::default(), feed_seq: 9, resume_from: 2, name: Some("ana".into()) }.encode(),
-        Frame::Offer { page, entries: vec![OfferEntry { id, heads: vec![[1; 32], [2; 32]] }] }.encode(),
-        Frame::Data { page, payloads: vec![Payload { id, collection: "tasks".into(), full: true, chunks: vec![serde_bytes::ByteBuf::from(valid_doc())] }], skipped: vec![id] }.encode(),
+        Frame::Hello {
+            version: 2,
+            credential: None,
+        }
+        .encode(),
+        Frame::Welcome {
+            workspace: WorkspaceId(uuid::Uuid::from_u128(5)),
+            role: Role::Device,
+            limits: Limits::default(),
+            feed_seq: 9,
+            resume_from: 2,
+            name: Some("ana".into()),
+        }
+        .encode(),
+        Frame::Offer {
+            page,
+            entries: vec![OfferEntry {
+                id,
+                heads: vec![[1; 32], [2; 32]],
+            }],
+        }
+        .encode(),
+        Frame::Data {
+            page,
+            payloads: vec![Payload {
+                id,
+                collection: "tasks".into(),
+                full: true,
+                chunks: vec![serde_bytes::ByteBuf::from(valid_doc())],
+            }],
+            skipped: vec![id],
+        }
+        .encode(),
         Frame::Ack { upto: 9 }.encode(),
     ]
 }
 
 fn valid_bundle() -> Vec<u8> {
     let k = key();
-    let from = libp2p_identity::PublicKey::from(k.public()).to_peer_id().to_string();
-    let header = BundleHeader { workspace: WorkspaceId(uuid::Uuid::from_u128(5)), from, since: 0, upto: 1, acks: Default::default(), credential: None };
+    let from = libp2p_identity::PublicKey::from(k.public())
+        .to_peer_id()
+        .to_string();
+    let header = BundleHeader {
+        workspace: WorkspaceId(uuid::Uuid::from_u128(5)),
+        from,
+        since: 0,
+        upto: 1,
+        acks: Default::default(),
+        credential: None,
+    };
     let mut enc = BundleEncoder::new(&header);
-    enc.push(&BundleEntity { id: EntityId(uuid::Uuid::from_u128(1)), collection: "payments".into(), doc: valid_doc() });
+    enc.push(&BundleEntity {
+        id: EntityId(uuid::Uuid::from_u128(1)),
+        collection: "payments".into(),
+        doc: valid_doc(),
+    });
     let mut out = enc.take_written();
     out.extend(enc.finish(&k));
     out
 }
 
 fn valid_purge() -> Vec<u8> {
-    let r = fieldsync_core::purge::PurgeRecord::sign(&key(), WorkspaceId(uuid::Uuid::from_u128(5)), "tasks", EntityId(uuid::Uuid::from_u128(1)), 7);
+    let r = fieldsync_core::purge::PurgeRecord::sign(
+        &key(),
+        WorkspaceId(uuid::Uuid::from_u128(5)),
+        "tasks",
+        EntityId(uuid::Uuid::from_u128(1)),
+        7,
+    );
     r.to_text().into_bytes()
 }
 
 fn valid_invite() -> Vec<u8> {
     let k = key();
     let ws = workspace(&k);
-    let grant = Grant { user: "ana".into(), role: MemberRole::Device, partitions: Default::default() };
+    let grant = Grant {
+        user: "ana".into(),
+        role: MemberRole::Device,
+        partitions: Default::default(),
+    };
     let holder = ed25519::Keypair::from(ed25519::SecretKey::try_from_bytes([3u8; 32]).unwrap());
-    let token = InviteToken::sign(&k, uuid::Uuid::from_u128(8), ws.id, grant, i64::MAX, &holder.public());
+    let token = InviteToken::sign(
+        &k,
+        uuid::Uuid::from_u128(8),
+        ws.id,
+        grant,
+        i64::MAX,
+        &holder.public(),
+    );
     let secret = Some(hex::encode(holder.secret().as_ref()));
-    serde_json::to_vec(&Invite { token: Some(token), token_secret: secret, ..Invite::new(&ws) }).unwrap()
+    serde_json::to_vec(&Invite {
+        token: Some(token),
+        token_secret: secret,
+        ..Invite::new(&ws)
+    })
+    .unwrap()
 }
 
 /// Random bytes, or a valid encoding with a few bytes flipped, cut short, or spliced.
@@ -82,19 +168,23 @@ fn mutated(valid: Vec<Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
     let n = valid.len();
     prop_oneof![
         prop::collection::vec(any::<u8>(), 0..512),
-        (0..n, prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)).prop_map({
-            let valid = valid.clone();
-            move |(i, flips)| {
-                let mut v = valid[i].clone();
-                for (at, b) in flips {
-                    if !v.is_empty() {
-                        let j = at.index(v.len());
-                        v[j] ^= b | 1;
+        (
+            0..n,
+            prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)
+        )
+            .prop_map({
+                let valid = valid.clone();
+                move |(i, flips)| {
+                    let mut v = valid[i].clone();
+                    for (at, b) in flips {
+                        if !v.is_empty() {
+                            let j = at.index(v.len());
+                            v[j] ^= b | 1;
+                        }
                     }
+                    v
                 }
-                v
-            }
-        }),
+            }),
         (0..n, any::<prop::sample::Index>()).prop_map({
             let valid = valid.clone();
             move |(i, cut)| {
@@ -102,12 +192,17 @@ fn mutated(valid: Vec<Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
                 v[..cut.index(v.len() + 1)].to_vec()
             }
         }),
-        (0..n, any::<prop::sample::Index>(), prop::collection::vec(any::<u8>(), 1..64)).prop_map(move |(i, at, junk)| {
-            let mut v = valid[i].clone();
-            let j = at.index(v.len() + 1);
-            v.splice(j..j, junk);
-            v
-        }),
+        (
+            0..n,
+            any::<prop::sample::Index>(),
+            prop::collection::vec(any::<u8>(), 1..64)
+        )
+            .prop_map(move |(i, at, junk)| {
+                let mut v = valid[i].clone();
+                let j = at.index(v.len() + 1);
+                v.splice(j..j, junk);
+                v
+            }),
     ]
 }
 
@@ -208,7 +303,14 @@ fn the_valid_inputs_decode() {
         Frame::decode(&f, 1 << 20).unwrap();
     }
     Bundle::decode(&valid_bundle(), BundleLimits::default()).unwrap();
-    assert!(Invite::decode_with_token(&valid_invite()).unwrap().1.is_some());
+    assert!(Invite::decode_with_token(&valid_invite())
+        .unwrap()
+        .1
+        .is_some());
     Entity::load(EntityId(uuid::Uuid::from_u128(1)), &valid_doc(), &[]).unwrap();
-    assert_eq!(with_fixed_checksum(valid_doc()), valid_doc(), "the checksum fix reproduces a valid document's");
+    assert_eq!(
+        with_fixed_checksum(valid_doc()),
+        valid_doc(),
+        "the checksum fix reproduces a valid document's"
+    );
 }

@@ -4,7 +4,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use fieldsync_core::{Entity, EntityId, OpId, Patch, ProposalId, Schema, Workspace, WorkspaceId, Writer};
+use fieldsync_core::{
+    Entity, EntityId, OpId, Patch, ProposalId, Schema, Workspace, WorkspaceId, Writer,
+};
 use libp2p_identity::ed25519;
 use proptest::prelude::*;
 use serde_json::{json, Value as Json};
@@ -25,7 +27,11 @@ fn keypair(seed: u8) -> ed25519::Keypair {
 }
 
 fn ws(authority: &ed25519::Keypair) -> Workspace {
-    Workspace { id: WorkspaceId(uuid::Uuid::from_u128(7)), schema: Schema::from_toml(SCHEMA).unwrap(), authority: authority.public() }
+    Workspace {
+        id: WorkspaceId(uuid::Uuid::from_u128(7)),
+        schema: Schema::from_toml(SCHEMA).unwrap(),
+        authority: authority.public(),
+    }
 }
 
 /// One app operation, identified by its op id.
@@ -47,7 +53,11 @@ impl Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    prop_oneof![(-50i8..50).prop_map(Op::Inc), (0u8..4).prop_map(Op::Tag), (0u8..3).prop_map(Op::Price)]
+    prop_oneof![
+        (-50i8..50).prop_map(Op::Inc),
+        (0u8..4).prop_map(Op::Tag),
+        (0u8..3).prop_map(Op::Price)
+    ]
 }
 
 /// Replicas, and the ops with, for each, a list of (replica, times applied) deliveries.
@@ -55,7 +65,15 @@ type Plan = (usize, Vec<(Op, Vec<(usize, u8)>)>);
 
 /// Ops, and for each a list of (replica, times applied) deliveries.
 fn plan() -> impl Strategy<Value = Plan> {
-    (2usize..=4).prop_flat_map(|n| (Just(n), proptest::collection::vec((op(), proptest::collection::vec((0..n, 1u8..=3), 1..4)), 1..10)))
+    (2usize..=4).prop_flat_map(|n| {
+        (
+            Just(n),
+            proptest::collection::vec(
+                (op(), proptest::collection::vec((0..n, 1u8..=3), 1..4)),
+                1..10,
+            ),
+        )
+    })
 }
 
 proptest! {
@@ -122,10 +140,22 @@ fn identical_creations_are_one_change() {
     let ws = ws(&auth);
     let coll = ws.schema.collection("items").unwrap();
     let id = EntityId(uuid::Uuid::from_u128(9));
-    let patch = Patch::parse(coll, r#"{"stock":25,"tags":["a","b","c"],"name":{"en":"Bolt","de":"Bolzen"}}"#).unwrap();
+    let patch = Patch::parse(
+        coll,
+        r#"{"stock":25,"tags":["a","b","c"],"name":{"en":"Bolt","de":"Bolzen"}}"#,
+    )
+    .unwrap();
     let make = |seed: u8| {
-        let w = Writer { peer: peer(&keypair(seed)), user: "u", now_ms: i64::from(seed) * 1000, authority_key: None };
-        Entity::create(&ws, id, "items", &w, &patch, &mut || ProposalId(uuid::Uuid::nil())).unwrap()
+        let w = Writer {
+            peer: peer(&keypair(seed)),
+            user: "u",
+            now_ms: i64::from(seed) * 1000,
+            authority_key: None,
+        };
+        Entity::create(&ws, id, "items", &w, &patch, &mut || {
+            ProposalId(uuid::Uuid::nil())
+        })
+        .unwrap()
     };
     let (mut a, mut b) = (make(1), make(2));
     b.merge_bytes(&a.save()).unwrap();
@@ -134,7 +164,11 @@ fn identical_creations_are_one_change() {
     assert_eq!(view["stock"], 25);
     assert_eq!(view["tags"], json!(["a", "b", "c"]));
     assert_eq!(view, b.view(&ws).unwrap());
-    assert!(a.conflicts(&ws).is_empty(), "one creation, so no concurrent values: {:?}", a.conflicts(&ws));
+    assert!(
+        a.conflicts(&ws).is_empty(),
+        "one creation, so no concurrent values: {:?}",
+        a.conflicts(&ws)
+    );
 }
 
 #[test]
@@ -143,14 +177,38 @@ fn lww_picks_the_latest_change_time_among_concurrent_writes() {
     let ws = ws(&auth);
     let coll = ws.schema.collection("items").unwrap();
     let id = EntityId(uuid::Uuid::from_u128(10));
-    let w0 = Writer { peer: peer(&keypair(9)), user: "u", now_ms: 1, authority_key: None };
-    let mut base = Entity::create(&ws, id, "items", &w0, &Patch::parse(coll, r#"{"name":"x"}"#).unwrap(), &mut || ProposalId(uuid::Uuid::nil())).unwrap();
+    let w0 = Writer {
+        peer: peer(&keypair(9)),
+        user: "u",
+        now_ms: 1,
+        authority_key: None,
+    };
+    let mut base = Entity::create(
+        &ws,
+        id,
+        "items",
+        &w0,
+        &Patch::parse(coll, r#"{"name":"x"}"#).unwrap(),
+        &mut || ProposalId(uuid::Uuid::nil()),
+    )
+    .unwrap();
     let base = base.save();
     for (ta, tb) in [(100, 200), (200, 100), (5_000, 4_999)] {
         let write = |seed: u8, t: i64, v: &str| {
             let mut e = Entity::load(id, &base, &[]).unwrap();
-            let w = Writer { peer: peer(&keypair(seed)), user: "u", now_ms: t, authority_key: None };
-            e.update(&ws, &w, &Patch::parse(coll, &format!(r#"{{"name":"{v}"}}"#)).unwrap(), &mut || ProposalId(uuid::Uuid::nil())).unwrap();
+            let w = Writer {
+                peer: peer(&keypair(seed)),
+                user: "u",
+                now_ms: t,
+                authority_key: None,
+            };
+            e.update(
+                &ws,
+                &w,
+                &Patch::parse(coll, &format!(r#"{{"name":"{v}"}}"#)).unwrap(),
+                &mut || ProposalId(uuid::Uuid::nil()),
+            )
+            .unwrap();
             e.save_incremental()
         };
         let (ca, cb) = (write(1, ta, "a"), write(2, tb, "b"));

@@ -24,7 +24,8 @@ use automerge::transaction::Transactable;
 use automerge::{ActorId, AutoCommit, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
 use fieldsync_core::authority::{seq_key, Confirmation};
 use fieldsync_core::{
-    Conflict, ConflictState, Entity, EntityId, Error, Patch, PeerId, Proposal, ProposalId, Schema, Workspace, WorkspaceId, Writer,
+    Conflict, ConflictState, Entity, EntityId, Error, Patch, PeerId, Proposal, ProposalId, Schema,
+    Workspace, WorkspaceId, Writer,
 };
 use libp2p_identity::ed25519;
 use proptest::prelude::*;
@@ -58,7 +59,13 @@ amount   = { rule = "authority" }
 const ORDER: [&str; 3] = ["open", "in_progress", "completed"];
 /// Fields holding one value per write, where concurrent writes leave several values.
 /// `title` is undeclared, so lww.
-const REGISTERS: [(&str, &str); 5] = [("status", "rank"), ("progress", "max"), ("low", "min"), ("title", "lww"), ("start", "manual")];
+const REGISTERS: [(&str, &str); 5] = [
+    ("status", "rank"),
+    ("progress", "max"),
+    ("low", "min"),
+    ("title", "lww"),
+    ("start", "manual"),
+];
 /// The value every forged confirmation carries; no honest write uses it.
 const FORGED: i64 = 666_666;
 
@@ -74,14 +81,28 @@ fn half(n: i8) -> Json {
     }
 }
 fn title_val(i: u8) -> Json {
-    [json!("x"), json!("y"), json!(3), json!({"k": 1, "a": [true]}), json!([1, "z"])][usize::from(i) % 5].clone()
+    [
+        json!("x"),
+        json!("y"),
+        json!(3),
+        json!({"k": 1, "a": [true]}),
+        json!([1, "z"]),
+    ][usize::from(i) % 5]
+        .clone()
 }
 fn start_val(i: u8) -> Json {
     [json!("08:00"), json!("09:00"), json!("10:00"), json!(9)][usize::from(i) % 4].clone()
 }
 fn amount_val(i: u8) -> Json {
     // The object's keys are deliberately not in sorted order.
-    [json!(10), json!(20), json!(35), json!(2.5), json!({"n": 5, "cur": "EUR"})][usize::from(i) % 5].clone()
+    [
+        json!(10),
+        json!(20),
+        json!(35),
+        json!(2.5),
+        json!({"n": 5, "cur": "EUR"}),
+    ][usize::from(i) % 5]
+        .clone()
 }
 const ALPHABET: usize = 5;
 fn elem(i: u8) -> Json {
@@ -143,9 +164,11 @@ impl Edit {
     fn patch_value(&self) -> Json {
         let elems = |v: &[u8]| Json::Array(v.iter().map(|i| elem(*i)).collect());
         match self {
-            Edit::Status(_) | Edit::Progress(_) | Edit::Low(_) | Edit::Title(_) | Edit::Start(_) => {
-                self.register_value().unwrap_or(Json::Null)
-            }
+            Edit::Status(_)
+            | Edit::Progress(_)
+            | Edit::Low(_)
+            | Edit::Title(_)
+            | Edit::Start(_) => self.register_value().unwrap_or(Json::Null),
             Edit::Stock(n) => json!({"$inc": n}),
             Edit::StockSet(n) => json!(n),
             Edit::Add(v) => json!({"$add": elems(v)}),
@@ -230,24 +253,41 @@ fn step() -> impl Strategy<Value = Step> {
 
 fn base() -> impl Strategy<Value = Base> {
     (
-        (prop::option::of(0u8..3), prop::option::of(-9i8..=9), prop::option::of(-9i8..=9), -20i8..=20),
-        (elems(), "[a-z]{0,3}", prop::option::of(0u8..5), prop::option::of(0u8..4), prop::option::of(0u8..5)),
+        (
+            prop::option::of(0u8..3),
+            prop::option::of(-9i8..=9),
+            prop::option::of(-9i8..=9),
+            -20i8..=20,
+        ),
+        (
+            elems(),
+            "[a-z]{0,3}",
+            prop::option::of(0u8..5),
+            prop::option::of(0u8..4),
+            prop::option::of(0u8..5),
+        ),
     )
-        .prop_map(|((status, progress, low, stock), (tags, notes, title, start, amount))| Base {
-            status,
-            progress,
-            low,
-            stock,
-            tags,
-            notes,
-            title,
-            start,
-            amount,
-        })
+        .prop_map(
+            |((status, progress, low, stock), (tags, notes, title, start, amount))| Base {
+                status,
+                progress,
+                low,
+                stock,
+                tags,
+                notes,
+                title,
+                start,
+                amount,
+            },
+        )
 }
 
 fn plan() -> impl Strategy<Value = Plan> {
-    (prop::collection::vec(0u8..3, 4), prop::collection::vec(any::<u16>(), 1..48), prop::collection::vec(any::<u16>(), 0..6))
+    (
+        prop::collection::vec(0u8..3, 4),
+        prop::collection::vec(any::<u16>(), 1..48),
+        prop::collection::vec(any::<u16>(), 0..6),
+    )
         .prop_map(|(forms, keys, dups)| Plan { forms, keys, dups })
 }
 
@@ -301,15 +341,32 @@ struct BaseState {
 
 impl Model {
     fn has_tag(&self, key: &str, base: &BaseState) -> bool {
-        self.tags.get(key).copied().unwrap_or_else(|| base.tags.contains(key))
+        self.tags
+            .get(key)
+            .copied()
+            .unwrap_or_else(|| base.tags.contains(key))
     }
 
-    fn apply(&mut self, edit: &Edit, base: &BaseState, authority: bool, proposal: Option<ProposalId>) {
+    fn apply(
+        &mut self,
+        edit: &Edit,
+        base: &BaseState,
+        authority: bool,
+        proposal: Option<ProposalId>,
+    ) {
         match edit {
-            Edit::Status(_) | Edit::Progress(_) | Edit::Low(_) | Edit::Title(_) | Edit::Start(_) => {
+            Edit::Status(_)
+            | Edit::Progress(_)
+            | Edit::Low(_)
+            | Edit::Title(_)
+            | Edit::Start(_) => {
                 let f = edit.field();
                 let new = edit.register_value();
-                let local = self.regs.get(f).cloned().unwrap_or_else(|| base.regs[f].clone());
+                let local = self
+                    .regs
+                    .get(f)
+                    .cloned()
+                    .unwrap_or_else(|| base.regs[f].clone());
                 // Automerge drops a put of the scalar already there (and removing an absent
                 // field is a no-op): such a write is no write, so it does not compete.
                 let unchanged = match (&new, &local) {
@@ -407,7 +464,10 @@ fn expect(base: &BaseState, models: &[&Model], update_wins: bool) -> Expected {
     let tags = (0..ALPHABET as u8)
         .map(ekey)
         .filter(|k| {
-            let last: Vec<bool> = models.iter().filter_map(|m| m.tags.get(k).copied()).collect();
+            let last: Vec<bool> = models
+                .iter()
+                .filter_map(|m| m.tags.get(k).copied())
+                .collect();
             last.contains(&true) || (base.tags.contains(k) && !last.contains(&false))
         })
         .collect();
@@ -418,7 +478,10 @@ fn expect(base: &BaseState, models: &[&Model], update_wins: bool) -> Expected {
         _ => None,
     };
     let confirmed = models.iter().find_map(|m| m.confirmed.clone());
-    let mut proposals: Vec<(ProposalId, Json)> = models.iter().flat_map(|m| m.proposals.iter().cloned()).collect();
+    let mut proposals: Vec<(ProposalId, Json)> = models
+        .iter()
+        .flat_map(|m| m.proposals.iter().cloned())
+        .collect();
     // A direct authority write settles the proposals the authority had seen: the base's.
     if confirmed.is_none() {
         proposals.extend(base.proposal.clone());
@@ -450,19 +513,55 @@ fn num(v: &Json) -> f64 {
 }
 
 /// Checks one copy's view, conflicts and proposals against `exp`.
-fn check(ctx: &str, v: &Map<String, Json>, conflicts: &[Conflict], proposals: &[Proposal], exp: &Expected) -> Result<(), TestCaseError> {
+fn check(
+    ctx: &str,
+    v: &Map<String, Json>,
+    conflicts: &[Conflict],
+    proposals: &[Proposal],
+    exp: &Expected,
+) -> Result<(), TestCaseError> {
     let regs = &exp.regs;
     // rank: the highest-ranked concurrent value.
     let rank = |j: &Json| ORDER.iter().position(|o| j == o);
-    prop_assert_eq!(v.get("status"), regs["status"].iter().max_by_key(|j| rank(j)), "{}: rank", ctx);
+    prop_assert_eq!(
+        v.get("status"),
+        regs["status"].iter().max_by_key(|j| rank(j)),
+        "{}: rank",
+        ctx
+    );
     // max / min.
-    prop_assert_eq!(v.get("progress"), regs["progress"].iter().max_by(|a, b| num(a).total_cmp(&num(b))), "{}: max", ctx);
-    prop_assert_eq!(v.get("low"), regs["low"].iter().min_by(|a, b| num(a).total_cmp(&num(b))), "{}: min", ctx);
+    prop_assert_eq!(
+        v.get("progress"),
+        regs["progress"]
+            .iter()
+            .max_by(|a, b| num(a).total_cmp(&num(b))),
+        "{}: max",
+        ctx
+    );
+    prop_assert_eq!(
+        v.get("low"),
+        regs["low"].iter().min_by(|a, b| num(a).total_cmp(&num(b))),
+        "{}: min",
+        ctx
+    );
     // lww and manual show one of the concurrent values.
     for f in ["title", "start"] {
         match v.get(f) {
-            None => prop_assert!(regs[f].is_empty(), "{}: {} missing, expected one of {:?}", ctx, f, regs[f]),
-            Some(x) => prop_assert!(regs[f].contains(x), "{}: {} = {} not among {:?}", ctx, f, x, regs[f]),
+            None => prop_assert!(
+                regs[f].is_empty(),
+                "{}: {} missing, expected one of {:?}",
+                ctx,
+                f,
+                regs[f]
+            ),
+            Some(x) => prop_assert!(
+                regs[f].contains(x),
+                "{}: {} = {} not among {:?}",
+                ctx,
+                f,
+                x,
+                regs[f]
+            ),
         }
     }
     // Conflicts: exactly the register fields with several distinct values, listing them all.
@@ -471,17 +570,42 @@ fn check(ctx: &str, v: &Map<String, Json>, conflicts: &[Conflict], proposals: &[
         if regs[f].len() >= 2 {
             prop_assert_eq!(found.len(), 1, "{}: one conflict on {}", ctx, f);
             let c = found[0];
-            prop_assert!(same_set(&c.values, &regs[f]), "{}: conflict on {} lists {:?}, expected {:?}", ctx, f, c.values, regs[f]);
-            prop_assert_eq!(c.values.len(), regs[f].len(), "{}: conflict values on {} are distinct", ctx, f);
+            prop_assert!(
+                same_set(&c.values, &regs[f]),
+                "{}: conflict on {} lists {:?}, expected {:?}",
+                ctx,
+                f,
+                c.values,
+                regs[f]
+            );
+            prop_assert_eq!(
+                c.values.len(),
+                regs[f].len(),
+                "{}: conflict values on {} are distinct",
+                ctx,
+                f
+            );
             prop_assert_eq!(c.rule, rule);
-            let state = if f == "start" { ConflictState::Open } else { ConflictState::Auto };
+            let state = if f == "start" {
+                ConflictState::Open
+            } else {
+                ConflictState::Auto
+            };
             prop_assert_eq!(c.state, state);
         } else {
-            prop_assert!(found.is_empty(), "{}: unexpected conflict on {}: {:?}", ctx, f, found);
+            prop_assert!(
+                found.is_empty(),
+                "{}: unexpected conflict on {}: {:?}",
+                ctx,
+                f,
+                found
+            );
         }
     }
     prop_assert!(
-        conflicts.iter().all(|c| REGISTERS.iter().any(|(f, _)| *f == c.field)),
+        conflicts
+            .iter()
+            .all(|c| REGISTERS.iter().any(|(f, _)| *f == c.field)),
         "{}: merging fields never conflict: {:?}",
         ctx,
         conflicts
@@ -489,38 +613,110 @@ fn check(ctx: &str, v: &Map<String, Json>, conflicts: &[Conflict], proposals: &[
     // `_conflicts` in the view: the open (manual) ones only.
     if regs["start"].len() >= 2 {
         let open = v.get("_conflicts").and_then(Json::as_object);
-        prop_assert!(open.is_some_and(|o| o.len() == 1), "{}: _conflicts should hold only start: {:?}", ctx, v.get("_conflicts"));
-        let listed = open.and_then(|o| o.get("start")).and_then(Json::as_array).cloned().unwrap_or_default();
-        prop_assert!(same_set(&listed, &regs["start"]), "{}: _conflicts.start {:?}, expected {:?}", ctx, listed, regs["start"]);
+        prop_assert!(
+            open.is_some_and(|o| o.len() == 1),
+            "{}: _conflicts should hold only start: {:?}",
+            ctx,
+            v.get("_conflicts")
+        );
+        let listed = open
+            .and_then(|o| o.get("start"))
+            .and_then(Json::as_array)
+            .cloned()
+            .unwrap_or_default();
+        prop_assert!(
+            same_set(&listed, &regs["start"]),
+            "{}: _conflicts.start {:?}, expected {:?}",
+            ctx,
+            listed,
+            regs["start"]
+        );
     } else {
-        prop_assert!(v.get("_conflicts").is_none(), "{}: no open conflict expected: {:?}", ctx, v.get("_conflicts"));
+        prop_assert!(
+            v.get("_conflicts").is_none(),
+            "{}: no open conflict expected: {:?}",
+            ctx,
+            v.get("_conflicts")
+        );
     }
     // counter.
     // Declared fields never written are absent from the view: a counter never written reads 0.
-    prop_assert_eq!(v.get("stock").cloned().unwrap_or(json!(0)), json!(exp.stock), "{}: counter", ctx);
+    prop_assert_eq!(
+        v.get("stock").cloned().unwrap_or(json!(0)),
+        json!(exp.stock),
+        "{}: counter",
+        ctx
+    );
     // set: add-wins.
-    let tags: BTreeSet<String> = v.get("tags").and_then(Json::as_array).map(|a| a.iter().map(Json::to_string).collect()).unwrap_or_default();
+    let tags: BTreeSet<String> = v
+        .get("tags")
+        .and_then(Json::as_array)
+        .map(|a| a.iter().map(Json::to_string).collect())
+        .unwrap_or_default();
     prop_assert_eq!(&tags, &exp.tags, "{}: set", ctx);
     // text.
     // An empty text is absent from the view.
-    prop_assert!(v.get("notes").is_none_or(|n| n.as_str().is_some_and(|t| !t.is_empty())), "{}: notes is text", ctx);
+    prop_assert!(
+        v.get("notes")
+            .is_none_or(|n| n.as_str().is_some_and(|t| !t.is_empty())),
+        "{}: notes is text",
+        ctx
+    );
     let notes = Some(v.get("notes").and_then(Json::as_str).unwrap_or(""));
     if let Some(n) = &exp.notes {
         prop_assert_eq!(notes, Some(n.as_str()), "{}: text with one writer", ctx);
     }
     // authority: only the authority's own signed values show confirmed.
-    prop_assert_ne!(v.get("amount"), Some(&json!(FORGED)), "{}: forged confirmation shows", ctx);
-    prop_assert_eq!(v.get("amount"), exp.amount.as_ref(), "{}: confirmed amount", ctx);
-    let pending = exp.proposals.last().map(|(_, val)| json!({ "amount": val }));
+    prop_assert_ne!(
+        v.get("amount"),
+        Some(&json!(FORGED)),
+        "{}: forged confirmation shows",
+        ctx
+    );
+    prop_assert_eq!(
+        v.get("amount"),
+        exp.amount.as_ref(),
+        "{}: confirmed amount",
+        ctx
+    );
+    let pending = exp
+        .proposals
+        .last()
+        .map(|(_, val)| json!({ "amount": val }));
     prop_assert_eq!(v.get("_pending"), pending.as_ref(), "{}: _pending", ctx);
     let ids: Vec<ProposalId> = proposals.iter().map(|p| p.id).collect();
     let want: Vec<ProposalId> = exp.proposals.iter().map(|(id, _)| *id).collect();
     prop_assert_eq!(ids, want, "{}: pending proposals", ctx);
     // delete.
-    prop_assert_eq!(v.get("_deleted"), exp.deleted.then_some(&Json::Bool(true)), "{}: _deleted", ctx);
+    prop_assert_eq!(
+        v.get("_deleted"),
+        exp.deleted.then_some(&Json::Bool(true)),
+        "{}: _deleted",
+        ctx
+    );
     // Nothing else.
-    let allowed = ["status", "progress", "low", "stock", "tags", "notes", "title", "start", "amount", "_conflicts", "_pending", "_deleted", "_id", "_collection"];
-    prop_assert!(v.keys().all(|k| allowed.contains(&k.as_str())), "{}: unexpected keys in {:?}", ctx, v);
+    let allowed = [
+        "status",
+        "progress",
+        "low",
+        "stock",
+        "tags",
+        "notes",
+        "title",
+        "start",
+        "amount",
+        "_conflicts",
+        "_pending",
+        "_deleted",
+        "_id",
+        "_collection",
+    ];
+    prop_assert!(
+        v.keys().all(|k| allowed.contains(&k.as_str())),
+        "{}: unexpected keys in {:?}",
+        ctx,
+        v
+    );
     Ok(())
 }
 
@@ -549,7 +745,9 @@ fn workspace(authority: &ed25519::Keypair) -> Workspace {
 
 /// Proposal ids ordered by (counter, tag): distinct across replicas, deterministic.
 fn proposal_id(counter: u64, tag: u8) -> ProposalId {
-    ProposalId(Uuid::from_u128((u128::from(counter) << 8) | u128::from(tag)))
+    ProposalId(Uuid::from_u128(
+        (u128::from(counter) << 8) | u128::from(tag),
+    ))
 }
 
 fn fail(ctx: &str, e: Error) -> TestCaseError {
@@ -557,7 +755,11 @@ fn fail(ctx: &str, e: Error) -> TestCaseError {
 }
 
 /// Creates the base entity; its bytes and state.
-fn create_base(ws: &Workspace, coll: &str, b: &Base) -> Result<(Vec<u8>, BaseState), TestCaseError> {
+fn create_base(
+    ws: &Workspace,
+    coll: &str,
+    b: &Base,
+) -> Result<(Vec<u8>, BaseState), TestCaseError> {
     let mut patch = Map::new();
     let mut regs = BTreeMap::new();
     let registers = [
@@ -574,21 +776,34 @@ fn create_base(ws: &Workspace, coll: &str, b: &Base) -> Result<(Vec<u8>, BaseSta
         regs.insert(f, v);
     }
     patch.insert("stock".into(), json!(b.stock));
-    patch.insert("tags".into(), Json::Array(b.tags.iter().map(|i| elem(*i)).collect()));
+    patch.insert(
+        "tags".into(),
+        Json::Array(b.tags.iter().map(|i| elem(*i)).collect()),
+    );
     patch.insert("notes".into(), json!(b.notes));
     if let Some(a) = b.amount {
         patch.insert("amount".into(), amount_val(a));
     }
-    let patch = Patch::from_json(ws.schema.collection(coll).expect("collection"), &Json::Object(patch)).map_err(|e| fail("base patch", e))?;
+    let patch = Patch::from_json(
+        ws.schema.collection(coll).expect("collection"),
+        &Json::Object(patch),
+    )
+    .map_err(|e| fail("base patch", e))?;
     let creator = keypair(0xC0);
-    let w = Writer { peer: peer_of(&creator), user: "creator", now_ms: 1, authority_key: None };
+    let w = Writer {
+        peer: peer_of(&creator),
+        user: "creator",
+        now_ms: 1,
+        authority_key: None,
+    };
     let mut issued = Vec::new();
     let mut next = || {
         let id = proposal_id(0, 0xF0);
         issued.push(id);
         id
     };
-    let mut e = Entity::create(ws, entity_id(), coll, &w, &patch, &mut next).map_err(|e| fail("create", e))?;
+    let mut e = Entity::create(ws, entity_id(), coll, &w, &patch, &mut next)
+        .map_err(|e| fail("create", e))?;
     let proposal = b.amount.map(|a| (issued[0], amount_val(a)));
     let state = BaseState {
         regs,
@@ -615,7 +830,15 @@ struct Replica {
 }
 
 /// Runs one replica's steps against its entity and its model.
-fn run_steps(rep: &mut Replica, steps: &[Step], ws: &Workspace, auth_kp: &ed25519::Keypair, coll: &str, base: &BaseState, update_wins: bool) -> Result<(), TestCaseError> {
+fn run_steps(
+    rep: &mut Replica,
+    steps: &[Step],
+    ws: &Workspace,
+    auth_kp: &ed25519::Keypair,
+    coll: &str,
+    base: &BaseState,
+    update_wins: bool,
+) -> Result<(), TestCaseError> {
     let peer = peer_of(&rep.kp);
     let collection = ws.schema.collection(coll).expect("collection");
     for (n, step) in steps.iter().enumerate() {
@@ -623,12 +846,22 @@ fn run_steps(rep: &mut Replica, steps: &[Step], ws: &Workspace, auth_kp: &ed2551
         let time = match step {
             Step::Update { time, .. } | Step::Delete { time } => *time,
         };
-        let w = Writer { peer, user: &rep.user, now_ms: time, authority_key: rep.authority.then_some(auth_kp) };
+        let w = Writer {
+            peer,
+            user: &rep.user,
+            now_ms: time,
+            authority_key: rep.authority.then_some(auth_kp),
+        };
         let ok = match step {
             Step::Delete { .. } => {
                 let res = rep.entity.delete(ws, &w);
                 if rep.model.deleted_local {
-                    prop_assert!(matches!(res, Err(Error::Deleted(_))), "{}: deleting twice gave {:?}", ctx, res);
+                    prop_assert!(
+                        matches!(res, Err(Error::Deleted(_))),
+                        "{}: deleting twice gave {:?}",
+                        ctx,
+                        res
+                    );
                     false
                 } else {
                     res.map_err(|e| fail(&ctx, e))?;
@@ -644,8 +877,14 @@ fn run_steps(rep: &mut Replica, steps: &[Step], ws: &Workspace, auth_kp: &ed2551
                 for e in edits {
                     by_field.insert(e.field(), e);
                 }
-                let json = Json::Object(by_field.iter().map(|(f, e)| ((*f).to_owned(), e.patch_value())).collect());
-                let patch = Patch::parse(collection, &json.to_string()).map_err(|e| fail(&ctx, e))?;
+                let json = Json::Object(
+                    by_field
+                        .iter()
+                        .map(|(f, e)| ((*f).to_owned(), e.patch_value()))
+                        .collect(),
+                );
+                let patch =
+                    Patch::parse(collection, &json.to_string()).map_err(|e| fail(&ctx, e))?;
                 let mut issued = Vec::new();
                 let res = {
                     let (counter, tag) = (&mut rep.counter, rep.tag);
@@ -658,7 +897,12 @@ fn run_steps(rep: &mut Replica, steps: &[Step], ws: &Workspace, auth_kp: &ed2551
                     rep.entity.update(ws, &w, &patch, &mut next)
                 };
                 if rep.model.deleted_local && !update_wins {
-                    prop_assert!(matches!(res, Err(Error::Deleted(_))), "{}: update of a deleted entity gave {:?}", ctx, res);
+                    prop_assert!(
+                        matches!(res, Err(Error::Deleted(_))),
+                        "{}: update of a deleted entity gave {:?}",
+                        ctx,
+                        res
+                    );
                     prop_assert!(issued.is_empty());
                     false
                 } else {
@@ -671,9 +915,15 @@ fn run_steps(rep: &mut Replica, steps: &[Step], ws: &Workspace, auth_kp: &ed2551
                             let v = o.map(amount_val).unwrap_or(Json::Null);
                             !v.is_null() && !rep.model.proposals.iter().any(|(_, p)| *p == v)
                         });
-                    prop_assert_eq!(issued.len(), usize::from(device_amount), "{}: proposal ids drawn", ctx);
+                    prop_assert_eq!(
+                        issued.len(),
+                        usize::from(device_amount),
+                        "{}: proposal ids drawn",
+                        ctx
+                    );
                     for e in by_field.values() {
-                        rep.model.apply(e, base, rep.authority, issued.first().copied());
+                        rep.model
+                            .apply(e, base, rep.authority, issued.first().copied());
                     }
                     if update_wins {
                         rep.model.deleted_local = false;
@@ -699,7 +949,9 @@ fn run_steps(rep: &mut Replica, steps: &[Step], ws: &Workspace, auth_kp: &ed2551
 
 /// Raw Automerge: a device that writes fake confirmations of `amount` on top of `bytes`.
 fn forge(bytes: &[u8], forger: &ed25519::Keypair, ws: &Workspace) -> Vec<u8> {
-    let mut doc = AutoCommit::load(bytes).expect("load").with_actor(ActorId::from(peer_of(forger).to_bytes()));
+    let mut doc = AutoCommit::load(bytes)
+        .expect("load")
+        .with_actor(ActorId::from(peer_of(forger).to_bytes()));
     let heads = doc.get_heads();
     let auth = match doc.get(ROOT, "_auth").expect("get") {
         Some((Value::Object(ObjType::Map), o)) => o,
@@ -721,14 +973,34 @@ fn forge(bytes: &[u8], forger: &ed25519::Keypair, ws: &Workspace) -> Vec<u8> {
     genuine.sort_by_key(|c| c.seq);
     let top = genuine.last().map(|c| c.seq).unwrap_or(0);
     let mut put = |seq: u64, c: &Confirmation| {
-        doc.put(&per, seq_key(seq), serde_json::to_string(c).expect("json")).expect("put");
+        doc.put(&per, seq_key(seq), serde_json::to_string(c).expect("json"))
+            .expect("put");
     };
     // 1. Signed with the forger's key, at the next seqs and far ahead.
     for seq in [top + 1, top + 2, top + 1000] {
-        put(seq, &Confirmation::sign(forger, ws.id, entity_id(), "amount", seq, json!(FORGED), None));
+        put(
+            seq,
+            &Confirmation::sign(
+                forger,
+                ws.id,
+                entity_id(),
+                "amount",
+                seq,
+                json!(FORGED),
+                None,
+            ),
+        );
     }
     // 2. Junk signature.
-    put(top + 3, &Confirmation { seq: top + 3, value: json!(FORGED), accepts: None, sig: "00".repeat(64) });
+    put(
+        top + 3,
+        &Confirmation {
+            seq: top + 3,
+            value: json!(FORGED),
+            accepts: None,
+            sig: "00".repeat(64),
+        },
+    );
     if let Some(c) = genuine.last() {
         // 3. A genuine record with its value changed, moved to a fresh seq.
         let mut t = c.clone();
@@ -772,24 +1044,77 @@ fn state_of(e: &mut Entity, ws: &Workspace) -> Result<fieldsync_core::Derived, T
 }
 
 /// All targets agree on heads, view, conflicts and proposals, which match `exp`.
-fn check_all(stage: &str, targets: &mut [(String, Entity)], ws: &Workspace, exp: &Expected) -> Result<Map<String, Json>, TestCaseError> {
+fn check_all(
+    stage: &str,
+    targets: &mut [(String, Entity)],
+    ws: &Workspace,
+    exp: &Expected,
+) -> Result<Map<String, Json>, TestCaseError> {
     let (first_name, first) = &mut targets[0];
     let first_name = first_name.clone();
     let heads = first.heads();
-    let fieldsync_core::Derived { view, conflicts, proposals, .. } = state_of(first, ws)?;
-    check(&format!("{stage} {first_name}"), &view, &conflicts, &proposals, exp)?;
+    let fieldsync_core::Derived {
+        view,
+        conflicts,
+        proposals,
+        ..
+    } = state_of(first, ws)?;
+    check(
+        &format!("{stage} {first_name}"),
+        &view,
+        &conflicts,
+        &proposals,
+        exp,
+    )?;
     for (name, e) in targets.iter_mut().skip(1) {
-        prop_assert_eq!(e.heads(), heads.clone(), "{} {}: heads differ from {}", stage, name, first_name);
-        let fieldsync_core::Derived { view: v, conflicts: c, proposals: p, .. } = state_of(e, ws)?;
-        prop_assert_eq!(&v, &view, "{} {}: view differs from {}", stage, name, first_name);
-        prop_assert_eq!(&c, &conflicts, "{} {}: conflicts differ from {}", stage, name, first_name);
-        prop_assert_eq!(&p, &proposals, "{} {}: proposals differ from {}", stage, name, first_name);
+        prop_assert_eq!(
+            e.heads(),
+            heads.clone(),
+            "{} {}: heads differ from {}",
+            stage,
+            name,
+            first_name
+        );
+        let fieldsync_core::Derived {
+            view: v,
+            conflicts: c,
+            proposals: p,
+            ..
+        } = state_of(e, ws)?;
+        prop_assert_eq!(
+            &v,
+            &view,
+            "{} {}: view differs from {}",
+            stage,
+            name,
+            first_name
+        );
+        prop_assert_eq!(
+            &c,
+            &conflicts,
+            "{} {}: conflicts differ from {}",
+            stage,
+            name,
+            first_name
+        );
+        prop_assert_eq!(
+            &p,
+            &proposals,
+            "{} {}: proposals differ from {}",
+            stage,
+            name,
+            first_name
+        );
     }
     Ok(view)
 }
 
 fn config() -> ProptestConfig {
-    ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() }
+    ProptestConfig {
+        cases: 64,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -808,7 +1133,11 @@ fn run(case: Case) -> Result<(), TestCaseError> {
     for (i, steps) in case.replicas.iter().enumerate() {
         let authority = i == 0 && case.authority_replica;
         let mut rep = Replica {
-            kp: if authority { auth_kp.clone() } else { keypair(1 + i as u8) },
+            kp: if authority {
+                auth_kp.clone()
+            } else {
+                keypair(1 + i as u8)
+            },
             user: format!("replica{i}"),
             authority,
             tag: 1 + i as u8,
@@ -819,11 +1148,27 @@ fn run(case: Case) -> Result<(), TestCaseError> {
             incr: vec![],
             whole: vec![],
         };
-        prop_assert!(rep.entity.save_incremental().is_empty(), "a loaded entity has nothing new");
-        run_steps(&mut rep, steps, &ws, &auth_kp, coll, &base, case.update_wins)?;
+        prop_assert!(
+            rep.entity.save_incremental().is_empty(),
+            "a loaded entity has nothing new"
+        );
+        run_steps(
+            &mut rep,
+            steps,
+            &ws,
+            &auth_kp,
+            coll,
+            &base,
+            case.update_wins,
+        )?;
         // Alone, a replica shows its own writes under the same rules.
         let own = expect(&base, &[&rep.model], case.update_wins);
-        let fieldsync_core::Derived { view: v, conflicts: c, proposals: p, .. } = state_of(&mut rep.entity, &ws)?;
+        let fieldsync_core::Derived {
+            view: v,
+            conflicts: c,
+            proposals: p,
+            ..
+        } = state_of(&mut rep.entity, &ws)?;
         check(&format!("{} alone", rep.user), &v, &c, &p, &own)?;
         reps.push(rep);
     }
@@ -838,7 +1183,11 @@ fn run(case: Case) -> Result<(), TestCaseError> {
     let exp = expect(&base, &models, case.update_wins);
 
     // Every replica takes in everyone's changes; fresh copies of the base too.
-    let plans: Vec<Vec<Vec<u8>>> = case.plans.iter().map(|p| deliveries(p, &reps, &forged)).collect();
+    let plans: Vec<Vec<Vec<u8>>> = case
+        .plans
+        .iter()
+        .map(|p| deliveries(p, &reps, &forged))
+        .collect();
     let mut targets: Vec<(String, Entity)> = Vec::new();
     for (i, plan) in plans.iter().enumerate().skip(4) {
         let mut e = load()?;
@@ -855,12 +1204,20 @@ fn run(case: Case) -> Result<(), TestCaseError> {
     }
     forged.iter().rev().for_each(|f| blob.extend(f));
     let mut grouped = load()?;
-    prop_assert!(grouped.merge_bytes(&blob).map_err(|e| fail("merge blob", e))?, "the blob brings changes");
+    prop_assert!(
+        grouped
+            .merge_bytes(&blob)
+            .map_err(|e| fail("merge blob", e))?,
+        "the blob brings changes"
+    );
     targets.push(("grouped".into(), grouped));
     // Loaded: the base snapshot plus every incremental save, as storage would.
     let mut appended: Vec<Vec<u8>> = reps.iter().map(|r| r.incr.clone()).collect();
     appended.extend(forged.iter().cloned());
-    targets.push(("loaded".into(), Entity::load(id, &base_bytes, &appended).map_err(|e| fail("load with changes", e))?));
+    targets.push((
+        "loaded".into(),
+        Entity::load(id, &base_bytes, &appended).map_err(|e| fail("load with changes", e))?,
+    ));
     for (i, rep) in reps.into_iter().enumerate() {
         let mut e = rep.entity;
         for chunk in &plans[i] {
@@ -876,27 +1233,62 @@ fn run(case: Case) -> Result<(), TestCaseError> {
     let (_, settler) = &mut targets[0];
     settler.save_incremental();
     if !exp.proposals.is_empty() {
-        let (pick, value) = exp.proposals[usize::from(case.accept_pick) % exp.proposals.len()].clone();
-        let w = Writer { peer: peer_of(&auth_kp), user: "office", now_ms: 2, authority_key: Some(&auth_kp) };
-        let device = Writer { authority_key: None, ..w.clone() };
-        prop_assert!(matches!(settler.accept(&ws, &device, pick, "accept"), Err(Error::NotAuthority)), "a device cannot accept");
-        settler.accept(&ws, &w, pick, "accept").map_err(|e| fail("accept", e))?;
+        let (pick, value) =
+            exp.proposals[usize::from(case.accept_pick) % exp.proposals.len()].clone();
+        let w = Writer {
+            peer: peer_of(&auth_kp),
+            user: "office",
+            now_ms: 2,
+            authority_key: Some(&auth_kp),
+        };
+        let device = Writer {
+            authority_key: None,
+            ..w.clone()
+        };
+        prop_assert!(
+            matches!(
+                settler.accept(&ws, &device, pick, "accept"),
+                Err(Error::NotAuthority)
+            ),
+            "a device cannot accept"
+        );
+        settler
+            .accept(&ws, &w, pick, "accept")
+            .map_err(|e| fail("accept", e))?;
         exp2.amount = Some(value.clone()).filter(|v| !v.is_null());
         // Settled: the accepted one, older ones, and any equal to the confirmed value.
         exp2.proposals.retain(|(id, v)| *id > pick && *v != value);
     }
-    let start_conflict = settler.conflicts(&ws).into_iter().find(|c| c.field == "start");
+    let start_conflict = settler
+        .conflicts(&ws)
+        .into_iter()
+        .find(|c| c.field == "start");
     prop_assert_eq!(start_conflict.is_some(), exp.regs["start"].len() >= 2);
     if let Some(c) = start_conflict {
         let to = start_val(case.resolve_to);
         let resolver = keypair(0xD0);
-        let w = Writer { peer: peer_of(&resolver), user: "resolver", now_ms: 3, authority_key: None };
+        let w = Writer {
+            peer: peer_of(&resolver),
+            user: "resolver",
+            now_ms: 3,
+            authority_key: None,
+        };
         let res = settler.resolve(&ws, &w, &c.id, &to);
         if exp.deleted && !case.update_wins {
-            prop_assert!(matches!(res, Err(Error::Deleted(_))), "resolving on a deleted delete_wins entity gave {:?}", res);
+            prop_assert!(
+                matches!(res, Err(Error::Deleted(_))),
+                "resolving on a deleted delete_wins entity gave {:?}",
+                res
+            );
         } else {
             res.map_err(|e| fail("resolve", e))?;
-            prop_assert!(matches!(settler.resolve(&ws, &w, &c.id, &to), Err(Error::NotFound(_))), "a resolved conflict is gone");
+            prop_assert!(
+                matches!(
+                    settler.resolve(&ws, &w, &c.id, &to),
+                    Err(Error::NotFound(_))
+                ),
+                "a resolved conflict is gone"
+            );
             exp2.regs.insert("start", vec![to]);
             // Resolving writes the entity, which revives an update_wins one.
             exp2.deleted = false;
@@ -908,8 +1300,18 @@ fn run(case: Case) -> Result<(), TestCaseError> {
         return Ok(());
     }
     for (name, e) in targets.iter_mut().skip(1) {
-        prop_assert!(e.merge_bytes(&delta).map_err(|err| fail("merge delta", err))?, "{}: the settlement is new", name);
-        prop_assert!(!e.merge_bytes(&delta).map_err(|err| fail("merge delta", err))?, "{}: merging twice changes nothing", name);
+        prop_assert!(
+            e.merge_bytes(&delta)
+                .map_err(|err| fail("merge delta", err))?,
+            "{}: the settlement is new",
+            name
+        );
+        prop_assert!(
+            !e.merge_bytes(&delta)
+                .map_err(|err| fail("merge delta", err))?,
+            "{}: merging twice changes nothing",
+            name
+        );
     }
     check_all("settled", &mut targets, &ws, &exp2)?;
     Ok(())
@@ -985,7 +1387,11 @@ proptest! {
 }
 
 fn set_edit() -> impl Strategy<Value = Edit> {
-    prop_oneof![elems().prop_map(Edit::Add), elems().prop_map(Edit::Remove), elems().prop_map(Edit::Tags)]
+    prop_oneof![
+        elems().prop_map(Edit::Add),
+        elems().prop_map(Edit::Remove),
+        elems().prop_map(Edit::Tags)
+    ]
 }
 
 proptest! {

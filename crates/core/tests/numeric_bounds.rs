@@ -12,7 +12,17 @@ const SCHEMA: &str = "[collections.items.fields]\nstock = { rule = \"counter\" }
 
 fn near_bounds() -> impl Strategy<Value = i64> {
     const S: i64 = SAFE as i64;
-    prop_oneof![Just(S), Just(-S), Just(0), (S - 3)..=(S + 3), (-S - 3)..=(-S + 3), -3i64..=3, Just(i64::MAX), Just(i64::MIN), -S..=S]
+    prop_oneof![
+        Just(S),
+        Just(-S),
+        Just(0),
+        (S - 3)..=(S + 3),
+        (-S - 3)..=(-S + 3),
+        -3i64..=3,
+        Just(i64::MAX),
+        Just(i64::MIN),
+        -S..=S
+    ]
 }
 
 proptest! {

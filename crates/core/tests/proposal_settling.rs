@@ -11,19 +11,49 @@ fn peer(k: &ed25519::Keypair) -> fieldsync_core::PeerId {
 #[test]
 fn an_older_proposal_arriving_after_a_newer_acceptance_stays_settled() {
     let office = ed25519::Keypair::generate();
-    let schema = Schema::from_toml("[collections.payments.fields]\namount = { rule = \"authority\" }").unwrap();
-    let ws = Workspace { id: WorkspaceId(uuid::Uuid::from_u128(1)), schema, authority: office.public() };
+    let schema =
+        Schema::from_toml("[collections.payments.fields]\namount = { rule = \"authority\" }")
+            .unwrap();
+    let ws = Workspace {
+        id: WorkspaceId(uuid::Uuid::from_u128(1)),
+        schema,
+        authority: office.public(),
+    };
     let coll = ws.schema.collection("payments").unwrap();
     let (d1, d2) = (ed25519::Keypair::generate(), ed25519::Keypair::generate());
     let id = EntityId(uuid::Uuid::from_u128(9));
-    let w_office = Writer { peer: peer(&office), user: "office", now_ms: 1, authority_key: Some(&office) };
-    let mut base = Entity::create(&ws, id, "payments", &w_office, &Patch::parse(coll, "{}").unwrap(), &mut || ProposalId(uuid::Uuid::nil())).unwrap();
+    let w_office = Writer {
+        peer: peer(&office),
+        user: "office",
+        now_ms: 1,
+        authority_key: Some(&office),
+    };
+    let mut base = Entity::create(
+        &ws,
+        id,
+        "payments",
+        &w_office,
+        &Patch::parse(coll, "{}").unwrap(),
+        &mut || ProposalId(uuid::Uuid::nil()),
+    )
+    .unwrap();
     let base = base.save();
 
     let propose = |k: &ed25519::Keypair, amount: u32, pid: u128| {
         let mut e = Entity::load(id, &base, &[]).unwrap();
-        let w = Writer { peer: peer(k), user: "dev", now_ms: 2, authority_key: None };
-        e.update(&ws, &w, &Patch::parse(coll, &format!("{{\"amount\":{amount}}}")).unwrap(), &mut || ProposalId(uuid::Uuid::from_u128(pid))).unwrap();
+        let w = Writer {
+            peer: peer(k),
+            user: "dev",
+            now_ms: 2,
+            authority_key: None,
+        };
+        e.update(
+            &ws,
+            &w,
+            &Patch::parse(coll, &format!("{{\"amount\":{amount}}}")).unwrap(),
+            &mut || ProposalId(uuid::Uuid::from_u128(pid)),
+        )
+        .unwrap();
         e.save_incremental()
     };
     let older = propose(&d1, 1, 100);
@@ -31,7 +61,13 @@ fn an_older_proposal_arriving_after_a_newer_acceptance_stays_settled() {
 
     let mut hq = Entity::load(id, &base, &[]).unwrap();
     hq.merge_bytes(&newer).unwrap();
-    hq.accept(&ws, &w_office, ProposalId(uuid::Uuid::from_u128(200)), "accept").unwrap();
+    hq.accept(
+        &ws,
+        &w_office,
+        ProposalId(uuid::Uuid::from_u128(200)),
+        "accept",
+    )
+    .unwrap();
     hq.merge_bytes(&older).unwrap();
     let d = hq.derive(&ws).unwrap();
     assert_eq!(d.view["amount"], 2);

@@ -59,7 +59,13 @@ into = ["first", "last"]
 separator = " "
 "#;
 
-const IDS: [&str; 5] = ["stock2-from-legacy", "tags-from-legacy", "notes-from-legacy", "progress-5", "split-name"];
+const IDS: [&str; 5] = [
+    "stock2-from-legacy",
+    "tags-from-legacy",
+    "notes-from-legacy",
+    "progress-5",
+    "split-name",
+];
 
 fn v2() -> String {
     format!("{}stock2   = {{ rule = \"counter\" }}\n{MIGRATIONS}", V1)
@@ -76,13 +82,20 @@ fn peer(seed: u8) -> PeerId {
 fn workspace(schema: &str, version: u64) -> Workspace {
     Workspace {
         id: WorkspaceId(Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0001)),
-        schema: Schema::from_toml(schema).expect("schema").with_version(version),
+        schema: Schema::from_toml(schema)
+            .expect("schema")
+            .with_version(version),
         authority: keypair(200).public(),
     }
 }
 
 fn writer(seed: u8, now_ms: i64) -> Writer<'static> {
-    Writer { peer: peer(seed), user: "u", now_ms, authority_key: None }
+    Writer {
+        peer: peer(seed),
+        user: "u",
+        now_ms,
+        authority_key: None,
+    }
 }
 
 fn id() -> EntityId {
@@ -95,8 +108,19 @@ fn patch(ws: &Workspace, json: Json) -> Patch {
 
 /// The entity as version 1 created it: legacy values the migrations read.
 fn base(ws1: &Workspace) -> Vec<u8> {
-    let p = patch(ws1, json!({"legacy_stock": 10, "legacy_tag": "red", "legacy_note": "rich-text", "name": "Ada Lovelace"}));
-    let mut e = Entity::create(ws1, id(), "items", &writer(1, 1_000), &p, &mut || unreachable!()).expect("create");
+    let p = patch(
+        ws1,
+        json!({"legacy_stock": 10, "legacy_tag": "red", "legacy_note": "rich-text", "name": "Ada Lovelace"}),
+    );
+    let mut e = Entity::create(
+        ws1,
+        id(),
+        "items",
+        &writer(1, 1_000),
+        &p,
+        &mut || unreachable!(),
+    )
+    .expect("create");
     e.save()
 }
 
@@ -134,7 +158,10 @@ fn scenario() -> impl Strategy<Value = (usize, Vec<Action>)> {
 }
 
 fn migrate_changes(e: &mut Entity, ws: &Workspace, id: &str) -> usize {
-    e.history(ws).iter().filter(|h| h.kind == "migrate" && h.op.as_deref() == Some(id)).count()
+    e.history(ws)
+        .iter()
+        .filter(|h| h.kind == "migrate" && h.op.as_deref() == Some(id))
+        .count()
 }
 
 proptest! {
@@ -239,7 +266,13 @@ fn a_split_computed_from_a_newer_source_wins_and_the_stale_one_stays_hidden() {
     let (mut a, mut b) = (load(&bytes), load(&bytes));
     // A migrates the old name; B, not having seen that, renames the person, then migrates.
     assert_eq!(a.migrate(&ws2).unwrap(), 5);
-    b.update(&ws1, &writer(2, 5_000), &patch(&ws1, json!({"name": "Grace Hopper"})), &mut || unreachable!()).unwrap();
+    b.update(
+        &ws1,
+        &writer(2, 5_000),
+        &patch(&ws1, json!({"name": "Grace Hopper"})),
+        &mut || unreachable!(),
+    )
+    .unwrap();
     assert_eq!(b.migrate(&ws2).unwrap(), 5);
     assert_eq!(b.view(&ws2).unwrap()["first"], "Grace");
     let (sa, sb) = (a.save(), b.save());
@@ -247,7 +280,11 @@ fn a_split_computed_from_a_newer_source_wins_and_the_stale_one_stays_hidden() {
     b.merge_bytes(&sa).unwrap();
     assert_eq!(a.heads(), b.heads());
     let v = a.view(&ws2).unwrap();
-    assert_eq!((v["first"].clone(), v["last"].clone()), (json!("Grace"), json!("Hopper")), "{v:?}");
+    assert_eq!(
+        (v["first"].clone(), v["last"].clone()),
+        (json!("Grace"), json!("Hopper")),
+        "{v:?}"
+    );
     assert_eq!(v, b.view(&ws2).unwrap());
     // Two split changes (different sources), one view; the four source-free ones are shared.
     assert_eq!(migrate_changes(&mut a, &ws2, "split-name"), 2);
@@ -255,7 +292,13 @@ fn a_split_computed_from_a_newer_source_wins_and_the_stale_one_stays_hidden() {
     assert_eq!(v["notes"], "rich-text");
     assert_eq!(v["stock2"], 10);
     // The two splits' values are settled by the rule, never an open conflict.
-    assert!(a.conflicts(&ws2).iter().all(|c| c.state == fieldsync_core::ConflictState::Auto), "{:?}", a.conflicts(&ws2));
+    assert!(
+        a.conflicts(&ws2)
+            .iter()
+            .all(|c| c.state == fieldsync_core::ConflictState::Auto),
+        "{:?}",
+        a.conflicts(&ws2)
+    );
     assert!(!v.contains_key("_conflicts"));
 }
 
@@ -267,7 +310,13 @@ fn writing_the_same_copy_without_a_migration_doubles_the_text() {
     let bytes = base(&ws1);
     let (mut a, mut b) = (load(&bytes), load(&bytes));
     for (e, seed) in [(&mut a, 2), (&mut b, 3)] {
-        e.update(&ws1, &writer(seed, 5_000), &patch(&ws1, json!({"notes": "rich-text"})), &mut || unreachable!()).unwrap();
+        e.update(
+            &ws1,
+            &writer(seed, 5_000),
+            &patch(&ws1, json!({"notes": "rich-text"})),
+            &mut || unreachable!(),
+        )
+        .unwrap();
     }
     a.merge_bytes(&b.save()).unwrap();
     assert_eq!(a.view(&ws1).unwrap()["notes"], "rich-textrich-text");
@@ -289,5 +338,11 @@ fn migrations_are_checked_when_the_schema_is_read() {
         assert!(err.contains(needle), "{bad}: {err}");
     }
     let s = Schema::from_toml(&v2()).unwrap();
-    assert_eq!(s.migrations.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), IDS);
+    assert_eq!(
+        s.migrations
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect::<Vec<_>>(),
+        IDS
+    );
 }

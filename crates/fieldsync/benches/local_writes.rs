@@ -37,7 +37,14 @@ fn ten_fields(i: usize) -> String {
 
 fn new_replica(dir: &std::path::Path, encrypted: bool) -> Replica {
     let secret = encrypted.then(|| fieldsync::Secret::KeyFile(vec![42; 32]));
-    Replica::init_authority_with(&dir.join("n"), SCHEMA, "bench", libp2p_identity::ed25519::Keypair::generate(), secret.as_ref()).expect("init")
+    Replica::init_authority_with(
+        &dir.join("n"),
+        SCHEMA,
+        "bench",
+        libp2p_identity::ed25519::Keypair::generate(),
+        secret.as_ref(),
+    )
+    .expect("init")
 }
 
 fn writes_per_second(writers: usize, seconds: f64, encrypted: bool) -> (f64, u64) {
@@ -54,8 +61,16 @@ fn writes_per_second(writers: usize, seconds: f64, encrypted: bool) -> (f64, u64
                 let mut ids = Vec::new();
                 let mut i = 0usize;
                 while Instant::now() < deadline {
-                    let target = if ids.len() < 8 { None } else { Some(ids[i % ids.len()]) };
-                    let patch = if target.is_none() { ten_fields(w * 1_000_000 + i) } else { format!(r#"{{"progress":{}}}"#, i % 100) };
+                    let target = if ids.len() < 8 {
+                        None
+                    } else {
+                        Some(ids[i % ids.len()])
+                    };
+                    let patch = if target.is_none() {
+                        ten_fields(w * 1_000_000 + i)
+                    } else {
+                        format!(r#"{{"progress":{}}}"#, i % 100)
+                    };
                     let id = replica.put("tasks", target, &patch).expect("put");
                     if target.is_none() {
                         ids.push(id);
@@ -77,7 +92,9 @@ fn bulk_import(n: usize, encrypted: bool) -> (f64, f64) {
     let replica = new_replica(tmp.path(), encrypted);
     let text: String = (0..n).map(|i| ten_fields(i) + "\n").collect();
     let start = Instant::now();
-    let imported = replica.bulk_import("tasks", &text, &mut |_, _| {}).expect("import");
+    let imported = replica
+        .bulk_import("tasks", &text, &mut |_, _| {})
+        .expect("import");
     let secs = start.elapsed().as_secs_f64();
     assert_eq!(imported, n);
     (n as f64 / secs, secs)
@@ -88,15 +105,30 @@ fn bulk_import(n: usize, encrypted: bool) -> (f64, f64) {
 fn first_sync(authority: &Replica, bundle: &[u8], encrypted: bool) -> f64 {
     let tmp = tempfile::tempdir().expect("tempdir");
     let secret = encrypted.then(|| fieldsync::Secret::KeyFile(vec![42; 32]));
-    let device = Replica::init_join_with(&tmp.path().join("d"), &authority.invite(), "dev", libp2p_identity::ed25519::Keypair::generate(), secret.as_ref()).expect("join");
+    let device = Replica::init_join_with(
+        &tmp.path().join("d"),
+        &authority.invite(),
+        "dev",
+        libp2p_identity::ed25519::Keypair::generate(),
+        secret.as_ref(),
+    )
+    .expect("join");
     let start = Instant::now();
-    device.import_bundle(bundle, &mut |_, _| {}).expect("import bundle");
+    device
+        .import_bundle(bundle, &mut |_, _| {})
+        .expect("import bundle");
     start.elapsed().as_secs_f64()
 }
 
 fn main() {
-    let seconds: f64 = std::env::var("BENCH_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3.0);
-    let entities: usize = std::env::var("BENCH_ENTITIES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let seconds: f64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3.0);
+    let entities: usize = std::env::var("BENCH_ENTITIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
     // `cargo bench` passes --bench; ignore arguments.
     println!("| benchmark | result | target |");
     println!("|---|---|---|");
@@ -106,7 +138,13 @@ fn main() {
             let (rate, n) = writes_per_second(writers, seconds, encrypted);
             println!("| acknowledged single-entity writes, {writers} writers{store} | {rate:.0} writes/s ({n} in {seconds}s) | ≥ 5,000/s |");
             // Rows for scripts/bench-report: the target is for concurrent writers (shared flushes).
-            let meets = if writers == 1 { "—" } else if rate >= 5000.0 { "yes" } else { "**no**" };
+            let meets = if writers == 1 {
+                "—"
+            } else if rate >= 5000.0 {
+                "yes"
+            } else {
+                "**no**"
+            };
             println!("report: | local acknowledged (durable) writes, {writers} writer(s){store} | {rate:.0} writes/s | {} | {meets} |", if writers == 1 { "" } else { "≥ 5,000/s" });
         }
         let (rate, secs) = bulk_import(entities, encrypted);
@@ -117,8 +155,13 @@ fn main() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let authority = new_replica(tmp.path(), false);
     let text: String = (0..entities).map(|i| ten_fields(i) + "\n").collect();
-    authority.bulk_import("tasks", &text, &mut |_, _| {}).expect("import");
-    let bundle = authority.export_bundle(None, &mut |_, _| {}).expect("export").bytes;
+    authority
+        .bulk_import("tasks", &text, &mut |_, _| {})
+        .expect("import");
+    let bundle = authority
+        .export_bundle(None, &mut |_, _| {})
+        .expect("export")
+        .bytes;
     for encrypted in [false, true] {
         let store = if encrypted { ", encrypted store" } else { "" };
         let secs = first_sync(&authority, &bundle, encrypted);

@@ -14,7 +14,11 @@ pub(crate) struct DocCache {
 impl DocCache {
     pub(crate) fn new(capacity: usize) -> Self {
         // No entry-count limit: `put` evicts by estimated bytes, which bounds the cache.
-        DocCache { lru: lru::LruCache::unbounded(), bytes: 0, capacity }
+        DocCache {
+            lru: lru::LruCache::unbounded(),
+            bytes: 0,
+            capacity,
+        }
     }
 
     /// Takes an entity out (the caller puts it back with [`Self::put`] when done).
@@ -69,11 +73,17 @@ pub struct MemoryOptions {
 
 impl MemoryOptions {
     /// The defaults: 32 MiB of documents, 32 MiB of store cache.
-    pub const DEFAULT: MemoryOptions = MemoryOptions { doc_cache_bytes: 32 << 20, store_cache_bytes: 32 << 20 };
+    pub const DEFAULT: MemoryOptions = MemoryOptions {
+        doc_cache_bytes: 32 << 20,
+        store_cache_bytes: 32 << 20,
+    };
 
     /// Both caches from MiB figures (`--cache-mb`, `--store-cache-mb`).
     pub fn from_mib(doc_cache_mib: u64, store_cache_mib: u64) -> Self {
-        MemoryOptions { doc_cache_bytes: (doc_cache_mib << 20) as usize, store_cache_bytes: store_cache_mib << 20 }
+        MemoryOptions {
+            doc_cache_bytes: (doc_cache_mib << 20) as usize,
+            store_cache_bytes: store_cache_mib << 20,
+        }
     }
 }
 

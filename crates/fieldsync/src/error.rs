@@ -29,10 +29,17 @@ pub enum Error {
     AlreadyInitialized(PathBuf),
     /// No entity with this id in this collection.
     #[error("no entity {id} in collection {collection:?}")]
-    EntityNotFound { collection: String, id: fieldsync_core::EntityId },
+    EntityNotFound {
+        collection: String,
+        id: fieldsync_core::EntityId,
+    },
     /// The entity exists in another collection.
     #[error("entity {id} belongs to collection {actual:?}, not {asked:?}")]
-    WrongCollection { id: fieldsync_core::EntityId, actual: String, asked: String },
+    WrongCollection {
+        id: fieldsync_core::EntityId,
+        actual: String,
+        asked: String,
+    },
     /// A bundle written for another workspace.
     #[error("the bundle is from workspace {theirs}, this node is in workspace {ours}; nothing was imported")]
     ForeignWorkspace { theirs: String, ours: String },
@@ -44,7 +51,10 @@ pub enum Error {
     SchemaRefused(String),
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
-    File { path: PathBuf, source: std::io::Error },
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// Refused by the workspace's membership rules (not a member, revoked, outside the
     /// member's partitions).
     #[error("refused: {0}")]
@@ -62,9 +72,16 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         use fieldsync_core::Error as C;
         match self {
-            Error::Core(C::NotFound(_) | C::Deleted(_)) | Error::EntityNotFound { .. } => ErrorKind::NotFound,
-            Error::Store(fieldsync_store::Error::KeyNeeded(_) | fieldsync_store::Error::WrongKey(_)) => ErrorKind::Invalid,
-            Error::Core(C::Document(_)) | Error::Store(_) | Error::File { .. } | Error::CorruptMeta(_) => ErrorKind::Runtime,
+            Error::Core(C::NotFound(_) | C::Deleted(_)) | Error::EntityNotFound { .. } => {
+                ErrorKind::NotFound
+            }
+            Error::Store(
+                fieldsync_store::Error::KeyNeeded(_) | fieldsync_store::Error::WrongKey(_),
+            ) => ErrorKind::Invalid,
+            Error::Core(C::Document(_))
+            | Error::Store(_)
+            | Error::File { .. }
+            | Error::CorruptMeta(_) => ErrorKind::Runtime,
             Error::Core(_)
             | Error::NotInitialized(_)
             | Error::AlreadyInitialized(_)
@@ -78,6 +95,9 @@ impl Error {
     }
 
     pub(crate) fn file(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-        move |source| Error::File { path: path.to_owned(), source }
+        move |source| Error::File {
+            path: path.to_owned(),
+            source,
+        }
     }
 }

@@ -27,14 +27,16 @@ mod schemas;
 pub mod sync_host;
 mod transfer;
 
+pub use cache::MemoryOptions;
 pub use error::{Error, ErrorKind};
 pub use fieldsync_core as core;
+pub use fieldsync_core::{
+    Applied, Conflict, ConflictId, EntityId, HistoryEntry, OpId, PeerId, Proposal, ProposalId, View,
+};
+pub use fieldsync_store::{generate_key_file, KeyKind, Secret, MAX_KEY_FILE_BYTES};
 /// The sans-IO sync engine (its own crate); [`sync_host`] runs its storage tasks here.
 pub use fieldsync_sync as sync;
-pub use fieldsync_core::{Applied, Conflict, ConflictId, EntityId, HistoryEntry, OpId, PeerId, Proposal, ProposalId, View};
-pub use cache::MemoryOptions;
-pub use replica::{Clock, FeedChange, Replica, Status, SystemClock};
 pub use members::{MemberInfo, Membership, PendingInvite};
+pub use replica::{Clock, FeedChange, Replica, Status, SystemClock};
 pub use schemas::{RecomputeProgress, SchemaDiff, SchemaInfo, SchemaPushed};
 pub use transfer::{ExportedBundle, ImportSummary};
-pub use fieldsync_store::{generate_key_file, KeyKind, Secret, MAX_KEY_FILE_BYTES};

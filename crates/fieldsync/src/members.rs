@@ -6,10 +6,13 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use fieldsync_core::membership::{check_write, member_entity_id, Admission, Credential, Facts, Grant, InviteToken, MemberList, MemberRecord, MemberRole, MembershipState, MEMBERS, RECORD};
+use fieldsync_core::membership::{
+    check_write, member_entity_id, Admission, Credential, Facts, Grant, InviteToken, MemberList,
+    MemberRecord, MemberRole, MembershipState, MEMBERS, RECORD,
+};
 use fieldsync_core::workspace::{HeldInvite, Invite};
-use libp2p_identity::ed25519;
 use fieldsync_core::{Access, Entity, EntityId, Patch, PeerId};
+use libp2p_identity::ed25519;
 
 use crate::replica::{Replica, META_INVITE_SECRET, META_INVITE_TOKEN};
 use crate::Error;
@@ -21,7 +24,6 @@ const META_SEEN: &str = "seen/";
 /// Per invite the authority issued: what it grants, and whether it was cancelled
 /// (`invites/<id>`).
 const META_INVITES: &str = "invites/";
-
 
 /// Where this node stands in its workspace, and why (`status` → `membership`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -39,7 +41,12 @@ pub struct Membership {
 
 impl Membership {
     fn active() -> Self {
-        Membership { state: MembershipState::Active, reason: None, by: None, at_ms: None }
+        Membership {
+            state: MembershipState::Active,
+            reason: None,
+            by: None,
+            at_ms: None,
+        }
     }
 
     /// What a write on a node that will not sync should warn about; `None` when active.
@@ -49,8 +56,14 @@ impl Membership {
             MembershipState::Revoked => "revoked",
             MembershipState::Refused => "refused",
         };
-        let why = self.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
-        Some(format!("this device's membership is {state}{why}: the write is kept here but will not sync"))
+        let why = self
+            .reason
+            .as_deref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default();
+        Some(format!(
+            "this device's membership is {state}{why}: the write is kept here but will not sync"
+        ))
     }
 }
 
@@ -84,31 +97,69 @@ struct Seen {
     last_seen_ms: Option<i64>,
 }
 
-
 impl Replica {
     /// Issues a one-time invite (JSON) for a device of `user`, valid for `ttl_ms`.
-    pub fn issue_invite(&self, user: &str, role: MemberRole, partitions: BTreeMap<String, Access>, ttl_ms: i64) -> Result<Vec<u8>, Error> {
+    pub fn issue_invite(
+        &self,
+        user: &str,
+        role: MemberRole,
+        partitions: BTreeMap<String, Access>,
+        ttl_ms: i64,
+    ) -> Result<Vec<u8>, Error> {
         if !self.authority {
             return Err(Error::AuthorityOnly("issue invites"));
         }
-        let grant = Grant { user: user.to_owned(), role, partitions };
+        let grant = Grant {
+            user: user.to_owned(),
+            role,
+            partitions,
+        };
         grant.check(&self.ws().schema)?;
         let expires = self.now_ms().saturating_add(ttl_ms.max(0));
         // The invite's one-time key: its secret goes only into the invite, so the token
         // alone (what a Hello shows) admits nobody.
         let holder = ed25519::Keypair::generate();
-        let token = InviteToken::sign(&self.key, self.new_id(), self.ws().id, grant, expires, &holder.public());
+        let token = InviteToken::sign(
+            &self.key,
+            self.new_id(),
+            self.ws().id,
+            grant,
+            expires,
+            &holder.public(),
+        );
         // Remembered so `members` lists it until it is used, and so it can be cancelled.
-        let pending = PendingInvite { id: token.id, grant: token.grant.clone(), issued_ms: self.now_ms(), expires_ms: expires, cancelled: false };
-        self.commit_durable(vec![], vec![(format!("{META_INVITES}{}", token.id), Some(serde_json::to_vec(&pending).unwrap_or_default()))])?;
-        let invite = Invite { token: Some(token), token_secret: Some(hex::encode(holder.secret().as_ref())), ..Invite::new(&self.ws()) };
+        let pending = PendingInvite {
+            id: token.id,
+            grant: token.grant.clone(),
+            issued_ms: self.now_ms(),
+            expires_ms: expires,
+            cancelled: false,
+        };
+        self.commit_durable(
+            vec![],
+            vec![(
+                format!("{META_INVITES}{}", token.id),
+                Some(serde_json::to_vec(&pending).unwrap_or_default()),
+            )],
+        )?;
+        let invite = Invite {
+            token: Some(token),
+            token_secret: Some(hex::encode(holder.secret().as_ref())),
+            ..Invite::new(&self.ws())
+        };
         Ok(serde_json::to_vec_pretty(&invite).unwrap_or_default())
     }
 
     /// An invite for a device of user `device` that sees everything, valid for a week
     /// (tests and examples; `fieldsync invite` chooses user and partitions).
     pub fn invite(&self) -> Vec<u8> {
-        self.issue_invite("device", MemberRole::Device, BTreeMap::new(), 7 * 24 * 3600 * 1000).unwrap_or_else(|_| {
+        self.issue_invite(
+            "device",
+            MemberRole::Device,
+            BTreeMap::new(),
+            7 * 24 * 3600 * 1000,
+        )
+        .unwrap_or_else(|_| {
             // A device has no key to sign with: it hands out the bare workspace.
             serde_json::to_vec_pretty(&Invite::new(&self.ws())).unwrap_or_default()
         })
@@ -127,13 +178,21 @@ impl Replica {
             .into_iter()
             .map(|record| {
                 let seen = self.seen(&record.peer)?;
-                Ok(MemberInfo { record, name: seen.name, last_seen_ms: seen.last_seen_ms })
+                Ok(MemberInfo {
+                    record,
+                    name: seen.name,
+                    last_seen_ms: seen.last_seen_ms,
+                })
             })
             .collect()
     }
 
     fn seen(&self, peer: &str) -> Result<Seen, Error> {
-        Ok(self.store.meta(&format!("{META_SEEN}{peer}"))?.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default())
+        Ok(self
+            .store
+            .meta(&format!("{META_SEEN}{peer}"))?
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default())
     }
 
     /// Notes that this node had a session with `peer` now (and its name, if it said).
@@ -145,7 +204,13 @@ impl Replica {
         }
         seen.last_seen_ms = Some(self.now_ms());
         // A hint, not data: it need not wait for the flush.
-        self.store.commit(vec![], vec![(format!("{META_SEEN}{key}"), Some(serde_json::to_vec(&seen).unwrap_or_default()))])?;
+        self.store.commit(
+            vec![],
+            vec![(
+                format!("{META_SEEN}{key}"),
+                Some(serde_json::to_vec(&seen).unwrap_or_default()),
+            )],
+        )?;
         Ok(())
     }
 
@@ -181,10 +246,16 @@ impl Replica {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or_else(|| fieldsync_core::Error::NotFound(format!("invite {id}")))?;
         if let Some(peer) = self.member_list()?.invites.get(&id) {
-            return Err(fieldsync_core::Error::Invite(format!("invite {id} was already used by {peer}; revoke that member instead")).into());
+            return Err(fieldsync_core::Error::Invite(format!(
+                "invite {id} was already used by {peer}; revoke that member instead"
+            ))
+            .into());
         }
         invite.cancelled = true;
-        self.commit_durable(vec![], vec![(key, Some(serde_json::to_vec(&invite).unwrap_or_default()))])?;
+        self.commit_durable(
+            vec![],
+            vec![(key, Some(serde_json::to_vec(&invite).unwrap_or_default()))],
+        )?;
         // The member list carries the cancelled invites: it is stale now.
         self.members_version.fetch_add(1, Ordering::AcqRel);
         Ok(invite)
@@ -198,22 +269,51 @@ impl Replica {
         }
         if self.revoked(&self.peer)?.is_some() {
             let reason = Some("the workspace authority revoked this device".to_owned());
-            return Ok(Membership { state: MembershipState::Revoked, reason, by: None, at_ms: None });
+            return Ok(Membership {
+                state: MembershipState::Revoked,
+                reason,
+                by: None,
+                at_ms: None,
+            });
         }
-        Ok(self.store.meta(META_MEMBERSHIP)?.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_else(Membership::active))
+        Ok(self
+            .store
+            .meta(META_MEMBERSHIP)?
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_else(Membership::active))
     }
 
     /// Notes that `peer` refused this node's membership.
-    pub(crate) fn note_refused_by(&self, peer: &PeerId, state: MembershipState, reason: &str) -> Result<(), Error> {
-        let m = Membership { state, reason: Some(reason.to_owned()), by: Some(peer.to_string()), at_ms: Some(self.now_ms()) };
-        self.commit_durable(vec![], vec![(META_MEMBERSHIP.to_owned(), Some(serde_json::to_vec(&m).unwrap_or_default()))])
+    pub(crate) fn note_refused_by(
+        &self,
+        peer: &PeerId,
+        state: MembershipState,
+        reason: &str,
+    ) -> Result<(), Error> {
+        let m = Membership {
+            state,
+            reason: Some(reason.to_owned()),
+            by: Some(peer.to_string()),
+            at_ms: Some(self.now_ms()),
+        };
+        self.commit_durable(
+            vec![],
+            vec![(
+                META_MEMBERSHIP.to_owned(),
+                Some(serde_json::to_vec(&m).unwrap_or_default()),
+            )],
+        )
     }
 
     /// Notes that `peer` admitted this node: a refusal by that peer, or any refusal once the
     /// authority admits it, is over.
     pub(crate) fn note_admitted_by(&self, peer: &PeerId) -> Result<(), Error> {
-        let Some(bytes) = self.store.meta(META_MEMBERSHIP)? else { return Ok(()) };
-        let by = serde_json::from_slice::<Membership>(&bytes).ok().and_then(|m| m.by);
+        let Some(bytes) = self.store.meta(META_MEMBERSHIP)? else {
+            return Ok(());
+        };
+        let by = serde_json::from_slice::<Membership>(&bytes)
+            .ok()
+            .and_then(|m| m.by);
         if *peer == self.ws().authority_peer() || by.is_none_or(|b| b == peer.to_string()) {
             self.commit_durable(vec![], vec![(META_MEMBERSHIP.to_owned(), None)])?;
         }
@@ -275,7 +375,8 @@ impl Replica {
         Ok(match self.credential()? {
             None => true,
             Some(Credential::Member { record }) => {
-                MemberRecord::from_confirmation(&record, &self.peer).is_none_or(|r| r.grant.role != MemberRole::Device)
+                MemberRecord::from_confirmation(&record, &self.peer)
+                    .is_none_or(|r| r.grant.role != MemberRole::Device)
             }
             Some(Credential::Invite { token, .. }) => token.grant.role != MemberRole::Device,
         })
@@ -295,7 +396,9 @@ impl Replica {
             return Ok(grant.clone());
         }
         let grant = match self.store.meta(META_INVITE_TOKEN)? {
-            Some(bytes) => serde_json::from_slice::<InviteToken>(&bytes).ok().map(|t| t.grant),
+            Some(bytes) => serde_json::from_slice::<InviteToken>(&bytes)
+                .ok()
+                .map(|t| t.grant),
             None => None,
         };
         Ok(self.invite_grant.get_or_init(|| grant).clone())
@@ -303,13 +406,27 @@ impl Replica {
 
     /// Checks a local write against this device's own partitions, as every peer will:
     /// `before` is the entity before the write (absent: new).
-    pub(crate) fn check_own_write(&self, before: Option<&Facts>, after: &Entity) -> Result<(), Error> {
+    pub(crate) fn check_own_write(
+        &self,
+        before: Option<&Facts>,
+        after: &Entity,
+    ) -> Result<(), Error> {
         let collection = after.collection().unwrap_or_default();
-        let Some(grant) = self.own_grant()? else { return Ok(()) };
+        let Some(grant) = self.own_grant()? else {
+            return Ok(());
+        };
         if grant.access(&self.ws().schema, &collection) == Access::All {
             return Ok(());
         }
-        check_write(&self.ws().schema, &grant, after.id(), &collection, before, &Facts::of(&self.ws(), after)).map_err(|r| Error::Refused(r.reason))
+        check_write(
+            &self.ws().schema,
+            &grant,
+            after.id(),
+            &collection,
+            before,
+            &Facts::of(&self.ws(), after),
+        )
+        .map_err(|r| Error::Refused(r.reason))
     }
 
     /// What the write check needs of `entity` before a local write, when this device's
@@ -317,14 +434,20 @@ impl Replica {
     pub(crate) fn facts_before_own_write(&self, entity: &Entity) -> Result<Option<Facts>, Error> {
         let collection = entity.collection().unwrap_or_default();
         Ok(match self.own_grant()? {
-            Some(g) if g.access(&self.ws().schema, &collection) != Access::All => Some(Facts::of(&self.ws(), entity)),
+            Some(g) if g.access(&self.ws().schema, &collection) != Access::All => {
+                Some(Facts::of(&self.ws(), entity))
+            }
             _ => None,
         })
     }
 
     /// Whether `peer` is an unrevoked admin member.
     pub(crate) fn is_admin(&self, peer: &PeerId) -> Result<bool, Error> {
-        Ok(self.member_list()?.by_peer.get(peer).is_some_and(|r| !r.revoked && r.grant.role == MemberRole::Admin))
+        Ok(self
+            .member_list()?
+            .by_peer
+            .get(peer)
+            .is_some_and(|r| !r.revoked && r.grant.role == MemberRole::Admin))
     }
 
     /// Why `peer` may no longer sync, if the member list now says it was revoked.
@@ -342,7 +465,9 @@ impl Replica {
         let record = {
             let _guard = self.lock(id);
             let entity = self.load(id)?;
-            let record = entity.as_ref().and_then(|e| e.confirmed(&self.ws(), RECORD));
+            let record = entity
+                .as_ref()
+                .and_then(|e| e.confirmed(&self.ws(), RECORD));
             if let Some(e) = entity {
                 self.cache(e);
             }
@@ -351,22 +476,35 @@ impl Replica {
         if let Some(record) = record {
             return Ok(Some(Credential::Member { record }));
         }
-        let Some(token) = self.store.meta(META_INVITE_TOKEN)? else { return Ok(None) };
-        let token = serde_json::from_slice(&token).map_err(|e| Error::CorruptMeta(format!("stored invite: {e}")))?;
-        let secret = self.store.meta(META_INVITE_SECRET)?.ok_or_else(|| Error::CorruptMeta("the stored invite has no key; join again with a new invite".into()))?;
-        let held = HeldInvite::new(token, &secret).map_err(|e| Error::CorruptMeta(format!("stored invite: {e}")))?;
+        let Some(token) = self.store.meta(META_INVITE_TOKEN)? else {
+            return Ok(None);
+        };
+        let token = serde_json::from_slice(&token)
+            .map_err(|e| Error::CorruptMeta(format!("stored invite: {e}")))?;
+        let secret = self.store.meta(META_INVITE_SECRET)?.ok_or_else(|| {
+            Error::CorruptMeta("the stored invite has no key; join again with a new invite".into())
+        })?;
+        let held = HeldInvite::new(token, &secret)
+            .map_err(|e| Error::CorruptMeta(format!("stored invite: {e}")))?;
         Ok(Some(held.credential(&self.peer)))
     }
 
     /// Whether a member with `grant` may see entity `id` of `collection`.
-    pub(crate) fn visible(&self, grant: &Grant, collection: &str, id: EntityId) -> Result<bool, Error> {
+    pub(crate) fn visible(
+        &self,
+        grant: &Grant,
+        collection: &str,
+        id: EntityId,
+    ) -> Result<bool, Error> {
         match grant.access(&self.ws().schema, collection) {
             Access::All => return Ok(true),
             Access::None => return Ok(false),
             Access::Own => {}
         }
         let _guard = self.lock(id);
-        let Some(entity) = self.load(id)? else { return Ok(false) };
+        let Some(entity) = self.load(id)? else {
+            return Ok(false);
+        };
         let owner = entity.owner(&self.ws());
         self.cache(entity);
         Ok(grant.may_see(&self.ws().schema, collection, || owner))
@@ -389,14 +527,22 @@ impl Replica {
         let mut cache = MemberList::new(self.ws(), self.authority);
         if self.authority {
             for (_, bytes) in self.store.meta_prefix(META_INVITES)? {
-                if let Some(i) = serde_json::from_slice::<PendingInvite>(&bytes).ok().filter(|i| i.cancelled) {
+                if let Some(i) = serde_json::from_slice::<PendingInvite>(&bytes)
+                    .ok()
+                    .filter(|i| i.cancelled)
+                {
                     cache.cancelled.insert(i.id);
                 }
             }
         }
         self.list(MEMBERS, &[], true, &mut |view| {
-            let record = view.get(RECORD).and_then(|v| serde_json::from_value::<MemberRecord>(v.clone()).ok());
-            let id = view.get("_id").and_then(|v| v.as_str()).and_then(|s| s.parse::<EntityId>().ok());
+            let record = view
+                .get(RECORD)
+                .and_then(|v| serde_json::from_value::<MemberRecord>(v.clone()).ok());
+            let id = view
+                .get("_id")
+                .and_then(|v| v.as_str())
+                .and_then(|s| s.parse::<EntityId>().ok());
             if let (Some(r), Some(id)) = (record, id) {
                 // A record counts only under its own peer's entity id.
                 if let Ok(peer) = r.peer.parse::<PeerId>() {

@@ -20,24 +20,48 @@ impl Replica {
     /// document, history, view and index entries here. The record is all that remains.
     pub fn purge(&self, collection: &str, id: EntityId) -> Result<PurgeRecord, Error> {
         if collection.starts_with('_') {
-            return Err(Error::Refused(format!("{collection} is built in; its entities cannot be purged")));
+            return Err(Error::Refused(format!(
+                "{collection} is built in; its entities cannot be purged"
+            )));
         }
         let ws = self.ws();
         ws.schema.collection(collection)?;
-        let may = self.authority || self.own_grant()?.is_some_and(|g| g.role == MemberRole::Admin);
+        let may = self.authority
+            || self
+                .own_grant()?
+                .is_some_and(|g| g.role == MemberRole::Admin);
         if !may {
-            return Err(Error::Refused("only the workspace authority or an admin member can purge entities".into()));
+            return Err(Error::Refused(
+                "only the workspace authority or an admin member can purge entities".into(),
+            ));
         }
         if self.is_purged(id)? {
-            return Err(fieldsync_core::Error::NotFound(format!("entity {id} (it was already purged)")).into());
+            return Err(fieldsync_core::Error::NotFound(format!(
+                "entity {id} (it was already purged)"
+            ))
+            .into());
         }
         match self.store.record(id.as_bytes())? {
-            None => return Err(Error::EntityNotFound { collection: collection.to_owned(), id }),
-            Some(r) if r.collection != collection => return Err(Error::WrongCollection { id, actual: r.collection, asked: collection.to_owned() }),
+            None => {
+                return Err(Error::EntityNotFound {
+                    collection: collection.to_owned(),
+                    id,
+                })
+            }
+            Some(r) if r.collection != collection => {
+                return Err(Error::WrongCollection {
+                    id,
+                    actual: r.collection,
+                    asked: collection.to_owned(),
+                })
+            }
             Some(_) => {}
         }
         let record = PurgeRecord::sign(&self.key, ws.id, collection, id, self.now_ms());
-        let patch = Patch::from_json(ws.schema.collection(PURGES)?, &serde_json::json!({ RECORD: record.to_text() }))?;
+        let patch = Patch::from_json(
+            ws.schema.collection(PURGES)?,
+            &serde_json::json!({ RECORD: record.to_text() }),
+        )?;
         self.put_patch(PURGES, Some(purge_entity_id(ws.id, id)), &patch)?;
         self.apply_purges(&[id])?;
         tracing::info!(%id, collection, "purged an entity");
@@ -46,14 +70,21 @@ impl Replica {
 
     /// Whether entity `id` was purged (a valid purge record for it is held here).
     pub fn is_purged(&self, id: EntityId) -> Result<bool, Error> {
-        Ok(self.store.record(purge_entity_id(self.ws().id, id).as_bytes())?.is_some_and(|r| r.collection == PURGES))
+        Ok(self
+            .store
+            .record(purge_entity_id(self.ws().id, id).as_bytes())?
+            .is_some_and(|r| r.collection == PURGES))
     }
 
     /// Every purge record held here.
     pub fn purges(&self) -> Result<Vec<PurgeRecord>, Error> {
         let mut out = Vec::new();
         self.list(PURGES, &[], true, &mut |view| {
-            if let Some(r) = view.get(RECORD).and_then(|v| v.as_str()).and_then(|t| PurgeRecord::parse(t).ok()) {
+            if let Some(r) = view
+                .get(RECORD)
+                .and_then(|v| v.as_str())
+                .and_then(|t| PurgeRecord::parse(t).ok())
+            {
                 out.push(r);
             }
             true
@@ -66,12 +97,26 @@ impl Replica {
     pub(crate) fn purge_target(&self, entity: &Entity) -> Result<EntityId, String> {
         let ws = self.ws();
         let derived = entity.derive(&ws).map_err(|e| e.to_string())?;
-        if derived.view.keys().any(|k| !k.starts_with('_') && k != RECORD) || derived.view.contains_key("_deleted") {
-            return Err(format!("purge entity {} holds more than its record", entity.id()));
+        if derived
+            .view
+            .keys()
+            .any(|k| !k.starts_with('_') && k != RECORD)
+            || derived.view.contains_key("_deleted")
+        {
+            return Err(format!(
+                "purge entity {} holds more than its record",
+                entity.id()
+            ));
         }
-        let text = derived.view.get(RECORD).and_then(|v| v.as_str()).ok_or_else(|| format!("purge entity {} has no record", entity.id()))?;
+        let text = derived
+            .view
+            .get(RECORD)
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| format!("purge entity {} has no record", entity.id()))?;
         let record = PurgeRecord::parse(text)?;
-        record.verify(ws.id, &ws.authority, entity.id(), |peer| self.is_admin(peer).unwrap_or(false))?;
+        record.verify(ws.id, &ws.authority, entity.id(), |peer| {
+            self.is_admin(peer).unwrap_or(false)
+        })?;
         Ok(record.entity)
     }
 
@@ -99,7 +144,10 @@ impl Replica {
             }
         }
         if !pending.is_empty() {
-            tracing::info!(entities = pending.len(), "finishing purges a crash cut short");
+            tracing::info!(
+                entities = pending.len(),
+                "finishing purges a crash cut short"
+            );
         }
         self.apply_purges(&pending)
     }

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use fieldsync_core::patch::{matches_filter, parse_filter};
 use fieldsync_core::workspace::Invite;
 use fieldsync_core::{
-    Applied, Conflict, ConflictId, ConflictState, Entity, EntityId, HistoryEntry, OpId, Patch, PeerId, Proposal, ProposalId, Schema, View, Workspace,
-    WorkspaceId, Writer,
+    Applied, Conflict, ConflictId, ConflictState, Entity, EntityId, HistoryEntry, OpId, Patch,
+    PeerId, Proposal, ProposalId, Schema, View, Workspace, WorkspaceId, Writer,
 };
 use fieldsync_store::{DocWrite, EntityWrite, KeyKind, Secret, Store, Ticket};
 use libp2p_identity::ed25519;
@@ -58,7 +58,10 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> i64 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
     }
     fn new_id(&self) -> uuid::Uuid {
         uuid::Uuid::now_v7()
@@ -130,6 +133,11 @@ pub struct Replica {
     pub(crate) members_version: std::sync::atomic::AtomicU64,
     /// The grant of the invite this device joined with, once read.
     pub(crate) invite_grant: std::sync::OnceLock<Option<fieldsync_core::membership::Grant>>,
+    /// (feed seq, open conflicts, pending proposals) as `status` last counted them: every
+    /// write moves the feed, so the counts are walked again only after something changed.
+    status_counts: Mutex<Option<(u64, usize, usize)>>,
+    /// (acknowledged seq, feed seq, entities changed in between) as last counted.
+    pending_count: Mutex<Option<(u64, u64, usize)>>,
     /// Held while a schema version is adopted, so two adoptions do not interleave.
     pub(crate) adopting: Mutex<()>,
     /// Held while views are recomputed under a new schema version.
@@ -142,7 +150,11 @@ pub struct Replica {
 
 impl std::fmt::Debug for Replica {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Replica").field("peer", &self.peer).field("workspace", &self.ws().id).field("dir", &self.dir).finish()
+        f.debug_struct("Replica")
+            .field("peer", &self.peer)
+            .field("workspace", &self.ws().id)
+            .field("dir", &self.dir)
+            .finish()
     }
 }
 
@@ -157,13 +169,24 @@ impl Replica {
     }
 
     /// Like [`Self::init_authority`] with a given identity key (the simulator's are seeded).
-    pub fn init_authority_with_key(dir: &Path, schema_toml: &str, name: &str, key: ed25519::Keypair) -> Result<Self, Error> {
+    pub fn init_authority_with_key(
+        dir: &Path,
+        schema_toml: &str,
+        name: &str,
+        key: ed25519::Keypair,
+    ) -> Result<Self, Error> {
         Self::init_authority_with(dir, schema_toml, name, key, None)
     }
 
     /// Like [`Self::init_authority_with_key`]; with `secret`, the store is encrypted at rest
     /// and every later open needs the same secret ([`Self::open_with_key`]).
-    pub fn init_authority_with(dir: &Path, schema_toml: &str, name: &str, key: ed25519::Keypair, secret: Option<&Secret>) -> Result<Self, Error> {
+    pub fn init_authority_with(
+        dir: &Path,
+        schema_toml: &str,
+        name: &str,
+        key: ed25519::Keypair,
+        secret: Option<&Secret>,
+    ) -> Result<Self, Error> {
         Self::ensure_free(dir)?;
         Schema::from_toml(schema_toml)?; // before anything is created
         Self::init_authority_on(Self::new_store(dir, secret)?, dir, schema_toml, name, key)
@@ -175,12 +198,23 @@ impl Replica {
     }
 
     /// Like [`Self::init_join`] with a given identity key.
-    pub fn init_join_with_key(dir: &Path, invite: &[u8], name: &str, key: ed25519::Keypair) -> Result<Self, Error> {
+    pub fn init_join_with_key(
+        dir: &Path,
+        invite: &[u8],
+        name: &str,
+        key: ed25519::Keypair,
+    ) -> Result<Self, Error> {
         Self::init_join_with(dir, invite, name, key, None)
     }
 
     /// Like [`Self::init_join_with_key`]; with `secret`, the store is encrypted at rest.
-    pub fn init_join_with(dir: &Path, invite: &[u8], name: &str, key: ed25519::Keypair, secret: Option<&Secret>) -> Result<Self, Error> {
+    pub fn init_join_with(
+        dir: &Path,
+        invite: &[u8],
+        name: &str,
+        key: ed25519::Keypair,
+        secret: Option<&Secret>,
+    ) -> Result<Self, Error> {
         Self::ensure_free(dir)?;
         Invite::decode_with_token(invite)?; // before anything is created
         Self::init_join_on(Self::new_store(dir, secret)?, dir, invite, name, key)
@@ -202,39 +236,79 @@ impl Replica {
     /// A new sled store in `dir`, encrypted with `secret` if given.
     pub(crate) fn new_store(dir: &Path, secret: Option<&Secret>) -> Result<Arc<dyn Store>, Error> {
         std::fs::create_dir_all(dir).map_err(Error::file(dir))?;
-        Ok(fieldsync_store::create_store(&db_dir(dir), fieldsync_store::DEFAULT_CACHE_BYTES, secret)?)
+        Ok(fieldsync_store::create_store(
+            &db_dir(dir),
+            fieldsync_store::DEFAULT_CACHE_BYTES,
+            secret,
+        )?)
     }
 
     /// A new workspace on `store` (any engine, e.g. [`fieldsync_store::MemoryStore`]), with
     /// this node its authority; `label` stands for the data directory in `status`.
-    pub fn init_authority_on(store: Arc<dyn Store>, label: &Path, schema_toml: &str, name: &str, key: ed25519::Keypair) -> Result<Self, Error> {
+    pub fn init_authority_on(
+        store: Arc<dyn Store>,
+        label: &Path,
+        schema_toml: &str,
+        name: &str,
+        key: ed25519::Keypair,
+    ) -> Result<Self, Error> {
         let schema = Schema::from_toml(schema_toml)?;
-        let ws = Workspace { id: WorkspaceId(uuid::Uuid::now_v7()), schema, authority: key.public() };
+        let ws = Workspace {
+            id: WorkspaceId(uuid::Uuid::now_v7()),
+            schema,
+            authority: key.public(),
+        };
         Self::init_on(store, label, ws, key, name, true)
     }
 
     /// Joins the workspace of `invite` on `store`, like [`Self::init_join_with_key`].
-    pub fn init_join_on(store: Arc<dyn Store>, label: &Path, invite: &[u8], name: &str, key: ed25519::Keypair) -> Result<Self, Error> {
+    pub fn init_join_on(
+        store: Arc<dyn Store>,
+        label: &Path,
+        invite: &[u8],
+        name: &str,
+        key: ed25519::Keypair,
+    ) -> Result<Self, Error> {
         let (ws, held) = Invite::decode_with_token(invite)?;
         let replica = Self::init_on(store, label, ws, key, name, false)?;
         if let Some(held) = held {
             replica.commit_durable(
                 vec![],
-                vec![(META_INVITE_TOKEN.to_owned(), Some(to_json_bytes(&held.token))), (META_INVITE_SECRET.to_owned(), Some(held.secret_bytes()))],
+                vec![
+                    (
+                        META_INVITE_TOKEN.to_owned(),
+                        Some(to_json_bytes(&held.token)),
+                    ),
+                    (META_INVITE_SECRET.to_owned(), Some(held.secret_bytes())),
+                ],
             )?;
         }
         Ok(replica)
     }
 
-    pub(crate) fn init_on(store: Arc<dyn Store>, dir: &Path, ws: Workspace, key: ed25519::Keypair, name: &str, authority: bool) -> Result<Self, Error> {
+    pub(crate) fn init_on(
+        store: Arc<dyn Store>,
+        dir: &Path,
+        ws: Workspace,
+        key: ed25519::Keypair,
+        name: &str,
+        authority: bool,
+    ) -> Result<Self, Error> {
         if store.meta(META_IDENTITY)?.is_some() {
             return Err(Error::AlreadyInitialized(dir.to_owned()));
         }
-        let node = NodeMeta { name: name.to_owned(), authority };
-        let invite = serde_json::to_vec(&Invite::new(&ws)).map_err(|e| Error::CorruptMeta(e.to_string()))?;
+        let node = NodeMeta {
+            name: name.to_owned(),
+            authority,
+        };
+        let invite =
+            serde_json::to_vec(&Invite::new(&ws)).map_err(|e| Error::CorruptMeta(e.to_string()))?;
         let meta = vec![
             (META_IDENTITY.to_owned(), Some(key.to_bytes().to_vec())),
-            (META_NODE.to_owned(), Some(serde_json::to_vec(&node).map_err(|e| Error::CorruptMeta(e.to_string()))?)),
+            (
+                META_NODE.to_owned(),
+                Some(serde_json::to_vec(&node).map_err(|e| Error::CorruptMeta(e.to_string()))?),
+            ),
             (META_WORKSPACE.to_owned(), Some(invite)),
         ];
         let ticket = store.commit(vec![], meta)?;
@@ -252,12 +326,18 @@ impl Replica {
 
     /// Opens the node in `dir` with caches sized by `memory`.
     pub fn open_with(dir: &Path, memory: MemoryOptions) -> Result<Self, Error> {
-        Self::open_with_key(dir, memory, &mut |kind: KeyKind| Err(format!("it needs {} to open", kind.name())))
+        Self::open_with_key(dir, memory, &mut |kind: KeyKind| {
+            Err(format!("it needs {} to open", kind.name()))
+        })
     }
 
     /// Opens the node in `dir`, encrypted or not: `key` is asked for the secret (passphrase
     /// or key file) only if the store is encrypted; its `Err` says what is missing.
-    pub fn open_with_key(dir: &Path, memory: MemoryOptions, key: fieldsync_store::KeyProvider<'_>) -> Result<Self, Error> {
+    pub fn open_with_key(
+        dir: &Path,
+        memory: MemoryOptions,
+        key: fieldsync_store::KeyProvider<'_>,
+    ) -> Result<Self, Error> {
         if !db_dir(dir).exists() {
             return Err(Error::NotInitialized(dir.to_owned()));
         }
@@ -273,11 +353,19 @@ impl Replica {
     /// Opens the node kept in `store` (any engine); `label` stands for the data directory.
     pub fn open_on(store: Arc<dyn Store>, label: &Path) -> Result<Self, Error> {
         let missing = |what: &str| Error::CorruptMeta(format!("{what} is missing"));
-        let mut key_bytes = store.meta(META_IDENTITY)?.ok_or_else(|| missing("identity"))?;
-        let key = ed25519::Keypair::try_from_bytes(&mut key_bytes).map_err(|e| Error::CorruptMeta(e.to_string()))?;
-        let node: NodeMeta = serde_json::from_slice(&store.meta(META_NODE)?.ok_or_else(|| missing("node"))?)
+        let mut key_bytes = store
+            .meta(META_IDENTITY)?
+            .ok_or_else(|| missing("identity"))?;
+        let key = ed25519::Keypair::try_from_bytes(&mut key_bytes)
             .map_err(|e| Error::CorruptMeta(e.to_string()))?;
-        let ws = Invite::decode(&store.meta(META_WORKSPACE)?.ok_or_else(|| missing("workspace"))?)?;
+        let node: NodeMeta =
+            serde_json::from_slice(&store.meta(META_NODE)?.ok_or_else(|| missing("node"))?)
+                .map_err(|e| Error::CorruptMeta(e.to_string()))?;
+        let ws = Invite::decode(
+            &store
+                .meta(META_WORKSPACE)?
+                .ok_or_else(|| missing("workspace"))?,
+        )?;
         let replica = Self::assemble(store, ws, key, node, label);
         // The newest schema version held, and views that follow it (after a crash mid-way).
         replica.adopt_newest_schema()?;
@@ -296,7 +384,13 @@ impl Replica {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).usage()
     }
 
-    fn assemble(store: Arc<dyn Store>, ws: Workspace, key: ed25519::Keypair, node: NodeMeta, dir: &Path) -> Self {
+    fn assemble(
+        store: Arc<dyn Store>,
+        ws: Workspace,
+        key: ed25519::Keypair,
+        node: NodeMeta,
+        dir: &Path,
+    ) -> Self {
         let peer = libp2p_identity::PublicKey::from(key.public()).to_peer_id();
         let ws = Arc::new(ws);
         Replica {
@@ -310,9 +404,17 @@ impl Replica {
             clock: Arc::new(SystemClock),
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             cache: Mutex::new(DocCache::new(MemoryOptions::DEFAULT.doc_cache_bytes)),
-            members: Mutex::new((0, Arc::new(fieldsync_core::membership::MemberList::new(ws, node.authority)))),
+            members: Mutex::new((
+                0,
+                Arc::new(fieldsync_core::membership::MemberList::new(
+                    ws,
+                    node.authority,
+                )),
+            )),
             members_version: std::sync::atomic::AtomicU64::new(1),
             invite_grant: std::sync::OnceLock::new(),
+            status_counts: Mutex::new(None),
+            pending_count: Mutex::new(None),
             adopting: Mutex::new(()),
             recomputing: Mutex::new(()),
             recompute: Mutex::new(None),
@@ -343,7 +445,8 @@ impl Replica {
     pub(crate) fn set_ws(&self, ws: Workspace) {
         *self.ws.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ws);
         // The member list holds the workspace (its schema checks invites): re-read it.
-        self.members_version.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.members_version
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Whether this node is the workspace authority.
@@ -362,7 +465,12 @@ impl Replica {
     }
 
     pub(crate) fn writer(&self, now_ms: i64) -> Writer<'_> {
-        Writer { peer: self.peer, user: &self.name, now_ms, authority_key: self.authority.then_some(&self.key) }
+        Writer {
+            peer: self.peer,
+            user: &self.name,
+            now_ms,
+            authority_key: self.authority.then_some(&self.key),
+        }
     }
 
     /// Milliseconds since the Unix epoch by this replica's clock.
@@ -379,20 +487,34 @@ impl Replica {
     }
 
     pub(crate) fn lock(&self, id: EntityId) -> MutexGuard<'_, ()> {
-        self.locks[Self::stripe(id)].lock().unwrap_or_else(|p| p.into_inner())
+        self.locks[Self::stripe(id)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Locks several entities until the guards drop (stripes in ascending order, so two
     /// callers cannot deadlock).
-    pub(crate) fn lock_many(&self, ids: impl IntoIterator<Item = EntityId>) -> Vec<MutexGuard<'_, ()>> {
-        let stripes: std::collections::BTreeSet<usize> = ids.into_iter().map(Self::stripe).collect();
-        stripes.into_iter().map(|s| self.locks[s].lock().unwrap_or_else(|p| p.into_inner())).collect()
+    pub(crate) fn lock_many(
+        &self,
+        ids: impl IntoIterator<Item = EntityId>,
+    ) -> Vec<MutexGuard<'_, ()>> {
+        let stripes: std::collections::BTreeSet<usize> =
+            ids.into_iter().map(Self::stripe).collect();
+        stripes
+            .into_iter()
+            .map(|s| self.locks[s].lock().unwrap_or_else(|p| p.into_inner()))
+            .collect()
     }
 
     /// Loads an entity's document, if stored: from the cache, else from the store. The
     /// caller holds the entity's lock and hands the entity back with [`Self::cache`].
     pub(crate) fn load(&self, id: EntityId) -> Result<Option<Entity>, Error> {
-        if let Some(e) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).pop(&id) {
+        if let Some(e) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop(&id)
+        {
             return Ok(Some(e));
         }
         match self.store.load_doc(id.as_bytes())? {
@@ -402,23 +524,41 @@ impl Replica {
     }
 
     fn load_in(&self, collection: &str, id: EntityId) -> Result<Entity, Error> {
-        let entity = self.load(id)?.ok_or_else(|| Error::EntityNotFound { collection: collection.to_owned(), id })?;
+        let entity = self.load(id)?.ok_or_else(|| Error::EntityNotFound {
+            collection: collection.to_owned(),
+            id,
+        })?;
         match entity.collection() {
             Some(c) if c == collection => Ok(entity),
-            Some(actual) => Err(Error::WrongCollection { id, actual, asked: collection.to_owned() }),
-            None => Err(Error::EntityNotFound { collection: collection.to_owned(), id }),
+            Some(actual) => Err(Error::WrongCollection {
+                id,
+                actual,
+                asked: collection.to_owned(),
+            }),
+            None => Err(Error::EntityNotFound {
+                collection: collection.to_owned(),
+                id,
+            }),
         }
     }
 
     /// Forgets a cached entity (it is being purged).
     pub(crate) fn uncache(&self, id: EntityId) {
-        let gone = self.cache.lock().unwrap_or_else(|p| p.into_inner()).pop(&id);
+        let gone = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop(&id);
         drop(gone);
     }
 
     /// Keeps a fully persisted entity in memory for its next use.
     pub(crate) fn cache(&self, entity: Entity) {
-        let evicted = self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(entity.id(), entity);
+        let evicted = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(entity.id(), entity);
         drop(evicted);
     }
 
@@ -430,19 +570,30 @@ impl Replica {
 
     /// Like [`Self::entity_write`]; `snapshot`, when given, is a compact save of exactly this
     /// document (as received) and is stored as it is instead of saving again.
-    pub(crate) fn entity_write_from(&self, entity: &mut Entity, snapshot: Option<Vec<u8>>) -> Result<EntityWrite, Error> {
+    pub(crate) fn entity_write_from(
+        &self,
+        entity: &mut Entity,
+        snapshot: Option<Vec<u8>>,
+    ) -> Result<EntityWrite, Error> {
         let id = entity.id();
         // Whichever node writes an entity first applies the schema's pending migrations
         // (deterministic changes: every node makes the same ones). A given snapshot no
         // longer matches the document then.
-        let snapshot = if entity.migrate(&self.ws())? > 0 { None } else { snapshot };
+        let snapshot = if entity.migrate(&self.ws())? > 0 {
+            None
+        } else {
+            snapshot
+        };
         let derived = entity.derive(&self.ws())?;
         let collection = entity.collection().unwrap_or_default();
         // A given snapshot is stored as it is: no need to look up the stored record.
         let compact = snapshot.is_none()
             && (entity.is_new()
                 || match self.store.record(id.as_bytes())? {
-                    Some(r) => r.chunks >= COMPACT_AFTER_CHUNKS || r.chunk_bytes > r.snapshot_bytes * COMPACT_RATIO,
+                    Some(r) => {
+                        r.chunks >= COMPACT_AFTER_CHUNKS
+                            || r.chunk_bytes > r.snapshot_bytes * COMPACT_RATIO
+                    }
                     None => true,
                 });
         let doc = match snapshot {
@@ -453,20 +604,47 @@ impl Replica {
         let heads = entity.heads().into_iter().map(|h| h.0).collect();
         let mut index = Vec::new();
         for c in &derived.conflicts {
-            index.push((INDEX_CONFLICT.to_owned(), c.id.as_str().as_bytes().to_vec(), to_json_bytes(c)));
+            index.push((
+                INDEX_CONFLICT.to_owned(),
+                c.id.as_str().as_bytes().to_vec(),
+                to_json_bytes(c),
+            ));
         }
         for c in &derived.resolved {
-            index.push((INDEX_CONFLICT.to_owned(), c.id.as_str().as_bytes().to_vec(), to_json_bytes(c)));
+            index.push((
+                INDEX_CONFLICT.to_owned(),
+                c.id.as_str().as_bytes().to_vec(),
+                to_json_bytes(c),
+            ));
         }
         for p in &derived.proposals {
-            index.push((INDEX_PROPOSAL.to_owned(), p.id.as_bytes().to_vec(), to_json_bytes(p)));
+            index.push((
+                INDEX_PROPOSAL.to_owned(),
+                p.id.as_bytes().to_vec(),
+                to_json_bytes(p),
+            ));
         }
-        Ok(EntityWrite { id: *id.as_bytes(), collection, doc, view: to_json_bytes(&derived.view), heads, index })
+        Ok(EntityWrite {
+            id: *id.as_bytes(),
+            collection,
+            doc,
+            view: to_json_bytes(&derived.view),
+            heads,
+            index,
+        })
     }
 
     /// Commits entity writes and waits until they are durable.
-    pub(crate) fn commit_durable(&self, writes: Vec<EntityWrite>, meta: Vec<(String, Option<Vec<u8>>)>) -> Result<(), Error> {
-        let touched: Vec<String> = writes.iter().filter(|w| w.collection.starts_with('_')).map(|w| w.collection.clone()).collect();
+    pub(crate) fn commit_durable(
+        &self,
+        writes: Vec<EntityWrite>,
+        meta: Vec<(String, Option<Vec<u8>>)>,
+    ) -> Result<(), Error> {
+        let touched: Vec<String> = writes
+            .iter()
+            .filter(|w| w.collection.starts_with('_'))
+            .map(|w| w.collection.clone())
+            .collect();
         let ticket: Ticket = self.store.commit(writes, meta)?;
         self.store.wait_durable(ticket)?;
         self.note_written(touched);
@@ -478,14 +656,26 @@ impl Replica {
     }
 
     /// Creates (no `id`, or an id not stored yet) or updates an entity with a JSON patch.
-    pub fn put(&self, collection: &str, id: Option<EntityId>, patch_json: &str) -> Result<EntityId, Error> {
-        self.put_op(collection, id, patch_json, None).map(|(id, _)| id)
+    pub fn put(
+        &self,
+        collection: &str,
+        id: Option<EntityId>,
+        patch_json: &str,
+    ) -> Result<EntityId, Error> {
+        self.put_op(collection, id, patch_json, None)
+            .map(|(id, _)| id)
     }
 
     /// [`Replica::put`] once per operation id: the same `op` applied again — a retry, here
     /// or on another node — has exactly one effect and returns the same entity id, with
     /// [`Applied::Already`]. Without `id`, the op id names the entity it creates.
-    pub fn put_op(&self, collection: &str, id: Option<EntityId>, patch_json: &str, op: Option<&OpId>) -> Result<(EntityId, Applied), Error> {
+    pub fn put_op(
+        &self,
+        collection: &str,
+        id: Option<EntityId>,
+        patch_json: &str,
+        op: Option<&OpId>,
+    ) -> Result<(EntityId, Applied), Error> {
         if collection.starts_with('_') {
             return Err(Error::Refused(format!(
                 "{collection} is built in: members change with `fieldsync invite` and `fieldsync revoke`, schema versions with `fieldsync schema push`"
@@ -498,27 +688,51 @@ impl Replica {
         self.put_patch_op(collection, id, &patch, op)
     }
 
-    pub(crate) fn put_patch(&self, collection: &str, id: Option<EntityId>, patch: &Patch) -> Result<EntityId, Error> {
-        self.put_patch_op(collection, id, patch, None).map(|(id, _)| id)
+    pub(crate) fn put_patch(
+        &self,
+        collection: &str,
+        id: Option<EntityId>,
+        patch: &Patch,
+    ) -> Result<EntityId, Error> {
+        self.put_patch_op(collection, id, patch, None)
+            .map(|(id, _)| id)
     }
 
-    fn put_patch_op(&self, collection: &str, id: Option<EntityId>, patch: &Patch, op: Option<&OpId>) -> Result<(EntityId, Applied), Error> {
+    fn put_patch_op(
+        &self,
+        collection: &str,
+        id: Option<EntityId>,
+        patch: &Patch,
+        op: Option<&OpId>,
+    ) -> Result<(EntityId, Applied), Error> {
         let id = id.unwrap_or_else(|| EntityId(self.new_id()));
         let _guard = self.lock(id);
         let w = self.writer(self.now_ms());
         let mut before = None;
         let (mut entity, applied) = match self.load(id)? {
             None if collection != fieldsync_core::purge::PURGES && self.is_purged(id)? => {
-                return Err(Error::Refused(format!("entity {id} was purged; it cannot be written again")))
+                return Err(Error::Refused(format!(
+                    "entity {id} was purged; it cannot be written again"
+                )))
             }
-            None => (Entity::create_op(&self.ws(), id, collection, &w, patch, op, &mut || self.new_proposal_id())?, Applied::Now),
+            None => (
+                Entity::create_op(&self.ws(), id, collection, &w, patch, op, &mut || {
+                    self.new_proposal_id()
+                })?,
+                Applied::Now,
+            ),
             Some(mut e) => {
                 let actual = e.collection().unwrap_or_default();
                 if actual != collection {
-                    return Err(Error::WrongCollection { id, actual, asked: collection.to_owned() });
+                    return Err(Error::WrongCollection {
+                        id,
+                        actual,
+                        asked: collection.to_owned(),
+                    });
                 }
                 before = self.facts_before_own_write(&e)?;
-                let applied = e.update_op(&self.ws(), &w, patch, op, &mut || self.new_proposal_id())?;
+                let applied =
+                    e.update_op(&self.ws(), &w, patch, op, &mut || self.new_proposal_id())?;
                 (e, applied)
             }
         };
@@ -536,45 +750,84 @@ impl Replica {
 
     /// The view of an entity. Deleted entities are returned with `"_deleted": true`.
     pub fn get(&self, collection: &str, id: EntityId) -> Result<View, Error> {
-        let bytes = self
-            .store
-            .view(collection, id.as_bytes())?
-            .ok_or_else(|| Error::EntityNotFound { collection: collection.to_owned(), id })?;
+        let bytes =
+            self.store
+                .view(collection, id.as_bytes())?
+                .ok_or_else(|| Error::EntityNotFound {
+                    collection: collection.to_owned(),
+                    id,
+                })?;
         if self.view_is_stale(collection, id.as_bytes()) {
             if let Some(view) = self.fresh_view(id)? {
                 return Ok(view);
             }
         }
-        serde_json::from_slice(&bytes).map_err(|e| Error::CorruptMeta(format!("stored view of {id}: {e}")))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Error::CorruptMeta(format!("stored view of {id}: {e}")))
     }
 
     /// Views of a collection in id (= creation) order, filtered by `FIELD=VALUE` strings.
     /// Calls `each` per view; stops early if it returns false.
-    pub fn list(&self, collection: &str, filters: &[String], include_deleted: bool, each: &mut dyn FnMut(View) -> bool) -> Result<(), Error> {
-        self.list_after(collection, filters, include_deleted, None, &mut |_, view| each(view))
+    pub fn list(
+        &self,
+        collection: &str,
+        filters: &[String],
+        include_deleted: bool,
+        each: &mut dyn FnMut(View) -> bool,
+    ) -> Result<(), Error> {
+        self.list_after(
+            collection,
+            filters,
+            include_deleted,
+            None,
+            &mut |_, view| each(view),
+        )
     }
 
     /// Like [`Replica::list`], starting after entity `after` (a page cursor); `each` gets
     /// the id with the view.
-    pub fn list_after(&self, collection: &str, filters: &[String], include_deleted: bool, after: Option<EntityId>, each: &mut dyn FnMut(EntityId, View) -> bool) -> Result<(), Error> {
+    pub fn list_after(
+        &self,
+        collection: &str,
+        filters: &[String],
+        include_deleted: bool,
+        after: Option<EntityId>,
+        each: &mut dyn FnMut(EntityId, View) -> bool,
+    ) -> Result<(), Error> {
         self.ws().schema.collection(collection)?;
-        let filters = filters.iter().map(|f| parse_filter(f)).collect::<Result<Vec<_>, _>>()?;
+        let filters = filters
+            .iter()
+            .map(|f| parse_filter(f))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut after: Option<[u8; 16]> = after.map(|id| *id.as_bytes());
         loop {
             let page = self.store.views(collection, after.as_ref(), 1024)?;
-            let Some((last, _)) = page.last() else { return Ok(()) };
+            let Some((last, _)) = page.last() else {
+                return Ok(());
+            };
             after = Some(*last);
             for (id, bytes) in page {
                 // While a new schema version's views are recomputed, the rest is derived now.
-                let fresh = if self.view_is_stale(collection, &id) { self.fresh_view(EntityId::from_bytes(id))? } else { None };
+                let fresh = if self.view_is_stale(collection, &id) {
+                    self.fresh_view(EntityId::from_bytes(id))?
+                } else {
+                    None
+                };
                 let view: View = match fresh {
                     Some(v) => v,
-                    None => serde_json::from_slice(&bytes).map_err(|e| Error::CorruptMeta(format!("stored view of {}: {e}", EntityId::from_bytes(id))))?,
+                    None => serde_json::from_slice(&bytes).map_err(|e| {
+                        Error::CorruptMeta(format!(
+                            "stored view of {}: {e}",
+                            EntityId::from_bytes(id)
+                        ))
+                    })?,
                 };
                 if !include_deleted && view.contains_key("_deleted") {
                     continue;
                 }
-                if filters.iter().all(|(f, v)| matches_filter(&view, f, v)) && !each(EntityId::from_bytes(id), view) {
+                if filters.iter().all(|(f, v)| matches_filter(&view, f, v))
+                    && !each(EntityId::from_bytes(id), view)
+                {
                     return Ok(());
                 }
             }
@@ -587,7 +840,12 @@ impl Replica {
     }
 
     /// Deletes an entity once per operation id (a retried delete answers as the first did).
-    pub fn delete_op(&self, collection: &str, id: EntityId, op: Option<&OpId>) -> Result<Applied, Error> {
+    pub fn delete_op(
+        &self,
+        collection: &str,
+        id: EntityId,
+        op: Option<&OpId>,
+    ) -> Result<Applied, Error> {
         self.ws().schema.collection(collection)?;
         let _guard = self.lock(id);
         let mut entity = self.load_in(collection, id)?;
@@ -609,8 +867,11 @@ impl Replica {
         self.cache(entity);
         // The audit user is the one the authority signed into the device's member record,
         // not the name a device gave itself.
-        let users: std::collections::HashMap<String, String> =
-            self.members()?.into_iter().map(|m| (m.peer.clone(), m.grant.user.clone())).collect();
+        let users: std::collections::HashMap<String, String> = self
+            .members()?
+            .into_iter()
+            .map(|m| (m.peer.clone(), m.grant.user.clone()))
+            .collect();
         for h in &mut history {
             if let Some(user) = users.get(&h.device) {
                 h.user = user.clone();
@@ -623,8 +884,10 @@ impl Replica {
     pub fn conflicts(&self, all: bool) -> Result<Vec<Conflict>, Error> {
         let mut out = Vec::new();
         for (_, bytes) in self.store.index(INDEX_CONFLICT)? {
-            let c: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::CorruptMeta(e.to_string()))?;
-            let c = conflict_from_json(&c).ok_or_else(|| Error::CorruptMeta("conflict index entry".into()))?;
+            let c: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|e| Error::CorruptMeta(e.to_string()))?;
+            let c = conflict_from_json(&c)
+                .ok_or_else(|| Error::CorruptMeta("conflict index entry".into()))?;
             if all || c.state == ConflictState::Open {
                 out.push(c);
             }
@@ -636,11 +899,20 @@ impl Replica {
     /// the daemon turns into conflict events.
     pub fn conflicts_of(&self, id: EntityId) -> Result<(Vec<Conflict>, View), Error> {
         let _guard = self.lock(id);
-        let Some(entity) = self.load(id)? else { return Ok((vec![], View::new())) };
+        let Some(entity) = self.load(id)? else {
+            return Ok((vec![], View::new()));
+        };
         let derived = entity.derive(&self.ws());
         self.cache(entity);
         let derived = derived?;
-        Ok((derived.conflicts.into_iter().chain(derived.resolved).collect(), derived.view))
+        Ok((
+            derived
+                .conflicts
+                .into_iter()
+                .chain(derived.resolved)
+                .collect(),
+            derived.view,
+        ))
     }
 
     /// Settles a conflict by writing `value_json` to its field.
@@ -650,14 +922,19 @@ impl Replica {
         let entry = self
             .store
             .index_get(INDEX_CONFLICT, conflict.as_str().as_bytes())?
-            .ok_or_else(|| fieldsync_core::Error::NotFound(format!("conflict {conflict} (already resolved?)")))?;
-        let entry: Json = serde_json::from_slice(&entry).map_err(|e| Error::CorruptMeta(e.to_string()))?;
+            .ok_or_else(|| {
+                fieldsync_core::Error::NotFound(format!("conflict {conflict} (already resolved?)"))
+            })?;
+        let entry: Json =
+            serde_json::from_slice(&entry).map_err(|e| Error::CorruptMeta(e.to_string()))?;
         let id: EntityId = entry["entity"]
             .as_str()
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| Error::CorruptMeta("conflict index entry".into()))?;
         let _guard = self.lock(id);
-        let mut entity = self.load(id)?.ok_or_else(|| Error::CorruptMeta(format!("conflict {conflict} names missing entity {id}")))?;
+        let mut entity = self.load(id)?.ok_or_else(|| {
+            Error::CorruptMeta(format!("conflict {conflict} names missing entity {id}"))
+        })?;
         entity.resolve(&self.ws(), &self.writer(self.now_ms()), conflict, &value)?;
         let write = self.entity_write(&mut entity)?;
         self.commit_durable(vec![write], vec![])?;
@@ -676,7 +953,11 @@ impl Replica {
     /// This node's own proposals still waiting for the authority (any node).
     pub fn my_proposals(&self) -> Result<Vec<Proposal>, Error> {
         let me = self.peer.to_string();
-        Ok(self.all_proposals()?.into_iter().filter(|p| p.record.peer == me).collect())
+        Ok(self
+            .all_proposals()?
+            .into_iter()
+            .filter(|p| p.record.peer == me)
+            .collect())
     }
 
     /// Every pending proposal this node knows of (on any node, e.g. for a mirror; only
@@ -700,10 +981,14 @@ impl Replica {
         let entry = self
             .store
             .index_get(INDEX_PROPOSAL, id.as_bytes())?
-            .ok_or_else(|| fieldsync_core::Error::NotFound(format!("proposal {id} (already settled?)")))?;
+            .ok_or_else(|| {
+                fieldsync_core::Error::NotFound(format!("proposal {id} (already settled?)"))
+            })?;
         let entity_id = proposal_from_json(&entry)?.entity;
         let _guard = self.lock(entity_id);
-        let mut entity = self.load(entity_id)?.ok_or_else(|| Error::CorruptMeta(format!("proposal {id} names missing entity")))?;
+        let mut entity = self
+            .load(entity_id)?
+            .ok_or_else(|| Error::CorruptMeta(format!("proposal {id} names missing entity")))?;
         let w = self.writer(self.now_ms());
         if accept {
             entity.accept(&self.ws(), &w, id, "accept")?;
@@ -728,10 +1013,18 @@ impl Replica {
 
     /// Entities changed after feed position `after` (at most `limit`), oldest change first:
     /// (seq, collection, id).
-    pub fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, String, EntityId)>, Error> {
+    pub fn changes_since(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String, EntityId)>, Error> {
         let mut out = Vec::new();
         for (seq, key) in self.store.feed_since(after, limit)? {
-            let collection = self.store.record(&key)?.map(|r| r.collection).unwrap_or_default();
+            let collection = self
+                .store
+                .record(&key)?
+                .map(|r| r.collection)
+                .unwrap_or_default();
             out.push((seq, collection, EntityId::from_bytes(key)));
         }
         Ok(out)
@@ -744,12 +1037,23 @@ impl Replica {
         let mut out = Vec::new();
         for (seq, key) in self.store.feed_since(since, limit)? {
             let id = EntityId::from_bytes(key);
-            let record = self.store.record(&key)?.ok_or_else(|| Error::CorruptMeta(format!("feed entry {seq} names entity {id}, which has no record")))?;
+            let record = self.store.record(&key)?.ok_or_else(|| {
+                Error::CorruptMeta(format!(
+                    "feed entry {seq} names entity {id}, which has no record"
+                ))
+            })?;
             let view = self.get(&record.collection, id)?;
             let deleted = view.get("_deleted").is_some_and(|d| d == true);
             let mut heads: Vec<String> = record.heads.iter().map(hex::encode).collect();
             heads.sort();
-            out.push(FeedChange { seq, collection: record.collection, id, view, deleted, heads });
+            out.push(FeedChange {
+                seq,
+                collection: record.collection,
+                id,
+                view,
+                deleted,
+                heads,
+            });
         }
         Ok(out)
     }
@@ -759,8 +1063,18 @@ impl Replica {
     /// acknowledged, and the position of `peer`'s feed that this node has applied up to.
     /// Both 0 for a peer this node never synced with.
     pub fn sync_checkpoints(&self, peer: &str) -> Result<(u64, u64), Error> {
-        let seq = |key: String| -> Result<u64, Error> { Ok(self.store.meta(&key)?.and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0)) };
-        Ok((seq(format!("{META_CHECKPOINT_OUT}{peer}"))?, seq(format!("{META_CHECKPOINT_IN}{peer}"))?))
+        let seq = |key: String| -> Result<u64, Error> {
+            Ok(self
+                .store
+                .meta(&key)?
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0))
+        };
+        Ok((
+            seq(format!("{META_CHECKPOINT_OUT}{peer}"))?,
+            seq(format!("{META_CHECKPOINT_IN}{peer}"))?,
+        ))
     }
 
     /// The head of the local changes feed.
@@ -770,15 +1084,21 @@ impl Replica {
 
     /// A summary of the node.
     pub fn status(&self) -> Result<Status, Error> {
-        let entities = self.store.counts()?.into_iter().map(|(c, n)| (c, Json::from(n))).collect();
+        let entities = self
+            .store
+            .counts()?
+            .into_iter()
+            .map(|(c, n)| (c, Json::from(n)))
+            .collect();
+        let (open_conflicts, pending_proposals) = self.status_counts()?;
         Ok(Status {
             peer_id: self.peer.to_string(),
             name: self.name.clone(),
             workspace: self.ws().id,
             authority: self.authority,
             entities,
-            open_conflicts: self.conflicts(false)?.len(),
-            pending_proposals: self.store.index(INDEX_PROPOSAL)?.len(),
+            open_conflicts,
+            pending_proposals,
             feed_seq: self.store.last_seq(),
             data_dir: self.dir.clone(),
             membership: self.membership()?,
@@ -790,6 +1110,42 @@ impl Replica {
     }
 }
 
+impl Replica {
+    /// Entities changed after feed position `acked` (what a peer that acknowledged up to
+    /// there has yet to take), counted again only when `acked` or the feed moved.
+    pub fn pending_after(&self, acked: u64) -> Result<usize, Error> {
+        let seq = self.store.last_seq();
+        if let Some((a, at, n)) = *self.pending_count.lock().unwrap_or_else(|p| p.into_inner()) {
+            if a == acked && at == seq {
+                return Ok(n);
+            }
+        }
+        let n = self.store.feed_since(acked, usize::MAX)?.len();
+        *self.pending_count.lock().unwrap_or_else(|p| p.into_inner()) = Some((acked, seq, n));
+        Ok(n)
+    }
+
+    /// Open conflicts and pending proposals, counted again only when the feed moved.
+    fn status_counts(&self) -> Result<(usize, usize), Error> {
+        let seq = self.store.last_seq();
+        if let Some((at, conflicts, proposals)) =
+            *self.status_counts.lock().unwrap_or_else(|p| p.into_inner())
+        {
+            if at == seq {
+                return Ok((conflicts, proposals));
+            }
+        }
+        let counts = (
+            self.conflicts(false)?.len(),
+            self.store.index(INDEX_PROPOSAL)?.len(),
+        );
+        // Counted after reading `seq`: a write in between is seen now and counted again next time.
+        *self.status_counts.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((seq, counts.0, counts.1));
+        Ok(counts)
+    }
+}
+
 pub(crate) fn to_json_bytes<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
@@ -798,8 +1154,14 @@ fn proposal_from_json(bytes: &[u8]) -> Result<Proposal, Error> {
     let v: Json = serde_json::from_slice(bytes).map_err(|e| Error::CorruptMeta(e.to_string()))?;
     let bad = || Error::CorruptMeta("proposal index entry".into());
     Ok(Proposal {
-        id: v["id"].as_str().and_then(|s| s.parse().ok()).ok_or_else(bad)?,
-        entity: v["entity"].as_str().and_then(|s| s.parse().ok()).ok_or_else(bad)?,
+        id: v["id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(bad)?,
+        entity: v["entity"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(bad)?,
         collection: v["collection"].as_str().unwrap_or_default().to_owned(),
         record: serde_json::from_value(v).map_err(|_| bad())?,
     })

@@ -10,7 +10,9 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Condvar, Mutex};
 
-use fieldsync_core::schema_version::{schema_entity_id, Evolution, SchemaRecord, MAX_SCHEMA_BYTES, RECORD, SCHEMAS};
+use fieldsync_core::schema_version::{
+    schema_entity_id, Evolution, SchemaRecord, MAX_SCHEMA_BYTES, RECORD, SCHEMAS,
+};
 use fieldsync_core::{EntityId, Patch, Schema, Workspace};
 use serde::Serialize;
 
@@ -66,7 +68,10 @@ impl Worker {
     /// Waits for work, at most `timeout` (so the thread notices the replica is gone).
     fn wait(&self, timeout: std::time::Duration) {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut s, _) = self.cv.wait_timeout_while(s, timeout, |s| !s.0).unwrap_or_else(|p| p.into_inner());
+        let (mut s, _) = self
+            .cv
+            .wait_timeout_while(s, timeout, |s| !s.0)
+            .unwrap_or_else(|p| p.into_inner());
         s.0 = false;
     }
 }
@@ -105,7 +110,11 @@ pub struct SchemaDiff {
 
 fn parse_text(text: &str) -> Result<Schema, Error> {
     if text.len() > MAX_SCHEMA_BYTES {
-        return Err(fieldsync_core::Error::Schema(format!("{} bytes is over the {MAX_SCHEMA_BYTES}-byte limit", text.len())).into());
+        return Err(fieldsync_core::Error::Schema(format!(
+            "{} bytes is over the {MAX_SCHEMA_BYTES}-byte limit",
+            text.len()
+        ))
+        .into());
     }
     Ok(Schema::from_toml(text)?)
 }
@@ -119,7 +128,12 @@ impl Replica {
     /// The version the stored views follow (equal to [`Self::schema_version`] except while
     /// a recomputation runs or after a crash cut one short).
     pub fn views_schema_version(&self) -> Result<u64, Error> {
-        Ok(self.store.meta(META_VIEWS_SCHEMA)?.and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(1))
+        Ok(self
+            .store
+            .meta(META_VIEWS_SCHEMA)?
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(1))
     }
 
     /// Every valid signed schema record held here, by version.
@@ -127,12 +141,19 @@ impl Replica {
         let ws = self.ws();
         let mut out = Vec::new();
         self.list(SCHEMAS, &[], true, &mut |view| {
-            let record = view.get(RECORD).and_then(|v| serde_json::from_value::<SchemaRecord>(v.clone()).ok());
-            let id = view.get("_id").and_then(|v| v.as_str()).and_then(|s| s.parse::<EntityId>().ok());
+            let record = view
+                .get(RECORD)
+                .and_then(|v| serde_json::from_value::<SchemaRecord>(v.clone()).ok());
+            let id = view
+                .get("_id")
+                .and_then(|v| v.as_str())
+                .and_then(|s| s.parse::<EntityId>().ok());
             if let (Some(r), Some(id)) = (record, id) {
                 match r.schema(ws.id, id) {
                     Ok(schema) => out.push((r, schema)),
-                    Err(e) => tracing::warn!(version = r.version, "ignoring a signed schema record: {e}"),
+                    Err(e) => {
+                        tracing::warn!(version = r.version, "ignoring a signed schema record: {e}")
+                    }
                 }
             }
             true
@@ -145,9 +166,23 @@ impl Replica {
     pub fn schema_versions(&self) -> Result<Vec<SchemaInfo>, Error> {
         let current = self.schema_version();
         let base = self.base_schema()?;
-        let mut out = vec![SchemaInfo { version: base.version(), current: base.version() == current, schema: base.source().to_owned(), published_ms: None }];
-        for (r, _) in self.schema_records()?.into_iter().filter(|(r, _)| r.version > base.version()) {
-            out.push(SchemaInfo { version: r.version, current: r.version == current, schema: r.schema, published_ms: Some(r.published_ms) });
+        let mut out = vec![SchemaInfo {
+            version: base.version(),
+            current: base.version() == current,
+            schema: base.source().to_owned(),
+            published_ms: None,
+        }];
+        for (r, _) in self
+            .schema_records()?
+            .into_iter()
+            .filter(|(r, _)| r.version > base.version())
+        {
+            out.push(SchemaInfo {
+                version: r.version,
+                current: r.version == current,
+                schema: r.schema,
+                published_ms: Some(r.published_ms),
+            });
         }
         Ok(out)
     }
@@ -158,7 +193,13 @@ impl Replica {
         self.schema_versions()?
             .into_iter()
             .find(|i| i.version == want)
-            .ok_or_else(|| fieldsync_core::Error::NotFound(format!("schema version {want} (this node holds versions up to {})", self.schema_version())).into())
+            .ok_or_else(|| {
+                fieldsync_core::Error::NotFound(format!(
+                    "schema version {want} (this node holds versions up to {})",
+                    self.schema_version()
+                ))
+                .into()
+            })
     }
 
     /// What publishing `text` would change, and whether it is allowed.
@@ -166,7 +207,12 @@ impl Replica {
         let ws = self.ws();
         let next = parse_text(text)?;
         let evolution = ws.schema.evolve(&next);
-        Ok(SchemaDiff { from_version: ws.schema.version(), to_version: ws.schema.version() + 1, allowed: evolution.allowed(), evolution })
+        Ok(SchemaDiff {
+            from_version: ws.schema.version(),
+            to_version: ws.schema.version() + 1,
+            allowed: evolution.allowed(),
+            evolution,
+        })
     }
 
     /// Publishes `text` as the next schema version (authority only): checked against the
@@ -180,23 +226,46 @@ impl Replica {
             return Err(Error::SchemaRefused(diff.evolution.refusals().join("; ")));
         }
         if diff.evolution.changes.is_empty() {
-            return Err(fieldsync_core::Error::Schema(format!("nothing changes from version {}; edit the schema first", diff.from_version)).into());
+            return Err(fieldsync_core::Error::Schema(format!(
+                "nothing changes from version {}; edit the schema first",
+                diff.from_version
+            ))
+            .into());
         }
         let ws = self.ws();
-        let record = SchemaRecord { version: diff.to_version, schema: text.to_owned(), published_ms: self.now_ms() };
+        let record = SchemaRecord {
+            version: diff.to_version,
+            schema: text.to_owned(),
+            published_ms: self.now_ms(),
+        };
         let value = serde_json::to_value(&record).map_err(|e| Error::CorruptMeta(e.to_string()))?;
         let coll = ws.schema.collection(SCHEMAS)?;
         let patch = Patch::from_json(coll, &serde_json::json!({ RECORD: value }))?;
-        self.put_patch(SCHEMAS, Some(schema_entity_id(ws.id, record.version)), &patch)?;
+        self.put_patch(
+            SCHEMAS,
+            Some(schema_entity_id(ws.id, record.version)),
+            &patch,
+        )?;
         let recomputed = self.adopt_newest_schema()?.unwrap_or(0);
         // (0 while a background recomputation runs: `status` shows its progress.)
-        tracing::info!(version = record.version, recomputed, "published a schema version");
-        Ok(SchemaPushed { version: record.version, evolution: diff.evolution, recomputed })
+        tracing::info!(
+            version = record.version,
+            recomputed,
+            "published a schema version"
+        );
+        Ok(SchemaPushed {
+            version: record.version,
+            evolution: diff.evolution,
+            recomputed,
+        })
     }
 
     /// The schema this node started from (init, or the invite it joined with).
     fn base_schema(&self) -> Result<Schema, Error> {
-        let bytes = self.store.meta(crate::replica::META_WORKSPACE)?.ok_or_else(|| Error::CorruptMeta("workspace is missing".into()))?;
+        let bytes = self
+            .store
+            .meta(crate::replica::META_WORKSPACE)?
+            .ok_or_else(|| Error::CorruptMeta("workspace is missing".into()))?;
         Ok(fieldsync_core::workspace::Invite::decode(&bytes)?.schema)
     }
 
@@ -209,11 +278,26 @@ impl Replica {
         {
             let _adopting = self.adopting.lock().unwrap_or_else(|p| p.into_inner());
             let ws = self.ws();
-            if let Some((record, schema)) = self.schema_records()?.pop().filter(|(r, _)| r.version > ws.schema.version()) {
-                tracing::info!(from = ws.schema.version(), to = record.version, "adopting a new schema version");
+            if let Some((record, schema)) = self
+                .schema_records()?
+                .pop()
+                .filter(|(r, _)| r.version > ws.schema.version())
+            {
+                tracing::info!(
+                    from = ws.schema.version(),
+                    to = record.version,
+                    "adopting a new schema version"
+                );
                 // Until the views are recomputed, reads derive not-yet-recomputed entities.
-                self.set_progress(Some(RecomputeProgress { version: record.version, ..Default::default() }));
-                self.set_ws(Workspace { id: ws.id, schema, authority: ws.authority.clone() });
+                self.set_progress(Some(RecomputeProgress {
+                    version: record.version,
+                    ..Default::default()
+                }));
+                self.set_ws(Workspace {
+                    id: ws.id,
+                    schema,
+                    authority: ws.authority.clone(),
+                });
             }
         }
         if self.views_schema_version()? == self.schema_version() {
@@ -236,8 +320,18 @@ impl Replica {
             self.set_progress(None);
             return Ok(None);
         }
-        let total = self.store.counts()?.into_iter().filter(|(c, _)| !c.starts_with('_')).map(|(_, n)| n as usize).sum();
-        self.set_progress(Some(RecomputeProgress { version, total, ..Default::default() }));
+        let total = self
+            .store
+            .counts()?
+            .into_iter()
+            .filter(|(c, _)| !c.starts_with('_'))
+            .map(|(_, n)| n as usize)
+            .sum();
+        self.set_progress(Some(RecomputeProgress {
+            version,
+            total,
+            ..Default::default()
+        }));
         // Collections whose partitions changed: every entity is stored again, which offers
         // it again to peers (who may now see it).
         let before = self.schema_of(from)?;
@@ -246,15 +340,29 @@ impl Replica {
             .schema
             .collections
             .iter()
-            .filter(|(c, new)| before.as_ref().and_then(|b| b.collections.get(*c)).is_some_and(|old| old.owner != new.owner || old.access != new.access))
+            .filter(|(c, new)| {
+                before
+                    .as_ref()
+                    .and_then(|b| b.collections.get(*c))
+                    .is_some_and(|old| old.owner != new.owner || old.access != new.access)
+            })
             .map(|(c, _)| c.clone())
             .collect();
         let n = self.recompute_views(&repartitioned)?;
-        self.commit_durable(vec![], vec![(META_VIEWS_SCHEMA.to_owned(), Some(version.to_be_bytes().to_vec()))])?;
+        self.commit_durable(
+            vec![],
+            vec![(
+                META_VIEWS_SCHEMA.to_owned(),
+                Some(version.to_be_bytes().to_vec()),
+            )],
+        )?;
         let _adopting = self.adopting.lock().unwrap_or_else(|p| p.into_inner());
         let now = self.schema_version();
         // A newer version adopted meanwhile keeps reads deriving until its own pass.
-        self.set_progress((now != version).then(|| RecomputeProgress { version: now, ..Default::default() }));
+        self.set_progress((now != version).then(|| RecomputeProgress {
+            version: now,
+            ..Default::default()
+        }));
         tracing::info!(version, entities = n, "views follow the new schema version");
         Ok(Some(n))
     }
@@ -265,7 +373,11 @@ impl Replica {
         if base.version() == version {
             return Ok(Some(base));
         }
-        Ok(self.schema_records()?.into_iter().find(|(r, _)| r.version == version).map(|(_, s)| s))
+        Ok(self
+            .schema_records()?
+            .into_iter()
+            .find(|(r, _)| r.version == version)
+            .map(|(_, s)| s))
     }
 
     fn set_progress(&self, p: Option<RecomputeProgress>) {
@@ -274,7 +386,10 @@ impl Replica {
 
     /// How far the views are recomputed under a new version (`None`: they follow it).
     pub fn recompute_progress(&self) -> Option<RecomputeProgress> {
-        self.recompute.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.recompute
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Whether the stored view of `id` (in `collection`) may predate the schema in use.
@@ -285,14 +400,21 @@ impl Replica {
         }
         match &*self.recompute.lock().unwrap_or_else(|p| p.into_inner()) {
             None => false,
-            Some(p) => !(p.finished.contains(collection) || p.current.as_ref().is_some_and(|(c, last)| c == collection && id <= last)),
+            Some(p) => {
+                !(p.finished.contains(collection)
+                    || p.current
+                        .as_ref()
+                        .is_some_and(|(c, last)| c == collection && id <= last))
+            }
         }
     }
 
     /// The view of `id` derived now from its document under the schema in use, with its
     /// pending migrations applied in memory only (the recomputation stores them).
     pub(crate) fn fresh_view(&self, id: EntityId) -> Result<Option<fieldsync_core::View>, Error> {
-        let Some(doc) = self.store.load_doc(id.as_bytes())? else { return Ok(None) };
+        let Some(doc) = self.store.load_doc(id.as_bytes())? else {
+            return Ok(None);
+        };
         let mut entity = fieldsync_core::Entity::load_stored(id, &doc.snapshot, &doc.chunks)?;
         let ws = self.ws();
         entity.migrate(&ws)?;
@@ -308,14 +430,18 @@ impl Replica {
             return;
         }
         let replica = Arc::downgrade(self);
-        let spawned = std::thread::Builder::new().name("schema-recompute".into()).spawn(move || loop {
-            let Some(r) = replica.upgrade() else { return };
-            if let Err(e) = r.bring_views_up_to_date() {
-                tracing::error!("recomputing views under the new schema failed (retrying): {e}");
-            }
-            drop(r);
-            worker.wait(std::time::Duration::from_secs(1));
-        });
+        let spawned = std::thread::Builder::new()
+            .name("schema-recompute".into())
+            .spawn(move || loop {
+                let Some(r) = replica.upgrade() else { return };
+                if let Err(e) = r.bring_views_up_to_date() {
+                    tracing::error!(
+                        "recomputing views under the new schema failed (retrying): {e}"
+                    );
+                }
+                drop(r);
+                worker.wait(std::time::Duration::from_secs(1));
+            });
         if let Err(e) = spawned {
             tracing::error!("cannot start the schema recompute thread ({e}); adopting versions recomputes in place");
             if let Some(w) = self.background.get() {
@@ -328,27 +454,45 @@ impl Replica {
     /// in use, a page of entities per commit, applying pending migrations; entities of
     /// `rewrite` collections are stored again even if unchanged.
     fn recompute_views(&self, rewrite: &BTreeSet<String>) -> Result<usize, Error> {
-        let collections: Vec<String> = self.store.counts()?.into_iter().map(|(c, _)| c).filter(|c| !c.starts_with('_')).collect();
+        let collections: Vec<String> = self
+            .store
+            .counts()?
+            .into_iter()
+            .map(|(c, _)| c)
+            .filter(|c| !c.starts_with('_'))
+            .collect();
         let mut done = 0;
         let mut seen = 0;
         for collection in collections {
             let mut after: Option<[u8; 16]> = None;
             loop {
-                let page = self.store.views(&collection, after.as_ref(), RECOMPUTE_PAGE)?;
+                let page = self
+                    .store
+                    .views(&collection, after.as_ref(), RECOMPUTE_PAGE)?;
                 let Some((last, _)) = page.last() else { break };
                 let last = *last;
                 after = Some(last);
                 seen += page.len();
-                let ids: Vec<EntityId> = page.iter().map(|(id, _)| EntityId::from_bytes(*id)).collect();
+                let ids: Vec<EntityId> = page
+                    .iter()
+                    .map(|(id, _)| EntityId::from_bytes(*id))
+                    .collect();
                 let _guards = self.lock_many(ids.iter().copied());
                 let mut writes = Vec::with_capacity(ids.len());
                 let mut entities = Vec::with_capacity(ids.len());
                 for (id, (_, old_view)) in ids.into_iter().zip(page) {
-                    let Some(mut entity) = self.load(id)? else { continue };
+                    let Some(mut entity) = self.load(id)? else {
+                        continue;
+                    };
                     let migrated = entity.migrate(&self.ws())?;
                     let derived = entity.derive(&self.ws())?;
                     // Unchanged views (and indexes, which follow the same rules) stay as they are.
-                    if migrated == 0 && !rewrite.contains(&collection) && to_json_bytes(&derived.view) == old_view && derived.conflicts.is_empty() && derived.proposals.is_empty() {
+                    if migrated == 0
+                        && !rewrite.contains(&collection)
+                        && to_json_bytes(&derived.view) == old_view
+                        && derived.conflicts.is_empty()
+                        && derived.proposals.is_empty()
+                    {
                         entities.push(entity);
                         continue;
                     }
@@ -361,14 +505,24 @@ impl Replica {
                 for e in entities {
                     self.cache(e);
                 }
-                if let Some(p) = self.recompute.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                if let Some(p) = self
+                    .recompute
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_mut()
+                {
                     p.done = seen;
                     p.total = p.total.max(seen);
                     p.current = Some((collection.clone(), last));
                 }
                 tracing::info!(collection = %collection, recomputed = done, seen, "recomputing views under the new schema");
             }
-            if let Some(p) = self.recompute.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            if let Some(p) = self
+                .recompute
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+            {
                 p.finished.insert(collection.clone());
                 p.current = None;
             }

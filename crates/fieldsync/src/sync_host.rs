@@ -17,13 +17,21 @@ use crate::Error;
 
 /// What the engine of `replica` starts from.
 pub fn local_state(replica: &Replica) -> Result<Local, Error> {
-    Ok(Local { peer: replica.peer_id(), members: replica.member_list()?, credential: replica.credential()?, feed_seq: replica.feed_seq() })
+    Ok(Local {
+        peer: replica.peer_id(),
+        members: replica.member_list()?,
+        credential: replica.credential()?,
+        feed_seq: replica.feed_seq(),
+    })
 }
 
 /// The time for the engine: `mono` from the driver's monotonic clock, wall time from the
 /// replica's clock (virtual in the simulator).
 pub fn now(replica: &Replica, mono: std::time::Duration) -> Now {
-    Now { mono, wall_ms: replica.now_ms() }
+    Now {
+        mono,
+        wall_ms: replica.now_ms(),
+    }
 }
 
 /// Notices what changed on the replica outside the engine — the feed head (local writes
@@ -37,7 +45,10 @@ pub struct Watch {
 
 impl Watch {
     pub fn new(replica: &Replica) -> Self {
-        Watch { members_seen: replica.members_version(), feed_seen: replica.feed_seq() }
+        Watch {
+            members_seen: replica.members_version(),
+            feed_seen: replica.feed_seq(),
+        }
     }
 
     /// The inputs that bring the engine up to date with the replica, if it changed since
@@ -52,19 +63,30 @@ impl Watch {
         let version = replica.members_version();
         if version != self.members_seen {
             self.members_seen = version;
-            inputs.push(Input::Members { members: replica.member_list()?, credential: replica.credential()? });
+            inputs.push(Input::Members {
+                members: replica.member_list()?,
+                credential: replica.credential()?,
+            });
         }
         Ok(inputs)
     }
 }
 
 fn seq_meta(replica: &Replica, key: &str) -> Result<u64, Error> {
-    Ok(replica.store.meta(key)?.and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0))
+    Ok(replica
+        .store
+        .meta(key)?
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0))
 }
 
 /// Whether an error is this node's storage failing (rather than bad received data).
 fn is_local_failure(e: &Error) -> bool {
-    matches!(e, Error::Store(_) | Error::File { .. } | Error::CorruptMeta(_))
+    matches!(
+        e,
+        Error::Store(_) | Error::File { .. } | Error::CorruptMeta(_)
+    )
 }
 
 /// Runs one task of the engine against `replica`.
@@ -78,10 +100,19 @@ pub fn run_task(replica: &Replica, task: Task) -> Outcome {
 
 fn run(replica: &Replica, task: Task) -> Result<Outcome, Error> {
     Ok(match task {
-        Task::ReadCheckpoint { peer } => Outcome::Checkpoint(seq_meta(replica, &format!("{META_CHECKPOINT_IN}{peer}"))?),
-        Task::ReadFeed { after, limit, grant } => read_feed(replica, after, limit, &grant)?,
+        Task::ReadCheckpoint { peer } => {
+            Outcome::Checkpoint(seq_meta(replica, &format!("{META_CHECKPOINT_IN}{peer}"))?)
+        }
+        Task::ReadFeed {
+            after,
+            limit,
+            grant,
+        } => read_feed(replica, after, limit, &grant)?,
         Task::ReadHeads { ids } => {
-            let heads = ids.iter().map(|id| Ok(replica.store.record(id.as_bytes())?.map(|r| r.heads))).collect::<Result<_, Error>>()?;
+            let heads = ids
+                .iter()
+                .map(|id| Ok(replica.store.record(id.as_bytes())?.map(|r| r.heads)))
+                .collect::<Result<_, Error>>()?;
             Outcome::Heads(heads)
         }
         Task::LoadPayloads { wants, grant } => {
@@ -97,20 +128,46 @@ fn run(replica: &Replica, task: Task) -> Result<Outcome, Error> {
                     }
                 }
             }
-            Outcome::Payloads { payloads, skipped, refused }
+            Outcome::Payloads {
+                payloads,
+                skipped,
+                refused,
+            }
         }
         Task::Verify { payloads } => Outcome::Verified(verify(replica, payloads)),
-        Task::Apply { peer, items, checkpoint, grant } => {
-            let meta = checkpoint.map(|c| (format!("{META_CHECKPOINT_IN}{peer}"), Some(c.to_be_bytes().to_vec()))).into_iter().collect::<Vec<_>>();
+        Task::Apply {
+            peer,
+            items,
+            checkpoint,
+            grant,
+        } => {
+            let meta = checkpoint
+                .map(|c| {
+                    (
+                        format!("{META_CHECKPOINT_IN}{peer}"),
+                        Some(c.to_be_bytes().to_vec()),
+                    )
+                })
+                .into_iter()
+                .collect::<Vec<_>>();
             let mut summary = ImportSummary::default();
             if !items.is_empty() || !meta.is_empty() {
                 replica.merge_incoming(items, meta, &grant, &mut summary)?;
             }
-            Outcome::Applied { feed_seq: replica.feed_seq(), refused: summary.refused }
+            Outcome::Applied {
+                feed_seq: replica.feed_seq(),
+                refused: summary.refused,
+            }
         }
         Task::SaveAcked { peer, upto } => {
             // A resume hint: it need not wait for the flush.
-            replica.store.commit(vec![], vec![(format!("{META_CHECKPOINT_OUT}{peer}"), Some(upto.to_be_bytes().to_vec()))])?;
+            replica.store.commit(
+                vec![],
+                vec![(
+                    format!("{META_CHECKPOINT_OUT}{peer}"),
+                    Some(upto.to_be_bytes().to_vec()),
+                )],
+            )?;
             Outcome::Done
         }
         Task::BindInvite { peer, record } => {
@@ -125,7 +182,11 @@ fn run(replica: &Replica, task: Task) -> Result<Outcome, Error> {
             replica.note_admitted_by(&peer)?;
             Outcome::Done
         }
-        Task::NoteRefusedBy { peer, state, reason } => {
+        Task::NoteRefusedBy {
+            peer,
+            state,
+            reason,
+        } => {
             replica.note_refused_by(&peer, state, &reason)?;
             Outcome::Done
         }
@@ -133,11 +194,17 @@ fn run(replica: &Replica, task: Task) -> Result<Outcome, Error> {
 }
 
 /// Checks received payloads; large batches are checked on the rayon pool.
-fn verify(replica: &Replica, payloads: Vec<Payload>) -> Result<Vec<fieldsync_sync::Incoming>, String> {
+fn verify(
+    replica: &Replica,
+    payloads: Vec<Payload>,
+) -> Result<Vec<fieldsync_sync::Incoming>, String> {
     use rayon::prelude::*;
     let ws = replica.workspace();
     let brings = fieldsync_sync::brings_schema(&payloads);
-    payloads.into_par_iter().map(|p| fieldsync_sync::check_payload(p, &ws.schema, brings)).collect()
+    payloads
+        .into_par_iter()
+        .map(|p| fieldsync_sync::check_payload(p, &ws.schema, brings))
+        .collect()
 }
 
 fn read_feed(replica: &Replica, after: u64, limit: usize, grant: &Grant) -> Result<Outcome, Error> {
@@ -147,10 +214,15 @@ fn read_feed(replica: &Replica, after: u64, limit: usize, grant: &Grant) -> Resu
     let mut entries = Vec::with_capacity(feed.len());
     for (_, key) in feed {
         let id = EntityId::from_bytes(key);
-        let Some(record) = replica.store.record(&key)? else { continue };
+        let Some(record) = replica.store.record(&key)? else {
+            continue;
+        };
         // Only what the peer's member may see is offered.
         if replica.visible(grant, &record.collection, id)? {
-            entries.push(OfferEntry { id, heads: record.heads });
+            entries.push(OfferEntry {
+                id,
+                heads: record.heads,
+            });
         }
     }
     Ok(Outcome::Feed { upto, entries })
@@ -166,16 +238,22 @@ enum Loaded {
 /// entity, else the changes after the peer's heads.
 fn payload(replica: &Replica, want: &WantEntry, grant: &Grant) -> Result<Loaded, Error> {
     let key = want.id.as_bytes();
-    let Some(record) = replica.store.record(key)? else { return Ok(Loaded::Absent) };
+    let Some(record) = replica.store.record(key)? else {
+        return Ok(Loaded::Absent);
+    };
     if !replica.visible(grant, &record.collection, want.id)? {
         return Ok(Loaded::Invisible); // never offered to this peer, or no longer visible to it
     }
     let chunks = if want.have.is_empty() {
-        let Some(doc) = replica.store.load_doc(key)? else { return Ok(Loaded::Absent) };
+        let Some(doc) = replica.store.load_doc(key)? else {
+            return Ok(Loaded::Absent);
+        };
         std::iter::once(doc.snapshot).chain(doc.chunks).collect()
     } else {
         let _guard = replica.lock(want.id);
-        let Some(mut entity) = replica.load(want.id)? else { return Ok(Loaded::Absent) };
+        let Some(mut entity) = replica.load(want.id)? else {
+            return Ok(Loaded::Absent);
+        };
         let have: Vec<ChangeHash> = want.have.iter().map(|h| ChangeHash(*h)).collect();
         let changes = entity.changes_after(&have);
         replica.cache(entity);
@@ -202,9 +280,18 @@ pub struct Inline {
 
 impl Inline {
     pub fn new(replica: Arc<Replica>, config: fieldsync_sync::Config) -> Result<Self, Error> {
-        let config = if config.name.is_empty() { config.with_name(replica.name()) } else { config };
+        let config = if config.name.is_empty() {
+            config.with_name(replica.name())
+        } else {
+            config
+        };
         let engine = fieldsync_sync::Engine::new(config, local_state(&replica)?);
-        Ok(Inline { engine, watch: Watch::new(&replica), replica, mono: std::time::Duration::ZERO })
+        Ok(Inline {
+            engine,
+            watch: Watch::new(&replica),
+            replica,
+            mono: std::time::Duration::ZERO,
+        })
     }
 
     pub fn replica(&self) -> &Arc<Replica> {
@@ -227,12 +314,17 @@ impl Inline {
             for change in self.watch.poll(&self.replica)? {
                 self.engine.handle(now(&self.replica, self.mono), change);
             }
-            let Some((id, task)) = self.engine.poll_io() else { return Ok(()) };
+            let Some((id, task)) = self.engine.poll_io() else {
+                return Ok(());
+            };
             let outcome = run_task(&self.replica, task);
             if let Outcome::Failed(reason) = &outcome {
-                return Err(Error::CorruptMeta(format!("storage failed during sync: {reason}")));
+                return Err(Error::CorruptMeta(format!(
+                    "storage failed during sync: {reason}"
+                )));
             }
-            self.engine.handle(now(&self.replica, self.mono), Input::IoDone(id, outcome));
+            self.engine
+                .handle(now(&self.replica, self.mono), Input::IoDone(id, outcome));
         }
     }
 

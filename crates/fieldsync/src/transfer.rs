@@ -93,12 +93,19 @@ pub struct ImportSummary {
     pub purged: usize,
     /// Entities refused by the write check (forged authority values, outside the sender's
     /// partitions…), with the reason; none of their changes were applied.
-    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "refusal_reasons")]
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "refusal_reasons"
+    )]
     pub refused: Vec<Refusal>,
 }
 
 fn refusal_reasons<S: serde::Serializer>(refused: &[Refusal], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(refused.iter().map(|r| serde_json::json!({ "kind": r.kind.name(), "reason": r.reason })))
+    s.collect_seq(
+        refused
+            .iter()
+            .map(|r| serde_json::json!({ "kind": r.kind.name(), "reason": r.reason })),
+    )
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -106,14 +113,21 @@ fn is_zero(n: &usize) -> bool {
 }
 
 fn seq_of(bytes: Option<Vec<u8>>) -> u64 {
-    bytes.and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0)
+    bytes
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
 }
 
 impl Replica {
     /// Every entity changed since `peer` last acknowledged this node's feed (all of them if
     /// `peer` is unknown or `None`). For a `peer`, only what its member may see goes in (a
     /// peer that is not a member gets an error). `progress(done, total)` is called as it goes.
-    pub fn export_bundle(&self, peer: Option<PeerId>, progress: &mut dyn FnMut(usize, usize)) -> Result<ExportedBundle, Error> {
+    pub fn export_bundle(
+        &self,
+        peer: Option<PeerId>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<ExportedBundle, Error> {
         let audience = match &peer {
             None => None,
             Some(p) => match self.admit(p, None) {
@@ -140,7 +154,14 @@ impl Replica {
             .into_iter()
             .map(|(k, v)| (k[META_CHECKPOINT_IN.len()..].to_owned(), seq_of(Some(v))))
             .collect();
-        let header = BundleHeader { workspace: self.ws().id, from: self.peer.to_string(), since, upto, acks, credential: self.credential()? };
+        let header = BundleHeader {
+            workspace: self.ws().id,
+            from: self.peer.to_string(),
+            since,
+            upto,
+            acks,
+            credential: self.credential()?,
+        };
         let mut enc = BundleEncoder::new(&header);
         let mut out = Vec::new();
         let mut after = since;
@@ -156,9 +177,15 @@ impl Replica {
                 let visible = match (&audience, self.store.record(id)?) {
                     (_, None) => false,
                     (None, Some(_)) => true,
-                    (Some(grant), Some(r)) => self.visible(grant, &r.collection, EntityId::from_bytes(*id))?,
+                    (Some(grant), Some(r)) => {
+                        self.visible(grant, &r.collection, EntityId::from_bytes(*id))?
+                    }
                 };
-                docs.push(if visible { self.store.load_doc(id)? } else { None });
+                docs.push(if visible {
+                    self.store.load_doc(id)?
+                } else {
+                    None
+                });
             }
             let entities: Vec<BundleEntity> = page
                 .par_iter()
@@ -166,7 +193,11 @@ impl Replica {
                 .filter_map(|((_, id), doc)| doc.map(|d| (EntityId::from_bytes(*id), d)))
                 .map(|(id, d)| {
                     let mut e = Entity::load_stored(id, &d.snapshot, &d.chunks)?;
-                    Ok(BundleEntity { id, collection: e.collection().unwrap_or_default(), doc: e.save() })
+                    Ok(BundleEntity {
+                        id,
+                        collection: e.collection().unwrap_or_default(),
+                        doc: e.save(),
+                    })
                 })
                 .collect::<Result<_, Error>>()?;
             for e in &entities {
@@ -177,22 +208,35 @@ impl Replica {
             progress(count.min(total), total);
         }
         out.extend(enc.finish(&self.key));
-        Ok(ExportedBundle { bytes: out, entities: count, since, upto })
+        Ok(ExportedBundle {
+            bytes: out,
+            entities: count,
+            since,
+            upto,
+        })
     }
 
     /// Merges a bundle. A bundle that is not valid, or is from another workspace, is refused
     /// whole: every entity is checked before any is applied. Importing the same bundle again,
     /// or bundles in any order, gives the same result.
-    pub fn import_bundle(&self, bytes: &[u8], progress: &mut dyn FnMut(usize, usize)) -> Result<ImportSummary, Error> {
+    pub fn import_bundle(
+        &self,
+        bytes: &[u8],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<ImportSummary, Error> {
         let bundle = Bundle::decode(bytes, Limits::default())?;
         if bundle.header.workspace != self.ws().id {
-            return Err(Error::ForeignWorkspace { theirs: bundle.header.workspace.to_string(), ours: self.ws().id.to_string() });
+            return Err(Error::ForeignWorkspace {
+                theirs: bundle.header.workspace.to_string(),
+                ours: self.ws().id.to_string(),
+            });
         }
-        let from: PeerId = bundle
-            .header
-            .from
-            .parse()
-            .map_err(|_| fieldsync_core::Error::Bundle(format!("sender {:?} is not a peer id", bundle.header.from)))?;
+        let from: PeerId = bundle.header.from.parse().map_err(|_| {
+            fieldsync_core::Error::Bundle(format!(
+                "sender {:?} is not a peer id",
+                bundle.header.from
+            ))
+        })?;
         // Writes are checked against the sender's membership, as over the network.
         let grant = self.admit(&from, bundle.header.credential.as_ref())?;
         // A bundle that carries a schema version may carry entities of collections it adds.
@@ -205,18 +249,28 @@ impl Replica {
                 let e = Entity::load_received(be.id, &be.doc)?;
                 let collection = e.collection().unwrap_or_default();
                 if collection != be.collection {
-                    return Err(fieldsync_core::Error::Bundle(format!("entity {} claims collection {:?} but holds {collection:?}", be.id, be.collection)));
+                    return Err(fieldsync_core::Error::Bundle(format!(
+                        "entity {} claims collection {:?} but holds {collection:?}",
+                        be.id, be.collection
+                    )));
                 }
                 if !brings_schema {
                     self.ws().schema.collection(&collection)?;
                 }
-                Ok(Incoming::Whole { entity: Box::new(e), collection, chunks: vec![be.doc] })
+                Ok(Incoming::Whole {
+                    entity: Box::new(e),
+                    collection,
+                    chunks: vec![be.doc],
+                })
             })
             .collect::<Result<_, fieldsync_core::Error>>()?;
         // Schema versions first, so the batches after them are read under the newest.
         received.sort_by_key(|i| i.collection() != SCHEMAS);
 
-        let mut summary = ImportSummary { entities: received.len(), ..Default::default() };
+        let mut summary = ImportSummary {
+            entities: received.len(),
+            ..Default::default()
+        };
         let total = received.len();
         let mut done = 0;
         let mut received = received.into_iter();
@@ -253,13 +307,24 @@ impl Replica {
     /// Every entity passes the write check for the sender's `grant` first (forged or removed
     /// authority values, partitions): a refused one is left as it was and listed in
     /// `summary.refused`.
-    pub(crate) fn merge_incoming(&self, items: Vec<Incoming>, meta: Vec<(String, Option<Vec<u8>>)>, grant: &Grant, summary: &mut ImportSummary) -> Result<(), Error> {
+    pub(crate) fn merge_incoming(
+        &self,
+        items: Vec<Incoming>,
+        meta: Vec<(String, Option<Vec<u8>>)>,
+        grant: &Grant,
+        summary: &mut ImportSummary,
+    ) -> Result<(), Error> {
         // A schema version first: it is adopted before the rest is read, so entities of
         // collections it adds are known and derived under its rules. Then purges, so an
         // entity purged in the same batch is not taken in.
-        let (schemas, rest): (Vec<Incoming>, Vec<Incoming>) = items.into_iter().partition(|i| i.collection() == SCHEMAS);
-        let (purges, rest): (Vec<Incoming>, Vec<Incoming>) = rest.into_iter().partition(|i| i.collection() == PURGES);
-        let mut groups: Vec<Vec<Incoming>> = [schemas, purges, rest].into_iter().filter(|g| !g.is_empty()).collect();
+        let (schemas, rest): (Vec<Incoming>, Vec<Incoming>) =
+            items.into_iter().partition(|i| i.collection() == SCHEMAS);
+        let (purges, rest): (Vec<Incoming>, Vec<Incoming>) =
+            rest.into_iter().partition(|i| i.collection() == PURGES);
+        let mut groups: Vec<Vec<Incoming>> = [schemas, purges, rest]
+            .into_iter()
+            .filter(|g| !g.is_empty())
+            .collect();
         let last = groups.pop().unwrap_or_default();
         for group in groups {
             self.merge_batch(group, vec![], grant, summary)?;
@@ -267,7 +332,13 @@ impl Replica {
         self.merge_batch(last, meta, grant, summary)
     }
 
-    fn merge_batch(&self, items: Vec<Incoming>, meta: Vec<(String, Option<Vec<u8>>)>, grant: &Grant, summary: &mut ImportSummary) -> Result<(), Error> {
+    fn merge_batch(
+        &self,
+        items: Vec<Incoming>,
+        meta: Vec<(String, Option<Vec<u8>>)>,
+        grant: &Grant,
+        summary: &mut ImportSummary,
+    ) -> Result<(), Error> {
         let now = self.now_ms();
         let ws = self.ws();
         let items = dedupe(items)?;
@@ -282,13 +353,25 @@ impl Replica {
                     return Ok(Outcome::Purged);
                 }
                 if ws.schema.collection(item.collection()).is_err() {
-                    let reason = format!("entity {id} is in collection {:?}, which schema version {} lacks", item.collection(), ws.schema.version());
-                    return Ok(Outcome::Refused(Refusal { kind: RefusalKind::UnknownCollection, reason }));
+                    let reason = format!(
+                        "entity {id} is in collection {:?}, which schema version {} lacks",
+                        item.collection(),
+                        ws.schema.version()
+                    );
+                    return Ok(Outcome::Refused(Refusal {
+                        kind: RefusalKind::UnknownCollection,
+                        reason,
+                    }));
                 }
                 let mut as_received = None;
                 let mut before = None;
                 let (mut entity, how) = match (self.load(id)?, item) {
-                    (None, Incoming::Whole { entity, mut chunks, .. }) => {
+                    (
+                        None,
+                        Incoming::Whole {
+                            entity, mut chunks, ..
+                        },
+                    ) => {
                         // A lone compact document can be stored exactly as received.
                         if chunks.len() == 1 {
                             as_received = chunks.pop();
@@ -296,11 +379,25 @@ impl Replica {
                         (*entity, Merged::Created)
                     }
                     (None, Incoming::Changes { .. }) => {
-                        return Err(fieldsync_core::Error::Protocol(format!("changes for entity {id}, which this node does not have")).into())
+                        return Err(fieldsync_core::Error::Protocol(format!(
+                            "changes for entity {id}, which this node does not have"
+                        ))
+                        .into())
                     }
-                    (Some(mut local), Incoming::Whole { chunks, collection, .. } | Incoming::Changes { chunks, collection, .. }) => {
+                    (
+                        Some(mut local),
+                        Incoming::Whole {
+                            chunks, collection, ..
+                        }
+                        | Incoming::Changes {
+                            chunks, collection, ..
+                        },
+                    ) => {
                         if local.collection().as_deref() != Some(collection.as_str()) {
-                            return Err(fieldsync_core::Error::Protocol(format!("entity {id} is in another collection here")).into());
+                            return Err(fieldsync_core::Error::Protocol(format!(
+                                "entity {id} is in another collection here"
+                            ))
+                            .into());
                         }
                         let facts = Facts::of(&self.ws(), &local);
                         let mut changed = false;
@@ -316,19 +413,33 @@ impl Replica {
                     }
                 };
                 let collection = entity.collection().unwrap_or_default();
-                if let Err(refusal) = check_write(&self.ws().schema, grant, id, &collection, before.as_ref(), &Facts::of(&self.ws(), &entity)) {
+                if let Err(refusal) = check_write(
+                    &self.ws().schema,
+                    grant,
+                    id,
+                    &collection,
+                    before.as_ref(),
+                    &Facts::of(&self.ws(), &entity),
+                ) {
                     // The merged document is dropped; the stored one is untouched.
                     return Ok(Outcome::Refused(refusal));
                 }
                 // A purge counts only with a valid signed record.
                 if collection == PURGES {
                     if let Err(reason) = self.purge_target(&entity) {
-                        return Ok(Outcome::Refused(Refusal { kind: RefusalKind::Forged, reason: format!("entity {id} ({PURGES}): {reason}") }));
+                        return Ok(Outcome::Refused(Refusal {
+                            kind: RefusalKind::Forged,
+                            reason: format!("entity {id} ({PURGES}): {reason}"),
+                        }));
                     }
                 }
                 // A device does not take in what its own user may not see either.
-                if let Err(Error::Refused(reason)) = self.check_own_write(before.as_ref(), &entity) {
-                    return Ok(Outcome::Refused(Refusal { kind: RefusalKind::Partition, reason: format!("this node's user may not hold it: {reason}") }));
+                if let Err(Error::Refused(reason)) = self.check_own_write(before.as_ref(), &entity)
+                {
+                    return Ok(Outcome::Refused(Refusal {
+                        kind: RefusalKind::Partition,
+                        reason: format!("this node's user may not hold it: {reason}"),
+                    }));
                 }
                 let mut accepted = 0;
                 if self.authority {
@@ -337,12 +448,21 @@ impl Replica {
                         accepted += 1;
                     }
                 }
-                let write = self.entity_write_from(&mut entity, as_received.filter(|_| accepted == 0))?;
+                let write =
+                    self.entity_write_from(&mut entity, as_received.filter(|_| accepted == 0))?;
                 // Entities that arrived whole (a first sync, a bundle) are not cached: they are
                 // rarely written again soon, and caching thousands would only evict each other.
                 // Dropping them here spreads that cost over the worker threads.
                 let keep = !matches!(how, Merged::Created);
-                Ok(Outcome::Written(Box::new((write, keep.then_some(entity), if accepted > 0 { Merged::Accepted(accepted) } else { how }))))
+                Ok(Outcome::Written(Box::new((
+                    write,
+                    keep.then_some(entity),
+                    if accepted > 0 {
+                        Merged::Accepted(accepted)
+                    } else {
+                        how
+                    },
+                ))))
             })
             .collect::<Result<_, Error>>()?;
         let mut writes = Vec::with_capacity(results.len());
@@ -367,13 +487,19 @@ impl Replica {
                 }
             }
         }
-        let schema_arrived = writes.iter().any(|w| w.collection == fieldsync_core::schema_version::SCHEMAS);
+        let schema_arrived = writes
+            .iter()
+            .any(|w| w.collection == fieldsync_core::schema_version::SCHEMAS);
         // Checked above: every written purge entity holds a valid record.
         let purged: Vec<EntityId> = writes
             .iter()
             .filter(|w| w.collection == PURGES)
             .filter_map(|w| serde_json::from_slice::<Json>(&w.view).ok())
-            .filter_map(|v| v.get(fieldsync_core::purge::RECORD).and_then(|t| t.as_str()).and_then(|t| fieldsync_core::purge::PurgeRecord::parse(t).ok()))
+            .filter_map(|v| {
+                v.get(fieldsync_core::purge::RECORD)
+                    .and_then(|t| t.as_str())
+                    .and_then(|t| fieldsync_core::purge::PurgeRecord::parse(t).ok())
+            })
             .map(|r| r.entity)
             .collect();
         self.commit_durable(writes, meta)?;
@@ -390,18 +516,32 @@ impl Replica {
 
     /// Creates (or, for lines with an `_id` already stored, updates) one entity per line of
     /// JSON Lines text. Every line is checked before anything is written.
-    pub fn bulk_import(&self, collection: &str, jsonl: &str, progress: &mut dyn FnMut(usize, usize)) -> Result<usize, Error> {
+    pub fn bulk_import(
+        &self,
+        collection: &str,
+        jsonl: &str,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<usize, Error> {
         let ws = self.ws();
         let coll = ws.schema.collection(collection)?;
-        let lines: Vec<(usize, &str)> = jsonl.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| (i + 1, l)).collect();
+        let lines: Vec<(usize, &str)> = jsonl
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| (i + 1, l))
+            .collect();
         let parsed: Vec<(Option<EntityId>, Patch)> = lines
             .par_iter()
             .map(|(n, line)| {
                 let bad = |message: String| Error::ImportLine { line: *n, message };
-                let mut json: Json = serde_json::from_str(line).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+                let mut json: Json =
+                    serde_json::from_str(line).map_err(|e| bad(format!("malformed JSON: {e}")))?;
                 let id = match json.as_object_mut().and_then(|m| m.remove("_id")) {
                     None => None,
-                    Some(Json::String(s)) => Some(s.parse::<EntityId>().map_err(|e| bad(format!("_id: {e}")))?),
+                    Some(Json::String(s)) => Some(
+                        s.parse::<EntityId>()
+                            .map_err(|e| bad(format!("_id: {e}")))?,
+                    ),
                     Some(_) => return Err(bad("_id must be a UUID string".into())),
                 };
                 let patch = Patch::from_json(coll, &json).map_err(|e| bad(e.to_string()))?;
@@ -412,10 +552,16 @@ impl Replica {
         for ((n, _), (id, _)) in lines.iter().zip(&parsed) {
             if let Some(id) = id {
                 if self.is_purged(*id)? {
-                    return Err(Error::ImportLine { line: *n, message: format!("_id {id} was purged; it cannot be written again") });
+                    return Err(Error::ImportLine {
+                        line: *n,
+                        message: format!("_id {id} was purged; it cannot be written again"),
+                    });
                 }
                 if let Some(first) = seen.insert(*id, *n) {
-                    return Err(Error::ImportLine { line: *n, message: format!("_id {id} repeats line {first}") });
+                    return Err(Error::ImportLine {
+                        line: *n,
+                        message: format!("_id {id} repeats line {first}"),
+                    });
                 }
             }
         }
@@ -432,7 +578,10 @@ impl Replica {
                 .par_iter()
                 .map(|(id, patch)| {
                     let w = self.writer(now);
-                    let mut e = Entity::create(&self.ws(), *id, collection, &w, patch, &mut || self.new_proposal_id())?;
+                    let mut e =
+                        Entity::create(&self.ws(), *id, collection, &w, patch, &mut || {
+                            self.new_proposal_id()
+                        })?;
                     self.entity_write(&mut e)
                 })
                 .collect::<Result<Vec<_>, Error>>()?;

@@ -149,16 +149,29 @@ pub fn columns(collection: &Collection) -> Vec<Column> {
     let mut out = Vec::new();
     for (field, spec) in &collection.fields {
         let path = format!("$2::jsonb -> {}", literal(field));
-        let typed = |kind: &str, cast: &str| format!("CASE WHEN jsonb_typeof({path}) = '{kind}' THEN ($2::jsonb ->> {}){cast} END", literal(field));
+        let typed = |kind: &str, cast: &str| {
+            format!(
+                "CASE WHEN jsonb_typeof({path}) = '{kind}' THEN ($2::jsonb ->> {}){cast} END",
+                literal(field)
+            )
+        };
         let (sql_type, from_view) = match spec.rule {
             Rule::Rank { .. } | Rule::Text => ("text", typed("string", "")),
             Rule::Max | Rule::Min | Rule::Counter => ("numeric", typed("number", "::numeric")),
             // (lww, manual, set, authority, and any rule added later)
             _ => ("jsonb", path.clone()),
         };
-        out.push(Column { name: unique(field.clone()), sql_type, from_view });
+        out.push(Column {
+            name: unique(field.clone()),
+            sql_type,
+            from_view,
+        });
         if spec.rule == Rule::Authority {
-            out.push(Column { name: unique(format!("{field}_pending")), sql_type: "jsonb", from_view: format!("$2::jsonb -> '_pending' -> {}", literal(field)) });
+            out.push(Column {
+                name: unique(format!("{field}_pending")),
+                sql_type: "jsonb",
+                from_view: format!("$2::jsonb -> '_pending' -> {}", literal(field)),
+            });
         }
     }
     out
@@ -180,9 +193,17 @@ pub fn table_ddl(table: &str, collection: &Collection, existing: &BTreeSet<Strin
          heads text NOT NULL, feed_seq bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())"
     )];
     for c in columns(collection) {
-        out.push(format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} {}", ident(&c.name), c.sql_type));
+        out.push(format!(
+            "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} {}",
+            ident(&c.name),
+            c.sql_type
+        ));
         if !existing.is_empty() && !existing.contains(&c.name) {
-            out.push(format!("UPDATE {t} SET {} = {}", ident(&c.name), c.from_view.replace("$2::jsonb", "view")));
+            out.push(format!(
+                "UPDATE {t} SET {} = {}",
+                ident(&c.name),
+                c.from_view.replace("$2::jsonb", "view")
+            ));
         }
     }
     out
@@ -196,11 +217,29 @@ pub fn upsert_sql(table: &str, collection: &Collection) -> String {
     let cols = columns(collection);
     let names: Vec<String> = cols.iter().map(|c| ident(&c.name)).collect();
     let values: Vec<&str> = cols.iter().map(|c| c.from_view.as_str()).collect();
-    let mut insert_cols = vec!["id".to_owned(), "view".into(), "deleted".into(), "heads".into(), "feed_seq".into(), "updated_at".into()];
+    let mut insert_cols = vec![
+        "id".to_owned(),
+        "view".into(),
+        "deleted".into(),
+        "heads".into(),
+        "feed_seq".into(),
+        "updated_at".into(),
+    ];
     insert_cols.extend(names.iter().cloned());
-    let mut insert_values = vec!["$1".to_owned(), "$2::jsonb".into(), "$3".into(), "$4".into(), "$5".into(), "now()".into()];
+    let mut insert_values = vec![
+        "$1".to_owned(),
+        "$2::jsonb".into(),
+        "$3".into(),
+        "$4".into(),
+        "$5".into(),
+        "now()".into(),
+    ];
     insert_values.extend(values.iter().map(|v| (*v).to_owned()));
-    let updates: Vec<String> = insert_cols.iter().skip(1).map(|c| format!("{c} = EXCLUDED.{c}")).collect();
+    let updates: Vec<String> = insert_cols
+        .iter()
+        .skip(1)
+        .map(|c| format!("{c} = EXCLUDED.{c}"))
+        .collect();
     format!(
         "INSERT INTO {t} ({}) VALUES ({}) ON CONFLICT (id) DO UPDATE SET {} WHERE {t}.heads IS DISTINCT FROM EXCLUDED.heads OR {t}.view IS DISTINCT FROM EXCLUDED.view",
         insert_cols.join(", "),
@@ -263,14 +302,30 @@ fn tables(replica: &Replica, config: &MirrorConfig) -> BTreeMap<String, String> 
         c if c.starts_with('_') => format!("fieldsync{c}"),
         c => c.to_owned(),
     };
-    replica.workspace().schema.collections.keys().map(|c| (c.clone(), config.tables.get(c).cloned().unwrap_or_else(|| default(c)))).collect()
+    replica
+        .workspace()
+        .schema
+        .collections
+        .keys()
+        .map(|c| {
+            (
+                c.clone(),
+                config.tables.get(c).cloned().unwrap_or_else(|| default(c)),
+            )
+        })
+        .collect()
 }
 
 /// Creates (or extends) every table. Serialised across relays by an advisory lock: two
 /// relays starting at once would otherwise race on `CREATE TABLE IF NOT EXISTS`.
-pub async fn setup(client: &mut Client, replica: &Replica, config: &MirrorConfig) -> Result<(), MirrorError> {
+pub async fn setup(
+    client: &mut Client,
+    replica: &Replica,
+    config: &MirrorConfig,
+) -> Result<(), MirrorError> {
     let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock(7346199)", &[]).await?;
+    tx.execute("SELECT pg_advisory_xact_lock(7346199)", &[])
+        .await?;
     tx.batch_execute(SETUP_SQL).await?;
     for (collection, table) in tables(replica, config) {
         let ws = replica.workspace();
@@ -290,21 +345,42 @@ pub async fn setup(client: &mut Client, replica: &Replica, config: &MirrorConfig
 }
 
 /// Runs a blocking store call off the async threads.
-async fn blocking<T: Send + 'static>(replica: &Arc<Replica>, f: impl FnOnce(&Replica) -> Result<T, fieldsync::Error> + Send + 'static) -> Result<T, MirrorError> {
+async fn blocking<T: Send + 'static>(
+    replica: &Arc<Replica>,
+    f: impl FnOnce(&Replica) -> Result<T, fieldsync::Error> + Send + 'static,
+) -> Result<T, MirrorError> {
     let replica = replica.clone();
-    tokio::task::spawn_blocking(move || f(&replica)).await.map_err(|e| MirrorError(format!("store task: {e}")))?.map_err(Into::into)
+    tokio::task::spawn_blocking(move || f(&replica))
+        .await
+        .map_err(|e| MirrorError(format!("store task: {e}")))?
+        .map_err(Into::into)
 }
 
 /// Mirrors one batch of the feed after the committed position. Returns how many entries
 /// it mirrored (0: caught up).
-pub async fn mirror_batch(client: &mut Client, replica: &Arc<Replica>, config: &MirrorConfig, state: &MirrorState) -> Result<usize, MirrorError> {
+pub async fn mirror_batch(
+    client: &mut Client,
+    replica: &Arc<Replica>,
+    config: &MirrorConfig,
+    state: &MirrorState,
+) -> Result<usize, MirrorError> {
     let relay = replica.peer_id().to_string();
     let tables = tables(replica, config);
     let tx = client.transaction().await?;
-    tx.execute("INSERT INTO fieldsync_mirror (relay) VALUES ($1) ON CONFLICT (relay) DO NOTHING", &[&relay]).await?;
+    tx.execute(
+        "INSERT INTO fieldsync_mirror (relay) VALUES ($1) ON CONFLICT (relay) DO NOTHING",
+        &[&relay],
+    )
+    .await?;
     // Locked, so a `mirror rebuild` (which resets it) waits for this batch, and the batch
     // continues from whatever was committed last — by this process or one before it.
-    let since: i64 = tx.query_one("SELECT feed_seq FROM fieldsync_mirror WHERE relay = $1 FOR UPDATE", &[&relay]).await?.get(0);
+    let since: i64 = tx
+        .query_one(
+            "SELECT feed_seq FROM fieldsync_mirror WHERE relay = $1 FOR UPDATE",
+            &[&relay],
+        )
+        .await?
+        .get(0);
     let since = u64::try_from(since).unwrap_or(0);
     let changes = blocking(replica, move |r| r.changes(since, MIRROR_BATCH)).await?;
     let Some(last) = changes.last().map(|c| c.seq) else {
@@ -316,7 +392,10 @@ pub async fn mirror_batch(client: &mut Client, replica: &Arc<Replica>, config: &
     let mut rows = Vec::with_capacity(changes.len());
     for change in &changes {
         let Some(table) = tables.get(&change.collection) else {
-            return Err(MirrorError(format!("entity {} is in collection {:?}, which the schema lacks", change.id, change.collection)));
+            return Err(MirrorError(format!(
+                "entity {} is in collection {:?}, which the schema lacks",
+                change.id, change.collection
+            )));
         };
         if !statements.contains_key(table) {
             let ws = replica.workspace();
@@ -326,19 +405,41 @@ pub async fn mirror_batch(client: &mut Client, replica: &Arc<Replica>, config: &
         let view = Value::Object(change.view.clone());
         let seq = i64::try_from(change.seq).unwrap_or(i64::MAX);
         let id = uuid::Uuid::from_bytes(*change.id.as_bytes());
-        rows.push((statements[table].clone(), id, view, change.deleted, change.heads.join(","), seq));
+        rows.push((
+            statements[table].clone(),
+            id,
+            view,
+            change.deleted,
+            change.heads.join(","),
+            seq,
+        ));
     }
     // Sent together: tokio-postgres pipelines concurrent queries on one connection, so the
     // batch costs about one round trip instead of one per row.
     type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
-    let params: Vec<[Param<'_>; 5]> = rows.iter().map(|(_, id, view, deleted, heads, seq)| [id as Param<'_>, view, deleted, heads, seq]).collect();
-    futures::future::try_join_all(rows.iter().zip(&params).map(|((statement, ..), params)| tx.execute(statement, params))).await?;
+    let params: Vec<[Param<'_>; 5]> = rows
+        .iter()
+        .map(|(_, id, view, deleted, heads, seq)| [id as Param<'_>, view, deleted, heads, seq])
+        .collect();
+    futures::future::try_join_all(
+        rows.iter()
+            .zip(&params)
+            .map(|((statement, ..), params)| tx.execute(statement, params)),
+    )
+    .await?;
     // The pending proposals of the entities in this batch, as they are now (so the office
     // can accept or reject them through the outbox by id).
-    let entities: Vec<uuid::Uuid> = changes.iter().map(|c| uuid::Uuid::from_bytes(*c.id.as_bytes())).collect();
+    let entities: Vec<uuid::Uuid> = changes
+        .iter()
+        .map(|c| uuid::Uuid::from_bytes(*c.id.as_bytes()))
+        .collect();
     let wanted: BTreeSet<uuid::Uuid> = entities.iter().copied().collect();
     let proposals = blocking(replica, |r| r.pending_proposals()).await?;
-    tx.execute("DELETE FROM fieldsync_proposals WHERE entity_id = ANY($1)", &[&entities]).await?;
+    tx.execute(
+        "DELETE FROM fieldsync_proposals WHERE entity_id = ANY($1)",
+        &[&entities],
+    )
+    .await?;
     let insert = tx
         .prepare("INSERT INTO fieldsync_proposals (id, collection, entity_id, field, value, peer, \"user\", time_ms, op_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING")
         .await?;
@@ -347,15 +448,36 @@ pub async fn mirror_batch(client: &mut Client, replica: &Arc<Replica>, config: &
         if !wanted.contains(&entity) {
             continue;
         }
-        let id = uuid::Uuid::parse_str(&p.id.to_string()).map_err(|e| MirrorError(format!("proposal id {}: {e}", p.id)))?;
+        let id = uuid::Uuid::parse_str(&p.id.to_string())
+            .map_err(|e| MirrorError(format!("proposal id {}: {e}", p.id)))?;
         let r = &p.record;
-        tx.execute(&insert, &[&id, &p.collection, &entity, &r.field, &r.value, &r.peer, &r.user, &r.time_ms, &r.op]).await?;
+        tx.execute(
+            &insert,
+            &[
+                &id,
+                &p.collection,
+                &entity,
+                &r.field,
+                &r.value,
+                &r.peer,
+                &r.user,
+                &r.time_ms,
+                &r.op,
+            ],
+        )
+        .await?;
     }
     let last_i64 = i64::try_from(last).unwrap_or(i64::MAX);
-    tx.execute("UPDATE fieldsync_mirror SET feed_seq = $2, updated_at = now() WHERE relay = $1", &[&relay, &last_i64]).await?;
+    tx.execute(
+        "UPDATE fieldsync_mirror SET feed_seq = $2, updated_at = now() WHERE relay = $1",
+        &[&relay, &last_i64],
+    )
+    .await?;
     tx.commit().await?;
     state.mirrored_seq.store(last, Ordering::Relaxed);
-    state.rows_mirrored.fetch_add(changes.len() as u64, Ordering::Relaxed);
+    state
+        .rows_mirrored
+        .fetch_add(changes.len() as u64, Ordering::Relaxed);
     Ok(changes.len())
 }
 
@@ -380,7 +502,15 @@ struct OutboxRow {
 /// that does not fit the schema, an unknown proposal…) fails the row; a store failure
 /// fails the batch, which is retried.
 fn apply_row(r: &Replica, row: OutboxRow) -> Result<Outcome, fieldsync::Error> {
-    let OutboxRow { seq, action, collection, entity, patch, proposal, op_id } = row;
+    let OutboxRow {
+        seq,
+        action,
+        collection,
+        entity,
+        patch,
+        proposal,
+        op_id,
+    } = row;
     let action = action.as_str();
     let op_text = op_id.unwrap_or_else(|| format!("outbox-{seq}"));
     let op: fieldsync::OpId = match op_text.parse() {
@@ -390,34 +520,63 @@ fn apply_row(r: &Replica, row: OutboxRow) -> Result<Outcome, fieldsync::Error> {
     let entity = entity.map(|u| fieldsync::EntityId::from_bytes(*u.as_bytes()));
     let result = match action {
         "put" | "delete" => {
-            let Some(collection) = collection else { return Ok(Outcome::Failed(format!("{action} needs a collection"))) };
+            let Some(collection) = collection else {
+                return Ok(Outcome::Failed(format!("{action} needs a collection")));
+            };
             if action == "put" {
-                let Some(patch) = patch else { return Ok(Outcome::Failed("put needs a patch".into())) };
-                r.put_op(&collection, entity, &patch, Some(&op)).map(|(id, _)| Some(id))
+                let Some(patch) = patch else {
+                    return Ok(Outcome::Failed("put needs a patch".into()));
+                };
+                r.put_op(&collection, entity, &patch, Some(&op))
+                    .map(|(id, _)| Some(id))
             } else {
-                let Some(id) = entity else { return Ok(Outcome::Failed("delete needs an entity_id".into())) };
+                let Some(id) = entity else {
+                    return Ok(Outcome::Failed("delete needs an entity_id".into()));
+                };
                 r.delete_op(&collection, id, Some(&op)).map(|_| Some(id))
             }
         }
         "accept" | "reject" => {
-            let Some(proposal) = proposal else { return Ok(Outcome::Failed(format!("{action} needs a proposal_id"))) };
+            let Some(proposal) = proposal else {
+                return Ok(Outcome::Failed(format!("{action} needs a proposal_id")));
+            };
             let pid: fieldsync::ProposalId = match proposal.to_string().parse() {
                 Ok(p) => p,
                 Err(e) => return Ok(Outcome::Failed(format!("proposal_id: {e}"))),
             };
-            if action == "accept" { r.accept(pid) } else { r.reject(pid) }.map(Some)
+            if action == "accept" {
+                r.accept(pid)
+            } else {
+                r.reject(pid)
+            }
+            .map(Some)
         }
         other => return Ok(Outcome::Failed(format!("unknown action {other:?}"))),
     };
     match result {
-        Ok(id) => Ok(Outcome::Applied(id.map(|id| uuid::Uuid::from_bytes(*id.as_bytes())))),
-        Err(e) if matches!(e.kind(), ErrorKind::Invalid | ErrorKind::NotFound) || matches!(e, fieldsync::Error::AuthorityOnly(_) | fieldsync::Error::Refused(_)) => Ok(Outcome::Failed(e.to_string())),
+        Ok(id) => Ok(Outcome::Applied(
+            id.map(|id| uuid::Uuid::from_bytes(*id.as_bytes())),
+        )),
+        Err(e)
+            if matches!(e.kind(), ErrorKind::Invalid | ErrorKind::NotFound)
+                || matches!(
+                    e,
+                    fieldsync::Error::AuthorityOnly(_) | fieldsync::Error::Refused(_)
+                ) =>
+        {
+            Ok(Outcome::Failed(e.to_string()))
+        }
         Err(e) => Err(e),
     }
 }
 
 /// Applies one batch of pending outbox rows. Returns how many it took.
-pub async fn drain_outbox(client: &mut Client, replica: &Arc<Replica>, state: &MirrorState, on_change: &(dyn Fn() + Send + Sync)) -> Result<usize, MirrorError> {
+pub async fn drain_outbox(
+    client: &mut Client,
+    replica: &Arc<Replica>,
+    state: &MirrorState,
+    on_change: &(dyn Fn() + Send + Sync),
+) -> Result<usize, MirrorError> {
     let relay = replica.peer_id().to_string();
     let tx = client.transaction().await?;
     let rows = tx
@@ -433,7 +592,15 @@ pub async fn drain_outbox(client: &mut Client, replica: &Arc<Replica>, state: &M
     }
     for row in &rows {
         let seq: i64 = row.get(0);
-        let pending = OutboxRow { seq, action: row.get(1), collection: row.get(2), entity: row.get(3), patch: row.get(4), proposal: row.get(5), op_id: row.get(6) };
+        let pending = OutboxRow {
+            seq,
+            action: row.get(1),
+            collection: row.get(2),
+            entity: row.get(3),
+            patch: row.get(4),
+            proposal: row.get(5),
+            op_id: row.get(6),
+        };
         let outcome = blocking(replica, move |r| apply_row(r, pending)).await?;
         match outcome {
             Outcome::Applied(id) => {
@@ -454,23 +621,43 @@ pub async fn drain_outbox(client: &mut Client, replica: &Arc<Replica>, state: &M
 
 /// Empties every mirror table and resets this relay's position, in one transaction: the
 /// running (or next) mirror re-creates every row from the store.
-pub async fn rebuild(client: &mut Client, replica: &Replica, config: &MirrorConfig) -> Result<usize, MirrorError> {
+pub async fn rebuild(
+    client: &mut Client,
+    replica: &Replica,
+    config: &MirrorConfig,
+) -> Result<usize, MirrorError> {
     setup(client, replica, config).await?;
     let tx = client.transaction().await?;
     let relay = replica.peer_id().to_string();
-    tx.execute("INSERT INTO fieldsync_mirror (relay) VALUES ($1) ON CONFLICT (relay) DO NOTHING", &[&relay]).await?;
-    tx.execute("SELECT feed_seq FROM fieldsync_mirror WHERE relay = $1 FOR UPDATE", &[&relay]).await?;
+    tx.execute(
+        "INSERT INTO fieldsync_mirror (relay) VALUES ($1) ON CONFLICT (relay) DO NOTHING",
+        &[&relay],
+    )
+    .await?;
+    tx.execute(
+        "SELECT feed_seq FROM fieldsync_mirror WHERE relay = $1 FOR UPDATE",
+        &[&relay],
+    )
+    .await?;
     let tables = tables(replica, config);
     for table in tables.values() {
-        tx.batch_execute(&format!("TRUNCATE {}", ident(table))).await?;
+        tx.batch_execute(&format!("TRUNCATE {}", ident(table)))
+            .await?;
     }
-    tx.execute("UPDATE fieldsync_mirror SET feed_seq = 0, updated_at = now() WHERE relay = $1", &[&relay]).await?;
+    tx.execute(
+        "UPDATE fieldsync_mirror SET feed_seq = 0, updated_at = now() WHERE relay = $1",
+        &[&relay],
+    )
+    .await?;
     tx.commit().await?;
     Ok(tables.len())
 }
 
 /// Connects; the connection's messages (notifications) drive `wake`.
-pub async fn connect(url: &str, wake: Option<Arc<tokio::sync::Notify>>) -> Result<Client, MirrorError> {
+pub async fn connect(
+    url: &str,
+    wake: Option<Arc<tokio::sync::Notify>>,
+) -> Result<Client, MirrorError> {
     let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
     tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -495,7 +682,13 @@ pub async fn connect(url: &str, wake: Option<Arc<tokio::sync::Notify>>) -> Resul
 
 /// Mirrors and drains until `shutdown` resolves, reconnecting with backoff after any
 /// failure (nothing is skipped: the failed batch is retried).
-pub async fn run(replica: Arc<Replica>, config: MirrorConfig, state: Arc<MirrorState>, on_change: Arc<dyn Fn() + Send + Sync>, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn run(
+    replica: Arc<Replica>,
+    config: MirrorConfig,
+    state: Arc<MirrorState>,
+    on_change: Arc<dyn Fn() + Send + Sync>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(250);
     loop {
@@ -520,7 +713,13 @@ pub async fn run(replica: Arc<Replica>, config: MirrorConfig, state: Arc<MirrorS
 }
 
 /// One connected session: set up, then mirror and drain as things happen.
-async fn session(replica: &Arc<Replica>, config: &MirrorConfig, state: &MirrorState, on_change: &(dyn Fn() + Send + Sync), backoff: &mut Duration) -> Result<(), MirrorError> {
+async fn session(
+    replica: &Arc<Replica>,
+    config: &MirrorConfig,
+    state: &MirrorState,
+    on_change: &(dyn Fn() + Send + Sync),
+    backoff: &mut Duration,
+) -> Result<(), MirrorError> {
     let wake = Arc::new(tokio::sync::Notify::new());
     let mut client = connect(&config.url, Some(wake.clone())).await?;
     setup(&mut client, replica, config).await?;
@@ -544,8 +743,16 @@ async fn session(replica: &Arc<Replica>, config: &MirrorConfig, state: &MirrorSt
         let mut busy = mirror_batch(&mut client, replica, config, state).await? > 0;
         *backoff = Duration::from_millis(250);
         if busy && last_log.elapsed() >= LAG_LOG_EVERY {
-            let (mirrored, head) = (state.mirrored_seq.load(Ordering::Relaxed), replica.feed_seq());
-            tracing::info!(mirrored, head, lag = head.saturating_sub(mirrored), "postgres mirror catching up");
+            let (mirrored, head) = (
+                state.mirrored_seq.load(Ordering::Relaxed),
+                replica.feed_seq(),
+            );
+            tracing::info!(
+                mirrored,
+                head,
+                lag = head.saturating_sub(mirrored),
+                "postgres mirror catching up"
+            );
             last_log = tokio::time::Instant::now();
         }
         if last_outbox.elapsed() >= OUTBOX_POLL {
@@ -591,7 +798,10 @@ mod tests {
             amount_pending = { rule = "max" }
             "#,
         );
-        let cols: Vec<(String, &str)> = columns(&c).into_iter().map(|c| (c.name, c.sql_type)).collect();
+        let cols: Vec<(String, &str)> = columns(&c)
+            .into_iter()
+            .map(|c| (c.name, c.sql_type))
+            .collect();
         assert_eq!(
             cols,
             vec![
@@ -605,12 +815,29 @@ mod tests {
         );
         let sql = upsert_sql("my \"things\"", &c);
         assert!(sql.starts_with(r#"INSERT INTO "my ""things""" (id, view, deleted, heads, feed_seq, updated_at, "amount""#), "{sql}");
-        assert!(sql.contains(r#""view_field" = EXCLUDED."view_field""#), "{sql}");
-        assert!(table_ddl("t", &c, &BTreeSet::new()).iter().any(|d| d == r#"ALTER TABLE "t" ADD COLUMN IF NOT EXISTS "count" numeric"#));
+        assert!(
+            sql.contains(r#""view_field" = EXCLUDED."view_field""#),
+            "{sql}"
+        );
+        assert!(table_ddl("t", &c, &BTreeSet::new())
+            .iter()
+            .any(|d| d == r#"ALTER TABLE "t" ADD COLUMN IF NOT EXISTS "count" numeric"#));
         // A column new to an existing table is filled from the views.
-        let existing: BTreeSet<String> = ["id", "view", "status"].iter().map(|c| (*c).to_owned()).collect();
+        let existing: BTreeSet<String> = ["id", "view", "status"]
+            .iter()
+            .map(|c| (*c).to_owned())
+            .collect();
         let ddl = table_ddl("t", &c, &existing);
-        assert!(ddl.iter().any(|d| d.starts_with(r#"UPDATE "t" SET "count" = CASE WHEN jsonb_typeof(view -> 'count')"#)), "{ddl:?}");
-        assert!(!ddl.iter().any(|d| d.starts_with(r#"UPDATE "t" SET "status""#)), "{ddl:?}");
+        assert!(
+            ddl.iter().any(|d| d.starts_with(
+                r#"UPDATE "t" SET "count" = CASE WHEN jsonb_typeof(view -> 'count')"#
+            )),
+            "{ddl:?}"
+        );
+        assert!(
+            !ddl.iter()
+                .any(|d| d.starts_with(r#"UPDATE "t" SET "status""#)),
+            "{ddl:?}"
+        );
     }
 }

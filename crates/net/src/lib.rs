@@ -22,14 +22,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fieldsync::core::protocol::Role;
-use fieldsync::sync::{Config as EngineConfig, Engine, Event, Input, Outcome, SecurityStats, Task, TaskId};
+use fieldsync::sync::{
+    Config as EngineConfig, Engine, Event, Input, Outcome, SecurityStats, Task, TaskId,
+};
 use fieldsync::sync_host::{self, Watch};
 use fieldsync::Replica;
 use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
-use libp2p::{dcutr, identify, mdns, noise, ping, relay, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
+use libp2p::{
+    dcutr, identify, mdns, noise, ping, relay, tcp, yamux, Multiaddr, PeerId, StreamProtocol,
+};
 use rand::Rng as _;
 use tokio::sync::mpsc;
 
@@ -42,6 +46,15 @@ const WRITER_QUEUE: usize = 256;
 /// relay's memory however many slow devices it serves (each may have a window of pages in
 /// flight). Far above one peer's window, so one stalled peer cannot hold it all.
 const SEND_BUDGET_KIB: usize = 24 << 10;
+/// KiB of received frames held at once by all sessions together, from the first byte read
+/// until the engine took the frame. A reader takes its share chunk by chunk as bytes
+/// arrive, so a peer that trickles a large frame holds only what it has sent.
+const RECV_BUDGET_KIB: usize = 24 << 10;
+/// Bytes a reader takes from the receive budget at a time.
+const RECV_CHUNK: usize = 64 << 10;
+/// Largest first frame of a session: a `Hello` or a `Goodbye` (honest peers send nothing
+/// else first), so a stranger cannot make a node buffer a large frame before admission.
+pub const MAX_FIRST_FRAME: usize = 64 << 10;
 /// Inputs (frames read, app notifications) queued for the owner.
 const INPUT_QUEUE: usize = 1024;
 /// How long opening the sync stream may take before it is retried.
@@ -189,15 +202,36 @@ struct Behaviour {
 /// What the owner task receives from stream tasks and the app.
 #[derive(Debug)]
 enum Owned {
-    Frame { peer: PeerId, gen: u64, bytes: Vec<u8> },
-    Closed { peer: PeerId, gen: u64 },
-    Opened { peer: PeerId, stream: libp2p::Stream },
+    /// A received frame with its share of the receive budget, released once handled.
+    Frame {
+        peer: PeerId,
+        gen: u64,
+        bytes: Vec<u8>,
+        budget: tokio::sync::OwnedSemaphorePermit,
+    },
+    Closed {
+        peer: PeerId,
+        gen: u64,
+    },
+    Opened {
+        peer: PeerId,
+        stream: libp2p::Stream,
+    },
     /// The peer sent frames faster than allowed or an oversized frame.
-    Hostile { peer: PeerId, gen: u64, reason: String },
+    Hostile {
+        peer: PeerId,
+        gen: u64,
+        reason: String,
+    },
     /// A session's writer wrote everything queued and closed its half of the stream.
-    WriterClosed { peer: PeerId },
+    WriterClosed {
+        peer: PeerId,
+    },
     /// Opening the sync stream failed; `unsupported` if the peer does not speak it.
-    OpenFailed { peer: PeerId, error: String },
+    OpenFailed {
+        peer: PeerId,
+        error: String,
+    },
     LocalChange,
 }
 
@@ -259,7 +293,13 @@ struct Redial {
 pub fn channel() -> (Handle, Inbox) {
     let (tx, rx) = mpsc::channel(INPUT_QUEUE);
     let stats = Arc::new(Stats::default());
-    (Handle { inputs: tx.clone(), stats: stats.clone() }, Inbox { tx, rx, stats })
+    (
+        Handle {
+            inputs: tx.clone(),
+            stats: stats.clone(),
+        },
+        Inbox { tx, rx, stats },
+    )
 }
 
 /// The node's input queue, consumed by [`run`].
@@ -305,9 +345,16 @@ struct Peers {
 type Admitted = Arc<std::sync::Mutex<HashSet<PeerId>>>;
 
 /// A relay rate limiter that lets admitted members through and counts everyone else.
-fn members_only(admitted: Admitted, security: Arc<SecurityStats>, what: &'static str) -> Box<dyn relay::RateLimiter> {
+fn members_only(
+    admitted: Admitted,
+    security: Arc<SecurityStats>,
+    what: &'static str,
+) -> Box<dyn relay::RateLimiter> {
     Box::new(move |peer: PeerId, _addr: &Multiaddr, _now| {
-        let ok = admitted.lock().unwrap_or_else(|p| p.into_inner()).contains(&peer);
+        let ok = admitted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&peer);
         if !ok {
             security.relay_refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, what, "circuit relay refused to a peer that is not an admitted member");
@@ -317,25 +364,47 @@ fn members_only(admitted: Admitted, security: Arc<SecurityStats>, what: &'static
 }
 
 /// Runs the node until `shutdown` resolves.
-pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: mpsc::Sender<Notice>, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+pub async fn run(
+    replica: Arc<Replica>,
+    config: Config,
+    inbox: Inbox,
+    notices: mpsc::Sender<Notice>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
     let keypair = replica.keypair();
     let local = keypair.public().to_peer_id();
     let mdns_on = config.mdns;
     let relay_server = config.relay_server;
     let max_connections = config.max_connections;
-    let Inbox { tx: inputs, rx: mut inbox, stats } = inbox;
+    let Inbox {
+        tx: inputs,
+        rx: mut inbox,
+        stats,
+    } = inbox;
     let admitted: Admitted = Arc::default();
     let relay_config = {
         let mut c = relay::Config::default();
         if !config.open_relay {
-            c.reservation_rate_limiters.push(members_only(admitted.clone(), stats.security.clone(), "reservation"));
-            c.circuit_src_rate_limiters.push(members_only(admitted.clone(), stats.security.clone(), "circuit"));
+            c.reservation_rate_limiters.push(members_only(
+                admitted.clone(),
+                stats.security.clone(),
+                "reservation",
+            ));
+            c.circuit_src_rate_limiters.push(members_only(
+                admitted.clone(),
+                stats.security.clone(),
+                "circuit",
+            ));
         }
         c
     };
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .map_err(|e| Error::Setup(e.to_string()))?
         .with_quic()
         .with_relay_client(noise::Config::new, yamux::Config::default)
@@ -344,16 +413,32 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
             let id = key.public().to_peer_id();
             // Query every 5 s (libp2p's default is 5 min): a device that missed the first
             // announcement still finds its peers quickly.
-            let mdns = if mdns_on { Some(mdns::tokio::Behaviour::new(mdns::Config { query_interval: Duration::from_secs(5), ..Default::default() }, key.public().to_peer_id())?) } else { None };
+            let mdns = if mdns_on {
+                Some(mdns::tokio::Behaviour::new(
+                    mdns::Config {
+                        query_interval: Duration::from_secs(5),
+                        ..Default::default()
+                    },
+                    key.public().to_peer_id(),
+                )?)
+            } else {
+                None
+            };
             Ok(Behaviour {
                 limits: libp2p::connection_limits::Behaviour::new(
-                    libp2p::connection_limits::ConnectionLimits::default().with_max_established(Some(max_connections)),
+                    libp2p::connection_limits::ConnectionLimits::default()
+                        .with_max_established(Some(max_connections)),
                 ),
-                identify: identify::Behaviour::new(identify::Config::new("/fieldsync/1".into(), key.public())),
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/fieldsync/1".into(),
+                    key.public(),
+                )),
                 ping: ping::Behaviour::default(),
                 stream: libp2p_stream::Behaviour::new(),
                 mdns: Toggle::from(mdns),
-                relay_server: Toggle::from(relay_server.then(|| relay::Behaviour::new(id, relay_config))),
+                relay_server: Toggle::from(
+                    relay_server.then(|| relay::Behaviour::new(id, relay_config)),
+                ),
                 relay_client,
                 dcutr: dcutr::Behaviour::new(id),
             })
@@ -363,20 +448,45 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
         .build();
     check_listen(&config.listen)?;
     for addr in &config.listen {
-        swarm.listen_on(addr.clone()).map_err(|e| Error::Listen { addr: addr.clone(), reason: e.to_string() })?;
+        swarm.listen_on(addr.clone()).map_err(|e| Error::Listen {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        })?;
     }
     let mut control = swarm.behaviour().stream.new_control();
-    let mut incoming = control.accept(PROTOCOL).map_err(|e| Error::Setup(e.to_string()))?;
+    let mut incoming = control
+        .accept(PROTOCOL)
+        .map_err(|e| Error::Setup(e.to_string()))?;
 
-    let engine_config = EngineConfig::default().with_role(config.role).with_name(replica.name()).with_hello_timeout(HANDSHAKE_TIMEOUT);
-    let engine = Engine::new(engine_config, sync_host::local_state(&replica)?).with_security(stats.security.clone());
+    let engine_config = EngineConfig::default()
+        .with_role(config.role)
+        .with_name(replica.name())
+        .with_hello_timeout(HANDSHAKE_TIMEOUT);
+    let engine = Engine::new(engine_config, sync_host::local_state(&replica)?)
+        .with_security(stats.security.clone());
     let (results, mut io_results) = mpsc::channel(IO_RESULTS_QUEUE);
-    let mut engine = Core { engine, watch: Watch::new(&replica), replica: replica.clone(), started: std::time::Instant::now(), results };
+    let mut engine = Core {
+        engine,
+        watch: Watch::new(&replica),
+        replica: replica.clone(),
+        started: std::time::Instant::now(),
+        results,
+    };
     let mut peers = Peers::default();
     let mut sessions: HashMap<PeerId, Session> = HashMap::new();
     let budget = Arc::new(tokio::sync::Semaphore::new(SEND_BUDGET_KIB));
+    let recv_budget = Arc::new(tokio::sync::Semaphore::new(RECV_BUDGET_KIB));
     let mut next_gen = 0u64;
-    let mut redials: Vec<Redial> = config.dial.iter().map(|a| Redial { addr: a.clone(), failures: 0, due: Some(tokio::time::Instant::now()), connection: None }).collect();
+    let mut redials: Vec<Redial> = config
+        .dial
+        .iter()
+        .map(|a| Redial {
+            addr: a.clone(),
+            failures: 0,
+            due: Some(tokio::time::Instant::now()),
+            connection: None,
+        })
+        .collect();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tokio::pin!(shutdown);
 
@@ -538,7 +648,7 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                     }
                 } else {
                     let dialed = peers.dialed.contains(&peer);
-                    attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, &stats, config.max_frames_per_sec, peer, stream, dialed)?;
+                    attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, &stats, &recv_budget, config.max_frames_per_sec, peer, stream, dialed)?;
                 }
             }
             Some(msg) = inbox.recv() => match msg {
@@ -548,7 +658,7 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                     end_lingering(&mut engine, &mut sessions, &mut peers, &notices, peer)?;
                     if !peers.banned.contains_key(&peer) {
                         let dialed = peers.dialed.contains(&peer);
-                        attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, &stats, config.max_frames_per_sec, peer, stream, dialed)?;
+                        attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, &stats, &recv_budget, config.max_frames_per_sec, peer, stream, dialed)?;
                     }
                 }
                 Owned::Hostile { peer, gen, reason } => {
@@ -576,10 +686,11 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
                         }
                     }
                 }
-                Owned::Frame { peer, gen, bytes } => {
+                Owned::Frame { peer, gen, bytes, budget } => {
                     if sessions.get(&peer).is_some_and(|s| s.gen == gen) {
                         engine.handle(Input::Frame(peer, bytes))?;
                     }
+                    drop(budget);
                 }
                 Owned::Closed { peer, gen } => {
                     if peers.lingering.get(&peer).is_some_and(|(g, _)| *g == gen) {
@@ -607,7 +718,9 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
             }
         }
         for peer in out.failed {
-            peers.cooldown.insert(peer, tokio::time::Instant::now() + SESSION_COOLDOWN);
+            peers
+                .cooldown
+                .insert(peer, tokio::time::Instant::now() + SESSION_COOLDOWN);
         }
         for peer in out.refused {
             ban(&mut peers, &stats.security, peer, config.ban);
@@ -621,9 +734,15 @@ pub async fn run(replica: Arc<Replica>, config: Config, inbox: Inbox, notices: m
         // us, so it will grant the reservation), once per relay connection.
         for peer in out.started {
             peers.refused_us.remove(&peer);
-            for relay_addr in config.circuit_relays.iter().filter(|a| peer_of(a) == Some(peer)) {
+            for relay_addr in config
+                .circuit_relays
+                .iter()
+                .filter(|a| peer_of(a) == Some(peer))
+            {
                 if peers.circuits.insert(peer) {
-                    let circuit = relay_addr.clone().with(libp2p::multiaddr::Protocol::P2pCircuit);
+                    let circuit = relay_addr
+                        .clone()
+                        .with(libp2p::multiaddr::Protocol::P2pCircuit);
                     if let Err(e) = swarm.listen_on(circuit.clone()) {
                         tracing::warn!(%circuit, %e, "cannot listen through the relay");
                         peers.circuits.remove(&peer);
@@ -663,8 +782,12 @@ pub fn check_listen(listen: &[Multiaddr]) -> Result<(), Error> {
             _ => continue,
         };
         let probe = match parts.next() {
-            Some(Protocol::Tcp(port)) if port != 0 => std::net::TcpListener::bind((ip, port)).map(drop),
-            Some(Protocol::Udp(port)) if port != 0 => std::net::UdpSocket::bind((ip, port)).map(drop),
+            Some(Protocol::Tcp(port)) if port != 0 => {
+                std::net::TcpListener::bind((ip, port)).map(drop)
+            }
+            Some(Protocol::Udp(port)) if port != 0 => {
+                std::net::UdpSocket::bind((ip, port)).map(drop)
+            }
             _ => continue,
         };
         match probe {
@@ -700,7 +823,10 @@ fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
 
 fn schedule(r: &mut Redial, config: &Config) {
     r.failures = r.failures.saturating_add(1);
-    let base = config.min_backoff.saturating_mul(1u32 << r.failures.min(16)).min(config.max_backoff);
+    let base = config
+        .min_backoff
+        .saturating_mul(1u32 << r.failures.min(16))
+        .min(config.max_backoff);
     let jitter = rand::rng().random_range(0.5..1.5);
     r.due = Some(tokio::time::Instant::now() + base.mul_f64(jitter));
 }
@@ -711,7 +837,12 @@ fn schedule(r: &mut Redial, config: &Config) {
 fn ban(peers: &mut Peers, security: &SecurityStats, peer: PeerId, for_how_long: Duration) {
     let now = tokio::time::Instant::now();
     if peers.banned.len() >= MAX_BANNED && !peers.banned.contains_key(&peer) {
-        if let Some(soonest) = peers.banned.iter().min_by_key(|(_, until)| **until).map(|(p, _)| *p) {
+        if let Some(soonest) = peers
+            .banned
+            .iter()
+            .min_by_key(|(_, until)| **until)
+            .map(|(p, _)| *p)
+        {
             peers.banned.remove(&soonest);
         }
     }
@@ -726,7 +857,13 @@ fn ban(peers: &mut Peers, security: &SecurityStats, peer: PeerId, for_how_long: 
 
 /// Ends a session whose connection closed and that still waits for its reader: a new
 /// stream from the same peer replaces it.
-fn end_lingering(engine: &mut Core, sessions: &mut HashMap<PeerId, Session>, peers: &mut Peers, notices: &mpsc::Sender<Notice>, peer: PeerId) -> Result<(), Error> {
+fn end_lingering(
+    engine: &mut Core,
+    sessions: &mut HashMap<PeerId, Session>,
+    peers: &mut Peers,
+    notices: &mpsc::Sender<Notice>,
+    peer: PeerId,
+) -> Result<(), Error> {
     if let Some((gen, _)) = peers.lingering.remove(&peer) {
         if sessions.get(&peer).is_some_and(|s| s.gen == gen) {
             sessions.remove(&peer);
@@ -751,6 +888,7 @@ fn attach(
     inputs: &mpsc::Sender<Owned>,
     notices: &mpsc::Sender<Notice>,
     stats: &Arc<Stats>,
+    recv_budget: &Arc<tokio::sync::Semaphore>,
     max_frames_per_sec: u32,
     peer: PeerId,
     stream: libp2p::Stream,
@@ -764,7 +902,8 @@ fn attach(
     *next_gen += 1;
     let gen = *next_gen;
     let (mut read, mut write) = stream.split();
-    let (writer, mut frames) = mpsc::channel::<(Vec<u8>, tokio::sync::OwnedSemaphorePermit)>(WRITER_QUEUE);
+    let (writer, mut frames) =
+        mpsc::channel::<(Vec<u8>, tokio::sync::OwnedSemaphorePermit)>(WRITER_QUEUE);
     let out_stats = stats.clone();
     let done = inputs.clone();
     tokio::spawn(async move {
@@ -772,11 +911,16 @@ fn attach(
         // is closed (a refusal's Goodbye is the last frame) and the owner told.
         while let Some((bytes, _budget)) = frames.recv().await {
             let len = (bytes.len() as u32).to_be_bytes();
-            if write.write_all(&len).await.is_err() || write.write_all(&bytes).await.is_err() || write.flush().await.is_err() {
+            if write.write_all(&len).await.is_err()
+                || write.write_all(&bytes).await.is_err()
+                || write.flush().await.is_err()
+            {
                 break;
             }
             out_stats.frames_sent.fetch_add(1, Ordering::Relaxed);
-            out_stats.bytes_sent.fetch_add(4 + bytes.len() as u64, Ordering::Relaxed);
+            out_stats
+                .bytes_sent
+                .fetch_add(4 + bytes.len() as u64, Ordering::Relaxed);
         }
         let _ = tokio::time::timeout(FLUSH_TIMEOUT, write.close()).await;
         let _ = done.send(Owned::WriterClosed { peer }).await;
@@ -784,11 +928,13 @@ fn attach(
     let max_frame = fieldsync::core::protocol::Limits::default().max_frame as usize;
     let tx = inputs.clone();
     let in_stats = stats.clone();
+    let recv_budget = recv_budget.clone();
     tokio::spawn(async move {
         // A token bucket: `rate` frames a second, bursts up to twice that.
         let rate = f64::from(max_frames_per_sec.max(1));
         let mut tokens = 2.0 * rate;
         let mut refilled = tokio::time::Instant::now();
+        let mut first = true;
         loop {
             let mut len = [0u8; 4];
             if read.read_exact(&mut len).await.is_err() {
@@ -800,6 +946,13 @@ fn attach(
                 let _ = tx.send(Owned::Hostile { peer, gen, reason }).await;
                 return;
             }
+            if first && len > MAX_FIRST_FRAME {
+                let reason =
+                    format!("a first frame of {len} bytes (a Hello is at most {MAX_FIRST_FRAME})");
+                let _ = tx.send(Owned::Hostile { peer, gen, reason }).await;
+                return;
+            }
+            first = false;
             let now = tokio::time::Instant::now();
             tokens = (tokens + now.duration_since(refilled).as_secs_f64() * rate).min(2.0 * rate);
             refilled = now;
@@ -810,22 +963,58 @@ fn attach(
                 return;
             }
             tokens -= 1.0;
-            let mut bytes = vec![0u8; len];
-            if read.read_exact(&mut bytes).await.is_err() {
+            let Some((bytes, budget)) = read_budgeted(&mut read, len, &recv_budget).await else {
                 break;
-            }
+            };
             in_stats.frames_received.fetch_add(1, Ordering::Relaxed);
-            in_stats.bytes_received.fetch_add(4 + len as u64, Ordering::Relaxed);
-            if tx.send(Owned::Frame { peer, gen, bytes }).await.is_err() {
+            in_stats
+                .bytes_received
+                .fetch_add(4 + len as u64, Ordering::Relaxed);
+            if tx
+                .send(Owned::Frame {
+                    peer,
+                    gen,
+                    bytes,
+                    budget,
+                })
+                .await
+                .is_err()
+            {
                 return;
             }
         }
         let _ = tx.send(Owned::Closed { peer, gen }).await;
     });
     sessions.insert(peer, Session { gen, writer });
-    engine.handle(if dialed { Input::Dialed(peer) } else { Input::Connected(peer) })?;
+    engine.handle(if dialed {
+        Input::Dialed(peer)
+    } else {
+        Input::Connected(peer)
+    })?;
     notify(notices, Notice::PeerConnected(peer));
     Ok(())
+}
+
+/// Reads a frame body of `len` bytes, taking its share of the receive budget a chunk at a
+/// time before each chunk is read (so memory held follows bytes actually received); `None`
+/// if the stream ended first.
+async fn read_budgeted<R: futures::AsyncRead + Unpin>(
+    read: &mut R,
+    len: usize,
+    budget: &Arc<tokio::sync::Semaphore>,
+) -> Option<(Vec<u8>, tokio::sync::OwnedSemaphorePermit)> {
+    let mut bytes = Vec::with_capacity(len.min(RECV_CHUNK));
+    // An empty frame still takes one KiB, so every frame holds a permit.
+    let mut held = budget.clone().acquire_many_owned(1).await.ok()?;
+    while bytes.len() < len {
+        let n = (len - bytes.len()).min(RECV_CHUNK);
+        let kib = n.div_ceil(1024) as u32;
+        held.merge(budget.clone().acquire_many_owned(kib).await.ok()?);
+        let at = bytes.len();
+        bytes.resize(at + n, 0);
+        read.read_exact(&mut bytes[at..]).await.ok()?;
+    }
+    Some((bytes, held))
 }
 
 /// What a drain found: peers whose session failed, of those the refused (to be banned), the
@@ -841,14 +1030,21 @@ struct Drained {
 }
 
 /// Sends every queued frame to its stream's writer and reports every event.
-async fn drain(core: &mut Core, sessions: &mut HashMap<PeerId, Session>, notices: &mpsc::Sender<Notice>, budget: &Arc<tokio::sync::Semaphore>) -> Result<Drained, Error> {
+async fn drain(
+    core: &mut Core,
+    sessions: &mut HashMap<PeerId, Session>,
+    notices: &mpsc::Sender<Notice>,
+    budget: &Arc<tokio::sync::Semaphore>,
+) -> Result<Drained, Error> {
     let mut out = Drained::default();
     loop {
         while let Some((peer, bytes)) = core.engine.poll_transmit() {
             if let Some(s) = sessions.get(&peer) {
                 // Waiting here is the backpressure of slow peers (queues and bytes are bounded).
                 let kib = (bytes.len() >> 10).clamp(1, SEND_BUDGET_KIB) as u32;
-                let Ok(permit) = budget.clone().acquire_many_owned(kib).await else { continue };
+                let Ok(permit) = budget.clone().acquire_many_owned(kib).await else {
+                    continue;
+                };
                 if s.writer.send((bytes, permit)).await.is_err() {
                     // The stream is gone: end the engine's session too (its reader's own
                     // notice will no longer match a session).
@@ -858,7 +1054,9 @@ async fn drain(core: &mut Core, sessions: &mut HashMap<PeerId, Session>, notices
                 }
             }
         }
-        let Some(event) = core.engine.poll_event() else { return Ok(out) };
+        let Some(event) = core.engine.poll_event() else {
+            return Ok(out);
+        };
         match &event {
             Event::StorageFailed { reason } => return Err(Error::Storage(reason.clone())),
             Event::PeerRefused { peer, .. } => out.refused.push(*peer),
@@ -877,5 +1075,96 @@ async fn drain(core: &mut Core, sessions: &mut HashMap<PeerId, Session>, notices
             _ => {}
         }
         notify(notices, Notice::Sync(event));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::TryStreamExt as _;
+
+    /// A stream that delivers `bytes`, then stalls forever (a peer trickling a frame).
+    fn stalls_after(bytes: Vec<u8>) -> impl futures::AsyncRead + Unpin {
+        futures::stream::iter([Ok::<_, std::io::Error>(bytes)])
+            .chain(futures::stream::pending())
+            .into_async_read()
+    }
+
+    #[tokio::test]
+    async fn a_trickled_frame_holds_only_what_arrived_and_others_still_get_through() {
+        let budget = Arc::new(tokio::sync::Semaphore::new(RECV_BUDGET_KIB));
+        // A peer announces 16 MiB and sends 1 MiB of it.
+        let slow = tokio::spawn({
+            let budget = budget.clone();
+            async move {
+                read_budgeted(&mut stalls_after(vec![7; 1 << 20]), 16 << 20, &budget)
+                    .await
+                    .map(|(b, _)| b.len())
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let held = RECV_BUDGET_KIB - budget.available_permits();
+        assert!(
+            held <= 1024 + RECV_CHUNK / 1024 + 1,
+            "the trickler holds {held} KiB for 1 MiB sent"
+        );
+        assert!(held >= 1024, "what arrived is counted: {held} KiB");
+        // Two other peers' 8 MiB frames are read whole meanwhile; the budget comes back.
+        for _ in 0..2 {
+            let (bytes, permit) =
+                read_budgeted(&mut stalls_after(vec![1; 8 << 20]), 8 << 20, &budget)
+                    .await
+                    .expect("a whole frame");
+            assert_eq!(bytes.len(), 8 << 20);
+            assert_eq!(
+                RECV_BUDGET_KIB - budget.available_permits(),
+                held + (8 << 10) + 1
+            );
+            drop(permit);
+        }
+        assert_eq!(RECV_BUDGET_KIB - budget.available_permits(), held);
+        assert!(!slow.is_finished());
+        slow.abort();
+        let _ = slow.await;
+        assert_eq!(
+            budget.available_permits(),
+            RECV_BUDGET_KIB,
+            "an abandoned read gives its share back"
+        );
+    }
+
+    #[tokio::test]
+    async fn readers_wait_for_the_budget_instead_of_going_over_it() {
+        let budget = Arc::new(tokio::sync::Semaphore::new(RECV_BUDGET_KIB));
+        let (_first, held) = read_budgeted(&mut stalls_after(vec![1; 16 << 20]), 16 << 20, &budget)
+            .await
+            .expect("a whole frame");
+        // 16 MiB are held: a second 16 MiB frame cannot be read whole until they are released.
+        let second = tokio::spawn({
+            let budget = budget.clone();
+            async move {
+                read_budgeted(&mut stalls_after(vec![2; 16 << 20]), 16 << 20, &budget)
+                    .await
+                    .map(|(b, _)| b.len())
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !second.is_finished(),
+            "the second read went over the budget"
+        );
+        assert!(
+            budget.available_permits() < RECV_CHUNK / 1024,
+            "it waits at the limit: {} KiB free",
+            budget.available_permits()
+        );
+        drop(held);
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(10), second)
+                .await
+                .expect("it finishes once the budget is back")
+                .unwrap(),
+            Some(16 << 20)
+        );
     }
 }

@@ -124,20 +124,32 @@ impl Header {
         let u32_at = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let (m_kib, t, p) = (u32_at(5), u32_at(9), u32_at(13));
         // Costs a hostile file could set to exhaust memory or time are refused.
-        if kind == KeyKind::Passphrase && (!(8..=(4 << 20)).contains(&m_kib) || !(1..=64).contains(&t) || !(1..=16).contains(&p)) {
+        if kind == KeyKind::Passphrase
+            && (!(8..=(4 << 20)).contains(&m_kib)
+                || !(1..=64).contains(&t)
+                || !(1..=16).contains(&p))
+        {
             return Err(corrupt("Argon2id costs out of range"));
         }
         let mut salt = [0u8; 16];
         salt.copy_from_slice(&b[17..33]);
         let mut check = [0u8; 32];
         check.copy_from_slice(&b[33..65]);
-        Ok(Header { kind, m_kib, t, p, salt, check })
+        Ok(Header {
+            kind,
+            m_kib,
+            t,
+            p,
+            salt,
+            check,
+        })
     }
 }
 
 fn mac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     // Keys given here are 16 to 64 bytes: always a valid BLAKE2b key length.
-    let mut m = <Blake2bMac<U32> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("BLAKE2b takes keys of 1 to 64 bytes"));
+    let mut m = <Blake2bMac<U32> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("BLAKE2b takes keys of 1 to 64 bytes"));
     for p in parts {
         Mac::update(&mut m, &(p.len() as u64).to_be_bytes());
         Mac::update(&mut m, p);
@@ -165,7 +177,8 @@ fn master(secret: &Secret, h: &Header) -> Result<[u8; 32], Error> {
     let mut out = [0u8; 32];
     match secret {
         Secret::Passphrase(p) => {
-            let params = Params::new(h.m_kib, h.t, h.p, Some(32)).map_err(|e| Error::Corrupt(format!("encryption header: {e}")))?;
+            let params = Params::new(h.m_kib, h.t, h.p, Some(32))
+                .map_err(|e| Error::Corrupt(format!("encryption header: {e}")))?;
             Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
                 .hash_password_into(p.as_bytes(), &h.salt, &mut out)
                 .map_err(|e| Error::Corrupt(format!("key derivation: {e}")))?;
@@ -181,7 +194,10 @@ fn master(secret: &Secret, h: &Header) -> Result<[u8; 32], Error> {
 /// The secret part of a key file: its bytes without one trailing line ending (an editor's
 /// newline; other bytes, whitespace included, are secret), 16 to 4,096 bytes.
 fn key_file_secret(bytes: &[u8]) -> Result<&[u8], Error> {
-    let secret = bytes.strip_suffix(b"\n").map(|b| b.strip_suffix(b"\r").unwrap_or(b)).unwrap_or(bytes);
+    let secret = bytes
+        .strip_suffix(b"\n")
+        .map(|b| b.strip_suffix(b"\r").unwrap_or(b))
+        .unwrap_or(bytes);
     if secret.len() < MIN_KEY_FILE_BYTES || secret.len() > MAX_KEY_FILE_BYTES {
         return Err(Error::WrongKey(format!(
             "the key file holds {} bytes of secret; it must hold {MIN_KEY_FILE_BYTES} to {MAX_KEY_FILE_BYTES} (e.g. `head -c 32 /dev/urandom > FILE`)",
@@ -207,8 +223,19 @@ impl Keys {
     pub(crate) fn create(secret: &Secret) -> Result<(Self, Header), Error> {
         let mut salt = [0u8; 16];
         rand::rng().fill_bytes(&mut salt);
-        let (m_kib, t, p) = (Params::DEFAULT_M_COST, Params::DEFAULT_T_COST, Params::DEFAULT_P_COST);
-        let mut h = Header { kind: secret.kind(), m_kib, t, p, salt, check: [0; 32] };
+        let (m_kib, t, p) = (
+            Params::DEFAULT_M_COST,
+            Params::DEFAULT_T_COST,
+            Params::DEFAULT_P_COST,
+        );
+        let mut h = Header {
+            kind: secret.kind(),
+            m_kib,
+            t,
+            p,
+            salt,
+            check: [0; 32],
+        };
         let (keys, check) = Keys::from_master(&master(secret, &h)?);
         h.check = check;
         Ok((keys, h))
@@ -217,11 +244,18 @@ impl Keys {
     /// The keys for `secret` if it is the one the header was made with.
     pub(crate) fn open(secret: &Secret, h: &Header) -> Result<Self, Error> {
         if secret.kind() != h.kind {
-            return Err(Error::WrongKey(format!("this store is encrypted with {}, and {} was given", h.kind.name(), secret.kind().name())));
+            return Err(Error::WrongKey(format!(
+                "this store is encrypted with {}, and {} was given",
+                h.kind.name(),
+                secret.kind().name()
+            )));
         }
         let (keys, check) = Keys::from_master(&master(secret, h)?);
         if check != h.check {
-            return Err(Error::WrongKey(format!("{} does not open this store", h.kind.name())));
+            return Err(Error::WrongKey(format!(
+                "{} does not open this store",
+                h.kind.name()
+            )));
         }
         Ok(keys)
     }
@@ -229,7 +263,10 @@ impl Keys {
     fn seal(&self, value: &[u8], aad: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE];
         rand::rng().fill_bytes(&mut nonce);
-        let ct = self.values.encrypt(XNonce::from_slice(&nonce), Payload { msg: value, aad }).unwrap_or_default();
+        let ct = self
+            .values
+            .encrypt(XNonce::from_slice(&nonce), Payload { msg: value, aad })
+            .unwrap_or_default();
         let mut out = Vec::with_capacity(NONCE + ct.len());
         out.extend_from_slice(&nonce);
         out.extend(ct);
@@ -243,13 +280,21 @@ impl Keys {
         let (nonce, ct) = stored.split_at(NONCE);
         self.values
             .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad })
-            .map_err(|_| Error::Corrupt("an encrypted value does not decrypt (tampered, or moved to another key)".into()))
+            .map_err(|_| {
+                Error::Corrupt(
+                    "an encrypted value does not decrypt (tampered, or moved to another key)"
+                        .into(),
+                )
+            })
     }
 
     /// Deterministic encryption of a key part: equal plaintexts, equal results.
     fn seal_name(&self, name: &[u8]) -> Vec<u8> {
         let n = mac(&self.name_nonce, &[name]);
-        let ct = self.names.encrypt(XNonce::from_slice(&n[..NONCE]), name).unwrap_or_default();
+        let ct = self
+            .names
+            .encrypt(XNonce::from_slice(&n[..NONCE]), name)
+            .unwrap_or_default();
         let mut out = Vec::with_capacity(NONCE + ct.len());
         out.extend_from_slice(&n[..NONCE]);
         out.extend(ct);
@@ -261,7 +306,9 @@ impl Keys {
             return Err(Error::Corrupt("encrypted key is too short".into()));
         }
         let (nonce, ct) = stored.split_at(NONCE);
-        self.names.decrypt(XNonce::from_slice(nonce), ct).map_err(|_| Error::Corrupt("an encrypted key does not decrypt".into()))
+        self.names
+            .decrypt(XNonce::from_slice(nonce), ct)
+            .map_err(|_| Error::Corrupt("an encrypted key does not decrypt".into()))
     }
 }
 
@@ -269,7 +316,10 @@ impl Keys {
 pub fn generate_key_file() -> Vec<u8> {
     let mut key = [0u8; 32];
     rand::rng().fill_bytes(&mut key);
-    let mut out: Vec<u8> = key.iter().flat_map(|b| format!("{b:02x}").into_bytes()).collect();
+    let mut out: Vec<u8> = key
+        .iter()
+        .flat_map(|b| format!("{b:02x}").into_bytes())
+        .collect();
     out.push(b'\n');
     out
 }
@@ -293,9 +343,14 @@ pub fn seal_file(plain: &[u8], secret: &Secret) -> Result<Vec<u8>, Error> {
 /// Decrypts a file made by [`seal_file`]: a wrong secret is [`Error::WrongKey`].
 pub fn open_sealed_file(bytes: &[u8], secret: &Secret) -> Result<Vec<u8>, Error> {
     if bytes.len() > MAX_SEALED_BYTES {
-        return Err(Error::Corrupt(format!("a sealed file of {} bytes is over the {MAX_SEALED_BYTES}-byte limit", bytes.len())));
+        return Err(Error::Corrupt(format!(
+            "a sealed file of {} bytes is over the {MAX_SEALED_BYTES}-byte limit",
+            bytes.len()
+        )));
     }
-    let body = bytes.strip_prefix(SEALED_MAGIC.as_slice()).ok_or_else(|| Error::Corrupt("not a fieldsync sealed file (bad magic bytes)".into()))?;
+    let body = bytes
+        .strip_prefix(SEALED_MAGIC.as_slice())
+        .ok_or_else(|| Error::Corrupt("not a fieldsync sealed file (bad magic bytes)".into()))?;
     if body.len() < HEADER_LEN {
         return Err(Error::Corrupt("sealed file is cut short".into()));
     }
@@ -320,7 +375,9 @@ impl<K: Kv> EncryptedKv<K> {
     /// Encrypts `inner`, which must be empty, with `secret`: writes the header.
     pub fn create(inner: K, secret: &Secret) -> Result<Self, Error> {
         if inner.last_key(b"")?.is_some() {
-            return Err(Error::Corrupt("encryption can only be set up on an empty store".into()));
+            return Err(Error::Corrupt(
+                "encryption can only be set up on an empty store".into(),
+            ));
         }
         let (keys, header) = Keys::create(secret)?;
         inner.apply(vec![(HEADER_KEY.to_vec(), Some(header.encode()))])?;
@@ -400,10 +457,18 @@ impl<K: Kv> EncryptedKv<K> {
 impl<K: Kv> Kv for EncryptedKv<K> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         let stored = self.seal_key(key);
-        self.inner.get(&stored)?.map(|v| self.keys.open_value(&v, &stored)).transpose()
+        self.inner
+            .get(&stored)?
+            .map(|v| self.keys.open_value(&v, &stored))
+            .transpose()
     }
 
-    fn scan(&self, start: &[u8], limit: usize, keep: &mut dyn FnMut(&[u8]) -> bool) -> Result<Vec<KvPair>, Error> {
+    fn scan(
+        &self,
+        start: &[u8],
+        limit: usize,
+        keep: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<KvPair>, Error> {
         // Deterministic encryption keeps a group (one collection's views, one index, the
         // metadata) together but not in plaintext order, except for the ids after a
         // collection name. Index and metadata scans read their whole group, decrypt it
@@ -411,14 +476,20 @@ impl<K: Kv> Kv for EncryptedKv<K> {
         let sorted_group = match start.first() {
             Some(b'm') => Some(b"m".to_vec()),
             Some(b'x') if start[1..].contains(&0) => {
-                let zero = start[1..].iter().position(|b| *b == 0).map(|i| i + 1).unwrap_or(start.len());
+                let zero = start[1..]
+                    .iter()
+                    .position(|b| *b == 0)
+                    .map(|i| i + 1)
+                    .unwrap_or(start.len());
                 Some(self.seal_key(&start[..=zero]))
             }
             _ => None,
         };
         if let Some(group) = sorted_group {
             let mut all = Vec::new();
-            for (k, v) in self.inner.scan(&group, usize::MAX, &mut |k| k.starts_with(&group) && k != HEADER_KEY)? {
+            for (k, v) in self.inner.scan(&group, usize::MAX, &mut |k| {
+                k.starts_with(&group) && k != HEADER_KEY
+            })? {
                 let plain = self.open_key(&k)?;
                 if plain.as_slice() >= start {
                     all.push((plain, k, v));
@@ -451,7 +522,12 @@ impl<K: Kv> Kv for EncryptedKv<K> {
                 Ok(p) => {
                     if k.first() == Some(&b'v') && k.len() >= 3 {
                         let end = (3 + u16::from_be_bytes([k[1], k[2]]) as usize).min(k.len());
-                        let name_end = p.iter().skip(1).position(|b| *b == 0).map(|i| i + 2).unwrap_or(p.len());
+                        let name_end = p
+                            .iter()
+                            .skip(1)
+                            .position(|b| *b == 0)
+                            .map(|i| i + 2)
+                            .unwrap_or(p.len());
                         last = Some((k[..end].to_vec(), p[..name_end].to_vec()));
                     }
                     let keep_it = keep(&p);
@@ -469,12 +545,19 @@ impl<K: Kv> Kv for EncryptedKv<K> {
         if let Some(e) = failed {
             return Err(e);
         }
-        found.into_iter().zip(plain_keys).map(|((k, v), plain)| Ok((plain, self.keys.open_value(&v, &k)?))).collect()
+        found
+            .into_iter()
+            .zip(plain_keys)
+            .map(|((k, v), plain)| Ok((plain, self.keys.open_value(&v, &k)?)))
+            .collect()
     }
 
     fn last_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         // Only the feed (keys in clear) is asked for its last key.
-        self.inner.last_key(&self.seal_key(prefix))?.map(|k| self.open_key(&k)).transpose()
+        self.inner
+            .last_key(&self.seal_key(prefix))?
+            .map(|k| self.open_key(&k))
+            .transpose()
     }
 
     fn apply(&self, batch: Vec<KvWrite>) -> Result<(), Error> {
@@ -533,45 +616,104 @@ mod tests {
         let raw = e.inner.scan(b"", usize::MAX, &mut |_| true).unwrap();
         for (k, v) in &raw {
             for needle in [&b"tasks"[..], b"conflict", b"ckin", b"zz"] {
-                assert!(!k.windows(needle.len()).any(|w| w == needle), "key {k:?} shows {needle:?}");
+                assert!(
+                    !k.windows(needle.len()).any(|w| w == needle),
+                    "key {k:?} shows {needle:?}"
+                );
                 assert!(!v.windows(needle.len()).any(|w| w == needle));
             }
         }
         let prefix = b"vtasks\0".to_vec();
-        let views = e.scan(&prefix, 10, &mut |k| k.starts_with(&prefix)).unwrap();
-        assert_eq!(views.iter().map(|(_, v)| v[0]).collect::<Vec<_>>(), vec![1, 3], "ids in order");
+        let views = e
+            .scan(&prefix, 10, &mut |k| k.starts_with(&prefix))
+            .unwrap();
+        assert_eq!(
+            views.iter().map(|(_, v)| v[0]).collect::<Vec<_>>(),
+            vec![1, 3],
+            "ids in order"
+        );
         let mut after = prefix.clone();
         after.extend_from_slice(&id(1));
         after.push(0);
-        assert_eq!(e.scan(&after, 10, &mut |k| k.starts_with(&prefix)).unwrap().len(), 1);
-        let idx = e.scan(b"xconflict\0", usize::MAX, &mut |k| k.starts_with(b"xconflict\0")).unwrap();
-        assert_eq!(idx.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(), vec![b"xconflict\0aa".to_vec(), b"xconflict\0zz".to_vec()]);
-        let ck = e.scan(b"mckin/", usize::MAX, &mut |k| k.starts_with(b"mckin/")).unwrap();
-        assert_eq!(ck, vec![(b"mckin/p1".to_vec(), b"b".to_vec()), (b"mckin/p2".to_vec(), b"a".to_vec())]);
+        assert_eq!(
+            e.scan(&after, 10, &mut |k| k.starts_with(&prefix))
+                .unwrap()
+                .len(),
+            1
+        );
+        let idx = e
+            .scan(b"xconflict\0", usize::MAX, &mut |k| {
+                k.starts_with(b"xconflict\0")
+            })
+            .unwrap();
+        assert_eq!(
+            idx.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+            vec![b"xconflict\0aa".to_vec(), b"xconflict\0zz".to_vec()]
+        );
+        let ck = e
+            .scan(b"mckin/", usize::MAX, &mut |k| k.starts_with(b"mckin/"))
+            .unwrap();
+        assert_eq!(
+            ck,
+            vec![
+                (b"mckin/p1".to_vec(), b"b".to_vec()),
+                (b"mckin/p2".to_vec(), b"a".to_vec())
+            ]
+        );
         assert_eq!(e.get(b"mseen/p1").unwrap(), Some(b"c".to_vec()));
         assert_eq!(e.get(b"xconflict\0aa").unwrap(), Some(b"2".to_vec()));
-        let all_views = e.scan(b"v", usize::MAX, &mut |k| k.first() == Some(&b'v')).unwrap();
+        let all_views = e
+            .scan(b"v", usize::MAX, &mut |k| k.first() == Some(&b'v'))
+            .unwrap();
         assert_eq!(all_views.len(), 3);
-        assert!(all_views.iter().all(|(k, _)| k.starts_with(b"vtasks\0") || k.starts_with(b"vpayments\0")));
+        assert!(all_views
+            .iter()
+            .all(|(k, _)| k.starts_with(b"vtasks\0") || k.starts_with(b"vpayments\0")));
     }
 
     #[test]
     fn a_wrong_or_missing_key_is_named_and_a_moved_value_does_not_decrypt() {
         let e = kv();
-        e.apply(vec![(b"mone".to_vec(), Some(b"1".to_vec())), (b"mtwo".to_vec(), Some(b"2".to_vec()))]).unwrap();
+        e.apply(vec![
+            (b"mone".to_vec(), Some(b"1".to_vec())),
+            (b"mtwo".to_vec(), Some(b"2".to_vec())),
+        ])
+        .unwrap();
         let header = header_of(&e.inner).unwrap().unwrap();
         let inner = e.inner.clone();
-        let wrong = EncryptedKv::open(inner.clone(), &header, &Secret::KeyFile(vec![8; 32])).unwrap_err();
+        let wrong =
+            EncryptedKv::open(inner.clone(), &header, &Secret::KeyFile(vec![8; 32])).unwrap_err();
         assert!(wrong.to_string().contains("does not open"), "{wrong}");
-        let kind = EncryptedKv::open(inner.clone(), &header, &Secret::Passphrase("x".into())).unwrap_err();
-        assert!(kind.to_string().contains("encrypted with a key file"), "{kind}");
-        let short = EncryptedKv::open(inner.clone(), &header, &Secret::KeyFile(b"short\n".to_vec())).unwrap_err();
+        let kind =
+            EncryptedKv::open(inner.clone(), &header, &Secret::Passphrase("x".into())).unwrap_err();
+        assert!(
+            kind.to_string().contains("encrypted with a key file"),
+            "{kind}"
+        );
+        let short = EncryptedKv::open(
+            inner.clone(),
+            &header,
+            &Secret::KeyFile(b"short\n".to_vec()),
+        )
+        .unwrap_err();
         assert!(short.to_string().contains("bytes of secret"), "{short}");
-        let right = EncryptedKv::open(inner.clone(), &header, &Secret::KeyFile([vec![7; 32], b"\n".to_vec()].concat())).unwrap();
+        let right = EncryptedKv::open(
+            inner.clone(),
+            &header,
+            &Secret::KeyFile([vec![7; 32], b"\n".to_vec()].concat()),
+        )
+        .unwrap();
         assert_eq!(right.get(b"mone").unwrap(), Some(b"1".to_vec()));
         // Swap the two stored values: each fails its key's check instead of reading as the other.
-        let raw = inner.scan(b"m", usize::MAX, &mut |k| k.first() == Some(&b'm')).unwrap();
-        inner.apply(vec![(raw[0].0.clone(), Some(raw[1].1.clone())), (raw[1].0.clone(), Some(raw[0].1.clone()))]).unwrap();
+        let raw = inner
+            .scan(b"m", usize::MAX, &mut |k| k.first() == Some(&b'm'))
+            .unwrap();
+        inner
+            .apply(vec![
+                (raw[0].0.clone(), Some(raw[1].1.clone())),
+                (raw[1].0.clone(), Some(raw[0].1.clone())),
+            ])
+            .unwrap();
         assert!(right.get(b"mone").is_err());
     }
 
@@ -579,15 +721,24 @@ mod tests {
     fn sealed_files_open_only_with_their_passphrase_and_refuse_any_change() {
         let pass = Secret::Passphrase("backup pass".into());
         let sealed = seal_file(b"the authority key", &pass).unwrap();
-        assert_eq!(open_sealed_file(&sealed, &pass).unwrap(), b"the authority key");
-        assert!(matches!(open_sealed_file(&sealed, &Secret::Passphrase("backup pasS".into())), Err(Error::WrongKey(_))));
+        assert_eq!(
+            open_sealed_file(&sealed, &pass).unwrap(),
+            b"the authority key"
+        );
+        assert!(matches!(
+            open_sealed_file(&sealed, &Secret::Passphrase("backup pasS".into())),
+            Err(Error::WrongKey(_))
+        ));
         for at in [0, 9, 20, sealed.len() - 1] {
             let mut bad = sealed.clone();
             bad[at] ^= 1;
             assert!(open_sealed_file(&bad, &pass).is_err(), "flip at {at}");
         }
         for cut in [0, 8, 40, sealed.len() - 1] {
-            assert!(open_sealed_file(&sealed[..cut], &pass).is_err(), "cut at {cut}");
+            assert!(
+                open_sealed_file(&sealed[..cut], &pass).is_err(),
+                "cut at {cut}"
+            );
         }
         assert_eq!(generate_key_file().len(), 65);
     }
@@ -601,6 +752,9 @@ mod tests {
         assert!(Keys::open(&Secret::Passphrase("correct horsf".into()), &h).is_err());
         let mut hostile = h.clone();
         hostile.m_kib = u32::MAX;
-        assert!(Header::decode(&hostile.encode()).is_err(), "costs from the file are bounded");
+        assert!(
+            Header::decode(&hostile.encode()).is_err(),
+            "costs from the file are bounded"
+        );
     }
 }

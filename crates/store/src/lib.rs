@@ -21,9 +21,13 @@
 
 mod crypt;
 mod memory;
-pub use crypt::{generate_key_file, open_sealed_file, seal_file, EncryptedKv, Header as KeyHeader, KeyKind, KeyProvider, Secret, MAX_KEY_FILE_BYTES, MAX_SEALED_BYTES, MIN_KEY_FILE_BYTES};
+pub use crypt::{
+    generate_key_file, open_sealed_file, seal_file, EncryptedKv, Header as KeyHeader, KeyKind,
+    KeyProvider, Secret, MAX_KEY_FILE_BYTES, MAX_SEALED_BYTES, MIN_KEY_FILE_BYTES,
+};
 pub use memory::{MemKv, MemoryStore};
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -35,7 +39,9 @@ pub type EntityKey = [u8; 16];
 #[non_exhaustive]
 pub enum Error {
     /// The storage engine failed (disk full, permissions, corruption).
-    #[error("storage failed: {0}. Check the disk and permissions of the data directory, then retry")]
+    #[error(
+        "storage failed: {0}. Check the disk and permissions of the data directory, then retry"
+    )]
     Engine(#[from] sled::Error),
     /// Stored bytes could not be decoded.
     #[error("stored record is corrupt: {0}")]
@@ -135,7 +141,12 @@ pub type KvWrite = (Vec<u8>, Option<Vec<u8>>);
 pub trait Kv: Send + Sync + std::fmt::Debug {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
     /// Entries from `start` on, ascending, while `keep` accepts their key; at most `limit`.
-    fn scan(&self, start: &[u8], limit: usize, keep: &mut dyn FnMut(&[u8]) -> bool) -> Result<Vec<KvPair>, Error>;
+    fn scan(
+        &self,
+        start: &[u8],
+        limit: usize,
+        keep: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<KvPair>, Error>;
     /// The greatest key starting with `prefix`.
     fn last_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, Error>;
     /// Applies the writes atomically (`None` removes the key).
@@ -164,9 +175,18 @@ pub struct SledKv {
 
 fn open_sled(dir: &std::path::Path, cache_bytes: u64) -> Result<(sled::Db, sled::Tree), Error> {
     remove_unfinished_snapshots(dir)?;
-    let db = match sled::Config::new().path(dir).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput).open() {
+    let db = match sled::Config::new()
+        .path(dir)
+        .cache_capacity(cache_bytes)
+        .mode(sled::Mode::HighThroughput)
+        .open()
+    {
         Ok(db) => db,
-        Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") => return Err(Error::Locked),
+        Err(sled::Error::Io(e))
+            if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") =>
+        {
+            return Err(Error::Locked)
+        }
         Err(e) => return Err(e.into()),
     };
     let tree = db.open_tree("fieldsync")?;
@@ -201,14 +221,23 @@ impl SledKv {
     fn open(dir: &std::path::Path, cache_bytes: u64) -> Result<Self, Error> {
         recover_rewrite(dir)?;
         let handles = open_sled(dir, cache_bytes)?;
-        Ok(SledKv { dir: dir.to_owned(), cache_bytes, handles: std::sync::RwLock::new(Some(handles)) })
+        Ok(SledKv {
+            dir: dir.to_owned(),
+            cache_bytes,
+            handles: std::sync::RwLock::new(Some(handles)),
+        })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&sled::Db, &sled::Tree) -> Result<T, Error>) -> Result<T, Error> {
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&sled::Db, &sled::Tree) -> Result<T, Error>,
+    ) -> Result<T, Error> {
         let guard = self.handles.read().unwrap_or_else(|p| p.into_inner());
         match &*guard {
             Some((db, tree)) => f(db, tree),
-            None => Err(Error::FlushFailed("a rewrite of the store failed and it could not be reopened".into())),
+            None => Err(Error::FlushFailed(
+                "a rewrite of the store failed and it could not be reopened".into(),
+            )),
         }
     }
 }
@@ -218,7 +247,12 @@ impl Kv for SledKv {
         self.with(|_, tree| Ok(tree.get(key)?.map(|v| v.to_vec())))
     }
 
-    fn scan(&self, start: &[u8], limit: usize, keep: &mut dyn FnMut(&[u8]) -> bool) -> Result<Vec<KvPair>, Error> {
+    fn scan(
+        &self,
+        start: &[u8],
+        limit: usize,
+        keep: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<KvPair>, Error> {
         self.with(|_, tree| {
             let mut out = Vec::new();
             for kv in tree.range(start..) {
@@ -233,7 +267,13 @@ impl Kv for SledKv {
     }
 
     fn last_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, Error> {
-        self.with(|_, tree| Ok(tree.scan_prefix(prefix).next_back().transpose()?.map(|(k, _)| k.to_vec())))
+        self.with(|_, tree| {
+            Ok(tree
+                .scan_prefix(prefix)
+                .next_back()
+                .transpose()?
+                .map(|(k, _)| k.to_vec()))
+        })
     }
 
     fn apply(&self, batch: Vec<KvWrite>) -> Result<(), Error> {
@@ -265,7 +305,9 @@ impl Kv for SledKv {
             std::fs::remove_dir_all(&fresh).map_err(io_error)?;
         }
         let copied = (|| {
-            let Some((_, tree)) = &*guard else { return Err(Error::FlushFailed("the store is closed".into())) };
+            let Some((_, tree)) = &*guard else {
+                return Err(Error::FlushFailed("the store is closed".into()));
+            };
             let (db2, tree2) = open_sled(&fresh, self.cache_bytes)?;
             let mut batch = sled::Batch::default();
             let mut n = 0;
@@ -295,8 +337,11 @@ impl Kv for SledKv {
             drop(db);
             flushed?;
         }
-        let swapped = std::fs::rename(&self.dir, &old).and_then(|_| std::fs::rename(&fresh, &self.dir)).map_err(io_error);
-        let reopened = recover_rewrite(&self.dir).and_then(|_| open_sled(&self.dir, self.cache_bytes));
+        let swapped = std::fs::rename(&self.dir, &old)
+            .and_then(|_| std::fs::rename(&fresh, &self.dir))
+            .map_err(io_error);
+        let reopened =
+            recover_rewrite(&self.dir).and_then(|_| open_sled(&self.dir, self.cache_bytes));
         match (swapped, reopened) {
             (Ok(()), Ok(handles)) => {
                 *guard = Some(handles);
@@ -315,7 +360,11 @@ impl Kv for SledKv {
 pub trait Store: Send + Sync {
     /// Applies entity writes and metadata changes atomically; every written entity moves
     /// to the head of the changes feed. Returns a ticket to wait on for durability.
-    fn commit(&self, entities: Vec<EntityWrite>, meta: Vec<(String, Option<Vec<u8>>)>) -> Result<Ticket, Error>;
+    fn commit(
+        &self,
+        entities: Vec<EntityWrite>,
+        meta: Vec<(String, Option<Vec<u8>>)>,
+    ) -> Result<Ticket, Error>;
     /// Blocks until the commit behind `ticket` is on disk.
     fn wait_durable(&self, ticket: Ticket) -> Result<(), Error>;
     /// An entity's stored document.
@@ -325,7 +374,12 @@ pub trait Store: Send + Sync {
     /// An entity's stored view.
     fn view(&self, collection: &str, id: &EntityKey) -> Result<Option<Vec<u8>>, Error>;
     /// Views of a collection in id order, starting after `after`, at most `limit`.
-    fn views(&self, collection: &str, after: Option<&EntityKey>, limit: usize) -> Result<Vec<(EntityKey, Vec<u8>)>, Error>;
+    fn views(
+        &self,
+        collection: &str,
+        after: Option<&EntityKey>,
+        limit: usize,
+    ) -> Result<Vec<(EntityKey, Vec<u8>)>, Error>;
     /// Feed entries with seq greater than `after`, at most `limit`, ascending.
     fn feed_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, EntityKey)>, Error>;
     /// The highest feed seq assigned (0 when empty).
@@ -409,7 +463,8 @@ impl EntityRecord {
             Ok(a)
         };
         let u32_of = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-        let u64_of = |b: &[u8]| u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        let u64_of =
+            |b: &[u8]| u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
         let clen = u32_of(take(4)?) as usize;
         let collection = String::from_utf8(take(clen)?.to_vec()).map_err(|_| corrupt())?;
         let seq = u64_of(take(8)?);
@@ -427,7 +482,15 @@ impl EntityRecord {
         for _ in 0..n {
             heads.push(take(32)?.try_into().map_err(|_| corrupt())?);
         }
-        Ok(EntityRecord { collection, seq, chunks, chunk_bytes, snapshot_bytes, heads, index_keys })
+        Ok(EntityRecord {
+            collection,
+            seq,
+            chunks,
+            chunk_bytes,
+            snapshot_bytes,
+            heads,
+            index_keys,
+        })
     }
 }
 
@@ -461,6 +524,9 @@ pub struct KvStore<K: Kv> {
     flushes: AtomicU64,
     flush: Mutex<FlushState>,
     flushed: Condvar,
+    /// Entities per collection: counted once at the first [`Store::counts`], then kept up to
+    /// date by every commit and purge (so `status` does not walk the views each call).
+    counts: Mutex<Option<BTreeMap<String, u64>>>,
 }
 
 /// The sled engine.
@@ -499,7 +565,11 @@ impl EncryptedSledStore {
 }
 
 /// Creates the store in `dir` (which must hold none), encrypted with `secret` if given.
-pub fn create_store(dir: &std::path::Path, cache_bytes: u64, secret: Option<&Secret>) -> Result<Arc<dyn Store>, Error> {
+pub fn create_store(
+    dir: &std::path::Path,
+    cache_bytes: u64,
+    secret: Option<&Secret>,
+) -> Result<Arc<dyn Store>, Error> {
     let kv = SledKv::open(dir, cache_bytes)?;
     Ok(match secret {
         None => Arc::new(KvStore::on(kv)?),
@@ -509,7 +579,11 @@ pub fn create_store(dir: &std::path::Path, cache_bytes: u64, secret: Option<&Sec
 
 /// Opens the store in `dir`, encrypted or not: `key` is asked for the secret only when the
 /// store is encrypted (its `Err` says what is missing and becomes [`Error::KeyNeeded`]).
-pub fn open_store(dir: &std::path::Path, cache_bytes: u64, key: KeyProvider<'_>) -> Result<Arc<dyn Store>, Error> {
+pub fn open_store(
+    dir: &std::path::Path,
+    cache_bytes: u64,
+    key: KeyProvider<'_>,
+) -> Result<Arc<dyn Store>, Error> {
     let kv = SledKv::open(dir, cache_bytes)?;
     Ok(match crypt::header_of(&kv)? {
         None => Arc::new(KvStore::on(kv)?),
@@ -525,7 +599,9 @@ impl<K: Kv> KvStore<K> {
     fn on(kv: K) -> Result<Self, Error> {
         let last_seq = match kv.last_key(b"f")? {
             Some(k) => {
-                let b: [u8; 8] = k[1..].try_into().map_err(|_| Error::Corrupt("feed key".into()))?;
+                let b: [u8; 8] = k[1..]
+                    .try_into()
+                    .map_err(|_| Error::Corrupt("feed key".into()))?;
                 u64::from_be_bytes(b)
             }
             None => 0,
@@ -542,10 +618,43 @@ impl<K: Kv> KvStore<K> {
             flushes: AtomicU64::new(0),
             flush: Mutex::new(FlushState::default()),
             flushed: Condvar::new(),
+            counts: Mutex::new(None),
         })
     }
 
-    fn wait_durable_locked<'a>(&'a self, mut st: std::sync::MutexGuard<'a, FlushState>, ticket: Ticket) -> Result<(), Error> {
+    /// Adds `delta` to `collection`'s count, if counts were taken yet (callers hold the
+    /// commit lock, so no commit slips between a count and its update).
+    fn count_change(&self, collection: &str, delta: i64) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(counts) = counts.as_mut() else {
+            return;
+        };
+        let n = counts.entry(collection.to_owned()).or_default();
+        *n = n.saturating_add_signed(delta);
+        if *n == 0 {
+            counts.remove(collection);
+        }
+    }
+
+    /// Counts the views once, by collection.
+    fn scan_counts(&self) -> Result<BTreeMap<String, u64>, Error> {
+        let mut out: BTreeMap<String, u64> = BTreeMap::new();
+        for (k, _) in self
+            .kv
+            .scan(b"v", usize::MAX, &mut |k| k.first() == Some(&b'v'))?
+        {
+            let name = &k[1..k.len().saturating_sub(17)];
+            *out.entry(String::from_utf8_lossy(name).into_owned())
+                .or_default() += 1;
+        }
+        Ok(out)
+    }
+
+    fn wait_durable_locked<'a>(
+        &'a self,
+        mut st: std::sync::MutexGuard<'a, FlushState>,
+        ticket: Ticket,
+    ) -> Result<(), Error> {
         loop {
             if let Some(e) = &st.failed {
                 return Err(Error::FlushFailed(e.clone()));
@@ -590,12 +699,26 @@ impl<K: Kv> KvStore<K> {
 }
 
 impl<K: Kv> Store for KvStore<K> {
-    fn commit(&self, entities: Vec<EntityWrite>, meta: Vec<(String, Option<Vec<u8>>)>) -> Result<Ticket, Error> {
+    fn commit(
+        &self,
+        entities: Vec<EntityWrite>,
+        meta: Vec<(String, Option<Vec<u8>>)>,
+    ) -> Result<Ticket, Error> {
         let _guard = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut batch = Batch::default();
         let mut seq = self.last_seq.load(Ordering::SeqCst);
+        let mut moved: Vec<(String, i64)> = Vec::new();
+        let mut created = std::collections::HashSet::new();
         for w in entities {
             let old = self.record(&w.id)?;
+            match &old {
+                None if created.insert(w.id) => moved.push((w.collection.clone(), 1)),
+                None => {}
+                Some(o) if o.collection != w.collection => {
+                    moved.extend([(o.collection.clone(), -1), (w.collection.clone(), 1)])
+                }
+                Some(_) => {}
+            }
             seq += 1;
             let mut rec = EntityRecord {
                 collection: w.collection.clone(),
@@ -650,6 +773,9 @@ impl<K: Kv> Store for KvStore<K> {
             }
         }
         self.kv.apply(batch.0)?;
+        for (collection, delta) in moved {
+            self.count_change(&collection, delta);
+        }
         self.last_seq.store(seq, Ordering::SeqCst);
         Ok(Ticket(self.committed.fetch_add(1, Ordering::SeqCst) + 1))
     }
@@ -663,21 +789,36 @@ impl<K: Kv> Store for KvStore<K> {
     }
 
     fn load_doc(&self, id: &EntityKey) -> Result<Option<StoredDoc>, Error> {
-        let Some(snapshot) = self.kv.get(&key(b'd', &[id]))? else { return Ok(None) };
+        let Some(snapshot) = self.kv.get(&key(b'd', &[id]))? else {
+            return Ok(None);
+        };
         let prefix = key(b'c', &[id]);
-        let chunks = self.kv.scan(&prefix, usize::MAX, &mut |k| k.starts_with(&prefix))?.into_iter().map(|(_, v)| v).collect();
+        let chunks = self
+            .kv
+            .scan(&prefix, usize::MAX, &mut |k| k.starts_with(&prefix))?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
         Ok(Some(StoredDoc { snapshot, chunks }))
     }
 
     fn record(&self, id: &EntityKey) -> Result<Option<EntityRecord>, Error> {
-        self.kv.get(&key(b'e', &[id]))?.map(|b| EntityRecord::decode(&b)).transpose()
+        self.kv
+            .get(&key(b'e', &[id]))?
+            .map(|b| EntityRecord::decode(&b))
+            .transpose()
     }
 
     fn view(&self, collection: &str, id: &EntityKey) -> Result<Option<Vec<u8>>, Error> {
         self.kv.get(&view_key(collection, id))
     }
 
-    fn views(&self, collection: &str, after: Option<&EntityKey>, limit: usize) -> Result<Vec<(EntityKey, Vec<u8>)>, Error> {
+    fn views(
+        &self,
+        collection: &str,
+        after: Option<&EntityKey>,
+        limit: usize,
+    ) -> Result<Vec<(EntityKey, Vec<u8>)>, Error> {
         let prefix = key(b'v', &[collection.as_bytes(), &[0]]);
         let start = match after {
             Some(id) => {
@@ -688,8 +829,13 @@ impl<K: Kv> Store for KvStore<K> {
             None => prefix.clone(),
         };
         let mut out = Vec::new();
-        for (k, v) in self.kv.scan(&start, limit, &mut |k| k.starts_with(&prefix))? {
-            let id: EntityKey = k[prefix.len()..].try_into().map_err(|_| Error::Corrupt("view key".into()))?;
+        for (k, v) in self
+            .kv
+            .scan(&start, limit, &mut |k| k.starts_with(&prefix))?
+        {
+            let id: EntityKey = k[prefix.len()..]
+                .try_into()
+                .map_err(|_| Error::Corrupt("view key".into()))?;
             out.push((id, v));
         }
         Ok(out)
@@ -698,9 +844,17 @@ impl<K: Kv> Store for KvStore<K> {
     fn feed_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, EntityKey)>, Error> {
         let start = key(b'f', &[&(after.saturating_add(1)).to_be_bytes()]);
         let mut out = Vec::new();
-        for (k, v) in self.kv.scan(&start, limit, &mut |k| k.first() == Some(&b'f'))? {
-            let seq: [u8; 8] = k[1..].try_into().map_err(|_| Error::Corrupt("feed key".into()))?;
-            let id: EntityKey = v.as_slice().try_into().map_err(|_| Error::Corrupt("feed entry".into()))?;
+        for (k, v) in self
+            .kv
+            .scan(&start, limit, &mut |k| k.first() == Some(&b'f'))?
+        {
+            let seq: [u8; 8] = k[1..]
+                .try_into()
+                .map_err(|_| Error::Corrupt("feed key".into()))?;
+            let id: EntityKey = v
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::Corrupt("feed entry".into()))?;
             out.push((u64::from_be_bytes(seq), id));
         }
         Ok(out)
@@ -712,7 +866,12 @@ impl<K: Kv> Store for KvStore<K> {
 
     fn index(&self, name: &str) -> Result<Vec<IndexEntry>, Error> {
         let prefix = index_key(name, &[]);
-        Ok(self.kv.scan(&prefix, usize::MAX, &mut |k| k.starts_with(&prefix))?.into_iter().map(|(k, v)| (k[prefix.len()..].to_vec(), v)).collect())
+        Ok(self
+            .kv
+            .scan(&prefix, usize::MAX, &mut |k| k.starts_with(&prefix))?
+            .into_iter()
+            .map(|(k, v)| (k[prefix.len()..].to_vec(), v))
+            .collect())
     }
 
     fn index_get(&self, name: &str, k: &[u8]) -> Result<Option<Vec<u8>>, Error> {
@@ -725,11 +884,19 @@ impl<K: Kv> Store for KvStore<K> {
 
     fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, Error> {
         let start = key(b'm', &[prefix.as_bytes()]);
-        Ok(self.kv.scan(&start, usize::MAX, &mut |k| k.starts_with(&start))?.into_iter().map(|(k, v)| (String::from_utf8_lossy(&k[1..]).into_owned(), v)).collect())
+        Ok(self
+            .kv
+            .scan(&start, usize::MAX, &mut |k| k.starts_with(&start))?
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8_lossy(&k[1..]).into_owned(), v))
+            .collect())
     }
 
     fn commit_stats(&self) -> (u64, u64) {
-        (self.committed.load(Ordering::Relaxed), self.flushes.load(Ordering::Relaxed))
+        (
+            self.committed.load(Ordering::Relaxed),
+            self.flushes.load(Ordering::Relaxed),
+        )
     }
 
     fn encrypted(&self) -> bool {
@@ -741,8 +908,12 @@ impl<K: Kv> Store for KvStore<K> {
         {
             let _guard = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
             let mut batch = Batch::default();
+            let mut gone: Vec<String> = Vec::new();
             for id in ids {
-                let Some(rec) = self.record(id)? else { continue };
+                let Some(rec) = self.record(id)? else {
+                    continue;
+                };
+                gone.push(rec.collection.clone());
                 batch.remove(key(b'd', &[id]));
                 for n in 0..rec.chunks {
                     batch.remove(chunk_key(id, n));
@@ -756,6 +927,9 @@ impl<K: Kv> Store for KvStore<K> {
             }
             batch.insert(flag.clone(), vec![1]);
             self.kv.apply(batch.0)?;
+            for collection in gone {
+                self.count_change(&collection, -1);
+            }
             self.kv.flush()?;
             // The copy leaves the flag out: once it replaced the store, the purge is final.
             self.kv.rewrite(&flag)?;
@@ -765,14 +939,19 @@ impl<K: Kv> Store for KvStore<K> {
     }
 
     fn counts(&self) -> Result<Vec<(String, u64)>, Error> {
-        let mut out: Vec<(String, u64)> = Vec::new();
-        for (k, _) in self.kv.scan(b"v", usize::MAX, &mut |k| k.first() == Some(&b'v'))? {
-            let name = &k[1..k.len().saturating_sub(17)];
-            match out.last_mut() {
-                Some((n, c)) if n.as_bytes() == name => *c += 1,
-                _ => out.push((String::from_utf8_lossy(name).into_owned(), 1)),
-            }
+        if let Some(counts) = self
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            return Ok(counts.iter().map(|(c, n)| (c.clone(), *n)).collect());
         }
+        // The first call counts, holding off commits so none is missed or counted twice.
+        let _guard = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let counted = self.scan_counts()?;
+        let out = counted.iter().map(|(c, n)| (c.clone(), *n)).collect();
+        *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = Some(counted);
         Ok(out)
     }
 }
@@ -811,7 +990,68 @@ mod tests {
     use super::*;
 
     fn write(id: u8, doc: DocWrite, index: Vec<(String, Vec<u8>, Vec<u8>)>) -> EntityWrite {
-        EntityWrite { id: [id; 16], collection: "tasks".into(), doc, view: vec![id], heads: vec![[id; 32]], index }
+        EntityWrite {
+            id: [id; 16],
+            collection: "tasks".into(),
+            doc,
+            view: vec![id],
+            heads: vec![[id; 32]],
+            index,
+        }
+    }
+
+    #[test]
+    fn counts_follow_commits_moves_and_purges_as_a_fresh_count_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.commit(vec![write(1, DocWrite::Snapshot(vec![1]), vec![])], vec![])
+            .unwrap();
+        assert_eq!(
+            s.counts().unwrap(),
+            vec![("tasks".into(), 1)],
+            "the first call counts"
+        );
+        let mut other = write(2, DocWrite::Snapshot(vec![2]), vec![]);
+        other.collection = "notes".into();
+        s.commit(
+            vec![
+                write(3, DocWrite::Snapshot(vec![3]), vec![]),
+                other,
+                write(1, DocWrite::Append(vec![9]), vec![]),
+            ],
+            vec![],
+        )
+        .unwrap();
+        assert_eq!(
+            s.counts().unwrap(),
+            vec![("notes".into(), 1), ("tasks".into(), 2)]
+        );
+        // An entity that changes collection moves between the counts.
+        let mut moved = write(3, DocWrite::Append(vec![4]), vec![]);
+        moved.collection = "notes".into();
+        s.commit(vec![moved], vec![]).unwrap();
+        assert_eq!(
+            s.counts().unwrap(),
+            vec![("notes".into(), 2), ("tasks".into(), 1)]
+        );
+        s.purge(&[[1; 16], [9; 16]]).unwrap();
+        assert_eq!(
+            s.counts().unwrap(),
+            vec![("notes".into(), 2)],
+            "a purged entity leaves its count; an unknown id changes nothing"
+        );
+        assert_eq!(
+            s.counts().unwrap(),
+            s.scan_counts().unwrap().into_iter().collect::<Vec<_>>(),
+            "kept counts equal a fresh count"
+        );
+        drop(s);
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(
+            s.counts().unwrap(),
+            vec![("notes".into(), 2)],
+            "reopened, the count is taken again"
+        );
     }
 
     #[test]
@@ -819,29 +1059,49 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = SledStore::open(dir.path()).unwrap();
-            let t = s.commit(vec![write(1, DocWrite::Snapshot(vec![9]), vec![])], vec![]).unwrap();
-            s.commit(vec![write(2, DocWrite::Snapshot(vec![8]), vec![])], vec![]).unwrap();
+            let t = s
+                .commit(vec![write(1, DocWrite::Snapshot(vec![9]), vec![])], vec![])
+                .unwrap();
+            s.commit(vec![write(2, DocWrite::Snapshot(vec![8]), vec![])], vec![])
+                .unwrap();
             let t2 = s
-                .commit(vec![write(1, DocWrite::Append(vec![7]), vec![("conflict".into(), b"k1".to_vec(), b"v".to_vec())])], vec![("x".into(), Some(b"y".to_vec()))])
+                .commit(
+                    vec![write(
+                        1,
+                        DocWrite::Append(vec![7]),
+                        vec![("conflict".into(), b"k1".to_vec(), b"v".to_vec())],
+                    )],
+                    vec![("x".into(), Some(b"y".to_vec()))],
+                )
                 .unwrap();
             assert!(t2 > t);
             s.wait_durable(t2).unwrap();
-            assert_eq!(s.feed_since(0, 10).unwrap(), vec![(2, [2; 16]), (3, [1; 16])]);
+            assert_eq!(
+                s.feed_since(0, 10).unwrap(),
+                vec![(2, [2; 16]), (3, [1; 16])]
+            );
         }
         let s = SledStore::open(dir.path()).unwrap();
         assert_eq!(s.last_seq(), 3);
         assert_eq!(s.feed_since(2, 10).unwrap(), vec![(3, [1; 16])]);
         let doc = s.load_doc(&[1; 16]).unwrap().unwrap();
         assert_eq!((doc.snapshot, doc.chunks), (vec![9], vec![vec![7]]));
-        assert_eq!(s.index("conflict").unwrap(), vec![(b"k1".to_vec(), b"v".to_vec())]);
+        assert_eq!(
+            s.index("conflict").unwrap(),
+            vec![(b"k1".to_vec(), b"v".to_vec())]
+        );
         assert_eq!(s.meta("x").unwrap(), Some(b"y".to_vec()));
         assert_eq!(s.counts().unwrap(), vec![("tasks".into(), 2)]);
         // A snapshot replaces chunks; index entries not rewritten disappear.
-        s.commit(vec![write(1, DocWrite::Snapshot(vec![6]), vec![])], vec![]).unwrap();
+        s.commit(vec![write(1, DocWrite::Snapshot(vec![6]), vec![])], vec![])
+            .unwrap();
         let doc = s.load_doc(&[1; 16]).unwrap().unwrap();
         assert_eq!((doc.snapshot, doc.chunks.len()), (vec![6], 0));
         assert!(s.index("conflict").unwrap().is_empty());
-        assert_eq!(s.views("tasks", Some(&[1; 16]), 10).unwrap(), vec![([2; 16], vec![2])]);
+        assert_eq!(
+            s.views("tasks", Some(&[1; 16]), 10).unwrap(),
+            vec![([2; 16], vec![2])]
+        );
     }
 
     #[test]
@@ -849,11 +1109,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = SledStore::open(dir.path()).unwrap();
-            let t = s.commit(vec![write(1, DocWrite::Snapshot(vec![9]), vec![])], vec![]).unwrap();
+            let t = s
+                .commit(vec![write(1, DocWrite::Snapshot(vec![9]), vec![])], vec![])
+                .unwrap();
             s.wait_durable(t).unwrap();
         }
         // What a kill during sled's snapshot write leaves: a newer, truncated snapshot file.
-        std::fs::write(dir.path().join("snap.7FFFFFFFFFFFFFFF.generating"), [1u8, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]).unwrap();
+        std::fs::write(
+            dir.path().join("snap.7FFFFFFFFFFFFFFF.generating"),
+            [1u8, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16],
+        )
+        .unwrap();
         let s = SledStore::open(dir.path()).unwrap();
         assert_eq!(s.load_doc(&[1; 16]).unwrap().unwrap().snapshot, vec![9]);
         assert!(!dir.path().join("snap.7FFFFFFFFFFFFFFF.generating").exists());
@@ -880,23 +1146,51 @@ mod tests {
         let marker = b"PURGE-ME-7f3a9c";
         {
             let s = SledStore::open(&dir).unwrap();
-            let mut w = write(1, DocWrite::Snapshot(marker.to_vec()), vec![("conflict".into(), b"k1".to_vec(), marker.to_vec())]);
+            let mut w = write(
+                1,
+                DocWrite::Snapshot(marker.to_vec()),
+                vec![("conflict".into(), b"k1".to_vec(), marker.to_vec())],
+            );
             w.view = marker.to_vec();
-            let t = s.commit(vec![w, write(2, DocWrite::Snapshot(vec![8]), vec![])], vec![]).unwrap();
+            let t = s
+                .commit(
+                    vec![w, write(2, DocWrite::Snapshot(vec![8]), vec![])],
+                    vec![],
+                )
+                .unwrap();
             // Overwritten versions linger in sled's log too.
-            s.commit(vec![write(1, DocWrite::Append(marker.to_vec()), vec![])], vec![]).unwrap();
+            s.commit(
+                vec![write(1, DocWrite::Append(marker.to_vec()), vec![])],
+                vec![],
+            )
+            .unwrap();
             s.wait_durable(t).unwrap();
             s.flush_for_test();
-            assert!(files_contain(root.path(), marker), "the marker is on disk before the purge (else this test proves nothing)");
+            assert!(
+                files_contain(root.path(), marker),
+                "the marker is on disk before the purge (else this test proves nothing)"
+            );
             s.purge(&[[1; 16]]).unwrap();
-            assert!(!files_contain(root.path(), marker), "a byte of the purged entity is still in the files");
+            assert!(
+                !files_contain(root.path(), marker),
+                "a byte of the purged entity is still in the files"
+            );
             assert!(s.record(&[1; 16]).unwrap().is_none());
             assert_eq!(s.load_doc(&[2; 16]).unwrap().unwrap().snapshot, vec![8]);
-            let t = s.commit(vec![write(3, DocWrite::Snapshot(vec![7]), vec![])], vec![]).unwrap();
+            let t = s
+                .commit(vec![write(3, DocWrite::Snapshot(vec![7]), vec![])], vec![])
+                .unwrap();
             s.wait_durable(t).unwrap();
         }
         let s = SledStore::open(&dir).unwrap();
-        assert_eq!(s.feed_since(0, 10).unwrap().iter().map(|(_, id)| id[0]).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(
+            s.feed_since(0, 10)
+                .unwrap()
+                .iter()
+                .map(|(_, id)| id[0])
+                .collect::<Vec<_>>(),
+            vec![2, 3]
+        );
         assert!(s.index("conflict").unwrap().is_empty());
         assert!(!files_contain(root.path(), marker));
     }
@@ -907,7 +1201,12 @@ mod tests {
         let dir = root.path().join("db");
         {
             let s = SledStore::open(&dir).unwrap();
-            let t = s.commit(vec![write(1, DocWrite::Snapshot(vec![9]), vec![])], vec![("~rewrite".into(), Some(vec![1]))]).unwrap();
+            let t = s
+                .commit(
+                    vec![write(1, DocWrite::Snapshot(vec![9]), vec![])],
+                    vec![("~rewrite".into(), Some(vec![1]))],
+                )
+                .unwrap();
             s.wait_durable(t).unwrap();
         }
         // A crash after the copy was complete and the old store moved aside.
@@ -916,7 +1215,10 @@ mod tests {
         std::fs::remove_dir(dir.with_extension("rewrite")).unwrap();
         std::fs::rename(dir.with_extension("old"), dir.with_extension("rewrite")).unwrap();
         let s = SledStore::open(&dir).unwrap();
-        assert!(s.meta("~rewrite").unwrap().is_none(), "the unfinished rewrite ran on open");
+        assert!(
+            s.meta("~rewrite").unwrap().is_none(),
+            "the unfinished rewrite ran on open"
+        );
         assert_eq!(s.load_doc(&[1; 16]).unwrap().unwrap().snapshot, vec![9]);
         assert!(!dir.with_extension("rewrite").exists() && !dir.with_extension("old").exists());
     }
@@ -930,24 +1232,53 @@ mod tests {
         {
             let s = create_store(&dir, DEFAULT_CACHE_BYTES, Some(&secret())).unwrap();
             assert!(s.encrypted());
-            let mut w = write(1, DocWrite::Snapshot(marker.to_vec()), vec![("conflict".into(), marker.to_vec(), marker.to_vec())]);
+            let mut w = write(
+                1,
+                DocWrite::Snapshot(marker.to_vec()),
+                vec![("conflict".into(), marker.to_vec(), marker.to_vec())],
+            );
             w.collection = "customers".into();
             w.view = marker.to_vec();
-            let t = s.commit(vec![w], vec![("seen/SECRET-CUSTOMER-41".into(), Some(marker.to_vec()))]).unwrap();
+            let t = s
+                .commit(
+                    vec![w],
+                    vec![("seen/SECRET-CUSTOMER-41".into(), Some(marker.to_vec()))],
+                )
+                .unwrap();
             s.wait_durable(t).unwrap();
         }
         assert!(!files_contain(root.path(), marker));
         assert!(!files_contain(root.path(), b"customers"));
         let err = SledStore::open(&dir).err().unwrap();
-        assert!(err.to_string().contains("encrypted") && err.to_string().contains("key file"), "{err}");
-        let err = open_store(&dir, DEFAULT_CACHE_BYTES, &mut |_| Err("pass --key-file FILE".into())).err().unwrap();
+        assert!(
+            err.to_string().contains("encrypted") && err.to_string().contains("key file"),
+            "{err}"
+        );
+        let err = open_store(&dir, DEFAULT_CACHE_BYTES, &mut |_| {
+            Err("pass --key-file FILE".into())
+        })
+        .err()
+        .unwrap();
         assert!(err.to_string().contains("--key-file"), "{err}");
-        let err = open_store(&dir, DEFAULT_CACHE_BYTES, &mut |_| Ok(Secret::KeyFile(vec![4; 32]))).err().unwrap();
+        let err = open_store(&dir, DEFAULT_CACHE_BYTES, &mut |_| {
+            Ok(Secret::KeyFile(vec![4; 32]))
+        })
+        .err()
+        .unwrap();
         assert!(matches!(err, Error::WrongKey(_)), "{err}");
         let s = open_store(&dir, DEFAULT_CACHE_BYTES, &mut |_| Ok(secret())).unwrap();
-        assert_eq!(s.view("customers", &[1; 16]).unwrap(), Some(marker.to_vec()));
-        assert_eq!(s.index_get("conflict", marker).unwrap(), Some(marker.to_vec()));
-        assert_eq!(s.meta_prefix("seen/").unwrap(), vec![("seen/SECRET-CUSTOMER-41".to_owned(), marker.to_vec())]);
+        assert_eq!(
+            s.view("customers", &[1; 16]).unwrap(),
+            Some(marker.to_vec())
+        );
+        assert_eq!(
+            s.index_get("conflict", marker).unwrap(),
+            Some(marker.to_vec())
+        );
+        assert_eq!(
+            s.meta_prefix("seen/").unwrap(),
+            vec![("seen/SECRET-CUSTOMER-41".to_owned(), marker.to_vec())]
+        );
         assert_eq!(s.counts().unwrap(), vec![("customers".to_owned(), 1)]);
         assert_eq!(s.last_seq(), 1);
         s.purge(&[[1; 16]]).unwrap();

@@ -51,14 +51,30 @@ impl Kv for MemKv {
         Ok(self.lock().live.get(key).cloned())
     }
 
-    fn scan(&self, start: &[u8], limit: usize, keep: &mut dyn FnMut(&[u8]) -> bool) -> Result<Vec<KvPair>, Error> {
+    fn scan(
+        &self,
+        start: &[u8],
+        limit: usize,
+        keep: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<KvPair>, Error> {
         let state = self.lock();
-        Ok(state.live.range(start.to_vec()..).take(limit).take_while(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect())
+        Ok(state
+            .live
+            .range(start.to_vec()..)
+            .take(limit)
+            .take_while(|(k, _)| keep(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 
     fn last_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         let state = self.lock();
-        Ok(state.live.range(prefix.to_vec()..).take_while(|(k, _)| k.starts_with(prefix)).last().map(|(k, _)| k.clone()))
+        Ok(state
+            .live
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .last()
+            .map(|(k, _)| k.clone()))
     }
 
     fn apply(&self, batch: Vec<KvWrite>) -> Result<(), Error> {
@@ -142,17 +158,30 @@ mod tests {
     use crate::{DocWrite, EntityWrite, Store};
 
     fn write(id: u8) -> EntityWrite {
-        EntityWrite { id: [id; 16], collection: "tasks".into(), doc: DocWrite::Snapshot(vec![id]), view: vec![id], heads: vec![[id; 32]], index: vec![] }
+        EntityWrite {
+            id: [id; 16],
+            collection: "tasks".into(),
+            doc: DocWrite::Snapshot(vec![id]),
+            view: vec![id],
+            heads: vec![[id; 32]],
+            index: vec![],
+        }
     }
 
     #[test]
     fn a_crash_keeps_what_was_flushed_and_nothing_else() {
         let s = MemoryStore::new();
-        let t = s.commit(vec![write(1)], vec![("m".into(), Some(b"1".to_vec()))]).unwrap();
+        let t = s
+            .commit(vec![write(1)], vec![("m".into(), Some(b"1".to_vec()))])
+            .unwrap();
         s.wait_durable(t).unwrap();
-        s.commit(vec![write(2)], vec![("m".into(), Some(b"2".to_vec()))]).unwrap();
+        s.commit(vec![write(2)], vec![("m".into(), Some(b"2".to_vec()))])
+            .unwrap();
         assert_eq!(s.unflushed(), 1);
-        assert!(s.load_doc(&[2; 16]).unwrap().is_some(), "an unflushed write is visible before the crash");
+        assert!(
+            s.load_doc(&[2; 16]).unwrap().is_some(),
+            "an unflushed write is visible before the crash"
+        );
         let after = s.crash().unwrap();
         assert!(after.load_doc(&[1; 16]).unwrap().is_some());
         assert!(after.load_doc(&[2; 16]).unwrap().is_none());
@@ -183,9 +212,14 @@ mod tests {
                 tx.send(()).unwrap();
             })
         };
-        assert!(rx.recv_timeout(std::time::Duration::from_millis(100)).is_err(), "durable while paused");
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(100))
+                .is_err(),
+            "durable while paused"
+        );
         s.resume_flushes();
-        rx.recv_timeout(std::time::Duration::from_secs(10)).expect("durable once resumed");
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("durable once resumed");
         writer.join().unwrap();
         assert!(s.crash().unwrap().record(&[1; 16]).unwrap().is_some());
     }

@@ -7,7 +7,10 @@ use fieldsync_store::{open_sealed_file, seal_file, KeyHeader, Secret};
 use proptest::prelude::*;
 
 fn cases() -> u32 {
-    std::env::var("FIELDSYNC_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+    std::env::var("FIELDSYNC_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
 }
 
 fn secret() -> Secret {
@@ -18,14 +21,16 @@ fn mutated(valid: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
     let v2 = valid.clone();
     prop_oneof![
         prop::collection::vec(any::<u8>(), 0..256),
-        prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8).prop_map(move |flips| {
-            let mut v = valid.clone();
-            for (at, b) in flips {
-                let j = at.index(v.len());
-                v[j] ^= b | 1;
+        prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8).prop_map(
+            move |flips| {
+                let mut v = valid.clone();
+                for (at, b) in flips {
+                    let j = at.index(v.len());
+                    v[j] ^= b | 1;
+                }
+                v
             }
-            v
-        }),
+        ),
         any::<prop::sample::Index>().prop_map(move |cut| v2[..cut.index(v2.len())].to_vec()),
     ]
 }

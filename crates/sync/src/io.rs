@@ -21,7 +21,11 @@ pub enum Task {
     /// The local changes feed after seq `after`, at most `limit` entries, keeping the
     /// entities a member with `grant` may see, each with its current heads:
     /// [`Outcome::Feed`] (`upto`: the last seq read, or the feed head when none).
-    ReadFeed { after: u64, limit: usize, grant: Grant },
+    ReadFeed {
+        after: u64,
+        limit: usize,
+        grant: Grant,
+    },
     /// The local heads of these entities (absent: `None`): [`Outcome::Heads`], in order.
     ReadHeads { ids: Vec<EntityId> },
     /// What to send for these wants, for a member with `grant`: whole stored documents
@@ -34,7 +38,12 @@ pub enum Task {
     /// Merge checked entities from `peer` (whose member has `grant`) and, in the same
     /// durable commit, set `peer`'s checkpoint to `checkpoint` if given:
     /// [`Outcome::Applied`]. The engine acknowledges only after this completed.
-    Apply { peer: PeerId, items: Vec<Incoming>, checkpoint: Option<u64>, grant: Grant },
+    Apply {
+        peer: PeerId,
+        items: Vec<Incoming>,
+        checkpoint: Option<u64>,
+        grant: Grant,
+    },
     /// Remember that `peer` has applied this node's feed up to `upto` (a resume hint).
     SaveAcked { peer: PeerId, upto: u64 },
     /// Authority: bind an invite by writing the member record of the device that presented
@@ -45,22 +54,36 @@ pub enum Task {
     /// `peer` admitted this node: a refusal it gave before no longer holds.
     NoteAdmittedBy { peer: PeerId },
     /// `peer` refused this node's membership, and why (kept for `status`).
-    NoteRefusedBy { peer: PeerId, state: MembershipState, reason: String },
+    NoteRefusedBy {
+        peer: PeerId,
+        state: MembershipState,
+        reason: String,
+    },
 }
 
 /// What a task produced.
 #[derive(Debug)]
 pub enum Outcome {
     Checkpoint(u64),
-    Feed { upto: u64, entries: Vec<OfferEntry> },
+    Feed {
+        upto: u64,
+        entries: Vec<OfferEntry>,
+    },
     Heads(Vec<Option<Vec<Head>>>),
     /// `refused`: how many of the skipped ones the grant may not see (a peer asking for
     /// what was never offered to it).
-    Payloads { payloads: Vec<Payload>, skipped: Vec<EntityId>, refused: u64 },
+    Payloads {
+        payloads: Vec<Payload>,
+        skipped: Vec<EntityId>,
+        refused: u64,
+    },
     Verified(Result<Vec<Incoming>, String>),
     /// The merge is durable; the local feed head after it, and the entities refused by the
     /// write check (not applied).
-    Applied { feed_seq: u64, refused: Vec<Refusal> },
+    Applied {
+        feed_seq: u64,
+        refused: Vec<Refusal>,
+    },
     /// Notes and bindings: done.
     Done,
     /// The received data cannot be applied (it contradicts what is stored): the sender's

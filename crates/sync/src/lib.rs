@@ -37,15 +37,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fieldsync_core::membership::{is_revocation, Admission, Credential, Grant, MemberList, MembershipState, RefusalKind};
-use fieldsync_core::protocol::{Frame, Head, Limits, OfferEntry, PageRange, Payload, Role, WantEntry, MAX_NAME_CHARS, VERSION};
+use fieldsync_core::membership::{
+    is_revocation, Admission, Credential, Grant, MemberList, MembershipState, RefusalKind,
+};
+use fieldsync_core::protocol::{
+    Frame, Head, Limits, OfferEntry, PageRange, Payload, Role, WantEntry, MAX_NAME_CHARS, VERSION,
+};
 use fieldsync_core::{EntityId, PeerId};
 
 mod io;
 mod verify;
 
 pub use io::{Outcome, Task, TaskId};
-pub use verify::{brings_schema, check_payload, check_payloads, Incoming, MAX_CHUNKS_PER_ENTITY, MAX_ENTITY_BYTES};
+pub use verify::{
+    brings_schema, check_payload, check_payloads, Incoming, MAX_CHUNKS_PER_ENTITY, MAX_ENTITY_BYTES,
+};
 
 /// Frames kept while a session is not ready for them (they overtook the `Hello` or
 /// `Welcome` on a reordering network).
@@ -56,6 +62,9 @@ const MAX_EARLY_BYTES_BEFORE_ADMISSION: usize = 64 << 10;
 const MAX_EARLY_BYTES: usize = 1 << 20;
 /// Entities per session whose heads at the peer are remembered (to skip echoing them back).
 const MAX_REMEMBERED_HEADS: usize = 250_000;
+/// Remembered heads across all sessions together (about 100 bytes each): many peers cannot
+/// multiply the per-session cap.
+pub const MAX_REMEMBERED_HEADS_TOTAL: usize = 1_000_000;
 /// Longest text from a peer that is kept (a refusal's reason, a name).
 const MAX_KEPT_TEXT: usize = 1024;
 
@@ -101,11 +110,20 @@ pub struct Config {
     pub name: String,
     /// How long a peer has to be admitted after its connection came up.
     pub hello_timeout: Duration,
+    /// Entities whose heads at a peer are remembered, all sessions together (about 100
+    /// bytes each; [`MAX_REMEMBERED_HEADS_TOTAL`] by default).
+    pub max_remembered_heads: usize,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { role: Role::Device, limits: Limits::default(), name: String::new(), hello_timeout: Duration::from_secs(10) }
+        Config {
+            role: Role::Device,
+            limits: Limits::default(),
+            name: String::new(),
+            hello_timeout: Duration::from_secs(10),
+            max_remembered_heads: MAX_REMEMBERED_HEADS_TOTAL,
+        }
     }
 }
 
@@ -120,6 +138,10 @@ impl Config {
     }
     pub fn with_name(mut self, name: &str) -> Self {
         self.name = name.chars().take(MAX_NAME_CHARS).collect();
+        self
+    }
+    pub fn with_max_remembered_heads(mut self, n: usize) -> Self {
+        self.max_remembered_heads = n;
         self
     }
     pub fn with_hello_timeout(mut self, timeout: Duration) -> Self {
@@ -169,7 +191,10 @@ pub enum Input {
     /// Something was written locally; the local feed head is now `feed_seq`.
     LocalChange { feed_seq: u64 },
     /// The member list or this node's own credential changed.
-    Members { members: Arc<MemberList>, credential: Option<Credential> },
+    Members {
+        members: Arc<MemberList>,
+        credential: Option<Credential>,
+    },
     /// A task from [`Engine::poll_io`] finished.
     IoDone(TaskId, Outcome),
     /// Time passed: deadlines from [`Engine::poll_timeout`] that are due fire.
@@ -180,7 +205,11 @@ pub enum Input {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// Catch-up from `peer` began; `total` feed entries to go (an upper bound).
-    SyncStarted { peer: PeerId, role: Role, total: u64 },
+    SyncStarted {
+        peer: PeerId,
+        role: Role,
+        total: u64,
+    },
     /// `done` of `total` feed entries from `peer` are applied.
     SyncProgress { peer: PeerId, done: u64, total: u64 },
     /// Everything `peer` had when the session began is applied here.
@@ -200,7 +229,11 @@ pub enum Event {
     WritesRefused { peer: PeerId, reasons: Vec<String> },
     /// `peer` refused this node's membership (`state`: revoked or refused) and said why;
     /// followed by its `SessionFailed`.
-    Refused { peer: PeerId, state: MembershipState, reason: String },
+    Refused {
+        peer: PeerId,
+        state: MembershipState,
+        reason: String,
+    },
     /// Local storage failed (`reason`); the sessions it concerned ended.
     StorageFailed { reason: String },
 }
@@ -275,12 +308,23 @@ impl Session {
 #[derive(Debug)]
 enum Pending {
     Checkpoint,
-    Feed { page_from: u64 },
-    Heads { page: PageRange, entries: Vec<OfferEntry> },
-    Payloads { page: PageRange },
-    Verify { page: PageRange },
+    Feed {
+        page_from: u64,
+    },
+    Heads {
+        page: PageRange,
+        entries: Vec<OfferEntry>,
+    },
+    Payloads {
+        page: PageRange,
+    },
+    Verify {
+        page: PageRange,
+    },
     Apply,
-    Bind { grant: Grant },
+    Bind {
+        grant: Grant,
+    },
     Note,
 }
 
@@ -356,7 +400,11 @@ impl Engine {
 
     /// When the engine next needs an [`Input::Tick`] (monotonic time, as in [`Now::mono`]).
     pub fn poll_timeout(&self) -> Option<Duration> {
-        self.sessions.values().filter(|s| s.grant.is_none()).map(|s| s.opened_at + self.config.hello_timeout).min()
+        self.sessions
+            .values()
+            .filter(|s| s.grant.is_none())
+            .map(|s| s.opened_at + self.config.hello_timeout)
+            .min()
     }
 
     /// Handles one input at time `now`. Protocol problems end the session with
@@ -381,7 +429,10 @@ impl Engine {
                 self.local.feed_seq = self.local.feed_seq.max(feed_seq);
                 self.pump_all();
             }
-            Input::Members { members, credential } => {
+            Input::Members {
+                members,
+                credential,
+            } => {
                 self.local.members = members;
                 self.local.credential = credential;
                 self.recheck_members();
@@ -391,11 +442,16 @@ impl Engine {
                 let late: Vec<PeerId> = self
                     .sessions
                     .iter()
-                    .filter(|(_, s)| s.grant.is_none() && s.opened_at + self.config.hello_timeout <= now.mono)
+                    .filter(|(_, s)| {
+                        s.grant.is_none() && s.opened_at + self.config.hello_timeout <= now.mono
+                    })
                     .map(|(p, _)| *p)
                     .collect();
                 for peer in late {
-                    let reason = format!("no valid hello within {} s", self.config.hello_timeout.as_secs());
+                    let reason = format!(
+                        "no valid hello within {} s",
+                        self.config.hello_timeout.as_secs()
+                    );
                     self.refuse(peer, reason, true);
                 }
             }
@@ -408,7 +464,14 @@ impl Engine {
         }
         self.next_gen += 1;
         let gen = self.next_gen;
-        self.sessions.insert(peer, Session { gen, opened_at: self.now.mono, ..Default::default() });
+        self.sessions.insert(
+            peer,
+            Session {
+                gen,
+                opened_at: self.now.mono,
+                ..Default::default()
+            },
+        );
         self.task(peer, Pending::Checkpoint, Task::ReadCheckpoint { peer });
         // Who proves first: the side that chose to talk (dialed), or anyone talking to the
         // authority. The other side waits, so a stranger gets nothing.
@@ -432,7 +495,13 @@ impl Engine {
     /// Ends the session with a `Goodbye`; `membership` tells the peer its membership is why.
     fn fail_with(&mut self, peer: PeerId, reason: String, membership: Option<MembershipState>) {
         tracing::warn!(%peer, %reason, "sync session failed");
-        self.send(peer, &Frame::Goodbye { reason: reason.clone(), membership });
+        self.send(
+            peer,
+            &Frame::Goodbye {
+                reason: reason.clone(),
+                membership,
+            },
+        );
         if let Some(session) = self.sessions.remove(&peer) {
             self.note_gone(peer, &session);
         }
@@ -447,12 +516,26 @@ impl Engine {
 
     /// [`Self::refuse`] for a peer whose membership is the reason: its `Goodbye` says so.
     fn refuse_member(&mut self, peer: PeerId, reason: String) {
-        let state = if is_revocation(&reason) { MembershipState::Revoked } else { MembershipState::Refused };
+        let state = if is_revocation(&reason) {
+            MembershipState::Revoked
+        } else {
+            MembershipState::Refused
+        };
         self.refuse_with(peer, reason, false, Some(state));
     }
 
-    fn refuse_with(&mut self, peer: PeerId, reason: String, protocol: bool, membership: Option<MembershipState>) {
-        SecurityStats::bump(if protocol { &self.security.protocol_violations } else { &self.security.sessions_refused });
+    fn refuse_with(
+        &mut self,
+        peer: PeerId,
+        reason: String,
+        protocol: bool,
+        membership: Option<MembershipState>,
+    ) {
+        SecurityStats::bump(if protocol {
+            &self.security.protocol_violations
+        } else {
+            &self.security.sessions_refused
+        });
         tracing::warn!(%peer, %reason, "peer refused");
         self.fail_with(peer, reason.clone(), membership);
         self.events.push_back(Event::PeerRefused { peer, reason });
@@ -467,7 +550,12 @@ impl Engine {
 
     /// Ends sessions of peers the member list no longer admits (a revocation arrived).
     fn recheck_members(&mut self) {
-        let peers: Vec<PeerId> = self.sessions.iter().filter(|(_, s)| s.grant.is_some()).map(|(p, _)| *p).collect();
+        let peers: Vec<PeerId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.grant.is_some())
+            .map(|(p, _)| *p)
+            .collect();
         for peer in peers {
             if let Some(why) = self.local.members.revoked(&peer) {
                 self.refuse_member(peer, why);
@@ -477,13 +565,21 @@ impl Engine {
 
     /// Sends this node's proof of membership, once per session.
     fn send_hello(&mut self, peer: PeerId) {
-        let Some(session) = self.sessions.get_mut(&peer) else { return };
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
         if session.hello_sent {
             return;
         }
         session.hello_sent = true;
         let credential = self.local.credential.clone();
-        self.send(peer, &Frame::Hello { version: VERSION, credential });
+        self.send(
+            peer,
+            &Frame::Hello {
+                version: VERSION,
+                credential,
+            },
+        );
     }
 
     fn io_done(&mut self, id: TaskId, outcome: Outcome) {
@@ -503,7 +599,11 @@ impl Engine {
             }
             Outcome::Rejected(reason) => {
                 if current {
-                    self.refuse(peer, format!("received data could not be applied: {reason}"), true);
+                    self.refuse(
+                        peer,
+                        format!("received data could not be applied: {reason}"),
+                        true,
+                    );
                 }
                 return;
             }
@@ -524,19 +624,34 @@ impl Engine {
         }
         match (pending, outcome) {
             (Pending::Checkpoint, Outcome::Checkpoint(seq)) => {
-                let Some(session) = self.sessions.get_mut(&peer) else { return };
+                let Some(session) = self.sessions.get_mut(&peer) else {
+                    return;
+                };
                 session.checkpoint = seq;
                 session.started_at = seq;
                 session.checkpoint_known = true;
                 self.replay_early(peer);
             }
-            (Pending::Feed { page_from }, Outcome::Feed { upto, entries }) => self.offer(peer, page_from, upto, entries),
-            (Pending::Heads { page, entries }, Outcome::Heads(heads)) => self.want(peer, page, entries, heads),
-            (Pending::Payloads { page }, Outcome::Payloads { payloads, skipped, refused }) => {
+            (Pending::Feed { page_from }, Outcome::Feed { upto, entries }) => {
+                self.offer(peer, page_from, upto, entries)
+            }
+            (Pending::Heads { page, entries }, Outcome::Heads(heads)) => {
+                self.want(peer, page, entries, heads)
+            }
+            (
+                Pending::Payloads { page },
+                Outcome::Payloads {
+                    payloads,
+                    skipped,
+                    refused,
+                },
+            ) => {
                 SecurityStats::add(&self.security.reads_refused, refused);
                 self.send_data(peer, page, payloads, skipped);
             }
-            (Pending::Verify { page }, Outcome::Verified(result)) => self.verified(peer, page, result),
+            (Pending::Verify { page }, Outcome::Verified(result)) => {
+                self.verified(peer, page, result)
+            }
             (Pending::Bind { grant }, Outcome::Done) => {
                 if let Some(session) = self.sessions.get_mut(&peer) {
                     session.binding = false;
@@ -544,7 +659,11 @@ impl Engine {
                 self.admitted(peer, grant);
             }
             (Pending::Note, Outcome::Done) => {}
-            (pending, outcome) => tracing::error!(?pending, ?outcome, "a task came back with the wrong kind of result; ignored"),
+            (pending, outcome) => tracing::error!(
+                ?pending,
+                ?outcome,
+                "a task came back with the wrong kind of result; ignored"
+            ),
         }
     }
 
@@ -560,7 +679,11 @@ impl Engine {
             }
         };
         if !session.ready_for(&frame) {
-            let cap = if session.grant.is_some() { MAX_EARLY_BYTES } else { MAX_EARLY_BYTES_BEFORE_ADMISSION };
+            let cap = if session.grant.is_some() {
+                MAX_EARLY_BYTES
+            } else {
+                MAX_EARLY_BYTES_BEFORE_ADMISSION
+            };
             if session.early.len() >= MAX_EARLY_FRAMES || session.early_bytes + bytes.len() > cap {
                 let reason = format!("more than {MAX_EARLY_FRAMES} frames or {cap} bytes before the handshake finished");
                 self.refuse(peer, reason, true);
@@ -571,7 +694,10 @@ impl Engine {
             return;
         }
         match frame {
-            Frame::Hello { version, credential } => {
+            Frame::Hello {
+                version,
+                credential,
+            } => {
                 if session.grant.is_some() {
                     SecurityStats::bump(&self.security.frames_ignored);
                     return; // a duplicate Hello changes nothing
@@ -581,24 +707,43 @@ impl Engine {
                     return;
                 }
                 // Membership is checked before anything about this node is told.
-                match self.local.members.admit(&peer, credential.as_ref(), self.now.wall_ms) {
+                match self
+                    .local
+                    .members
+                    .admit(&peer, credential.as_ref(), self.now.wall_ms)
+                {
                     Admission::Admitted(grant) => self.admitted(peer, grant),
                     Admission::Refused(why) => self.refuse_member(peer, why),
                     Admission::Bind(record) => {
                         session.binding = true;
                         let grant = record.grant.clone();
-                        self.task(peer, Pending::Bind { grant }, Task::BindInvite { peer, record });
+                        self.task(
+                            peer,
+                            Pending::Bind { grant },
+                            Task::BindInvite { peer, record },
+                        );
                     }
                 }
             }
-            Frame::Welcome { workspace, role, limits, feed_seq, resume_from, name } => {
+            Frame::Welcome {
+                workspace,
+                role,
+                limits,
+                feed_seq,
+                resume_from,
+                name,
+            } => {
                 if session.remote.is_some() {
                     SecurityStats::bump(&self.security.frames_ignored);
                     return; // a duplicate Welcome changes nothing
                 }
                 let ours = self.local.members.workspace.id;
                 if workspace != ours {
-                    self.refuse(peer, format!("peer is in workspace {workspace}, this node in {ours}"), false);
+                    self.refuse(
+                        peer,
+                        format!("peer is in workspace {workspace}, this node in {ours}"),
+                        false,
+                    );
                     return;
                 }
                 if limits.window == 0 || limits.page_entities == 0 || limits.max_frame < 4096 {
@@ -616,7 +761,8 @@ impl Engine {
                 // The peer admitted this node: a refusal it gave before no longer holds.
                 self.task(peer, Pending::Note, Task::NoteAdmittedBy { peer });
                 self.task(peer, Pending::Note, Task::NoteSeen { peer, name });
-                self.events.push_back(Event::SyncStarted { peer, role, total });
+                self.events
+                    .push_back(Event::SyncStarted { peer, role, total });
                 if completed {
                     self.events.push_back(Event::SyncCompleted { peer });
                 }
@@ -630,14 +776,33 @@ impl Engine {
                 let reason: String = reason.chars().take(MAX_KEPT_TEXT).collect();
                 if let Some(state) = membership.filter(|s| *s != MembershipState::Active) {
                     tracing::warn!(%peer, ?state, %reason, "this node's membership was refused");
-                    self.task(peer, Pending::Note, Task::NoteRefusedBy { peer, state, reason: reason.clone() });
-                    self.events.push_back(Event::Refused { peer, state, reason: reason.clone() });
+                    self.task(
+                        peer,
+                        Pending::Note,
+                        Task::NoteRefusedBy {
+                            peer,
+                            state,
+                            reason: reason.clone(),
+                        },
+                    );
+                    self.events.push_back(Event::Refused {
+                        peer,
+                        state,
+                        reason: reason.clone(),
+                    });
                 }
-                self.events.push_back(Event::SessionFailed { peer, reason: format!("peer ended the session: {reason}") });
+                self.events.push_back(Event::SessionFailed {
+                    peer,
+                    reason: format!("peer ended the session: {reason}"),
+                });
             }
             Frame::Offer { page, entries } => self.on_offer(peer, page, entries),
             Frame::Want { page, wants } => self.on_want(peer, page, wants),
-            Frame::Data { page, payloads, skipped } => self.on_data(peer, page, payloads, skipped),
+            Frame::Data {
+                page,
+                payloads,
+                skipped,
+            } => self.on_data(peer, page, payloads, skipped),
             Frame::Ack { upto } => {
                 if upto > session.acked {
                     session.acked = upto;
@@ -653,7 +818,9 @@ impl Engine {
     /// The peer proved itself: it learns this node's proof and details, and its kept frames
     /// are read.
     fn admitted(&mut self, peer: PeerId, grant: Grant) {
-        let Some(session) = self.sessions.get_mut(&peer) else { return };
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
         session.grant = Some(grant);
         let resume_from = session.checkpoint;
         self.events.push_back(Event::PeerAdmitted { peer });
@@ -673,7 +840,9 @@ impl Engine {
     /// Handles the frames kept while the session was not ready for them, in order (those
     /// still early are kept again).
     fn replay_early(&mut self, peer: PeerId) {
-        let Some(session) = self.sessions.get_mut(&peer) else { return };
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
         let early: Vec<Vec<u8>> = session.early.drain(..).collect();
         session.early_bytes = 0;
         for bytes in early {
@@ -690,24 +859,40 @@ impl Engine {
 
     /// Reads the next page of this node's feed for `peer`, within its window.
     fn pump(&mut self, peer: PeerId) {
-        let Some(session) = self.sessions.get_mut(&peer) else { return };
-        let (Some(remote), Some(grant)) = (session.remote, session.grant.clone()) else { return };
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        let (Some(remote), Some(grant)) = (session.remote, session.grant.clone()) else {
+            return;
+        };
         if session.reading {
             session.reread = true;
             return;
         }
-        if session.in_flight.len() >= remote.window as usize || session.serve_cursor >= self.local.feed_seq {
+        if session.in_flight.len() >= remote.window as usize
+            || session.serve_cursor >= self.local.feed_seq
+        {
             return;
         }
         session.reading = true;
         let after = session.serve_cursor;
         let limit = remote.page_entities.min(self.config.limits.page_entities) as usize;
-        self.task(peer, Pending::Feed { page_from: after }, Task::ReadFeed { after, limit, grant });
+        self.task(
+            peer,
+            Pending::Feed { page_from: after },
+            Task::ReadFeed {
+                after,
+                limit,
+                grant,
+            },
+        );
     }
 
     /// A feed page was read: offer what the peer does not hold yet, then read on.
     fn offer(&mut self, peer: PeerId, from: u64, upto: u64, entries: Vec<OfferEntry>) {
-        let Some(session) = self.sessions.get_mut(&peer) else { return };
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
         session.reading = false;
         let reread = std::mem::take(&mut session.reread);
         if from != session.serve_cursor || upto < from {
@@ -722,27 +907,50 @@ impl Engine {
             return;
         }
         // Skip what the peer is known to hold already (typically what it just sent).
-        let entries: Vec<OfferEntry> = entries.into_iter().filter(|e| session.remote_heads.get(&e.id) != Some(&e.heads)).collect();
-        let page = PageRange { from, upto: upto.max(from) };
+        let entries: Vec<OfferEntry> = entries
+            .into_iter()
+            .filter(|e| session.remote_heads.get(&e.id) != Some(&e.heads))
+            .collect();
+        let page = PageRange {
+            from,
+            upto: upto.max(from),
+        };
         session.serve_cursor = page.upto;
         session.in_flight.insert(page.upto, page);
         self.send(peer, &Frame::Offer { page, entries });
         self.pump(peer);
     }
 
+    /// Entities whose heads at a peer are remembered, over all sessions.
+    pub fn remembered_heads(&self) -> usize {
+        self.sessions.values().map(|s| s.remote_heads.len()).sum()
+    }
+
     fn on_offer(&mut self, peer: PeerId, page: PageRange, entries: Vec<OfferEntry>) {
-        let Some(session) = self.sessions.get_mut(&peer) else { return };
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
         let Some(remote) = session.remote else { return };
         let known = session.done_pages.contains_key(&page.from)
             || session.wanted.contains_key(&page.from)
             || session.offered.contains_key(&page.from)
-            || session.ready_pages.iter().chain(session.applying.iter().flatten()).any(|p| p.from == page.from);
+            || session
+                .ready_pages
+                .iter()
+                .chain(session.applying.iter().flatten())
+                .any(|p| p.from == page.from);
         if page.upto <= session.checkpoint || known {
             SecurityStats::bump(&self.security.frames_ignored);
             return; // a replayed or duplicated offer
         }
-        if page.upto < page.from || entries.len() > self.config.limits.page_entities.max(remote.page_entities) as usize {
-            self.refuse(peer, format!("bad offer for page {page:?} with {} entries", entries.len()), true);
+        if page.upto < page.from
+            || entries.len() > self.config.limits.page_entities.max(remote.page_entities) as usize
+        {
+            self.refuse(
+                peer,
+                format!("bad offer for page {page:?} with {} entries", entries.len()),
+                true,
+            );
             return;
         }
         let window = self.config.limits.window.max(remote.window) as usize;
@@ -752,12 +960,26 @@ impl Engine {
         }
         session.offered.insert(page.from, page);
         let ids = entries.iter().map(|e| e.id).collect();
-        self.task(peer, Pending::Heads { page, entries }, Task::ReadHeads { ids });
+        self.task(
+            peer,
+            Pending::Heads { page, entries },
+            Task::ReadHeads { ids },
+        );
     }
 
     /// The local heads of an offer's entities are known: ask for what differs.
-    fn want(&mut self, peer: PeerId, page: PageRange, entries: Vec<OfferEntry>, heads: Vec<Option<Vec<Head>>>) {
-        let Some(session) = self.sessions.get_mut(&peer) else { return };
+    fn want(
+        &mut self,
+        peer: PeerId,
+        page: PageRange,
+        entries: Vec<OfferEntry>,
+        heads: Vec<Option<Vec<Head>>>,
+    ) {
+        let mut remembered = self.remembered_heads();
+        let cap = self.config.max_remembered_heads;
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
         session.offered.remove(&page.from);
         if heads.len() != entries.len() {
             tracing::error!(%peer, "a heads read answered {} of {} entities", heads.len(), entries.len());
@@ -766,12 +988,21 @@ impl Engine {
         for (entry, local) in entries.into_iter().zip(heads) {
             match local {
                 Some(heads) if heads == entry.heads => {}
-                Some(heads) => wants.push(WantEntry { id: entry.id, have: heads }),
-                None => wants.push(WantEntry { id: entry.id, have: vec![] }),
+                Some(heads) => wants.push(WantEntry {
+                    id: entry.id,
+                    have: heads,
+                }),
+                None => wants.push(WantEntry {
+                    id: entry.id,
+                    have: vec![],
+                }),
             }
-            // Bounded per session; a remembered entity is kept up to date.
-            if session.remote_heads.len() < MAX_REMEMBERED_HEADS || session.remote_heads.contains_key(&entry.id) {
+            // Bounded per session and in all; a remembered entity is kept up to date.
+            if session.remote_heads.contains_key(&entry.id) {
                 session.remote_heads.insert(entry.id, entry.heads);
+            } else if session.remote_heads.len() < MAX_REMEMBERED_HEADS && remembered < cap {
+                session.remote_heads.insert(entry.id, entry.heads);
+                remembered += 1;
             }
         }
         let outstanding: HashSet<EntityId> = wants.iter().map(|w| w.id).collect();
@@ -785,18 +1016,38 @@ impl Engine {
     }
 
     fn on_want(&mut self, peer: PeerId, page: PageRange, wants: Vec<WantEntry>) {
-        let Some(session) = self.sessions.get(&peer) else { return };
-        let (Some(remote), Some(grant)) = (session.remote, session.grant.clone()) else { return };
+        let Some(session) = self.sessions.get(&peer) else {
+            return;
+        };
+        let (Some(remote), Some(grant)) = (session.remote, session.grant.clone()) else {
+            return;
+        };
         if wants.len() > remote.page_entities.max(self.config.limits.page_entities) as usize {
-            self.refuse(peer, format!("a Want of {} entities is over the page limit", wants.len()), true);
+            self.refuse(
+                peer,
+                format!("a Want of {} entities is over the page limit", wants.len()),
+                true,
+            );
             return;
         }
-        self.task(peer, Pending::Payloads { page }, Task::LoadPayloads { wants, grant });
+        self.task(
+            peer,
+            Pending::Payloads { page },
+            Task::LoadPayloads { wants, grant },
+        );
     }
 
     /// Sends loaded payloads in frames that fit the peer's frame limit.
-    fn send_data(&mut self, peer: PeerId, page: PageRange, loaded: Vec<Payload>, skipped: Vec<EntityId>) {
-        let Some(remote) = self.sessions.get(&peer).and_then(|s| s.remote) else { return };
+    fn send_data(
+        &mut self,
+        peer: PeerId,
+        page: PageRange,
+        loaded: Vec<Payload>,
+        skipped: Vec<EntityId>,
+    ) {
+        let Some(remote) = self.sessions.get(&peer).and_then(|s| s.remote) else {
+            return;
+        };
         // Leave room for framing within the peer's frame limit.
         let budget = remote.max_frame as usize * 7 / 8;
         let mut payloads = Vec::new();
@@ -804,20 +1055,49 @@ impl Engine {
         for payload in loaded {
             let len: usize = payload.chunks.iter().map(|c| c.len()).sum::<usize>() + 64;
             if size + len > budget && !payloads.is_empty() {
-                self.send(peer, &Frame::Data { page, payloads: std::mem::take(&mut payloads), skipped: vec![] });
+                self.send(
+                    peer,
+                    &Frame::Data {
+                        page,
+                        payloads: std::mem::take(&mut payloads),
+                        skipped: vec![],
+                    },
+                );
                 size = 0;
             }
             size += len;
             payloads.push(payload);
         }
-        self.send(peer, &Frame::Data { page, payloads, skipped });
+        self.send(
+            peer,
+            &Frame::Data {
+                page,
+                payloads,
+                skipped,
+            },
+        );
     }
 
-    fn on_data(&mut self, peer: PeerId, page: PageRange, payloads: Vec<Payload>, skipped: Vec<EntityId>) {
-        let Some(session) = self.sessions.get_mut(&peer) else { return };
-        let page_limit = session.remote.map(|r| r.page_entities).unwrap_or(0).max(self.config.limits.page_entities) as usize;
+    fn on_data(
+        &mut self,
+        peer: PeerId,
+        page: PageRange,
+        payloads: Vec<Payload>,
+        skipped: Vec<EntityId>,
+    ) {
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        let page_limit = session
+            .remote
+            .map(|r| r.page_entities)
+            .unwrap_or(0)
+            .max(self.config.limits.page_entities) as usize;
         if payloads.len() + skipped.len() > page_limit {
-            let reason = format!("a Data frame of {} entities is over the page limit of {page_limit}", payloads.len() + skipped.len());
+            let reason = format!(
+                "a Data frame of {} entities is over the page limit of {page_limit}",
+                payloads.len() + skipped.len()
+            );
             self.refuse(peer, reason, true);
             return;
         }
@@ -826,7 +1106,10 @@ impl Engine {
             return; // data for a page already complete: a replay
         };
         // Only what is still outstanding counts; repeats are dropped.
-        let payloads: Vec<Payload> = payloads.into_iter().filter(|p| outstanding.remove(&p.id)).collect();
+        let payloads: Vec<Payload> = payloads
+            .into_iter()
+            .filter(|p| outstanding.remove(&p.id))
+            .collect();
         for id in &skipped {
             outstanding.remove(id);
         }
@@ -845,7 +1128,9 @@ impl Engine {
                 return;
             }
         };
-        let Some(session) = self.sessions.get_mut(&peer) else { return };
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
         if let Some(n) = session.verifying.get_mut(&page.from) {
             *n -= 1;
             if *n == 0 {
@@ -859,8 +1144,14 @@ impl Engine {
 
     /// A page whose data all came and was checked waits for the next apply.
     fn maybe_complete(&mut self, peer: PeerId, page: PageRange) {
-        let Some(session) = self.sessions.get_mut(&peer) else { return };
-        let complete = session.wanted.get(&page.from).is_some_and(|(_, o)| o.is_empty()) && !session.verifying.contains_key(&page.from);
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        let complete = session
+            .wanted
+            .get(&page.from)
+            .is_some_and(|(_, o)| o.is_empty())
+            && !session.verifying.contains_key(&page.from);
         if complete {
             session.wanted.remove(&page.from);
             session.ready_pages.push(page);
@@ -871,24 +1162,43 @@ impl Engine {
     /// Starts the session's next apply if none runs: everything checked so far, and the
     /// checkpoint over the pages it completes.
     fn apply_next(&mut self, peer: PeerId) {
-        let Some(session) = self.sessions.get_mut(&peer) else { return };
-        if session.applying.is_some() || (session.ready.is_empty() && session.ready_pages.is_empty()) {
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        if session.applying.is_some()
+            || (session.ready.is_empty() && session.ready_pages.is_empty())
+        {
             return;
         }
-        let Some(grant) = session.grant.clone() else { return };
+        let Some(grant) = session.grant.clone() else {
+            return;
+        };
         let items = std::mem::take(&mut session.ready);
         let pages = std::mem::take(&mut session.ready_pages);
         let checkpoint = advance(&session.done_pages, session.checkpoint, &pages).0;
         let checkpoint = (checkpoint > session.checkpoint).then_some(checkpoint);
         session.applying = Some(pages);
-        self.task(peer, Pending::Apply, Task::Apply { peer, items, checkpoint, grant });
+        self.task(
+            peer,
+            Pending::Apply,
+            Task::Apply {
+                peer,
+                items,
+                checkpoint,
+                grant,
+            },
+        );
     }
 
     /// An apply is durable: the pages it completed count, the checkpoint moves and is
     /// acknowledged.
     fn applied(&mut self, peer: PeerId) {
-        let Some(session) = self.sessions.get_mut(&peer) else { return };
-        let Some(pages) = session.applying.take() else { return };
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        let Some(pages) = session.applying.take() else {
+            return;
+        };
         let (checkpoint, done_pages) = advance(&session.done_pages, session.checkpoint, &pages);
         let moved = checkpoint > session.checkpoint;
         session.done_pages = done_pages;
@@ -896,7 +1206,8 @@ impl Engine {
         if !pages.is_empty() {
             let total = session.target.saturating_sub(session.started_at);
             let done = checkpoint.saturating_sub(session.started_at).min(total);
-            self.events.push_back(Event::SyncProgress { peer, done, total });
+            self.events
+                .push_back(Event::SyncProgress { peer, done, total });
         }
         if !session.completed && session.remote.is_some() && checkpoint >= session.target {
             session.completed = true;
@@ -908,7 +1219,11 @@ impl Engine {
         self.apply_next(peer);
     }
 
-    fn note_refused_writes(&mut self, peer: PeerId, refused: Vec<fieldsync_core::membership::Refusal>) {
+    fn note_refused_writes(
+        &mut self,
+        peer: PeerId,
+        refused: Vec<fieldsync_core::membership::Refusal>,
+    ) {
         if refused.is_empty() {
             return;
         }
@@ -920,12 +1235,17 @@ impl Engine {
             tracing::warn!(%peer, kind = r.kind.name(), reason = %r.reason, "write refused");
         }
         let reasons = refused.into_iter().map(|r| r.reason).collect();
-        self.events.push_back(Event::WritesRefused { peer, reasons });
+        self.events
+            .push_back(Event::WritesRefused { peer, reasons });
     }
 }
 
 /// The checkpoint after `pages` complete, and the complete pages still ahead of it.
-fn advance(done: &BTreeMap<u64, u64>, checkpoint: u64, pages: &[PageRange]) -> (u64, BTreeMap<u64, u64>) {
+fn advance(
+    done: &BTreeMap<u64, u64>,
+    checkpoint: u64,
+    pages: &[PageRange],
+) -> (u64, BTreeMap<u64, u64>) {
     let mut done = done.clone();
     for p in pages {
         done.insert(p.from, p.upto);

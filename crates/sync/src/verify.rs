@@ -15,8 +15,16 @@ pub const MAX_CHUNKS_PER_ENTITY: usize = 1024;
 /// chunks for an entity the receiver has.
 #[derive(Debug)]
 pub enum Incoming {
-    Whole { entity: Box<Entity>, collection: String, chunks: Vec<Vec<u8>> },
-    Changes { id: EntityId, collection: String, chunks: Vec<Vec<u8>> },
+    Whole {
+        entity: Box<Entity>,
+        collection: String,
+        chunks: Vec<Vec<u8>>,
+    },
+    Changes {
+        id: EntityId,
+        collection: String,
+        chunks: Vec<Vec<u8>>,
+    },
 }
 
 impl Incoming {
@@ -43,7 +51,10 @@ pub fn brings_schema(payloads: &[Payload]) -> bool {
 /// Checks one payload against the limits and `schema`; the reason it is refused otherwise.
 pub fn check_payload(p: Payload, schema: &Schema, brings_schema: bool) -> Result<Incoming, String> {
     if !brings_schema && schema.collection(&p.collection).is_err() {
-        return Err(format!("entity {} is in unknown collection {:?}", p.id, p.collection));
+        return Err(format!(
+            "entity {} is in unknown collection {:?}",
+            p.id, p.collection
+        ));
     }
     let bytes: usize = p.chunks.iter().map(|c| c.len()).sum();
     if bytes > MAX_ENTITY_BYTES || p.chunks.len() > MAX_CHUNKS_PER_ENTITY {
@@ -55,18 +66,36 @@ pub fn check_payload(p: Payload, schema: &Schema, brings_schema: bool) -> Result
     }
     let chunks: Vec<Vec<u8>> = p.chunks.into_iter().map(|c| c.into_vec()).collect();
     if !p.full {
-        return Ok(Incoming::Changes { id: p.id, collection: p.collection, chunks });
+        return Ok(Incoming::Changes {
+            id: p.id,
+            collection: p.collection,
+            chunks,
+        });
     }
-    let (first, rest) = chunks.split_first().ok_or_else(|| format!("entity {} came with no data", p.id))?;
+    let (first, rest) = chunks
+        .split_first()
+        .ok_or_else(|| format!("entity {} came with no data", p.id))?;
     let entity = Entity::load(p.id, first, rest).map_err(|e| format!("entity {}: {e}", p.id))?;
     if entity.collection().as_deref() != Some(p.collection.as_str()) {
-        return Err(format!("entity {} claims collection {:?} but holds {:?}", p.id, p.collection, entity.collection()));
+        return Err(format!(
+            "entity {} claims collection {:?} but holds {:?}",
+            p.id,
+            p.collection,
+            entity.collection()
+        ));
     }
-    Ok(Incoming::Whole { entity: Box::new(entity), collection: p.collection, chunks })
+    Ok(Incoming::Whole {
+        entity: Box::new(entity),
+        collection: p.collection,
+        chunks,
+    })
 }
 
 /// [`check_payload`] for a whole batch, in order, on this thread.
 pub fn check_payloads(payloads: Vec<Payload>, schema: &Schema) -> Result<Vec<Incoming>, String> {
     let brings = brings_schema(&payloads);
-    payloads.into_iter().map(|p| check_payload(p, schema, brings)).collect()
+    payloads
+        .into_iter()
+        .map(|p| check_payload(p, schema, brings))
+        .collect()
 }

@@ -21,10 +21,22 @@ pub fn bin() -> Command {
 }
 
 pub fn cli(dir: &Path, args: &[&str]) -> Value {
-    let out = bin().arg("--data").arg(dir).args(args).output().expect("run fieldsync");
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = bin()
+        .arg("--data")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("run fieldsync");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
     if lines.len() == 1 {
         lines.into_iter().next().expect("one")
     } else {
@@ -34,7 +46,10 @@ pub fn cli(dir: &Path, args: &[&str]) -> Value {
 
 /// The node's API token (`fieldsync api-token`): writes through the HTTP API need it.
 pub fn token(dir: &Path) -> String {
-    cli(dir, &["api-token"])["token"].as_str().expect("token").to_owned()
+    cli(dir, &["api-token"])["token"]
+        .as_str()
+        .expect("token")
+        .to_owned()
 }
 
 /// `Authorization: Bearer …` for the node in `dir`.
@@ -58,14 +73,27 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(dir: &Path, args: &[&str]) -> Daemon {
-        Self::spawn(bin().arg("--data").arg(dir).args(args).stderr(Stdio::null()))
+        Self::spawn(
+            bin()
+                .arg("--data")
+                .arg(dir)
+                .args(args)
+                .stderr(Stdio::null()),
+        )
     }
 
     /// Like [`Self::start`] with `RUST_LOG=log` and stderr in `stderr.log` of the data
     /// directory; returns once its API serves.
     pub fn start_logged(dir: &Path, args: &[&str], log: &str) -> Daemon {
         let log_file = std::fs::File::create(dir.join("stderr.log")).expect("stderr log");
-        let mut d = Self::spawn(bin().env("RUST_LOG", log).arg("--data").arg(dir).args(args).stderr(log_file));
+        let mut d = Self::spawn(
+            bin()
+                .env("RUST_LOG", log)
+                .arg("--data")
+                .arg(dir)
+                .args(args)
+                .stderr(log_file),
+        );
         d.wait_for("api");
         d
     }
@@ -73,7 +101,8 @@ impl Daemon {
     /// Like [`Self::start`] with these environment variables (and no inherited secrets).
     pub fn start_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut c = bin();
-        c.env_remove("FIELDSYNC_PASSPHRASE").env_remove("FIELDSYNC_KEY_FILE");
+        c.env_remove("FIELDSYNC_PASSPHRASE")
+            .env_remove("FIELDSYNC_KEY_FILE");
         for (k, v) in env {
             c.env(k, v);
         }
@@ -81,7 +110,10 @@ impl Daemon {
     }
 
     fn spawn(command: &mut Command) -> Daemon {
-        let mut child = command.stdout(Stdio::piped()).spawn().expect("spawn daemon");
+        let mut child = command
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn daemon");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, events) = mpsc::channel();
         std::thread::spawn(move || {
@@ -93,7 +125,11 @@ impl Daemon {
                 }
             }
         });
-        Daemon { child, events, seen: vec![] }
+        Daemon {
+            child,
+            events,
+            seen: vec![],
+        }
     }
 
     /// Waits for an event of this kind; returns it.
@@ -107,7 +143,10 @@ impl Daemon {
             return v.clone();
         }
         let deadline = Instant::now() + WAIT;
-        while let Ok(v) = self.events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        while let Ok(v) = self
+            .events
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
             self.seen.push(v.clone());
             if check(&v) {
                 return v;
@@ -120,9 +159,14 @@ impl Daemon {
     pub fn wait_for_next(&mut self, event: &str) -> Value {
         let seen = self.seen.iter().filter(|v| v["event"] == event).count();
         let deadline = Instant::now() + WAIT;
-        while let Ok(v) = self.events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        while let Ok(v) = self
+            .events
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
             self.seen.push(v.clone());
-            if v["event"] == event && self.seen.iter().filter(|v| v["event"] == event).count() > seen {
+            if v["event"] == event
+                && self.seen.iter().filter(|v| v["event"] == event).count() > seen
+            {
                 return v;
             }
         }
@@ -131,15 +175,24 @@ impl Daemon {
 
     /// The first TCP address it listens on.
     pub fn addr(&mut self) -> String {
-        self.wait_for("listening")["addr"].as_str().expect("addr").to_owned()
+        self.wait_for("listening")["addr"]
+            .as_str()
+            .expect("addr")
+            .to_owned()
     }
 
     pub fn api(&mut self) -> String {
-        format!("http://{}", self.wait_for("api")["addr"].as_str().expect("api"))
+        format!(
+            "http://{}",
+            self.wait_for("api")["addr"].as_str().expect("api")
+        )
     }
 
     pub fn stop(mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + WAIT;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -181,19 +234,46 @@ pub fn site(devices: usize) -> Site {
     let schema = tmp.path().join("schema.toml");
     std::fs::write(&schema, SCHEMA).unwrap();
     let relay = tmp.path().join("relay");
-    cli(&relay, &["init", "--schema", schema.to_str().unwrap(), "--name", "relay"]);
+    cli(
+        &relay,
+        &[
+            "init",
+            "--schema",
+            schema.to_str().unwrap(),
+            "--name",
+            "relay",
+        ],
+    );
     let devices = (0..devices)
         .map(|i| {
             // One invite per device: an invite admits one device only.
             let invite = tmp.path().join(format!("invite{i}.json"));
-            let out = bin().arg("--data").arg(&relay).arg("invite").output().unwrap();
+            let out = bin()
+                .arg("--data")
+                .arg(&relay)
+                .arg("invite")
+                .output()
+                .unwrap();
             std::fs::write(&invite, out.stdout).unwrap();
             let d = tmp.path().join(format!("device{i}"));
-            cli(&d, &["init", "--join", invite.to_str().unwrap(), "--name", &format!("device{i}")]);
+            cli(
+                &d,
+                &[
+                    "init",
+                    "--join",
+                    invite.to_str().unwrap(),
+                    "--name",
+                    &format!("device{i}"),
+                ],
+            );
             d
         })
         .collect();
-    Site { tmp, relay, devices }
+    Site {
+        tmp,
+        relay,
+        devices,
+    }
 }
 
 pub const LOCAL: &[&str] = &["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"];

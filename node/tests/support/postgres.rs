@@ -20,13 +20,24 @@ fn pg_bin() -> PathBuf {
     if let Ok(dir) = std::env::var("PG_BIN") {
         return PathBuf::from(dir);
     }
-    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql").map(|d| d.flatten().map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect()).unwrap_or_default();
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path().join("bin"))
+                .filter(|p| p.join("initdb").exists())
+                .collect()
+        })
+        .unwrap_or_default();
     versions.sort();
     versions.pop().expect("PostgreSQL server binaries: none in /usr/lib/postgresql/*/bin (install Debian's postgresql package, or set PG_BIN)")
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
 
 impl Postgres {
@@ -35,12 +46,37 @@ impl Postgres {
         let dir = tempfile::tempdir().expect("temp dir");
         let as_postgres = is_root();
         if as_postgres {
-            let status = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status().expect("chown");
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .expect("chown");
             assert!(status.success(), "chown the server's directory to postgres");
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-        let pg = Postgres { dir, bin, port, as_postgres };
-        pg.run("initdb", &["-D", &pg.data(), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let pg = Postgres {
+            dir,
+            bin,
+            port,
+            as_postgres,
+        };
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                &pg.data(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
         pg.ctl(&["start"]);
         pg
     }
@@ -59,14 +95,30 @@ impl Postgres {
         } else {
             Command::new(&path)
         };
-        let out = command.args(args).current_dir(self.dir.path()).output().unwrap_or_else(|e| panic!("{tool}: {e}"));
-        assert!(out.status.success(), "{tool} {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let out = command
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("{tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn ctl(&self, action: &[&str]) {
-        let (data, log) = (self.data(), self.dir.path().join("server.log").display().to_string());
-        let options = format!("-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off", self.port, self.dir.path().display());
+        let (data, log) = (
+            self.data(),
+            self.dir.path().join("server.log").display().to_string(),
+        );
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
         let mut args = vec!["-D", &data, "-l", &log, "-w", "-t", "60", "-o", &options];
         args.extend_from_slice(action);
         self.run("pg_ctl", &args);
@@ -85,12 +137,33 @@ impl Postgres {
     /// Runs SQL with psql and returns what it prints (unaligned, tuples only).
     pub fn sql(&self, sql: &str) -> String {
         let port = self.port.to_string();
-        self.run("psql", &["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-Atq", "-c", sql]).trim().to_owned()
+        self.run(
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-Atq",
+                "-c",
+                sql,
+            ],
+        )
+        .trim()
+        .to_owned()
     }
 
     /// The rows of a query, as JSON objects.
     pub fn rows(&self, query: &str) -> Vec<Value> {
-        let text = self.sql(&format!("SELECT coalesce(json_agg(q), '[]') FROM ({query}) q"));
+        let text = self.sql(&format!(
+            "SELECT coalesce(json_agg(q), '[]') FROM ({query}) q"
+        ));
         match serde_json::from_str(&text) {
             Ok(Value::Array(rows)) => rows,
             _ => panic!("{query}: not a JSON array: {text}"),
@@ -113,6 +186,8 @@ impl Drop for Postgres {
         } else {
             Command::new(&path)
         };
-        let _ = command.args(["-D", &data, "-m", "immediate", "stop"]).output();
+        let _ = command
+            .args(["-D", &data, "-m", "immediate", "stop"])
+            .output();
     }
 }

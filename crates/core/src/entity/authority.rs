@@ -21,20 +21,39 @@ use crate::workspace::Workspace;
 use crate::Error;
 
 impl Entity {
-    pub(super) fn write_authority(&mut self, ws: &Workspace, w: &Writer<'_>, field: &str, op: &FieldOp, op_id: Option<&OpId>, new_proposal: &mut dyn FnMut() -> ProposalId) -> Result<(), Error> {
+    pub(super) fn write_authority(
+        &mut self,
+        ws: &Workspace,
+        w: &Writer<'_>,
+        field: &str,
+        op: &FieldOp,
+        op_id: Option<&OpId>,
+        new_proposal: &mut dyn FnMut() -> ProposalId,
+    ) -> Result<(), Error> {
         let value = match op {
             FieldOp::Set(v) => v.clone(),
             FieldOp::Remove => Json::Null,
-            other => return Err(Error::Patch(format!("field {field:?} (rule authority) does not take {other:?}"))),
+            other => {
+                return Err(Error::Patch(format!(
+                    "field {field:?} (rule authority) does not take {other:?}"
+                )))
+            }
         };
         if let Some(key) = w.authority_key {
-            self.confirm(ws, key, field, value, None).map_err(Error::automerge)?;
+            self.confirm(ws, key, field, value, None)
+                .map_err(Error::automerge)?;
             return self.settle_proposals(field, None).map_err(Error::automerge);
         }
         let confirmed = self.confirmed(ws, field).map(|c| c.value);
         let peer = w.peer.to_string();
-        let repeated = self.proposal_records().iter().any(|(_, r)| r.field == field && r.value == value && r.peer == peer);
-        if confirmed.as_ref() == Some(&value) || (confirmed.is_none() && value.is_null()) || repeated {
+        let repeated = self
+            .proposal_records()
+            .iter()
+            .any(|(_, r)| r.field == field && r.value == value && r.peer == peer);
+        if confirmed.as_ref() == Some(&value)
+            || (confirmed.is_none() && value.is_null())
+            || repeated
+        {
             return Ok(());
         }
         let record = ProposalRecord {
@@ -47,15 +66,26 @@ impl Entity {
         };
         let prop = match self.prop_map() {
             Some(p) => p,
-            None => self.doc.put_object(ROOT, K_PROP, ObjType::Map).map_err(Error::automerge)?,
+            None => self
+                .doc
+                .put_object(ROOT, K_PROP, ObjType::Map)
+                .map_err(Error::automerge)?,
         };
         let text = serde_json::to_string(&record).map_err(|e| Error::Document(e.to_string()))?;
-        self.doc.put(&prop, new_proposal().to_string(), text).map_err(Error::automerge)
+        self.doc
+            .put(&prop, new_proposal().to_string(), text)
+            .map_err(Error::automerge)
     }
 
     /// On the authority: confirms proposal `id`, settling it and older proposals for the
     /// same field.
-    pub fn accept(&mut self, ws: &Workspace, w: &Writer<'_>, id: ProposalId, kind: &str) -> Result<(), Error> {
+    pub fn accept(
+        &mut self,
+        ws: &Workspace,
+        w: &Writer<'_>,
+        id: ProposalId,
+        kind: &str,
+    ) -> Result<(), Error> {
         let key = w.authority_key.ok_or(Error::NotAuthority)?;
         let proposal = self.proposal(id)?;
         self.set_writer(w);
@@ -86,8 +116,12 @@ impl Entity {
         }
         let proposal = self.proposal(id)?;
         self.set_writer(w);
-        let prop = self.prop_map().ok_or_else(|| Error::NotFound(format!("proposal {id}")))?;
-        self.doc.delete(&prop, id.to_string()).map_err(Error::automerge)?;
+        let prop = self
+            .prop_map()
+            .ok_or_else(|| Error::NotFound(format!("proposal {id}")))?;
+        self.doc
+            .delete(&prop, id.to_string())
+            .map_err(Error::automerge)?;
         self.commit(w, "reject", vec![proposal.field], None);
         Ok(())
     }
@@ -100,8 +134,20 @@ impl Entity {
             .ok_or_else(|| Error::NotFound(format!("proposal {id} (already settled?)")))
     }
 
-    fn confirm(&mut self, ws: &Workspace, key: &ed25519::Keypair, field: &str, value: Json, accepts: Option<ProposalId>) -> Result<(), automerge::AutomergeError> {
-        let seq = self.confirmations(ws, field).last().map(|c| c.seq).unwrap_or(0) + 1;
+    fn confirm(
+        &mut self,
+        ws: &Workspace,
+        key: &ed25519::Keypair,
+        field: &str,
+        value: Json,
+        accepts: Option<ProposalId>,
+    ) -> Result<(), automerge::AutomergeError> {
+        let seq = self
+            .confirmations(ws, field)
+            .last()
+            .map(|c| c.seq)
+            .unwrap_or(0)
+            + 1;
         let record = Confirmation::sign(key, ws.id, self.id, field, seq, value, accepts);
         let auth = match self.doc.get(ROOT, K_AUTH)? {
             Some((Value::Object(ObjType::Map), id)) => id,
@@ -118,8 +164,14 @@ impl Entity {
 
     /// Deletes the pending proposals for `field` that are settled: all of them for a
     /// direct authority write, those up to `upto` for an acceptance.
-    fn settle_proposals(&mut self, field: &str, upto: Option<ProposalId>) -> Result<(), automerge::AutomergeError> {
-        let Some(prop) = self.prop_map() else { return Ok(()) };
+    fn settle_proposals(
+        &mut self,
+        field: &str,
+        upto: Option<ProposalId>,
+    ) -> Result<(), automerge::AutomergeError> {
+        let Some(prop) = self.prop_map() else {
+            return Ok(());
+        };
         for (pid, record) in self.proposal_records() {
             if record.field == field && upto.is_none_or(|u| pid <= u) {
                 self.doc.delete(&prop, pid.to_string())?;
@@ -130,7 +182,9 @@ impl Entity {
 
     /// Drops the proposals on `field` whose value is `value`.
     fn settle_equal(&mut self, field: &str, value: &Json) -> Result<(), automerge::AutomergeError> {
-        let Some(prop) = self.prop_map() else { return Ok(()) };
+        let Some(prop) = self.prop_map() else {
+            return Ok(());
+        };
         for (pid, record) in self.proposal_records() {
             if record.field == field && record.value == *value {
                 self.doc.delete(&prop, pid.to_string())?;
@@ -154,7 +208,9 @@ impl Entity {
                 continue;
             }
             for key in self.doc.keys(&obj) {
-                let Ok(pid) = key.parse::<ProposalId>() else { continue };
+                let Ok(pid) = key.parse::<ProposalId>() else {
+                    continue;
+                };
                 if let Some(text) = scalar_str(&self.doc, &obj, &key) {
                     if let Ok(record) = serde_json::from_str::<ProposalRecord>(&text) {
                         out.push((pid, record));
@@ -180,10 +236,18 @@ impl Entity {
                     continue;
                 }
                 for key in self.doc.keys(&per_field) {
-                    for (v, _) in self.doc.get_all(&per_field, key.as_str()).unwrap_or_default() {
+                    for (v, _) in self
+                        .doc
+                        .get_all(&per_field, key.as_str())
+                        .unwrap_or_default()
+                    {
                         let Value::Scalar(s) = v else { continue };
-                        let ScalarValue::Str(text) = s.as_ref() else { continue };
-                        let Ok(c) = serde_json::from_str::<Confirmation>(text) else { continue };
+                        let ScalarValue::Str(text) = s.as_ref() else {
+                            continue;
+                        };
+                        let Ok(c) = serde_json::from_str::<Confirmation>(text) else {
+                            continue;
+                        };
                         if seq_key(c.seq) == key && c.verify(&ws.authority, ws.id, self.id, field) {
                             out.push(c);
                         }
@@ -203,11 +267,20 @@ impl Entity {
     /// Fields with proposals the authority confirms on receipt (`auto_accept = true`):
     /// the newest pending proposal per such field.
     pub fn auto_acceptable(&self, ws: &Workspace) -> Vec<ProposalId> {
-        let Ok(coll) = self.schema_collection(ws) else { return vec![] };
-        let Ok(derived) = self.derive(ws) else { return vec![] };
-        let mut newest: std::collections::BTreeMap<String, ProposalId> = std::collections::BTreeMap::new();
+        let Ok(coll) = self.schema_collection(ws) else {
+            return vec![];
+        };
+        let Ok(derived) = self.derive(ws) else {
+            return vec![];
+        };
+        let mut newest: std::collections::BTreeMap<String, ProposalId> =
+            std::collections::BTreeMap::new();
         for p in derived.proposals {
-            if coll.fields.get(&p.record.field).is_some_and(|f| f.auto_accept && f.rule == Rule::Authority) {
+            if coll
+                .fields
+                .get(&p.record.field)
+                .is_some_and(|f| f.auto_accept && f.rule == Rule::Authority)
+            {
                 newest.insert(p.record.field, p.id);
             }
         }

@@ -98,17 +98,26 @@ pub struct Derived {
 impl Entity {
     /// The view, conflicts and proposals of the entity, derived together in one pass.
     pub fn derive(&self, ws: &Workspace) -> Result<Derived, Error> {
-        let collection = self.collection().ok_or_else(|| Error::Document(format!("entity {} has no _collection", self.id)))?;
+        let collection = self
+            .collection()
+            .ok_or_else(|| Error::Document(format!("entity {} has no _collection", self.id)))?;
         let coll = ws.schema.collection(&collection)?;
         let mut view = View::new();
         let mut conflicts = Vec::new();
         let mig = std::cell::OnceCell::new();
         // Values under a field's earlier name read as the field's (`renamed_from`).
         let mut fields: BTreeMap<String, super::migrate::FieldValues> = BTreeMap::new();
-        let renames: Vec<(&str, &String)> = coll.fields.iter().filter_map(|(n, f)| Some((f.renamed_from.as_deref()?, n))).collect();
+        let renames: Vec<(&str, &String)> = coll
+            .fields
+            .iter()
+            .filter_map(|(n, f)| Some((f.renamed_from.as_deref()?, n)))
+            .collect();
         let mut renamed = false;
         for (key, all) in self.root_fields() {
-            let name = renames.iter().find(|(old, _)| *old == key).map(|(_, n)| (*n).clone());
+            let name = renames
+                .iter()
+                .find(|(old, _)| *old == key)
+                .map(|(_, n)| (*n).clone());
             renamed |= name.is_some();
             fields.entry(name.unwrap_or(key)).or_default().extend(all);
         }
@@ -124,7 +133,12 @@ impl Entity {
                 continue;
             }
             let semantics = rules::of(rule);
-            let values = Values { doc: &self.doc, field: &field, rule, all: &all };
+            let values = Values {
+                doc: &self.doc,
+                field: &field,
+                rule,
+                all: &all,
+            };
             if let Some(v) = semantics.merged(&values) {
                 view.insert(field.clone(), v);
             }
@@ -136,8 +150,14 @@ impl Entity {
         }
         // Counters written only by op id have no root value yet.
         for (name, spec) in &coll.fields {
-            if spec.rule == Rule::Counter && !view.contains_key(name) && !rules::delta_entries(&self.doc, name).is_empty() {
-                view.insert(name.clone(), Json::from(rules::sum_with_deltas(&self.doc, name, &[])));
+            if spec.rule == Rule::Counter
+                && !view.contains_key(name)
+                && !rules::delta_entries(&self.doc, name).is_empty()
+            {
+                view.insert(
+                    name.clone(),
+                    Json::from(rules::sum_with_deltas(&self.doc, name, &[])),
+                );
             }
         }
         // Read-time defaults of fields that have no value (nothing is written).
@@ -181,7 +201,12 @@ impl Entity {
         view.insert("_id".into(), Json::String(self.id.to_string()));
         let resolved = self.resolved(&collection);
         view.insert("_collection".into(), Json::String(collection));
-        Ok(Derived { view, conflicts, proposals, resolved })
+        Ok(Derived {
+            view,
+            conflicts,
+            proposals,
+            resolved,
+        })
     }
 
     /// Pending proposals, oldest first. A proposal is settled once the newest confirmation
@@ -195,16 +220,32 @@ impl Entity {
             .into_iter()
             .filter(|(id, record)| {
                 let c = confirmed.get(record.field.as_str());
-                c.and_then(|c| c.accepts).is_none_or(|upto| *id > upto) && c.is_none_or(|c| c.value != record.value)
+                c.and_then(|c| c.accepts).is_none_or(|upto| *id > upto)
+                    && c.is_none_or(|c| c.value != record.value)
             })
             .filter(|(_, r)| seen.insert((r.field.clone(), r.value.to_string(), r.peer.clone())))
-            .filter(|(_, r)| r.op.as_ref().is_none_or(|op| seen_ops.insert((r.field.clone(), op.clone()))))
-            .map(|(id, record)| Proposal { id, entity: self.id, collection: collection.to_owned(), record })
+            .filter(|(_, r)| {
+                r.op.as_ref()
+                    .is_none_or(|op| seen_ops.insert((r.field.clone(), op.clone())))
+            })
+            .map(|(id, record)| Proposal {
+                id,
+                entity: self.id,
+                collection: collection.to_owned(),
+                record,
+            })
             .collect()
     }
 
     /// A conflict on `field` if its concurrent values are not all equal.
-    fn conflict(&self, collection: &str, field: String, rule: &Rule, state: ConflictState, all: &[(Value<'_>, ObjId)]) -> Option<Conflict> {
+    fn conflict(
+        &self,
+        collection: &str,
+        field: String,
+        rule: &Rule,
+        state: ConflictState,
+        all: &[(Value<'_>, ObjId)],
+    ) -> Option<Conflict> {
         let mut values: Vec<Json> = Vec::new();
         for (v, id) in all {
             let j = to_json(&self.doc, v, id);
@@ -233,9 +274,15 @@ impl Entity {
         let mut out = BTreeMap::new();
         for obj in super::layout::map_objects(&self.doc, &ROOT, super::layout::K_RESOLVED) {
             for key in self.doc.keys(&obj) {
-                let Ok(id) = key.parse::<ConflictId>() else { continue };
-                let Some(text) = super::json::scalar_str(&self.doc, &obj, &key) else { continue };
-                let Ok(r) = serde_json::from_str::<ResolvedRecord>(&text) else { continue };
+                let Ok(id) = key.parse::<ConflictId>() else {
+                    continue;
+                };
+                let Some(text) = super::json::scalar_str(&self.doc, &obj, &key) else {
+                    continue;
+                };
+                let Ok(r) = serde_json::from_str::<ResolvedRecord>(&text) else {
+                    continue;
+                };
                 let rule = crate::schema::Rule::name_of(&r.rule);
                 out.entry(id.clone()).or_insert(Conflict {
                     id,
@@ -277,7 +324,12 @@ impl Entity {
             .map(|item| {
                 let key = item.key.to_string();
                 let values = if item.conflict {
-                    self.doc.get_all(ROOT, key.as_str()).unwrap_or_default().into_iter().map(|(v, id)| (v.into_owned(), id)).collect()
+                    self.doc
+                        .get_all(ROOT, key.as_str())
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(v, id)| (v.into_owned(), id))
+                        .collect()
                 } else {
                     vec![(item.value.clone().into_value(), item.id())]
                 };

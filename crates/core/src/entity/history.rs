@@ -48,7 +48,9 @@ impl Entity {
         let mut out = Vec::new();
         for (i, c) in changes.iter().enumerate() {
             let note: Option<ChangeNote> = c.message().and_then(|m| serde_json::from_str(m).ok());
-            let (user, kind, fields, op) = note.map(|n| (n.user, n.kind, n.fields, n.op)).unwrap_or_default();
+            let (user, kind, fields, op) = note
+                .map(|n| (n.user, n.kind, n.fields, n.op))
+                .unwrap_or_default();
             if kind == "init" {
                 continue;
             }
@@ -56,7 +58,11 @@ impl Entity {
                 .map(|p| p.to_string())
                 .unwrap_or_else(|_| c.actor_id().to_hex_string());
             let changes = if i >= diff_from {
-                let before = if kind == "create" { View::new() } else { self.view_at(ws, c.deps()) };
+                let before = if kind == "create" {
+                    View::new()
+                } else {
+                    self.view_at(ws, c.deps())
+                };
                 let after = self.view_at(ws, &[c.hash()]);
                 fields
                     .iter()
@@ -69,7 +75,16 @@ impl Entity {
             } else {
                 vec![]
             };
-            out.push(HistoryEntry { change: c.hash().to_string(), device, user, time_ms: c.timestamp(), kind, fields, changes, op });
+            out.push(HistoryEntry {
+                change: c.hash().to_string(),
+                device,
+                user,
+                time_ms: c.timestamp(),
+                kind,
+                fields,
+                changes,
+                op,
+            });
         }
         out
     }
@@ -79,8 +94,17 @@ impl Entity {
         if heads.is_empty() {
             return View::new();
         }
-        let Ok(doc) = self.doc.fork_at(heads) else { return View::new() };
-        let then = Entity { id: self.id, collection: super::layout::read_collection(&doc), doc, persisted: vec![], seen_ms: 0, resolve_record: None };
+        let Ok(doc) = self.doc.fork_at(heads) else {
+            return View::new();
+        };
+        let then = Entity {
+            id: self.id,
+            collection: super::layout::read_collection(&doc),
+            doc,
+            persisted: vec![],
+            seen_ms: 0,
+            resolve_record: None,
+        };
         then.view(ws).unwrap_or_default()
     }
 }

@@ -30,7 +30,11 @@ impl Entity {
         let mut out = Integrity::default();
         // Only the member list is checked for anything but authority records.
         if self.collection.as_deref() == Some(crate::membership::MEMBERS) {
-            out.plain_fields = self.doc.map_range(ROOT, ..).filter(|i| !i.key.starts_with('_')).count();
+            out.plain_fields = self
+                .doc
+                .map_range(ROOT, ..)
+                .filter(|i| !i.key.starts_with('_'))
+                .count();
             out.proposals = self.proposal_records().len();
             out.tombstone = self.doc.get(ROOT, K_DELETED).ok().flatten().is_some();
         }
@@ -46,12 +50,21 @@ impl Entity {
                         continue;
                     }
                     for key in self.doc.keys(&per_field) {
-                        for (v, _) in self.doc.get_all(&per_field, key.as_str()).unwrap_or_default() {
+                        for (v, _) in self
+                            .doc
+                            .get_all(&per_field, key.as_str())
+                            .unwrap_or_default()
+                        {
                             let valid = match &v {
                                 Value::Scalar(s) => match s.as_ref() {
-                                    ScalarValue::Str(text) => serde_json::from_str::<Confirmation>(text)
-                                        .ok()
-                                        .filter(|c| seq_key(c.seq) == key && c.verify(&ws.authority, ws.id, self.id, &field)),
+                                    ScalarValue::Str(text) => serde_json::from_str::<Confirmation>(
+                                        text,
+                                    )
+                                    .ok()
+                                    .filter(|c| {
+                                        seq_key(c.seq) == key
+                                            && c.verify(&ws.authority, ws.id, self.id, &field)
+                                    }),
                                     _ => None,
                                 },
                                 _ => None,

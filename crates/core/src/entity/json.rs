@@ -11,7 +11,9 @@ pub(crate) fn scalar_to_json(s: &ScalarValue) -> Json {
         ScalarValue::Str(t) => Json::String(t.to_string()),
         ScalarValue::Int(i) => Json::from(*i),
         ScalarValue::Uint(u) => Json::from(*u),
-        ScalarValue::F64(f) => serde_json::Number::from_f64(*f).map(Json::Number).unwrap_or(Json::Null),
+        ScalarValue::F64(f) => serde_json::Number::from_f64(*f)
+            .map(Json::Number)
+            .unwrap_or(Json::Null),
         ScalarValue::Counter(c) => Json::from(i64::from(c)),
         ScalarValue::Timestamp(t) => Json::from(*t),
         ScalarValue::Boolean(b) => Json::Bool(*b),
@@ -60,16 +62,26 @@ pub(crate) fn json_scalar(v: &Json) -> ScalarValue {
 pub(crate) fn json_hydrate(v: &Json) -> hydrate::Value {
     match v {
         Json::Object(m) => {
-            let map: HashMap<String, hydrate::Value> = m.iter().map(|(k, v)| (k.clone(), json_hydrate(v))).collect();
+            let map: HashMap<String, hydrate::Value> = m
+                .iter()
+                .map(|(k, v)| (k.clone(), json_hydrate(v)))
+                .collect();
             hydrate::Value::Map(map.into())
         }
-        Json::Array(a) => hydrate::Value::List(a.iter().map(json_hydrate).collect::<Vec<_>>().into()),
+        Json::Array(a) => {
+            hydrate::Value::List(a.iter().map(json_hydrate).collect::<Vec<_>>().into())
+        }
         scalar => json_scalar(scalar).into(),
     }
 }
 
 /// Writes a JSON value at `prop` of `obj`, nested objects and arrays as Automerge objects.
-pub(crate) fn put_json(doc: &mut AutoCommit, obj: &ObjId, prop: Prop, v: &Json) -> Result<(), automerge::AutomergeError> {
+pub(crate) fn put_json(
+    doc: &mut AutoCommit,
+    obj: &ObjId,
+    prop: Prop,
+    v: &Json,
+) -> Result<(), automerge::AutomergeError> {
     let child = match v {
         Json::Object(_) => ObjType::Map,
         Json::Array(_) => ObjType::List,
@@ -85,8 +97,13 @@ pub(crate) fn put_json(doc: &mut AutoCommit, obj: &ObjId, prop: Prop, v: &Json) 
         Prop::Seq(i) => doc.insert_object(obj, i, child)?,
     };
     match v {
-        Json::Object(m) => m.iter().try_for_each(|(k, cv)| put_json(doc, &new, Prop::Map(k.clone()), cv)),
-        Json::Array(a) => a.iter().enumerate().try_for_each(|(i, cv)| put_json(doc, &new, Prop::Seq(i), cv)),
+        Json::Object(m) => m
+            .iter()
+            .try_for_each(|(k, cv)| put_json(doc, &new, Prop::Map(k.clone()), cv)),
+        Json::Array(a) => a
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, cv)| put_json(doc, &new, Prop::Seq(i), cv)),
         _ => Ok(()),
     }
 }
@@ -104,7 +121,10 @@ pub(crate) fn scalar_str(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<Str
 
 /// Orders numbers; non-numbers sort as NaN.
 pub(crate) fn cmp_num(a: &Json, b: &Json) -> std::cmp::Ordering {
-    let (x, y) = (a.as_f64().unwrap_or(f64::NAN), b.as_f64().unwrap_or(f64::NAN));
+    let (x, y) = (
+        a.as_f64().unwrap_or(f64::NAN),
+        b.as_f64().unwrap_or(f64::NAN),
+    );
     x.total_cmp(&y)
 }
 

@@ -23,7 +23,9 @@
 
 use std::collections::HashMap;
 
-use automerge::{hydrate, ActorId, AutoCommit, ObjId, ObjType, ReadDoc, ScalarValue, TextEncoding, Value, ROOT};
+use automerge::{
+    hydrate, ActorId, AutoCommit, ObjId, ObjType, ReadDoc, ScalarValue, TextEncoding, Value, ROOT,
+};
 use serde_json::{json, Value as Json};
 use sha2::Digest;
 
@@ -70,7 +72,12 @@ pub(crate) fn fingerprint(collection: &str, kind: &str, content: &Json) -> Strin
 }
 
 /// The actor of a creation change: a hash of everything the change holds.
-pub(crate) fn creation_actor(ws: WorkspaceId, id: EntityId, collection: &str, patch: &Patch) -> ActorId {
+pub(crate) fn creation_actor(
+    ws: WorkspaceId,
+    id: EntityId,
+    collection: &str,
+    patch: &Patch,
+) -> ActorId {
     let mut h = sha2::Sha256::new();
     h.update(b"fieldsync/create/v1\0");
     h.update(ws.as_bytes());
@@ -84,10 +91,18 @@ pub(crate) fn creation_actor(ws: WorkspaceId, id: EntityId, collection: &str, pa
 /// The root of a new entity: `_collection`, the bookkeeping maps, the containers rules
 /// make at creation, and the patch's non-authority fields. Built as one value so Automerge
 /// inserts it in a single batch (it sorts the keys, so the change is deterministic).
-pub(crate) fn initial_root(coll: &Collection, collection: &str, patch: &Patch, encoding: TextEncoding) -> hydrate::Map {
+pub(crate) fn initial_root(
+    coll: &Collection,
+    collection: &str,
+    patch: &Patch,
+    encoding: TextEncoding,
+) -> hydrate::Map {
     let empty_map = || hydrate::Value::Map(HashMap::<String, hydrate::Value>::new().into());
     let mut root: HashMap<String, hydrate::Value> = HashMap::new();
-    root.insert(K_COLLECTION.into(), ScalarValue::Str(collection.into()).into());
+    root.insert(
+        K_COLLECTION.into(),
+        ScalarValue::Str(collection.into()).into(),
+    );
     root.insert(K_OPS.into(), empty_map());
     root.insert(K_CREATED.into(), empty_map());
     if coll.fields.values().any(|f| f.rule == Rule::Counter) {

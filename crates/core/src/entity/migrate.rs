@@ -46,7 +46,13 @@ pub(crate) type FieldValues = Vec<(Value<'static>, ObjId)>;
 /// The content is part of it: nodes whose targets differ (one filled elsewhere) write
 /// different content on the same dependencies, and must not make two different changes
 /// with one actor and sequence number (Automerge refuses that).
-pub(crate) fn migration_actor(ws: &Workspace, entity: crate::EntityId, id: &str, deps: &[ChangeHash], patch: &Patch) -> ActorId {
+pub(crate) fn migration_actor(
+    ws: &Workspace,
+    entity: crate::EntityId,
+    id: &str,
+    deps: &[ChangeHash],
+    patch: &Patch,
+) -> ActorId {
     let mut h = sha2::Sha256::new();
     h.update(b"fieldsync/migrate/v1\0");
     h.update(ws.id.as_bytes());
@@ -67,16 +73,31 @@ impl Entity {
     /// value the target's rule does not take) writes nothing and is tried again the next
     /// time the entity is written.
     pub fn migrate(&mut self, ws: &Workspace) -> Result<usize, Error> {
-        let Some(collection) = self.collection.clone() else { return Ok(0) };
-        let pending: Vec<&Migration> = ws.schema.migrations.iter().filter(|m| m.collection == collection && !self.migrated(&m.id)).collect();
+        let Some(collection) = self.collection.clone() else {
+            return Ok(0);
+        };
+        let pending: Vec<&Migration> = ws
+            .schema
+            .migrations
+            .iter()
+            .filter(|m| m.collection == collection && !self.migrated(&m.id))
+            .collect();
         if pending.is_empty() {
             return Ok(0);
         }
         let coll = ws.schema.collection(&collection)?;
         let mut applied = 0;
         for m in pending {
-            let Some((patch, read)) = self.migration_input(coll, m) else { continue };
-            let mut deps: Vec<ChangeHash> = self.doc.get_all(ROOT, K_COLLECTION).unwrap_or_default().into_iter().filter_map(|(_, id)| self.doc.hash_for_opid(&id)).collect();
+            let Some((patch, read)) = self.migration_input(coll, m) else {
+                continue;
+            };
+            let mut deps: Vec<ChangeHash> = self
+                .doc
+                .get_all(ROOT, K_COLLECTION)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|(_, id)| self.doc.hash_for_opid(&id))
+                .collect();
             deps.extend(read.iter().filter_map(|id| self.doc.hash_for_opid(id)));
             deps.sort();
             deps.dedup();
@@ -99,7 +120,10 @@ impl Entity {
     /// has nothing to write.
     fn migration_input(&self, coll: &Collection, m: &Migration) -> Option<(Patch, Vec<ObjId>)> {
         let mig = OnceCell::new();
-        let empty = |field: &str| self.merged_field(coll, field, &mig).is_none_or(|v| v == Json::Null || v == "" || v == Json::Array(vec![]));
+        let empty = |field: &str| {
+            self.merged_field(coll, field, &mig)
+                .is_none_or(|v| v == Json::Null || v == "" || v == Json::Array(vec![]))
+        };
         let mut out = Map::new();
         let mut read = Vec::new();
         match &m.kind {
@@ -118,10 +142,18 @@ impl Entity {
                         (_, v) => v,
                     };
                     out.insert(field.clone(), source);
-                    read = self.field_values(coll, from, &mig).into_iter().map(|(_, id)| id).collect();
+                    read = self
+                        .field_values(coll, from, &mig)
+                        .into_iter()
+                        .map(|(_, id)| id)
+                        .collect();
                 }
             }
-            MigrationKind::Split { from, into, separator } => {
+            MigrationKind::Split {
+                from,
+                into,
+                separator,
+            } => {
                 let source = self.merged_field(coll, from, &mig)?;
                 let text = source.as_str()?;
                 for (field, part) in into.iter().zip(text.splitn(into.len(), separator.as_str())) {
@@ -129,7 +161,11 @@ impl Entity {
                         out.insert(field.clone(), Json::String(part.to_owned()));
                     }
                 }
-                read = self.field_values(coll, from, &mig).into_iter().map(|(_, id)| id).collect();
+                read = self
+                    .field_values(coll, from, &mig)
+                    .into_iter()
+                    .map(|(_, id)| id)
+                    .collect();
             }
         }
         if out.is_empty() {
@@ -141,19 +177,46 @@ impl Entity {
     }
 
     /// The change migration `m` makes: `patch` written on the document as of `deps`.
-    fn migration_change(&mut self, ws: &Workspace, coll: &Collection, m: &Migration, patch: &Patch, deps: &[ChangeHash]) -> Result<Change, Error> {
+    fn migration_change(
+        &mut self,
+        ws: &Workspace,
+        coll: &Collection,
+        m: &Migration,
+        patch: &Patch,
+        deps: &[ChangeHash],
+    ) -> Result<Change, Error> {
         let mut fork = self.doc.fork_at(deps).map_err(Error::automerge)?;
         fork.set_actor(migration_actor(ws, self.id, &m.id, deps, patch));
         for (field, op) in &patch.ops {
             let rule = coll.rule(field);
-            let mut w = rules::Write { doc: &mut fork, field, rule, op_id: None };
+            let mut w = rules::Write {
+                doc: &mut fork,
+                field,
+                rule,
+                op_id: None,
+            };
             rules::of(rule).write(&mut w, op)?;
         }
-        fork.put(ROOT, format!("{K_MIG}{}", m.id), m.kind_name()).map_err(Error::automerge)?;
-        let time = deps.iter().filter_map(|h| ReadDoc::get_change_by_hash(&self.doc, h).map(|c| c.timestamp())).max().unwrap_or(0);
-        let note = ChangeNote { user: String::new(), kind: "migrate".into(), fields: patch.fields(), op: Some(m.id.clone()) };
-        fork.commit_with(CommitOptions::default().with_message(serde_json::to_string(&note).unwrap_or_default()).with_time(time));
-        fork.get_last_local_change().ok_or_else(|| Error::Document(format!("migration {} made no change", m.id)))
+        fork.put(ROOT, format!("{K_MIG}{}", m.id), m.kind_name())
+            .map_err(Error::automerge)?;
+        let time = deps
+            .iter()
+            .filter_map(|h| ReadDoc::get_change_by_hash(&self.doc, h).map(|c| c.timestamp()))
+            .max()
+            .unwrap_or(0);
+        let note = ChangeNote {
+            user: String::new(),
+            kind: "migrate".into(),
+            fields: patch.fields(),
+            op: Some(m.id.clone()),
+        };
+        fork.commit_with(
+            CommitOptions::default()
+                .with_message(serde_json::to_string(&note).unwrap_or_default())
+                .with_time(time),
+        );
+        fork.get_last_local_change()
+            .ok_or_else(|| Error::Document(format!("migration {} made no change", m.id)))
     }
 
     /// The actors of every migration change in this document (the writers of its markers).
@@ -161,7 +224,11 @@ impl Entity {
         self.doc
             .map_range(ROOT, K_MIG.to_owned()..)
             .take_while(|item| item.key.starts_with(K_MIG))
-            .flat_map(|item| self.doc.get_all(ROOT, item.key.as_ref()).unwrap_or_default())
+            .flat_map(|item| {
+                self.doc
+                    .get_all(ROOT, item.key.as_ref())
+                    .unwrap_or_default()
+            })
             .filter_map(|(_, id)| match id {
                 ObjId::Id(_, actor, _) => Some(actor),
                 ObjId::Root => None,
@@ -172,7 +239,12 @@ impl Entity {
     /// Drops from concurrent values those written by migrations, if any other remains.
     /// Not for `set` and `counter`: their concurrent containers add up (a union, a sum),
     /// which is what one application followed by the other writes gives.
-    pub(crate) fn yield_to_people(&self, rule: &Rule, all: &mut FieldValues, mig: &OnceCell<HashSet<ActorId>>) {
+    pub(crate) fn yield_to_people(
+        &self,
+        rule: &Rule,
+        all: &mut FieldValues,
+        mig: &OnceCell<HashSet<ActorId>>,
+    ) {
         if all.len() < 2 || matches!(rule, Rule::Set | Rule::Counter) {
             return;
         }
@@ -188,10 +260,26 @@ impl Entity {
 
     /// Every concurrent value of `field` as the view reads it: its own key's values plus
     /// those of the name it was renamed from, without superseded migration values.
-    pub(crate) fn field_values(&self, coll: &Collection, field: &str, mig: &OnceCell<HashSet<ActorId>>) -> FieldValues {
-        let get = |key: &str| -> FieldValues { self.doc.get_all(ROOT, key).unwrap_or_default().into_iter().map(|(v, id)| (v.into_owned(), id)).collect() };
+    pub(crate) fn field_values(
+        &self,
+        coll: &Collection,
+        field: &str,
+        mig: &OnceCell<HashSet<ActorId>>,
+    ) -> FieldValues {
+        let get = |key: &str| -> FieldValues {
+            self.doc
+                .get_all(ROOT, key)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(v, id)| (v.into_owned(), id))
+                .collect()
+        };
         let mut all = get(field);
-        if let Some(old) = coll.fields.get(field).and_then(|f| f.renamed_from.as_deref()) {
+        if let Some(old) = coll
+            .fields
+            .get(field)
+            .and_then(|f| f.renamed_from.as_deref())
+        {
             let before = get(old);
             if !before.is_empty() {
                 all.extend(before);
@@ -204,15 +292,26 @@ impl Entity {
     }
 
     /// `field`'s merged value through its rule (no read-time default); `None`: no value.
-    pub(crate) fn merged_field(&self, coll: &Collection, field: &str, mig: &OnceCell<HashSet<ActorId>>) -> Option<Json> {
+    pub(crate) fn merged_field(
+        &self,
+        coll: &Collection,
+        field: &str,
+        mig: &OnceCell<HashSet<ActorId>>,
+    ) -> Option<Json> {
         let rule = coll.rule(field);
         if *rule == Rule::Authority {
             return None;
         }
         let all = self.field_values(coll, field, mig);
         if all.is_empty() {
-            return (*rule == Rule::Counter && !rules::delta_entries(&self.doc, field).is_empty()).then(|| Json::from(rules::sum_with_deltas(&self.doc, field, &[])));
+            return (*rule == Rule::Counter && !rules::delta_entries(&self.doc, field).is_empty())
+                .then(|| Json::from(rules::sum_with_deltas(&self.doc, field, &[])));
         }
-        rules::of(rule).merged(&rules::Values { doc: &self.doc, field, rule, all: &all })
+        rules::of(rule).merged(&rules::Values {
+            doc: &self.doc,
+            field,
+            rule,
+            all: &all,
+        })
     }
 }

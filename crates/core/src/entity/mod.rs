@@ -15,9 +15,9 @@ mod authority;
 mod derive;
 mod history;
 mod integrity;
-mod migrate;
 pub(crate) mod json;
 pub(crate) mod layout;
+mod migrate;
 
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, AutoCommit, ChangeHash, ObjType, ReadDoc, ScalarValue, Value, ROOT};
@@ -115,13 +115,22 @@ pub struct Entity {
 fn guarded<T>(decode: impl FnOnce() -> Result<T, automerge::AutomergeError>) -> Result<T, Error> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)) {
         Ok(result) => result.map_err(Error::automerge),
-        Err(_) => Err(Error::Document("malformed document: the Automerge decoder failed on it".into())),
+        Err(_) => Err(Error::Document(
+            "malformed document: the Automerge decoder failed on it".into(),
+        )),
     }
 }
 
 impl Entity {
     /// A new entity of `collection`, holding `patch`.
-    pub fn create(ws: &Workspace, id: EntityId, collection: &str, w: &Writer<'_>, patch: &Patch, new_proposal: &mut dyn FnMut() -> ProposalId) -> Result<Self, Error> {
+    pub fn create(
+        ws: &Workspace,
+        id: EntityId,
+        collection: &str,
+        w: &Writer<'_>,
+        patch: &Patch,
+        new_proposal: &mut dyn FnMut() -> ProposalId,
+    ) -> Result<Self, Error> {
         Self::create_op(ws, id, collection, w, patch, None, new_proposal)
     }
 
@@ -130,22 +139,68 @@ impl Entity {
     /// Two changes: the creation change, identical on every node that creates this entity
     /// with this content (see [`layout`]), then the writer's own: `_created`, the op id,
     /// and authority fields (proposals or signed values).
-    pub fn create_op(ws: &Workspace, id: EntityId, collection: &str, w: &Writer<'_>, patch: &Patch, op: Option<&OpId>, new_proposal: &mut dyn FnMut() -> ProposalId) -> Result<Self, Error> {
+    pub fn create_op(
+        ws: &Workspace,
+        id: EntityId,
+        collection: &str,
+        w: &Writer<'_>,
+        patch: &Patch,
+        op: Option<&OpId>,
+        new_proposal: &mut dyn FnMut() -> ProposalId,
+    ) -> Result<Self, Error> {
         let coll = ws.schema.collection(collection)?;
-        let plain = Patch { ops: patch.ops.iter().filter(|(f, _)| *coll.rule(f) != Rule::Authority).cloned().collect() };
-        let mut doc = AutoCommit::new().with_actor(layout::creation_actor(ws.id, id, collection, &plain));
+        let plain = Patch {
+            ops: patch
+                .ops
+                .iter()
+                .filter(|(f, _)| *coll.rule(f) != Rule::Authority)
+                .cloned()
+                .collect(),
+        };
+        let mut doc =
+            AutoCommit::new().with_actor(layout::creation_actor(ws.id, id, collection, &plain));
         let root = layout::initial_root(coll, collection, &plain, doc.text_encoding());
-        doc.init_root_from_hydrate(&root).map_err(Error::automerge)?;
-        let note = ChangeNote { user: String::new(), kind: "init".into(), fields: plain.fields(), op: None };
-        doc.commit_with(CommitOptions::default().with_message(serde_json::to_string(&note).unwrap_or_default()).with_time(0));
-        let mut entity = Entity { id, doc, persisted: vec![], collection: Some(collection.to_owned()), seen_ms: 0, resolve_record: None };
+        doc.init_root_from_hydrate(&root)
+            .map_err(Error::automerge)?;
+        let note = ChangeNote {
+            user: String::new(),
+            kind: "init".into(),
+            fields: plain.fields(),
+            op: None,
+        };
+        doc.commit_with(
+            CommitOptions::default()
+                .with_message(serde_json::to_string(&note).unwrap_or_default())
+                .with_time(0),
+        );
+        let mut entity = Entity {
+            id,
+            doc,
+            persisted: vec![],
+            collection: Some(collection.to_owned()),
+            seen_ms: 0,
+            resolve_record: None,
+        };
         entity.set_writer(w);
         let created = entity.map(K_CREATED)?;
-        entity.doc.put(&created, w.peer.to_string(), w.now_ms.clamp(0, MAX_TIME_MS)).map_err(Error::automerge)?;
+        entity
+            .doc
+            .put(&created, w.peer.to_string(), w.now_ms.clamp(0, MAX_TIME_MS))
+            .map_err(Error::automerge)?;
         if let Some(op) = op {
-            entity.record_op(op, &layout::fingerprint(collection, "put", &layout::canonical(patch)))?;
+            entity.record_op(
+                op,
+                &layout::fingerprint(collection, "put", &layout::canonical(patch)),
+            )?;
         }
-        let authority_ops = Patch { ops: patch.ops.iter().filter(|(f, _)| *coll.rule(f) == Rule::Authority).cloned().collect() };
+        let authority_ops = Patch {
+            ops: patch
+                .ops
+                .iter()
+                .filter(|(f, _)| *coll.rule(f) == Rule::Authority)
+                .cloned()
+                .collect(),
+        };
         entity.write_patch(ws, coll, w, &authority_ops, op, new_proposal)?;
         entity.commit(w, "create", patch.fields(), op);
         Ok(entity)
@@ -167,7 +222,11 @@ impl Entity {
     /// Loads an entity this node stored itself: the heads' hashes were verified when the
     /// data arrived, so loading skips recomputing them (about twice as fast).
     pub fn load_stored(id: EntityId, snapshot: &[u8], changes: &[Vec<u8>]) -> Result<Self, Error> {
-        Self::load_with(id, AutoCommit::load_unverified_heads(snapshot).map_err(Error::automerge)?, changes)
+        Self::load_with(
+            id,
+            AutoCommit::load_unverified_heads(snapshot).map_err(Error::automerge)?,
+            changes,
+        )
     }
 
     fn load_with(id: EntityId, mut doc: AutoCommit, changes: &[Vec<u8>]) -> Result<Self, Error> {
@@ -176,7 +235,14 @@ impl Entity {
         }
         let persisted = doc.get_heads();
         let collection = layout::read_collection(&doc);
-        Ok(Entity { id, doc, persisted, collection, seen_ms: 0, resolve_record: None })
+        Ok(Entity {
+            id,
+            doc,
+            persisted,
+            collection,
+            seen_ms: 0,
+            resolve_record: None,
+        })
     }
 
     /// Loads an entity received from elsewhere (a bundle), checking that it is one:
@@ -185,7 +251,14 @@ impl Entity {
         let doc = guarded(|| AutoCommit::load(bytes))?;
         // Not persisted here yet: the first save stores it whole.
         let collection = layout::read_collection(&doc);
-        let entity = Entity { id, doc, persisted: vec![], collection, seen_ms: 0, resolve_record: None };
+        let entity = Entity {
+            id,
+            doc,
+            persisted: vec![],
+            collection,
+            seen_ms: 0,
+            resolve_record: None,
+        };
         if entity.collection().is_none() {
             return Err(Error::Document(format!("entity {id} has no _collection")));
         }
@@ -196,7 +269,11 @@ impl Entity {
     pub fn set_writer(&mut self, w: &Writer<'_>) {
         self.doc.set_actor(w.actor());
         let heads = self.doc.get_heads();
-        self.seen_ms = heads.iter().filter_map(|h| ReadDoc::get_change_by_hash(&self.doc, h).map(|c| c.timestamp())).max().unwrap_or(0);
+        self.seen_ms = heads
+            .iter()
+            .filter_map(|h| ReadDoc::get_change_by_hash(&self.doc, h).map(|c| c.timestamp()))
+            .max()
+            .unwrap_or(0);
     }
 
     pub fn id(&self) -> EntityId {
@@ -233,7 +310,10 @@ impl Entity {
     /// per update. Used to bound caches by bytes.
     pub fn memory_estimate(&self) -> usize {
         let s = self.doc.stats();
-        MEM_BASE + s.num_ops as usize * MEM_PER_OP + s.num_changes as usize * MEM_PER_CHANGE + s.num_actors as usize * MEM_PER_ACTOR
+        MEM_BASE
+            + s.num_ops as usize * MEM_PER_OP
+            + s.num_changes as usize * MEM_PER_CHANGE
+            + s.num_actors as usize * MEM_PER_ACTOR
     }
 
     /// Whether the document was never persisted (created here or received whole).
@@ -244,7 +324,11 @@ impl Entity {
     /// The changes after `have` (heads of another copy), as one chunk. Heads this copy does
     /// not know are ignored, so the result may hold more than needed, never less.
     pub fn changes_after(&mut self, have: &[ChangeHash]) -> Vec<u8> {
-        let known: Vec<ChangeHash> = have.iter().filter(|h| self.doc.get_change_by_hash(h).is_some()).copied().collect();
+        let known: Vec<ChangeHash> = have
+            .iter()
+            .filter(|h| self.doc.get_change_by_hash(h).is_some())
+            .copied()
+            .collect();
         self.doc.save_after(&known)
     }
 
@@ -258,15 +342,32 @@ impl Entity {
     }
 
     /// Applies a checked patch as one change.
-    pub fn update(&mut self, ws: &Workspace, w: &Writer<'_>, patch: &Patch, new_proposal: &mut dyn FnMut() -> ProposalId) -> Result<(), Error> {
+    pub fn update(
+        &mut self,
+        ws: &Workspace,
+        w: &Writer<'_>,
+        patch: &Patch,
+        new_proposal: &mut dyn FnMut() -> ProposalId,
+    ) -> Result<(), Error> {
         self.update_op(ws, w, patch, None, new_proposal).map(|_| ())
     }
 
     /// Applies a checked patch as one change, once per operation id: if the document
     /// already holds `op` (a retry, here or on another node) nothing is written.
-    pub fn update_op(&mut self, ws: &Workspace, w: &Writer<'_>, patch: &Patch, op: Option<&OpId>, new_proposal: &mut dyn FnMut() -> ProposalId) -> Result<Applied, Error> {
+    pub fn update_op(
+        &mut self,
+        ws: &Workspace,
+        w: &Writer<'_>,
+        patch: &Patch,
+        op: Option<&OpId>,
+        new_proposal: &mut dyn FnMut() -> ProposalId,
+    ) -> Result<Applied, Error> {
         let coll = self.schema_collection(ws)?;
-        let fp = layout::fingerprint(&self.collection.clone().unwrap_or_default(), "put", &layout::canonical(patch));
+        let fp = layout::fingerprint(
+            &self.collection.clone().unwrap_or_default(),
+            "put",
+            &layout::canonical(patch),
+        );
         if let Some(op) = op {
             if self.op_seen(op, &fp)? {
                 return Ok(Applied::Already);
@@ -274,12 +375,29 @@ impl Entity {
         }
         // Migrations first, so the write follows them (and sees what they filled in).
         self.migrate(ws)?;
-        self.update_as(ws, coll, w, patch, op.map(|o| (o, fp)), new_proposal, "update")?;
+        self.update_as(
+            ws,
+            coll,
+            w,
+            patch,
+            op.map(|o| (o, fp)),
+            new_proposal,
+            "update",
+        )?;
         Ok(Applied::Now)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn update_as(&mut self, ws: &Workspace, coll: &Collection, w: &Writer<'_>, patch: &Patch, op: Option<(&OpId, String)>, new_proposal: &mut dyn FnMut() -> ProposalId, kind: &str) -> Result<(), Error> {
+    fn update_as(
+        &mut self,
+        ws: &Workspace,
+        coll: &Collection,
+        w: &Writer<'_>,
+        patch: &Patch,
+        op: Option<(&OpId, String)>,
+        new_proposal: &mut dyn FnMut() -> ProposalId,
+        kind: &str,
+    ) -> Result<(), Error> {
         if self.is_deleted(coll) && coll.on_delete == OnDelete::DeleteWins {
             return Err(Error::Deleted(self.id));
         }
@@ -290,16 +408,27 @@ impl Entity {
                 // concurrent delete does not (see `is_deleted`). The marker must differ from
                 // the current value: Automerge drops a put of the value already there.
                 let marker = layout::next_marker(&self.doc, &ROOT, K_DELETED);
-                self.doc.put(ROOT, K_DELETED, marker).map_err(Error::automerge)?;
+                self.doc
+                    .put(ROOT, K_DELETED, marker)
+                    .map_err(Error::automerge)?;
             }
             if let Some((op, fp)) = &op {
                 self.record_op(op, fp)?;
             }
             if let Some((key, text)) = self.resolve_record.clone() {
                 let resolved = self.map(layout::K_RESOLVED)?;
-                self.doc.put(&resolved, key, text).map_err(Error::automerge)?;
+                self.doc
+                    .put(&resolved, key, text)
+                    .map_err(Error::automerge)?;
             }
-            self.write_patch(ws, coll, w, patch, op.as_ref().map(|(o, _)| *o), new_proposal)
+            self.write_patch(
+                ws,
+                coll,
+                w,
+                patch,
+                op.as_ref().map(|(o, _)| *o),
+                new_proposal,
+            )
         })();
         if let Err(e) = res {
             self.doc.rollback();
@@ -315,9 +444,18 @@ impl Entity {
     }
 
     /// Marks the entity deleted, once per operation id.
-    pub fn delete_op(&mut self, ws: &Workspace, w: &Writer<'_>, op: Option<&OpId>) -> Result<Applied, Error> {
+    pub fn delete_op(
+        &mut self,
+        ws: &Workspace,
+        w: &Writer<'_>,
+        op: Option<&OpId>,
+    ) -> Result<Applied, Error> {
         let coll = self.schema_collection(ws)?;
-        let fp = layout::fingerprint(&self.collection.clone().unwrap_or_default(), "delete", &Json::Null);
+        let fp = layout::fingerprint(
+            &self.collection.clone().unwrap_or_default(),
+            "delete",
+            &Json::Null,
+        );
         if let Some(op) = op {
             if self.op_seen(op, &fp)? {
                 return Ok(Applied::Already);
@@ -333,31 +471,58 @@ impl Entity {
                 return Err(e);
             }
         }
-        self.doc.put(ROOT, K_DELETED, true).map_err(Error::automerge)?;
+        self.doc
+            .put(ROOT, K_DELETED, true)
+            .map_err(Error::automerge)?;
         self.commit(w, "delete", vec![], op);
         Ok(Applied::Now)
     }
 
     /// Writes `value` to the field of conflict `id`, which settles it because the write has
     /// seen every concurrent value.
-    pub fn resolve(&mut self, ws: &Workspace, w: &Writer<'_>, id: &ConflictId, value: &Json) -> Result<(), Error> {
+    pub fn resolve(
+        &mut self,
+        ws: &Workspace,
+        w: &Writer<'_>,
+        id: &ConflictId,
+        value: &Json,
+    ) -> Result<(), Error> {
         let conflict = self
             .conflicts(ws)
             .into_iter()
             .find(|c| &c.id == id)
             .ok_or_else(|| Error::NotFound(format!("conflict {id} (already resolved?)")))?;
         let coll = self.schema_collection(ws)?;
-        let patch = Patch::from_json(coll, &Json::Object(Map::from_iter([(conflict.field.clone(), value.clone())])))?;
+        let patch = Patch::from_json(
+            coll,
+            &Json::Object(Map::from_iter([(conflict.field.clone(), value.clone())])),
+        )?;
         let record = derive::ResolvedRecord {
             field: conflict.field,
             values: conflict.values,
             rule: conflict.rule.to_owned(),
-            resolution: Resolution { chosen: value.clone(), user: w.user.to_owned(), peer: w.peer.to_string(), time_ms: w.now_ms },
+            resolution: Resolution {
+                chosen: value.clone(),
+                user: w.user.to_owned(),
+                peer: w.peer.to_string(),
+                time_ms: w.now_ms,
+            },
         };
-        let record = (id.to_string(), serde_json::to_string(&record).map_err(|e| Error::Document(e.to_string()))?);
+        let record = (
+            id.to_string(),
+            serde_json::to_string(&record).map_err(|e| Error::Document(e.to_string()))?,
+        );
         self.resolve_record = Some(record);
         // `resolve` writes only fields that can conflict, which excludes authority fields.
-        let res = self.update_as(ws, coll, w, &patch, None, &mut || ProposalId(uuid::Uuid::nil()), "resolve");
+        let res = self.update_as(
+            ws,
+            coll,
+            w,
+            &patch,
+            None,
+            &mut || ProposalId(uuid::Uuid::nil()),
+            "resolve",
+        );
         self.resolve_record = None;
         res
     }
@@ -369,7 +534,9 @@ impl Entity {
         for ops in layout::map_objects(&self.doc, &ROOT, K_OPS) {
             for (v, _) in self.doc.get_all(&ops, op.as_str()).unwrap_or_default() {
                 let Value::Scalar(s) = v else { continue };
-                let ScalarValue::Str(fp) = s.as_ref() else { continue };
+                let ScalarValue::Str(fp) = s.as_ref() else {
+                    continue;
+                };
                 if fp.as_str() != fingerprint {
                     return Err(Error::OpReused(op.clone()));
                 }
@@ -381,19 +548,26 @@ impl Entity {
 
     fn record_op(&mut self, op: &OpId, fingerprint: &str) -> Result<(), Error> {
         let ops = self.map(K_OPS)?;
-        self.doc.put(&ops, op.as_str(), fingerprint).map_err(Error::automerge)
+        self.doc
+            .put(&ops, op.as_str(), fingerprint)
+            .map_err(Error::automerge)
     }
 
     /// The root map `key`, made here if this (older) document has none.
     fn map(&mut self, key: &str) -> Result<automerge::ObjId, Error> {
         match self.doc.get(ROOT, key).map_err(Error::automerge)? {
             Some((Value::Object(ObjType::Map), id)) => Ok(id),
-            _ => self.doc.put_object(ROOT, key, ObjType::Map).map_err(Error::automerge),
+            _ => self
+                .doc
+                .put_object(ROOT, key, ObjType::Map)
+                .map_err(Error::automerge),
         }
     }
 
     fn schema_collection<'w>(&self, ws: &'w Workspace) -> Result<&'w Collection, Error> {
-        let name = self.collection().ok_or_else(|| Error::Document(format!("entity {} has no _collection", self.id)))?;
+        let name = self
+            .collection()
+            .ok_or_else(|| Error::Document(format!("entity {} has no _collection", self.id)))?;
         ws.schema.collection(&name)
     }
 
@@ -402,23 +576,46 @@ impl Entity {
     /// (`lww` compares times). Automerge delta-encodes times; clamping to 0 … year
     /// ~144,000 keeps a bad clock from overflowing that encoding.
     fn commit(&mut self, w: &Writer<'_>, kind: &str, fields: Vec<String>, op: Option<&OpId>) {
-        let note = ChangeNote { user: w.user.to_owned(), kind: kind.to_owned(), fields, op: op.map(|o| o.to_string()) };
+        let note = ChangeNote {
+            user: w.user.to_owned(),
+            kind: kind.to_owned(),
+            fields,
+            op: op.map(|o| o.to_string()),
+        };
         let msg = serde_json::to_string(&note).unwrap_or_default();
         let time = w.now_ms.max(self.seen_ms).clamp(0, MAX_TIME_MS);
-        self.doc.commit_with(CommitOptions::default().with_message(msg).with_time(time));
+        self.doc
+            .commit_with(CommitOptions::default().with_message(msg).with_time(time));
     }
 
-    fn write_patch(&mut self, ws: &Workspace, coll: &Collection, w: &Writer<'_>, patch: &Patch, op: Option<&OpId>, new_proposal: &mut dyn FnMut() -> ProposalId) -> Result<(), Error> {
+    fn write_patch(
+        &mut self,
+        ws: &Workspace,
+        coll: &Collection,
+        w: &Writer<'_>,
+        patch: &Patch,
+        op: Option<&OpId>,
+        new_proposal: &mut dyn FnMut() -> ProposalId,
+    ) -> Result<(), Error> {
         for (field, fop) in &patch.ops {
             let rule = coll.rule(field);
             if *rule == Rule::Authority {
                 self.write_authority(ws, w, field, fop, op, new_proposal)?;
                 continue;
             }
-            let mut write = rules::Write { doc: &mut self.doc, field, rule, op_id: op.map(OpId::as_str) };
+            let mut write = rules::Write {
+                doc: &mut self.doc,
+                field,
+                rule,
+                op_id: op.map(OpId::as_str),
+            };
             rules::of(rule).write(&mut write, fop)?;
             // The write has seen the values under the field's earlier name: it replaces them.
-            if let Some(old) = coll.fields.get(field).and_then(|f| f.renamed_from.as_deref()) {
+            if let Some(old) = coll
+                .fields
+                .get(field)
+                .and_then(|f| f.renamed_from.as_deref())
+            {
                 if self.doc.get(ROOT, old).map_err(Error::automerge)?.is_some() {
                     self.doc.delete(ROOT, old).map_err(Error::automerge)?;
                 }

@@ -19,14 +19,21 @@ impl Semantics for Authority {
         parse_register(field, rule, input)
     }
 
-    fn initial(&self, _: Option<&FieldOp>, _: automerge::TextEncoding) -> Option<automerge::hydrate::Value> {
+    fn initial(
+        &self,
+        _: Option<&FieldOp>,
+        _: automerge::TextEncoding,
+    ) -> Option<automerge::hydrate::Value> {
         // Confirmations are signed over the entity id and proposals carry their writer:
         // both are written after the creation change.
         None
     }
 
     fn write(&self, w: &mut Write<'_>, _: &FieldOp) -> Result<(), Error> {
-        Err(Error::Document(format!("authority field {:?} is written through the authority path", w.field)))
+        Err(Error::Document(format!(
+            "authority field {:?} is written through the authority path",
+            w.field
+        )))
     }
 
     fn merged(&self, _: &Values<'_>) -> Option<Json> {

@@ -26,8 +26,13 @@ pub(crate) struct Counter;
 impl Semantics for Counter {
     fn parse(&self, field: &str, rule: &Rule, input: Input<'_>) -> Result<FieldOp, Error> {
         match input {
-            Input::Op("$inc", Json::Number(n)) => crate::numeric::counter_arg(field, n).map(FieldOp::Inc),
-            Input::Op("$inc", arg) => Err(Error::Patch(format!("field {field:?}: $inc takes an integer, got {}", describe(arg)))),
+            Input::Op("$inc", Json::Number(n)) => {
+                crate::numeric::counter_arg(field, n).map(FieldOp::Inc)
+            }
+            Input::Op("$inc", arg) => Err(Error::Patch(format!(
+                "field {field:?}: $inc takes an integer, got {}",
+                describe(arg)
+            ))),
             Input::Op(op, _) => Err(no_operator(field, rule, op)),
             Input::Plain(Json::Null) => Err(Error::Patch(format!(
                 "field {field:?} is a counter and cannot be removed; use {{\"$inc\": n}}"
@@ -54,8 +59,15 @@ impl Semantics for Counter {
         let current = current(w.doc, w.field);
         let delta = match op {
             FieldOp::Inc(n) => *n,
-            FieldOp::Set(v) => crate::numeric::counter_delta(w.field, current, v.as_i64().unwrap_or(0))?,
-            other => return Err(Error::Patch(format!("field {:?} (rule counter) does not take {other:?}", w.field))),
+            FieldOp::Set(v) => {
+                crate::numeric::counter_delta(w.field, current, v.as_i64().unwrap_or(0))?
+            }
+            other => {
+                return Err(Error::Patch(format!(
+                    "field {:?} (rule counter) does not take {other:?}",
+                    w.field
+                )))
+            }
         };
         crate::numeric::counter_add(w.field, current, delta)?;
         match w.op_id {
@@ -65,7 +77,11 @@ impl Semantics for Counter {
     }
 
     fn merged(&self, values: &Values<'_>) -> Option<Json> {
-        Some(Json::from(sum_with_deltas(values.doc, values.field, values.all)))
+        Some(Json::from(sum_with_deltas(
+            values.doc,
+            values.field,
+            values.all,
+        )))
     }
 
     fn conflict(&self) -> Option<ConflictState> {
@@ -82,7 +98,15 @@ fn describe(v: &Json) -> String {
 
 /// The counter's value as this writer sees it.
 fn current(doc: &AutoCommit, field: &str) -> i64 {
-    sum_with_deltas(doc, field, &doc.get_all(ROOT, field).unwrap_or_default().into_iter().map(|(v, id)| (v.into_owned(), id)).collect::<Vec<_>>())
+    sum_with_deltas(
+        doc,
+        field,
+        &doc.get_all(ROOT, field)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(v, id)| (v.into_owned(), id))
+            .collect::<Vec<_>>(),
+    )
 }
 
 fn increment(doc: &mut AutoCommit, field: &str, n: i64) -> Result<(), Error> {
@@ -91,18 +115,24 @@ fn increment(doc: &mut AutoCommit, field: &str, n: i64) -> Result<(), Error> {
             doc.increment(ROOT, field, n).map_err(Error::automerge)
         }
         // The first write of the field makes its counter.
-        _ => doc.put(ROOT, field, ScalarValue::counter(n)).map_err(Error::automerge),
+        _ => doc
+            .put(ROOT, field, ScalarValue::counter(n))
+            .map_err(Error::automerge),
     }
 }
 
 fn put_delta(doc: &mut AutoCommit, field: &str, op_id: &str, delta: i64) -> Result<(), Error> {
     let inc = match doc.get(ROOT, K_INC).map_err(Error::automerge)? {
         Some((Value::Object(ObjType::Map), id)) => id,
-        _ => doc.put_object(ROOT, K_INC, ObjType::Map).map_err(Error::automerge)?,
+        _ => doc
+            .put_object(ROOT, K_INC, ObjType::Map)
+            .map_err(Error::automerge)?,
     };
     let per_field = match doc.get(&inc, field).map_err(Error::automerge)? {
         Some((Value::Object(ObjType::Map), id)) => id,
-        _ => doc.put_object(&inc, field, ObjType::Map).map_err(Error::automerge)?,
+        _ => doc
+            .put_object(&inc, field, ObjType::Map)
+            .map_err(Error::automerge)?,
     };
     doc.put(&per_field, op_id, delta).map_err(Error::automerge)
 }
@@ -130,7 +160,11 @@ pub(crate) fn delta_entries(doc: &AutoCommit, field: &str) -> BTreeMap<String, i
 
 /// The counter's value: its concurrent root counters plus the increments kept by op id,
 /// summed wide and clamped so replicas agree even where concurrent increments overflow.
-pub(crate) fn sum_with_deltas(doc: &AutoCommit, field: &str, root: &[(Value<'_>, automerge::ObjId)]) -> i64 {
+pub(crate) fn sum_with_deltas(
+    doc: &AutoCommit,
+    field: &str,
+    root: &[(Value<'_>, automerge::ObjId)],
+) -> i64 {
     let counters: i128 = root.iter().map(|(v, _)| counter_value(v) as i128).sum();
     let deltas: i128 = delta_entries(doc, field).values().map(|d| *d as i128).sum();
     (counters + deltas).clamp(i64::MIN as i128, i64::MAX as i128) as i64

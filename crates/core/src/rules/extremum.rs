@@ -30,7 +30,11 @@ impl Semantics for Max {
     }
 
     fn merged(&self, values: &Values<'_>) -> Option<Json> {
-        values.each().filter(Json::is_number).max_by(cmp_num).or_else(|| values.winner())
+        values
+            .each()
+            .filter(Json::is_number)
+            .max_by(cmp_num)
+            .or_else(|| values.winner())
     }
 
     fn conflict(&self) -> Option<ConflictState> {
@@ -44,7 +48,11 @@ impl Semantics for Min {
     }
 
     fn merged(&self, values: &Values<'_>) -> Option<Json> {
-        values.each().filter(Json::is_number).min_by(cmp_num).or_else(|| values.winner())
+        values
+            .each()
+            .filter(Json::is_number)
+            .min_by(cmp_num)
+            .or_else(|| values.winner())
     }
 
     fn conflict(&self) -> Option<ConflictState> {

@@ -63,4 +63,3 @@ pub(crate) fn latest(values: &Values<'_>) -> Option<Json> {
     let (v, id) = values.all.iter().max_by_key(|(_, id)| time(id))?;
     Some(to_json(values.doc, v, id))
 }
-

@@ -113,12 +113,19 @@ pub(crate) fn of(rule: &Rule) -> &'static dyn Semantics {
 
 /// "`field` (rule R) takes EXPECTED, got KIND".
 pub(crate) fn misfit(field: &str, rule: &Rule, expected: &str, got: &Json) -> Error {
-    Error::Patch(format!("field {field:?} (rule {}) takes {expected}, got {}", rule.name(), kind(got)))
+    Error::Patch(format!(
+        "field {field:?} (rule {}) takes {expected}, got {}",
+        rule.name(),
+        kind(got)
+    ))
 }
 
 /// The error for an operator the rule does not take.
 pub(crate) fn no_operator(field: &str, rule: &Rule, op: &str) -> Error {
-    Error::Patch(format!("field {field:?} has rule {}, which does not take {op}", rule.name()))
+    Error::Patch(format!(
+        "field {field:?} has rule {}, which does not take {op}",
+        rule.name()
+    ))
 }
 
 /// A plain register's parse: any value, `null` removes.
@@ -137,17 +144,30 @@ fn plain_write(w: &mut Write<'_>, op: &FieldOp) -> Result<(), Error> {
             // Automerge drops a put equal to its own winner, which then leaves the other
             // concurrent values standing; a write that has seen them all must replace them,
             // so clear the field first.
-            if w.doc.get_all(ROOT, w.field).map_err(Error::automerge)?.len() > 1 {
+            if w.doc
+                .get_all(ROOT, w.field)
+                .map_err(Error::automerge)?
+                .len()
+                > 1
+            {
                 w.doc.delete(ROOT, w.field).map_err(Error::automerge)?;
             }
             put_json(w.doc, &ROOT, Prop::Map(w.field.to_owned()), v).map_err(Error::automerge)
         }
         FieldOp::Remove => {
-            if w.doc.get(ROOT, w.field).map_err(Error::automerge)?.is_some() {
+            if w.doc
+                .get(ROOT, w.field)
+                .map_err(Error::automerge)?
+                .is_some()
+            {
                 w.doc.delete(ROOT, w.field).map_err(Error::automerge)?;
             }
             Ok(())
         }
-        other => Err(Error::Patch(format!("field {:?} (rule {}) does not take {other:?}", w.field, w.rule.name()))),
+        other => Err(Error::Patch(format!(
+            "field {:?} (rule {}) does not take {other:?}",
+            w.field,
+            w.rule.name()
+        ))),
     }
 }

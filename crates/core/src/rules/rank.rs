@@ -24,17 +24,24 @@ impl Semantics for Rank {
         match input {
             Input::Op(op, _) => Err(no_operator(field, rule, op)),
             Input::Plain(Json::Null) => Ok(FieldOp::Remove),
-            Input::Plain(Json::String(s)) if order.contains(s) => Ok(FieldOp::Set(Json::String(s.clone()))),
-            Input::Plain(Json::String(s)) => {
-                Err(Error::Patch(format!("field {field:?} (rule rank) takes one of {order:?}, got {s:?}")))
+            Input::Plain(Json::String(s)) if order.contains(s) => {
+                Ok(FieldOp::Set(Json::String(s.clone())))
             }
+            Input::Plain(Json::String(s)) => Err(Error::Patch(format!(
+                "field {field:?} (rule rank) takes one of {order:?}, got {s:?}"
+            ))),
             Input::Plain(v) => Err(misfit(field, rule, &format!("one of {order:?}"), v)),
         }
     }
 
     fn merged(&self, values: &Values<'_>) -> Option<Json> {
         let order = order(values.rule);
-        let rank = |v: &Json| v.as_str().and_then(|s| order.iter().position(|o| o == s)).map(|r| r as i64).unwrap_or(-1);
+        let rank = |v: &Json| {
+            v.as_str()
+                .and_then(|s| order.iter().position(|o| o == s))
+                .map(|r| r as i64)
+                .unwrap_or(-1)
+        };
         // max_by_key keeps the last of equals, matching Automerge's winner on ties.
         values.each().max_by_key(rank)
     }

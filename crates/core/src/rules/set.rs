@@ -7,7 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use automerge::transaction::Transactable;
-use automerge::{hydrate, AutoCommit, ObjId, ObjType, ReadDoc, ScalarValue, TextEncoding, Value, ROOT};
+use automerge::{
+    hydrate, AutoCommit, ObjId, ObjType, ReadDoc, ScalarValue, TextEncoding, Value, ROOT,
+};
 use serde_json::Value as Json;
 
 use super::{misfit, no_operator, Input, Semantics, Values, Write};
@@ -30,15 +32,23 @@ impl Semantics for Set {
                 "field {field:?} is a set and cannot be removed; use {{\"$remove\": [..]}}"
             ))),
             Input::Plain(v @ Json::Array(_)) => Ok(FieldOp::Set(Json::Array(elements(field, v)?))),
-            Input::Plain(v) => {
-                Err(misfit(field, rule, "an array of strings, numbers or booleans, {\"$add\": [..]} or {\"$remove\": [..]}", v))
-            }
+            Input::Plain(v) => Err(misfit(
+                field,
+                rule,
+                "an array of strings, numbers or booleans, {\"$add\": [..]} or {\"$remove\": [..]}",
+                v,
+            )),
         }
     }
 
     fn initial(&self, op: Option<&FieldOp>, _: TextEncoding) -> Option<hydrate::Value> {
-        let (FieldOp::Set(Json::Array(items)) | FieldOp::Add(items)) = op? else { return None };
-        let members: HashMap<String, hydrate::Value> = items.iter().map(|i| (element_key(i), ScalarValue::Int(1).into())).collect();
+        let (FieldOp::Set(Json::Array(items)) | FieldOp::Add(items)) = op? else {
+            return None;
+        };
+        let members: HashMap<String, hydrate::Value> = items
+            .iter()
+            .map(|i| (element_key(i), ScalarValue::Int(1).into()))
+            .collect();
         Some(hydrate::Value::Map(members.into()))
     }
 
@@ -48,12 +58,18 @@ impl Semantics for Set {
             FieldOp::RemoveElems(items) => remove(w.doc, w.field, items),
             FieldOp::Set(Json::Array(items)) => {
                 let wanted: BTreeSet<String> = items.iter().map(element_key).collect();
-                let gone: Vec<Json> =
-                    members(w.doc, w.field).into_iter().filter(|(k, _)| !wanted.contains(k)).map(|(_, v)| v).collect();
+                let gone: Vec<Json> = members(w.doc, w.field)
+                    .into_iter()
+                    .filter(|(k, _)| !wanted.contains(k))
+                    .map(|(_, v)| v)
+                    .collect();
                 remove(w.doc, w.field, &gone)?;
                 add(w.doc, w.field, items)
             }
-            other => Err(Error::Patch(format!("field {:?} (rule set) does not take {other:?}", w.field))),
+            other => Err(Error::Patch(format!(
+                "field {:?} (rule set) does not take {other:?}",
+                w.field
+            ))),
         }
     }
 
@@ -74,9 +90,15 @@ impl Semantics for Set {
 
 fn elements(field: &str, arg: &Json) -> Result<Vec<Json>, Error> {
     let Json::Array(items) = arg else {
-        return Err(Error::Patch(format!("field {field:?}: set operations take an array, got {}", kind(arg))));
+        return Err(Error::Patch(format!(
+            "field {field:?}: set operations take an array, got {}",
+            kind(arg)
+        )));
     };
-    if let Some(bad) = items.iter().find(|i| !matches!(i, Json::String(_) | Json::Number(_) | Json::Bool(_))) {
+    if let Some(bad) = items
+        .iter()
+        .find(|i| !matches!(i, Json::String(_) | Json::Number(_) | Json::Bool(_)))
+    {
         return Err(Error::Patch(format!(
             "field {field:?}: set elements must be strings, numbers or booleans, got {}",
             kind(bad)
@@ -116,7 +138,9 @@ fn members(doc: &AutoCommit, field: &str) -> BTreeMap<String, Json> {
 fn add(doc: &mut AutoCommit, field: &str, items: &[Json]) -> Result<(), Error> {
     let obj = match doc.get(ROOT, field).map_err(Error::automerge)? {
         Some((Value::Object(ObjType::Map), id)) => id,
-        _ => doc.put_object(ROOT, field, ObjType::Map).map_err(Error::automerge)?,
+        _ => doc
+            .put_object(ROOT, field, ObjType::Map)
+            .map_err(Error::automerge)?,
     };
     for item in items {
         let key = element_key(item);
@@ -131,7 +155,11 @@ fn remove(doc: &mut AutoCommit, field: &str, items: &[Json]) -> Result<(), Error
     for obj in map_objects(doc, &ROOT, field) {
         for item in items {
             let key = element_key(item);
-            if doc.get(&obj, key.as_str()).map_err(Error::automerge)?.is_some() {
+            if doc
+                .get(&obj, key.as_str())
+                .map_err(Error::automerge)?
+                .is_some()
+            {
                 doc.delete(&obj, key.as_str()).map_err(Error::automerge)?;
             }
         }

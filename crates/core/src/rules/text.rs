@@ -37,7 +37,10 @@ impl Semantics for Text {
             FieldOp::Set(Json::String(s)) => {
                 let text = match w.doc.get(ROOT, w.field).map_err(Error::automerge)? {
                     Some((Value::Object(ObjType::Text), id)) => id,
-                    _ => w.doc.put_object(ROOT, w.field, ObjType::Text).map_err(Error::automerge)?,
+                    _ => w
+                        .doc
+                        .put_object(ROOT, w.field, ObjType::Text)
+                        .map_err(Error::automerge)?,
                 };
                 w.doc.update_text(&text, s).map_err(Error::automerge)
             }
