@@ -317,8 +317,8 @@ fn a_relay_killed_mid_mirror_and_a_crashed_postgres_lose_and_duplicate_nothing()
     ));
     assert_eq!(
         cli(&s.relay, &["mirror", "rebuild", "--postgres", &pg.url()])["rebuilt"],
-        7,
-        "five collections, the member list and the schema versions"
+        8,
+        "five collections, the member list, the schema versions and the purges"
     );
     assert_eq!(pg.sql("SELECT count(*) FROM tasks"), "0");
     let (_relay, _) = start_mirroring_relay(&s.relay, &pg);
