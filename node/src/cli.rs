@@ -244,7 +244,8 @@ pub(crate) enum Command {
         /// Discover devices on the LAN with mDNS (off unless given).
         #[arg(long)]
         mdns: bool,
-        /// Address to accept peers on. Repeatable. [default: /ip4/0.0.0.0/tcp/0]
+        /// Address to accept peers on. Repeatable: TCP, QUIC or WebSocket (…/tcp/PORT/ws).
+        /// [default: /ip4/0.0.0.0/tcp/0]
         #[arg(long = "listen", value_name = "MULTIADDR")]
         listen: Vec<libp2p::Multiaddr>,
         /// Address of the local HTTP API (keep it on localhost). [default: 127.0.0.1:0]
@@ -259,7 +260,9 @@ pub(crate) enum Command {
     /// Run this node as an always-on relay: serves catch-up and live sync to every device
     /// (and, on the authority, confirms auto_accept proposals as they arrive).
     Relay {
-        /// Address to accept devices on. Repeatable.
+        /// Address to accept devices on. Repeatable: TCP, QUIC, WebSocket for browsers
+        /// (/ip4/0.0.0.0/tcp/8080/ws), secure WebSocket (…/tcp/443/tls/ws, with [net]
+        /// tls_cert and tls_key in the config file).
         /// [default: /ip4/0.0.0.0/tcp/4001 and /ip4/0.0.0.0/udp/4001/quic-v1]
         #[arg(long = "listen", value_name = "MULTIADDR")]
         listen: Vec<libp2p::Multiaddr>,

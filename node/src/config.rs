@@ -107,6 +107,11 @@ pub struct Net {
     pub max_backoff_ms: u64,
     pub ban_secs: u64,
     pub max_frames_per_sec: u32,
+    /// PEM certificate chain and private key for `/tls/ws` (wss) listeners.
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
+    /// PEM certificates trusted when dialing `/tls/ws`, besides the public web roots.
+    pub tls_trust: Vec<std::path::PathBuf>,
 }
 
 impl Default for Net {
@@ -118,7 +123,58 @@ impl Default for Net {
             max_backoff_ms: d.max_backoff.as_millis() as u64,
             ban_secs: d.ban.as_secs(),
             max_frames_per_sec: d.max_frames_per_sec,
+            tls_cert: None,
+            tls_key: None,
+            tls_trust: vec![],
         }
+    }
+}
+
+impl Net {
+    /// The WebSocket TLS material named by `tls_cert`, `tls_key` and `tls_trust`, read and
+    /// checked now so a bad file fails at start with its name.
+    pub fn ws_tls(&self) -> Result<fieldsync_net::WsTls, CliError> {
+        use rustls_pki_types::pem::PemObject as _;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let read = |path: &Path| {
+            std::fs::read(path)
+                .map_err(|e| CliError::invalid(format!("cannot read {}: {e}", path.display())))
+        };
+        let certs = |path: &Path| -> Result<Vec<Vec<u8>>, CliError> {
+            let pem = read(path)?;
+            let certs = CertificateDer::pem_slice_iter(&pem)
+                .map(|c| c.map(|c| c.to_vec()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| CliError::invalid(format!("{}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(CliError::invalid(format!(
+                    "{}: no PEM certificate in it",
+                    path.display()
+                )));
+            }
+            Ok(certs)
+        };
+        let server = match (&self.tls_cert, &self.tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                let key_der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| {
+                    CliError::invalid(format!("{}: not a PEM private key: {e}", key.display()))
+                })?;
+                Some((certs(cert)?, key_der.secret_der().to_vec()))
+            }
+            _ => {
+                return Err(CliError::invalid(
+                    "[net] tls_cert and tls_key go together: set both or neither",
+                ))
+            }
+        };
+        let trust = self
+            .tls_trust
+            .iter()
+            .map(|p| certs(p))
+            .collect::<Result<Vec<_>, _>>()?
+            .concat();
+        Ok(fieldsync_net::WsTls { server, trust })
     }
 }
 

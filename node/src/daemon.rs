@@ -107,6 +107,9 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
     // Both ports are checked before anything starts: a second node on a port in use fails
     // at once, naming the port, instead of sharing it.
     fieldsync_net::check_listen(&options.listen).map_err(|e| CliError::runtime(e.to_string()))?;
+    let ws_tls = options.net.ws_tls()?;
+    fieldsync_net::check_secure_websocket(&options.listen, &ws_tls)
+        .map_err(|e| CliError::invalid(e.to_string()))?;
     let listener = tokio::net::TcpListener::bind(options.api).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             CliError::runtime(format!("cannot serve the API on {}: address in use: another process listens on this port (stop it or choose another --api address)", options.api))
@@ -155,6 +158,7 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         max_backoff: std::time::Duration::from_millis(options.net.max_backoff_ms),
         ban: std::time::Duration::from_secs(options.net.ban_secs),
         max_frames_per_sec: options.net.max_frames_per_sec,
+        ws_tls,
     };
     let mut net_stop = stop_rx.clone();
     let mut net = tokio::spawn(fieldsync_net::run(

@@ -121,6 +121,80 @@ pub struct Config {
     pub ban: Duration,
     /// Frames per second a peer may send on average (bursts of twice that pass).
     pub max_frames_per_sec: u32,
+    /// TLS for WebSocket: listening on `/tls/ws` (`/wss`) addresses needs a certificate,
+    /// and dialing a relay whose certificate no public root signs needs it trusted.
+    pub ws_tls: WsTls,
+}
+
+/// Certificates for secure WebSocket (DER bytes; the node's config reads them from PEM).
+#[derive(Clone, Default)]
+pub struct WsTls {
+    /// This node's certificate chain (leaf first) and its private key, for `/tls/ws`
+    /// listeners; none: such listeners are refused.
+    pub server: Option<(Vec<Vec<u8>>, Vec<u8>)>,
+    /// Certificates trusted when dialing `/tls/ws` besides the public web roots (a
+    /// self-signed relay, a private CA).
+    pub trust: Vec<Vec<u8>>,
+}
+
+/// Says which certificates are set, never the key.
+impl std::fmt::Debug for WsTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsTls")
+            .field("server_chain", &self.server.as_ref().map(|(c, _)| c.len()))
+            .field("trust", &self.trust.len())
+            .finish()
+    }
+}
+
+/// The largest WebSocket message accepted: noise frames, the largest thing a peer sends in
+/// one message, are at most 64 KiB.
+const MAX_WS_MESSAGE: usize = 1 << 20;
+
+/// The WebSocket transport (`/ws` and `/tls/ws`) over TCP, with noise and yamux as on TCP:
+/// browsers reach a node this way.
+fn websocket_transport(
+    key: &libp2p::identity::Keypair,
+    tls: &WsTls,
+) -> Result<
+    impl libp2p::Transport<
+            Output = (PeerId, libp2p::core::muxing::StreamMuxerBox),
+            Error = impl std::error::Error + Send + Sync + 'static,
+            Dial = impl Send,
+            ListenerUpgrade = impl Send,
+        > + Send
+        + Unpin
+        + 'static,
+    Error,
+> {
+    use libp2p::core::upgrade::Version;
+    use libp2p::Transport as _;
+    use libp2p_websocket::tls as wstls;
+    let tls_error = |e: wstls::Error| Error::Setup(format!("WebSocket TLS: {e}"));
+    let mut config = wstls::Config::builder();
+    for cert in &tls.trust {
+        config
+            .add_trust(&wstls::Certificate::new(cert.clone()))
+            .map_err(tls_error)?;
+    }
+    if let Some((chain, key)) = &tls.server {
+        config
+            .server(
+                wstls::PrivateKey::new(key.clone()),
+                chain.iter().cloned().map(wstls::Certificate::new),
+            )
+            .map_err(tls_error)?;
+    }
+    let mut ws = libp2p_websocket::Config::new(tcp::tokio::Transport::new(
+        tcp::Config::default().nodelay(true),
+    ));
+    ws.set_max_data_size(MAX_WS_MESSAGE)
+        .set_tls_config(config.finish());
+    Ok(ws
+        .upgrade(Version::V1Lazy)
+        .authenticate(noise::Config::new(key).map_err(|e| Error::Setup(e.to_string()))?)
+        .multiplex(yamux::Config::default())
+        .map(|(peer, muxer), _| (peer, libp2p::core::muxing::StreamMuxerBox::new(muxer))))
 }
 
 impl Default for Config {
@@ -138,6 +212,7 @@ impl Default for Config {
             max_backoff: Duration::from_secs(30),
             ban: Duration::from_secs(60),
             max_frames_per_sec: 2_000,
+            ws_tls: WsTls::default(),
         }
     }
 }
@@ -375,6 +450,8 @@ pub async fn run(
     let mdns_on = config.mdns;
     let relay_server = config.relay_server;
     let max_connections = config.max_connections;
+    let ws_tls = config.ws_tls.clone();
+    check_secure_websocket(&config.listen, &ws_tls)?;
     let Inbox {
         tx: inputs,
         rx: mut inbox,
@@ -397,6 +474,7 @@ pub async fn run(
         }
         c
     };
+    let websocket = websocket_transport(&keypair, &ws_tls)?;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -406,6 +484,8 @@ pub async fn run(
         )
         .map_err(|e| Error::Setup(e.to_string()))?
         .with_quic()
+        .with_other_transport(|_| websocket)
+        .map_err(|never: std::convert::Infallible| -> Error { match never {} })?
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| Error::Setup(e.to_string()))?
         .with_behaviour(|key, relay_client| {
@@ -798,6 +878,22 @@ pub fn check_listen(listen: &[Multiaddr]) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// A `/tls/ws` (or `/wss`) listener needs this node's certificate.
+pub fn check_secure_websocket(listen: &[Multiaddr], tls: &WsTls) -> Result<(), Error> {
+    use libp2p::multiaddr::Protocol;
+    let secure = |addr: &Multiaddr| {
+        addr.iter()
+            .any(|p| matches!(p, Protocol::Tls | Protocol::Wss(_)))
+    };
+    match listen.iter().find(|a| secure(a)) {
+        Some(addr) if tls.server.is_none() => Err(Error::Listen {
+            addr: addr.clone(),
+            reason: "a secure WebSocket listener needs a certificate and its key (config [net] tls_cert and tls_key)".into(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
