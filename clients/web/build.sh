@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds fieldsync's core for JavaScript into clients/web/dist/: fieldsync_wasm.js (an ES
-# module), fieldsync_wasm_bg.wasm beside it, and TypeScript declarations.
+# Builds the browser package into clients/web/dist/: fieldsync.js (the Device API, an ES
+# module) over fieldsync_wasm.js and fieldsync_wasm_bg.wasm (the Rust core and sync engine
+# compiled to WebAssembly), with TypeScript declarations.
 #
 # rustup here has only the host target, so the WebAssembly build uses Debian's Rust (which
 # ships std's source) with -Z build-std; the bindings come from wasm-bindgen-cli at the
@@ -41,6 +42,8 @@ step "cargo build fieldsync-wasm for wasm32-unknown-unknown (release)"
     unset RUSTUP_TOOLCHAIN RUSTFLAGS CARGO_BUILD_TARGET
     export PATH="/usr/bin:$PATH" RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc RUSTC_BOOTSTRAP=1
     export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER=/usr/bin/wasm-ld-22
+    # getrandom 0.3 (under rand) takes the browser's crypto.getRandomValues only when told.
+    export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS='--cfg getrandom_backend="wasm_js"'
     export CARGO_TARGET_DIR="$root/target/wasm"
     # Small over fast-to-build: one codegen unit, LTO, size-optimised, no debug info.
     export CARGO_PROFILE_RELEASE_LTO=true CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1
@@ -55,6 +58,7 @@ wasm="$root/target/wasm/wasm32-unknown-unknown/release/fieldsync_wasm.wasm"
 step "wasm-bindgen --target web"
 rm -rf "$web/dist"
 "$bindgen" --target web --out-dir "$web/dist" --out-name fieldsync_wasm "$wasm"
+cp "$web/src/fieldsync.js" "$web/src/fieldsync.d.ts" "$web/dist/"
 (cd "$web" && npm ci --no-audit --no-fund --loglevel=error)
 raw="$web/dist/fieldsync_wasm_bg.wasm"
 before=$(stat -c %s "$raw")

@@ -23,6 +23,8 @@ struct State {
     unflushed: Vec<Vec<KvWrite>>,
     paused: bool,
     fail_next_flush: bool,
+    /// Flushed writes not yet taken by [`MemoryStore::take_flushed`] (journaled stores).
+    journal: Option<Vec<KvWrite>>,
 }
 
 /// A map with a durable part, as a [`Kv`].
@@ -94,8 +96,14 @@ impl Kv for MemKv {
             return Err(Error::Simulated("the flush failed".into()));
         }
         let batches = std::mem::take(&mut state.unflushed);
-        for batch in &batches {
-            apply_to(&mut state.durable, batch);
+        match &mut state.journal {
+            // The durable copy lives elsewhere: the caller takes the writes there.
+            Some(journal) => journal.extend(batches.into_iter().flatten()),
+            None => {
+                for batch in &batches {
+                    apply_to(&mut state.durable, batch);
+                }
+            }
         }
         Ok(())
     }
@@ -109,6 +117,31 @@ impl MemoryStore {
     pub fn new() -> Self {
         // An empty map holds no layout to misread.
         KvStore::on(MemKv::default()).unwrap_or_else(|_| unreachable!("an empty map opens"))
+    }
+
+    /// A store whose durable copy is kept by the caller (a browser's IndexedDB): it starts
+    /// from `pairs` (that copy, as saved), and every flush hands its writes to
+    /// [`Self::take_flushed`] instead of keeping them. What the caller has not saved yet is
+    /// not durable, so it must save them before saying anything is.
+    pub fn journaled(pairs: impl IntoIterator<Item = KvPair>) -> Result<Self, Error> {
+        let kv = MemKv::default();
+        {
+            let mut state = kv.lock();
+            state.live = pairs.into_iter().collect();
+            state.journal = Some(Vec::new());
+        }
+        KvStore::on(kv)
+    }
+
+    /// The writes flushed since the last call, oldest first (`None`: remove the key); empty
+    /// for a store that is not journaled.
+    pub fn take_flushed(&self) -> Vec<KvWrite> {
+        self.kv
+            .lock()
+            .journal
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// A power cut: the store as it would reopen, with only what was flushed. This store
@@ -166,6 +199,30 @@ mod tests {
             heads: vec![[id; 32]],
             index: vec![],
         }
+    }
+
+    #[test]
+    fn a_journaled_store_hands_over_what_it_flushed_and_reopens_from_it() {
+        let s = MemoryStore::journaled([]).unwrap();
+        let t = s.commit(vec![write(1)], vec![]).unwrap();
+        assert!(
+            s.take_flushed().is_empty(),
+            "nothing is flushed before wait_durable"
+        );
+        s.wait_durable(t).unwrap();
+        let writes = s.take_flushed();
+        assert!(!writes.is_empty());
+        assert!(
+            s.take_flushed().is_empty(),
+            "each write is handed over once"
+        );
+        // The caller's copy, as saved, opens to the same store.
+        let mut saved = BTreeMap::new();
+        apply_to(&mut saved, &writes);
+        let again = MemoryStore::journaled(saved).unwrap();
+        assert_eq!(again.record(&[1; 16]).unwrap(), s.record(&[1; 16]).unwrap());
+        assert!(again.record(&[1; 16]).unwrap().is_some());
+        assert_eq!(again.last_seq(), s.last_seq());
     }
 
     #[test]

@@ -13,6 +13,10 @@ use fieldsync_core::{Entity, EntityId, Invite, Patch, ProposalId, Workspace, Wri
 use libp2p_identity::ed25519;
 use wasm_bindgen::prelude::*;
 
+pub mod browser;
+#[cfg(target_arch = "wasm32")]
+mod browser_sync;
+
 /// The largest document `Doc.load` takes (the native per-entity limit).
 pub const MAX_DOC_BYTES: usize = fieldsync_sync::MAX_ENTITY_BYTES;
 

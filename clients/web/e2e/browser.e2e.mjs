@@ -1,0 +1,266 @@
+// A browser tab as a fieldsync device, end to end in headless Chromium: a real relay
+// (`fieldsync relay`, listening on WebSocket and TCP) and a real native device
+// (`fieldsync run`) on 127.0.0.1, and tabs that run clients/web/dist/fieldsync.js.
+//
+//   node e2e/browser.e2e.mjs        # from clients/web/, after ./build.sh and `cargo build`
+//
+// Environment: FIELDSYNC_BIN (default ../../target/debug/fieldsync), CHROMIUM (default
+// /usr/bin/chromium), E2E_TIMEOUT_S (default 300). Exits non-zero on any failure; stops
+// every process it started, also on failure or timeout; prints "N passed, N failed".
+import { createServer } from "node:http";
+import { createServer as createNetServer } from "node:net";
+import { readFile } from "node:fs/promises";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, extname, join, normalize, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+import { harness } from "../../../scripts/e2e/harness.mjs";
+
+const web = resolve(dirname(fileURLToPath(import.meta.url)), "..");
+const repo = resolve(web, "../..");
+const work = mkdtempSync(join(tmpdir(), "fieldsync-web-e2e-"));
+const h = harness({ bin: process.env.FIELDSYNC_BIN || join(repo, "target/debug/fieldsync"), work });
+const { cli, Daemon, until, step, assert } = h;
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+const TIMEOUT_S = Number(process.env.E2E_TIMEOUT_S || 300);
+let browser = null;
+let server = null;
+
+/** Serves clients/web (dist/ and e2e/) on 127.0.0.1. */
+async function serveWeb() {
+  const types = { ".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm", ".json": "application/json" };
+  server = createServer(async (req, res) => {
+    const path = normalize(decodeURIComponent(new URL(req.url, "http://x").pathname));
+    const file = join(web, path === "/" ? "e2e/index.html" : path);
+    if (!file.startsWith(web + "/") || !(path.startsWith("/dist/") || path.startsWith("/e2e/") || path === "/")) {
+      res.writeHead(404).end("not found");
+      return;
+    }
+    try {
+      const body = await readFile(file);
+      res.writeHead(200, { "content-type": types[extname(file)] || "application/octet-stream", "cache-control": "no-store" });
+      res.end(body);
+    } catch {
+      res.writeHead(404).end("not found");
+    }
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  return `http://127.0.0.1:${server.address().port}/`;
+}
+
+/** A free TCP port on 127.0.0.1 (so a restarted relay keeps its addresses). */
+async function freePort() {
+  const s = createNetServer();
+  await new Promise((r) => s.listen(0, "127.0.0.1", r));
+  const { port } = s.address();
+  await new Promise((r) => s.close(r));
+  return port;
+}
+
+function startRelay(dir, wsPort, tcpPort) {
+  return new Daemon("relay", dir, [
+    "relay",
+    "--listen", `/ip4/127.0.0.1/tcp/${wsPort}/ws`,
+    "--listen", `/ip4/127.0.0.1/tcp/${tcpPort}`,
+    "--api", "127.0.0.1:0",
+  ]);
+}
+
+/** A tab on the test page, with the package loaded. */
+async function openTab(context, url) {
+  const page = await context.newPage();
+  page.on("pageerror", (e) => console.log(`page error: ${e.message}`));
+  await page.goto(url);
+  await page.waitForFunction(() => window.fieldsync);
+  return page;
+}
+
+/** Opens (or reopens) the tab's device; its events collect in window.events. */
+function openDevice(page, options) {
+  return page.evaluate(async (options) => {
+    window.events = [];
+    window.device = await window.fieldsync.Device.open(options);
+    window.device.subscribe((e) => window.events.push(e));
+    return window.device.peerId;
+  }, options);
+}
+
+const tabList = (page, collection) => page.evaluate((c) => window.device.list(c), collection);
+const tabGet = (page, collection, id) => page.evaluate(([c, i]) => window.device.get(c, i), [collection, id]);
+const tabPut = (page, collection, id, patch) =>
+  page.evaluate(([c, i, p]) => window.device.put(c, i, p), [collection, id, patch]);
+const sortById = (views) => [...views].sort((a, b) => a._id.localeCompare(b._id));
+
+async function main() {
+  const base = await serveWeb();
+  const schema = join(work, "schema.toml");
+  writeFileSync(schema, readFileSync(join(repo, "examples/schema.toml")));
+  const relayDir = join(work, "office");
+  const nativeDir = join(work, "ben");
+  cli(relayDir, ["init", "--schema", schema, "--name", "office"]);
+  // The office's entities before any device joins.
+  const seeded = [];
+  for (let i = 0; i < 25; i++) {
+    seeded.push(cli(relayDir, ["put", "tasks", JSON.stringify({ title: `Task ${i}`, status: "open", tags: ["seed"] })]).id);
+  }
+  const shared = seeded[0];
+  writeFileSync(join(work, "ben.json"), cli(relayDir, ["invite", "--user", "ben"]));
+  cli(nativeDir, ["init", "--join", join(work, "ben.json"), "--name", "ben-phone"]);
+  const tabInvite = cli(relayDir, ["invite", "--user", "ana"]);
+
+  const wsPort = await freePort();
+  const tcpPort = await freePort();
+  let relay = startRelay(relayDir, wsPort, tcpPort);
+  const relayWs = (await relay.waitFor("ws listening", (e) => e.event === "listening" && e.addr.includes("/ws/"))).addr;
+  const relayTcp = (await relay.waitFor("tcp listening", (e) => e.event === "listening" && /\/tcp\/\d+\/p2p\//.test(e.addr))).addr;
+  await relay.event("api");
+  // Redial a restarted relay within 2 s (the default backoff grows to 30 s).
+  const nativeConfig = join(work, "ben.toml");
+  writeFileSync(nativeConfig, "[net]\nmax_backoff_ms = 2000\n");
+  const native = new Daemon("ben", nativeDir, ["run", "--relay", relayTcp, "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0", "--config", nativeConfig]);
+  await native.event("sync_completed");
+
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"],
+  });
+  const context = await browser.newContext();
+  const tab = await openTab(context, base);
+  let tabPeer;
+
+  await step("a tab joins with an invite and receives the relay's entities", async () => {
+    tabPeer = await openDevice(tab, { name: "ana", invite: tabInvite, relay: relayWs });
+    assert(/^12D3Koo/.test(tabPeer), `peer id ${tabPeer}`);
+    await until("25 tasks in the tab", async () => (await tabList(tab, "tasks")).length === 25);
+    const status = await tab.evaluate(() => window.device.status());
+    assert(status.connected === true, `status ${JSON.stringify(status)}`);
+    const events = await tab.evaluate(() => window.events.map((e) => e.event));
+    assert(events.includes("sync_completed"), `events ${events}`);
+    const members = cli(relayDir, ["members"]);
+    assert(JSON.stringify(members).includes(tabPeer), `the relay lists the tab as a member: ${JSON.stringify(members)}`);
+  });
+
+  let tabTask;
+  await step("a write in the tab reaches the relay and the native device", async () => {
+    tabTask = await tabPut(tab, "tasks", null, { title: "Written in a tab", status: "open", tags: ["web"] });
+    await until("the tab's task on the native device", () => cli(nativeDir, ["get", "tasks", tabTask], { allowFail: true })?.title === "Written in a tab");
+  });
+
+  await step("apart, the tab and the native device edit one task; together, all three agree by the rules", async () => {
+    await relay.stop();
+    await until("the tab sees the relay gone", async () => (await tab.evaluate(() => window.device.status())).connected === false);
+    await tabPut(tab, "tasks", shared, { status: "completed", tags: { $add: ["tab"] } });
+    cli(nativeDir, ["put", "tasks", shared, JSON.stringify({ status: "in_progress", title: "Task 0, second floor", tags: { $add: ["native"] } })]);
+    relay = startRelay(relayDir, wsPort, tcpPort);
+    await relay.event("api");
+    const expected = (v) => v && v.status === "completed" && v.title === "Task 0, second floor" && JSON.stringify(v.tags) === JSON.stringify(["native", "seed", "tab"]);
+    await until("the merged task everywhere", async () =>
+      expected(await tabGet(tab, "tasks", shared)) &&
+      expected(cli(nativeDir, ["get", "tasks", shared], { allowFail: true })) &&
+      expected(cli(relayDir, ["get", "tasks", shared], { allowFail: true })));
+    await until("identical task lists on all three", async () => {
+      const lists = [sortById(await tabList(tab, "tasks")), sortById(cli(relayDir, ["list", "tasks"])), sortById(cli(nativeDir, ["list", "tasks"]))];
+      return lists.every((l) => JSON.stringify(l) === JSON.stringify(lists[0])) && lists[0].length === 26;
+    });
+  });
+
+  await step("a payment collected in the tab is pending until the office confirms it", async () => {
+    const payment = await tabPut(tab, "payments", null, { amount: 120, status: "collected", collector: "ana" });
+    const pending = await tabGet(tab, "payments", payment);
+    assert(pending._pending?.amount === 120 && pending.amount === undefined, `pending view ${JSON.stringify(pending)}`);
+    // One proposal per authority field (amount, status); the office accepts both.
+    const proposals = await until("the proposals at the office", () => {
+      const all = [cli(relayDir, ["proposals"], { allowFail: true })].flat().filter((p) => p && p.entity === payment);
+      return all.length === 2 && all;
+    });
+    for (const p of proposals) cli(relayDir, ["accept", p.id]);
+    const confirmed = (v) => v && v.amount === 120 && v.status === "collected" && !v._pending;
+    await until("the confirmed payment at the office", () => confirmed(cli(relayDir, ["get", "payments", payment], { allowFail: true })));
+    await until("the confirmed payment in the tab", async () => {
+      const v = await tabGet(tab, "payments", payment);
+      return confirmed(v);
+    });
+  });
+
+  await step("a reload with the relay down keeps every write", async () => {
+    await relay.stop();
+    const before = sortById(await tabList(tab, "tasks"));
+    const offlineTask = await tabPut(tab, "tasks", null, { title: "Written offline", status: "open" });
+    await tab.reload();
+    await tab.waitForFunction(() => window.fieldsync);
+    const again = await openDevice(tab, { name: "ana", relay: relayWs });
+    assert(again === tabPeer, `same device after the reload: ${again} vs ${tabPeer}`);
+    const after = await tabList(tab, "tasks");
+    assert(after.length === before.length + 1, `${after.length} tasks after the reload, ${before.length + 1} expected`);
+    assert((await tabGet(tab, "tasks", offlineTask)).title === "Written offline", "the offline write is there");
+    relay = startRelay(relayDir, wsPort, tcpPort);
+    await relay.event("api");
+    await until("the offline write at the relay", () => cli(relayDir, ["get", "tasks", offlineTask], { allowFail: true })?.title === "Written offline");
+  });
+
+  await step("a stranger tab (an invite of another workspace) is refused and receives nothing", async () => {
+    const otherDir = join(work, "other");
+    cli(otherDir, ["init", "--schema", schema, "--name", "elsewhere"]);
+    const foreign = cli(otherDir, ["invite", "--user", "mallory"]);
+    const stranger = await openTab(await browser.newContext(), base);
+    await openDevice(stranger, { name: "mallory", invite: foreign, relay: relayWs });
+    const refusal = await until("the relay's refusal in the stranger tab", async () =>
+      (await stranger.evaluate(() => window.events)).find((e) => e.event === "refused"));
+    assert(refusal.state === "refused" && refusal.reason.includes("workspace"), `refusal ${JSON.stringify(refusal)}`);
+    const got = await stranger.evaluate(() => window.device.list("tasks"));
+    assert(got.length === 0, `the stranger received ${got.length} tasks`);
+    const members = JSON.stringify(cli(relayDir, ["members"]));
+    const strangerPeer = await stranger.evaluate(() => window.device.peerId);
+    assert(!members.includes(strangerPeer), "the stranger is no member");
+  });
+
+  await step("bad input in the tab throws with the reason", async () => {
+    const errors = await tab.evaluate(async () => {
+      const out = [];
+      for (const f of [
+        () => window.device.put("nope", null, {}),
+        () => window.device.get("tasks", "not-an-id"),
+        () => window.device.put("tasks", null, "[1]"),
+        () => window.fieldsync.Device.open({ name: "never-joined" }),
+        () => window.fieldsync.Device.open({ name: "x", invite: "{}", relay: "/ip4/127.0.0.1/tcp/1" }),
+      ]) {
+        try {
+          await f();
+          out.push(null);
+        } catch (e) {
+          out.push(String(e.message || e));
+        }
+      }
+      return out;
+    });
+    assert(errors.every((e) => e && e.length > 5), `every call threw: ${JSON.stringify(errors)}`);
+    assert(errors[0].includes("nope"), errors[0]);
+    assert(errors[3].includes("invite"), errors[3]);
+  });
+}
+
+const timer = setTimeout(async () => {
+  console.log(`FAIL the browser e2e took over ${TIMEOUT_S} s`);
+  await cleanup();
+  process.exit(1);
+}, TIMEOUT_S * 1000);
+
+async function cleanup() {
+  if (browser) await browser.close().catch(() => {});
+  browser = null;
+  if (server) server.close();
+  await h.stopAll();
+  if (!process.env.E2E_KEEP) rmSync(work, { recursive: true, force: true });
+}
+
+let code = 0;
+try {
+  await main();
+} catch {
+  code = 1;
+}
+clearTimeout(timer);
+await cleanup();
+console.log(`${h.passed()} passed, ${h.failed()} failed`);
+process.exit(code || (h.failed() ? 1 : 0));
