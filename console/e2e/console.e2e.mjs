@@ -7,91 +7,24 @@
 // Environment: FIELDSYNC_BIN (default ../target/debug/fieldsync), CHROMIUM (default
 // /usr/bin/chromium), E2E_TIMEOUT_S (default 300). Exits non-zero on any failure; stops
 // every process it started, also on failure or timeout; prints "N passed, N failed".
-import { spawn, execFileSync } from "node:child_process";
-import { mkdtempSync, mkdirSync, readFileSync, rmSync, writeFileSync, createWriteStream } from "node:fs";
+import { mkdtempSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
+import { harness } from "../../scripts/e2e/harness.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const repo = resolve(here, "../..");
-const BIN = process.env.FIELDSYNC_BIN || join(repo, "target/debug/fieldsync");
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const TIMEOUT_S = Number(process.env.E2E_TIMEOUT_S || 300);
 const SHOTS = process.argv.includes("--screenshots") ? join(repo, "docs/console") : null;
 const WAIT = 30000;
-// The children's environment: quiet logs, and no FIELDSYNC_DATA (each gets --data).
-const ENV = Object.fromEntries(Object.entries({ ...process.env, RUST_LOG: "warn" }).filter(([k]) => k !== "FIELDSYNC_DATA"));
 
 const work = mkdtempSync(join(tmpdir(), "fieldsync-e2e-"));
-const procs = [];
+const h = harness({ bin: process.env.FIELDSYNC_BIN || join(repo, "target/debug/fieldsync"), work, wait: WAIT });
+const { cli, Daemon, until, step, assert } = h;
 let browser = null;
-let passed = 0;
-let failed = 0;
-
-// ---- processes ----------------------------------------------------------------------------
-
-function cli(dir, args, { allowFail = false } = {}) {
-  try {
-    const out = execFileSync(BIN, ["--data", dir, ...args], { encoding: "utf8", env: ENV, stdio: ["ignore", "pipe", "pipe"], timeout: WAIT });
-    const lines = out.split("\n").filter((l) => l.trim().startsWith("{") || l.trim().startsWith("["));
-    if (args[0] === "invite") return out;
-    const values = lines.map((l) => JSON.parse(l));
-    return values.length === 1 ? values[0] : values;
-  } catch (e) {
-    if (allowFail) return null;
-    throw new Error(`fieldsync ${args.join(" ")}: ${e.stderr || e.message}`);
-  }
-}
-
-class Daemon {
-  constructor(name, dir, args) {
-    this.name = name;
-    this.events = [];
-    this.waiters = [];
-    const err = createWriteStream(join(work, `${name}.err`), { flags: "a" });
-    this.child = spawn(BIN, ["--data", dir, ...args], { env: ENV, stdio: ["ignore", "pipe", "pipe"] });
-    this.child.stderr.pipe(err);
-    this.exited = new Promise((r) => this.child.on("exit", r));
-    let buf = "";
-    this.child.stdout.on("data", (chunk) => {
-      buf += chunk;
-      let i;
-      while ((i = buf.indexOf("\n")) >= 0) {
-        const line = buf.slice(0, i);
-        buf = buf.slice(i + 1);
-        try {
-          const ev = JSON.parse(line);
-          this.events.push(ev);
-          this.waiters = this.waiters.filter((w) => !(w.check(ev) && (w.resolve(ev), true)));
-        } catch {
-          /* not JSON */
-        }
-      }
-    });
-    procs.push(this);
-  }
-  /** Waits for an event `check` accepts (one seen before counts unless `fresh`). */
-  waitFor(what, check, { fresh = false, ms = WAIT } = {}) {
-    const seen = !fresh && this.events.find(check);
-    if (seen) return Promise.resolve(seen);
-    return new Promise((resolve, reject) => {
-      const t = setTimeout(() => reject(new Error(`${this.name}: no ${what} within ${ms} ms; saw ${JSON.stringify(this.events.slice(-8))}`)), ms);
-      this.waiters.push({ check, resolve: (v) => (clearTimeout(t), resolve(v)) });
-    });
-  }
-  event(name, opts) {
-    return this.waitFor(`${name} event`, (e) => e.event === name, opts);
-  }
-  async stop() {
-    if (this.child.exitCode !== null || this.child.signalCode) return;
-    this.child.kill("SIGTERM");
-    const t = setTimeout(() => this.child.kill("SIGKILL"), 10000);
-    await this.exited;
-    clearTimeout(t);
-  }
-}
 
 const LOCAL = ["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"];
 
@@ -102,46 +35,13 @@ async function startDevice(name, dir, relayAddr) {
   return d;
 }
 
-async function until(what, check, ms = WAIT) {
-  const deadline = Date.now() + ms;
-  let last;
-  while (Date.now() < deadline) {
-    try {
-      last = await check();
-      if (last) return last;
-    } catch (e) {
-      last = e;
-    }
-    await new Promise((r) => setTimeout(r, 200));
-  }
-  throw new Error(`timed out waiting for ${what} (last: ${last instanceof Error ? last.message : JSON.stringify(last)})`);
-}
-
 async function cleanup() {
   if (browser) await browser.close().catch(() => {});
   browser = null;
-  await Promise.all(procs.map((p) => p.stop().catch(() => {})));
   if (!process.env.E2E_KEEP) rmSync(work, { recursive: true, force: true });
 }
 
 // ---- checks -------------------------------------------------------------------------------
-
-async function step(name, fn) {
-  const started = Date.now();
-  try {
-    await fn();
-    passed++;
-    console.log(`ok   ${name} (${Date.now() - started} ms)`);
-  } catch (e) {
-    failed++;
-    console.log(`FAIL ${name}: ${e.stack || e}`);
-    throw e;
-  }
-}
-
-function assert(cond, message) {
-  if (!cond) throw new Error(message);
-}
 
 async function shoot(page, name) {
   if (!SHOTS) return;
@@ -351,41 +251,4 @@ async function main() {
   });
 }
 
-const timer = setTimeout(async () => {
-  console.log(`FAIL the end-to-end test did not finish within ${TIMEOUT_S} s`);
-  failed++;
-  await cleanup();
-  console.log(`${passed} passed, ${failed} failed`);
-  process.exit(1);
-}, TIMEOUT_S * 1000);
-
-for (const signal of ["SIGINT", "SIGTERM"]) {
-  process.on(signal, async () => {
-    await cleanup();
-    process.exit(130);
-  });
-}
-
-let code = 0;
-try {
-  await main();
-} catch (e) {
-  if (failed === 0) {
-    failed++;
-    console.log(`FAIL setup: ${e.stack || e}`);
-  }
-  code = 1;
-  for (const name of ["relay", "ana", "ben"]) {
-    try {
-      const text = readFileSync(join(work, `${name}.err`), "utf8").trim();
-      if (text) console.log(`--- ${name} stderr (last lines)\n${text.split("\n").slice(-15).join("\n")}`);
-    } catch {
-      /* none */
-    }
-  }
-} finally {
-  clearTimeout(timer);
-  await cleanup();
-}
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(code);
+await h.run(main, { timeoutS: TIMEOUT_S, cleanup, logs: ["relay", "ana", "ben"] });

@@ -71,14 +71,7 @@ fn devices_sync_through_the_relay_and_merge_offline_edits_after_a_restart() {
                 && v["tags"] == serde_json::json!(["done", "gas"])
         })
     });
-    let views: Vec<Vec<Value>> = [&s.relay, &s.devices[0], &s.devices[1]]
-        .iter()
-        .map(|d| list(d, "tasks"))
-        .collect();
-    assert!(
-        views.iter().all(|v| *v == views[0]),
-        "views differ: {views:?}"
-    );
+    assert_same_lists(&[&s.relay, &s.devices[0], &s.devices[1]], "tasks");
     drop(a);
 }
 

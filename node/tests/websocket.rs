@@ -65,14 +65,7 @@ fn a_write_travels(s: &Site) {
                     .is_ok_and(|v| v["status"] == "completed" && v["title"] == "Check the pump")
         })
     });
-    let views: Vec<_> = [&s.relay, &s.devices[0], &s.devices[1]]
-        .iter()
-        .map(|d| list(d, "tasks"))
-        .collect();
-    assert!(
-        views.iter().all(|v| *v == views[0]),
-        "views differ: {views:?}"
-    );
+    assert_same_lists(&[&s.relay, &s.devices[0], &s.devices[1]], "tasks");
 }
 
 #[test]
@@ -147,30 +140,24 @@ fn secure_websocket_settings_that_cannot_work_are_refused_at_start() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("needs a certificate"), "{err}");
 
-    let half = dir.join("half.toml");
-    std::fs::write(
-        &half,
-        format!("[net]\ntls_cert = {:?}\n", dir.join("x.crt")),
-    )
-    .unwrap();
-    let (code, err) = fails_to_start(
-        &s.relay,
-        &[&secure[..], &["--config", half.to_str().unwrap()]].concat(),
-    );
+    // A secure listener with this `[net]` section in its config file.
+    let with_net = |name: &str, net: String| {
+        let config = dir.join(name);
+        std::fs::write(&config, format!("[net]\n{net}")).unwrap();
+        fails_to_start(
+            &s.relay,
+            &[&secure[..], &["--config", config.to_str().unwrap()]].concat(),
+        )
+    };
+    let (code, err) = with_net("half.toml", format!("tls_cert = {:?}\n", dir.join("x.crt")));
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("tls_cert and tls_key go together"), "{err}");
 
     let not_pem = dir.join("not.pem");
     std::fs::write(&not_pem, "hello").unwrap();
-    let bad = dir.join("bad.toml");
-    std::fs::write(
-        &bad,
-        format!("[net]\ntls_cert = {not_pem:?}\ntls_key = {not_pem:?}\n"),
-    )
-    .unwrap();
-    let (code, err) = fails_to_start(
-        &s.relay,
-        &[&secure[..], &["--config", bad.to_str().unwrap()]].concat(),
+    let (code, err) = with_net(
+        "bad.toml",
+        format!("tls_cert = {not_pem:?}\ntls_key = {not_pem:?}\n"),
     );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("not.pem"), "names the file: {err}");

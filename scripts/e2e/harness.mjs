@@ -2,7 +2,7 @@
 // daemons (their JSON Lines events awaited), polling until something holds, and named
 // steps counted as passed or failed. No npm dependencies.
 import { spawn, execFileSync } from "node:child_process";
-import { createWriteStream } from "node:fs";
+import { createWriteStream, readFileSync } from "node:fs";
 import { join } from "node:path";
 
 /**
@@ -112,7 +112,56 @@ export function harness({ bin, work, wait = 30000 }) {
     if (!cond) throw new Error(message);
   }
 
+  /**
+   * Runs `main` within `timeoutS` seconds, then stops every daemon and runs `cleanup`, also on
+   * failure, timeout or a signal; on failure prints the last stderr lines of the daemons
+   * named in `logs`. Prints "N passed, N failed" and exits non-zero on any failure.
+   */
+  async function run(main, { timeoutS, cleanup = async () => {}, logs = [] }) {
+    const finish = async () => {
+      await Promise.all(procs.map((p) => p.stop().catch(() => {})));
+      await cleanup().catch(() => {});
+    };
+    const timer = setTimeout(async () => {
+      console.log(`FAIL the end-to-end test did not finish within ${timeoutS} s`);
+      failed++;
+      await finish();
+      console.log(`${passed} passed, ${failed} failed`);
+      process.exit(1);
+    }, timeoutS * 1000);
+    for (const signal of ["SIGINT", "SIGTERM"]) {
+      process.on(signal, async () => {
+        await finish();
+        process.exit(130);
+      });
+    }
+    let code = 0;
+    try {
+      await main();
+    } catch (e) {
+      if (failed === 0) {
+        failed++;
+        console.log(`FAIL setup: ${e.stack || e}`);
+      }
+      code = 1;
+      for (const name of logs) {
+        try {
+          const text = readFileSync(join(work, `${name}.err`), "utf8").trim();
+          if (text) console.log(`--- ${name} stderr (last lines)\n${text.split("\n").slice(-15).join("\n")}`);
+        } catch {
+          /* none */
+        }
+      }
+    } finally {
+      clearTimeout(timer);
+      await finish();
+    }
+    console.log(`${passed} passed, ${failed} failed`);
+    process.exit(code);
+  }
+
   return {
+    run,
     cli,
     Daemon,
     until,

@@ -240,27 +240,11 @@ async function main() {
   });
 }
 
-const timer = setTimeout(async () => {
-  console.log(`FAIL the browser e2e took over ${TIMEOUT_S} s`);
-  await cleanup();
-  process.exit(1);
-}, TIMEOUT_S * 1000);
-
 async function cleanup() {
   if (browser) await browser.close().catch(() => {});
   browser = null;
   if (server) server.close();
-  await h.stopAll();
   if (!process.env.E2E_KEEP) rmSync(work, { recursive: true, force: true });
 }
 
-let code = 0;
-try {
-  await main();
-} catch {
-  code = 1;
-}
-clearTimeout(timer);
-await cleanup();
-console.log(`${h.passed()} passed, ${h.failed()} failed`);
-process.exit(code || (h.failed() ? 1 : 0));
+await h.run(main, { timeoutS: TIMEOUT_S, cleanup, logs: ["relay", "ben"] });

@@ -211,6 +211,15 @@ impl Drop for Daemon {
     }
 }
 
+/// Asserts that every node in `dirs` lists the same `collection` (deleted ones too).
+pub fn assert_same_lists(dirs: &[&Path], collection: &str) {
+    let views: Vec<Vec<Value>> = dirs.iter().map(|d| list(d, collection)).collect();
+    assert!(
+        views.iter().all(|v| *v == views[0]),
+        "views differ: {views:?}"
+    );
+}
+
 /// Polls until `check` holds.
 pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
