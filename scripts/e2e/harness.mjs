@@ -3,7 +3,20 @@
 // steps counted as passed or failed. No npm dependencies.
 import { spawn, execFileSync } from "node:child_process";
 import { createWriteStream, readFileSync } from "node:fs";
+import { createServer } from "node:net";
 import { join } from "node:path";
+
+/** A free TCP port on 127.0.0.1 (so a restarted daemon can keep its addresses). */
+export async function freePort() {
+  const s = createServer();
+  await new Promise((r) => s.listen(0, "127.0.0.1", r));
+  const { port } = s.address();
+  await new Promise((r) => s.close(r));
+  return port;
+}
+
+/** Chromium's headless flags for these machines. */
+export const CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"];
 
 /**
  * `bin`: the fieldsync binary; `work`: a scratch directory (daemon stderr goes there);

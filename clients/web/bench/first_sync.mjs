@@ -13,7 +13,7 @@ import { tmpdir } from "node:os";
 import { dirname, extname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
-import { harness } from "../../../scripts/e2e/harness.mjs";
+import { CHROMIUM_ARGS, harness } from "../../../scripts/e2e/harness.mjs";
 
 const web = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const repo = resolve(web, "../..");
@@ -36,7 +36,7 @@ await new Promise((r) => server.listen(0, "127.0.0.1", r));
 const base = `http://127.0.0.1:${server.address().port}/`;
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"],
+  args: CHROMIUM_ARGS,
 });
 
 console.log("first sync relay → new device, tasks of 4 fields, durable on both ends");

@@ -8,14 +8,13 @@
 // /usr/bin/chromium), E2E_TIMEOUT_S (default 300). Exits non-zero on any failure; stops
 // every process it started, also on failure or timeout; prints "N passed, N failed".
 import { createServer } from "node:http";
-import { createServer as createNetServer } from "node:net";
 import { readFile } from "node:fs/promises";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, extname, join, normalize, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
-import { harness } from "../../../scripts/e2e/harness.mjs";
+import { CHROMIUM_ARGS, freePort, harness } from "../../../scripts/e2e/harness.mjs";
 
 const web = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const repo = resolve(web, "../..");
@@ -47,15 +46,6 @@ async function serveWeb() {
   });
   await new Promise((r) => server.listen(0, "127.0.0.1", r));
   return `http://127.0.0.1:${server.address().port}/`;
-}
-
-/** A free TCP port on 127.0.0.1 (so a restarted relay keeps its addresses). */
-async function freePort() {
-  const s = createNetServer();
-  await new Promise((r) => s.listen(0, "127.0.0.1", r));
-  const { port } = s.address();
-  await new Promise((r) => s.close(r));
-  return port;
 }
 
 function startRelay(dir, wsPort, tcpPort) {
@@ -123,7 +113,7 @@ async function main() {
 
   browser = await chromium.launch({
     executablePath: CHROMIUM,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"],
+    args: CHROMIUM_ARGS,
   });
   const context = await browser.newContext();
   const tab = await openTab(context, base);

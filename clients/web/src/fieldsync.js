@@ -164,9 +164,10 @@ export class Device {
     return JSON.parse(this.#open().conflicts());
   }
 
-  /** Settles a conflict with `value`; resolves with the entity's id once saved. */
+  /** Settles a conflict with `value` (any JSON value: "09:00" is the string); resolves
+   * with the entity's id once saved. */
   async resolve(conflictId, value) {
-    const id = this.#open().resolve(conflictId, json(value));
+    const id = this.#open().resolve(conflictId, JSON.stringify(value));
     await this.#save();
     this.#emit({ event: "changed", id });
     return id;

@@ -1111,6 +1111,18 @@ impl Replica {
 }
 
 impl Replica {
+    /// The furthest feed position any peer acknowledged having applied (0 if none): with
+    /// one relay, what [`Self::pending_after`] counts from.
+    pub fn acknowledged(&self) -> Result<u64, Error> {
+        Ok(self
+            .store
+            .meta_prefix(META_CHECKPOINT_OUT)?
+            .into_iter()
+            .filter_map(|(_, v)| Some(u64::from_be_bytes(v.as_slice().try_into().ok()?)))
+            .max()
+            .unwrap_or(0))
+    }
+
     /// Entities changed after feed position `acked` (what a peer that acknowledged up to
     /// there has yet to take), counted again only when `acked` or the feed moved.
     pub fn pending_after(&self, acked: u64) -> Result<usize, Error> {

@@ -186,11 +186,16 @@ impl Node {
         Ok(entity.to_string())
     }
 
-    /// `fieldsync status` (JSON), with `connected`: whether the relay session is up.
+    /// `fieldsync status` (JSON), with `connected` (whether the relay session is up) and
+    /// `pending_to_relay`.
     pub fn status(&self) -> Result<String, JsError> {
         let mut status =
             serde_json::to_value(self.replica.status().map_err(js_error)?).map_err(js_error)?;
         status["connected"] = serde_json::Value::Bool(self.connected());
+        // Local changes the relay has not acknowledged yet (as the daemon's status says).
+        let acked = self.replica.acknowledged().map_err(js_error)?;
+        status["pending_to_relay"] =
+            serde_json::Value::from(self.replica.pending_after(acked).map_err(js_error)?);
         serde_json::to_string(&status).map_err(js_error)
     }
 }
@@ -335,6 +340,12 @@ mod tests {
             serde_json::from_str(&again.list("tasks", vec![]).unwrap()).unwrap();
         assert_eq!(listed.len(), 2);
         assert_eq!(again.status().unwrap(), node.status().unwrap());
+        let status: serde_json::Value = serde_json::from_str(&again.status().unwrap()).unwrap();
+        assert_eq!(
+            status["pending_to_relay"], 2,
+            "no relay acknowledged the two tasks"
+        );
+        assert_eq!(status["connected"], false);
 
         // Writes never saved are not there after a reopen (the page was closed first).
         let fresh = reopen(&joined_only);
