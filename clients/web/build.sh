@@ -58,7 +58,7 @@ wasm="$root/target/wasm/wasm32-unknown-unknown/release/fieldsync_wasm.wasm"
 step "wasm-bindgen --target web"
 rm -rf "$web/dist"
 "$bindgen" --target web --out-dir "$web/dist" --out-name fieldsync_wasm "$wasm"
-cp "$web/src/fieldsync.js" "$web/src/fieldsync.d.ts" "$web/dist/"
+cp "$web/src/fieldsync.js" "$web/src/fieldsync.d.ts" "$web/src/react.js" "$web/src/react.d.ts" "$web/dist/"
 (cd "$web" && npm ci --no-audit --no-fund --loglevel=error)
 raw="$web/dist/fieldsync_wasm_bg.wasm"
 before=$(stat -c %s "$raw")

@@ -14,6 +14,7 @@ import { tmpdir } from "node:os";
 import { dirname, extname, join, normalize, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
+import { build } from "esbuild";
 import { CHROMIUM_ARGS, freePort, harness } from "../../../scripts/e2e/harness.mjs";
 
 const web = resolve(dirname(fileURLToPath(import.meta.url)), "..");
@@ -82,7 +83,21 @@ const tabPut = (page, collection, id, patch) =>
   page.evaluate(([c, i, p]) => window.device.put(c, i, p), [collection, id, patch]);
 const sortById = (views) => [...views].sort((a, b) => a._id.localeCompare(b._id));
 
+/** Bundles the React test app (React from node_modules; fieldsync.js stays a URL). */
+async function bundleReactApp() {
+  await build({
+    entryPoints: [join(web, "e2e/react-app.js")],
+    outfile: join(web, "e2e/build/react-app.js"),
+    bundle: true,
+    format: "esm",
+    external: ["/dist/*"],
+    define: { "process.env.NODE_ENV": '"production"' },
+    logLevel: "error",
+  });
+}
+
 async function main() {
+  await bundleReactApp();
   const base = await serveWeb();
   const schema = join(work, "schema.toml");
   writeFileSync(schema, readFileSync(join(repo, "examples/schema.toml")));
@@ -137,6 +152,24 @@ async function main() {
     await until("the tab's task on the native device", () => cli(nativeDir, ["get", "tasks", tabTask], { allowFail: true })?.title === "Written in a tab");
   });
 
+  await step("React hooks show the tab's device and follow what syncs", async () => {
+    const page = await context.newPage();
+    await page.goto(`${base}e2e/react.html`);
+    await page.waitForFunction(() => window.mountReact);
+    await page.evaluate((o) => window.mountReact(o), { invite: cli(relayDir, ["invite", "--user", "react"]), relay: relayWs, watched: seeded[1] });
+    const text = (id) => page.locator(`#${id}`).textContent();
+    const openAtRelay = () => cli(relayDir, ["list", "tasks", "--where", "status=open"]).length;
+    await until("useList shows the open tasks", async () => (await text("open-count")) === String(openAtRelay()));
+    await until("useSyncStatus shows the connection", async () => (await text("connected")) === "true");
+    assert((await text("watched")) === "open", `useEntity: ${await text("watched")}`);
+    // A write at the office reaches the tab and the list follows; a write in the tab too.
+    cli(relayDir, ["put", "tasks", JSON.stringify({ title: "New at the office", status: "open" })]);
+    await until("useList follows a synced write", async () => (await text("open-count")) === String(openAtRelay()));
+    await page.evaluate((id) => window.reactDevice.put("tasks", id, { status: "completed" }), seeded[1]);
+    await until("useEntity follows a local write", async () => (await text("watched")) === "completed");
+    await page.close();
+  });
+
   await step("apart, the tab and the native device edit one task; together, all three agree by the rules", async () => {
     await relay.stop();
     await until("the tab sees the relay gone", async () => (await tab.evaluate(() => window.device.status())).connected === false);
@@ -151,7 +184,7 @@ async function main() {
       expected(cli(relayDir, ["get", "tasks", shared], { allowFail: true })));
     await until("identical task lists on all three", async () => {
       const lists = [sortById(await tabList(tab, "tasks")), sortById(cli(relayDir, ["list", "tasks"])), sortById(cli(nativeDir, ["list", "tasks"]))];
-      return lists.every((l) => JSON.stringify(l) === JSON.stringify(lists[0])) && lists[0].length === 26;
+      return lists.every((l) => JSON.stringify(l) === JSON.stringify(lists[0])) && lists[0].length === 27;
     });
   });
 
