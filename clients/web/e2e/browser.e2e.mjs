@@ -222,6 +222,16 @@ async function main() {
     await until("the offline write at the relay", () => cli(relayDir, ["get", "tasks", offlineTask], { allowFail: true })?.title === "Written offline");
   });
 
+  await step("a delete in the tab reaches the relay", async () => {
+    const doomed = await tabPut(tab, "tasks", null, { title: "Entered by mistake" });
+    await until("the task at the relay", () => cli(relayDir, ["get", "tasks", doomed], { allowFail: true })?.title === "Entered by mistake");
+    await tab.evaluate((id) => window.device.delete("tasks", id), doomed);
+    await until("deleted at the relay", () => cli(relayDir, ["get", "tasks", doomed], { allowFail: true })?._deleted === true);
+    assert((await tabGet(tab, "tasks", doomed))._deleted === true, "deleted in the tab");
+    const listed = (await tabList(tab, "tasks")).map((t) => t._id);
+    assert(!listed.includes(doomed), "a deleted task is not listed");
+  });
+
   await step("a stranger tab (an invite of another workspace) is refused and receives nothing", async () => {
     const otherDir = join(work, "other");
     cli(otherDir, ["init", "--schema", schema, "--name", "elsewhere"]);
