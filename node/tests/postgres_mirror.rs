@@ -467,3 +467,33 @@ fn a_schema_version_adopted_while_mirroring_adds_its_columns() {
         "2"
     );
 }
+
+#[test]
+fn a_purged_entity_leaves_the_mirror() {
+    let pg = Postgres::start();
+    let s = site(0);
+    let (_relay, _) = start_mirroring_relay(&s.relay, &pg);
+    let put = |collection: &str, patch: &str| {
+        cli(&s.relay, &["put", collection, patch])["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let doomed = put("tasks", r#"{"title":"a customer's home address"}"#);
+    let kept = put("tasks", r#"{"title":"kept"}"#);
+    caught_up(&s.relay);
+    let rows = |id: &str| pg.sql(&format!("SELECT count(*) FROM tasks WHERE id = '{id}'"));
+    assert_eq!((rows(&doomed), rows(&kept)), ("1".into(), "1".into()));
+
+    cli(&s.relay, &["purge", "tasks", &doomed]);
+    caught_up(&s.relay);
+    eventually("the purged row is gone", || rows(&doomed) == "0");
+    assert_eq!(rows(&kept), "1", "only the purged entity's row goes");
+    assert_eq!(
+        pg.sql(&format!(
+            "SELECT count(*) FROM fieldsync_purges WHERE view->>'record' LIKE '%{doomed}%'"
+        )),
+        "1",
+        "the purge record itself is mirrored (ids only)"
+    );
+}

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fieldsync::core::purge::{PurgeRecord, PURGES, RECORD};
 use fieldsync::core::schema::{Collection, Rule};
 use fieldsync::{ErrorKind, Replica};
 use serde_json::{json, Value};
@@ -427,6 +428,36 @@ pub async fn mirror_batch(
             .map(|((statement, ..), params)| tx.execute(statement, params)),
     )
     .await?;
+    // Purged entities leave the mirror too: the relay dropped them whole, so their rows
+    // (and proposals) must not outlive them in the office's database.
+    let mut purged = Vec::new();
+    for change in changes.iter().filter(|c| c.collection == PURGES) {
+        let Some(text) = change.view.get(RECORD).and_then(Value::as_str) else {
+            continue; // a tombstone of the record entity itself
+        };
+        match PurgeRecord::parse(text) {
+            Ok(record) => purged.push(record),
+            // The relay stores only records it verified; one it cannot read is reported.
+            Err(e) => {
+                tracing::warn!(entity = %change.id, "a purge record the mirror cannot read: {e}")
+            }
+        }
+    }
+    for record in &purged {
+        let id = uuid::Uuid::from_bytes(*record.entity.as_bytes());
+        if let Some(table) = tables.get(&record.collection) {
+            tx.execute(
+                &format!("DELETE FROM {} WHERE id = $1", ident(table)),
+                &[&id],
+            )
+            .await?;
+        }
+        tx.execute(
+            "DELETE FROM fieldsync_proposals WHERE entity_id = $1",
+            &[&id],
+        )
+        .await?;
+    }
     // The pending proposals of the entities in this batch, as they are now (so the office
     // can accept or reject them through the outbox by id).
     let entities: Vec<uuid::Uuid> = changes
