@@ -11,7 +11,7 @@
 //! exponential backoff and jitter.
 //!
 //! Refusals: the engine's `Goodbye` is written and the stream closed before the connection
-//! is (flush, then close; at most [`FLUSH_TIMEOUT`] later), so the refused peer always reads
+//! is (flush, close the stream, then the connection a moment later; at most [`FLUSH_TIMEOUT`]), so the refused peer reads
 //! why. A relay serves circuit relay v2 only to peers its engine admitted, unless
 //! [`Config::open_relay`] is set.
 
@@ -66,6 +66,9 @@ const MAX_EXTRA_STREAMS: u32 = 8;
 pub const NOTICE_QUEUE: usize = 1024;
 /// How long a refused peer's `Goodbye` may take to be written before its connections close.
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a refused peer's connection stays open after its `Goodbye` was written, so the
+/// muxer puts it on the wire before the connection closes.
+const CLOSE_GRACE: Duration = Duration::from_millis(300);
 /// How long a peer has to prove its membership after its sync stream opened.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Failed attempts to open the sync stream before this node gives up on a peer (until it
@@ -747,8 +750,10 @@ pub async fn run(
                     }
                 }
                 Owned::WriterClosed { peer } => {
-                    if peers.closing.remove(&peer).is_some() {
-                        let _ = swarm.disconnect_peer_id(peer);
+                    // The Goodbye is with the muxer, not yet on the wire: closing the
+                    // connection at once can drop it, so close on a later tick.
+                    if let Some(by) = peers.closing.get_mut(&peer) {
+                        *by = (*by).min(tokio::time::Instant::now() + CLOSE_GRACE);
                     }
                 }
                 Owned::OpenFailed { peer, error } => {
