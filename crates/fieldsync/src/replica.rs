@@ -801,16 +801,25 @@ impl Replica {
             .collect::<Result<Vec<_>, _>>()?;
         let mut after: Option<[u8; 16]> = after.map(|id| *id.as_bytes());
         loop {
+            // Asked before the page is read: a view the worker rewrites after the read is
+            // read again below, so an old view never passes for a new one.
+            let recomputing = self.recomputing();
             let page = self.store.views(collection, after.as_ref(), 1024)?;
             let Some((last, _)) = page.last() else {
                 return Ok(());
             };
             after = Some(*last);
-            for (id, bytes) in page {
+            for (id, mut bytes) in page {
                 // While a new schema version's views are recomputed, the rest is derived now.
                 let fresh = if self.view_is_stale(collection, &id) {
                     self.fresh_view(EntityId::from_bytes(id))?
                 } else {
+                    if recomputing {
+                        match self.store.view(collection, &id)? {
+                            Some(now) => bytes = now,
+                            None => continue, // moved or purged meanwhile
+                        }
+                    }
                     None
                 };
                 let view: View = match fresh {

@@ -393,6 +393,14 @@ impl Replica {
     }
 
     /// Whether the stored view of `id` (in `collection`) may predate the schema in use.
+    /// Whether a recomputation of views is under way (views may change under a reader).
+    pub(crate) fn recomputing(&self) -> bool {
+        self.recompute
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     pub(crate) fn view_is_stale(&self, collection: &str, id: &[u8; 16]) -> bool {
         // Built-in collections keep their rules across versions (and are not recomputed).
         if collection.starts_with('_') {
