@@ -444,25 +444,22 @@ pub async fn mirror_batch(
         }
     }
     for record in &purged {
-        let id = uuid::Uuid::from_bytes(*record.entity.as_bytes());
         if let Some(table) = tables.get(&record.collection) {
+            let id = uuid::Uuid::from_bytes(*record.entity.as_bytes());
             tx.execute(
                 &format!("DELETE FROM {} WHERE id = $1", ident(table)),
                 &[&id],
             )
             .await?;
         }
-        tx.execute(
-            "DELETE FROM fieldsync_proposals WHERE entity_id = $1",
-            &[&id],
-        )
-        .await?;
     }
     // The pending proposals of the entities in this batch, as they are now (so the office
-    // can accept or reject them through the outbox by id).
+    // can accept or reject them through the outbox by id); a purged entity has none left.
     let entities: Vec<uuid::Uuid> = changes
         .iter()
-        .map(|c| uuid::Uuid::from_bytes(*c.id.as_bytes()))
+        .map(|c| c.id)
+        .chain(purged.iter().map(|r| r.entity))
+        .map(|id| uuid::Uuid::from_bytes(*id.as_bytes()))
         .collect();
     let wanted: BTreeSet<uuid::Uuid> = entities.iter().copied().collect();
     let proposals = blocking(replica, |r| r.pending_proposals()).await?;

@@ -453,8 +453,7 @@ pub async fn run(
     let mdns_on = config.mdns;
     let relay_server = config.relay_server;
     let max_connections = config.max_connections;
-    let ws_tls = config.ws_tls.clone();
-    check_secure_websocket(&config.listen, &ws_tls)?;
+    check_secure_websocket(&config.listen, &config.ws_tls)?;
     let Inbox {
         tx: inputs,
         rx: mut inbox,
@@ -477,7 +476,7 @@ pub async fn run(
         }
         c
     };
-    let websocket = websocket_transport(&keypair, &ws_tls)?;
+    let websocket = websocket_transport(&keypair, &config.ws_tls)?;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
