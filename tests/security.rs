@@ -57,6 +57,26 @@ impl Site {
         self.engines.len() - 1
     }
 
+    /// A relay member, joined with a fresh relay invite (an engine in the relay role).
+    fn relay(&mut self, name: &str) -> usize {
+        let invite = self.engines[0]
+            .replica()
+            .issue_invite(name, MemberRole::Relay, Default::default(), WEEK_MS)
+            .unwrap();
+        let r = Arc::new(Replica::init_join(&self._tmp.path().join(name), &invite, name).unwrap());
+        self.engines
+            .push(Engine::new(r, Config::default().with_role(Role::Relay)).unwrap());
+        self.engines.len() - 1
+    }
+
+    /// Ends the connection between `a` and `b` (both sides see it go).
+    fn disconnect(&mut self, a: usize, b: usize) {
+        let (pa, pb) = (self.peer(a), self.peer(b));
+        self.engines[a].handle(Input::Disconnected(pb)).unwrap();
+        self.engines[b].handle(Input::Disconnected(pa)).unwrap();
+        self.run();
+    }
+
     fn r(&self, i: usize) -> &Arc<Replica> {
         self.engines[i].replica()
     }
@@ -883,4 +903,192 @@ fn remembered_heads_are_capped_across_sessions_and_sync_goes_on() {
     for i in [0, a, b] {
         assert_eq!(count(site.r(i), "tasks"), 80, "node {i} has every task");
     }
+}
+
+/// hq, a relay `office` that hq made a delegate, and device `ana`, joined with hq's invite
+/// while hq is away: only the delegate admits her.
+fn delegated_office() -> (Site, usize, usize) {
+    let mut site = Site::new();
+    let office = site.relay("office");
+    site.connect(office, 0);
+    assert!(
+        !site.r(office).confirms().unwrap(),
+        "a relay confirms nothing by itself"
+    );
+    assert!(site.r(office).proposals().is_err());
+    let record = site.r(0).delegate(&site.peer(office), true).unwrap();
+    assert!(record.delegate);
+    site.engines[0].local_change().unwrap();
+    site.run();
+    assert!(
+        site.r(office).confirms().unwrap(),
+        "the delegation reached the office"
+    );
+    let listed = site.r(0).members().unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|m| m.peer == site.peer(office).to_string() && m.delegate),
+        "members shows the delegate: {listed:?}"
+    );
+    site.disconnect(office, 0); // hq goes away
+    let invite = site
+        .r(0)
+        .issue_invite("ana", MemberRole::Device, Default::default(), WEEK_MS)
+        .unwrap();
+    let ana = site.join("ana", &invite);
+    site.connect(ana, office);
+    assert!(peer_refused(&site.events(office)).is_none());
+    assert!(
+        site.r(office)
+            .members()
+            .unwrap()
+            .iter()
+            .any(|m| m.peer == site.peer(ana).to_string()),
+        "the delegate bound ana's invite"
+    );
+    (site, office, ana)
+}
+
+#[test]
+fn a_delegated_relay_confirms_and_admits_while_the_authority_is_away() {
+    let (mut site, office, ana) = delegated_office();
+    let id = site
+        .r(ana)
+        .put("payments", None, r#"{"amount": 50, "collector": "ana"}"#)
+        .unwrap();
+    site.engines[ana].local_change().unwrap();
+    site.run();
+    let proposal = site
+        .r(office)
+        .proposals()
+        .unwrap()
+        .into_iter()
+        .find(|p| p.entity == id)
+        .expect("ana's payment waits at the office");
+    site.r(office).accept(proposal.id).unwrap();
+    site.engines[office].local_change().unwrap();
+    site.run();
+    assert!(
+        site.r(ana).my_proposals().unwrap().is_empty(),
+        "the office's confirmation verifies on ana"
+    );
+    assert_eq!(site.r(ana).get("payments", id).unwrap()["amount"], 50);
+
+    // hq comes back: it takes the office's confirmation and ana's membership as its own.
+    site.connect(office, 0);
+    assert!(refused_writes(&site.events(0)).is_empty());
+    let view = site.r(0).get("payments", id).unwrap();
+    assert_eq!(view["amount"], 50, "{view:?}");
+    assert!(
+        view.get("_pending")
+            .is_none_or(|p| p.as_array().is_some_and(|a| a.is_empty())),
+        "{view:?}"
+    );
+    assert!(site
+        .r(0)
+        .proposals()
+        .unwrap()
+        .iter()
+        .all(|p| p.entity != id));
+    assert!(
+        site.r(0)
+            .members()
+            .unwrap()
+            .iter()
+            .any(|m| m.peer == site.peer(ana).to_string()),
+        "hq knows ana as a member"
+    );
+    assert!(
+        site.r(0).pending_invites().unwrap().is_empty(),
+        "ana's invite counts as used at hq"
+    );
+    site.connect(ana, 0);
+    assert!(
+        peer_refused(&site.events(0)).is_none(),
+        "hq admits ana on the office's record"
+    );
+}
+
+#[test]
+fn a_withdrawn_delegate_confirms_nothing_more_and_its_late_records_are_refused() {
+    let (mut site, office, ana) = delegated_office();
+    let id = site
+        .r(ana)
+        .put("payments", None, r#"{"amount": 50, "collector": "ana"}"#)
+        .unwrap();
+    site.engines[ana].local_change().unwrap();
+    site.run();
+    // The delegation the office holds now, as a thief of its key would keep it.
+    let ws = site.r(0).workspace().clone();
+    let old = {
+        let b = stored_doc(
+            site.r(office),
+            fieldsync::core::membership::member_entity_id(ws.id, &site.peer(office)),
+        );
+        let d = AutoCommit::load(&b).unwrap();
+        let (_, auth) = d.get(ROOT, "_auth").unwrap().unwrap();
+        let (_, rec) = d.get(&auth, "record").unwrap().unwrap();
+        let newest = d.keys(&rec).last().unwrap();
+        let (v, _) = d.get(&rec, newest.as_str()).unwrap().unwrap();
+        serde_json::from_str::<Confirmation>(v.into_scalar().unwrap().as_str().unwrap()).unwrap()
+    };
+    assert!(old.delegate_key(&ws.authority, ws.id).is_some());
+
+    site.connect(office, 0);
+    site.r(0).delegate(&site.peer(office), false).unwrap();
+    site.engines[0].local_change().unwrap();
+    site.run();
+    assert!(!site.r(office).confirms().unwrap());
+    let pid = site.r(office).my_proposals().unwrap().len(); // none of its own
+    assert_eq!(pid, 0);
+    let proposal = site
+        .r(0)
+        .proposals()
+        .unwrap()
+        .into_iter()
+        .find(|p| p.entity == id)
+        .unwrap();
+    let err = site.r(office).accept(proposal.id).unwrap_err();
+    assert!(err.to_string().contains("authority"), "{err}");
+    for i in 0..site.engines.len() {
+        site.events(i);
+    }
+
+    // The key thief signs amount 5000 with the office's key and its old delegation.
+    let key = site.r(office).keypair().try_into_ed25519().unwrap();
+    let forged = Confirmation {
+        by: Some(Box::new(old)),
+        ..Confirmation::sign(&key, ws.id, id, "amount", 1, serde_json::json!(5000), None)
+    };
+    assert!(
+        forged.verify(&ws.authority, ws.id, id, "amount"),
+        "the record is well signed"
+    );
+    let doc = with_auth_record(
+        &stored_doc(site.r(office), id),
+        &site.peer(office).to_bytes(),
+        "amount",
+        1,
+        &serde_json::to_string(&forged).unwrap(),
+    );
+    for victim in [0, ana] {
+        site.inject(office, victim, payload(id, "payments", doc.clone()));
+        let refused = refused_writes(&site.events(victim));
+        assert!(
+            refused.len() == 1 && refused[0].contains("delegation was withdrawn"),
+            "{refused:?}"
+        );
+        let view = site.r(victim).get("payments", id).unwrap();
+        assert_ne!(
+            view.get("amount"),
+            Some(&serde_json::json!(5000)),
+            "{view:?}"
+        );
+    }
+    // The authority still confirms, and its confirmation reaches everyone.
+    site.r(0).accept(proposal.id).unwrap();
+    site.engines[0].local_change().unwrap();
+    site.run();
+    assert_eq!(site.r(ana).get("payments", id).unwrap()["amount"], 50);
 }

@@ -112,9 +112,9 @@ pub(crate) enum Command {
     },
     /// List the workspace's members and, on the authority, its pending invites (JSON Lines).
     ///
-    /// Members: `{"kind": "member", peer, user, role, partitions, revoked, invite, name,
-    /// last_seen_ms}` (name: what the device called itself; last_seen_ms: its last session
-    /// with this node). Unused invites: `{"kind": "invite", id, user, role, partitions,
+    /// Members: `{"kind": "member", peer, user, role, partitions, revoked, invite, delegate,
+    /// name, last_seen_ms}` (delegate: present and true for a delegate, see `delegate`;
+    /// name: what the device called itself; last_seen_ms: its last session with this node). Unused invites: `{"kind": "invite", id, user, role, partitions,
     /// issued_ms, expires_ms}`.
     Members,
     /// Print the token of this node's HTTP API and console, creating it if there is none.
@@ -133,6 +133,19 @@ pub(crate) enum Command {
     Revoke {
         /// The member's peer id (see `fieldsync members`).
         peer_id: String,
+    },
+    /// Make a relay or admin member a delegate (authority only): it confirms proposals and
+    /// binds invites with its own key, so a second relay can serve the office while this
+    /// node is away. Prints the member record.
+    ///
+    /// `--withdraw` ends the delegation: nodes that know of it refuse the delegate's new
+    /// confirmations; those they already hold stay. `revoke` ends it too.
+    Delegate {
+        /// The member's peer id (see `fieldsync members`).
+        peer_id: String,
+        /// Withdraw the delegation instead of granting it.
+        #[arg(long)]
+        withdraw: bool,
     },
     /// Create or update an entity: `put COLLECTION [ID] PATCH_JSON` (or `--file FILE`).
     ///
@@ -189,18 +202,18 @@ pub(crate) enum Command {
         conflict_id: String,
         value_json: String,
     },
-    /// List pending proposals to authority fields (authority only, or `--mine` anywhere).
+    /// List pending proposals to authority fields (authority or a delegate, or `--mine` anywhere).
     Proposals {
         /// Only this node's own proposals still waiting for the authority.
         #[arg(long)]
         mine: bool,
     },
-    /// Confirm one or more proposals (authority only).
+    /// Confirm one or more proposals (authority or a delegate).
     Accept {
         #[arg(required = true, num_args = 1..)]
         proposal_ids: Vec<String>,
     },
-    /// Reject one or more proposals (authority only).
+    /// Reject one or more proposals (authority or a delegate).
     Reject {
         #[arg(required = true, num_args = 1..)]
         proposal_ids: Vec<String>,
@@ -258,7 +271,7 @@ pub(crate) enum Command {
         config: Option<PathBuf>,
     },
     /// Run this node as an always-on relay: serves catch-up and live sync to every device
-    /// (and, on the authority, confirms auto_accept proposals as they arrive).
+    /// (and, on the authority or a delegate, confirms auto_accept proposals as they arrive).
     Relay {
         /// Address to accept devices on. Repeatable: TCP, QUIC, WebSocket for browsers
         /// (/ip4/0.0.0.0/tcp/8080/ws), secure WebSocket (…/tcp/443/tls/ws, with [net]
@@ -977,6 +990,9 @@ fn run_on(replica: &Replica, command: Command) -> Result<()> {
             emit_members(members.collect(), invites.collect())
         }
         Command::Revoke { peer_id } => emit(&replica.revoke(&parse_id("peer id", &peer_id)?)?),
+        Command::Delegate { peer_id, withdraw } => {
+            emit(&replica.delegate(&parse_id("peer id", &peer_id)?, !withdraw)?)
+        }
         Command::Put {
             collection,
             id_or_patch,

@@ -486,6 +486,15 @@ pub fn run(api: &str, command: Command) -> Result<()> {
                 None,
             )?)
         }
+        Command::Delegate { peer_id, withdraw } => {
+            let peer: fieldsync::PeerId = parse_id("peer id", &peer_id)?;
+            let method = if withdraw { "DELETE" } else { "POST" };
+            emit(&call(
+                method,
+                &format!("{api}/v1/members/{peer}/delegate"),
+                None,
+            )?)
+        }
         Command::Bundle(BundleCommand::Export { file, since }) => {
             bundle_export(api, &file, since.as_deref())
         }

@@ -385,3 +385,126 @@ fn members_partitions_and_revocation_with_running_daemons() {
     );
     dev.stop();
 }
+
+#[test]
+fn a_delegated_second_relay_serves_the_office_while_the_authority_is_down() {
+    let s = site(0);
+    // The second relay joins with a relay invite and keeps connected to the authority.
+    let invite_to = |role: &str, name: &str| {
+        let out = bin()
+            .arg("--data")
+            .arg(&s.relay)
+            .args(["invite", "--user", name, "--role", role])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let file = s.tmp.path().join(format!("{name}.json"));
+        std::fs::write(&file, out.stdout).unwrap();
+        file
+    };
+    let office = s.tmp.path().join("office");
+    let office_invite = invite_to("relay", "office");
+    let ana_invite = invite_to("device", "ana"); // issued before hq goes down
+    cli(
+        &office,
+        &[
+            "init",
+            "--join",
+            office_invite.to_str().unwrap(),
+            "--name",
+            "office",
+        ],
+    );
+    let (hq, haddr) = start_relay(&s.relay);
+    let mut second = Daemon::start(&office, &[&["relay", "--peer", &haddr], LOCAL].concat());
+    let oaddr = second.addr();
+    second.wait_for("api");
+    let office_peer = cli(&office, &["status"])["peer_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stdout = |dir: &std::path::Path, args: &[&str]| {
+        let out = bin().arg("--data").arg(dir).args(args).output().unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    eventually("hq knows the office as a member", || {
+        stdout(&s.relay, &["members"]).is_some_and(|m| m.contains(&office_peer))
+    });
+    assert!(
+        stdout(&office, &["proposals"]).is_none(),
+        "a relay settles nothing by itself"
+    );
+    let delegated = cli(&s.relay, &["delegate", &office_peer]);
+    assert_eq!(delegated["delegate"], true, "{delegated}");
+    eventually("the office holds its delegation", || {
+        stdout(&office, &["proposals"]).is_some()
+    });
+    hq.stop(); // the authority's machine is down for the day
+
+    let ana = s.tmp.path().join("ana");
+    cli(
+        &ana,
+        &[
+            "init",
+            "--join",
+            ana_invite.to_str().unwrap(),
+            "--name",
+            "ana",
+        ],
+    );
+    let mut dev = start_device(&ana, &oaddr, &[]);
+    dev.wait_for("sync_completed");
+    let payment = cli(
+        &ana,
+        &["put", "payments", r#"{"amount": 120, "collector": "ana"}"#],
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut pending = Vec::new();
+    eventually("the office sees ana's proposal", || {
+        pending = stdout(&office, &["proposals"])
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|p| p["entity"] == payment.as_str())
+            .collect();
+        !pending.is_empty()
+    });
+    let pid = pending[0]["id"].as_str().unwrap().to_owned();
+    cli(&office, &["accept", &pid]);
+    eventually("ana's payment is confirmed by the office", || {
+        stdout(&ana, &["proposals", "--mine"]).is_some_and(|p| p.trim().is_empty())
+    });
+    assert_eq!(cli(&ana, &["get", "payments", &payment])["amount"], 120);
+
+    // The authority comes back: it takes the office's work as its own.
+    // (It listens on a new port, so it is the one to dial.)
+    let mut hq = Daemon::start(&s.relay, &[&["relay", "--peer", &oaddr], LOCAL].concat());
+    hq.wait_for("api");
+    eventually("hq has the confirmed payment and ana as a member", || {
+        let confirmed = stdout(&s.relay, &["get", "payments", &payment])
+            .and_then(|v| serde_json::from_str::<Value>(&v).ok())
+            .is_some_and(|v| v["amount"] == 120 && v.get("_pending").is_none());
+        let members = stdout(&s.relay, &["members"]).unwrap_or_default();
+        confirmed
+            && members
+                .lines()
+                .any(|l| l.contains("\"kind\":\"member\"") && l.contains("\"user\":\"ana\""))
+    });
+    assert!(
+        !stdout(&s.relay, &["members"])
+            .unwrap_or_default()
+            .contains("\"kind\":\"invite\""),
+        "ana's invite counts as used at hq"
+    );
+    dev.stop();
+    second.stop();
+    hq.stop();
+}

@@ -347,6 +347,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/devices", get(devices))
         .route("/v1/health", get(health))
         .route("/v1/members/{peer}/revoke", post(revoke))
+        .route(
+            "/v1/members/{peer}/delegate",
+            post(delegate).delete(withdraw_delegation),
+        )
         .route("/v1/invites", get(pending_invites).post(invite))
         .route("/v1/invites/{id}/cancel", post(cancel_invite))
         .route(
@@ -969,6 +973,21 @@ async fn revoke(State(s): State<AppState>, Path(peer): Path<String>) -> ApiResul
     let peer: fieldsync::PeerId = parse("peer id", &peer)?;
     let record = blocking(&s, move |r| r.revoke(&peer)).await?;
     // Wakes the sync engine: it ends the revoked peer's session at once.
+    (s.on_change)();
+    Ok(Json(serde_json::to_value(record).unwrap_or(Value::Null)))
+}
+
+async fn delegate(State(s): State<AppState>, Path(peer): Path<String>) -> ApiResult {
+    set_delegation(s, peer, true).await
+}
+
+async fn withdraw_delegation(State(s): State<AppState>, Path(peer): Path<String>) -> ApiResult {
+    set_delegation(s, peer, false).await
+}
+
+async fn set_delegation(s: AppState, peer: String, delegate: bool) -> ApiResult {
+    let peer: fieldsync::PeerId = parse("peer id", &peer)?;
+    let record = blocking(&s, move |r| r.delegate(&peer, delegate)).await?;
     (s.on_change)();
     Ok(Json(serde_json::to_value(record).unwrap_or(Value::Null)))
 }

@@ -67,7 +67,9 @@ pub enum Error {
     )]
     OpReused(crate::ids::OpId),
     /// Only the workspace authority may do this.
-    #[error("only the workspace authority can settle proposals; this node is a device")]
+    #[error(
+        "only the workspace authority or a delegate can settle proposals; this node is neither"
+    )]
     NotAuthority,
     /// A document could not be read or written.
     #[error("bad document: {0}")]

@@ -183,6 +183,10 @@ pub struct MemberRecord {
     /// The invite this device joined with, if any (an invite admits one device).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub invite: Option<uuid::Uuid>,
+    /// A relay or admin the authority delegated to: it confirms proposals and binds
+    /// invites with its own key (see `crate::authority`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delegate: bool,
 }
 
 impl MemberRecord {
@@ -451,6 +455,38 @@ pub fn check_write(
     }
 }
 
+/// Whether the delegate records a merge adds are still backed by their delegations, as far
+/// as `list` knows: a record whose delegate's member record was replaced, by a newer one
+/// than the delegation it carries, with one that withdraws or revokes it is refused. What
+/// a node held before it learnt of the withdrawal stays valid.
+pub fn check_delegates(
+    list: &MemberList,
+    id: EntityId,
+    collection: &str,
+    before: Option<&Facts>,
+    after: &Facts,
+) -> Result<(), Refusal> {
+    for (sig, (peer, delegation_seq)) in &after.integrity.delegated {
+        if before.is_some_and(|b| b.integrity.confirmed.contains(sig)) {
+            continue;
+        }
+        let Ok(peer) = peer.parse::<PeerId>() else {
+            continue;
+        };
+        if let Some((seq, false)) = list.delegates.get(&peer) {
+            if seq > delegation_seq {
+                return Err(Refusal {
+                    kind: RefusalKind::Forged,
+                    reason: format!(
+                        "entity {id} ({collection}): confirmed by {peer}, whose delegation was withdrawn"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -615,6 +651,12 @@ pub struct MemberList {
     pub workspace: std::sync::Arc<crate::Workspace>,
     /// Whether this node is the authority: it binds invites to the devices presenting them.
     pub authority: bool,
+    /// This node's own delegation, if the authority made it a delegate: then it binds
+    /// invites too, and signs what it confirms with it.
+    pub delegation: Option<Confirmation>,
+    /// Relays and admins: the seq of their current member record and whether it makes
+    /// them an active delegate (what [`check_delegates`] compares delegations against).
+    pub delegates: std::collections::HashMap<PeerId, (u64, bool)>,
     pub by_peer: std::collections::HashMap<PeerId, MemberRecord>,
     /// Invite id → the device it admitted.
     pub invites: std::collections::HashMap<uuid::Uuid, PeerId>,
@@ -640,6 +682,8 @@ impl MemberList {
         MemberList {
             workspace,
             authority,
+            delegation: None,
+            delegates: Default::default(),
             by_peer: Default::default(),
             invites: Default::default(),
             cancelled: Default::default(),
@@ -692,7 +736,7 @@ impl MemberList {
                         token.id
                     ));
                 }
-                if !self.authority {
+                if !self.binds_invites() {
                     return Admission::Admitted(token.grant.clone());
                 }
                 if self.cancelled.contains(&token.id) {
@@ -706,10 +750,17 @@ impl MemberList {
                     grant: token.grant.clone(),
                     revoked: false,
                     invite: Some(token.id),
+                    delegate: false,
                 })
             }
             None => Admission::Refused(format!("peer {peer} is not a member of this workspace")),
         }
+    }
+
+    /// Whether this node binds invites to the devices presenting them: the authority and
+    /// its delegates do.
+    pub fn binds_invites(&self) -> bool {
+        self.authority || self.delegation.is_some()
     }
 
     /// Why `peer` may no longer sync, if the list says it was revoked.

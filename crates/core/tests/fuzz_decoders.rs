@@ -46,6 +46,7 @@ fn valid_doc() -> Vec<u8> {
         user: "hq",
         now_ms: 1_700_000_000_000,
         authority_key: Some(&k),
+        delegation: None,
     };
     let coll = ws.schema.collection("payments").unwrap();
     let patch = Patch::parse(coll, r#"{"amount": 50, "note": "cash"}"#).unwrap();

@@ -88,7 +88,7 @@ proptest! {
         let mut counter = 0u128;
         // Every replica creates the entity itself, identically: one creation.
         let mut reps: Vec<Entity> = keys.iter().map(|k| {
-            let w = Writer { peer: peer(k), user: "u", now_ms: 1, authority_key: None };
+            let w = Writer { peer: peer(k), user: "u", now_ms: 1, authority_key: None, delegation: None };
             Entity::create(&ws, id, "items", &w, &Patch::parse(coll, r#"{"stock":100}"#).unwrap(), &mut || ProposalId(uuid::Uuid::nil())).unwrap()
         }).collect();
         for (i, (op, deliveries)) in ops.iter().enumerate() {
@@ -96,7 +96,7 @@ proptest! {
             let patch = Patch::from_json(coll, &op.patch()).unwrap();
             for (r, times) in deliveries {
                 for t in 0..*times {
-                    let w = Writer { peer: peer(&keys[*r]), user: "u", now_ms: 10 + i as i64 + i64::from(t), authority_key: None };
+                    let w = Writer { peer: peer(&keys[*r]), user: "u", now_ms: 10 + i as i64 + i64::from(t), authority_key: None, delegation: None };
                     counter += 1;
                     let c = counter;
                     reps[*r].update_op(&ws, &w, &patch, Some(&op_id), &mut || ProposalId(uuid::Uuid::from_u128(c))).unwrap();
@@ -151,6 +151,7 @@ fn identical_creations_are_one_change() {
             user: "u",
             now_ms: i64::from(seed) * 1000,
             authority_key: None,
+            delegation: None,
         };
         Entity::create(&ws, id, "items", &w, &patch, &mut || {
             ProposalId(uuid::Uuid::nil())
@@ -182,6 +183,7 @@ fn lww_picks_the_latest_change_time_among_concurrent_writes() {
         user: "u",
         now_ms: 1,
         authority_key: None,
+        delegation: None,
     };
     let mut base = Entity::create(
         &ws,
@@ -201,6 +203,7 @@ fn lww_picks_the_latest_change_time_among_concurrent_writes() {
                 user: "u",
                 now_ms: t,
                 authority_key: None,
+                delegation: None,
             };
             e.update(
                 &ws,

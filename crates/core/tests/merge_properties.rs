@@ -795,6 +795,7 @@ fn create_base(
         user: "creator",
         now_ms: 1,
         authority_key: None,
+        delegation: None,
     };
     let mut issued = Vec::new();
     let mut next = || {
@@ -851,6 +852,7 @@ fn run_steps(
             user: &rep.user,
             now_ms: time,
             authority_key: rep.authority.then_some(auth_kp),
+            delegation: None,
         };
         let ok = match step {
             Step::Delete { .. } => {
@@ -999,6 +1001,7 @@ fn forge(bytes: &[u8], forger: &ed25519::Keypair, ws: &Workspace) -> Vec<u8> {
             value: json!(FORGED),
             accepts: None,
             sig: "00".repeat(64),
+            by: None,
         },
     );
     if let Some(c) = genuine.last() {
@@ -1240,9 +1243,11 @@ fn run(case: Case) -> Result<(), TestCaseError> {
             user: "office",
             now_ms: 2,
             authority_key: Some(&auth_kp),
+            delegation: None,
         };
         let device = Writer {
             authority_key: None,
+            delegation: None,
             ..w.clone()
         };
         prop_assert!(
@@ -1272,6 +1277,7 @@ fn run(case: Case) -> Result<(), TestCaseError> {
             user: "resolver",
             now_ms: 3,
             authority_key: None,
+            delegation: None,
         };
         let res = settler.resolve(&ws, &w, &c.id, &to);
         if exp.deleted && !case.update_wins {
@@ -1371,7 +1377,7 @@ proptest! {
 
         // An update that has seen only the delete.
         let mut after = Entity::load(id, &base_bytes, &[a.incr.clone()]).map_err(|e| fail("load", e))?;
-        let w = Writer { peer: peer_of(&keypair(3)), user: "r3", now_ms: 7, authority_key: None };
+        let w = Writer { peer: peer_of(&keypair(3)), user: "r3", now_ms: 7, authority_key: None, delegation: None };
         let patch = Patch::parse(ws.schema.collection(coll).expect("collection"), r#"{"title":"late"}"#).map_err(|e| fail("patch", e))?;
         let res = after.update(&ws, &w, &patch, &mut || proposal_id(1, 3));
         if update_wins {

@@ -34,7 +34,7 @@ proptest! {
         let ws = Workspace { id: WorkspaceId(uuid::Uuid::from_u128(1)), schema: Schema::from_toml(SCHEMA).unwrap(), authority: key.public() };
         let coll = ws.schema.collection("items").unwrap();
         let peer = libp2p_identity::PublicKey::from(key.public()).to_peer_id();
-        let w = Writer { peer, user: "hq", now_ms: 1, authority_key: Some(&key) };
+        let w = Writer { peer, user: "hq", now_ms: 1, authority_key: Some(&key), delegation: None };
         let mut pid = || ProposalId(uuid::Uuid::nil());
         // A start beyond the bounds is refused when parsed; the entity then starts at 0.
         let parsed = Patch::parse(coll, &format!(r#"{{"stock":{start}}}"#));

@@ -27,6 +27,7 @@ fn an_older_proposal_arriving_after_a_newer_acceptance_stays_settled() {
         user: "office",
         now_ms: 1,
         authority_key: Some(&office),
+        delegation: None,
     };
     let mut base = Entity::create(
         &ws,
@@ -46,6 +47,7 @@ fn an_older_proposal_arriving_after_a_newer_acceptance_stays_settled() {
             user: "dev",
             now_ms: 2,
             authority_key: None,
+            delegation: None,
         };
         e.update(
             &ws,

@@ -95,6 +95,7 @@ fn writer(seed: u8, now_ms: i64) -> Writer<'static> {
         user: "u",
         now_ms,
         authority_key: None,
+        delegation: None,
     }
 }
 

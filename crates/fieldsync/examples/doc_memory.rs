@@ -45,6 +45,7 @@ fn main() {
                 user: "bench",
                 now_ms: 1,
                 authority_key: None,
+                delegation: None,
             };
             let json = format!(
                 r#"{{"title":"Task {i}","status":"open","progress":{},"tags":["t{}"],"site":"Site {}","assignee":"user{}","priority":{},"notes":"call before","customer":"Customer {}","due":"2026-12-01"}}"#,

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use fieldsync_core::authority::Confirmation;
 use fieldsync_core::membership::{
     check_write, member_entity_id, Admission, Credential, Facts, Grant, InviteToken, MemberList,
     MemberRecord, MemberRole, MembershipState, MEMBERS, RECORD,
@@ -336,6 +337,42 @@ impl Replica {
         Ok(record)
     }
 
+    /// Makes a relay or admin member a delegate, or withdraws its delegation (authority
+    /// only): a delegate confirms proposals and binds invites with its own key.
+    pub fn delegate(&self, peer: &PeerId, delegate: bool) -> Result<MemberRecord, Error> {
+        if !self.authority {
+            return Err(Error::AuthorityOnly("delegate"));
+        }
+        let cache = self.member_list()?;
+        let mut record = cache
+            .by_peer
+            .get(peer)
+            .cloned()
+            .ok_or_else(|| fieldsync_core::Error::NotFound(format!("member {peer}")))?;
+        if delegate && (record.revoked || record.grant.role == MemberRole::Device) {
+            return Err(fieldsync_core::Error::Invite(format!(
+                "{peer} is {}; only an unrevoked relay or admin can be a delegate",
+                if record.revoked {
+                    "revoked"
+                } else {
+                    "a device"
+                }
+            ))
+            .into());
+        }
+        if record.delegate != delegate {
+            record.delegate = delegate;
+            self.write_member_record(peer, &record)?;
+        }
+        Ok(record)
+    }
+
+    /// Whether this node confirms authority values: the authority, or a delegate whose
+    /// delegation this node holds.
+    pub fn confirms(&self) -> Result<bool, Error> {
+        Ok(self.authority || self.member_list()?.delegation.is_some())
+    }
+
     fn write_member_record(&self, peer: &PeerId, record: &MemberRecord) -> Result<(), Error> {
         let ws = self.ws();
         let coll = ws.schema.collection(MEMBERS)?;
@@ -362,7 +399,7 @@ impl Replica {
     /// Binds an invite to the device that presented it first (authority): writes the
     /// device's member record.
     pub fn bind_invite(&self, peer: &PeerId, record: &MemberRecord) -> Result<(), Error> {
-        if !self.authority {
+        if !self.confirms()? {
             return Err(Error::AuthorityOnly("bind invites"));
         }
         self.write_member_record(peer, record)?;
@@ -461,19 +498,7 @@ impl Replica {
         if self.authority {
             return Ok(None);
         }
-        let id = member_entity_id(self.ws().id, &self.peer);
-        let record = {
-            let _guard = self.lock(id);
-            let entity = self.load(id)?;
-            let record = entity
-                .as_ref()
-                .and_then(|e| e.confirmed(&self.ws(), RECORD));
-            if let Some(e) = entity {
-                self.cache(e);
-            }
-            record
-        };
-        if let Some(record) = record {
+        if let Some(record) = self.member_confirmation(&self.peer)? {
             return Ok(Some(Credential::Member { record }));
         }
         let Some(token) = self.store.meta(META_INVITE_TOKEN)? else {
@@ -487,6 +512,17 @@ impl Replica {
         let held = HeldInvite::new(token, &secret)
             .map_err(|e| Error::CorruptMeta(format!("stored invite: {e}")))?;
         Ok(Some(held.credential(&self.peer)))
+    }
+
+    /// The authority's (or a delegate's) confirmation of `peer`'s member record, if this
+    /// node has it.
+    fn member_confirmation(&self, peer: &PeerId) -> Result<Option<Confirmation>, Error> {
+        // Read from the store, past the lock and the cache: the member list is rebuilt
+        // while other entities' locks may be held (a stripe could be this entity's).
+        let id = member_entity_id(self.ws().id, peer);
+        Ok(self
+            .load_committed(id)?
+            .and_then(|e| e.confirmed(&self.ws(), RECORD)))
     }
 
     /// Whether a member with `grant` may see entity `id` of `collection`.
@@ -556,6 +592,25 @@ impl Replica {
             }
             true
         })?;
+        // Relays and admins may be delegates: their records' seqs order delegations and
+        // withdrawals (few members, so loading their documents is cheap).
+        let ws = self.ws();
+        let staff: Vec<PeerId> = cache
+            .by_peer
+            .iter()
+            .filter(|(_, r)| r.grant.role != MemberRole::Device)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in staff {
+            let Some(record) = self.member_confirmation(&peer)? else {
+                continue;
+            };
+            let active = record.delegate_key(&ws.authority, ws.id).is_some();
+            cache.delegates.insert(peer, (record.seq, active));
+            if peer == self.peer && active && !self.authority {
+                cache.delegation = Some(record);
+            }
+        }
         // Stored under the version read before listing: a write meanwhile makes it stale.
         let cache = Arc::new(cache);
         *self.members.lock().unwrap_or_else(|p| p.into_inner()) = (version, cache.clone());

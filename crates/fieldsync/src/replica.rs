@@ -465,11 +465,19 @@ impl Replica {
     }
 
     pub(crate) fn writer(&self, now_ms: i64) -> Writer<'_> {
+        // A delegate confirms with its own key and carries its delegation. A member list
+        // that cannot be read leaves it proposing, like any member.
+        let delegation = if self.authority {
+            None
+        } else {
+            self.member_list().ok().and_then(|l| l.delegation.clone())
+        };
         Writer {
             peer: self.peer,
             user: &self.name,
             now_ms,
-            authority_key: self.authority.then_some(&self.key),
+            authority_key: (self.authority || delegation.is_some()).then_some(&self.key),
+            delegation,
         }
     }
 
@@ -517,6 +525,11 @@ impl Replica {
         {
             return Ok(Some(e));
         }
+        self.load_committed(id)
+    }
+
+    /// The entity as last committed, without taking the lock or touching the cache.
+    pub(crate) fn load_committed(&self, id: EntityId) -> Result<Option<Entity>, Error> {
         match self.store.load_doc(id.as_bytes())? {
             Some(doc) => Ok(Some(Entity::load_stored(id, &doc.snapshot, &doc.chunks)?)),
             None => Ok(None),
@@ -953,7 +966,7 @@ impl Replica {
 
     /// Pending proposals (authority only).
     pub fn proposals(&self) -> Result<Vec<Proposal>, Error> {
-        if !self.authority {
+        if !self.confirms()? {
             return Err(fieldsync_core::Error::NotAuthority.into());
         }
         self.all_proposals()
@@ -984,7 +997,7 @@ impl Replica {
     }
 
     fn settle(&self, id: ProposalId, accept: bool) -> Result<EntityId, Error> {
-        if !self.authority {
+        if !self.confirms()? {
             return Err(fieldsync_core::Error::NotAuthority.into());
         }
         let entry = self

@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 
 use fieldsync_core::bundle::{Bundle, BundleEncoder, BundleEntity, BundleHeader, Limits};
-use fieldsync_core::membership::{check_write, Facts, Grant, Refusal, RefusalKind};
+use fieldsync_core::membership::{
+    check_delegates, check_write, Facts, Grant, Refusal, RefusalKind,
+};
 use fieldsync_core::purge::PURGES;
 use fieldsync_core::schema_version::SCHEMAS;
 use fieldsync_core::{Entity, EntityId, Patch, PeerId};
@@ -413,14 +415,18 @@ impl Replica {
                     }
                 };
                 let collection = entity.collection().unwrap_or_default();
-                if let Err(refusal) = check_write(
+                let after = Facts::of(&self.ws(), &entity);
+                let members = self.member_list()?;
+                let checked = check_write(
                     &self.ws().schema,
                     grant,
                     id,
                     &collection,
                     before.as_ref(),
-                    &Facts::of(&self.ws(), &entity),
-                ) {
+                    &after,
+                )
+                .and_then(|()| check_delegates(&members, id, &collection, before.as_ref(), &after));
+                if let Err(refusal) = checked {
                     // The merged document is dropped; the stored one is untouched.
                     return Ok(Outcome::Refused(refusal));
                 }
@@ -442,7 +448,7 @@ impl Replica {
                     }));
                 }
                 let mut accepted = 0;
-                if self.authority {
+                if w.authority_key.is_some() {
                     for pid in entity.auto_acceptable(&self.ws()) {
                         entity.accept(&self.ws(), &w, pid, "auto_accept")?;
                         accepted += 1;

@@ -189,6 +189,7 @@ impl Device {
             user: &self.user,
             now_ms: ms as i64,
             authority_key: None,
+            delegation: None,
         }
     }
 }

@@ -40,7 +40,7 @@ impl Entity {
             }
         };
         if let Some(key) = w.authority_key {
-            self.confirm(ws, key, field, value, None)
+            self.confirm(ws, key, w.delegation.as_ref(), field, value, None)
                 .map_err(Error::automerge)?;
             return self.settle_proposals(field, None).map_err(Error::automerge);
         }
@@ -94,7 +94,14 @@ impl Entity {
         // hides them): they stay settled when this acceptance changes the value.
         let settled_value = self.confirmed(ws, &field).map(|c| c.value);
         let res = (|| -> Result<(), automerge::AutomergeError> {
-            self.confirm(ws, key, &field, proposal.value.clone(), Some(id))?;
+            self.confirm(
+                ws,
+                key,
+                w.delegation.as_ref(),
+                &field,
+                proposal.value.clone(),
+                Some(id),
+            )?;
             self.settle_proposals(&field, Some(id))?;
             match &settled_value {
                 Some(value) => self.settle_equal(&field, value),
@@ -138,6 +145,7 @@ impl Entity {
         &mut self,
         ws: &Workspace,
         key: &ed25519::Keypair,
+        delegation: Option<&Confirmation>,
         field: &str,
         value: Json,
         accepts: Option<ProposalId>,
@@ -148,7 +156,10 @@ impl Entity {
             .map(|c| c.seq)
             .unwrap_or(0)
             + 1;
-        let record = Confirmation::sign(key, ws.id, self.id, field, seq, value, accepts);
+        let record = Confirmation {
+            by: delegation.cloned().map(Box::new),
+            ..Confirmation::sign(key, ws.id, self.id, field, seq, value, accepts)
+        };
         let auth = match self.doc.get(ROOT, K_AUTH)? {
             Some((Value::Object(ObjType::Map), id)) => id,
             _ => self.doc.put_object(ROOT, K_AUTH, ObjType::Map)?,

@@ -1,6 +1,6 @@
 //! What a receiver checks before and after merging another node's changes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use automerge::{ObjType, ReadDoc, ScalarValue, Value, ROOT};
 
@@ -14,6 +14,9 @@ use crate::workspace::Workspace;
 pub struct Integrity {
     /// Signatures of the valid confirmations present.
     pub confirmed: BTreeSet<String>,
+    /// Of those, the ones a delegate signed: signature → (delegate peer, the seq of the
+    /// member record that made it a delegate).
+    pub delegated: BTreeMap<String, (String, u64)>,
     /// Authority records that do not verify (`field/seq`).
     pub forged: BTreeSet<String>,
     /// Non-reserved root fields (counted for `_members` entities only).
@@ -70,7 +73,13 @@ impl Entity {
                                 _ => None,
                             };
                             match valid {
-                                Some(c) => out.confirmed.insert(c.sig),
+                                Some(c) => {
+                                    if let Some(d) = &c.by {
+                                        let peer = c.signer(&ws.authority_peer()).to_string();
+                                        out.delegated.insert(c.sig.clone(), (peer, d.seq));
+                                    }
+                                    out.confirmed.insert(c.sig)
+                                }
                                 None => out.forged.insert(format!("{field}/{key}")),
                             };
                         }

@@ -29,6 +29,7 @@ pub use derive::{Conflict, ConflictState, Derived, Proposal, ProposalRecord, Res
 pub use history::{FieldChange, HistoryEntry};
 pub use integrity::Integrity;
 
+use crate::authority::Confirmation;
 use crate::ids::{ConflictId, EntityId, OpId, PeerId, ProposalId};
 use crate::patch::Patch;
 use crate::rules;
@@ -50,9 +51,13 @@ pub struct Writer<'a> {
     pub peer: PeerId,
     pub user: &'a str,
     pub now_ms: i64,
-    /// The authority's key, on the authority node only: its authority-field writes are
-    /// confirmed values, everyone else's are proposals.
+    /// The key that confirms authority fields: the authority's, on the authority node, or
+    /// a delegate's. Its authority-field writes are confirmed values, everyone else's are
+    /// proposals.
     pub authority_key: Option<&'a ed25519::Keypair>,
+    /// On a delegate: the authority's confirmation of its delegation, carried by every
+    /// record it signs (see `crate::authority`).
+    pub delegation: Option<Confirmation>,
 }
 
 impl Writer<'_> {
