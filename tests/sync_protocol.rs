@@ -191,3 +191,71 @@ fn replayed_and_duplicated_frames_change_nothing() {
         "replays are counted"
     );
 }
+
+fn count(r: &Replica, collection: &str) -> u64 {
+    let counts = r.status().unwrap().entities;
+    counts.get(collection).and_then(|v| v.as_u64()).unwrap_or(0)
+}
+
+#[test]
+fn collections_with_a_priority_come_first_on_a_short_connection() {
+    for prioritised in [true, false] {
+        let tmp = tempfile::tempdir().unwrap();
+        let schema = if prioritised {
+            SCHEMA.replace(
+                "[collections.payments]\n",
+                "[collections.payments]\npriority = 10\n",
+            )
+        } else {
+            SCHEMA.to_owned()
+        };
+        assert_eq!(prioritised, schema.contains("priority = 10"));
+        let hq = Arc::new(Replica::init_authority(&tmp.path().join("hq"), &schema, "hq").unwrap());
+        let dev =
+            Arc::new(Replica::init_join(&tmp.path().join("dev"), &hq.invite(), "dev").unwrap());
+        for i in 0..300 {
+            hq.put("tasks", None, &fieldsync_tests::ten_field_task(i))
+                .unwrap();
+        }
+        for amount in [10, 20, 30] {
+            hq.put("payments", None, &format!(r#"{{"amount": {amount}}}"#))
+                .unwrap();
+        }
+        let cfg = Config::default().with_limits(Limits {
+            page_entities: 50,
+            window: 1,
+            ..Default::default()
+        });
+        let mut p = Pair {
+            a: Engine::new(hq, cfg.clone().with_role(Role::Relay)).unwrap(),
+            b: Engine::new(dev.clone(), cfg).unwrap(),
+            _tmp: tmp,
+        };
+        let (pa, pb) = (p.a.replica().peer_id(), p.b.replica().peer_id());
+        p.b.handle(Input::Dialed(pa)).unwrap();
+        p.a.handle(Input::Connected(pb)).unwrap();
+        // One frame at a time from hq; the connection drops right after the first page
+        // the device applied.
+        let mut sent = 0;
+        while count(&dev, "tasks") + count(&dev, "payments") == 0 {
+            while let Some((_, bytes)) = p.b.poll_transmit() {
+                p.a.handle(Input::Frame(pb, bytes)).unwrap();
+            }
+            let (_, bytes) = p.a.poll_transmit().expect("hq has more to send");
+            p.b.handle(Input::Frame(pa, bytes)).unwrap();
+            sent += 1;
+            assert!(sent < 20, "no page arrived");
+        }
+        let (tasks, payments) = (count(&dev, "tasks"), count(&dev, "payments"));
+        assert!(tasks <= 50, "one page at most: {tasks} tasks");
+        if prioritised {
+            assert_eq!(payments, 3, "the payments came with the first page");
+        } else {
+            assert_eq!(
+                (tasks, payments),
+                (50, 0),
+                "feed order: the oldest tasks first"
+            );
+        }
+    }
+}

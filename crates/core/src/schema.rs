@@ -129,6 +129,9 @@ pub struct Collection {
     pub owner: Option<String>,
     /// What device members get unless their membership says otherwise.
     pub access: Access,
+    /// What syncs first on (re)connect: collections with a higher `priority` are offered
+    /// ahead of the rest (0, the default, is feed order).
+    pub priority: u8,
 }
 
 impl Collection {
@@ -169,6 +172,8 @@ struct RawCollection {
     owner: Option<String>,
     #[serde(default)]
     access: Access,
+    #[serde(default)]
+    priority: u8,
 }
 
 #[derive(Deserialize)]
@@ -376,6 +381,7 @@ impl Schema {
                     fields,
                     owner: rc.owner,
                     access: rc.access,
+                    priority: rc.priority,
                 },
             );
         }
@@ -414,6 +420,11 @@ impl Schema {
     /// The TOML text this schema was parsed from.
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// Whether any collection declares a `priority` (then sync reads those ahead).
+    pub fn has_priorities(&self) -> bool {
+        self.collections.values().any(|c| c.priority > 0)
     }
 
     /// The named collection, or [`Error::UnknownCollection`].

@@ -108,6 +108,11 @@ fn run(replica: &Replica, task: Task) -> Result<Outcome, Error> {
             limit,
             grant,
         } => read_feed(replica, after, limit, &grant)?,
+        Task::ReadPriority {
+            after,
+            limit,
+            grant,
+        } => read_priority(replica, after, limit, &grant)?,
         Task::ReadHeads { ids } => {
             let heads = ids
                 .iter()
@@ -226,6 +231,68 @@ fn read_feed(replica: &Replica, after: u64, limit: usize, grant: &Grant) -> Resu
         }
     }
     Ok(Outcome::Feed { upto, entries })
+}
+
+/// Feed entries scanned per read while looking for priority entities, and at most in all
+/// (a bound on what a (re)connect costs before its first page: priority entities further
+/// along the feed come in feed order).
+const PRIORITY_SCAN: usize = 4096;
+const PRIORITY_SCAN_MAX: u64 = 32 * 1024;
+
+fn read_priority(
+    replica: &Replica,
+    after: u64,
+    limit: usize,
+    grant: &Grant,
+) -> Result<Outcome, Error> {
+    let ws = replica.workspace();
+    let priority = |c: &str| ws.schema.collection(c).map_or(0, |c| c.priority);
+    // The best `limit` by (priority desc, seq asc): memory stays bounded by `limit`
+    // however much of the feed is scanned.
+    let mut best: std::collections::BTreeMap<(std::cmp::Reverse<u8>, u64), OfferEntry> =
+        Default::default();
+    let mut cursor = after;
+    loop {
+        let feed = replica.store.feed_since(cursor, PRIORITY_SCAN)?;
+        let Some(&(last, _)) = feed.last() else { break };
+        for (seq, key) in feed {
+            let Some(record) = replica.store.record(&key)? else {
+                continue;
+            };
+            let p = priority(&record.collection);
+            if p == 0 {
+                continue;
+            }
+            let id = EntityId::from_bytes(key);
+            if best.len() >= limit
+                && best
+                    .keys()
+                    .next_back()
+                    .is_some_and(|w| *w < (std::cmp::Reverse(p), seq))
+            {
+                continue;
+            }
+            if replica.visible(grant, &record.collection, id)? {
+                best.insert(
+                    (std::cmp::Reverse(p), seq),
+                    OfferEntry {
+                        id,
+                        heads: record.heads,
+                    },
+                );
+                if best.len() > limit {
+                    best.pop_last();
+                }
+            }
+        }
+        cursor = last;
+        if cursor - after >= PRIORITY_SCAN_MAX {
+            break;
+        }
+    }
+    Ok(Outcome::Priority(
+        best.into_iter().map(|((_, seq), e)| (seq, e)).collect(),
+    ))
 }
 
 enum Loaded {

@@ -26,6 +26,14 @@ pub enum Task {
         limit: usize,
         grant: Grant,
     },
+    /// Read-ahead for the collections the schema gives a `priority`: entities of those
+    /// collections in the feed after seq `after` that a member with `grant` may see, at most
+    /// `limit`, highest priority first, then in feed order: [`Outcome::Priority`].
+    ReadPriority {
+        after: u64,
+        limit: usize,
+        grant: Grant,
+    },
     /// The local heads of these entities (absent: `None`): [`Outcome::Heads`], in order.
     ReadHeads { ids: Vec<EntityId> },
     /// What to send for these wants, for a member with `grant`: whole stored documents
@@ -69,6 +77,8 @@ pub enum Outcome {
         upto: u64,
         entries: Vec<OfferEntry>,
     },
+    /// Priority read-ahead: entries with the feed seq each was read at.
+    Priority(Vec<(u64, OfferEntry)>),
     Heads(Vec<Option<Vec<Head>>>),
     /// `refused`: how many of the skipped ones the grant may not see (a peer asking for
     /// what was never offered to it).

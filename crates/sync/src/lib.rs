@@ -261,6 +261,10 @@ struct Session {
     /// The feed moved while a page was being read: read again after it.
     reread: bool,
     in_flight: BTreeMap<u64, PageRange>,
+    /// Entities of priority collections read ahead of the feed, offered first: each page
+    /// carries up to half its entries from here until it is empty.
+    priority: VecDeque<(u64, OfferEntry)>,
+    priority_read: ReadAhead,
     acked: u64,
     remote_heads: HashMap<EntityId, Vec<Head>>,
     // Receiving: the peer's feed to this node.
@@ -283,6 +287,15 @@ struct Session {
     completed: bool,
     /// What the peer's member may see and write, once its `Hello` was admitted.
     grant: Option<Grant>,
+}
+
+/// Where a session's priority read-ahead stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum ReadAhead {
+    #[default]
+    NotYet,
+    Reading,
+    Done,
 }
 
 impl Session {
@@ -311,6 +324,7 @@ enum Pending {
     Feed {
         page_from: u64,
     },
+    Priority,
     Heads {
         page: PageRange,
         entries: Vec<OfferEntry>,
@@ -327,6 +341,9 @@ enum Pending {
     },
     Note,
 }
+
+/// Pages' worth of priority entities read ahead on (re)connect (see `Engine::pump`).
+const PRIORITY_PAGES: usize = 8;
 
 /// One node's sync engine.
 #[derive(Debug)]
@@ -635,6 +652,13 @@ impl Engine {
             (Pending::Feed { page_from }, Outcome::Feed { upto, entries }) => {
                 self.offer(peer, page_from, upto, entries)
             }
+            (Pending::Priority, Outcome::Priority(entries)) => {
+                if let Some(session) = self.sessions.get_mut(&peer) {
+                    session.priority = entries.into();
+                    session.priority_read = ReadAhead::Done;
+                }
+                self.pump(peer);
+            }
             (Pending::Heads { page, entries }, Outcome::Heads(heads)) => {
                 self.want(peer, page, entries, heads)
             }
@@ -874,9 +898,31 @@ impl Engine {
         {
             return;
         }
+        let limit = remote.page_entities.min(self.config.limits.page_entities) as usize;
+        // On (re)connect, what the schema ranks first is read ahead once, before the first
+        // page, so a short connection carries it (payments before tasks before photos).
+        match session.priority_read {
+            ReadAhead::NotYet if self.local.members.workspace.schema.has_priorities() => {
+                session.priority_read = ReadAhead::Reading;
+                let after = session.serve_cursor;
+                self.task(
+                    peer,
+                    Pending::Priority,
+                    Task::ReadPriority {
+                        after,
+                        limit: PRIORITY_PAGES * limit,
+                        grant,
+                    },
+                );
+                return;
+            }
+            ReadAhead::Reading => return,
+            _ => {}
+        }
+        // Half of each page is left for read-ahead entries while there are any.
+        let limit = limit - session.priority.len().min(limit / 2);
         session.reading = true;
         let after = session.serve_cursor;
-        let limit = remote.page_entities.min(self.config.limits.page_entities) as usize;
         self.task(
             peer,
             Pending::Feed { page_from: after },
@@ -907,10 +953,22 @@ impl Engine {
             return;
         }
         // Skip what the peer is known to hold already (typically what it just sent).
-        let entries: Vec<OfferEntry> = entries
+        let mut entries: Vec<OfferEntry> = entries
             .into_iter()
             .filter(|e| session.remote_heads.get(&e.id) != Some(&e.heads))
             .collect();
+        // Read-ahead entries ride along (beyond the page's range: the receiver takes them
+        // like any; they come again in their own page, where its heads match).
+        let room = self.config.limits.page_entities as usize;
+        let room = session
+            .remote
+            .map_or(room, |r| room.min(r.page_entities as usize))
+            .saturating_sub(entries.len());
+        // Those this page or an earlier one covers are offered already.
+        let covered = upto.max(from);
+        session.priority.retain(|(seq, _)| *seq > covered);
+        let n = room.min(session.priority.len());
+        entries.extend(session.priority.drain(..n).map(|(_, e)| e));
         let page = PageRange {
             from,
             upto: upto.max(from),
