@@ -248,8 +248,8 @@ async fn relay_rss(n: usize) -> anyhow::Result<()> {
     report(
         &format!("relay peak RSS serving a first sync of {n} entities (relay process, VmHWM)"),
         &format!("{hwm:.0} MB (idle {idle_rss:.0} MB)"),
-        "< 200 MB",
-        Some(hwm < 200.0),
+        "≤ 100 MB",
+        Some(hwm <= 100.0),
     );
     report(
         &format!(

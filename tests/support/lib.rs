@@ -1,5 +1,6 @@
 //! Shared helpers for fieldsync's cross-crate tests and examples.
 
+pub mod floors;
 pub mod live;
 pub mod load;
 pub mod sim;

@@ -103,6 +103,7 @@ impl Entity {
             doc,
             persisted: vec![],
             seen_ms: 0,
+            seen_heads: vec![],
             resolve_record: None,
         };
         then.view(ws).unwrap_or_default()

@@ -38,6 +38,9 @@ use crate::workspace::Workspace;
 use crate::Error;
 use layout::{K_CREATED, K_DELETED, K_OPS};
 
+/// Saved documents larger than this are compressed (bytes, uncompressed).
+const DEFLATE_ABOVE: usize = 16 << 10;
+
 /// Latest change time stored (ms since the Unix epoch).
 const MAX_TIME_MS: i64 = 1 << 52;
 
@@ -110,6 +113,10 @@ pub struct Entity {
     /// write's change is never older (read before the write opens a transaction, because
     /// reading heads would commit it).
     seen_ms: i64,
+    /// The heads `seen_ms` was read at: while they have not changed (this node's own
+    /// writes one after another) it is not read again (reading a change's time makes
+    /// Automerge rebuild the change).
+    seen_heads: Vec<ChangeHash>,
     /// During `resolve`: the record of the resolution, written in the same change.
     resolve_record: Option<(String, String)>,
 }
@@ -184,6 +191,7 @@ impl Entity {
             persisted: vec![],
             collection: Some(collection.to_owned()),
             seen_ms: 0,
+            seen_heads: vec![],
             resolve_record: None,
         };
         entity.set_writer(w);
@@ -246,6 +254,7 @@ impl Entity {
             persisted,
             collection,
             seen_ms: 0,
+            seen_heads: vec![],
             resolve_record: None,
         })
     }
@@ -262,6 +271,7 @@ impl Entity {
             persisted: vec![],
             collection,
             seen_ms: 0,
+            seen_heads: vec![],
             resolve_record: None,
         };
         if entity.collection().is_none() {
@@ -274,11 +284,14 @@ impl Entity {
     pub fn set_writer(&mut self, w: &Writer<'_>) {
         self.doc.set_actor(w.actor());
         let heads = self.doc.get_heads();
-        self.seen_ms = heads
-            .iter()
-            .filter_map(|h| ReadDoc::get_change_by_hash(&self.doc, h).map(|c| c.timestamp()))
-            .max()
-            .unwrap_or(0);
+        if heads != self.seen_heads {
+            self.seen_ms = heads
+                .iter()
+                .filter_map(|h| ReadDoc::get_change_by_hash(&self.doc, h).map(|c| c.timestamp()))
+                .max()
+                .unwrap_or(0);
+            self.seen_heads = heads;
+        }
     }
 
     pub fn id(&self) -> EntityId {
@@ -295,9 +308,16 @@ impl Entity {
         self.doc.get_heads()
     }
 
-    /// The whole document, compacted; marks everything as persisted.
+    /// The whole document, compacted; marks everything as persisted. Small documents are
+    /// saved without DEFLATE: setting up a compressor per column cost more than the rest
+    /// of a write (callgrind, `examples/write_profile`), for a few hundred bytes saved.
     pub fn save(&mut self) -> Vec<u8> {
-        let bytes = self.doc.save();
+        let plain = self.doc.save_nocompress();
+        let bytes = if plain.len() > DEFLATE_ABOVE {
+            self.doc.save()
+        } else {
+            plain
+        };
         self.persisted = self.doc.get_heads();
         bytes
     }
@@ -591,6 +611,12 @@ impl Entity {
         let time = w.now_ms.max(self.seen_ms).clamp(0, MAX_TIME_MS);
         self.doc
             .commit_with(CommitOptions::default().with_message(msg).with_time(time));
+        // If a change was made, it is the one head now, and its time is `time`.
+        let heads = self.doc.get_heads();
+        if heads != self.seen_heads {
+            self.seen_ms = time;
+            self.seen_heads = heads;
+        }
     }
 
     fn write_patch(
