@@ -1,5 +1,6 @@
 //! Where a single acknowledged write spends its CPU: 8 ten-field tasks, then `N` updates
-//! of one field, on one thread. Run under callgrind (instructions, not seconds):
+//! of one field, on one thread; or (`import N`) a bulk import of `N` tasks. Run under
+//! callgrind (instructions, not seconds):
 //! `valgrind --tool=callgrind target/release/examples/write_profile 2000`.
 
 use fieldsync::Replica;
@@ -12,13 +13,22 @@ tags     = { rule = "set" }
 "#;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let n: usize = std::env::args()
-        .nth(1)
-        .map(|a| a.parse())
-        .transpose()?
-        .unwrap_or(2000);
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let import = args.first().is_some_and(|a| a == "import");
+    if import {
+        args.remove(0);
+    }
+    let n: usize = args.first().map(|a| a.parse()).transpose()?.unwrap_or(2000);
     let tmp = tempfile::tempdir()?;
     let replica = Replica::init_authority(&tmp.path().join("n"), SCHEMA, "profile")?;
+    if import {
+        let lines: String = (0..n)
+            .map(|i| format!("{{\"title\":\"Task {i}\",\"status\":\"open\",\"progress\":{},\"tags\":[\"t{}\"],\"site\":\"Site {}\",\"assignee\":\"user{}\"}}\n", i % 100, i % 7, i % 50, i % 20))
+            .collect();
+        replica.bulk_import("tasks", &lines, &mut |_, _| {})?;
+        eprintln!("{n} imported");
+        return Ok(());
+    }
     let ids: Vec<_> = (0..8)
         .map(|i| {
             replica.put(
