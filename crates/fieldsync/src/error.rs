@@ -65,6 +65,9 @@ pub enum Error {
     /// Stored node metadata could not be read.
     #[error("stored node metadata is corrupt: {0}")]
     CorruptMeta(String),
+    /// A storage task of the sync engine failed (the store, not the received data).
+    #[error("storage failed during sync: {0}")]
+    SyncStorage(String),
 }
 
 impl Error {
@@ -81,7 +84,8 @@ impl Error {
             Error::Core(C::Document(_))
             | Error::Store(_)
             | Error::File { .. }
-            | Error::CorruptMeta(_) => ErrorKind::Runtime,
+            | Error::CorruptMeta(_)
+            | Error::SyncStorage(_) => ErrorKind::Runtime,
             Error::Core(_)
             | Error::NotInitialized(_)
             | Error::AlreadyInitialized(_)

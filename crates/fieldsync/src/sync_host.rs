@@ -386,9 +386,7 @@ impl Inline {
             };
             let outcome = run_task(&self.replica, task);
             if let Outcome::Failed(reason) = &outcome {
-                return Err(Error::CorruptMeta(format!(
-                    "storage failed during sync: {reason}"
-                )));
+                return Err(Error::SyncStorage(reason.clone()));
             }
             self.engine
                 .handle(now(&self.replica, self.mono), Input::IoDone(id, outcome));

@@ -624,7 +624,7 @@ impl Engine {
                 }
                 return;
             }
-            Outcome::Applied { feed_seq, refused } => {
+            Outcome::Applied { feed_seq, refused } if matches!(pending, Pending::Apply) => {
                 // Applied durably even if the session ended meanwhile: the feed moved.
                 self.local.feed_seq = self.local.feed_seq.max(feed_seq);
                 self.note_refused_writes(peer, refused);
