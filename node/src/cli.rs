@@ -260,7 +260,8 @@ pub(crate) enum Command {
     /// Run this node as a device: sync with relays and peers, serve the local HTTP API.
     ///
     /// Prints JSON Lines on stdout as it goes (listening, api, peer_connected,
-    /// sync_completed, sync_failed, refused: a peer refused this node, with the reason);
+    /// sync_completed, sync_failed, refused: a peer refused this node, with the reason;
+    /// blobs_collected: unreferenced attachment files removed, see `[blobs]`);
     /// stops on Ctrl-C or SIGTERM. A --listen or --api port in use fails with
     /// `address in use`.
     Run {
