@@ -555,3 +555,65 @@ fn unreferenced_files_are_collected_after_the_grace_period_never_referenced_ones
             .iter()
             .any(|h| h == kept.as_str())));
 }
+
+/// Sends the head of an upload that promises `promised` bytes and only `sent` of them.
+fn partial_upload(api: &str, token: &str, promised: usize, sent: usize) -> std::net::TcpStream {
+    use std::io::Write as _;
+    let addr = api.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the API");
+    write!(
+        s,
+        "POST /v1/blobs?name=cut.jpg HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {token}\r\nContent-Type: image/jpeg\r\nContent-Length: {promised}\r\n\r\n"
+    )
+    .expect("head");
+    s.write_all(&photo_bytes(sent, 10))
+        .expect("part of the body");
+    s.flush().expect("flush");
+    s
+}
+
+fn tmp_files(node: &Node) -> usize {
+    std::fs::read_dir(node.dir.join("blobs").join("tmp"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_upload_cut_short_or_killed_midway_never_becomes_a_file() {
+    let node = Node::new();
+    let (mut daemon, api) = start(&node, "");
+    let token = bearer(&node.dir);
+    // The client goes away after 1 MB of a promised 4 MB: nothing is kept, not even the
+    // temporary file.
+    let cut = partial_upload(&api, &token, 4 << 20, 1 << 20);
+    std::thread::sleep(Duration::from_millis(300));
+    drop(cut);
+    support::eventually("the cut upload's temporary file is removed", || {
+        tmp_files(&node) == 0
+    });
+    assert_eq!(node.blobs()["count"], 0);
+    // The daemon is killed (SIGKILL) while an upload is half in: after a restart there is
+    // no blob, and the half-written temporary file is gone.
+    let _half = partial_upload(&api, &token, 4 << 20, 2 << 20);
+    support::eventually("the upload is being written", || tmp_files(&node) == 1);
+    daemon.child.kill().expect("kill -9");
+    let _ = daemon.child.wait();
+    drop(daemon);
+    let (_daemon, api) = start(&node, "");
+    assert_eq!(node.blobs()["count"], 0);
+    assert_eq!(
+        tmp_files(&node),
+        0,
+        "leftovers are cleared when the store opens"
+    );
+    // And a whole upload after that works.
+    let bytes = photo_bytes(10_000, 11);
+    let up = post(
+        &format!("{api}/v1/blobs?name=ok.jpg"),
+        Some(&token),
+        "image/jpeg",
+        &bytes,
+    );
+    assert_eq!(up.status, 201);
+    assert_eq!(node.blobs()["count"], 1);
+}

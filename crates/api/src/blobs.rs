@@ -30,6 +30,9 @@ use crate::{blocking, parse, ApiError, AppState};
 /// disk instead of piling up in memory.
 const UPLOAD_QUEUE: usize = 8;
 
+/// Bytes read from the file per piece of a download.
+const DOWNLOAD_CHUNK: usize = 64 << 10;
+
 /// After a refusal (over a limit), this much more of the body is read and dropped, so the
 /// client, still sending, reads the answer instead of a reset connection; past it the
 /// connection closes.
@@ -198,7 +201,10 @@ pub(crate) async fn download(
             .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     }
     // Streamed in pieces from the file: memory stays bounded whatever the blob's size.
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file.take(len)));
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        file.take(len),
+        DOWNLOAD_CHUNK,
+    ));
     let mut res = (status, body).into_response();
     let h = res.headers_mut();
     h.insert(
