@@ -195,3 +195,63 @@ fn an_encrypted_store_refuses_attachments_rather_than_keep_files_in_the_clear() 
     assert_eq!(hq.status().expect("status").blobs.count, 0);
     assert!(!tmp.path().join("hq").join(fieldsync::BLOBS_DIR).exists());
 }
+
+#[test]
+fn a_file_is_served_only_to_members_that_may_see_an_entity_referencing_it() {
+    use fieldsync::core::membership::MemberRole;
+    use fieldsync::core::Access;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let hq = Replica::init_authority(&tmp.path().join("hq"), SCHEMA, "hq").expect("init");
+    let member = |name: &str, access: Access| {
+        let invite = hq
+            .issue_invite(
+                name,
+                MemberRole::Device,
+                [("jobs".to_owned(), access)].into(),
+                3_600_000,
+            )
+            .expect("invite");
+        let d = Replica::init_join(&tmp.path().join(name), &invite, name).expect("join");
+        // Presenting the invite (here in a bundle) makes it a member.
+        let bundle = d.export_bundle(None, &mut |_, _| {}).expect("export");
+        hq.import_bundle(&bundle.bytes, &mut |_, _| {})
+            .expect("import");
+        d.peer_id()
+    };
+    let office = member("office", Access::All);
+    let outsider = member("outsider", Access::None);
+    let job = hq
+        .put("jobs", None, r#"{"title": "Fit boiler"}"#)
+        .expect("job");
+    let attached = photo(&hq, b"the boiler, fitted", "boiler.jpg");
+    hq.attach("jobs", job, "photos", &attached).expect("attach");
+    let loose: Hash = photo(&hq, b"never attached", "loose.jpg")["hash"]
+        .as_str()
+        .expect("hash")
+        .parse()
+        .expect("hash");
+    let hash: Hash = attached["hash"]
+        .as_str()
+        .expect("hash")
+        .parse()
+        .expect("hash");
+    assert!(hq.may_serve_blob(&office, &hash).expect("check"));
+    assert!(
+        !hq.may_serve_blob(&outsider, &hash).expect("check"),
+        "partition none"
+    );
+    assert!(
+        !hq.may_serve_blob(&office, &loose).expect("check"),
+        "no entity references it"
+    );
+    let stranger =
+        libp2p_identity::PublicKey::from(libp2p_identity::ed25519::Keypair::generate().public())
+            .to_peer_id();
+    assert!(
+        !hq.may_serve_blob(&stranger, &hash).expect("check"),
+        "not a member"
+    );
+    // Once the job is deleted, nobody gets the file.
+    hq.delete("jobs", job).expect("delete");
+    assert!(!hq.may_serve_blob(&office, &hash).expect("check"));
+}

@@ -163,8 +163,10 @@ pub(crate) enum Command {
     /// The file is streamed into this node's blob store (hashed as it is read, flushed to
     /// disk, never held whole in memory), and only then is its reference added to FIELD.
     /// A progress bar shows on a terminal. With a daemon running on the data directory, the
-    /// file is uploaded to it (POST /v1/blobs) and attached there. The file stays on this
-    /// node: other nodes sync the reference, but moving the bytes to them is not built yet.
+    /// file is uploaded to it (POST /v1/blobs) and attached there. Other nodes sync the
+    /// reference; the file stays here until another node asks for it (`blob get`, GET
+    /// /v1/blobs/{hash} on a daemon connected to this one). Uploading every file to the
+    /// relay ahead of time is not built yet.
     Attach {
         collection: String,
         id: String,
@@ -323,9 +325,12 @@ pub(crate) enum Command {
 pub(crate) enum BlobCommand {
     /// Write the file with this hash to --out FILE (or standard output).
     ///
-    /// Reads this node's own blob store (through the daemon when one runs). Fetching a
-    /// file from other nodes is not built yet: a file attached on another node is not
-    /// here, which exits 3.
+    /// Reads this node's blob store. With a daemon running on the data directory, a file
+    /// that is not here is first fetched from the connected peers that may send it (the
+    /// relay, or the device that attached it; partitions apply), verified against its
+    /// hash before it is stored. Exit 3 if it is not here and no connected peer sent it
+    /// (without a daemon: if it is not here). An interrupted fetch starts over (resuming
+    /// is not built yet).
     Get {
         /// The file's BLAKE3 hash (the reference's `hash`).
         hash: String,
@@ -753,10 +758,10 @@ pub(crate) fn bytes_bar(what: &'static str, total: u64) -> ProgressBar {
     bar
 }
 
-/// The message of a blob that is not here (exit 3).
+/// The message of a blob that is not here, with no daemon to fetch it (exit 3).
 pub(crate) fn blob_not_here(hash: &str) -> CliError {
     CliError::not_found(format!(
-        "blob {hash} is not in this node's blob store; fetching files from other nodes is not built yet"
+        "blob {hash} is not in this node's blob store; with no daemon running on this data directory it cannot be fetched from other nodes (start `fieldsync run`)"
     ))
 }
 

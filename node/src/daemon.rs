@@ -102,12 +102,17 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         token_everywhere,
         options.api_access.cors_origins.clone(),
     ));
+    let fetcher = handle.clone();
     let state = AppState {
         replica: replica.clone(),
         on_change: Arc::new(move || nudge.try_local_change()),
         metrics: metrics.clone(),
         live: live.clone(),
         access,
+        fetch_blob: Some(Arc::new(move |hash| {
+            let fetcher = fetcher.clone();
+            Box::pin(async move { fetcher.fetch_blob(hash).await.map_err(|e| e.to_string()) })
+        })),
     };
     // Both ports are checked before anything starts: a second node on a port in use fails
     // at once, naming the port, instead of sharing it.
@@ -228,6 +233,14 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
                 );
                 metrics.bytes_received.store(
                     stats.bytes_received.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+                metrics.blobs_fetched.store(
+                    stats.blobs_fetched.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+                metrics.blobs_corrupt.store(
+                    stats.blobs_corrupt.load(Ordering::Relaxed),
                     Ordering::Relaxed,
                 );
             }

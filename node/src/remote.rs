@@ -365,9 +365,6 @@ fn blob_get(api: &str, hash: &str, out: Option<&Path>) -> Result<()> {
         .call()
         .map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
     let status = response.status().as_u16();
-    if status == 404 {
-        return Err(crate::cli::blob_not_here(&hash.to_string()));
-    }
     if !response.status().is_success() {
         let text = response.body_mut().read_to_string().unwrap_or_default();
         return Err(api_error(status, &text));

@@ -392,7 +392,7 @@ fn upload_download_with_ranges_and_attach_through_a_daemon() {
     assert_eq!(unknown.status, 404);
     assert!(unknown.json()["error"]
         .as_str()
-        .is_some_and(|e| e.contains("not built yet")));
+        .is_some_and(|e| e.contains("no connected peer")));
     assert_eq!(get(&format!("{api}/v1/blobs/not-a-hash"), None).status, 400);
 
     // Attach the uploaded file by its reference; the view lists it.

@@ -7,8 +7,9 @@
 //!   (at once when Content-Length says so). 201 with the reference `{hash, size, mime,
 //!   name}`; the 8 MiB limit of JSON bodies does not apply here.
 //! - `GET /v1/blobs/{hash}`: the bytes, streamed from the file; `Range: bytes=A-B` (one
-//!   range) answers 206 with `Content-Range`, an unsatisfiable or malformed range 416, a
-//!   blob not held here 404 (fetching from other nodes is not built yet).
+//!   range) answers 206 with `Content-Range`, an unsatisfiable or malformed range 416. A
+//!   blob not held here is first fetched from the connected peers (the daemon's network,
+//!   `fieldsync-net`'s file protocol), verified, then served; 404 if none sent it.
 //! - `POST /v1/collections/{collection}/{id}/attachments/{field}` with a reference: adds it
 //!   to the field once the blob is here (as `fieldsync attach`); the same as a PATCH with
 //!   `{"FIELD": {"$add": [reference]}}`, which checks the blob in the same way.
@@ -29,6 +30,9 @@ use crate::{blocking, parse, ApiError, AppState};
 /// Chunks in flight between the request and the blob writer: the upload waits for the
 /// disk instead of piling up in memory.
 const UPLOAD_QUEUE: usize = 8;
+
+/// How long a download waits for a file fetched from peers.
+const FETCH_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Bytes read from the file per piece of a download.
 const DOWNLOAD_CHUNK: usize = 64 << 10;
@@ -159,10 +163,24 @@ pub(crate) async fn download(
     let mut file = match tokio::fs::File::open(store.path(&hash)).await {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ApiError(
-                StatusCode::NOT_FOUND,
-                format!("blob {hash} is not in this node's blob store; fetching files from other nodes is not built yet"),
-            ))
+            // Not here: ask the connected peers (the daemon's network), then serve it.
+            let why = match &s.fetch_blob {
+                None => "this node has no network to fetch it from".to_owned(),
+                Some(fetch) => match tokio::time::timeout(FETCH_WAIT, fetch(hash)).await {
+                    Ok(Ok(_)) => String::new(),
+                    Ok(Err(why)) => why,
+                    Err(_) => format!("fetching it took over {} s", FETCH_WAIT.as_secs()),
+                },
+            };
+            match tokio::fs::File::open(store.path(&hash)).await {
+                Ok(f) if why.is_empty() => f,
+                _ => {
+                    return Err(ApiError(
+                        StatusCode::NOT_FOUND,
+                        format!("blob {hash} is not in this node's blob store, and no connected peer sent it ({why})"),
+                    ))
+                }
+            }
         }
         Err(e) => return Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     };

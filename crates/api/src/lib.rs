@@ -39,7 +39,19 @@ pub struct Metrics {
     pub bytes_received: AtomicU64,
     /// What the sync engine and network refused (shared with them).
     pub security: Arc<fieldsync::sync::SecurityStats>,
+    /// Attachment files fetched from peers, and fetches dropped because the bytes did not
+    /// hash to what was asked (copied from the network's counters).
+    pub blobs_fetched: AtomicU64,
+    pub blobs_corrupt: AtomicU64,
 }
+
+/// Fetches an attachment's file from connected peers into the blob store (the daemon's
+/// network); `Err` says why not.
+pub type FetchBlob = Arc<
+    dyn Fn(fieldsync::blobs::Hash) -> futures::future::BoxFuture<'static, Result<u64, String>>
+        + Send
+        + Sync,
+>;
 
 /// Refused peers remembered for `/v1/status` (`refused_peers`), newest last.
 pub const RECENT_REFUSED: usize = 16;
@@ -243,6 +255,8 @@ pub struct AppState {
     pub live: Arc<Live>,
     /// The token and CORS rules of this listener.
     pub access: Arc<auth::Access>,
+    /// Fetches a file this node lacks from its peers (none: only the local store).
+    pub fetch_blob: Option<FetchBlob>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -1209,6 +1223,18 @@ async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
         "Bytes of the attachment files in this node's blob store.",
         "gauge",
         status.blobs.bytes,
+    );
+    gauge(
+        "fieldsync_blobs_fetched_total",
+        "Attachment files fetched from peers and stored.",
+        "counter",
+        m.blobs_fetched.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_blob_transfers_corrupt_total",
+        "Attachment files fetched from a peer whose bytes did not hash to what was asked (dropped, never stored).",
+        "counter",
+        m.blobs_corrupt.load(Ordering::Relaxed),
     );
     gauge(
         "fieldsync_blob_quota_bytes",

@@ -183,6 +183,55 @@ impl Replica {
         Ok(())
     }
 
+    /// Whether this node may send the file `hash` to `peer`: the peer is a member (or the
+    /// authority) and a live entity that its member may see references the file.
+    pub fn may_serve_blob(
+        &self,
+        peer: &fieldsync_core::PeerId,
+        hash: &Hash,
+    ) -> Result<bool, Error> {
+        use fieldsync_core::membership::Admission;
+        let grant = match self.member_list()?.admit(peer, None, self.now_ms()) {
+            Admission::Admitted(grant) => grant,
+            _ => return Ok(false),
+        };
+        let wanted = hash.to_string();
+        let ws = self.ws();
+        for (name, coll) in &ws.schema.collections {
+            let fields: Vec<&String> = coll
+                .fields
+                .iter()
+                .filter(|(_, f)| f.rule == Rule::Attachments)
+                .map(|(n, _)| n)
+                .collect();
+            if fields.is_empty() {
+                continue;
+            }
+            let mut ids = Vec::new();
+            self.list(name, &[], false, &mut |view| {
+                let refers = fields
+                    .iter()
+                    .any(|f| in_view(view.get(*f)).iter().any(|r| r.hash == wanted));
+                if refers {
+                    if let Some(id) = view
+                        .get("_id")
+                        .and_then(Json::as_str)
+                        .and_then(|i| i.parse::<EntityId>().ok())
+                    {
+                        ids.push(id);
+                    }
+                }
+                true
+            })?;
+            for id in ids {
+                if self.visible(&grant, name, id)? {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
     /// The blobs that live (not deleted) entities on this node reference.
     pub fn referenced_blobs(&self) -> Result<HashSet<Hash>, Error> {
         let ws = self.ws();

@@ -37,6 +37,9 @@ use libp2p::{
 use rand::Rng as _;
 use tokio::sync::mpsc;
 
+mod blobs;
+pub use blobs::{FetchError, BLOB_PROTOCOL};
+
 /// The sync protocol's libp2p name.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/fieldsync/sync/1");
 
@@ -242,6 +245,11 @@ pub struct Stats {
     pub bytes_received: AtomicU64,
     /// What the engine and this layer refused.
     pub security: Arc<SecurityStats>,
+    /// Attachment files fetched from a peer whose bytes did not hash to what was asked
+    /// (dropped, never stored).
+    pub blobs_corrupt: Arc<AtomicU64>,
+    /// Attachment files fetched from peers and stored.
+    pub blobs_fetched: AtomicU64,
 }
 
 /// A handle to a running node: tell it about local writes, read its traffic counters.
@@ -262,6 +270,17 @@ impl Handle {
     pub fn try_local_change(&self) {
         let _ = self.inputs.try_send(Owned::LocalChange);
     }
+
+    /// Fetches an attachment's file from the connected peers (over [`BLOB_PROTOCOL`]) into
+    /// the blob store; the bytes stored. Nothing is stored unless they hash to `hash`.
+    pub async fn fetch_blob(&self, hash: fieldsync::blobs::Hash) -> Result<u64, FetchError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.inputs
+            .send(Owned::FetchBlob { hash, reply })
+            .await
+            .map_err(|_| FetchError::NoPeer)?;
+        answer.await.unwrap_or(Err(FetchError::NoPeer))
+    }
 }
 
 #[derive(NetworkBehaviour)]
@@ -279,6 +298,11 @@ struct Behaviour {
 /// What the owner task receives from stream tasks and the app.
 #[derive(Debug)]
 enum Owned {
+    /// Fetch an attachment's file from the connected peers (see [`Handle::fetch_blob`]).
+    FetchBlob {
+        hash: fieldsync::blobs::Hash,
+        reply: tokio::sync::oneshot::Sender<Result<u64, FetchError>>,
+    },
     /// A received frame with its share of the receive budget, released once handled.
     Frame {
         peer: PeerId,
@@ -538,6 +562,10 @@ pub async fn run(
     let mut incoming = control
         .accept(PROTOCOL)
         .map_err(|e| Error::Setup(e.to_string()))?;
+    let mut blob_requests = control
+        .accept(BLOB_PROTOCOL)
+        .map_err(|e| Error::Setup(e.to_string()))?;
+    let serving = Arc::new(tokio::sync::Semaphore::new(blobs::MAX_SERVING));
 
     let engine_config = EngineConfig::default()
         .with_role(config.role)
@@ -732,7 +760,35 @@ pub async fn run(
                     attach(&mut engine, &mut sessions, &mut next_gen, &inputs, &notices, &stats, &recv_budget, config.max_frames_per_sec, peer, stream, dialed)?;
                 }
             }
+            Some((peer, stream)) = blob_requests.next() => {
+                // Its own stream and task: a file moving never holds up the sync loop.
+                let is_admitted = admitted.lock().unwrap_or_else(|p| p.into_inner()).contains(&peer);
+                match serving.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let replica = replica.clone();
+                        tokio::spawn(async move {
+                            blobs::serve(replica, peer, is_admitted, stream).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => tracing::info!(%peer, "blob request dropped: serving the most at once"),
+                }
+            }
             Some(msg) = inbox.recv() => match msg {
+                Owned::FetchBlob { hash, reply } => {
+                    let candidates: Vec<PeerId> = {
+                        let admitted = admitted.lock().unwrap_or_else(|p| p.into_inner());
+                        peers.connected.iter().filter(|p| admitted.contains(p)).copied().collect()
+                    };
+                    let (replica, control, stats) = (replica.clone(), control.clone(), stats.clone());
+                    tokio::spawn(async move {
+                        let result = blobs::fetch(replica, control, candidates, hash, stats.blobs_corrupt.clone()).await;
+                        if result.is_ok() {
+                            stats.blobs_fetched.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let _ = reply.send(result);
+                    });
+                }
                 Owned::Opened { peer, stream } => {
                     peers.opening.remove(&peer);
                     peers.open_failures.remove(&peer);
