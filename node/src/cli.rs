@@ -165,8 +165,8 @@ pub(crate) enum Command {
     /// A progress bar shows on a terminal. With a daemon running on the data directory, the
     /// file is uploaded to it (POST /v1/blobs) and attached there. Other nodes sync the
     /// reference; the file stays here until another node asks for it (`blob get`, GET
-    /// /v1/blobs/{hash} on a daemon connected to this one). Uploading every file to the
-    /// relay ahead of time is not built yet.
+    /// /v1/blobs/{hash} on a daemon connected to this one, or to a relay connected to this
+    /// one). Uploading every file to the relay ahead of time is not built yet.
     Attach {
         collection: String,
         id: String,

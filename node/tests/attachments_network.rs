@@ -1,7 +1,7 @@
 //! A photo attached on one device reaches others on demand, over the file protocol beside
-//! sync, with real processes on 127.0.0.1: the relay fetches it from the device that took
-//! it, another device fetches it from the relay, a device whose partitions hide the job is
-//! refused, and bytes tampered with on the way are detected and never stored.
+//! sync, with real processes on 127.0.0.1: another device asks the relay, which fetches it
+//! from the device that took it and passes it on; a device whose partitions hide the job is
+//! refused; bytes tampered with on the way are detected, counted and never stored.
 
 mod support;
 
@@ -95,6 +95,7 @@ fn a_photo_is_fetched_on_demand_within_partitions_and_verified() {
     );
     let camera = join(tmp.path(), &relay_dir, "camera", &[]);
     let office = join(tmp.path(), &relay_dir, "office", &[]);
+    let inspector = join(tmp.path(), &relay_dir, "inspector", &[]);
     let outsider = join(
         tmp.path(),
         &relay_dir,
@@ -137,19 +138,35 @@ fn a_photo_is_fetched_on_demand_within_partitions_and_verified() {
         o.status.success() && String::from_utf8_lossy(&o.stdout).contains(&hash)
     });
 
-    // The relay fetches the file from the camera on demand, verified.
-    let copy = tmp.path().join("relay-copy.jpg");
-    let o = fetched(&relay_dir, &hash, &copy);
+    // The office asks the relay, which lacks the file: the relay fetches it from the
+    // camera (verified, stored) and passes it on.
+    let mut off = start_device(&office, &addr, &[]);
+    off.wait_for("sync_completed");
+    eventually("the office has the job", || {
+        run(&office, &["get", "jobs", &job]).status.success()
+    });
+    let copy = tmp.path().join("office-copy.jpg");
+    let o = fetched(&office, &hash, &copy);
     assert!(
         o.status.success(),
-        "relay fetch: {}",
+        "office fetch: {}",
         String::from_utf8_lossy(&o.stderr)
     );
     assert_eq!(std::fs::read(&copy).expect("copy"), bytes);
-    assert_eq!(cli(&relay_dir, &["status"])["blobs"]["count"], 1);
-    eventually("the fetch is counted", || {
+    assert_eq!(cli(&office, &["status"])["blobs"]["count"], 1);
+    assert_eq!(
+        cli(&relay_dir, &["status"])["blobs"]["count"],
+        1,
+        "the relay kept a copy"
+    );
+    eventually("the fetches are counted", || {
         metric(&relay_dir, "fieldsync_blobs_fetched_total") == 1
+            && metric(&office, "fieldsync_blobs_fetched_total") == 1
     });
+    let relay_copy = tmp.path().join("relay-copy.jpg");
+    let o = fetched(&relay_dir, &hash, &relay_copy);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&relay_copy).expect("copy"), bytes);
 
     // A device whose partitions hide jobs is refused by the relay: exit 3, nothing stored.
     let mut out = start_device(&outsider, &addr, &[]);
@@ -174,12 +191,12 @@ fn a_photo_is_fetched_on_demand_within_partitions_and_verified() {
     let mut bad = bytes.clone();
     bad[1_234_567] ^= 0x40;
     std::fs::write(&stored, &bad).expect("tamper");
-    let mut off = start_device(&office, &addr, &[]);
-    off.wait_for("sync_completed");
-    eventually("the office has the job", || {
-        run(&office, &["get", "jobs", &job]).status.success()
+    let mut insp = start_device(&inspector, &addr, &[]);
+    insp.wait_for("sync_completed");
+    eventually("the inspector has the job", || {
+        run(&inspector, &["get", "jobs", &job]).status.success()
     });
-    let o = fetched(&office, &hash, &tmp.path().join("office.jpg"));
+    let o = fetched(&inspector, &hash, &tmp.path().join("inspector.jpg"));
     assert_eq!(
         o.status.code(),
         Some(3),
@@ -190,16 +207,16 @@ fn a_photo_is_fetched_on_demand_within_partitions_and_verified() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert_eq!(cli(&office, &["status"])["blobs"]["count"], 0);
+    assert_eq!(cli(&inspector, &["status"])["blobs"]["count"], 0);
     // (The daemon copies the network's counters to /metrics twice a second.)
     eventually("the tampered transfer is counted", || {
-        metric(&office, "fieldsync_blob_transfers_corrupt_total") == 1
+        metric(&inspector, "fieldsync_blob_transfers_corrupt_total") == 1
     });
     std::fs::write(&stored, &bytes).expect("repair");
-    let o = fetched(&office, &hash, &tmp.path().join("office.jpg"));
+    let o = fetched(&inspector, &hash, &tmp.path().join("inspector.jpg"));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(
-        std::fs::read(tmp.path().join("office.jpg")).expect("copy"),
+        std::fs::read(tmp.path().join("inspector.jpg")).expect("copy"),
         bytes
     );
 }

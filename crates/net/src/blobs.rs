@@ -2,9 +2,14 @@
 //! stream per request, so a file moving never delays entity sync (each stream has its own
 //! yamux flow control).
 //!
-//! Request: the file's BLAKE3 hash (32 bytes) and the offset to start at (u64 BE; always
-//! 0 for now: resuming is not built yet). Answer: one status byte — [`OK`], [`NOT_HERE`] or
+//! Request: the file's BLAKE3 hash (32 bytes), the offset to start at (u64 BE; always 0 for
+//! now: resuming is not built yet) and a flags byte ([`MAY_FORWARD`]: the server may fetch
+//! the file from its own peers first). Answer: one status byte — [`OK`], [`NOT_HERE`] or
 //! [`REFUSED`] — then, when OK, the file's size (u64 BE) and its bytes from the offset.
+//!
+//! Forwarding: a relay asked for a file it lacks fetches it from its other peers (never
+//! the asker, and without the flag, so a request travels one hop at most), stores it, then
+//! serves it: a file attached on one device reaches another through the relay on demand.
 //!
 //! Serving: only to peers the sync engine admitted, and only a file that a live entity the
 //! peer's member may see references (partitions apply). Fetching: the bytes stream into the
@@ -33,18 +38,26 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long opening the stream may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long an asker waits for the answer while the server may be fetching the file.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
+/// Request flag: the server may fetch the file from its own peers first.
+const MAY_FORWARD: u8 = 1;
+const REQUEST_LEN: usize = 41;
+
 const OK: u8 = 0;
 const NOT_HERE: u8 = 1;
 const REFUSED: u8 = 2;
 
-/// Serves one request from `peer` (`admitted`: the sync engine admitted it).
+/// Serves one request from `peer` (`admitted`: the sync engine admitted it); `inputs`
+/// reaches the node's owner task, for forwarding.
 pub(crate) async fn serve(
     replica: Arc<Replica>,
     peer: PeerId,
     admitted: bool,
     mut stream: libp2p::Stream,
+    inputs: tokio::sync::mpsc::Sender<super::Owned>,
 ) {
-    let mut request = [0u8; 40];
+    let mut request = [0u8; REQUEST_LEN];
     match tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut request)).await {
         Ok(Ok(())) => {}
         _ => return,
@@ -52,7 +65,8 @@ pub(crate) async fn serve(
     let mut hash = [0u8; 32];
     hash.copy_from_slice(&request[..32]);
     let hash = Hash::from_bytes(hash);
-    let offset = u64::from_be_bytes(request[32..].try_into().unwrap_or([0; 8]));
+    let offset = u64::from_be_bytes(request[32..40].try_into().unwrap_or([0; 8]));
+    let may_forward = request[40] & MAY_FORWARD != 0;
     let r = replica.clone();
     let allowed = admitted
         && tokio::task::spawn_blocking(move || r.may_serve_blob(&peer, &hash))
@@ -74,6 +88,24 @@ pub(crate) async fn serve(
             return;
         }
     };
+    if may_forward && !path.is_file() {
+        // Not here: fetch it from the other peers first (one hop, not back from the asker).
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let asked = inputs
+            .send(super::Owned::FetchBlob {
+                hash,
+                exclude: Some(peer),
+                forward: false,
+                reply,
+            })
+            .await;
+        if asked.is_ok() {
+            match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
+                Ok(Ok(Ok(_))) => tracing::info!(%peer, %hash, "blob fetched for a peer"),
+                other => tracing::info!(%peer, %hash, ?other, "blob not found for a peer"),
+            }
+        }
+    }
     let mut file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
         Err(_) => {
@@ -130,17 +162,19 @@ pub enum FetchError {
     Failed(PeerId, String),
 }
 
-/// Fetches `hash` from the first of `peers` that serves it; the bytes stored.
+/// Fetches `hash` from the first of `peers` that serves it; the bytes stored. `forward`:
+/// the peers may fetch it from their own peers first.
 pub(crate) async fn fetch(
     replica: Arc<Replica>,
     control: libp2p_stream::Control,
     peers: Vec<PeerId>,
     hash: Hash,
+    forward: bool,
     corrupt: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<u64, FetchError> {
     let mut last = FetchError::NoPeer;
     for peer in peers {
-        match fetch_from(&replica, control.clone(), peer, hash).await {
+        match fetch_from(&replica, control.clone(), peer, hash, forward).await {
             Ok(n) => return Ok(n),
             Err(e) => {
                 if let FetchError::Failed(_, why) = &e {
@@ -161,21 +195,23 @@ async fn fetch_from(
     mut control: libp2p_stream::Control,
     peer: PeerId,
     hash: Hash,
+    forward: bool,
 ) -> Result<u64, FetchError> {
     let failed = |why: String| FetchError::Failed(peer, why);
     let mut stream = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, BLOB_PROTOCOL))
         .await
         .map_err(|_| failed("opening the stream timed out".into()))?
         .map_err(|e| failed(e.to_string()))?;
-    let mut request = [0u8; 40];
+    let mut request = [0u8; REQUEST_LEN];
     request[..32].copy_from_slice(hash.as_bytes());
+    request[40] = if forward { MAY_FORWARD } else { 0 };
     stream
         .write_all(&request)
         .await
         .map_err(|e| failed(e.to_string()))?;
     stream.flush().await.map_err(|e| failed(e.to_string()))?;
     let mut status = [0u8; 1];
-    tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut status))
+    tokio::time::timeout(ANSWER_TIMEOUT, stream.read_exact(&mut status))
         .await
         .map_err(|_| failed("no answer".into()))?
         .map_err(|e| failed(e.to_string()))?;

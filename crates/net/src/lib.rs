@@ -276,7 +276,12 @@ impl Handle {
     pub async fn fetch_blob(&self, hash: fieldsync::blobs::Hash) -> Result<u64, FetchError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.inputs
-            .send(Owned::FetchBlob { hash, reply })
+            .send(Owned::FetchBlob {
+                hash,
+                exclude: None,
+                forward: true,
+                reply,
+            })
             .await
             .map_err(|_| FetchError::NoPeer)?;
         answer.await.unwrap_or(Err(FetchError::NoPeer))
@@ -301,6 +306,10 @@ enum Owned {
     /// Fetch an attachment's file from the connected peers (see [`Handle::fetch_blob`]).
     FetchBlob {
         hash: fieldsync::blobs::Hash,
+        /// A peer not to ask (the one this fetch is for).
+        exclude: Option<PeerId>,
+        /// Whether the peers asked may fetch it from their own peers first.
+        forward: bool,
         reply: tokio::sync::oneshot::Sender<Result<u64, FetchError>>,
     },
     /// A received frame with its share of the receive budget, released once handled.
@@ -765,9 +774,9 @@ pub async fn run(
                 let is_admitted = admitted.lock().unwrap_or_else(|p| p.into_inner()).contains(&peer);
                 match serving.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        let replica = replica.clone();
+                        let (replica, inputs) = (replica.clone(), inputs.clone());
                         tokio::spawn(async move {
-                            blobs::serve(replica, peer, is_admitted, stream).await;
+                            blobs::serve(replica, peer, is_admitted, stream, inputs).await;
                             drop(permit);
                         });
                     }
@@ -775,14 +784,14 @@ pub async fn run(
                 }
             }
             Some(msg) = inbox.recv() => match msg {
-                Owned::FetchBlob { hash, reply } => {
+                Owned::FetchBlob { hash, exclude, forward, reply } => {
                     let candidates: Vec<PeerId> = {
                         let admitted = admitted.lock().unwrap_or_else(|p| p.into_inner());
-                        peers.connected.iter().filter(|p| admitted.contains(p)).copied().collect()
+                        peers.connected.iter().filter(|p| admitted.contains(p) && Some(**p) != exclude).copied().collect()
                     };
                     let (replica, control, stats) = (replica.clone(), control.clone(), stats.clone());
                     tokio::spawn(async move {
-                        let result = blobs::fetch(replica, control, candidates, hash, stats.blobs_corrupt.clone()).await;
+                        let result = blobs::fetch(replica, control, candidates, hash, forward, stats.blobs_corrupt.clone()).await;
                         if result.is_ok() {
                             stats.blobs_fetched.fetch_add(1, Ordering::Relaxed);
                         }
