@@ -170,6 +170,37 @@ pub(crate) enum Command {
     },
     /// Print an entity's view.
     Get { collection: String, id: String },
+    /// Attach a file to an entity's `attachments` field; prints its reference as JSON:
+    /// `{"hash", "mime", "name", "size"}` (hash: BLAKE3, hex).
+    ///
+    /// The file is streamed into this node's blob store (hashed as it is read, flushed to
+    /// disk, never held whole in memory), and only then is its reference added to FIELD.
+    /// A progress bar shows on a terminal. With a daemon running on the data directory, the
+    /// file is uploaded to it (POST /v1/blobs) and attached there. Other nodes sync the
+    /// reference; the file stays here until another node asks for it (`blob get`, GET
+    /// /v1/blobs/{hash} on a daemon connected to this one, or to a relay connected to this
+    /// one). Uploading every file to the relay ahead of time is not built yet.
+    Attach {
+        collection: String,
+        id: String,
+        /// A field declared with `rule = "attachments"`.
+        field: String,
+        file: PathBuf,
+        /// The file's media type. [default: from its extension (jpg, png, pdf…), else
+        /// application/octet-stream]
+        #[arg(long, value_name = "M")]
+        mime: Option<String>,
+        /// The name shown for it. [default: the file's name]
+        #[arg(long)]
+        name: Option<String>,
+        /// TOML file whose [blobs] max_blob_bytes and quota_bytes apply when no daemon runs
+        /// (a running daemon applies its own). [default: 256 MiB per file, 10 GiB in all]
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// The files of attachments held in this node's blob store.
+    #[command(subcommand)]
+    Blob(BlobCommand),
     /// List a collection's views as JSON Lines.
     List {
         collection: String,
@@ -244,7 +275,8 @@ pub(crate) enum Command {
     /// Run this node as a device: sync with relays and peers, serve the local HTTP API.
     ///
     /// Prints JSON Lines on stdout as it goes (listening, api, peer_connected,
-    /// sync_completed, sync_failed, refused: a peer refused this node, with the reason);
+    /// sync_completed, sync_failed, refused: a peer refused this node, with the reason;
+    /// blobs_collected: unreferenced attachment files removed, see `[blobs]`);
     /// stops on Ctrl-C or SIGTERM. A --listen or --api port in use fails with
     /// `address in use`.
     Run {
@@ -299,6 +331,25 @@ pub(crate) enum Command {
         /// TOML file with defaults for these options (see example.config.toml); flags win.
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BlobCommand {
+    /// Write the file with this hash to --out FILE (or standard output).
+    ///
+    /// Reads this node's blob store. With a daemon running on the data directory, a file
+    /// that is not here is first fetched from the connected peers that may send it (the
+    /// relay, or the device that attached it; partitions apply), verified against its
+    /// hash before it is stored. Exit 3 if it is not here and no connected peer sent it
+    /// (without a daemon: if it is not here). An interrupted fetch starts over (resuming
+    /// is not built yet).
+    Get {
+        /// The file's BLAKE3 hash (the reference's `hash`).
+        hash: String,
+        /// Where to write it (written beside it, then renamed). [default: standard output]
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -637,6 +688,125 @@ fn stream_views(
     Ok(())
 }
 
+/// What `attach` sends: the open file and its reference without the hash.
+pub(crate) struct AttachSource {
+    pub file: std::fs::File,
+    pub size: u64,
+    pub mime: String,
+    pub name: String,
+}
+
+/// Opens FILE for `attach` and checks its reference (all but the hash) before any byte is
+/// moved, so a bad --mime or an oversized name fails at once.
+pub(crate) fn attach_source(
+    field: &str,
+    path: &Path,
+    mime: Option<String>,
+    name: Option<String>,
+) -> Result<AttachSource> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| CliError::invalid(format!("cannot read {}: {e}", path.display())))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| CliError::invalid(format!("cannot read {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(CliError::invalid(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    let name = name.unwrap_or_else(|| {
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    let mime = mime.unwrap_or_else(|| guess_mime(path).to_owned());
+    let probe = json!({ "hash": "0".repeat(64), "size": meta.len(), "mime": mime, "name": name });
+    fieldsync::core::attachment::Reference::from_json(field, &probe)
+        .map_err(|e| CliError::invalid(e.to_string()))?;
+    Ok(AttachSource {
+        file,
+        size: meta.len(),
+        mime,
+        name,
+    })
+}
+
+/// A media type from a file's extension (the common ones in the field), else
+/// `application/octet-stream`.
+fn guess_mime(path: &Path) -> &'static str {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    match ext.as_str() {
+        "jpg" | "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "heic" => "image/heic",
+        "pdf" => "application/pdf",
+        "txt" => "text/plain",
+        "csv" => "text/csv",
+        "json" => "application/json",
+        "mp4" => "video/mp4",
+        "mov" => "video/quicktime",
+        "zip" => "application/zip",
+        _ => "application/octet-stream",
+    }
+}
+
+/// A byte progress bar on stderr (drawn only when stderr is a terminal).
+pub(crate) fn bytes_bar(what: &'static str, total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(what);
+    bar
+}
+
+/// The message of a blob that is not here, with no daemon to fetch it (exit 3).
+pub(crate) fn blob_not_here(hash: &str) -> CliError {
+    CliError::not_found(format!(
+        "blob {hash} is not in this node's blob store; with no daemon running on this data directory it cannot be fetched from other nodes (start `fieldsync run`)"
+    ))
+}
+
+/// Copies `from` to FILE (beside it, then renamed: a half-written file never has the
+/// name) or to standard output; the bytes copied.
+pub(crate) fn write_out(from: &mut dyn std::io::Read, out: Option<&Path>) -> Result<u64> {
+    let Some(file) = out else {
+        let mut stdout = std::io::stdout().lock();
+        let n = std::io::copy(from, &mut stdout)?;
+        stdout.flush()?;
+        return Ok(n);
+    };
+    let tmp = file.with_extension("partial");
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        let n = std::io::copy(from, &mut f)?;
+        f.sync_all()?;
+        Ok::<u64, std::io::Error>(n)
+    })();
+    match written {
+        Ok(n) => {
+            std::fs::rename(&tmp, file)
+                .map_err(|e| CliError::runtime(format!("{}: {e}", file.display())))?;
+            Ok(n)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(CliError::runtime(format!("{}: {e}", tmp.display())))
+        }
+    }
+}
+
 /// Runs one command.
 pub fn run(cli: Cli) -> Result<()> {
     let dir = cli.data;
@@ -731,6 +901,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 net: file.net,
                 mirror: None,
                 api_access: file.api,
+                blobs: file.blobs,
             };
             crate::daemon::run(&dir, options, key_file.as_deref())
         }
@@ -762,6 +933,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         tables: c.postgres_tables,
                     }),
                 api_access: file.api,
+                blobs: file.blobs,
             };
             crate::daemon::run(&dir, options, key_file.as_deref())
         }
@@ -1014,6 +1186,72 @@ fn run_on(replica: &Replica, command: Command) -> Result<()> {
         Command::Get { collection, id } => {
             emit(&replica.get(&collection, parse_id("entity id", &id)?)?)
         }
+        Command::Attach {
+            collection,
+            id,
+            field,
+            file,
+            mime,
+            name,
+            config,
+        } => {
+            let id: EntityId = parse_id("entity id", &id)?;
+            replica.set_blob_config(crate::config::load(config.as_deref())?.blobs.store_config());
+            let mut source = attach_source(&field, &file, mime, name)?;
+            // The target first: a mistyped id or field fails before the file is read.
+            let rule = replica
+                .workspace()
+                .schema
+                .collection(&collection)
+                .map_err(fieldsync::Error::from)?
+                .rule(&field)
+                .name();
+            if rule != "attachments" {
+                return Err(CliError::invalid(format!(
+                    "field {field:?} of {collection:?} has rule {rule}, not attachments; declare it as {{ rule = \"attachments\" }} in the schema"
+                )));
+            }
+            replica.get(&collection, id)?;
+            let store = replica.blobs()?;
+            let mut writer = store
+                .writer(Some(source.size))
+                .map_err(fieldsync::Error::from)?;
+            let bar = bytes_bar("storing", source.size);
+            let mut buf = vec![0u8; 256 << 10];
+            loop {
+                let n = std::io::Read::read(&mut source.file, &mut buf)
+                    .map_err(|e| CliError::runtime(format!("{}: {e}", file.display())))?;
+                if n == 0 {
+                    break;
+                }
+                writer.write(&buf[..n]).map_err(fieldsync::Error::from)?;
+                bar.inc(n as u64);
+            }
+            let stored = writer.finish().map_err(fieldsync::Error::from)?;
+            bar.finish_and_clear();
+            let reference = json!({ "hash": stored.hash.to_string(), "size": stored.size, "mime": source.mime, "name": source.name });
+            let attached = replica.attach(&collection, id, &field, &reference)?;
+            emit(&attached.to_json())
+        }
+        Command::Blob(BlobCommand::Get { hash, out }) => {
+            let hash: fieldsync::blobs::Hash = parse_id("blob hash", &hash)?;
+            let store = replica.blobs()?;
+            let mut file = match store.open_blob(&hash) {
+                Ok((file, _)) => file,
+                Err(fieldsync::blobs::Error::NotFound(_)) => {
+                    return Err(blob_not_here(&hash.to_string()))
+                }
+                Err(e) => return Err(fieldsync::Error::from(e).into()),
+            };
+            let n = write_out(&mut file, out.as_deref())?;
+            if let Some(out) = out {
+                emit(
+                    &json!({ "hash": hash.to_string(), "file": out.display().to_string(), "bytes": n }),
+                )?;
+            }
+            Ok(())
+        }
+
         Command::List {
             collection,
             filters,

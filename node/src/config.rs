@@ -22,6 +22,43 @@ pub struct File {
     pub relay: Relay,
     pub net: Net,
     pub api: Api,
+    pub blobs: Blobs,
+}
+
+/// `[blobs]`: the attachments' blob store, for both (and `attach --config`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Blobs {
+    /// Largest file one attachment may be, in bytes (default 256 MiB).
+    pub max_blob_bytes: u64,
+    /// Most bytes all files together may hold (default 10 GiB).
+    pub quota_bytes: u64,
+    /// A file no live entity references is removed this many seconds after it was stored
+    /// or last attached (default 86400).
+    pub gc_grace_secs: u64,
+    /// Seconds between two collections (default 600).
+    pub gc_interval_secs: u64,
+}
+
+impl Default for Blobs {
+    fn default() -> Self {
+        let d = fieldsync::blobs::Config::default();
+        Blobs {
+            max_blob_bytes: d.max_blob_bytes,
+            quota_bytes: d.quota_bytes,
+            gc_grace_secs: 86_400,
+            gc_interval_secs: 600,
+        }
+    }
+}
+
+impl Blobs {
+    /// The blob store's limits.
+    pub fn store_config(&self) -> fieldsync::blobs::Config {
+        fieldsync::blobs::Config::default()
+            .with_max_blob_bytes(self.max_blob_bytes)
+            .with_quota_bytes(self.quota_bytes)
+    }
 }
 
 /// `[api]`: who may use the HTTP API, for both.
@@ -195,6 +232,12 @@ pub fn load(path: Option<&Path>) -> Result<File, CliError> {
         fieldsync_api::auth::check_origin(origin)
             .map_err(|e| CliError::invalid(format!("{}: [api] {e}", path.display())))?;
     }
+    if file.blobs.gc_interval_secs == 0 {
+        return Err(CliError::invalid(format!(
+            "{}: [blobs] gc_interval_secs must be at least 1",
+            path.display()
+        )));
+    }
     Ok(file)
 }
 
@@ -231,6 +274,21 @@ mod tests {
             (example.api.require_token, example.api.cors_origins.len()),
             (d.api.require_token, d.api.cors_origins.len())
         );
+        assert_eq!(
+            (
+                example.blobs.max_blob_bytes,
+                example.blobs.quota_bytes,
+                example.blobs.gc_grace_secs,
+                example.blobs.gc_interval_secs
+            ),
+            (
+                d.blobs.max_blob_bytes,
+                d.blobs.quota_bytes,
+                d.blobs.gc_grace_secs,
+                d.blobs.gc_interval_secs
+            )
+        );
+        assert_eq!(d.blobs.max_blob_bytes, 256 << 20);
         let api: File = toml::from_str(
             "[api]\nrequire_token = true\ncors_origins = [\"http://localhost:5173\"]",
         )

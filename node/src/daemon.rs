@@ -41,6 +41,8 @@ pub struct Options {
     pub mirror: Option<fieldsync_mirror::MirrorConfig>,
     /// Who may use the API (`[api]`: token everywhere, CORS origins).
     pub api_access: crate::config::Api,
+    /// The attachments' blob store: limits and collection (`[blobs]`).
+    pub blobs: crate::config::Blobs,
 }
 
 fn print(value: serde_json::Value) {
@@ -61,7 +63,10 @@ impl Drop for DaemonFile {
 
 /// Runs the node in `dir` until shutdown.
 pub fn run(dir: &Path, options: Options, key_file: Option<&Path>) -> Result<(), CliError> {
-    let replica = Arc::new(crate::cli::open_replica(dir, options.memory, key_file)?);
+    let replica = Arc::new(
+        crate::cli::open_replica(dir, options.memory, key_file)?
+            .with_blob_config(options.blobs.store_config()),
+    );
     // Schema versions that arrive while running are recomputed off the sync path.
     replica.start_background_recompute();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -97,12 +102,17 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         token_everywhere,
         options.api_access.cors_origins.clone(),
     ));
+    let fetcher = handle.clone();
     let state = AppState {
         replica: replica.clone(),
         on_change: Arc::new(move || nudge.try_local_change()),
         metrics: metrics.clone(),
         live: live.clone(),
         access,
+        fetch_blob: Some(Arc::new(move |hash| {
+            let fetcher = fetcher.clone();
+            Box::pin(async move { fetcher.fetch_blob(hash).await.map_err(|e| e.to_string()) })
+        })),
     };
     // Both ports are checked before anything starts: a second node on a port in use fails
     // at once, naming the port, instead of sharing it.
@@ -181,6 +191,7 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         })
     };
     let watcher = tokio::spawn(watch_feed(replica.clone(), live.clone()));
+    let collector = tokio::spawn(collect_blobs(replica.clone(), options.blobs.clone()));
     let sampler = tokio::spawn(fieldsync_api::sample_health(
         metrics_for_traffic.clone(),
         live.clone(),
@@ -224,6 +235,14 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
                     stats.bytes_received.load(Ordering::Relaxed),
                     Ordering::Relaxed,
                 );
+                metrics.blobs_fetched.store(
+                    stats.blobs_fetched.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+                metrics.blobs_corrupt.store(
+                    stats.blobs_corrupt.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
             }
         })
     };
@@ -245,12 +264,37 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
     }
     reporter.abort();
     watcher.abort();
+    collector.abort();
     sampler.abort();
     traffic.abort();
     match result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(CliError::runtime(e.to_string())),
         Err(e) => Err(CliError::runtime(e.to_string())),
+    }
+}
+
+/// Removes, every `gc_interval_secs`, the blobs no live entity references that are older
+/// than `gc_grace_secs`; prints `blobs_collected` when it removed some.
+async fn collect_blobs(replica: Arc<Replica>, config: crate::config::Blobs) {
+    let grace = std::time::Duration::from_secs(config.gc_grace_secs);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(
+        config.gc_interval_secs.max(1),
+    ));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let r = replica.clone();
+        match tokio::task::spawn_blocking(move || r.collect_blobs(grace)).await {
+            Ok(Ok(removed)) if !removed.is_empty() => print(json!({
+                "event": "blobs_collected",
+                "removed": removed.len(),
+                "hashes": removed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            })),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("collecting unreferenced blobs failed: {e}"),
+            Err(e) => tracing::warn!("collecting unreferenced blobs failed: {e}"),
+        }
     }
 }
 

@@ -99,7 +99,7 @@ fn call_op(method: &str, url: &str, body: Option<&str>, op: Option<&str>) -> Res
         200..=299 => Ok(value),
         // As without a daemon: refused input, what only the authority may do, and an id
         // taken by something else exit 2.
-        400 | 403 | 409 | 413 => Err(CliError::invalid(message())),
+        400 | 403 | 409 | 413 | 507 => Err(CliError::invalid(message())),
         404 => Err(CliError::not_found(message())),
         _ => Err(CliError::runtime(message())),
     }
@@ -288,6 +288,99 @@ fn bundle_import(api: &str, file: &Path) -> Result<()> {
     emit(&summary)
 }
 
+/// `attach` through the daemon: streams FILE to `POST /v1/blobs` (with a progress bar),
+/// then adds the reference it answers to the field.
+fn attach(
+    api: &str,
+    collection: &str,
+    id: &str,
+    field: &str,
+    source: crate::cli::AttachSource,
+) -> Result<()> {
+    let id: fieldsync::EntityId = parse_id("entity id", id)?;
+    // The target first: a mistyped id fails before the file is sent.
+    call(
+        "GET",
+        &format!("{api}/v1/collections/{}/{id}", query(collection)),
+        None,
+    )?;
+    // The daemon's limits first: an oversized file is refused before it is sent.
+    let blobs = call("GET", &format!("{api}/v1/status"), None)?["blobs"].take();
+    let limit = blobs["max_blob_bytes"].as_u64().unwrap_or(u64::MAX);
+    if source.size > limit {
+        return Err(CliError::invalid(
+            fieldsync::blobs::Error::TooLarge { limit }.to_string(),
+        ));
+    }
+    let (used, quota) = (
+        blobs["bytes"].as_u64().unwrap_or(0),
+        blobs["quota_bytes"].as_u64().unwrap_or(u64::MAX),
+    );
+    if used.saturating_add(source.size) > quota {
+        return Err(CliError::invalid(
+            fieldsync::blobs::Error::QuotaExceeded {
+                quota,
+                used,
+                needed: source.size,
+            }
+            .to_string(),
+        ));
+    }
+    let url = format!("{api}/v1/blobs?name={}", query(&source.name));
+    let bar = crate::cli::bytes_bar("uploading", source.size);
+    let body = ureq::SendBody::from_owned_reader(bar.wrap_read(source.file));
+    let sent = authorised(agent_for(BUNDLE_TIMEOUT).post(&url))
+        .header("content-type", &source.mime)
+        .header("content-length", source.size.to_string())
+        .send(body);
+    bar.finish_and_clear();
+    let mut response = sent
+        .map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
+    let status = response.status().as_u16();
+    let text = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| CliError::runtime(e.to_string()))?;
+    if !(200..300).contains(&status) {
+        return Err(api_error(status, &text));
+    }
+    let reference: Value = serde_json::from_str(&text)
+        .map_err(|e| CliError::runtime(format!("the daemon answered {e}")))?;
+    emit(&call(
+        "POST",
+        &format!(
+            "{api}/v1/collections/{}/{id}/attachments/{}",
+            query(collection),
+            query(field)
+        ),
+        Some(&reference.to_string()),
+    )?)
+}
+
+/// `blob get` through the daemon: streams `GET /v1/blobs/{hash}` to FILE or stdout.
+fn blob_get(api: &str, hash: &str, out: Option<&Path>) -> Result<()> {
+    let hash: fieldsync::blobs::Hash = parse_id("blob hash", hash)?;
+    let url = format!("{api}/v1/blobs/{hash}");
+    let mut response = authorised(agent_for(BUNDLE_TIMEOUT).get(&url))
+        .call()
+        .map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
+    let status = response.status().as_u16();
+    if !response.status().is_success() {
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        return Err(api_error(status, &text));
+    }
+    let n = crate::cli::write_out(
+        &mut response.body_mut().with_config().limit(u64::MAX).reader(),
+        out,
+    )?;
+    if let Some(out) = out {
+        emit(
+            &serde_json::json!({ "hash": hash.to_string(), "file": out.display().to_string(), "bytes": n }),
+        )?;
+    }
+    Ok(())
+}
+
 /// An API error answer as the CLI's error (exit codes as for every command).
 fn api_error(status: u16, text: &str) -> CliError {
     let value: Value = serde_json::from_str(text).unwrap_or(Value::Null);
@@ -296,7 +389,7 @@ fn api_error(status: u16, text: &str) -> CliError {
         .unwrap_or("request failed")
         .to_owned();
     match status {
-        400 | 403 | 409 | 413 => CliError::invalid(message),
+        400 | 403 | 409 | 413 | 507 => CliError::invalid(message),
         404 => CliError::not_found(message),
         _ => CliError::runtime(message),
     }
@@ -499,6 +592,21 @@ pub fn run(api: &str, command: Command) -> Result<()> {
             bundle_export(api, &file, since.as_deref())
         }
         Command::Bundle(BundleCommand::Import { file }) => bundle_import(api, &file),
+        Command::Attach {
+            collection,
+            id,
+            field,
+            file,
+            mime,
+            name,
+            config: _,
+        } => {
+            let source = crate::cli::attach_source(&field, &file, mime, name)?;
+            attach(api, &collection, &id, &field, source)
+        }
+        Command::Blob(crate::cli::BlobCommand::Get { hash, out }) => {
+            blob_get(api, &hash, out.as_deref())
+        }
         Command::Import { .. } | Command::Export { .. } | Command::Mirror(_) => {
             Err(CliError::invalid(
                 "a daemon is running on this data directory; stop it (Ctrl-C) for this command",

@@ -123,6 +123,14 @@ fn write_routes(peer: &str) -> Vec<(&'static str, String, Option<&'static str>)>
         ("POST", "/v1/invites".into(), Some(r#"{"user":"mallory"}"#)),
         ("POST", format!("/v1/invites/{ENTITY}/cancel"), None),
         ("POST", "/v1/bundle".into(), Some("not a bundle")),
+        ("POST", "/v1/blobs?name=x.jpg".into(), Some("not a photo")),
+        (
+            "POST",
+            format!("/v1/collections/tasks/{ENTITY}/attachments/photos"),
+            Some(
+                r#"{"hash":"0000000000000000000000000000000000000000000000000000000000000000","size":1,"mime":"image/jpeg","name":"x.jpg"}"#,
+            ),
+        ),
     ]
 }
 

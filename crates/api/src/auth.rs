@@ -34,10 +34,10 @@ use crate::AppState;
 pub const TOKEN_FILE: &str = "api-token";
 
 /// Request headers a page from an allowed origin may send.
-const CORS_ALLOW_HEADERS: &str = "authorization, content-type, idempotency-key, last-event-id";
+const CORS_ALLOW_HEADERS: &str =
+    "authorization, content-type, idempotency-key, last-event-id, range";
 /// Response headers such a page may read.
-const CORS_EXPOSE_HEADERS: &str =
-    "idempotent-replayed, fieldsync-entities, fieldsync-since, fieldsync-upto";
+const CORS_EXPOSE_HEADERS: &str = "idempotent-replayed, fieldsync-entities, fieldsync-since, fieldsync-upto, content-range, accept-ranges, etag";
 const CORS_ALLOW_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE";
 
 /// Whether every route needs the token: when asked to, or when the API listens on an

@@ -4,9 +4,10 @@
 //! Store calls block (they wait for durability), so they run on tokio's blocking pool.
 //! Every write nudges the sync engine through the `on_change` callback.
 //! Access (the bearer token, CORS) is in [`auth`]; the office console at `/console` in
-//! [`console`].
+//! [`console`]; attachments' files (streaming upload and download) in `blobs`.
 
 pub mod auth;
+mod blobs;
 pub mod console;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,7 +39,19 @@ pub struct Metrics {
     pub bytes_received: AtomicU64,
     /// What the sync engine and network refused (shared with them).
     pub security: Arc<fieldsync::sync::SecurityStats>,
+    /// Attachment files fetched from peers, and fetches dropped because the bytes did not
+    /// hash to what was asked (copied from the network's counters).
+    pub blobs_fetched: AtomicU64,
+    pub blobs_corrupt: AtomicU64,
 }
+
+/// Fetches an attachment's file from connected peers into the blob store (the daemon's
+/// network); `Err` says why not.
+pub type FetchBlob = Arc<
+    dyn Fn(fieldsync::blobs::Hash) -> futures::future::BoxFuture<'static, Result<u64, String>>
+        + Send
+        + Sync,
+>;
 
 /// Refused peers remembered for `/v1/status` (`refused_peers`), newest last.
 pub const RECENT_REFUSED: usize = 16;
@@ -242,6 +255,8 @@ pub struct AppState {
     pub live: Arc<Live>,
     /// The token and CORS rules of this listener.
     pub access: Arc<auth::Access>,
+    /// Fetches a file this node lacks from its peers (none: only the local store).
+    pub fetch_blob: Option<FetchBlob>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -275,6 +290,10 @@ impl From<fieldsync::Error> for ApiError {
             E::Core(C::UnknownCollection { .. }) => StatusCode::NOT_FOUND,
             // The id, or the op id, is taken by something else: not bad input as such.
             E::WrongCollection { .. } | E::Core(C::OpReused(_)) => StatusCode::CONFLICT,
+            E::Blob(fieldsync::blobs::Error::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            E::Blob(fieldsync::blobs::Error::QuotaExceeded { .. }) => {
+                StatusCode::INSUFFICIENT_STORAGE
+            }
             _ => match e.kind() {
                 ErrorKind::Invalid => StatusCode::BAD_REQUEST,
                 ErrorKind::NotFound => StatusCode::NOT_FOUND,
@@ -332,6 +351,16 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/collections/{collection}/{id}/history", get(history))
         .route("/v1/collections/{collection}/{id}/purge", post(purge))
+        .route(
+            "/v1/collections/{collection}/{id}/attachments/{field}",
+            post(blobs::attach),
+        )
+        // The body streams into the blob store, which applies its own size limit.
+        .route(
+            "/v1/blobs",
+            post(blobs::upload).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route("/v1/blobs/{hash}", get(blobs::download))
         .route("/v1/conflicts", get(conflicts))
         .route("/v1/conflicts/{id}/resolve", post(resolve))
         .route("/v1/proposals", get(proposals))
@@ -541,6 +570,7 @@ const QUERY_PARAMS: &[(&str, &[&str])] = &[
     ("/v1/proposals", &["mine"]),
     ("/v1/changes", &["since", "limit"]),
     ("/v1/bundle", &["since"]),
+    ("/v1/blobs", &["name"]),
     ("/v1/schema", &["version"]),
 ];
 
@@ -1200,6 +1230,36 @@ async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
         "Open manual conflicts.",
         "gauge",
         status.open_conflicts as u64,
+    );
+    gauge(
+        "fieldsync_blobs",
+        "Attachment files in this node's blob store.",
+        "gauge",
+        status.blobs.count,
+    );
+    gauge(
+        "fieldsync_blob_bytes",
+        "Bytes of the attachment files in this node's blob store.",
+        "gauge",
+        status.blobs.bytes,
+    );
+    gauge(
+        "fieldsync_blobs_fetched_total",
+        "Attachment files fetched from peers and stored.",
+        "counter",
+        m.blobs_fetched.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_blob_transfers_corrupt_total",
+        "Attachment files fetched from a peer whose bytes did not hash to what was asked (dropped, never stored).",
+        "counter",
+        m.blobs_corrupt.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_blob_quota_bytes",
+        "The blob store's quota ([blobs] quota_bytes).",
+        "gauge",
+        status.blobs.quota_bytes,
     );
     gauge(
         "fieldsync_store_commits_total",

@@ -4,6 +4,7 @@
 //! - [`patch`]: the JSON patch language, checked against the schema before any write.
 //! - `rules`: what each merge rule means (patch operators, merged value, conflicts), one
 //!   module per rule.
+//! - [`attachment`]: the file references an `attachments` field holds.
 //! - [`entity`]: one Automerge document per entity; the view, conflicts, proposals and
 //!   history are pure functions of the document, so replicas with the same changes agree.
 //! - [`authority`]: confirmed values signed by the workspace authority.
@@ -17,6 +18,7 @@
 //!
 //! Time, randomness and storage come from the caller (see the `fieldsync` crate).
 
+pub mod attachment;
 pub mod authority;
 pub mod bundle;
 pub mod entity;

@@ -134,6 +134,11 @@ fn writable(coll: &Collection, cname: &str, field: &str, id: &str) -> Result<(),
             "migration {id:?}: {cname}.{field} is an authority field; only the authority's signed values count there, so a migration cannot write it"
         )));
     }
+    if *coll.rule(field) == Rule::Attachments {
+        return Err(Error::Schema(format!(
+            "migration {id:?}: {cname}.{field} holds attachments; a reference is written only by a node that holds the file, so a migration cannot write one"
+        )));
+    }
     if coll.owner.as_deref() == Some(field) {
         return Err(Error::Schema(format!("migration {id:?}: {cname}.{field} is the collection's owner field; moving entities between users is not a migration")));
     }

@@ -28,6 +28,9 @@ pub enum Rule {
     Counter,
     /// Add-wins set of scalars.
     Set,
+    /// Add-wins set of file references `{hash, size, mime, name}` (see
+    /// [`crate::attachment`]); the bytes live in each node's blob store.
+    Attachments,
     /// Character-level merge of a string.
     Text,
     /// Only values signed by the workspace authority count; other writes are proposals.
@@ -46,6 +49,7 @@ impl Rule {
             "min",
             "counter",
             "set",
+            "attachments",
             "text",
             "authority",
             "manual",
@@ -64,6 +68,7 @@ impl Rule {
             Rule::Min => "min",
             Rule::Counter => "counter",
             Rule::Set => "set",
+            Rule::Attachments => "attachments",
             Rule::Text => "text",
             Rule::Authority => "authority",
             Rule::Manual => "manual",
@@ -260,12 +265,13 @@ impl Schema {
                     ("min", None) => Rule::Min,
                     ("counter", None) => Rule::Counter,
                     ("set", None) => Rule::Set,
+                    ("attachments", None) => Rule::Attachments,
                     ("text", None) => Rule::Text,
                     ("authority", None) => Rule::Authority,
                     ("manual", None) => Rule::Manual,
                     (other, None) => {
                         return Err(Error::Schema(format!(
-                            "{cname}.{fname}: unknown rule {other:?}; expected one of lww, rank, max, min, counter, set, text, authority, manual"
+                            "{cname}.{fname}: unknown rule {other:?}; expected one of lww, rank, max, min, counter, set, attachments, text, authority, manual"
                         )))
                     }
                 };
@@ -456,6 +462,7 @@ status   = { rule = "rank", order = ["open", "in_progress", "completed"] }
 progress = { rule = "max" }
 tags     = { rule = "set" }
 notes    = { rule = "text" }
+photos   = { rule = "attachments" }
 [collections.inventory.fields]
 stock    = { rule = "counter" }
 [collections.payments.fields]
@@ -478,6 +485,7 @@ start    = { rule = "manual" }
         let tasks = s.collection("tasks").unwrap();
         assert_eq!(tasks.rule("status").name(), "rank");
         assert_eq!(tasks.rule("undeclared"), &Rule::Lww { by_actor: false });
+        assert_eq!(tasks.rule("photos"), &Rule::Attachments);
         assert!(s.collection("payments").unwrap().fields["status"].auto_accept);
         assert_eq!(
             s.collection("shifts").unwrap().on_delete,
@@ -507,6 +515,8 @@ start    = { rule = "manual" }
             ("[collections.t]\nowner = \"who\"\n[collections.t.fields]\nwho = { rule = \"set\" }", "must use rule"),
             ("[collections.t.fields]\nx = { rule = \"max\", default = \"high\" }", "does not fit"),
             ("[collections.t.fields]\nx = { rule = \"counter\", default = 1 }", "does not fit"),
+            ("[collections.t.fields]\nx = { rule = \"attachments\", default = [] }", "does not fit"),
+            ("[collections.t.fields]\nx = { rule = \"attachments\", order = [\"a\"] }", "only applies"),
         ] {
             let err = Schema::from_toml(bad).unwrap_err().to_string();
             assert!(err.contains(needle), "{bad:?} gave {err:?}");

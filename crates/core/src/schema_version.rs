@@ -164,6 +164,7 @@ fn rule_change(old: &Rule, new: &Rule) -> Result<(), String> {
         (Counter, _) | (_, Counter) => Err(
             "a counter keeps increments that add up; any other rule reads only the last value, so existing increments would be dropped (and the other way round, plain values are not increments)".into(),
         ),
+        (Attachments, _) | (_, Attachments) => Err("an attachments field is stored as a set of file references; another rule would not read it as the same data, and plain values are not references".into()),
         (Set, _) | (_, Set) => Err("a set is stored as a list of elements; another rule would not read it as the same data".into()),
         (Text, _) | (_, Text) => Err("text is stored character by character; another rule would not read it as the same data".into()),
         (a, b) => Err(format!(

@@ -62,6 +62,29 @@ pub enum Error {
     /// Only the workspace authority may do this (revoke members…); names what was asked.
     #[error("only the workspace authority can {0}; this node is not the authority")]
     AuthorityOnly(&'static str),
+    /// The blob store failed or refused (size limit, quota, corrupt bytes…).
+    #[error(transparent)]
+    Blob(#[from] fieldsync_blobs::Error),
+    /// A local write references a file this node does not hold.
+    #[error("attachment {hash} is not in this node's blob store: store the file first (`fieldsync attach`, or POST /v1/blobs), then reference it")]
+    BlobMissing { hash: String },
+    /// A reference's size is not its blob's.
+    #[error("attachment {hash} has {actual} bytes here, but the reference says {claimed}")]
+    BlobSizeMismatch {
+        hash: String,
+        claimed: u64,
+        actual: u64,
+    },
+    /// Attachments on an encrypted store (not built yet).
+    #[error("attachments are not available on an encrypted store yet: blob files would be kept unencrypted beside it")]
+    BlobsEncrypted,
+    /// Attaching to a field that is not an `attachments` field.
+    #[error("field {field:?} of {collection:?} has rule {rule}, not attachments; declare it as {{ rule = \"attachments\" }} in the schema")]
+    NotAttachments {
+        collection: String,
+        field: String,
+        rule: &'static str,
+    },
     /// Stored node metadata could not be read.
     #[error("stored node metadata is corrupt: {0}")]
     CorruptMeta(String),
@@ -81,6 +104,13 @@ impl Error {
             Error::Store(
                 fieldsync_store::Error::KeyNeeded(_) | fieldsync_store::Error::WrongKey(_),
             ) => ErrorKind::Invalid,
+            Error::Blob(fieldsync_blobs::Error::NotFound(_)) => ErrorKind::NotFound,
+            Error::Blob(fieldsync_blobs::Error::Io { .. }) => ErrorKind::Runtime,
+            Error::Blob(_)
+            | Error::BlobMissing { .. }
+            | Error::BlobSizeMismatch { .. }
+            | Error::BlobsEncrypted
+            | Error::NotAttachments { .. } => ErrorKind::Invalid,
             Error::Core(C::Document(_))
             | Error::Store(_)
             | Error::File { .. }

@@ -17,6 +17,7 @@
 //! # Ok(()) }
 //! ```
 
+mod attachments;
 mod backup;
 mod cache;
 mod error;
@@ -27,8 +28,11 @@ mod schemas;
 pub mod sync_host;
 mod transfer;
 
+pub use attachments::{BlobStatus, BLOBS_DIR};
 pub use cache::MemoryOptions;
 pub use error::{Error, ErrorKind};
+/// The node's content-addressed file store (its own crate).
+pub use fieldsync_blobs as blobs;
 pub use fieldsync_core as core;
 pub use fieldsync_core::{
     Applied, Conflict, ConflictId, EntityId, HistoryEntry, OpId, PeerId, Proposal, ProposalId, View,

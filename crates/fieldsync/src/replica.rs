@@ -110,6 +110,8 @@ pub struct Status {
     pub schema_recompute: Option<crate::schemas::RecomputeProgress>,
     /// Whether the store is encrypted at rest (`init --encrypt`).
     pub encrypted: bool,
+    /// The attachments' blob store: counts, bytes and limits.
+    pub blobs: crate::BlobStatus,
 }
 
 /// One node's replica of its workspace.
@@ -121,7 +123,7 @@ pub struct Replica {
     pub(crate) peer: PeerId,
     pub(crate) name: String,
     pub(crate) authority: bool,
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     clock: Arc<dyn Clock>,
     locks: Vec<Mutex<()>>,
     /// Recently used documents, all fully persisted, bounded by bytes. An entity is taken out
@@ -146,6 +148,9 @@ pub struct Replica {
     pub(crate) recompute: Mutex<Option<crate::schemas::RecomputeProgress>>,
     /// The background recompute thread, once started.
     pub(crate) background: std::sync::OnceLock<Arc<crate::schemas::Worker>>,
+    /// The blob store's limits, and the store once opened (see `attachments`).
+    pub(crate) blob_config: Mutex<fieldsync_blobs::Config>,
+    pub(crate) blobs: Mutex<Option<Arc<fieldsync_blobs::BlobStore>>>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -419,6 +424,8 @@ impl Replica {
             recomputing: Mutex::new(()),
             recompute: Mutex::new(None),
             background: std::sync::OnceLock::new(),
+            blob_config: Mutex::new(fieldsync_blobs::Config::default()),
+            blobs: Mutex::new(None),
         }
     }
 
@@ -718,6 +725,8 @@ impl Replica {
         patch: &Patch,
         op: Option<&OpId>,
     ) -> Result<(EntityId, Applied), Error> {
+        // Before the entity's lock: the check reads the entity's view.
+        self.check_attachments(collection, id, patch)?;
         let id = id.unwrap_or_else(|| EntityId(self.new_id()));
         let _guard = self.lock(id);
         let w = self.writer(self.now_ms());
@@ -1128,6 +1137,7 @@ impl Replica {
             views_schema_version: self.views_schema_version()?,
             schema_recompute: self.recompute_progress(),
             encrypted: self.store.encrypted(),
+            blobs: self.blob_status(),
         })
     }
 }

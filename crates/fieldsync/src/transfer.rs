@@ -555,7 +555,13 @@ impl Replica {
             })
             .collect::<Result<_, Error>>()?;
         let mut seen = std::collections::HashMap::new();
-        for ((n, _), (id, _)) in lines.iter().zip(&parsed) {
+        for ((n, _), (id, patch)) in lines.iter().zip(&parsed) {
+            // A reference is imported only with its file already here.
+            self.check_attachments(collection, *id, patch)
+                .map_err(|e| Error::ImportLine {
+                    line: *n,
+                    message: e.to_string(),
+                })?;
             if let Some(id) = id {
                 if self.is_purged(*id)? {
                     return Err(Error::ImportLine {

@@ -29,6 +29,15 @@ use crate::{
 /// What the event loop receives from stream tasks and the app.
 #[derive(Debug)]
 pub(crate) enum Owned {
+    /// Fetch an attachment's file from the connected peers (see `Handle::fetch_blob`).
+    FetchBlob {
+        hash: fieldsync::blobs::Hash,
+        /// A peer not to ask (the one this fetch is for).
+        exclude: Option<PeerId>,
+        /// Whether the peers asked may fetch it from their own peers first.
+        forward: bool,
+        reply: tokio::sync::oneshot::Sender<Result<u64, crate::FetchError>>,
+    },
     /// A received frame with its share of the receive budget, released once handled.
     Frame {
         peer: PeerId,
@@ -224,6 +233,9 @@ pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
     control: libp2p_stream::Control,
     incoming: libp2p_stream::IncomingStreams,
+    /// Requests for attachment files (`/fieldsync/blobs/1`), and the files being served.
+    blob_requests: libp2p_stream::IncomingStreams,
+    serving: Arc<Semaphore>,
     core: Core,
     io_results: mpsc::Receiver<(TaskId, Outcome)>,
     config: Config,
@@ -272,6 +284,9 @@ impl EventLoop {
         let incoming = control
             .accept(PROTOCOL)
             .map_err(|e| Error::Setup(e.to_string()))?;
+        let blob_requests = control
+            .accept(crate::BLOB_PROTOCOL)
+            .map_err(|e| Error::Setup(e.to_string()))?;
         let (results, io_results) = mpsc::channel(IO_RESULTS_QUEUE);
         let core = Core {
             engine,
@@ -286,6 +301,8 @@ impl EventLoop {
             swarm,
             control,
             incoming,
+            blob_requests,
+            serving: Arc::new(Semaphore::new(crate::blobs::MAX_SERVING)),
             core,
             io_results,
             config,
@@ -313,6 +330,7 @@ impl EventLoop {
                 _ = tick.tick() => self.on_tick()?,
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some((peer, stream)) = self.incoming.next() => self.on_incoming(peer, stream)?,
+                Some((peer, stream)) = self.blob_requests.next() => self.on_blob_request(peer, stream),
                 Some(msg) = self.inbox.recv() => self.on_owned(msg)?,
                 Some((id, outcome)) = self.io_results.recv() => self.core.handle(Input::IoDone(id, outcome))?,
             }
@@ -554,8 +572,64 @@ impl EventLoop {
         Ok(())
     }
 
+    /// Serves a file on its own stream and task: a file moving never holds up the sync loop.
+    fn on_blob_request(&mut self, peer: PeerId, stream: libp2p::Stream) {
+        let admitted = self.admitted_mut().contains(&peer);
+        match self.serving.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let (replica, inputs) = (self.core.replica.clone(), self.inputs.clone());
+                tokio::spawn(async move {
+                    crate::blobs::serve(replica, peer, admitted, stream, inputs).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => tracing::info!(%peer, "blob request dropped: serving the most at once"),
+        }
+    }
+
+    /// Fetches a file from the admitted peers (but `exclude`) on a task of its own.
+    fn fetch_blob(
+        &mut self,
+        hash: fieldsync::blobs::Hash,
+        exclude: Option<PeerId>,
+        forward: bool,
+        reply: tokio::sync::oneshot::Sender<Result<u64, crate::FetchError>>,
+    ) {
+        let candidates: Vec<PeerId> = {
+            let admitted = self.admitted_mut();
+            self.peers
+                .connected
+                .iter()
+                .filter(|p| admitted.contains(p) && Some(**p) != exclude)
+                .copied()
+                .collect()
+        };
+        let (replica, control, stats) = (
+            self.core.replica.clone(),
+            self.control.clone(),
+            self.stats.clone(),
+        );
+        tokio::spawn(async move {
+            let corrupt = stats.blobs_corrupt.clone();
+            let result =
+                crate::blobs::fetch(replica, control, candidates, hash, forward, corrupt).await;
+            if result.is_ok() {
+                stats
+                    .blobs_fetched
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let _ = reply.send(result);
+        });
+    }
+
     fn on_owned(&mut self, msg: Owned) -> Result<(), Error> {
         match msg {
+            Owned::FetchBlob {
+                hash,
+                exclude,
+                forward,
+                reply,
+            } => self.fetch_blob(hash, exclude, forward, reply),
             Owned::Opened { peer, stream } => {
                 self.peers.opening.remove(&peer);
                 self.peers.open_failures.remove(&peer);

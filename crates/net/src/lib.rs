@@ -15,9 +15,12 @@
 //! why. A relay serves circuit relay v2 only to peers its engine admitted, unless
 //! [`Config::open_relay`] is set.
 
+mod blobs;
 mod event_loop;
 mod streams;
 mod swarm;
+
+pub use blobs::{FetchError, BLOB_PROTOCOL};
 
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
@@ -188,6 +191,11 @@ pub struct Stats {
     pub bytes_received: AtomicU64,
     /// What the engine and this layer refused.
     pub security: Arc<SecurityStats>,
+    /// Attachment files fetched from a peer whose bytes did not hash to what was asked
+    /// (dropped, never stored).
+    pub blobs_corrupt: Arc<AtomicU64>,
+    /// Attachment files fetched from peers and stored.
+    pub blobs_fetched: AtomicU64,
 }
 
 /// A handle to a running node: tell it about local writes, read its traffic counters.
@@ -207,6 +215,22 @@ impl Handle {
     /// (a nudge already queued covers it).
     pub fn try_local_change(&self) {
         let _ = self.inputs.try_send(Owned::LocalChange);
+    }
+
+    /// Fetches an attachment's file from the connected peers (over [`BLOB_PROTOCOL`]) into
+    /// the blob store; the bytes stored. Nothing is stored unless they hash to `hash`.
+    pub async fn fetch_blob(&self, hash: fieldsync::blobs::Hash) -> Result<u64, FetchError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.inputs
+            .send(Owned::FetchBlob {
+                hash,
+                exclude: None,
+                forward: true,
+                reply,
+            })
+            .await
+            .map_err(|_| FetchError::NoPeer)?;
+        answer.await.unwrap_or(Err(FetchError::NoPeer))
     }
 }
 

@@ -245,7 +245,7 @@ impl Entity {
         all: &mut FieldValues,
         mig: &OnceCell<HashSet<ActorId>>,
     ) {
-        if all.len() < 2 || matches!(rule, Rule::Set | Rule::Counter) {
+        if all.len() < 2 || matches!(rule, Rule::Set | Rule::Attachments | Rule::Counter) {
             return;
         }
         let actors = mig.get_or_init(|| self.migration_actors());

@@ -5,6 +5,7 @@
 //! [`of`] is the only place that maps a [`Rule`] to its meaning; everything else (patch
 //! parsing, creation, writes, view derivation) asks the [`Semantics`] it returns.
 
+mod attachments;
 mod authority;
 mod counter;
 mod extremum;
@@ -105,6 +106,7 @@ pub(crate) fn of(rule: &Rule) -> &'static dyn Semantics {
         Rule::Min => &extremum::Min,
         Rule::Counter => &counter::Counter,
         Rule::Set => &set::Set,
+        Rule::Attachments => &attachments::Attachments,
         Rule::Text => &text::Text,
         Rule::Authority => &authority::Authority,
         Rule::Manual => &manual::Manual,

@@ -118,7 +118,7 @@ pub(crate) fn element_key(v: &Json) -> String {
     }
 }
 
-fn collect(doc: &AutoCommit, obj: &ObjId, out: &mut BTreeMap<String, Json>) {
+pub(super) fn collect(doc: &AutoCommit, obj: &ObjId, out: &mut BTreeMap<String, Json>) {
     for k in doc.keys(obj) {
         if let Ok(j) = serde_json::from_str(&k) {
             out.insert(k, j);
@@ -127,7 +127,7 @@ fn collect(doc: &AutoCommit, obj: &ObjId, out: &mut BTreeMap<String, Json>) {
 }
 
 /// Members (canonical key → element), the union over concurrent copies.
-fn members(doc: &AutoCommit, field: &str) -> BTreeMap<String, Json> {
+pub(super) fn members(doc: &AutoCommit, field: &str) -> BTreeMap<String, Json> {
     let mut out = BTreeMap::new();
     for obj in map_objects(doc, &ROOT, field) {
         collect(doc, &obj, &mut out);
@@ -135,7 +135,7 @@ fn members(doc: &AutoCommit, field: &str) -> BTreeMap<String, Json> {
     out
 }
 
-fn add(doc: &mut AutoCommit, field: &str, items: &[Json]) -> Result<(), Error> {
+pub(super) fn add(doc: &mut AutoCommit, field: &str, items: &[Json]) -> Result<(), Error> {
     let obj = match doc.get(ROOT, field).map_err(Error::automerge)? {
         Some((Value::Object(ObjType::Map), id)) => id,
         _ => doc
@@ -150,7 +150,7 @@ fn add(doc: &mut AutoCommit, field: &str, items: &[Json]) -> Result<(), Error> {
     Ok(())
 }
 
-fn remove(doc: &mut AutoCommit, field: &str, items: &[Json]) -> Result<(), Error> {
+pub(super) fn remove(doc: &mut AutoCommit, field: &str, items: &[Json]) -> Result<(), Error> {
     // Remove from every concurrent copy of the set: the remove has seen them all.
     for obj in map_objects(doc, &ROOT, field) {
         for item in items {

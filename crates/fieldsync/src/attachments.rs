@@ -1,0 +1,281 @@
+//! Attachments on a replica: the node's blob store (`DATA/blobs`), attaching a stored file
+//! to an entity's `attachments` field, the check that every reference a local write adds
+//! names a blob held here with that size, and the collection of blobs that no live entity
+//! references any more.
+//!
+//! **A reference is written only after its blob is durably in the local store**: every
+//! local write path (put, attach, import) pins each new reference's blob first (a
+//! collection running at the same time then keeps it) and refuses a reference to a file
+//! this node does not hold. References that arrive from peers are not checked: their
+//! bytes are on the writer's node (moving them between nodes is not built yet).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fieldsync_blobs::{BlobStore, Hash};
+use fieldsync_core::attachment::{in_view, Reference};
+use fieldsync_core::{EntityId, FieldOp, Patch, Rule};
+use serde::Serialize;
+use serde_json::{json, Value as Json};
+
+use crate::{Error, Replica};
+
+/// The blob store's directory inside the data directory.
+pub const BLOBS_DIR: &str = "blobs";
+
+/// The blob store in `status`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct BlobStatus {
+    /// Blobs held here.
+    pub count: u64,
+    /// Bytes they hold.
+    pub bytes: u64,
+    /// The store's quota and per-blob limit (`[blobs]` in the config).
+    pub quota_bytes: u64,
+    pub max_blob_bytes: u64,
+}
+
+impl Replica {
+    /// Sets the blob store's limits (before its first use).
+    pub fn with_blob_config(self, config: fieldsync_blobs::Config) -> Self {
+        *self.blob_config.lock().unwrap_or_else(|p| p.into_inner()) = config;
+        self
+    }
+
+    /// Replaces the blob store's limits; the store opens again with them on its next use.
+    pub fn set_blob_config(&self, config: fieldsync_blobs::Config) {
+        *self.blob_config.lock().unwrap_or_else(|p| p.into_inner()) = config;
+        *self.blobs.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// This node's blob store, opened on first use.
+    pub fn blobs(&self) -> Result<Arc<BlobStore>, Error> {
+        let mut slot = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(store) = slot.as_ref() {
+            return Ok(store.clone());
+        }
+        if self.encrypted() {
+            // The store encrypts documents at rest; blob files are not encrypted yet, so
+            // they are refused rather than kept in the clear beside an encrypted store.
+            return Err(Error::BlobsEncrypted);
+        }
+        let config = self
+            .blob_config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let store = Arc::new(BlobStore::open(&self.dir.join(BLOBS_DIR), config)?);
+        *slot = Some(store.clone());
+        Ok(store)
+    }
+
+    /// The blob store's counts, without creating it where there is none.
+    pub fn blob_status(&self) -> BlobStatus {
+        let config = self
+            .blob_config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut status = BlobStatus {
+            quota_bytes: config.quota_bytes,
+            max_blob_bytes: config.max_blob_bytes,
+            ..Default::default()
+        };
+        let exists = self.dir.join(BLOBS_DIR).is_dir()
+            || self
+                .blobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some();
+        if let (true, Ok(store)) = (exists, self.blobs()) {
+            status.count = store.count();
+            status.bytes = store.bytes();
+        }
+        status
+    }
+
+    /// Adds `reference` (`{hash, size, mime, name}`) to the `attachments` field `field` of
+    /// an existing entity, once its blob is here; the checked reference.
+    pub fn attach(
+        &self,
+        collection: &str,
+        id: EntityId,
+        field: &str,
+        reference: &Json,
+    ) -> Result<Reference, Error> {
+        let ws = self.ws();
+        let coll = ws.schema.collection(collection)?;
+        let rule = coll.rule(field);
+        if *rule != Rule::Attachments {
+            return Err(Error::NotAttachments {
+                collection: collection.to_owned(),
+                field: field.to_owned(),
+                rule: rule.name(),
+            });
+        }
+        let checked = Reference::from_json(field, reference)?;
+        // Attaching creates nothing: the entity must exist (a mistyped id is not found).
+        self.get(collection, id)?;
+        let patch = json!({ field: { "$add": [checked.to_json()] } });
+        self.put_op(collection, Some(id), &patch.to_string(), None)?;
+        Ok(checked)
+    }
+
+    /// Refuses a local write that adds a reference to a blob this node does not hold (or
+    /// holds with another size), and pins the blobs it names. References the entity
+    /// already shows are not checked again (they may have come from a peer).
+    pub(crate) fn check_attachments(
+        &self,
+        collection: &str,
+        id: Option<EntityId>,
+        patch: &Patch,
+    ) -> Result<(), Error> {
+        let ws = self.ws();
+        let Ok(coll) = ws.schema.collection(collection) else {
+            return Ok(());
+        };
+        let mut current = None;
+        for (field, op) in &patch.ops {
+            if *coll.rule(field) != Rule::Attachments {
+                continue;
+            }
+            let (FieldOp::Add(items) | FieldOp::Set(Json::Array(items))) = op else {
+                continue;
+            };
+            if current.is_none() {
+                current = Some(match id.map(|id| self.get(collection, id)) {
+                    Some(Ok(view)) => view,
+                    _ => Default::default(),
+                });
+            }
+            let shown = in_view(current.as_ref().and_then(|v| v.get(field)));
+            for item in items {
+                let r = Reference::from_json(field, item)?;
+                if shown.contains(&r) {
+                    continue;
+                }
+                self.pin_reference(&r)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pins the blob of `r`, checking its size.
+    fn pin_reference(&self, r: &Reference) -> Result<(), Error> {
+        let hash: Hash = r.hash.parse()?;
+        let size = match self.blobs()?.pin(&hash) {
+            Ok(size) => size,
+            Err(fieldsync_blobs::Error::NotFound(_)) => {
+                return Err(Error::BlobMissing {
+                    hash: r.hash.clone(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if size != r.size {
+            return Err(Error::BlobSizeMismatch {
+                hash: r.hash.clone(),
+                claimed: r.size,
+                actual: size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether this node may send the file `hash` to `peer`: the peer is a member (or the
+    /// authority) and a live entity that its member may see references the file.
+    pub fn may_serve_blob(
+        &self,
+        peer: &fieldsync_core::PeerId,
+        hash: &Hash,
+    ) -> Result<bool, Error> {
+        use fieldsync_core::membership::Admission;
+        let grant = match self.member_list()?.admit(peer, None, self.now_ms()) {
+            Admission::Admitted(grant) => grant,
+            _ => return Ok(false),
+        };
+        let wanted = hash.to_string();
+        let ws = self.ws();
+        for (name, coll) in &ws.schema.collections {
+            let fields: Vec<&String> = coll
+                .fields
+                .iter()
+                .filter(|(_, f)| f.rule == Rule::Attachments)
+                .map(|(n, _)| n)
+                .collect();
+            if fields.is_empty() {
+                continue;
+            }
+            let mut ids = Vec::new();
+            self.list(name, &[], false, &mut |view| {
+                let refers = fields
+                    .iter()
+                    .any(|f| in_view(view.get(*f)).iter().any(|r| r.hash == wanted));
+                if refers {
+                    if let Some(id) = view
+                        .get("_id")
+                        .and_then(Json::as_str)
+                        .and_then(|i| i.parse::<EntityId>().ok())
+                    {
+                        ids.push(id);
+                    }
+                }
+                true
+            })?;
+            for id in ids {
+                if self.visible(&grant, name, id)? {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// The blobs that live (not deleted) entities on this node reference.
+    pub fn referenced_blobs(&self) -> Result<HashSet<Hash>, Error> {
+        let ws = self.ws();
+        let mut out = HashSet::new();
+        for (name, coll) in &ws.schema.collections {
+            let fields: Vec<&String> = coll
+                .fields
+                .iter()
+                .filter(|(_, f)| f.rule == Rule::Attachments)
+                .map(|(n, _)| n)
+                .collect();
+            if fields.is_empty() {
+                continue;
+            }
+            self.list(name, &[], false, &mut |view| {
+                for f in &fields {
+                    out.extend(
+                        in_view(view.get(*f))
+                            .iter()
+                            .filter_map(|r| r.hash.parse::<Hash>().ok()),
+                    );
+                }
+                true
+            })?;
+        }
+        Ok(out)
+    }
+
+    /// Removes the blobs that no live entity references and that were stored or last
+    /// pinned more than `grace` ago; the hashes removed.
+    pub fn collect_blobs(&self, grace: Duration) -> Result<Vec<Hash>, Error> {
+        if !self.dir.join(BLOBS_DIR).is_dir() || self.encrypted() {
+            return Ok(Vec::new());
+        }
+        let store = self.blobs()?;
+        if store.count() == 0 {
+            return Ok(Vec::new());
+        }
+        // Read before the ages are: a reference written after this pinned its blob, so
+        // the blob is younger than the cutoff and stays.
+        let referenced = self.referenced_blobs()?;
+        let cutoff = SystemTime::now()
+            .checked_sub(grace)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        Ok(store.remove_unreferenced(&|h| referenced.contains(h), cutoff)?)
+    }
+}

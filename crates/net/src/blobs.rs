@@ -1,0 +1,282 @@
+//! The attachments' file protocol, `/fieldsync/blobs/1`, beside the sync protocol: one
+//! stream per request, so a file moving never delays entity sync (each stream has its own
+//! yamux flow control).
+//!
+//! Request: the file's BLAKE3 hash (32 bytes), the offset to start at (u64 BE; always 0 for
+//! now: resuming is not built yet) and a flags byte ([`MAY_FORWARD`]: the server may fetch
+//! the file from its own peers first). Answer: one status byte — [`OK`], [`NOT_HERE`] or
+//! [`REFUSED`] — then, when OK, the file's size (u64 BE) and its bytes from the offset.
+//!
+//! Forwarding: a relay asked for a file it lacks fetches it from its other peers (never
+//! the asker, and without the flag, so a request travels one hop at most), stores it, then
+//! serves it: a file attached on one device reaches another through the relay on demand.
+//!
+//! Serving: only to peers the sync engine admitted, and only a file that a live entity the
+//! peer's member may see references (partitions apply). Fetching: the bytes stream into the
+//! blob store as they arrive (bounded queue, never whole in memory) and become a blob only
+//! if they hash to the hash asked for: a corrupt or truncated transfer is dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fieldsync::blobs::Hash;
+use fieldsync::Replica;
+use futures::{AsyncReadExt as _, AsyncWriteExt as _};
+use libp2p::{PeerId, StreamProtocol};
+
+/// The file protocol's libp2p name.
+pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/fieldsync/blobs/1");
+
+/// Files served at once; a request beyond it is dropped (the asker tries another peer).
+pub(crate) const MAX_SERVING: usize = 8;
+/// Bytes per piece, both ways.
+const PIECE: usize = 64 << 10;
+/// Pieces queued between the stream and the blob writer.
+const WRITE_QUEUE: usize = 8;
+/// How long a peer may take to send the request, or to send the next piece.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long opening the stream may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long an asker waits for the answer while the server may be fetching the file.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
+/// Request flag: the server may fetch the file from its own peers first.
+const MAY_FORWARD: u8 = 1;
+const REQUEST_LEN: usize = 41;
+
+const OK: u8 = 0;
+const NOT_HERE: u8 = 1;
+const REFUSED: u8 = 2;
+
+/// Serves one request from `peer` (`admitted`: the sync engine admitted it); `inputs`
+/// reaches the node's owner task, for forwarding.
+pub(crate) async fn serve(
+    replica: Arc<Replica>,
+    peer: PeerId,
+    admitted: bool,
+    mut stream: libp2p::Stream,
+    inputs: tokio::sync::mpsc::Sender<crate::event_loop::Owned>,
+) {
+    let mut request = [0u8; REQUEST_LEN];
+    match tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut request)).await {
+        Ok(Ok(())) => {}
+        _ => return,
+    }
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(&request[..32]);
+    let hash = Hash::from_bytes(hash);
+    let offset = u64::from_be_bytes(request[32..40].try_into().unwrap_or([0; 8]));
+    let may_forward = request[40] & MAY_FORWARD != 0;
+    let r = replica.clone();
+    let allowed = admitted
+        && tokio::task::spawn_blocking(move || r.may_serve_blob(&peer, &hash))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(false);
+    if !allowed {
+        tracing::info!(%peer, %hash, "blob request refused: not admitted, or no entity it may see references the file");
+        let _ = stream.write_all(&[REFUSED]).await;
+        let _ = stream.close().await;
+        return;
+    }
+    let path = match replica.blobs() {
+        Ok(store) => store.path(&hash),
+        Err(_) => {
+            let _ = stream.write_all(&[NOT_HERE]).await;
+            let _ = stream.close().await;
+            return;
+        }
+    };
+    if may_forward && !path.is_file() {
+        // Not here: fetch it from the other peers first (one hop, not back from the asker).
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let asked = inputs
+            .send(crate::event_loop::Owned::FetchBlob {
+                hash,
+                exclude: Some(peer),
+                forward: false,
+                reply,
+            })
+            .await;
+        if asked.is_ok() {
+            match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
+                Ok(Ok(Ok(_))) => tracing::info!(%peer, %hash, "blob fetched for a peer"),
+                other => tracing::info!(%peer, %hash, ?other, "blob not found for a peer"),
+            }
+        }
+    }
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(_) => {
+            let _ = stream.write_all(&[NOT_HERE]).await;
+            let _ = stream.close().await;
+            return;
+        }
+    };
+    let size = match file.metadata().await {
+        Ok(m) => m.len(),
+        Err(_) => return,
+    };
+    let mut head = [0u8; 9];
+    head[0] = OK;
+    head[1..].copy_from_slice(&size.to_be_bytes());
+    if stream.write_all(&head).await.is_err() {
+        return;
+    }
+    if offset > 0 {
+        use tokio::io::AsyncSeekExt as _;
+        if offset > size || file.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+            return;
+        }
+    }
+    let mut buf = vec![0u8; PIECE];
+    loop {
+        let n = match tokio::io::AsyncReadExt::read(&mut file, &mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        if stream.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+    let _ = stream.close().await;
+    tracing::debug!(%peer, %hash, size, "blob served");
+}
+
+/// Why a fetch from one peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// No connected, admitted peer to ask.
+    #[error("no connected peer to ask")]
+    NoPeer,
+    /// The peer does not hold the file.
+    #[error("{0} does not hold it")]
+    NotHere(PeerId),
+    /// The peer refused (not admitted, or outside its partitions).
+    #[error("{0} refused: this node may not see an entity referencing it there")]
+    Refused(PeerId),
+    /// The transfer failed or the bytes were wrong (nothing was stored).
+    #[error("from {0}: {1}")]
+    Failed(PeerId, String),
+}
+
+/// Fetches `hash` from the first of `peers` that serves it; the bytes stored. `forward`:
+/// the peers may fetch it from their own peers first.
+pub(crate) async fn fetch(
+    replica: Arc<Replica>,
+    control: libp2p_stream::Control,
+    peers: Vec<PeerId>,
+    hash: Hash,
+    forward: bool,
+    corrupt: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<u64, FetchError> {
+    let mut last = FetchError::NoPeer;
+    for peer in peers {
+        match fetch_from(&replica, control.clone(), peer, hash, forward).await {
+            Ok(n) => return Ok(n),
+            Err(e) => {
+                if let FetchError::Failed(_, why) = &e {
+                    if why.contains("hash to") {
+                        corrupt.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                tracing::info!(%peer, %hash, %e, "blob fetch failed");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+async fn fetch_from(
+    replica: &Arc<Replica>,
+    mut control: libp2p_stream::Control,
+    peer: PeerId,
+    hash: Hash,
+    forward: bool,
+) -> Result<u64, FetchError> {
+    let failed = |why: String| FetchError::Failed(peer, why);
+    let mut stream = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, BLOB_PROTOCOL))
+        .await
+        .map_err(|_| failed("opening the stream timed out".into()))?
+        .map_err(|e| failed(e.to_string()))?;
+    let mut request = [0u8; REQUEST_LEN];
+    request[..32].copy_from_slice(hash.as_bytes());
+    request[40] = if forward { MAY_FORWARD } else { 0 };
+    stream
+        .write_all(&request)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    stream.flush().await.map_err(|e| failed(e.to_string()))?;
+    let mut status = [0u8; 1];
+    tokio::time::timeout(ANSWER_TIMEOUT, stream.read_exact(&mut status))
+        .await
+        .map_err(|_| failed("no answer".into()))?
+        .map_err(|e| failed(e.to_string()))?;
+    match status[0] {
+        OK => {}
+        NOT_HERE => return Err(FetchError::NotHere(peer)),
+        REFUSED => return Err(FetchError::Refused(peer)),
+        other => return Err(failed(format!("unknown answer {other}"))),
+    }
+    let mut size = [0u8; 8];
+    tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut size))
+        .await
+        .map_err(|_| failed("no size".into()))?
+        .map_err(|e| failed(e.to_string()))?;
+    let size = u64::from_be_bytes(size);
+    let store = replica.blobs().map_err(|e| failed(e.to_string()))?;
+    // Checked against the limits before the first byte (a hostile size is refused here).
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(WRITE_QUEUE);
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut w = store.writer(Some(size))?;
+        while let Some(piece) = rx.blocking_recv() {
+            match piece {
+                Some(bytes) => w.write(&bytes)?,
+                // Only bytes that hash to the hash asked for become the blob.
+                None => return w.finish_expecting(&hash),
+            }
+        }
+        Err(fieldsync::blobs::Error::Io {
+            path: "transfer".into(),
+            source: std::io::Error::other("the transfer ended early"),
+        })
+    });
+    let mut got = 0u64;
+    let mut buf = vec![0u8; PIECE];
+    let mut broken = None;
+    while got < size {
+        let want = PIECE.min((size - got) as usize);
+        match tokio::time::timeout(IDLE_TIMEOUT, stream.read(&mut buf[..want])).await {
+            Ok(Ok(0)) => {
+                broken = Some(format!("the stream ended after {got} of {size} bytes"));
+                break;
+            }
+            Ok(Ok(n)) => {
+                got += n as u64;
+                if tx.send(Some(buf[..n].to_vec())).await.is_err() {
+                    break;
+                }
+            }
+            Ok(Err(e)) => {
+                broken = Some(e.to_string());
+                break;
+            }
+            Err(_) => {
+                broken = Some(format!("stalled after {got} of {size} bytes"));
+                break;
+            }
+        }
+    }
+    if broken.is_none() && got == size {
+        let _ = tx.send(None).await;
+    }
+    drop(tx);
+    let stored = writer
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(|e| failed(broken.clone().unwrap_or_else(|| e.to_string())))?;
+    Ok(stored.size)
+}

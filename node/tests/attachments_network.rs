@@ -1,0 +1,222 @@
+//! A photo attached on one device reaches others on demand, over the file protocol beside
+//! sync, with real processes on 127.0.0.1: another device asks the relay, which fetches it
+//! from the device that took it and passes it on; a device whose partitions hide the job is
+//! refused; bytes tampered with on the way are detected, counted and never stored.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use fieldsync::blobs::Hash;
+use support::{bin, cli, eventually, start_device, start_relay};
+
+const SCHEMA: &str = r#"
+[collections.jobs.fields]
+photos = { rule = "attachments" }
+"#;
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    bin()
+        .arg("--data")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("run fieldsync")
+}
+
+fn join(tmp: &Path, relay: &Path, name: &str, partition: &[&str]) -> PathBuf {
+    let invite = tmp.join(format!("{name}.invite"));
+    let out = bin()
+        .arg("--data")
+        .arg(relay)
+        .arg("invite")
+        .args(partition)
+        .output()
+        .expect("invite");
+    assert!(out.status.success());
+    std::fs::write(&invite, out.stdout).expect("invite file");
+    let dir = tmp.join(name);
+    cli(
+        &dir,
+        &[
+            "init",
+            "--join",
+            invite.to_str().expect("path"),
+            "--name",
+            name,
+        ],
+    );
+    dir
+}
+
+fn fetched(dir: &Path, hash: &str, out: &Path) -> Output {
+    run(
+        dir,
+        &["blob", "get", hash, "--out", out.to_str().expect("path")],
+    )
+}
+
+fn metric(dir: &Path, name: &str) -> u64 {
+    let api = serde_json::from_str::<serde_json::Value>(
+        &std::fs::read_to_string(dir.join("daemon.json")).expect("daemon.json"),
+    )
+    .expect("json")["api"]
+        .as_str()
+        .expect("api")
+        .to_owned();
+    let text = ureq::get(format!("{api}/metrics"))
+        .call()
+        .expect("metrics")
+        .body_mut()
+        .read_to_string()
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+#[test]
+fn a_photo_is_fetched_on_demand_within_partitions_and_verified() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let schema = tmp.path().join("schema.toml");
+    std::fs::write(&schema, SCHEMA).expect("schema");
+    let relay_dir = tmp.path().join("relay");
+    cli(
+        &relay_dir,
+        &[
+            "init",
+            "--schema",
+            schema.to_str().expect("path"),
+            "--name",
+            "relay",
+        ],
+    );
+    let camera = join(tmp.path(), &relay_dir, "camera", &[]);
+    let office = join(tmp.path(), &relay_dir, "office", &[]);
+    let inspector = join(tmp.path(), &relay_dir, "inspector", &[]);
+    let outsider = join(
+        tmp.path(),
+        &relay_dir,
+        "outsider",
+        &["--partition", "jobs=none"],
+    );
+
+    let (_relay, addr) = start_relay(&relay_dir);
+    let mut cam = start_device(&camera, &addr, &[]);
+    cam.wait_for("sync_completed");
+
+    // Taken on the camera device: the job and its reference sync, the file stays there.
+    let job = cli(&camera, &["put", "jobs", r#"{"site": "Elm St"}"#])["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let bytes: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let photo = tmp.path().join("boiler.jpg");
+    std::fs::write(&photo, &bytes).expect("photo");
+    let attached = run(
+        &camera,
+        &[
+            "attach",
+            "jobs",
+            &job,
+            "photos",
+            photo.to_str().expect("path"),
+        ],
+    );
+    assert!(
+        attached.status.success(),
+        "{}",
+        String::from_utf8_lossy(&attached.stderr)
+    );
+    let hash = Hash::of(&bytes).to_string();
+    eventually("the relay has the job's reference", || {
+        let o = run(&relay_dir, &["get", "jobs", &job]);
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(&hash)
+    });
+
+    // The office asks the relay, which lacks the file: the relay fetches it from the
+    // camera (verified, stored) and passes it on.
+    let mut off = start_device(&office, &addr, &[]);
+    off.wait_for("sync_completed");
+    eventually("the office has the job", || {
+        run(&office, &["get", "jobs", &job]).status.success()
+    });
+    let copy = tmp.path().join("office-copy.jpg");
+    let o = fetched(&office, &hash, &copy);
+    assert!(
+        o.status.success(),
+        "office fetch: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(std::fs::read(&copy).expect("copy"), bytes);
+    assert_eq!(cli(&office, &["status"])["blobs"]["count"], 1);
+    assert_eq!(
+        cli(&relay_dir, &["status"])["blobs"]["count"],
+        1,
+        "the relay kept a copy"
+    );
+    eventually("the fetches are counted", || {
+        metric(&relay_dir, "fieldsync_blobs_fetched_total") == 1
+            && metric(&office, "fieldsync_blobs_fetched_total") == 1
+    });
+    let relay_copy = tmp.path().join("relay-copy.jpg");
+    let o = fetched(&relay_dir, &hash, &relay_copy);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&relay_copy).expect("copy"), bytes);
+
+    // A device whose partitions hide jobs is refused by the relay: exit 3, nothing stored.
+    let mut out = start_device(&outsider, &addr, &[]);
+    out.wait_for("sync_completed");
+    let o = fetched(&outsider, &hash, &tmp.path().join("outsider.jpg"));
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("refused"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(cli(&outsider, &["status"])["blobs"]["count"], 0);
+
+    // Bytes tampered with on the relay's disk (a hostile or broken peer) are detected by
+    // the asking device and dropped; once the relay holds the right bytes, it works.
+    let stored = relay_dir.join("blobs").join(&hash[..2]).join(&hash);
+    let mut bad = bytes.clone();
+    bad[1_234_567] ^= 0x40;
+    std::fs::write(&stored, &bad).expect("tamper");
+    let mut insp = start_device(&inspector, &addr, &[]);
+    insp.wait_for("sync_completed");
+    eventually("the inspector has the job", || {
+        run(&inspector, &["get", "jobs", &job]).status.success()
+    });
+    let o = fetched(&inspector, &hash, &tmp.path().join("inspector.jpg"));
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "tampered bytes must not be served as the file"
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("hash"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(cli(&inspector, &["status"])["blobs"]["count"], 0);
+    // (The daemon copies the network's counters to /metrics twice a second.)
+    eventually("the tampered transfer is counted", || {
+        metric(&inspector, "fieldsync_blob_transfers_corrupt_total") == 1
+    });
+    std::fs::write(&stored, &bytes).expect("repair");
+    let o = fetched(&inspector, &hash, &tmp.path().join("inspector.jpg"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(tmp.path().join("inspector.jpg")).expect("copy"),
+        bytes
+    );
+}
