@@ -255,3 +255,30 @@ fn a_file_is_served_only_to_members_that_may_see_an_entity_referencing_it() {
     hq.delete("jobs", job).expect("delete");
     assert!(!hq.may_serve_blob(&office, &hash).expect("check"));
 }
+
+#[test]
+fn a_purge_erases_the_entitys_photos_at_once_but_not_one_another_job_shares() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let hq = Replica::init_authority(&tmp.path().join("hq"), SCHEMA, "hq").expect("init");
+    let (erased, other) = (
+        hq.put("jobs", None, r#"{"title": "Maria's kitchen"}"#)
+            .expect("job"),
+        hq.put("jobs", None, r#"{"title": "Shared van"}"#)
+            .expect("job"),
+    );
+    let own = photo(&hq, b"Marker-Photo-Of-Maria-Perez-1234", "maria.jpg");
+    let shared = photo(&hq, b"a photo of the van both jobs used", "van.jpg");
+    hq.attach("jobs", erased, "photos", &own).expect("attach");
+    hq.attach("jobs", erased, "photos", &shared)
+        .expect("attach");
+    hq.attach("jobs", other, "photos", &shared).expect("attach");
+    let held = |r: &Value| {
+        let hash: Hash = r["hash"].as_str().expect("hash").parse().expect("hash");
+        hq.blobs().expect("blobs").path(&hash).is_file()
+    };
+    assert!(held(&own) && held(&shared));
+    hq.purge("jobs", erased).expect("purge");
+    assert!(!held(&own), "the purged job's photo is still on disk");
+    assert!(held(&shared), "a photo another job references was removed");
+    assert_eq!(photos(&hq, other), vec![shared]);
+}

@@ -407,3 +407,57 @@ fn the_authority_key_survives_its_disk_through_an_encrypted_backup() {
     );
     assert_eq!(ana.get("payments", id).unwrap()["amount"], 50);
 }
+
+#[test]
+fn a_node_that_purged_an_entity_never_fetches_it_again_from_an_old_peer() {
+    use fieldsync::core::protocol::Frame;
+    let tmp = tempfile::tempdir().unwrap();
+    let (hq, devices) = fieldsync_tests::workspace(tmp.path(), &["bo"]).unwrap();
+    let bo = Arc::new(devices.into_iter().next().unwrap());
+    let id = bo
+        .put("tasks", None, r#"{"title": "Old copy", "status": "open"}"#)
+        .unwrap();
+    exchange(&bo, &hq).unwrap();
+    hq.purge("tasks", id).unwrap();
+    // bo was away: it still holds the task, edits it, and offers it when it reconnects.
+    bo.put("tasks", Some(id), r#"{"status": "in_progress"}"#)
+        .unwrap();
+    let hq = Arc::new(hq);
+    let mut hq_engine = Engine::new(hq.clone(), Config::default().with_role(Role::Relay)).unwrap();
+    let mut bo_engine = Engine::new(bo.clone(), Config::default()).unwrap();
+    let (ph, pb) = (hq.peer_id(), bo.peer_id());
+    bo_engine.handle(Input::Dialed(ph)).unwrap();
+    hq_engine.handle(Input::Connected(pb)).unwrap();
+    let (mut wanted_by_hq, mut offered_by_bo) = (Vec::new(), Vec::new());
+    loop {
+        let mut moved = false;
+        while let Some((_, bytes)) = bo_engine.poll_transmit() {
+            if let Ok(Frame::Offer { entries, .. }) = Frame::decode(&bytes, 16 << 20) {
+                offered_by_bo.extend(entries.into_iter().map(|e| e.id));
+            }
+            hq_engine.handle(Input::Frame(pb, bytes)).unwrap();
+            moved = true;
+        }
+        while let Some((_, bytes)) = hq_engine.poll_transmit() {
+            if let Ok(Frame::Want { wants, .. }) = Frame::decode(&bytes, 16 << 20) {
+                wanted_by_hq.extend(wants.into_iter().map(|w| w.id));
+            }
+            bo_engine.handle(Input::Frame(ph, bytes)).unwrap();
+            moved = true;
+        }
+        if !moved {
+            break;
+        }
+    }
+    assert!(
+        offered_by_bo.contains(&id),
+        "bo offered its copy: {offered_by_bo:?}"
+    );
+    assert!(
+        !wanted_by_hq.contains(&id),
+        "hq asked for the entity it purged: {wanted_by_hq:?}"
+    );
+    assert!(bo.is_purged(id).unwrap(), "the purge reached bo");
+    assert!(bo.get("tasks", id).is_err());
+    assert!(hq.get("tasks", id).is_err());
+}

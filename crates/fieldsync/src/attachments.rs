@@ -260,6 +260,50 @@ impl Replica {
         Ok(out)
     }
 
+    /// The blobs the attachment fields of entities `ids` reference (as stored now).
+    pub(crate) fn blobs_of(&self, ids: &[EntityId]) -> Result<HashSet<Hash>, Error> {
+        let ws = self.ws();
+        let mut out = HashSet::new();
+        for id in ids {
+            let Some(entity) = self.load_committed(*id)? else {
+                continue;
+            };
+            let Some(coll) = entity
+                .collection()
+                .and_then(|c| ws.schema.collections.get(&c).cloned())
+            else {
+                continue;
+            };
+            let view = entity.view(&ws)?;
+            for (name, _) in coll
+                .fields
+                .iter()
+                .filter(|(_, f)| f.rule == Rule::Attachments)
+            {
+                out.extend(
+                    in_view(view.get(name))
+                        .iter()
+                        .filter_map(|r| r.hash.parse::<Hash>().ok()),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes, at once, those of `blobs` that no live entity here references (a purge
+    /// erases its entity's files now, not after the grace period).
+    pub(crate) fn remove_unless_referenced(&self, blobs: &HashSet<Hash>) -> Result<(), Error> {
+        if blobs.is_empty() || !self.dir.join(BLOBS_DIR).is_dir() {
+            return Ok(());
+        }
+        let referenced = self.referenced_blobs()?;
+        let store = self.blobs()?;
+        for hash in blobs.difference(&referenced) {
+            store.remove(hash)?;
+        }
+        Ok(())
+    }
+
     /// Removes the blobs that no live entity references and that were stored or last
     /// pinned more than `grace` ago; the hashes removed.
     pub fn collect_blobs(&self, grace: Duration) -> Result<Vec<Hash>, Error> {

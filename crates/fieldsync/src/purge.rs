@@ -76,6 +76,15 @@ impl Replica {
             .is_some_and(|r| r.collection == PURGES))
     }
 
+    /// Whether this node holds any purge record.
+    pub fn holds_purges(&self) -> Result<bool, Error> {
+        Ok(self
+            .store
+            .counts()?
+            .iter()
+            .any(|(c, n)| c == PURGES && *n > 0))
+    }
+
     /// Every purge record held here.
     pub fn purges(&self) -> Result<Vec<PurgeRecord>, Error> {
         let mut out = Vec::new();
@@ -120,8 +129,8 @@ impl Replica {
         Ok(record.entity)
     }
 
-    /// Drops purged entities whole (store, cache) and waits until no byte of them is left
-    /// in the files.
+    /// Drops purged entities whole (store, cache, attachment files no other entity here
+    /// references) and waits until no byte of them is left in the files.
     pub(crate) fn apply_purges(&self, targets: &[EntityId]) -> Result<(), Error> {
         if targets.is_empty() {
             return Ok(());
@@ -130,9 +139,11 @@ impl Replica {
         for id in targets {
             self.uncache(*id);
         }
+        // Their attachments' files go too, unless another entity here references them.
+        let blobs = self.blobs_of(targets)?;
         let keys: Vec<[u8; 16]> = targets.iter().map(|id| *id.as_bytes()).collect();
         self.store.purge(&keys)?;
-        Ok(())
+        self.remove_unless_referenced(&blobs)
     }
 
     /// Purges whose entity is still stored (a crash after the record was written): done now.

@@ -114,9 +114,16 @@ fn run(replica: &Replica, task: Task) -> Result<Outcome, Error> {
             grant,
         } => read_priority(replica, after, limit, &grant)?,
         Task::ReadHeads { ids } => {
+            // Purged entities answer with empty heads, so they are never fetched (only
+            // looked up when this node holds purge records at all).
+            let purges = replica.holds_purges()?;
             let heads = ids
                 .iter()
-                .map(|id| Ok(replica.store.record(id.as_bytes())?.map(|r| r.heads)))
+                .map(|id| match replica.store.record(id.as_bytes())? {
+                    Some(r) => Ok(Some(r.heads)),
+                    None if purges && replica.is_purged(*id)? => Ok(Some(vec![])),
+                    None => Ok(None),
+                })
                 .collect::<Result<_, Error>>()?;
             Outcome::Heads(heads)
         }

@@ -34,7 +34,8 @@ pub enum Task {
         limit: usize,
         grant: Grant,
     },
-    /// The local heads of these entities (absent: `None`): [`Outcome::Heads`], in order.
+    /// The local heads of these entities (absent: `None`; purged here, so never to be
+    /// fetched again: empty heads): [`Outcome::Heads`], in order.
     ReadHeads { ids: Vec<EntityId> },
     /// What to send for these wants, for a member with `grant`: whole stored documents
     /// where the want has no heads, else the changes after them. Entities that are absent

@@ -1045,7 +1045,8 @@ impl Engine {
         let mut wants = Vec::new();
         for (entry, local) in entries.into_iter().zip(heads) {
             match local {
-                Some(heads) if heads == entry.heads => {}
+                // Held already, or purged here (an entity held has at least one head).
+                Some(heads) if heads == entry.heads || heads.is_empty() => {}
                 Some(heads) => wants.push(WantEntry {
                     id: entry.id,
                     have: heads,
