@@ -486,12 +486,14 @@ impl EventLoop {
                     self.swarm.close_connection(connection_id);
                     return;
                 }
-                // The next tick opens the sync stream if this node is the lower peer id.
                 tracing::debug!(peer = %peer_id, %connection_id, "connection established");
                 self.peers.connected.insert(peer_id);
                 if endpoint.is_dialer() {
                     self.peers.dialed.insert(peer_id);
                 }
+                // The lower peer id opens the sync stream now, not on the next tick (up to
+                // 100 ms of every reconnect); ticks retry if it fails.
+                self.open_streams();
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
