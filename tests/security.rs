@@ -950,15 +950,21 @@ fn delegated_office() -> (Site, usize, usize) {
     (site, office, ana)
 }
 
+/// `device` records a payment of 50 (a proposal) and syncs it.
+fn propose_payment(site: &mut Site, device: usize) -> EntityId {
+    let id = site
+        .r(device)
+        .put("payments", None, r#"{"amount": 50, "collector": "ana"}"#)
+        .unwrap();
+    site.engines[device].local_change().unwrap();
+    site.run();
+    id
+}
+
 #[test]
 fn a_delegated_relay_confirms_and_admits_while_the_authority_is_away() {
     let (mut site, office, ana) = delegated_office();
-    let id = site
-        .r(ana)
-        .put("payments", None, r#"{"amount": 50, "collector": "ana"}"#)
-        .unwrap();
-    site.engines[ana].local_change().unwrap();
-    site.run();
+    let id = propose_payment(&mut site, ana);
     let proposal = site
         .r(office)
         .proposals()
@@ -1013,12 +1019,7 @@ fn a_delegated_relay_confirms_and_admits_while_the_authority_is_away() {
 #[test]
 fn a_withdrawn_delegate_confirms_nothing_more_and_its_late_records_are_refused() {
     let (mut site, office, ana) = delegated_office();
-    let id = site
-        .r(ana)
-        .put("payments", None, r#"{"amount": 50, "collector": "ana"}"#)
-        .unwrap();
-    site.engines[ana].local_change().unwrap();
-    site.run();
+    let id = propose_payment(&mut site, ana);
     // The delegation the office holds now, as a thief of its key would keep it.
     let ws = site.r(0).workspace().clone();
     let old = {

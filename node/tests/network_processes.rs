@@ -391,19 +391,9 @@ fn a_delegated_second_relay_serves_the_office_while_the_authority_is_down() {
     let s = site(0);
     // The second relay joins with a relay invite and keeps connected to the authority.
     let invite_to = |role: &str, name: &str| {
-        let out = bin()
-            .arg("--data")
-            .arg(&s.relay)
-            .args(["invite", "--user", name, "--role", role])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         let file = s.tmp.path().join(format!("{name}.json"));
-        std::fs::write(&file, out.stdout).unwrap();
+        let invite = stdout_of(&s.relay, &["invite", "--user", name, "--role", role]);
+        std::fs::write(&file, invite).unwrap();
         file
     };
     let office = s.tmp.path().join("office");
@@ -427,23 +417,17 @@ fn a_delegated_second_relay_serves_the_office_while_the_authority_is_down() {
         .as_str()
         .unwrap()
         .to_owned();
-    let stdout = |dir: &std::path::Path, args: &[&str]| {
-        let out = bin().arg("--data").arg(dir).args(args).output().unwrap();
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    };
     eventually("hq knows the office as a member", || {
-        stdout(&s.relay, &["members"]).is_some_and(|m| m.contains(&office_peer))
+        try_stdout(&s.relay, &["members"]).is_some_and(|m| m.contains(&office_peer))
     });
     assert!(
-        stdout(&office, &["proposals"]).is_none(),
+        try_stdout(&office, &["proposals"]).is_none(),
         "a relay settles nothing by itself"
     );
     let delegated = cli(&s.relay, &["delegate", &office_peer]);
     assert_eq!(delegated["delegate"], true, "{delegated}");
     eventually("the office holds its delegation", || {
-        stdout(&office, &["proposals"]).is_some()
+        try_stdout(&office, &["proposals"]).is_some()
     });
     hq.stop(); // the authority's machine is down for the day
 
@@ -469,7 +453,7 @@ fn a_delegated_second_relay_serves_the_office_while_the_authority_is_down() {
         .to_owned();
     let mut pending = Vec::new();
     eventually("the office sees ana's proposal", || {
-        pending = stdout(&office, &["proposals"])
+        pending = try_stdout(&office, &["proposals"])
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -480,7 +464,7 @@ fn a_delegated_second_relay_serves_the_office_while_the_authority_is_down() {
     let pid = pending[0]["id"].as_str().unwrap().to_owned();
     cli(&office, &["accept", &pid]);
     eventually("ana's payment is confirmed by the office", || {
-        stdout(&ana, &["proposals", "--mine"]).is_some_and(|p| p.trim().is_empty())
+        try_stdout(&ana, &["proposals", "--mine"]).is_some_and(|p| p.trim().is_empty())
     });
     assert_eq!(cli(&ana, &["get", "payments", &payment])["amount"], 120);
 
@@ -489,17 +473,17 @@ fn a_delegated_second_relay_serves_the_office_while_the_authority_is_down() {
     let mut hq = Daemon::start(&s.relay, &[&["relay", "--peer", &oaddr], LOCAL].concat());
     hq.wait_for("api");
     eventually("hq has the confirmed payment and ana as a member", || {
-        let confirmed = stdout(&s.relay, &["get", "payments", &payment])
+        let confirmed = try_stdout(&s.relay, &["get", "payments", &payment])
             .and_then(|v| serde_json::from_str::<Value>(&v).ok())
             .is_some_and(|v| v["amount"] == 120 && v.get("_pending").is_none());
-        let members = stdout(&s.relay, &["members"]).unwrap_or_default();
+        let members = try_stdout(&s.relay, &["members"]).unwrap_or_default();
         confirmed
             && members
                 .lines()
                 .any(|l| l.contains("\"kind\":\"member\"") && l.contains("\"user\":\"ana\""))
     });
     assert!(
-        !stdout(&s.relay, &["members"])
+        !try_stdout(&s.relay, &["members"])
             .unwrap_or_default()
             .contains("\"kind\":\"invite\""),
         "ana's invite counts as used at hq"

@@ -198,12 +198,7 @@ impl Replica {
         let wanted = hash.to_string();
         let ws = self.ws();
         for (name, coll) in &ws.schema.collections {
-            let fields: Vec<&String> = coll
-                .fields
-                .iter()
-                .filter(|(_, f)| f.rule == Rule::Attachments)
-                .map(|(n, _)| n)
-                .collect();
+            let fields = attachment_fields(coll);
             if fields.is_empty() {
                 continue;
             }
@@ -237,12 +232,7 @@ impl Replica {
         let ws = self.ws();
         let mut out = HashSet::new();
         for (name, coll) in &ws.schema.collections {
-            let fields: Vec<&String> = coll
-                .fields
-                .iter()
-                .filter(|(_, f)| f.rule == Rule::Attachments)
-                .map(|(n, _)| n)
-                .collect();
+            let fields = attachment_fields(coll);
             if fields.is_empty() {
                 continue;
             }
@@ -322,4 +312,13 @@ impl Replica {
             .unwrap_or(SystemTime::UNIX_EPOCH);
         Ok(store.remove_unreferenced(&|h| referenced.contains(h), cutoff)?)
     }
+}
+
+/// The fields of `coll` under the `attachments` rule.
+fn attachment_fields(coll: &fieldsync_core::Collection) -> Vec<&String> {
+    coll.fields
+        .iter()
+        .filter(|(_, f)| f.rule == Rule::Attachments)
+        .map(|(n, _)| n)
+        .collect()
 }

@@ -326,12 +326,7 @@ impl Replica {
         if !self.authority {
             return Err(Error::AuthorityOnly("revoke members"));
         }
-        let cache = self.member_list()?;
-        let mut record = cache
-            .by_peer
-            .get(peer)
-            .cloned()
-            .ok_or_else(|| fieldsync_core::Error::NotFound(format!("member {peer}")))?;
+        let mut record = self.member_record(peer)?;
         record.revoked = true;
         self.write_member_record(peer, &record)?;
         Ok(record)
@@ -343,12 +338,7 @@ impl Replica {
         if !self.authority {
             return Err(Error::AuthorityOnly("delegate"));
         }
-        let cache = self.member_list()?;
-        let mut record = cache
-            .by_peer
-            .get(peer)
-            .cloned()
-            .ok_or_else(|| fieldsync_core::Error::NotFound(format!("member {peer}")))?;
+        let mut record = self.member_record(peer)?;
         if delegate && (record.revoked || record.grant.role == MemberRole::Device) {
             return Err(fieldsync_core::Error::Invite(format!(
                 "{peer} is {}; only an unrevoked relay or admin can be a delegate",
@@ -371,6 +361,16 @@ impl Replica {
     /// delegation this node holds.
     pub fn confirms(&self) -> Result<bool, Error> {
         Ok(self.authority || self.member_list()?.delegation.is_some())
+    }
+
+    /// `peer`'s member record, or not found.
+    fn member_record(&self, peer: &PeerId) -> Result<MemberRecord, Error> {
+        Ok(self
+            .member_list()?
+            .by_peer
+            .get(peer)
+            .cloned()
+            .ok_or_else(|| fieldsync_core::Error::NotFound(format!("member {peer}")))?)
     }
 
     fn write_member_record(&self, peer: &PeerId, record: &MemberRecord) -> Result<(), Error> {

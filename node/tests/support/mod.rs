@@ -20,7 +20,8 @@ pub fn bin() -> Command {
     c
 }
 
-pub fn cli(dir: &Path, args: &[&str]) -> Value {
+/// `fieldsync --data DIR ARGS…`'s standard output; the command must succeed.
+pub fn stdout_of(dir: &Path, args: &[&str]) -> Vec<u8> {
     let out = bin()
         .arg("--data")
         .arg(dir)
@@ -32,7 +33,25 @@ pub fn cli(dir: &Path, args: &[&str]) -> Value {
         "{args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8_lossy(&out.stdout);
+    out.stdout
+}
+
+/// Its standard output if the command succeeded, else `None`.
+pub fn try_stdout(dir: &Path, args: &[&str]) -> Option<String> {
+    let out = bin()
+        .arg("--data")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("run fieldsync");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn cli(dir: &Path, args: &[&str]) -> Value {
+    let stdout = stdout_of(dir, args);
+    let text = String::from_utf8_lossy(&stdout);
     let lines: Vec<Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON"))
