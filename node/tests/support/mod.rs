@@ -20,14 +20,19 @@ pub fn bin() -> Command {
     c
 }
 
-/// `fieldsync --data DIR ARGS…`'s standard output; the command must succeed.
-pub fn stdout_of(dir: &Path, args: &[&str]) -> Vec<u8> {
-    let out = bin()
+/// Runs `fieldsync --data DIR ARGS…` to the end.
+fn run_in(dir: &Path, args: &[&str]) -> std::process::Output {
+    bin()
         .arg("--data")
         .arg(dir)
         .args(args)
         .output()
-        .expect("run fieldsync");
+        .expect("run fieldsync")
+}
+
+/// `fieldsync --data DIR ARGS…`'s standard output; the command must succeed.
+pub fn stdout_of(dir: &Path, args: &[&str]) -> Vec<u8> {
+    let out = run_in(dir, args);
     assert!(
         out.status.success(),
         "{args:?}: {}",
@@ -38,12 +43,7 @@ pub fn stdout_of(dir: &Path, args: &[&str]) -> Vec<u8> {
 
 /// Its standard output if the command succeeded, else `None`.
 pub fn try_stdout(dir: &Path, args: &[&str]) -> Option<String> {
-    let out = bin()
-        .arg("--data")
-        .arg(dir)
-        .args(args)
-        .output()
-        .expect("run fieldsync");
+    let out = run_in(dir, args);
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
