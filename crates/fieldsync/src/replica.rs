@@ -146,6 +146,9 @@ pub struct Replica {
     pub(crate) recomputing: Mutex<()>,
     /// Progress of the views' recomputation under a newly adopted schema version.
     pub(crate) recompute: Mutex<Option<crate::schemas::RecomputeProgress>>,
+    /// Bumped at every change of `recompute`: a list that read views across a change reads
+    /// them again (see `list_after`).
+    pub(crate) recompute_gen: std::sync::atomic::AtomicU64,
     /// The background recompute thread, once started.
     pub(crate) background: std::sync::OnceLock<Arc<crate::schemas::Worker>>,
     /// The blob store's limits, and the store once opened (see `attachments`).
@@ -423,6 +426,7 @@ impl Replica {
             adopting: Mutex::new(()),
             recomputing: Mutex::new(()),
             recompute: Mutex::new(None),
+            recompute_gen: std::sync::atomic::AtomicU64::new(0),
             background: std::sync::OnceLock::new(),
             blob_config: Mutex::new(fieldsync_blobs::Config::default()),
             blobs: Mutex::new(None),
@@ -823,14 +827,47 @@ impl Replica {
             .collect::<Result<Vec<_>, _>>()?;
         let mut after: Option<[u8; 16]> = after.map(|id| *id.as_bytes());
         loop {
-            // Asked before the page is read: a view the worker rewrites after the read is
-            // read again below, so an old view never passes for a new one.
-            let recomputing = self.recomputing();
-            let page = self.store.views(collection, after.as_ref(), 1024)?;
-            let Some((last, _)) = page.last() else {
-                return Ok(());
+            let (last, views) = match self.read_view_page(collection, after.as_ref())? {
+                Some(page) => page,
+                None => return Ok(()),
             };
-            after = Some(*last);
+            after = Some(last);
+            for (id, view) in views {
+                if !include_deleted && view.contains_key("_deleted") {
+                    continue;
+                }
+                if filters.iter().all(|(f, v)| matches_filter(&view, f, v))
+                    && !each(EntityId::from_bytes(id), view)
+                {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// The next page of a collection's views after `after`, each under the schema in use
+    /// (the last id of the page with them); `None` past the end. While a new schema
+    /// version's views are recomputed, those not yet recomputed are derived now; a page read
+    /// while the recompute's progress moved is read again, so an old view never passes for
+    /// a new one (the progress can move between reading a view and asking whether it is
+    /// stale).
+    fn read_view_page(
+        &self,
+        collection: &str,
+        after: Option<&[u8; 16]>,
+    ) -> Result<Option<([u8; 16], Vec<([u8; 16], View)>)>, Error> {
+        use std::sync::atomic::Ordering;
+        for attempt in 0.. {
+            let gen = self.recompute_gen.load(Ordering::Acquire);
+            // Asked before the page is read: a view the worker rewrites after the read is
+            // read again below.
+            let recomputing = self.recomputing();
+            let page = self.store.views(collection, after, 1024)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(None);
+            };
+            let last = *last;
+            let mut views = Vec::with_capacity(page.len());
             for (id, mut bytes) in page {
                 // While a new schema version's views are recomputed, the rest is derived now.
                 let fresh = if self.view_is_stale(collection, &id) {
@@ -853,16 +890,25 @@ impl Replica {
                         ))
                     })?,
                 };
-                if !include_deleted && view.contains_key("_deleted") {
-                    continue;
+                views.push((id, view));
+            }
+            // A few tries while the worker moves on; then every view is derived now, which
+            // is right whatever the progress says.
+            if self.recompute_gen.load(Ordering::Acquire) == gen {
+                return Ok(Some((last, views)));
+            }
+            if attempt >= 3 {
+                let mut derived = Vec::with_capacity(views.len());
+                for (id, view) in views {
+                    match self.fresh_view(EntityId::from_bytes(id))? {
+                        Some(v) => derived.push((id, v)),
+                        None => derived.push((id, view)),
+                    }
                 }
-                if filters.iter().all(|(f, v)| matches_filter(&view, f, v))
-                    && !each(EntityId::from_bytes(id), view)
-                {
-                    return Ok(());
-                }
+                return Ok(Some((last, derived)));
             }
         }
+        unreachable!("the loop returns")
     }
 
     /// Deletes an entity (a tombstone that syncs).

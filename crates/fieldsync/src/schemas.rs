@@ -382,6 +382,8 @@ impl Replica {
 
     fn set_progress(&self, p: Option<RecomputeProgress>) {
         *self.recompute.lock().unwrap_or_else(|p| p.into_inner()) = p;
+        self.recompute_gen
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// How far the views are recomputed under a new version (`None`: they follow it).
@@ -523,6 +525,8 @@ impl Replica {
                     p.total = p.total.max(seen);
                     p.current = Some((collection.clone(), last));
                 }
+                self.recompute_gen
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 tracing::info!(collection = %collection, recomputed = done, seen, "recomputing views under the new schema");
             }
             if let Some(p) = self
@@ -534,6 +538,8 @@ impl Replica {
                 p.finished.insert(collection.clone());
                 p.current = None;
             }
+            self.recompute_gen
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
         Ok(done)
     }
