@@ -114,6 +114,9 @@ pub struct Status {
     pub blobs: crate::BlobStatus,
 }
 
+/// A page of views: the last id read, and each id with its view.
+type ViewPage = ([u8; 16], Vec<([u8; 16], View)>);
+
 /// One node's replica of its workspace.
 pub struct Replica {
     pub(crate) store: Arc<dyn Store>,
@@ -855,7 +858,7 @@ impl Replica {
         &self,
         collection: &str,
         after: Option<&[u8; 16]>,
-    ) -> Result<Option<([u8; 16], Vec<([u8; 16], View)>)>, Error> {
+    ) -> Result<Option<ViewPage>, Error> {
         use std::sync::atomic::Ordering;
         for attempt in 0.. {
             let gen = self.recompute_gen.load(Ordering::Acquire);
