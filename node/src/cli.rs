@@ -263,7 +263,8 @@ pub(crate) enum Command {
     ///
     /// Prints JSON Lines on stdout as it goes (listening, api, peer_connected,
     /// sync_completed, sync_failed, refused: a peer refused this node, with the reason;
-    /// blobs_collected: unreferenced attachment files removed, see `[blobs]`);
+    /// blobs_collected: unreferenced attachment files removed, see `[blobs]`; blob_fetched:
+    /// an attachment file fetched unasked, for a `prefetch` collection);
     /// stops on Ctrl-C or SIGTERM. A --listen or --api port in use fails with
     /// `address in use`.
     Run {
@@ -290,7 +291,8 @@ pub(crate) enum Command {
         config: Option<PathBuf>,
     },
     /// Run this node as an always-on relay: serves catch-up and live sync to every device
-    /// (and, on the authority, confirms auto_accept proposals as they arrive).
+    /// (and, on the authority, confirms auto_accept proposals as they arrive), and fetches
+    /// every attachment file a live entity references from the devices that have it.
     Relay {
         /// Address to accept devices on. Repeatable: TCP, QUIC, WebSocket for browsers
         /// (/ip4/0.0.0.0/tcp/8080/ws), secure WebSocket (…/tcp/443/tls/ws, with [net]

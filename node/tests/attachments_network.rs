@@ -138,8 +138,8 @@ fn a_photo_is_fetched_on_demand_within_partitions_and_verified() {
         o.status.success() && String::from_utf8_lossy(&o.stdout).contains(&hash)
     });
 
-    // The office asks the relay, which lacks the file: the relay fetches it from the
-    // camera (verified, stored) and passes it on.
+    // The office asks the relay for the file, which the relay fetches from the camera
+    // (verified, stored; unasked, or when asked if it has not yet) and passes it on.
     let mut off = start_device(&office, &addr, &[]);
     off.wait_for("sync_completed");
     eventually("the office has the job", || {
@@ -160,7 +160,8 @@ fn a_photo_is_fetched_on_demand_within_partitions_and_verified() {
         "the relay kept a copy"
     );
     eventually("the fetches are counted", || {
-        metric(&relay_dir, "fieldsync_blobs_fetched_total") == 1
+        // (The relay may also have fetched it unasked: relays keep every file.)
+        metric(&relay_dir, "fieldsync_blobs_fetched_total") >= 1
             && metric(&office, "fieldsync_blobs_fetched_total") == 1
     });
     let relay_copy = tmp.path().join("relay-copy.jpg");
@@ -219,4 +220,85 @@ fn a_photo_is_fetched_on_demand_within_partitions_and_verified() {
         std::fs::read(tmp.path().join("inspector.jpg")).expect("copy"),
         bytes
     );
+}
+
+const PREFETCH_SCHEMA: &str = r#"
+[collections.jobs.fields]
+photos = { rule = "attachments" }
+[collections.receipts]
+prefetch = true
+[collections.receipts.fields]
+scans = { rule = "attachments" }
+"#;
+
+#[test]
+fn the_relay_keeps_every_file_and_prefetch_collections_arrive_unasked() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let schema = tmp.path().join("schema.toml");
+    std::fs::write(&schema, PREFETCH_SCHEMA).expect("schema");
+    let relay_dir = tmp.path().join("relay");
+    cli(
+        &relay_dir,
+        &[
+            "init",
+            "--schema",
+            schema.to_str().expect("path"),
+            "--name",
+            "relay",
+        ],
+    );
+    let camera = join(tmp.path(), &relay_dir, "camera", &[]);
+    let office = join(tmp.path(), &relay_dir, "office", &[]);
+    let (mut relay, addr) = start_relay(&relay_dir);
+    let mut cam = start_device(&camera, &addr, &[]);
+    cam.wait_for("sync_completed");
+    let mut off = start_device(&office, &addr, &[]);
+    off.wait_for("sync_completed");
+
+    let attach = |collection: &str, field: &str, name: &str, seed: u8| -> (String, Vec<u8>) {
+        let id = cli(&camera, &["put", collection, "{}"])["id"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        let bytes: Vec<u8> = (0..400_000u32).map(|i| (i % 251) as u8 ^ seed).collect();
+        let file = tmp.path().join(name);
+        std::fs::write(&file, &bytes).expect("file");
+        let o = run(
+            &camera,
+            &[
+                "attach",
+                collection,
+                &id,
+                field,
+                file.to_str().expect("path"),
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (Hash::of(&bytes).to_string(), bytes)
+    };
+    let (photo, photo_bytes) = attach("jobs", "photos", "meter.jpg", 1);
+    let (scan, _) = attach("receipts", "scans", "receipt.pdf", 2);
+
+    // The relay fetches both as soon as it sees the references, unasked.
+    for hash in [&photo, &scan] {
+        relay.wait_until(&format!("blob_fetched {hash}"), |v| {
+            v["event"] == "blob_fetched" && v["hash"] == hash.as_str()
+        });
+    }
+    assert_eq!(cli(&relay_dir, &["status"])["blobs"]["count"], 2);
+    // The office prefetches the receipt's scan (a prefetch collection), not the photo.
+    off.wait_until("the scan prefetched", |v| {
+        v["event"] == "blob_fetched" && v["hash"] == scan.as_str()
+    });
+    let status = cli(&office, &["status"]);
+    assert_eq!(status["blobs"]["count"], 1, "{status}");
+    assert_eq!(status["blobs"]["transfers_in_flight"], 0);
+    assert!(!off.seen.iter().any(|v| v["hash"] == photo.as_str()));
+
+    // The camera goes offline; the office still gets the photo, from the relay's copy.
+    drop(cam);
+    let copy = tmp.path().join("office-meter.jpg");
+    let o = fetched(&office, &photo, &copy);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&copy).expect("copy"), photo_bytes);
 }

@@ -134,6 +134,9 @@ pub struct Collection {
     pub owner: Option<String>,
     /// What device members get unless their membership says otherwise.
     pub access: Access,
+    /// Devices fetch the files of this collection's `attachments` fields as soon as they
+    /// see the references, not only when asked (relays always do).
+    pub prefetch: bool,
 }
 
 impl Collection {
@@ -174,6 +177,8 @@ struct RawCollection {
     owner: Option<String>,
     #[serde(default)]
     access: Access,
+    #[serde(default)]
+    prefetch: bool,
 }
 
 #[derive(Deserialize)]
@@ -382,6 +387,7 @@ impl Schema {
                     fields,
                     owner: rc.owner,
                     access: rc.access,
+                    prefetch: rc.prefetch,
                 },
             );
         }
@@ -454,6 +460,10 @@ notes    = { rule = "text" }
 photos   = { rule = "attachments" }
 [collections.inventory.fields]
 stock    = { rule = "counter" }
+[collections.receipts]
+prefetch = true
+[collections.receipts.fields]
+scans    = { rule = "attachments" }
 [collections.payments.fields]
 amount   = { rule = "authority" }
 status   = { rule = "authority", auto_accept = true }
@@ -468,14 +478,16 @@ start    = { rule = "manual" }
         let s = Schema::from_toml(EXAMPLE).unwrap();
         assert_eq!(
             s.collections.len(),
-            7,
-            "four declared plus the built-in _members, _schemas and _purges"
+            8,
+            "five declared plus the built-in _members, _schemas and _purges"
         );
         let tasks = s.collection("tasks").unwrap();
         assert_eq!(tasks.rule("status").name(), "rank");
         assert_eq!(tasks.rule("undeclared"), &Rule::Lww { by_actor: false });
         assert_eq!(tasks.rule("photos"), &Rule::Attachments);
         assert!(s.collection("payments").unwrap().fields["status"].auto_accept);
+        assert!(s.collection("receipts").unwrap().prefetch);
+        assert!(!tasks.prefetch);
         assert_eq!(
             s.collection("shifts").unwrap().on_delete,
             OnDelete::UpdateWins

@@ -250,6 +250,8 @@ pub struct Stats {
     pub blobs_corrupt: Arc<AtomicU64>,
     /// Attachment files fetched from peers and stored.
     pub blobs_fetched: AtomicU64,
+    /// Fetches of attachment files running now.
+    pub blobs_in_flight: Arc<AtomicU64>,
 }
 
 /// A handle to a running node: tell it about local writes, read its traffic counters.
@@ -790,8 +792,10 @@ pub async fn run(
                         peers.connected.iter().filter(|p| admitted.contains(p) && Some(**p) != exclude).copied().collect()
                     };
                     let (replica, control, stats) = (replica.clone(), control.clone(), stats.clone());
+                    stats.blobs_in_flight.fetch_add(1, Ordering::Relaxed);
                     tokio::spawn(async move {
                         let result = blobs::fetch(replica, control, candidates, hash, forward, stats.blobs_corrupt.clone()).await;
+                        stats.blobs_in_flight.fetch_sub(1, Ordering::Relaxed);
                         if result.is_ok() {
                             stats.blobs_fetched.fetch_add(1, Ordering::Relaxed);
                         }
