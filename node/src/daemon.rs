@@ -248,6 +248,14 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
                     stats.blobs_corrupt.load(Ordering::Relaxed),
                     Ordering::Relaxed,
                 );
+                metrics.blob_bytes_received.store(
+                    stats.blob_bytes_received.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+                metrics.blobs_in_flight.store(
+                    stats.blobs_in_flight.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
             }
         })
     };

@@ -145,6 +145,11 @@ fn a_photo_is_fetched_on_demand_within_partitions_and_verified() {
     eventually("the office has the job", || {
         run(&office, &["get", "jobs", &job]).status.success()
     });
+    // An earlier transfer to the office was cut after 1 MB (its bytes are kept in
+    // blobs/partial/): this one resumes there and receives only the rest.
+    let partial = office.join("blobs").join("partial");
+    std::fs::create_dir_all(&partial).expect("partial dir");
+    std::fs::write(partial.join(format!("{hash}.partial")), &bytes[..1_000_000]).expect("partial");
     let copy = tmp.path().join("office-copy.jpg");
     let o = fetched(&office, &hash, &copy);
     assert!(
@@ -164,6 +169,12 @@ fn a_photo_is_fetched_on_demand_within_partitions_and_verified() {
         metric(&relay_dir, "fieldsync_blobs_fetched_total") >= 1
             && metric(&office, "fieldsync_blobs_fetched_total") == 1
     });
+    assert_eq!(
+        metric(&office, "fieldsync_blob_bytes_received_total"),
+        bytes.len() as u64 - 1_000_000,
+        "the resumed transfer sent only what was missing"
+    );
+    assert!(!partial.join(format!("{hash}.partial")).exists());
     let relay_copy = tmp.path().join("relay-copy.jpg");
     let o = fetched(&relay_dir, &hash, &relay_copy);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

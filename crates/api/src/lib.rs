@@ -45,6 +45,8 @@ pub struct Metrics {
     pub blobs_corrupt: AtomicU64,
     /// Fetches of attachment files from peers running now.
     pub blobs_in_flight: AtomicU64,
+    /// Bytes of attachment files received from peers.
+    pub blob_bytes_received: AtomicU64,
 }
 
 /// Fetches an attachment's file from connected peers into the blob store (the daemon's
@@ -1238,6 +1240,12 @@ async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
         "Attachment files fetched from a peer whose bytes did not hash to what was asked (dropped, never stored).",
         "counter",
         m.blobs_corrupt.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_blob_bytes_received_total",
+        "Bytes of attachment files received from peers (a resumed transfer counts only what it still needed).",
+        "counter",
+        m.blob_bytes_received.load(Ordering::Relaxed),
     );
     gauge(
         "fieldsync_blob_transfers_in_flight",

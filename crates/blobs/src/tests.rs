@@ -267,3 +267,62 @@ fn the_io_write_trait_streams_through_the_limits() {
     let err = std::io::copy(&mut &bytes(20_000)[..], &mut w).expect_err("too large");
     assert!(err.to_string().contains("max_blob_bytes"), "{err}");
 }
+
+#[test]
+fn an_interrupted_transfer_resumes_where_it_stopped_even_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = bytes(200_000);
+    let hash = Hash::of(&data);
+    {
+        let s = BlobStore::open(dir.path(), Config::default()).expect("open");
+        assert_eq!(s.partial_len(&hash), 0);
+        let mut w = s.resume_writer(&hash, 200_000, 0).expect("writer");
+        w.write(&data[..70_000]).expect("first part");
+        drop(w); // the connection dropped
+        assert_eq!(s.partial_len(&hash), 70_000);
+        assert!(
+            !s.contains(&hash) && s.count() == 0,
+            "a partial is not a blob"
+        );
+    }
+    // After a restart of this node, the rest continues from byte 70,000.
+    let s = BlobStore::open(dir.path(), Config::default()).expect("reopen");
+    assert_eq!(s.partial_len(&hash), 70_000, "partials survive a restart");
+    assert!(matches!(
+        s.resume_writer(&hash, 200_000, 10),
+        Err(Error::BadRange { .. })
+    ));
+    let mut w = s.resume_writer(&hash, 200_000, 70_000).expect("resume");
+    assert_eq!(w.written(), 70_000);
+    w.write(&data[70_000..]).expect("rest");
+    let stored = w.finish_expecting(&hash).expect("whole and right");
+    assert_eq!((stored.hash, stored.size), (hash, 200_000));
+    assert_eq!(s.partial_len(&hash), 0);
+    assert!(s.verify(&hash).expect("verify"));
+    assert_eq!((s.count(), s.bytes()), (1, 200_000));
+}
+
+#[test]
+fn a_resumed_transfer_with_wrong_bytes_is_thrown_away_partial_and_all() {
+    let (_d, s) = store(Config::default());
+    let data = bytes(50_000);
+    let hash = Hash::of(&data);
+    let mut w = s.resume_writer(&hash, 50_000, 0).expect("writer");
+    let mut bad = data[..20_000].to_vec();
+    bad[5] ^= 1;
+    w.write(&bad).expect("tampered part");
+    drop(w);
+    let mut w = s.resume_writer(&hash, 50_000, 20_000).expect("resume");
+    w.write(&data[20_000..]).expect("rest");
+    assert!(matches!(
+        w.finish_expecting(&hash),
+        Err(Error::HashMismatch { .. })
+    ));
+    assert_eq!(
+        s.partial_len(&hash),
+        0,
+        "the bad partial is not resumed from again"
+    );
+    assert!(!s.contains(&hash));
+    assert_eq!(s.count(), 0);
+}

@@ -252,6 +252,8 @@ pub struct Stats {
     pub blobs_fetched: AtomicU64,
     /// Fetches of attachment files running now.
     pub blobs_in_flight: Arc<AtomicU64>,
+    /// Bytes of attachment files received from peers.
+    pub blob_bytes_received: AtomicU64,
 }
 
 /// A handle to a running node: tell it about local writes, read its traffic counters.
@@ -794,7 +796,7 @@ pub async fn run(
                     let (replica, control, stats) = (replica.clone(), control.clone(), stats.clone());
                     stats.blobs_in_flight.fetch_add(1, Ordering::Relaxed);
                     tokio::spawn(async move {
-                        let result = blobs::fetch(replica, control, candidates, hash, forward, stats.blobs_corrupt.clone()).await;
+                        let result = blobs::fetch(replica, control, candidates, hash, forward, stats.clone()).await;
                         stats.blobs_in_flight.fetch_sub(1, Ordering::Relaxed);
                         if result.is_ok() {
                             stats.blobs_fetched.fetch_add(1, Ordering::Relaxed);
