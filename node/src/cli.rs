@@ -164,9 +164,9 @@ pub(crate) enum Command {
     /// disk, never held whole in memory), and only then is its reference added to FIELD.
     /// A progress bar shows on a terminal. With a daemon running on the data directory, the
     /// file is uploaded to it (POST /v1/blobs) and attached there. Other nodes sync the
-    /// reference; the file stays here until another node asks for it (`blob get`, GET
-    /// /v1/blobs/{hash} on a daemon connected to this one, or to a relay connected to this
-    /// one). Uploading every file to the relay ahead of time is not built yet.
+    /// reference; a relay connected to this node fetches the file as soon as it sees the
+    /// reference, and other nodes fetch it on demand (`blob get`, GET /v1/blobs/{hash}),
+    /// from this node or through the relay. This node does not push it anywhere itself.
     Attach {
         collection: String,
         id: String,
@@ -331,8 +331,8 @@ pub(crate) enum BlobCommand {
     /// that is not here is first fetched from the connected peers that may send it (the
     /// relay, or the device that attached it; partitions apply), verified against its
     /// hash before it is stored. Exit 3 if it is not here and no connected peer sent it
-    /// (without a daemon: if it is not here). An interrupted fetch starts over (resuming
-    /// is not built yet).
+    /// (without a daemon: if it is not here). An interrupted fetch keeps what arrived and
+    /// the next one resumes there.
     Get {
         /// The file's BLAKE3 hash (the reference's `hash`).
         hash: String,
