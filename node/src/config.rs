@@ -38,6 +38,9 @@ pub struct Blobs {
     pub gc_grace_secs: u64,
     /// Seconds between two collections (default 600).
     pub gc_interval_secs: u64,
+    /// Bytes per second this node sends of attachment files to peers, all together
+    /// (default 0: as fast as the link allows).
+    pub send_bytes_per_sec: u64,
 }
 
 impl Default for Blobs {
@@ -48,6 +51,7 @@ impl Default for Blobs {
             quota_bytes: d.quota_bytes,
             gc_grace_secs: 86_400,
             gc_interval_secs: 600,
+            send_bytes_per_sec: 0,
         }
     }
 }

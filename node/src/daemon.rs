@@ -169,6 +169,7 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         ban: std::time::Duration::from_secs(options.net.ban_secs),
         max_frames_per_sec: options.net.max_frames_per_sec,
         ws_tls,
+        blob_send_rate: options.blobs.send_bytes_per_sec,
     };
     let mut net_stop = stop_rx.clone();
     let mut net = tokio::spawn(fieldsync_net::run(
@@ -254,6 +255,10 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
                 );
                 metrics.blobs_in_flight.store(
                     stats.blobs_in_flight.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+                metrics.blob_bytes_sent.store(
+                    stats.blob_bytes_sent.load(Ordering::Relaxed),
                     Ordering::Relaxed,
                 );
             }
@@ -355,7 +360,12 @@ async fn fetch_missing(replica: Arc<Replica>, handle: fieldsync_net::Handle, rel
                 }
                 Err(e) => {
                     tracing::debug!(%hash, %e, "file not fetched yet");
-                    retry.insert(hash, tokio::time::Instant::now() + FETCH_RETRY);
+                    // No peer connected yet (a restart): ask again soon, not in 30 s.
+                    let wait = match e {
+                        fieldsync_net::FetchError::NoPeer => FETCH_SWEEP,
+                        _ => FETCH_RETRY,
+                    };
+                    retry.insert(hash, tokio::time::Instant::now() + wait);
                 }
             }
         }

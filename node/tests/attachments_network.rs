@@ -313,3 +313,160 @@ fn the_relay_keeps_every_file_and_prefetch_collections_arrive_unasked() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(std::fs::read(&copy).expect("copy"), photo_bytes);
 }
+
+/// Starts a relay with a config file, on `listen`; returns it and its address.
+fn relay_on(dir: &Path, config: &Path, listen: &str) -> (support::Daemon, String) {
+    let mut d = support::Daemon::start(
+        dir,
+        &[
+            "relay",
+            "--config",
+            config.to_str().expect("path"),
+            "--listen",
+            listen,
+            "--api",
+            "127.0.0.1:0",
+        ],
+    );
+    let addr = d.addr();
+    d.wait_for("api");
+    (d, addr)
+}
+
+#[test]
+fn a_20_mb_photo_taken_offline_reaches_the_relay_across_a_relay_crash_and_is_released_after_delete()
+{
+    let tmp = tempfile::tempdir().expect("tmp");
+    let schema = tmp.path().join("schema.toml");
+    std::fs::write(&schema, SCHEMA).expect("schema");
+    let relay_dir = tmp.path().join("relay");
+    cli(
+        &relay_dir,
+        &[
+            "init",
+            "--schema",
+            schema.to_str().expect("path"),
+            "--name",
+            "relay",
+        ],
+    );
+    let camera = join(tmp.path(), &relay_dir, "camera", &[]);
+    let office = join(tmp.path(), &relay_dir, "office", &[]);
+    let outsider = join(
+        tmp.path(),
+        &relay_dir,
+        "outsider",
+        &["--partition", "jobs=none"],
+    );
+    // Files are sent at 4 MB/s, so the transfer is still running when the relay is killed.
+    let gc = "[blobs]\ngc_grace_secs = 2\ngc_interval_secs = 1\n";
+    let slow = tmp.path().join("camera.toml");
+    std::fs::write(&slow, format!("{gc}send_bytes_per_sec = 4000000\n")).expect("config");
+    let relay_config = tmp.path().join("relay.toml");
+    std::fs::write(&relay_config, gc).expect("config");
+
+    // Offline: no daemon runs on the camera; the photo goes into its own store.
+    let job = cli(&camera, &["put", "jobs", r#"{"site": "Oak Rd"}"#])["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let bytes: Vec<u8> = (0..20_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let photo = tmp.path().join("finished-job.jpg");
+    std::fs::write(&photo, &bytes).expect("photo");
+    let hash = Hash::of(&bytes).to_string();
+    let o = run(
+        &camera,
+        &[
+            "attach",
+            "jobs",
+            &job,
+            "photos",
+            photo.to_str().expect("path"),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Online: the relay sees the reference and pulls the photo from the camera.
+    let (mut relay, addr) = relay_on(&relay_dir, &relay_config, "/ip4/127.0.0.1/tcp/0");
+    let listen = addr.split("/p2p/").next().expect("address").to_owned();
+    let mut cam = start_device(&camera, &addr, &["--config", slow.to_str().expect("path")]);
+    let partial = relay_dir
+        .join("blobs")
+        .join("partial")
+        .join(format!("{hash}.partial"));
+    eventually("the relay holds part of the photo", || {
+        std::fs::metadata(&partial).is_ok_and(|m| m.len() > 4_000_000)
+    });
+    // The relay is killed mid-transfer and restarted on the same address.
+    relay.child.kill().expect("kill -9");
+    let _ = relay.child.wait();
+    drop(relay);
+    let kept = std::fs::metadata(&partial)
+        .expect("the partial survives")
+        .len();
+    assert!(kept > 4_000_000 && kept < 20_000_000, "{kept}");
+    let (mut relay, _) = relay_on(&relay_dir, &relay_config, &listen);
+    relay.wait_until("the photo fetched after the restart", |v| {
+        v["event"] == "blob_fetched" && v["hash"] == hash.as_str()
+    });
+    let relay_copy = tmp.path().join("relay-copy.jpg");
+    let o = fetched(&relay_dir, &hash, &relay_copy);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        Hash::of(&std::fs::read(&relay_copy).expect("copy")).to_string(),
+        hash
+    );
+    // It resumed: the camera sent well under twice the photo (its counter reaches /metrics
+    // within half a second).
+    eventually("the camera's count of bytes sent is up to date", || {
+        metric(&camera, "fieldsync_blob_bytes_sent_total") >= 20_000_000
+    });
+    let sent = metric(&camera, "fieldsync_blob_bytes_sent_total");
+    eprintln!("the relay resumed at byte {kept}; the camera sent {sent} bytes in all for 20000000");
+    assert!(
+        (20_000_000..30_000_000).contains(&sent),
+        "the camera sent {sent} bytes for a 20 MB photo"
+    );
+
+    // The office fetches it on demand; the outsider's partitions hide the job.
+    let _off = start_device(&office, &addr, &[]);
+    eventually("the office has the job", || {
+        run(&office, &["get", "jobs", &job]).status.success()
+    });
+    let copy = tmp.path().join("office-copy.jpg");
+    let o = fetched(&office, &hash, &copy);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&copy).expect("copy"), bytes);
+    let _out = start_device(&outsider, &addr, &[]);
+    eventually("the outsider is connected", || {
+        cli(&outsider, &["status"])["peers"]
+            .as_object()
+            .is_some_and(|p| p.values().any(|v| v["connected"] == true))
+    });
+    let o = fetched(&outsider, &hash, &tmp.path().join("outsider.jpg"));
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // Deleting the job releases the photo after the grace period, on the relay and the
+    // camera alike.
+    cli(&camera, &["delete", "jobs", &job]);
+    relay.wait_until("the relay releases the photo", |v| {
+        v["event"] == "blobs_collected"
+            && v["hashes"]
+                .as_array()
+                .is_some_and(|h| h.iter().any(|x| x == hash.as_str()))
+    });
+    cam.wait_until("the camera releases the photo", |v| {
+        v["event"] == "blobs_collected"
+            && v["hashes"]
+                .as_array()
+                .is_some_and(|h| h.iter().any(|x| x == hash.as_str()))
+    });
+    assert_eq!(cli(&relay_dir, &["status"])["blobs"]["count"], 0);
+}

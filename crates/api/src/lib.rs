@@ -45,8 +45,9 @@ pub struct Metrics {
     pub blobs_corrupt: AtomicU64,
     /// Fetches of attachment files from peers running now.
     pub blobs_in_flight: AtomicU64,
-    /// Bytes of attachment files received from peers.
+    /// Bytes of attachment files received from peers, and sent to them.
     pub blob_bytes_received: AtomicU64,
+    pub blob_bytes_sent: AtomicU64,
 }
 
 /// Fetches an attachment's file from connected peers into the blob store (the daemon's
@@ -1246,6 +1247,12 @@ async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
         "Bytes of attachment files received from peers (a resumed transfer counts only what it still needed).",
         "counter",
         m.blob_bytes_received.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_blob_bytes_sent_total",
+        "Bytes of attachment files sent to peers.",
+        "counter",
+        m.blob_bytes_sent.load(Ordering::Relaxed),
     );
     gauge(
         "fieldsync_blob_transfers_in_flight",

@@ -51,6 +51,46 @@ const OK: u8 = 0;
 const NOT_HERE: u8 = 1;
 const REFUSED: u8 = 2;
 
+/// The pace of sending files, shared by every transfer of a node: at most `rate` bytes a
+/// second in all (0: no limit); counts what was sent.
+pub(crate) struct SendLimit {
+    rate: u64,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    /// (when the pace started, bytes sent since): the schedule every transfer follows.
+    pace: tokio::sync::Mutex<(tokio::time::Instant, u64)>,
+}
+
+impl SendLimit {
+    pub(crate) fn new(rate: u64, sent: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        SendLimit {
+            rate,
+            sent,
+            pace: tokio::sync::Mutex::new((tokio::time::Instant::now(), 0)),
+        }
+    }
+
+    /// Counts `n` bytes about to be sent, waiting until the rate allows them.
+    async fn take(&self, n: usize) {
+        self.sent
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        if self.rate == 0 {
+            return;
+        }
+        let due = {
+            let mut pace = self.pace.lock().await;
+            let now = tokio::time::Instant::now();
+            // An idle spell does not bank credit for a burst later.
+            let behind = pace.0 + Duration::from_secs_f64(pace.1 as f64 / self.rate as f64);
+            if behind < now {
+                *pace = (now, 0);
+            }
+            pace.1 += n as u64;
+            pace.0 + Duration::from_secs_f64(pace.1 as f64 / self.rate as f64)
+        };
+        tokio::time::sleep_until(due).await;
+    }
+}
+
 /// Serves one request from `peer` (`admitted`: the sync engine admitted it); `inputs`
 /// reaches the node's owner task, for forwarding.
 pub(crate) async fn serve(
@@ -59,6 +99,7 @@ pub(crate) async fn serve(
     admitted: bool,
     mut stream: libp2p::Stream,
     inputs: tokio::sync::mpsc::Sender<super::Owned>,
+    limit: Arc<SendLimit>,
 ) {
     let mut request = [0u8; REQUEST_LEN];
     match tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut request)).await {
@@ -142,6 +183,7 @@ pub(crate) async fn serve(
             Ok(n) => n,
             Err(_) => return,
         };
+        limit.take(n).await;
         if stream.write_all(&buf[..n]).await.is_err() {
             return;
         }

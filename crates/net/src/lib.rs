@@ -130,6 +130,9 @@ pub struct Config {
     /// TLS for WebSocket: listening on `/tls/ws` (`/wss`) addresses needs a certificate,
     /// and dialing a relay whose certificate no public root signs needs it trusted.
     pub ws_tls: WsTls,
+    /// Bytes per second this node sends of attachment files, all peers together (0: as
+    /// fast as the link allows). Leaves room on a slow link for sync.
+    pub blob_send_rate: u64,
 }
 
 /// Certificates for secure WebSocket (DER bytes; the node's config reads them from PEM).
@@ -219,6 +222,7 @@ impl Default for Config {
             ban: Duration::from_secs(60),
             max_frames_per_sec: 2_000,
             ws_tls: WsTls::default(),
+            blob_send_rate: 0,
         }
     }
 }
@@ -254,6 +258,8 @@ pub struct Stats {
     pub blobs_in_flight: Arc<AtomicU64>,
     /// Bytes of attachment files received from peers.
     pub blob_bytes_received: AtomicU64,
+    /// Bytes of attachment files sent to peers.
+    pub blob_bytes_sent: Arc<AtomicU64>,
 }
 
 /// A handle to a running node: tell it about local writes, read its traffic counters.
@@ -579,6 +585,10 @@ pub async fn run(
         .accept(BLOB_PROTOCOL)
         .map_err(|e| Error::Setup(e.to_string()))?;
     let serving = Arc::new(tokio::sync::Semaphore::new(blobs::MAX_SERVING));
+    let send_limit = Arc::new(blobs::SendLimit::new(
+        config.blob_send_rate,
+        stats.blob_bytes_sent.clone(),
+    ));
 
     let engine_config = EngineConfig::default()
         .with_role(config.role)
@@ -778,9 +788,9 @@ pub async fn run(
                 let is_admitted = admitted.lock().unwrap_or_else(|p| p.into_inner()).contains(&peer);
                 match serving.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        let (replica, inputs) = (replica.clone(), inputs.clone());
+                        let (replica, inputs, limit) = (replica.clone(), inputs.clone(), send_limit.clone());
                         tokio::spawn(async move {
-                            blobs::serve(replica, peer, is_admitted, stream, inputs).await;
+                            blobs::serve(replica, peer, is_admitted, stream, inputs, limit).await;
                             drop(permit);
                         });
                     }
