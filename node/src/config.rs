@@ -283,13 +283,15 @@ mod tests {
                 example.blobs.max_blob_bytes,
                 example.blobs.quota_bytes,
                 example.blobs.gc_grace_secs,
-                example.blobs.gc_interval_secs
+                example.blobs.gc_interval_secs,
+                example.blobs.send_bytes_per_sec
             ),
             (
                 d.blobs.max_blob_bytes,
                 d.blobs.quota_bytes,
                 d.blobs.gc_grace_secs,
-                d.blobs.gc_interval_secs
+                d.blobs.gc_interval_secs,
+                d.blobs.send_bytes_per_sec
             )
         );
         assert_eq!(d.blobs.max_blob_bytes, 256 << 20);

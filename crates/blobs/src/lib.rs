@@ -506,12 +506,34 @@ impl BlobStore {
 
     /// Removes every blob that `keep` does not keep and that was stored or pinned before
     /// `older_than`; the hashes removed. The age is read again just before each removal,
-    /// under the same lock as [`Self::pin`], so a blob pinned meanwhile stays.
+    /// under the same lock as [`Self::pin`], so a blob pinned meanwhile stays. Partial
+    /// transfers of files `keep` does not keep, untouched since `older_than`, go too (they
+    /// are not blobs, so they are not in the answer).
     pub fn remove_unreferenced(
         &self,
         keep: &dyn Fn(&Hash) -> bool,
         older_than: SystemTime,
     ) -> Result<Vec<Hash>> {
+        let partials = self.root.join(PARTIAL_DIR);
+        if let Ok(entries) = std::fs::read_dir(&partials) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(hash) = name
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".partial"))
+                    .and_then(|h| h.parse::<Hash>().ok())
+                else {
+                    continue;
+                };
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t < older_than);
+                if old && !keep(&hash) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         let mut removed = Vec::new();
         for blob in self.list()? {
             if keep(&blob.hash) || blob.modified >= older_than {

@@ -240,6 +240,13 @@ fn unreferenced_old_blobs_are_removed_and_kept_or_pinned_ones_stay() {
     let pinned = write_all(&s, b"about to be attached", 3)
         .expect("pinned")
         .hash;
+    // Partial transfers: one of a file still wanted, one of a file nobody wants any more.
+    let wanted_partial = Hash::of(b"still wanted");
+    let stale_partial = Hash::of(b"nobody wants this any more");
+    for h in [wanted_partial, stale_partial] {
+        let mut w = s.resume_writer(&h, 100, 0).expect("partial");
+        w.write(b"half").expect("write");
+    }
     let cutoff = SystemTime::now() + Duration::from_secs(1);
     // Nothing is older than a cutoff in the past.
     let past = SystemTime::now() - Duration::from_secs(3600);
@@ -249,9 +256,17 @@ fn unreferenced_old_blobs_are_removed_and_kept_or_pinned_ones_stay() {
         .is_empty());
     std::thread::sleep(Duration::from_millis(1100));
     s.pin(&pinned).expect("pin");
-    let removed = s.remove_unreferenced(&|h| *h == kept, cutoff).expect("gc");
+    let removed = s
+        .remove_unreferenced(&|h| *h == kept || *h == wanted_partial, cutoff)
+        .expect("gc");
     assert_eq!(removed, vec![old]);
     assert!(s.contains(&kept) && s.contains(&pinned) && !s.contains(&old));
+    assert_eq!(
+        s.partial_len(&wanted_partial),
+        4,
+        "a wanted transfer keeps its bytes"
+    );
+    assert_eq!(s.partial_len(&stale_partial), 0, "an unwanted one goes");
     assert_eq!(s.count(), 2);
     assert!(matches!(s.pin(&old), Err(Error::NotFound(_))));
 }
