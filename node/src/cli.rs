@@ -177,9 +177,9 @@ pub(crate) enum Command {
     /// disk, never held whole in memory), and only then is its reference added to FIELD.
     /// A progress bar shows on a terminal. With a daemon running on the data directory, the
     /// file is uploaded to it (POST /v1/blobs) and attached there. Other nodes sync the
-    /// reference; the file stays here until another node asks for it (`blob get`, GET
-    /// /v1/blobs/{hash} on a daemon connected to this one, or to a relay connected to this
-    /// one). Uploading every file to the relay ahead of time is not built yet.
+    /// reference; a relay connected to this node fetches the file as soon as it sees the
+    /// reference, and other nodes fetch it on demand (`blob get`, GET /v1/blobs/{hash}),
+    /// from this node or through the relay. This node does not push it anywhere itself.
     Attach {
         collection: String,
         id: String,
@@ -276,7 +276,8 @@ pub(crate) enum Command {
     ///
     /// Prints JSON Lines on stdout as it goes (listening, api, peer_connected,
     /// sync_completed, sync_failed, refused: a peer refused this node, with the reason;
-    /// blobs_collected: unreferenced attachment files removed, see `[blobs]`);
+    /// blobs_collected: unreferenced attachment files removed, see `[blobs]`; blob_fetched:
+    /// an attachment file fetched unasked, for a `prefetch` collection);
     /// stops on Ctrl-C or SIGTERM. A --listen or --api port in use fails with
     /// `address in use`.
     Run {
@@ -303,7 +304,9 @@ pub(crate) enum Command {
         config: Option<PathBuf>,
     },
     /// Run this node as an always-on relay: serves catch-up and live sync to every device
-    /// (and, on the authority or a delegate, confirms auto_accept proposals as they arrive).
+    /// (and, on the authority or a delegate, confirms auto_accept proposals as they arrive),
+    /// and fetches every attachment file a live entity references from the devices that
+    /// have it.
     Relay {
         /// Address to accept devices on. Repeatable: TCP, QUIC, WebSocket for browsers
         /// (/ip4/0.0.0.0/tcp/8080/ws), secure WebSocket (…/tcp/443/tls/ws, with [net]
@@ -342,8 +345,8 @@ pub(crate) enum BlobCommand {
     /// that is not here is first fetched from the connected peers that may send it (the
     /// relay, or the device that attached it; partitions apply), verified against its
     /// hash before it is stored. Exit 3 if it is not here and no connected peer sent it
-    /// (without a daemon: if it is not here). An interrupted fetch starts over (resuming
-    /// is not built yet).
+    /// (without a daemon: if it is not here). An interrupted fetch keeps what arrived and
+    /// the next one resumes there.
     Get {
         /// The file's BLAKE3 hash (the reference's `hash`).
         hash: String,

@@ -38,6 +38,9 @@ pub struct Blobs {
     pub gc_grace_secs: u64,
     /// Seconds between two collections (default 600).
     pub gc_interval_secs: u64,
+    /// Bytes per second this node sends of attachment files to peers, all together
+    /// (default 0: as fast as the link allows).
+    pub send_bytes_per_sec: u64,
 }
 
 impl Default for Blobs {
@@ -48,6 +51,7 @@ impl Default for Blobs {
             quota_bytes: d.quota_bytes,
             gc_grace_secs: 86_400,
             gc_interval_secs: 600,
+            send_bytes_per_sec: 0,
         }
     }
 }
@@ -279,13 +283,15 @@ mod tests {
                 example.blobs.max_blob_bytes,
                 example.blobs.quota_bytes,
                 example.blobs.gc_grace_secs,
-                example.blobs.gc_interval_secs
+                example.blobs.gc_interval_secs,
+                example.blobs.send_bytes_per_sec
             ),
             (
                 d.blobs.max_blob_bytes,
                 d.blobs.quota_bytes,
                 d.blobs.gc_grace_secs,
-                d.blobs.gc_interval_secs
+                d.blobs.gc_interval_secs,
+                d.blobs.send_bytes_per_sec
             )
         );
         assert_eq!(d.blobs.max_blob_bytes, 256 << 20);

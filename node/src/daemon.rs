@@ -169,6 +169,7 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
         ban: std::time::Duration::from_secs(options.net.ban_secs),
         max_frames_per_sec: options.net.max_frames_per_sec,
         ws_tls,
+        blob_send_rate: options.blobs.send_bytes_per_sec,
     };
     let mut net_stop = stop_rx.clone();
     let mut net = tokio::spawn(fieldsync_net::run(
@@ -192,6 +193,11 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
     };
     let watcher = tokio::spawn(watch_feed(replica.clone(), live.clone()));
     let collector = tokio::spawn(collect_blobs(replica.clone(), options.blobs.clone()));
+    let prefetcher = tokio::spawn(fetch_missing(
+        replica.clone(),
+        handle.clone(),
+        options.role == Role::Relay,
+    ));
     let sampler = tokio::spawn(fieldsync_api::sample_health(
         metrics_for_traffic.clone(),
         live.clone(),
@@ -243,6 +249,18 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
                     stats.blobs_corrupt.load(Ordering::Relaxed),
                     Ordering::Relaxed,
                 );
+                metrics.blob_bytes_received.store(
+                    stats.blob_bytes_received.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+                metrics.blobs_in_flight.store(
+                    stats.blobs_in_flight.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+                metrics.blob_bytes_sent.store(
+                    stats.blob_bytes_sent.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
             }
         })
     };
@@ -265,6 +283,7 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
     reporter.abort();
     watcher.abort();
     collector.abort();
+    prefetcher.abort();
     sampler.abort();
     traffic.abort();
     match result {
@@ -294,6 +313,61 @@ async fn collect_blobs(replica: Arc<Replica>, config: crate::config::Blobs) {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!("collecting unreferenced blobs failed: {e}"),
             Err(e) => tracing::warn!("collecting unreferenced blobs failed: {e}"),
+        }
+    }
+}
+
+/// How often the files to fetch without being asked are looked for (when the feed moved)…
+const FETCH_SWEEP: std::time::Duration = std::time::Duration::from_secs(2);
+/// …and how long a file no peer sent waits before it is asked for again.
+const FETCH_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Fetches, one at a time, the files this node should hold without being asked: on a relay
+/// every file a live entity references (so devices can fetch them while the device that
+/// attached them is offline), on a device those of `prefetch` collections. Prints
+/// `blob_fetched` for each.
+async fn fetch_missing(replica: Arc<Replica>, handle: fieldsync_net::Handle, relay: bool) {
+    let mut tick = tokio::time::interval(FETCH_SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut seen_seq = None;
+    let mut retry: std::collections::BTreeMap<fieldsync::blobs::Hash, tokio::time::Instant> =
+        Default::default();
+    loop {
+        tick.tick().await;
+        let now = tokio::time::Instant::now();
+        let seq = replica.feed_seq();
+        if seen_seq == Some(seq) && !retry.values().any(|t| *t <= now) {
+            continue;
+        }
+        seen_seq = Some(seq);
+        let r = replica.clone();
+        let missing = match tokio::task::spawn_blocking(move || r.missing_blobs(relay)).await {
+            Ok(Ok(m)) => m,
+            _ => continue,
+        };
+        // Only files still missing are remembered (bounded by what entities reference).
+        retry.retain(|h, _| missing.contains(h));
+        for hash in missing {
+            if retry.get(&hash).is_some_and(|t| *t > now) {
+                continue;
+            }
+            match handle.fetch_blob(hash).await {
+                Ok(bytes) => {
+                    retry.remove(&hash);
+                    print(
+                        json!({ "event": "blob_fetched", "hash": hash.to_string(), "bytes": bytes }),
+                    );
+                }
+                Err(e) => {
+                    tracing::debug!(%hash, %e, "file not fetched yet");
+                    // No peer connected yet (a restart): ask again soon, not in 30 s.
+                    let wait = match e {
+                        fieldsync_net::FetchError::NoPeer => FETCH_SWEEP,
+                        _ => FETCH_RETRY,
+                    };
+                    retry.insert(hash, tokio::time::Instant::now() + wait);
+                }
+            }
         }
     }
 }

@@ -309,11 +309,13 @@ fn upload_download_with_ranges_and_attach_through_a_daemon() {
 
     // Uploading changes data: it needs the token.
     let bytes = photo_bytes(3 << 20, 3);
+    // (A small body: it is refused before it is read, and a large unread body could
+    // meet a reset connection before the client reads the answer.)
     let refused = post(
         &format!("{api}/v1/blobs?name=x.jpg"),
         None,
         "image/jpeg",
-        &bytes,
+        &bytes[..1000],
     );
     assert_eq!(refused.status, 401);
     assert_eq!(node.blobs()["count"], 0);

@@ -138,13 +138,18 @@ fn a_photo_is_fetched_on_demand_within_partitions_and_verified() {
         o.status.success() && String::from_utf8_lossy(&o.stdout).contains(&hash)
     });
 
-    // The office asks the relay, which lacks the file: the relay fetches it from the
-    // camera (verified, stored) and passes it on.
+    // The office asks the relay for the file, which the relay fetches from the camera
+    // (verified, stored; unasked, or when asked if it has not yet) and passes it on.
     let mut off = start_device(&office, &addr, &[]);
     off.wait_for("sync_completed");
     eventually("the office has the job", || {
         run(&office, &["get", "jobs", &job]).status.success()
     });
+    // An earlier transfer to the office was cut after 1 MB (its bytes are kept in
+    // blobs/partial/): this one resumes there and receives only the rest.
+    let partial = office.join("blobs").join("partial");
+    std::fs::create_dir_all(&partial).expect("partial dir");
+    std::fs::write(partial.join(format!("{hash}.partial")), &bytes[..1_000_000]).expect("partial");
     let copy = tmp.path().join("office-copy.jpg");
     let o = fetched(&office, &hash, &copy);
     assert!(
@@ -160,9 +165,16 @@ fn a_photo_is_fetched_on_demand_within_partitions_and_verified() {
         "the relay kept a copy"
     );
     eventually("the fetches are counted", || {
-        metric(&relay_dir, "fieldsync_blobs_fetched_total") == 1
+        // (The relay may also have fetched it unasked: relays keep every file.)
+        metric(&relay_dir, "fieldsync_blobs_fetched_total") >= 1
             && metric(&office, "fieldsync_blobs_fetched_total") == 1
     });
+    assert_eq!(
+        metric(&office, "fieldsync_blob_bytes_received_total"),
+        bytes.len() as u64 - 1_000_000,
+        "the resumed transfer sent only what was missing"
+    );
+    assert!(!partial.join(format!("{hash}.partial")).exists());
     let relay_copy = tmp.path().join("relay-copy.jpg");
     let o = fetched(&relay_dir, &hash, &relay_copy);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -219,4 +231,245 @@ fn a_photo_is_fetched_on_demand_within_partitions_and_verified() {
         std::fs::read(tmp.path().join("inspector.jpg")).expect("copy"),
         bytes
     );
+}
+
+const PREFETCH_SCHEMA: &str = r#"
+[collections.jobs.fields]
+photos = { rule = "attachments" }
+[collections.receipts]
+prefetch = true
+[collections.receipts.fields]
+scans = { rule = "attachments" }
+"#;
+
+#[test]
+fn the_relay_keeps_every_file_and_prefetch_collections_arrive_unasked() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let schema = tmp.path().join("schema.toml");
+    std::fs::write(&schema, PREFETCH_SCHEMA).expect("schema");
+    let relay_dir = tmp.path().join("relay");
+    cli(
+        &relay_dir,
+        &[
+            "init",
+            "--schema",
+            schema.to_str().expect("path"),
+            "--name",
+            "relay",
+        ],
+    );
+    let camera = join(tmp.path(), &relay_dir, "camera", &[]);
+    let office = join(tmp.path(), &relay_dir, "office", &[]);
+    let (mut relay, addr) = start_relay(&relay_dir);
+    let mut cam = start_device(&camera, &addr, &[]);
+    cam.wait_for("sync_completed");
+    let mut off = start_device(&office, &addr, &[]);
+    off.wait_for("sync_completed");
+
+    let attach = |collection: &str, field: &str, name: &str, seed: u8| -> (String, Vec<u8>) {
+        let id = cli(&camera, &["put", collection, "{}"])["id"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        let bytes: Vec<u8> = (0..400_000u32).map(|i| (i % 251) as u8 ^ seed).collect();
+        let file = tmp.path().join(name);
+        std::fs::write(&file, &bytes).expect("file");
+        let o = run(
+            &camera,
+            &[
+                "attach",
+                collection,
+                &id,
+                field,
+                file.to_str().expect("path"),
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (Hash::of(&bytes).to_string(), bytes)
+    };
+    let (photo, photo_bytes) = attach("jobs", "photos", "meter.jpg", 1);
+    let (scan, _) = attach("receipts", "scans", "receipt.pdf", 2);
+
+    // The relay fetches both as soon as it sees the references, unasked.
+    for hash in [&photo, &scan] {
+        relay.wait_until(&format!("blob_fetched {hash}"), |v| {
+            v["event"] == "blob_fetched" && v["hash"] == hash.as_str()
+        });
+    }
+    assert_eq!(cli(&relay_dir, &["status"])["blobs"]["count"], 2);
+    // The office prefetches the receipt's scan (a prefetch collection), not the photo.
+    off.wait_until("the scan prefetched", |v| {
+        v["event"] == "blob_fetched" && v["hash"] == scan.as_str()
+    });
+    let status = cli(&office, &["status"]);
+    assert_eq!(status["blobs"]["count"], 1, "{status}");
+    // (In flight while it moved; /metrics and status follow within half a second.)
+    eventually("no transfer in flight any more", || {
+        cli(&office, &["status"])["blobs"]["transfers_in_flight"] == 0
+    });
+    assert!(!off.seen.iter().any(|v| v["hash"] == photo.as_str()));
+
+    // The camera goes offline; the office still gets the photo, from the relay's copy.
+    drop(cam);
+    let copy = tmp.path().join("office-meter.jpg");
+    let o = fetched(&office, &photo, &copy);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&copy).expect("copy"), photo_bytes);
+}
+
+/// Starts a relay with a config file, on `listen`; returns it and its address.
+fn relay_on(dir: &Path, config: &Path, listen: &str) -> (support::Daemon, String) {
+    let mut d = support::Daemon::start(
+        dir,
+        &[
+            "relay",
+            "--config",
+            config.to_str().expect("path"),
+            "--listen",
+            listen,
+            "--api",
+            "127.0.0.1:0",
+        ],
+    );
+    let addr = d.addr();
+    d.wait_for("api");
+    (d, addr)
+}
+
+#[test]
+fn a_20_mb_photo_taken_offline_reaches_the_relay_across_a_relay_crash_and_is_released_after_delete()
+{
+    let tmp = tempfile::tempdir().expect("tmp");
+    let schema = tmp.path().join("schema.toml");
+    std::fs::write(&schema, SCHEMA).expect("schema");
+    let relay_dir = tmp.path().join("relay");
+    cli(
+        &relay_dir,
+        &[
+            "init",
+            "--schema",
+            schema.to_str().expect("path"),
+            "--name",
+            "relay",
+        ],
+    );
+    let camera = join(tmp.path(), &relay_dir, "camera", &[]);
+    let office = join(tmp.path(), &relay_dir, "office", &[]);
+    let outsider = join(
+        tmp.path(),
+        &relay_dir,
+        "outsider",
+        &["--partition", "jobs=none"],
+    );
+    // Files are sent at 4 MB/s, so the transfer is still running when the relay is killed.
+    let gc = "[blobs]\ngc_grace_secs = 2\ngc_interval_secs = 1\n";
+    let slow = tmp.path().join("camera.toml");
+    std::fs::write(&slow, format!("{gc}send_bytes_per_sec = 4000000\n")).expect("config");
+    let relay_config = tmp.path().join("relay.toml");
+    std::fs::write(&relay_config, gc).expect("config");
+
+    // Offline: no daemon runs on the camera; the photo goes into its own store.
+    let job = cli(&camera, &["put", "jobs", r#"{"site": "Oak Rd"}"#])["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let bytes: Vec<u8> = (0..20_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let photo = tmp.path().join("finished-job.jpg");
+    std::fs::write(&photo, &bytes).expect("photo");
+    let hash = Hash::of(&bytes).to_string();
+    let o = run(
+        &camera,
+        &[
+            "attach",
+            "jobs",
+            &job,
+            "photos",
+            photo.to_str().expect("path"),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Online: the relay sees the reference and pulls the photo from the camera.
+    let (mut relay, addr) = relay_on(&relay_dir, &relay_config, "/ip4/127.0.0.1/tcp/0");
+    let listen = addr.split("/p2p/").next().expect("address").to_owned();
+    let mut cam = start_device(&camera, &addr, &["--config", slow.to_str().expect("path")]);
+    let partial = relay_dir
+        .join("blobs")
+        .join("partial")
+        .join(format!("{hash}.partial"));
+    eventually("the relay holds part of the photo", || {
+        std::fs::metadata(&partial).is_ok_and(|m| m.len() > 4_000_000)
+    });
+    // The relay is killed mid-transfer and restarted on the same address.
+    relay.child.kill().expect("kill -9");
+    let _ = relay.child.wait();
+    drop(relay);
+    let kept = std::fs::metadata(&partial)
+        .expect("the partial survives")
+        .len();
+    assert!(kept > 4_000_000 && kept < 20_000_000, "{kept}");
+    let (mut relay, _) = relay_on(&relay_dir, &relay_config, &listen);
+    relay.wait_until("the photo fetched after the restart", |v| {
+        v["event"] == "blob_fetched" && v["hash"] == hash.as_str()
+    });
+    let relay_copy = tmp.path().join("relay-copy.jpg");
+    let o = fetched(&relay_dir, &hash, &relay_copy);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        Hash::of(&std::fs::read(&relay_copy).expect("copy")).to_string(),
+        hash
+    );
+    // It resumed: the camera sent well under twice the photo (its counter reaches /metrics
+    // within half a second).
+    eventually("the camera's count of bytes sent is up to date", || {
+        metric(&camera, "fieldsync_blob_bytes_sent_total") >= 20_000_000
+    });
+    let sent = metric(&camera, "fieldsync_blob_bytes_sent_total");
+    eprintln!("the relay resumed at byte {kept}; the camera sent {sent} bytes in all for 20000000");
+    assert!(
+        (20_000_000..30_000_000).contains(&sent),
+        "the camera sent {sent} bytes for a 20 MB photo"
+    );
+
+    // The office fetches it on demand; the outsider's partitions hide the job.
+    let _off = start_device(&office, &addr, &[]);
+    eventually("the office has the job", || {
+        run(&office, &["get", "jobs", &job]).status.success()
+    });
+    let copy = tmp.path().join("office-copy.jpg");
+    let o = fetched(&office, &hash, &copy);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&copy).expect("copy"), bytes);
+    let _out = start_device(&outsider, &addr, &[]);
+    eventually("the outsider is connected", || {
+        cli(&outsider, &["status"])["peers"]
+            .as_object()
+            .is_some_and(|p| p.values().any(|v| v["connected"] == true))
+    });
+    let o = fetched(&outsider, &hash, &tmp.path().join("outsider.jpg"));
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // Deleting the job releases the photo after the grace period, on the relay and the
+    // camera alike.
+    cli(&camera, &["delete", "jobs", &job]);
+    relay.wait_until("the relay releases the photo", |v| {
+        v["event"] == "blobs_collected"
+            && v["hashes"]
+                .as_array()
+                .is_some_and(|h| h.iter().any(|x| x == hash.as_str()))
+    });
+    cam.wait_until("the camera releases the photo", |v| {
+        v["event"] == "blobs_collected"
+            && v["hashes"]
+                .as_array()
+                .is_some_and(|h| h.iter().any(|x| x == hash.as_str()))
+    });
+    assert_eq!(cli(&relay_dir, &["status"])["blobs"]["count"], 0);
 }

@@ -43,6 +43,11 @@ pub struct Metrics {
     /// hash to what was asked (copied from the network's counters).
     pub blobs_fetched: AtomicU64,
     pub blobs_corrupt: AtomicU64,
+    /// Fetches of attachment files from peers running now.
+    pub blobs_in_flight: AtomicU64,
+    /// Bytes of attachment files received from peers, and sent to them.
+    pub blob_bytes_received: AtomicU64,
+    pub blob_bytes_sent: AtomicU64,
 }
 
 /// Fetches an attachment's file from connected peers into the blob store (the daemon's
@@ -460,6 +465,7 @@ async fn status(State(s): State<AppState>) -> ApiResult {
         .unwrap_or(0);
     let pending = blocking(&s, move |r| r.pending_after(acked)).await?;
     v["pending_to_relay"] = json!(pending);
+    v["blobs"]["transfers_in_flight"] = json!(s.metrics.blobs_in_flight.load(Ordering::Relaxed));
     v["peers"] = Value::Object(peers);
     v["refused_peers"] = Value::Array(
         s.live
@@ -1254,6 +1260,24 @@ async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
         "Attachment files fetched from a peer whose bytes did not hash to what was asked (dropped, never stored).",
         "counter",
         m.blobs_corrupt.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_blob_bytes_received_total",
+        "Bytes of attachment files received from peers (a resumed transfer counts only what it still needed).",
+        "counter",
+        m.blob_bytes_received.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_blob_bytes_sent_total",
+        "Bytes of attachment files sent to peers.",
+        "counter",
+        m.blob_bytes_sent.load(Ordering::Relaxed),
+    );
+    gauge(
+        "fieldsync_blob_transfers_in_flight",
+        "Attachment files being fetched from peers now.",
+        "gauge",
+        m.blobs_in_flight.load(Ordering::Relaxed),
     );
     gauge(
         "fieldsync_blob_quota_bytes",

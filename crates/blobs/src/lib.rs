@@ -15,7 +15,8 @@
 //!
 //! # Layout
 //! `ROOT/ab/abcdef…` (the first two hex characters shard the directory), temporary files
-//! in `ROOT/tmp/`, cleared when the store opens. One process writes a store at a time (the
+//! in `ROOT/tmp/`, cleared when the store opens, and transfers that can resume in
+//! `ROOT/partial/<hash>.partial` (see [`BlobStore::resume_writer`]). One process writes a store at a time (the
 //! node's data directory already allows one).
 //!
 //! # Example
@@ -50,6 +51,8 @@ pub const DEFAULT_MAX_BLOB_BYTES: u64 = 256 << 20;
 pub const DEFAULT_QUOTA_BYTES: u64 = 10 << 30;
 
 const TMP_DIR: &str = "tmp";
+/// Transfers from peers under way: kept across restarts, so they resume.
+const PARTIAL_DIR: &str = "partial";
 
 /// Everything that can go wrong in the blob store.
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +216,8 @@ impl BlobStore {
     pub fn open(root: &Path, config: Config) -> Result<Self> {
         let tmp = root.join(TMP_DIR);
         std::fs::create_dir_all(&tmp).map_err(io_at(&tmp))?;
+        let partial = root.join(PARTIAL_DIR);
+        std::fs::create_dir_all(&partial).map_err(io_at(&partial))?;
         for entry in std::fs::read_dir(&tmp).map_err(io_at(&tmp))? {
             let path = entry.map_err(io_at(&tmp))?.path();
             let _ = std::fs::remove_file(&path);
@@ -285,6 +290,72 @@ impl BlobStore {
             tmp,
             hasher: blake3::Hasher::new(),
             written: 0,
+            keep: false,
+        })
+    }
+
+    /// Where the bytes of a transfer of `hash` under way are kept.
+    fn partial_path(&self, hash: &Hash) -> PathBuf {
+        self.root.join(PARTIAL_DIR).join(format!("{hash}.partial"))
+    }
+
+    /// How many bytes of `hash` an earlier, interrupted transfer left (0: none).
+    pub fn partial_len(&self, hash: &Hash) -> u64 {
+        std::fs::metadata(self.partial_path(hash))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
+    /// A writer for the blob `hash` of `size` bytes that continues an interrupted transfer
+    /// from byte `start` (its bytes so far are hashed again from disk; `start` 0 starts
+    /// over). Dropped unfinished, it keeps what it has for the next try; it becomes the
+    /// blob only through [`BlobWriter::finish_expecting`], and bytes that do not hash to
+    /// `hash` are thrown away, partial file included.
+    pub fn resume_writer(&self, hash: &Hash, size: u64, start: u64) -> Result<BlobWriter<'_>> {
+        if size > self.config.max_blob_bytes {
+            return Err(Error::TooLarge {
+                limit: self.config.max_blob_bytes,
+            });
+        }
+        let path = self.partial_path(hash);
+        let have = self.partial_len(hash);
+        if start > size || (start > 0 && start != have) {
+            return Err(Error::BadRange {
+                start,
+                end: size,
+                size: have,
+            });
+        }
+        {
+            let mut u = self.usage();
+            if u.bytes + u.reserved + size > self.config.quota_bytes {
+                return Err(Error::QuotaExceeded {
+                    quota: self.config.quota_bytes,
+                    used: u.bytes,
+                    needed: size,
+                });
+            }
+            // The bytes already there count as written by this writer.
+            u.reserved += start;
+        }
+        let mut hasher = blake3::Hasher::new();
+        let file = if start == 0 {
+            File::create(&path).map_err(io_at(&path))?
+        } else {
+            let mut old = File::open(&path).map_err(io_at(&path))?;
+            hasher.update_reader(&mut old).map_err(io_at(&path))?;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .map_err(io_at(&path))?
+        };
+        Ok(BlobWriter {
+            store: self,
+            file: Some(file),
+            tmp: path,
+            hasher,
+            written: start,
+            keep: true,
         })
     }
 
@@ -435,12 +506,34 @@ impl BlobStore {
 
     /// Removes every blob that `keep` does not keep and that was stored or pinned before
     /// `older_than`; the hashes removed. The age is read again just before each removal,
-    /// under the same lock as [`Self::pin`], so a blob pinned meanwhile stays.
+    /// under the same lock as [`Self::pin`], so a blob pinned meanwhile stays. Partial
+    /// transfers of files `keep` does not keep, untouched since `older_than`, go too (they
+    /// are not blobs, so they are not in the answer).
     pub fn remove_unreferenced(
         &self,
         keep: &dyn Fn(&Hash) -> bool,
         older_than: SystemTime,
     ) -> Result<Vec<Hash>> {
+        let partials = self.root.join(PARTIAL_DIR);
+        if let Ok(entries) = std::fs::read_dir(&partials) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(hash) = name
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".partial"))
+                    .and_then(|h| h.parse::<Hash>().ok())
+                else {
+                    continue;
+                };
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t < older_than);
+                if old && !keep(&hash) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         let mut removed = Vec::new();
         for blob in self.list()? {
             if keep(&blob.hash) || blob.modified >= older_than {
@@ -469,6 +562,8 @@ pub struct BlobWriter<'a> {
     tmp: PathBuf,
     hasher: blake3::Hasher,
     written: u64,
+    /// A resumable transfer: dropped unfinished, its bytes stay for the next try.
+    keep: bool,
 }
 
 impl BlobWriter<'_> {
@@ -539,6 +634,8 @@ impl BlobWriter<'_> {
         let hash = Hash(*self.hasher.finalize().as_bytes());
         if let Some(expected) = expected {
             if *expected != hash {
+                // Wrong bytes are never resumed from.
+                let _ = std::fs::remove_file(&self.tmp);
                 return Err(Error::HashMismatch {
                     expected: *expected,
                     actual: hash,
@@ -600,8 +697,11 @@ impl Drop for BlobWriter<'_> {
             u.reserved = u.reserved.saturating_sub(self.written);
         }
         self.file = None;
-        // Gone already after a finish (renamed or removed).
-        let _ = std::fs::remove_file(&self.tmp);
+        // Gone already after a finish (renamed or removed); a resumable transfer keeps
+        // its bytes for the next try.
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 

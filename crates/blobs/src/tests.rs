@@ -240,6 +240,13 @@ fn unreferenced_old_blobs_are_removed_and_kept_or_pinned_ones_stay() {
     let pinned = write_all(&s, b"about to be attached", 3)
         .expect("pinned")
         .hash;
+    // Partial transfers: one of a file still wanted, one of a file nobody wants any more.
+    let wanted_partial = Hash::of(b"still wanted");
+    let stale_partial = Hash::of(b"nobody wants this any more");
+    for h in [wanted_partial, stale_partial] {
+        let mut w = s.resume_writer(&h, 100, 0).expect("partial");
+        w.write(b"half").expect("write");
+    }
     let cutoff = SystemTime::now() + Duration::from_secs(1);
     // Nothing is older than a cutoff in the past.
     let past = SystemTime::now() - Duration::from_secs(3600);
@@ -249,9 +256,17 @@ fn unreferenced_old_blobs_are_removed_and_kept_or_pinned_ones_stay() {
         .is_empty());
     std::thread::sleep(Duration::from_millis(1100));
     s.pin(&pinned).expect("pin");
-    let removed = s.remove_unreferenced(&|h| *h == kept, cutoff).expect("gc");
+    let removed = s
+        .remove_unreferenced(&|h| *h == kept || *h == wanted_partial, cutoff)
+        .expect("gc");
     assert_eq!(removed, vec![old]);
     assert!(s.contains(&kept) && s.contains(&pinned) && !s.contains(&old));
+    assert_eq!(
+        s.partial_len(&wanted_partial),
+        4,
+        "a wanted transfer keeps its bytes"
+    );
+    assert_eq!(s.partial_len(&stale_partial), 0, "an unwanted one goes");
     assert_eq!(s.count(), 2);
     assert!(matches!(s.pin(&old), Err(Error::NotFound(_))));
 }
@@ -266,4 +281,63 @@ fn the_io_write_trait_streams_through_the_limits() {
     let mut w = s.writer(None).expect("writer");
     let err = std::io::copy(&mut &bytes(20_000)[..], &mut w).expect_err("too large");
     assert!(err.to_string().contains("max_blob_bytes"), "{err}");
+}
+
+#[test]
+fn an_interrupted_transfer_resumes_where_it_stopped_even_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = bytes(200_000);
+    let hash = Hash::of(&data);
+    {
+        let s = BlobStore::open(dir.path(), Config::default()).expect("open");
+        assert_eq!(s.partial_len(&hash), 0);
+        let mut w = s.resume_writer(&hash, 200_000, 0).expect("writer");
+        w.write(&data[..70_000]).expect("first part");
+        drop(w); // the connection dropped
+        assert_eq!(s.partial_len(&hash), 70_000);
+        assert!(
+            !s.contains(&hash) && s.count() == 0,
+            "a partial is not a blob"
+        );
+    }
+    // After a restart of this node, the rest continues from byte 70,000.
+    let s = BlobStore::open(dir.path(), Config::default()).expect("reopen");
+    assert_eq!(s.partial_len(&hash), 70_000, "partials survive a restart");
+    assert!(matches!(
+        s.resume_writer(&hash, 200_000, 10),
+        Err(Error::BadRange { .. })
+    ));
+    let mut w = s.resume_writer(&hash, 200_000, 70_000).expect("resume");
+    assert_eq!(w.written(), 70_000);
+    w.write(&data[70_000..]).expect("rest");
+    let stored = w.finish_expecting(&hash).expect("whole and right");
+    assert_eq!((stored.hash, stored.size), (hash, 200_000));
+    assert_eq!(s.partial_len(&hash), 0);
+    assert!(s.verify(&hash).expect("verify"));
+    assert_eq!((s.count(), s.bytes()), (1, 200_000));
+}
+
+#[test]
+fn a_resumed_transfer_with_wrong_bytes_is_thrown_away_partial_and_all() {
+    let (_d, s) = store(Config::default());
+    let data = bytes(50_000);
+    let hash = Hash::of(&data);
+    let mut w = s.resume_writer(&hash, 50_000, 0).expect("writer");
+    let mut bad = data[..20_000].to_vec();
+    bad[5] ^= 1;
+    w.write(&bad).expect("tampered part");
+    drop(w);
+    let mut w = s.resume_writer(&hash, 50_000, 20_000).expect("resume");
+    w.write(&data[20_000..]).expect("rest");
+    assert!(matches!(
+        w.finish_expecting(&hash),
+        Err(Error::HashMismatch { .. })
+    ));
+    assert_eq!(
+        s.partial_len(&hash),
+        0,
+        "the bad partial is not resumed from again"
+    );
+    assert!(!s.contains(&hash));
+    assert_eq!(s.count(), 0);
 }

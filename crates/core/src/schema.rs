@@ -137,6 +137,9 @@ pub struct Collection {
     /// What syncs first on (re)connect: collections with a higher `priority` are offered
     /// ahead of the rest (0, the default, is feed order).
     pub priority: u8,
+    /// Devices fetch the files of this collection's `attachments` fields as soon as they
+    /// see the references, not only when asked (relays always do).
+    pub prefetch: bool,
 }
 
 impl Collection {
@@ -179,6 +182,7 @@ struct RawCollection {
     access: Access,
     #[serde(default)]
     priority: u8,
+    prefetch: bool,
 }
 
 #[derive(Deserialize)]
@@ -388,6 +392,7 @@ impl Schema {
                     owner: rc.owner,
                     access: rc.access,
                     priority: rc.priority,
+                    prefetch: rc.prefetch,
                 },
             );
         }
@@ -465,6 +470,10 @@ notes    = { rule = "text" }
 photos   = { rule = "attachments" }
 [collections.inventory.fields]
 stock    = { rule = "counter" }
+[collections.receipts]
+prefetch = true
+[collections.receipts.fields]
+scans    = { rule = "attachments" }
 [collections.payments.fields]
 amount   = { rule = "authority" }
 status   = { rule = "authority", auto_accept = true }
@@ -479,14 +488,16 @@ start    = { rule = "manual" }
         let s = Schema::from_toml(EXAMPLE).unwrap();
         assert_eq!(
             s.collections.len(),
-            7,
-            "four declared plus the built-in _members, _schemas and _purges"
+            8,
+            "five declared plus the built-in _members, _schemas and _purges"
         );
         let tasks = s.collection("tasks").unwrap();
         assert_eq!(tasks.rule("status").name(), "rank");
         assert_eq!(tasks.rule("undeclared"), &Rule::Lww { by_actor: false });
         assert_eq!(tasks.rule("photos"), &Rule::Attachments);
         assert!(s.collection("payments").unwrap().fields["status"].auto_accept);
+        assert!(s.collection("receipts").unwrap().prefetch);
+        assert!(!tasks.prefetch);
         assert_eq!(
             s.collection("shifts").unwrap().on_delete,
             OnDelete::UpdateWins

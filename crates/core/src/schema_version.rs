@@ -221,6 +221,14 @@ impl Schema {
                     None,
                 );
             }
+            if old.prefetch != new.prefetch {
+                // Allowed: only when devices fetch files changes, not what any view shows.
+                push(
+                    cname.clone(),
+                    format!("prefetch {} → {}", old.prefetch, new.prefetch),
+                    None,
+                );
+            }
             // Renames: the new field reads the old name's values under its own rule.
             let renames: BTreeMap<&str, (&String, &FieldSpec)> = new
                 .fields

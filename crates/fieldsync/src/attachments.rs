@@ -229,9 +229,34 @@ impl Replica {
 
     /// The blobs that live (not deleted) entities on this node reference.
     pub fn referenced_blobs(&self) -> Result<HashSet<Hash>, Error> {
+        self.referenced_in(&|_| true)
+    }
+
+    /// The blobs this node should fetch without being asked, and does not hold: on a relay
+    /// (`everything`) every file a live entity references, elsewhere those of `prefetch`
+    /// collections. In hash order.
+    pub fn missing_blobs(&self, everything: bool) -> Result<Vec<Hash>, Error> {
+        if self.encrypted() {
+            return Ok(Vec::new());
+        }
+        let wanted = self.referenced_in(&|c| everything || c.prefetch)?;
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let store = self.blobs()?;
+        let mut missing: Vec<Hash> = wanted.into_iter().filter(|h| !store.contains(h)).collect();
+        missing.sort();
+        Ok(missing)
+    }
+
+    /// The blobs referenced by live entities of the collections `pick` keeps.
+    fn referenced_in(
+        &self,
+        pick: &dyn Fn(&fieldsync_core::Collection) -> bool,
+    ) -> Result<HashSet<Hash>, Error> {
         let ws = self.ws();
         let mut out = HashSet::new();
-        for (name, coll) in &ws.schema.collections {
+        for (name, coll) in ws.schema.collections.iter().filter(|(_, c)| pick(c)) {
             let fields = attachment_fields(coll);
             if fields.is_empty() {
                 continue;

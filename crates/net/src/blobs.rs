@@ -2,10 +2,13 @@
 //! stream per request, so a file moving never delays entity sync (each stream has its own
 //! yamux flow control).
 //!
-//! Request: the file's BLAKE3 hash (32 bytes), the offset to start at (u64 BE; always 0 for
-//! now: resuming is not built yet) and a flags byte ([`MAY_FORWARD`]: the server may fetch
-//! the file from its own peers first). Answer: one status byte — [`OK`], [`NOT_HERE`] or
-//! [`REFUSED`] — then, when OK, the file's size (u64 BE) and its bytes from the offset.
+//! Request: the file's BLAKE3 hash (32 bytes), the offset to start at (u64 BE: what an
+//! interrupted transfer already holds) and a flags byte ([`MAY_FORWARD`]: the server may
+//! fetch the file from its own peers first). Answer: one status byte — [`OK`],
+//! [`NOT_HERE`] or [`REFUSED`] — then, when OK, the file's size and the offset its bytes
+//! start at (u64 BE each: the offset asked, or 0 if it is past the end), then the bytes.
+//! An interrupted transfer keeps its bytes (also across restarts) and the next request
+//! resumes from there; the whole file is checked against the hash at the end.
 //!
 //! Forwarding: a relay asked for a file it lacks fetches it from its other peers (never
 //! the asker, and without the flag, so a request travels one hop at most), stores it, then
@@ -48,6 +51,46 @@ const OK: u8 = 0;
 const NOT_HERE: u8 = 1;
 const REFUSED: u8 = 2;
 
+/// The pace of sending files, shared by every transfer of a node: at most `rate` bytes a
+/// second in all (0: no limit); counts what was sent.
+pub(crate) struct SendLimit {
+    rate: u64,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    /// (when the pace started, bytes sent since): the schedule every transfer follows.
+    pace: tokio::sync::Mutex<(tokio::time::Instant, u64)>,
+}
+
+impl SendLimit {
+    pub(crate) fn new(rate: u64, sent: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        SendLimit {
+            rate,
+            sent,
+            pace: tokio::sync::Mutex::new((tokio::time::Instant::now(), 0)),
+        }
+    }
+
+    /// Counts `n` bytes about to be sent, waiting until the rate allows them.
+    async fn take(&self, n: usize) {
+        self.sent
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        if self.rate == 0 {
+            return;
+        }
+        let due = {
+            let mut pace = self.pace.lock().await;
+            let now = tokio::time::Instant::now();
+            // An idle spell does not bank credit for a burst later.
+            let behind = pace.0 + Duration::from_secs_f64(pace.1 as f64 / self.rate as f64);
+            if behind < now {
+                *pace = (now, 0);
+            }
+            pace.1 += n as u64;
+            pace.0 + Duration::from_secs_f64(pace.1 as f64 / self.rate as f64)
+        };
+        tokio::time::sleep_until(due).await;
+    }
+}
+
 /// Serves one request from `peer` (`admitted`: the sync engine admitted it); `inputs`
 /// reaches the node's owner task, for forwarding.
 pub(crate) async fn serve(
@@ -56,6 +99,7 @@ pub(crate) async fn serve(
     admitted: bool,
     mut stream: libp2p::Stream,
     inputs: tokio::sync::mpsc::Sender<crate::event_loop::Owned>,
+    limit: Arc<SendLimit>,
 ) {
     let mut request = [0u8; REQUEST_LEN];
     match tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut request)).await {
@@ -118,15 +162,17 @@ pub(crate) async fn serve(
         Ok(m) => m.len(),
         Err(_) => return,
     };
-    let mut head = [0u8; 9];
+    let start = if offset <= size { offset } else { 0 };
+    let mut head = [0u8; 17];
     head[0] = OK;
-    head[1..].copy_from_slice(&size.to_be_bytes());
+    head[1..9].copy_from_slice(&size.to_be_bytes());
+    head[9..].copy_from_slice(&start.to_be_bytes());
     if stream.write_all(&head).await.is_err() {
         return;
     }
-    if offset > 0 {
+    if start > 0 {
         use tokio::io::AsyncSeekExt as _;
-        if offset > size || file.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+        if file.seek(std::io::SeekFrom::Start(start)).await.is_err() {
             return;
         }
     }
@@ -137,6 +183,7 @@ pub(crate) async fn serve(
             Ok(n) => n,
             Err(_) => return,
         };
+        limit.take(n).await;
         if stream.write_all(&buf[..n]).await.is_err() {
             return;
         }
@@ -170,16 +217,18 @@ pub(crate) async fn fetch(
     peers: Vec<PeerId>,
     hash: Hash,
     forward: bool,
-    corrupt: Arc<std::sync::atomic::AtomicU64>,
+    stats: Arc<super::Stats>,
 ) -> Result<u64, FetchError> {
     let mut last = FetchError::NoPeer;
     for peer in peers {
-        match fetch_from(&replica, control.clone(), peer, hash, forward).await {
+        match fetch_from(&replica, control.clone(), peer, hash, forward, &stats).await {
             Ok(n) => return Ok(n),
             Err(e) => {
                 if let FetchError::Failed(_, why) = &e {
                     if why.contains("hash to") {
-                        corrupt.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        stats
+                            .blobs_corrupt
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
                 tracing::info!(%peer, %hash, %e, "blob fetch failed");
@@ -196,14 +245,19 @@ async fn fetch_from(
     peer: PeerId,
     hash: Hash,
     forward: bool,
+    stats: &super::Stats,
 ) -> Result<u64, FetchError> {
     let failed = |why: String| FetchError::Failed(peer, why);
+    let store = replica.blobs().map_err(|e| failed(e.to_string()))?;
+    // What an interrupted transfer left (here, or before a restart): resumed from there.
+    let have = store.partial_len(&hash);
     let mut stream = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, BLOB_PROTOCOL))
         .await
         .map_err(|_| failed("opening the stream timed out".into()))?
         .map_err(|e| failed(e.to_string()))?;
     let mut request = [0u8; REQUEST_LEN];
     request[..32].copy_from_slice(hash.as_bytes());
+    request[32..40].copy_from_slice(&have.to_be_bytes());
     request[40] = if forward { MAY_FORWARD } else { 0 };
     stream
         .write_all(&request)
@@ -221,17 +275,20 @@ async fn fetch_from(
         REFUSED => return Err(FetchError::Refused(peer)),
         other => return Err(failed(format!("unknown answer {other}"))),
     }
-    let mut size = [0u8; 8];
-    tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut size))
+    let mut head = [0u8; 16];
+    tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut head))
         .await
         .map_err(|_| failed("no size".into()))?
         .map_err(|e| failed(e.to_string()))?;
-    let size = u64::from_be_bytes(size);
-    let store = replica.blobs().map_err(|e| failed(e.to_string()))?;
+    let size = u64::from_be_bytes(head[..8].try_into().unwrap_or([0; 8]));
+    let start = u64::from_be_bytes(head[8..].try_into().unwrap_or([0; 8]));
+    if start != 0 && start != have {
+        return Err(failed(format!("it resumed at byte {start}, not {have}")));
+    }
     // Checked against the limits before the first byte (a hostile size is refused here).
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(WRITE_QUEUE);
     let writer = tokio::task::spawn_blocking(move || {
-        let mut w = store.writer(Some(size))?;
+        let mut w = store.resume_writer(&hash, size, start)?;
         while let Some(piece) = rx.blocking_recv() {
             match piece {
                 Some(bytes) => w.write(&bytes)?,
@@ -239,12 +296,13 @@ async fn fetch_from(
                 None => return w.finish_expecting(&hash),
             }
         }
+        // Dropped unfinished: the bytes so far stay for the next try.
         Err(fieldsync::blobs::Error::Io {
             path: "transfer".into(),
             source: std::io::Error::other("the transfer ended early"),
         })
     });
-    let mut got = 0u64;
+    let mut got = start;
     let mut buf = vec![0u8; PIECE];
     let mut broken = None;
     while got < size {
@@ -256,6 +314,9 @@ async fn fetch_from(
             }
             Ok(Ok(n)) => {
                 got += n as u64;
+                stats
+                    .blob_bytes_received
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 if tx.send(Some(buf[..n].to_vec())).await.is_err() {
                     break;
                 }

@@ -236,6 +236,8 @@ pub(crate) struct EventLoop {
     /// Requests for attachment files (`/fieldsync/blobs/1`), and the files being served.
     blob_requests: libp2p_stream::IncomingStreams,
     serving: Arc<Semaphore>,
+    /// What this node may send of files, all transfers together.
+    send_limit: Arc<crate::blobs::SendLimit>,
     core: Core,
     io_results: mpsc::Receiver<(TaskId, Outcome)>,
     config: Config,
@@ -303,6 +305,10 @@ impl EventLoop {
             incoming,
             blob_requests,
             serving: Arc::new(Semaphore::new(crate::blobs::MAX_SERVING)),
+            send_limit: Arc::new(crate::blobs::SendLimit::new(
+                config.blob_send_rate,
+                stats.blob_bytes_sent.clone(),
+            )),
             core,
             io_results,
             config,
@@ -580,8 +586,9 @@ impl EventLoop {
         match self.serving.clone().try_acquire_owned() {
             Ok(permit) => {
                 let (replica, inputs) = (self.core.replica.clone(), self.inputs.clone());
+                let limit = self.send_limit.clone();
                 tokio::spawn(async move {
-                    crate::blobs::serve(replica, peer, admitted, stream, inputs).await;
+                    crate::blobs::serve(replica, peer, admitted, stream, inputs, limit).await;
                     drop(permit);
                 });
             }
@@ -611,10 +618,16 @@ impl EventLoop {
             self.control.clone(),
             self.stats.clone(),
         );
+        stats
+            .blobs_in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
-            let corrupt = stats.blobs_corrupt.clone();
             let result =
-                crate::blobs::fetch(replica, control, candidates, hash, forward, corrupt).await;
+                crate::blobs::fetch(replica, control, candidates, hash, forward, stats.clone())
+                    .await;
+            stats
+                .blobs_in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             if result.is_ok() {
                 stats
                     .blobs_fetched

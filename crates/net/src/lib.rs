@@ -126,6 +126,9 @@ pub struct Config {
     /// TLS for WebSocket: listening on `/tls/ws` (`/wss`) addresses needs a certificate,
     /// and dialing a relay whose certificate no public root signs needs it trusted.
     pub ws_tls: WsTls,
+    /// Bytes per second this node sends of attachment files, all peers together (0: as
+    /// fast as the link allows). Leaves room on a slow link for sync.
+    pub blob_send_rate: u64,
 }
 
 /// Certificates for secure WebSocket (DER bytes; the node's config reads them from PEM).
@@ -165,6 +168,7 @@ impl Default for Config {
             ban: Duration::from_secs(60),
             max_frames_per_sec: 2_000,
             ws_tls: WsTls::default(),
+            blob_send_rate: 0,
         }
     }
 }
@@ -196,6 +200,12 @@ pub struct Stats {
     pub blobs_corrupt: Arc<AtomicU64>,
     /// Attachment files fetched from peers and stored.
     pub blobs_fetched: AtomicU64,
+    /// Fetches of attachment files running now.
+    pub blobs_in_flight: Arc<AtomicU64>,
+    /// Bytes of attachment files received from peers.
+    pub blob_bytes_received: AtomicU64,
+    /// Bytes of attachment files sent to peers.
+    pub blob_bytes_sent: Arc<AtomicU64>,
 }
 
 /// A handle to a running node: tell it about local writes, read its traffic counters.
