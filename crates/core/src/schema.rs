@@ -182,6 +182,7 @@ struct RawCollection {
     access: Access,
     #[serde(default)]
     priority: u8,
+    #[serde(default)]
     prefetch: bool,
 }
 
