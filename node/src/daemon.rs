@@ -227,40 +227,19 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
             let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
             loop {
                 tick.tick().await;
-                metrics
-                    .frames_sent
-                    .store(stats.frames_sent.load(Ordering::Relaxed), Ordering::Relaxed);
-                metrics
-                    .bytes_sent
-                    .store(stats.bytes_sent.load(Ordering::Relaxed), Ordering::Relaxed);
-                metrics.frames_received.store(
-                    stats.frames_received.load(Ordering::Relaxed),
-                    Ordering::Relaxed,
-                );
-                metrics.bytes_received.store(
-                    stats.bytes_received.load(Ordering::Relaxed),
-                    Ordering::Relaxed,
-                );
-                metrics.blobs_fetched.store(
-                    stats.blobs_fetched.load(Ordering::Relaxed),
-                    Ordering::Relaxed,
-                );
-                metrics.blobs_corrupt.store(
-                    stats.blobs_corrupt.load(Ordering::Relaxed),
-                    Ordering::Relaxed,
-                );
-                metrics.blob_bytes_received.store(
-                    stats.blob_bytes_received.load(Ordering::Relaxed),
-                    Ordering::Relaxed,
-                );
-                metrics.blobs_in_flight.store(
-                    stats.blobs_in_flight.load(Ordering::Relaxed),
-                    Ordering::Relaxed,
-                );
-                metrics.blob_bytes_sent.store(
-                    stats.blob_bytes_sent.load(Ordering::Relaxed),
-                    Ordering::Relaxed,
-                );
+                let copy = |to: &std::sync::atomic::AtomicU64,
+                            from: &std::sync::atomic::AtomicU64| {
+                    to.store(from.load(Ordering::Relaxed), Ordering::Relaxed)
+                };
+                copy(&metrics.frames_sent, &stats.frames_sent);
+                copy(&metrics.bytes_sent, &stats.bytes_sent);
+                copy(&metrics.frames_received, &stats.frames_received);
+                copy(&metrics.bytes_received, &stats.bytes_received);
+                copy(&metrics.blobs_fetched, &stats.blobs_fetched);
+                copy(&metrics.blobs_corrupt, &stats.blobs_corrupt);
+                copy(&metrics.blob_bytes_received, &stats.blob_bytes_received);
+                copy(&metrics.blobs_in_flight, &stats.blobs_in_flight);
+                copy(&metrics.blob_bytes_sent, &stats.blob_bytes_sent);
             }
         })
     };

@@ -270,16 +270,7 @@ fn bundle_import(api: &str, file: &Path) -> Result<()> {
         .header("content-type", "application/octet-stream")
         .send(&bytes[..])
         .map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
-    let status = response.status().as_u16();
-    let text = response
-        .body_mut()
-        .read_to_string()
-        .map_err(|e| CliError::runtime(e.to_string()))?;
-    if !(200..300).contains(&status) {
-        return Err(api_error(status, &text));
-    }
-    let summary: Value = serde_json::from_str(&text)
-        .map_err(|e| CliError::runtime(format!("the daemon answered {e}")))?;
+    let summary = json_answer(&mut response)?;
     eprintln!(
         "merged {} entities from {}",
         summary["entities"],
@@ -336,16 +327,7 @@ fn attach(
     bar.finish_and_clear();
     let mut response = sent
         .map_err(|e| CliError::runtime(format!("the daemon's API at {url} did not answer: {e}")))?;
-    let status = response.status().as_u16();
-    let text = response
-        .body_mut()
-        .read_to_string()
-        .map_err(|e| CliError::runtime(e.to_string()))?;
-    if !(200..300).contains(&status) {
-        return Err(api_error(status, &text));
-    }
-    let reference: Value = serde_json::from_str(&text)
-        .map_err(|e| CliError::runtime(format!("the daemon answered {e}")))?;
+    let reference = json_answer(&mut response)?;
     emit(&call(
         "POST",
         &format!(
@@ -632,4 +614,17 @@ pub fn run(api: &str, command: Command) -> Result<()> {
             "stop the daemon first: `authority export` reads the key from the store",
         )),
     }
+}
+
+/// A daemon's JSON answer, or its error as the CLI reports it.
+fn json_answer(response: &mut ureq::http::Response<ureq::Body>) -> Result<Value> {
+    let status = response.status().as_u16();
+    let text = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| CliError::runtime(e.to_string()))?;
+    if !(200..300).contains(&status) {
+        return Err(api_error(status, &text));
+    }
+    serde_json::from_str(&text).map_err(|e| CliError::runtime(format!("the daemon answered {e}")))
 }
