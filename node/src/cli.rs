@@ -4,7 +4,9 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
-use fieldsync::{ConflictId, EntityId, ErrorKind, PeerId, ProposalId, Replica};
+use fieldsync::{EntityId, ErrorKind, PeerId, Replica};
+
+use crate::client::Client;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value as Json};
 
@@ -496,39 +498,6 @@ pub(crate) fn parse_partitions(
         .collect()
 }
 
-/// Settles each proposal in turn, one JSON line per id; every id is checked before any is
-/// settled, and a failure of one does not stop the others (exit 1 at the end).
-fn settle_all(
-    ids: &[String],
-    verb: &str,
-    settle: impl Fn(ProposalId) -> std::result::Result<EntityId, fieldsync::Error>,
-) -> Result<()> {
-    let parsed = ids
-        .iter()
-        .map(|id| parse_id::<ProposalId>("proposal id", id))
-        .collect::<Result<Vec<_>>>()?;
-    let mut failed = 0;
-    for pid in parsed {
-        match settle(pid) {
-            Ok(entity) => emit(
-                &json!({ "proposal": pid.to_string(), "entity": entity.to_string(), verb: true }),
-            )?,
-            Err(e) if ids.len() == 1 => return Err(e.into()),
-            Err(e) => {
-                failed += 1;
-                emit(&json!({ "proposal": pid.to_string(), verb: false, "error": e.to_string() }))?;
-            }
-        }
-    }
-    if failed > 0 {
-        return Err(CliError::runtime(format!(
-            "{failed} of {} proposal(s) could not be settled",
-            ids.len()
-        )));
-    }
-    Ok(())
-}
-
 /// Largest patch `put` takes (as the HTTP API does).
 pub(crate) const MAX_PATCH_BYTES: u64 = 8 << 20;
 
@@ -774,13 +743,6 @@ pub(crate) fn bytes_bar(what: &'static str, total: u64) -> ProgressBar {
     bar
 }
 
-/// The message of a blob that is not here, with no daemon to fetch it (exit 3).
-pub(crate) fn blob_not_here(hash: &str) -> CliError {
-    CliError::not_found(format!(
-        "blob {hash} is not in this node's blob store; with no daemon running on this data directory it cannot be fetched from other nodes (start `fieldsync run`)"
-    ))
-}
-
 /// Copies `from` to FILE (beside it, then renamed: a half-written file never has the
 /// name) or to standard output; the bytes copied.
 pub(crate) fn write_out(from: &mut dyn std::io::Read, out: Option<&Path>) -> Result<u64> {
@@ -906,7 +868,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 api_access: file.api,
                 blobs: file.blobs,
             };
-            crate::daemon::run(&dir, options, key_file.as_deref())
+            run_node(dir, key_file, options)
         }
         Command::Relay {
             listen,
@@ -938,7 +900,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 api_access: file.api,
                 blobs: file.blobs,
             };
-            crate::daemon::run(&dir, options, key_file.as_deref())
+            run_node(dir, key_file, options)
         }
         Command::ApiToken { rotate } => {
             if !dir.is_dir() {
@@ -967,19 +929,73 @@ pub fn run(cli: Cli) -> Result<()> {
                 &json!({ "token": token, "file": file.display().to_string(), "created": created, "rotated": rotate }),
             )
         }
-        command => match crate::remote::daemon_api(&dir) {
-            // A daemon holds the store: data commands go through its API.
-            Some(api) => crate::remote::run(&api, command),
-            None => run_on(
-                &open_replica(
-                    &dir,
-                    fieldsync::MemoryOptions::default(),
-                    key_file.as_deref(),
-                )?,
+        command => {
+            // What works on the store itself, unbounded and with progress: only without a
+            // daemon (a bundle also goes through a daemon's API, within its limits).
+            let on_store = matches!(
                 command,
-            ),
-        },
+                Command::Import { .. }
+                    | Command::Export { .. }
+                    | Command::Mirror(_)
+                    | Command::Authority(_)
+            );
+            match daemon_api(&dir) {
+                Some(_) if on_store => Err(CliError::invalid(match command {
+                    Command::Authority(_) => "stop the daemon first: `authority export` reads the key from the store",
+                    _ => "a daemon is running on this data directory; stop it (Ctrl-C) for this command",
+                })),
+                // A daemon holds the store: data commands go through its API.
+                Some(api) => crate::data::run(&Client::daemon(api, &dir), command),
+                None => {
+                    let replica = open_replica(
+                        &dir,
+                        fieldsync::MemoryOptions::default(),
+                        key_file.as_deref(),
+                    )?;
+                    if on_store || matches!(command, Command::Bundle(_)) {
+                        return run_on_store(&replica, command);
+                    }
+                    if let Command::Attach { config, .. } = &command {
+                        replica.set_blob_config(
+                            crate::config::load(config.as_deref())?.blobs.store_config(),
+                        );
+                    }
+                    crate::data::run(&Client::in_process(&dir, replica)?, command)
+                }
+            }
+        }
     }
+}
+
+/// The API address of a daemon running on `dir`, if one answers.
+fn daemon_api(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(crate::daemon::DAEMON_FILE)).ok()?;
+    let api = serde_json::from_str::<Json>(&text).ok()?["api"]
+        .as_str()?
+        .to_owned();
+    // A daemon killed with SIGKILL leaves its file behind: only trust one that answers.
+    Client::daemon(api.clone(), dir)
+        .get("/v1/status")
+        .ok()
+        .map(|_| api)
+}
+
+/// `run` and `relay`: the node until Ctrl-C or SIGTERM.
+fn run_node(
+    dir: PathBuf,
+    key_file: Option<PathBuf>,
+    options: crate::daemon::Options,
+) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::runtime(format!("cannot start the async runtime: {e}")))?;
+    let config = crate::daemon::NodeConfig {
+        dir,
+        key_file,
+        options,
+    };
+    runtime.block_on(crate::daemon::run(config, crate::daemon::shutdown_signal()))
 }
 
 /// Opens the node in `dir`; if its store is encrypted, with the key file given, or the
@@ -1095,19 +1111,9 @@ fn write_secret_file(file: &Path, bytes: &[u8]) -> Result<()> {
         .map_err(|e| CliError::runtime(format!("{}: {e}", file.display())))
 }
 
-fn run_on(replica: &Replica, command: Command) -> Result<()> {
+/// The commands that work on the store itself, with no daemon: unbounded, with progress.
+fn run_on_store(replica: &Replica, command: Command) -> Result<()> {
     match command {
-        Command::Init { .. }
-        | Command::Run { .. }
-        | Command::Relay { .. }
-        | Command::ApiToken { .. } => unreachable!("handled by run"),
-        Command::Purge { collection, id } => {
-            let record = replica.purge(&collection, parse_id("entity id", &id)?)?;
-            eprintln!("purged {collection} {id}; the purge reaches other nodes when they sync");
-            emit(
-                &json!({ "id": id, "collection": collection, "purged": true, "by": record.by, "at_ms": record.at_ms }),
-            )
-        }
         Command::Authority(AuthorityCommand::Export { file }) => {
             if !replica.is_authority() {
                 return Err(CliError::invalid(
@@ -1128,192 +1134,6 @@ fn run_on(replica: &Replica, command: Command) -> Result<()> {
             eprintln!("wrote the authority backup to {}; keep it offline: with its passphrase it signs for the whole workspace", file.display());
             emit(&json!({ "file": file.display().to_string(), "bytes": sealed.len() }))
         }
-        Command::Invite {
-            action: Some(InviteAction::Cancel { invite_id }),
-            ..
-        } => {
-            let cancelled = replica.cancel_invite(parse_id("invite id", &invite_id)?)?;
-            emit(&json!({ "invite": cancelled.id.to_string(), "cancelled": true }))
-        }
-        Command::Invite {
-            action: None,
-            user,
-            role,
-            partitions,
-            valid_hours,
-        } => {
-            if !replica.is_authority() {
-                return Err(CliError::invalid(
-                    "only the workspace authority issues invites",
-                ));
-            }
-            let partitions = parse_partitions(&partitions)?;
-            let ttl_ms = i64::try_from(valid_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX);
-            std::io::stdout().write_all(&replica.issue_invite(&user, role, partitions, ttl_ms)?)?;
-            println!();
-            Ok(())
-        }
-        Command::Members => {
-            let members = replica
-                .member_infos()?
-                .into_iter()
-                .map(|m| serde_json::to_value(m).unwrap_or_default());
-            let invites = replica
-                .pending_invites()?
-                .into_iter()
-                .map(|i| serde_json::to_value(i).unwrap_or_default());
-            emit_members(members.collect(), invites.collect())
-        }
-        Command::Revoke { peer_id } => emit(&replica.revoke(&parse_id("peer id", &peer_id)?)?),
-        Command::Delegate { peer_id, withdraw } => {
-            emit(&replica.delegate(&parse_id("peer id", &peer_id)?, !withdraw)?)
-        }
-        Command::Put {
-            collection,
-            id_or_patch,
-            patch,
-            file,
-            op_id,
-        } => {
-            let (id, patch) = put_args(id_or_patch, patch, file)?;
-            let op = op_id
-                .as_deref()
-                .map(|o| parse_id::<fieldsync::OpId>("op id", o))
-                .transpose()?;
-            let (id, _) = replica.put_op(&collection, id, &patch, op.as_ref())?;
-            if let Some(warning) = replica.membership()?.warning() {
-                eprintln!("warning: {warning}");
-            }
-            emit(&json!({ "id": id.to_string() }))
-        }
-        Command::Get { collection, id } => {
-            emit(&replica.get(&collection, parse_id("entity id", &id)?)?)
-        }
-        Command::Attach {
-            collection,
-            id,
-            field,
-            file,
-            mime,
-            name,
-            config,
-        } => {
-            let id: EntityId = parse_id("entity id", &id)?;
-            replica.set_blob_config(crate::config::load(config.as_deref())?.blobs.store_config());
-            let mut source = attach_source(&field, &file, mime, name)?;
-            // The target first: a mistyped id or field fails before the file is read.
-            let rule = replica
-                .workspace()
-                .schema
-                .collection(&collection)
-                .map_err(fieldsync::Error::from)?
-                .rule(&field)
-                .name();
-            if rule != "attachments" {
-                return Err(CliError::invalid(format!(
-                    "field {field:?} of {collection:?} has rule {rule}, not attachments; declare it as {{ rule = \"attachments\" }} in the schema"
-                )));
-            }
-            replica.get(&collection, id)?;
-            let store = replica.blobs()?;
-            let mut writer = store
-                .writer(Some(source.size))
-                .map_err(fieldsync::Error::from)?;
-            let bar = bytes_bar("storing", source.size);
-            let mut buf = vec![0u8; 256 << 10];
-            loop {
-                let n = std::io::Read::read(&mut source.file, &mut buf)
-                    .map_err(|e| CliError::runtime(format!("{}: {e}", file.display())))?;
-                if n == 0 {
-                    break;
-                }
-                writer.write(&buf[..n]).map_err(fieldsync::Error::from)?;
-                bar.inc(n as u64);
-            }
-            let stored = writer.finish().map_err(fieldsync::Error::from)?;
-            bar.finish_and_clear();
-            let reference = json!({ "hash": stored.hash.to_string(), "size": stored.size, "mime": source.mime, "name": source.name });
-            let attached = replica.attach(&collection, id, &field, &reference)?;
-            emit(&attached.to_json())
-        }
-        Command::Blob(BlobCommand::Get { hash, out }) => {
-            let hash: fieldsync::blobs::Hash = parse_id("blob hash", &hash)?;
-            let store = replica.blobs()?;
-            let mut file = match store.open_blob(&hash) {
-                Ok((file, _)) => file,
-                Err(fieldsync::blobs::Error::NotFound(_)) => {
-                    return Err(blob_not_here(&hash.to_string()))
-                }
-                Err(e) => return Err(fieldsync::Error::from(e).into()),
-            };
-            let n = write_out(&mut file, out.as_deref())?;
-            if let Some(out) = out {
-                emit(
-                    &json!({ "hash": hash.to_string(), "file": out.display().to_string(), "bytes": n }),
-                )?;
-            }
-            Ok(())
-        }
-
-        Command::List {
-            collection,
-            filters,
-            include_deleted,
-        } => stream_views(replica, &collection, &filters, include_deleted, |v| v),
-        Command::Delete {
-            collection,
-            id,
-            op_id,
-        } => {
-            let id: EntityId = parse_id("entity id", &id)?;
-            let op = op_id
-                .as_deref()
-                .map(|o| parse_id::<fieldsync::OpId>("op id", o))
-                .transpose()?;
-            replica.delete_op(&collection, id, op.as_ref())?;
-            emit(&json!({ "id": id.to_string(), "deleted": true }))
-        }
-        Command::History { collection, id } => {
-            emit_lines(replica.history(&collection, parse_id("entity id", &id)?)?)
-        }
-        Command::Conflicts { all } => emit_lines(replica.conflicts(all)?),
-        Command::Resolve {
-            conflict_id,
-            value_json,
-        } => {
-            let conflict: ConflictId = parse_id("conflict id", &conflict_id)?;
-            let entity = replica.resolve(&conflict, &value_json)?;
-            emit(
-                &json!({ "conflict": conflict.to_string(), "entity": entity.to_string(), "resolved": true }),
-            )
-        }
-        Command::Proposals { mine } => emit_lines(if mine {
-            replica.my_proposals()?
-        } else {
-            replica.proposals()?
-        }),
-        Command::Accept { proposal_ids } => {
-            settle_all(&proposal_ids, "accepted", |id| replica.accept(id))
-        }
-        Command::Reject { proposal_ids } => {
-            settle_all(&proposal_ids, "rejected", |id| replica.reject(id))
-        }
-        Command::Status => emit(&replica.status()?),
-        Command::Schema(SchemaCommand::Show { version }) => emit(&replica.schema_info(version)?),
-        Command::Schema(SchemaCommand::Diff { file }) => {
-            emit(&replica.diff_schema(&read_schema(&file)?)?)
-        }
-        Command::Schema(SchemaCommand::Push { file }) => {
-            let pushed = replica.push_schema(&read_schema(&file)?)?;
-            eprintln!(
-                "published schema version {}; it reaches other nodes when they sync",
-                pushed.version
-            );
-            emit(&pushed)
-        }
-        Command::Sync { .. } => Err(CliError::invalid(
-            "`fieldsync sync` needs a running daemon (`fieldsync run`) on this data directory",
-        )),
         Command::Mirror(MirrorCommand::Rebuild { postgres, config }) => {
             let tables = crate::config::load(config.as_deref())?
                 .relay
@@ -1380,5 +1200,6 @@ fn run_on(replica: &Replica, command: Command) -> Result<()> {
                 view
             })
         }
+        _ => unreachable!("cli::run sends the other commands through the API"),
     }
 }

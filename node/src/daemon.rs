@@ -61,22 +61,49 @@ impl Drop for DaemonFile {
     }
 }
 
-/// Runs the node in `dir` until shutdown.
-pub fn run(dir: &Path, options: Options, key_file: Option<&Path>) -> Result<(), CliError> {
-    let replica = Arc::new(
-        crate::cli::open_replica(dir, options.memory, key_file)?
-            .with_blob_config(options.blobs.store_config()),
-    );
-    // Schema versions that arrive while running are recomputed off the sync path.
-    replica.start_background_recompute();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| CliError::runtime(format!("cannot start the async runtime: {e}")))?;
-    runtime.block_on(serve(dir, replica, options))
+/// A node to run: its data directory, the key file of an encrypted store, and what to run.
+#[derive(Debug)]
+pub struct NodeConfig {
+    pub dir: PathBuf,
+    /// The store's key file (encrypted stores; else FIELDSYNC_PASSPHRASE or the terminal).
+    pub key_file: Option<PathBuf>,
+    pub options: Options,
 }
 
-async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<(), CliError> {
+/// Runs the node until `shutdown` completes (the binary passes Ctrl-C/SIGTERM; tests and
+/// embedders their own signal), or until its network stops by itself. Needs a multi-thread
+/// tokio runtime. On return the store is flushed and `daemon.json` removed.
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), CliError> {
+    let NodeConfig {
+        dir,
+        key_file,
+        options,
+    } = config;
+    let blobs = options.blobs.store_config();
+    let memory = options.memory;
+    let open_dir = dir.clone();
+    // Opening may ask for the passphrase on the terminal: off the async threads.
+    let replica = tokio::task::spawn_blocking(move || {
+        crate::cli::open_replica(&open_dir, memory, key_file.as_deref())
+    })
+    .await
+    .map_err(|e| CliError::runtime(e.to_string()))??
+    .with_blob_config(blobs);
+    let replica = Arc::new(replica);
+    // Schema versions that arrive while running are recomputed off the sync path.
+    replica.start_background_recompute();
+    serve(&dir, replica, options, shutdown).await
+}
+
+async fn serve(
+    dir: &Path,
+    replica: Arc<Replica>,
+    options: Options,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), CliError> {
     let (handle, inbox) = fieldsync_net::channel();
     let metrics = Arc::new(Metrics {
         security: handle.stats.security.clone(),
@@ -246,7 +273,7 @@ async fn serve(dir: &Path, replica: Arc<Replica>, options: Options) -> Result<()
 
     // The network stopping by itself (it could not listen…) stops the daemon too.
     let ended = tokio::select! {
-        () = shutdown_signal() => None,
+        () = shutdown => None,
         result = &mut net => Some(result),
     };
     print(json!({ "event": "stopping" }));
@@ -539,7 +566,8 @@ async fn watch_feed(replica: Arc<Replica>, live: Arc<Live>) {
     }
 }
 
-async fn shutdown_signal() {
+/// Completes on Ctrl-C or SIGTERM: what the binary stops its node on.
+pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -1,15 +1,12 @@
-//! The `fieldsync` binary: parses the command line, sets up logging, runs the command.
+//! The `fieldsync` binary: parses the command line, sets up logging, runs the command (the
+//! node itself is the `fieldsync_node` library).
 //! Output is JSON on stdout; messages and progress on stderr.
 //! Exit codes: 0 ok · 1 runtime error · 2 invalid input or usage · 3 not found.
-
-mod cli;
-mod config;
-mod daemon;
-mod remote;
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use fieldsync_node::cli;
 
 // Automerge allocates many small buffers; mimalloc is markedly faster at that than glibc's.
 #[global_allocator]

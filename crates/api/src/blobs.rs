@@ -69,7 +69,7 @@ pub(crate) async fn upload(
         .get(header::CONTENT_TYPE)
         .map(|v| {
             v.to_str().map(str::to_owned).map_err(|_| {
-                ApiError(
+                ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "Content-Type must be printable ASCII".into(),
                 )
@@ -86,7 +86,7 @@ pub(crate) async fn upload(
     let probe =
         json!({ "hash": "0".repeat(64), "size": size.unwrap_or(0), "mime": mime, "name": name });
     fieldsync::core::attachment::Reference::from_json("upload", &probe)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(UPLOAD_QUEUE);
     let writer = tokio::task::spawn_blocking(move || -> Result<Stored, fieldsync_blobs::Error> {
@@ -132,9 +132,9 @@ pub(crate) async fn upload(
     drop(tx);
     let stored = writer
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     if let Some(why) = broken {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("the upload was cut short ({why}); nothing was stored"),
         ));
@@ -165,7 +165,8 @@ pub(crate) async fn download(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             // Not here: ask the connected peers (the daemon's network), then serve it.
             let why = match &s.fetch_blob {
-                None => "this node has no network to fetch it from".to_owned(),
+                // In process (the CLI with no daemon): no network here.
+                None => "no daemon runs on this data directory to fetch it from other nodes: start `fieldsync run`".to_owned(),
                 Some(fetch) => match tokio::time::timeout(FETCH_WAIT, fetch(hash)).await {
                     Ok(Ok(_)) => String::new(),
                     Ok(Err(why)) => why,
@@ -175,26 +176,31 @@ pub(crate) async fn download(
             match tokio::fs::File::open(store.path(&hash)).await {
                 Ok(f) if why.is_empty() => f,
                 _ => {
-                    return Err(ApiError(
+                    return Err(ApiError::new(
                         StatusCode::NOT_FOUND,
                         format!("blob {hash} is not in this node's blob store, and no connected peer sent it ({why})"),
                     ))
                 }
             }
         }
-        Err(e) => return Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.to_string(),
+            ))
+        }
     };
     let size = file
         .metadata()
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .len();
     let range = match headers.get(header::RANGE) {
         None => None,
         Some(v) => match one_range(v, size) {
             Some(r) => Some(r),
             None => {
-                let mut res = ApiError(
+                let mut res = ApiError::new(
                     StatusCode::RANGE_NOT_SATISFIABLE,
                     format!(
                         "range {:?} is not one satisfiable byte range of this {size}-byte blob (bytes=START-END, bytes=START- or bytes=-SUFFIX)",
@@ -216,7 +222,7 @@ pub(crate) async fn download(
     if start > 0 {
         file.seek(std::io::SeekFrom::Start(start))
             .await
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     }
     // Streamed in pieces from the file: memory stays bounded whatever the blob's size.
     let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
@@ -267,7 +273,7 @@ pub(crate) async fn attach(
 ) -> Result<Json<Value>, ApiError> {
     let id: fieldsync::EntityId = parse("entity id", &id)?;
     let reference: Value = serde_json::from_str(&body).map_err(|e| {
-        ApiError(
+        ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("expected a reference {{\"hash\", \"size\", \"mime\", \"name\"}}: {e}"),
         )

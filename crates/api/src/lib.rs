@@ -274,15 +274,45 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-/// An API error: HTTP status from the error kind, JSON body `{"error": message}`: 400 bad
+/// An API error: HTTP status from the error kind, JSON body `{"error": message, "kind": …}`: 400 bad
 /// input, 403 what only the authority may do or the member's partitions refuse, 404 no
 /// such entity, collection, conflict, proposal or member, 409 the entity id belongs to
-/// another collection or the op id to another write, 500 a failure here.
-struct ApiError(StatusCode, String);
+/// another collection or the op id to another write, 500 a failure here. The body's `kind`
+/// says what the status cannot always: `invalid` (the request was wrong: an unknown
+/// collection is one, though it answers 404), `not_found` or `failed`; the CLI's exit
+/// codes follow it.
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: String) -> Self {
+        ApiError {
+            status,
+            message,
+            kind: kind_of(status),
+        }
+    }
+}
+
+/// An error's `kind` as its status tells it.
+fn kind_of(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::NOT_FOUND => "not_found",
+        s if s.is_client_error() || s == StatusCode::INSUFFICIENT_STORAGE => "invalid",
+        _ => "failed",
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        (
+            self.status,
+            Json(json!({ "error": self.message, "kind": self.kind })),
+        )
+            .into_response()
     }
 }
 
@@ -305,7 +335,11 @@ impl From<fieldsync::Error> for ApiError {
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
         };
-        ApiError(status, e.to_string())
+        let mut error = ApiError::new(status, e.to_string());
+        if let E::Core(C::UnknownCollection { .. }) = e {
+            error.kind = "invalid";
+        }
+        error
     }
 }
 
@@ -320,7 +354,7 @@ async fn blocking<T: Send + 'static>(
     let replica = state.replica.clone();
     let result = tokio::task::spawn_blocking(move || f(&replica))
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     if result.is_err() {
         state.metrics.http_errors.fetch_add(1, Ordering::Relaxed);
     }
@@ -332,7 +366,7 @@ where
     T::Err: std::fmt::Display,
 {
     text.parse().map_err(|e| {
-        ApiError(
+        ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("{what} {text:?} is not valid: {e}"),
         )
@@ -345,8 +379,27 @@ pub const MAX_BODY_BYTES: usize = 8 << 20;
 /// import on the data directory).
 pub const MAX_BUNDLE_BYTES: usize = 256 << 20;
 
-/// The API's routes.
+/// The API for a listener: its routes behind the token and CORS rules of `state.access`.
 pub fn router(state: AppState) -> Router {
+    routes()
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::cors,
+        ))
+        .with_state(state)
+}
+
+/// The same routes with no listener's rules, for a caller in this process that holds the
+/// data directory itself: the CLI when no daemon runs on it.
+pub fn in_process(state: AppState) -> Router {
+    routes().with_state(state)
+}
+
+fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/collections/{collection}", get(list).post(create))
@@ -405,20 +458,11 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(json_errors))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_token,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::cors,
-        ))
-        .with_state(state)
 }
 
 /// Unknown routes: 404 with the JSON error body, like every other error.
 async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError(
+    ApiError::new(
         StatusCode::NOT_FOUND,
         format!("no route for {method} {}", uri.path()),
     )
@@ -448,7 +492,7 @@ async fn json_errors(response: Response) -> Response {
         axum::http::header::CONTENT_TYPE,
         axum::http::HeaderValue::from_static("application/json"),
     );
-    let body = json!({ "error": text }).to_string();
+    let body = json!({ "error": text, "kind": kind_of(status) }).to_string();
     Response::from_parts(parts, axum::body::Body::from(body))
 }
 
@@ -601,7 +645,7 @@ async fn check_query_params(
             } else {
                 format!("only {}", allowed.join(", "))
             };
-            return ApiError(
+            return ApiError::new(
                 StatusCode::BAD_REQUEST,
                 format!("unknown query parameter {name:?}: this route takes {takes}"),
             )
@@ -618,7 +662,7 @@ fn page_size(text: Option<&str>) -> Result<usize, ApiError> {
     };
     match text.parse::<usize>() {
         Ok(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
-        _ => Err(ApiError(
+        _ => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("limit takes a whole number from 1 to {MAX_PAGE}, got {text:?}"),
         )),
@@ -629,7 +673,7 @@ fn flag(name: &str, text: &str) -> Result<bool, ApiError> {
     match text {
         "true" => Ok(true),
         "false" => Ok(false),
-        _ => Err(ApiError(
+        _ => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("{name} takes true or false, got {text:?}"),
         )),
@@ -656,7 +700,7 @@ async fn list(
     }
     let limit = page_size(limit.as_deref())?;
     if filters.len() > MAX_FILTERS {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!(
                 "where: at most {MAX_FILTERS} filters, got {}",
@@ -706,7 +750,7 @@ async fn changes(State(s): State<AppState>, Query(q): Query<ChangesQuery>) -> Ap
     let limit = page_size(q.limit.as_deref())?;
     let since = q.since;
     if since > MAX_SEQ {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("since takes a feed position from 0 to {MAX_SEQ}, got {since}"),
         ));
@@ -732,14 +776,14 @@ fn op_id(headers: &axum::http::HeaderMap) -> Result<Option<fieldsync::OpId>, Api
         return Ok(None);
     };
     let text = v.to_str().map_err(|_| {
-        ApiError(
+        ApiError::new(
             StatusCode::BAD_REQUEST,
             "Idempotency-Key must be printable ASCII".into(),
         )
     })?;
     text.parse()
         .map(Some)
-        .map_err(|e: &str| ApiError(StatusCode::BAD_REQUEST, format!("Idempotency-Key: {e}")))
+        .map_err(|e: &str| ApiError::new(StatusCode::BAD_REQUEST, format!("Idempotency-Key: {e}")))
 }
 
 /// A write's answer; a replayed operation answers as the first call did, marked with
@@ -801,7 +845,7 @@ async fn read(
     let id: fieldsync::EntityId = parse("entity id", &id)?;
     let view = blocking(&s, move |r| r.get(&collection, id)).await?;
     if !q.include_deleted && view.get("_deleted").is_some_and(|d| d == true) {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("entity {id} is deleted (include_deleted=true shows it)"),
         ));
@@ -870,9 +914,9 @@ async fn history(
     // Reading an id of another collection: there is no such entity here (404, not 409).
     let h = blocking(&s, move |r| r.history(&collection, id))
         .await
-        .map_err(|ApiError(status, m)| match status {
-            StatusCode::CONFLICT => ApiError(StatusCode::NOT_FOUND, m),
-            _ => ApiError(status, m),
+        .map_err(|e| match e.status {
+            StatusCode::CONFLICT => ApiError::new(StatusCode::NOT_FOUND, e.message),
+            _ => e,
         })?;
     Ok(Json(serde_json::to_value(h).unwrap_or(Value::Null)))
 }
@@ -937,13 +981,13 @@ struct ProposalIds {
 /// not stop the others).
 async fn settle_many(s: AppState, body: String, accept: bool) -> ApiResult {
     let req: ProposalIds = serde_json::from_str(&body).map_err(|e| {
-        ApiError(
+        ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("expected {{\"ids\": [proposal id, …]}}: {e}"),
         )
     })?;
     if req.ids.is_empty() || req.ids.len() > 1000 {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "ids: give 1 to 1000 proposal ids".into(),
         ));
@@ -1058,7 +1102,7 @@ fn valid_secs(n: Option<&serde_json::Number>) -> Result<u64, ApiError> {
     });
     match secs {
         Some(s) if s <= MAX_VALID_SECS => Ok(s),
-        _ => Err(ApiError(
+        _ => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!(
                 "valid_secs takes a whole number of seconds from 0 to {MAX_VALID_SECS}, got {n}"
@@ -1069,14 +1113,14 @@ fn valid_secs(n: Option<&serde_json::Number>) -> Result<u64, ApiError> {
 
 async fn invite(State(s): State<AppState>, body: String) -> ApiResult {
     let req: InviteRequest = serde_json::from_str(&body).map_err(|e| {
-        ApiError(
+        ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("invalid invite request: {e}"),
         )
     })?;
     // Absent means the default; an explicit null is not a number of seconds.
     if body.contains("valid_secs") && req.valid_secs.is_none() {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid invite request: valid_secs must be a number, not null".into(),
         ));
@@ -1485,7 +1529,10 @@ async fn member(State(s): State<AppState>, Path(peer): Path<String>) -> ApiResul
     let mut rows = device_rows(&s, Some(peer)).await?;
     match rows.pop() {
         Some(row) => Ok(Json(row)),
-        None => Err(ApiError(StatusCode::NOT_FOUND, format!("no member {peer}"))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no member {peer}"),
+        )),
     }
 }
 
