@@ -224,6 +224,21 @@ fn a_photo_is_fetched_on_demand_within_partitions_and_verified() {
     eventually("the tampered transfer is counted", || {
         metric(&inspector, "fieldsync_blob_transfers_corrupt_total") == 1
     });
+    // Caught as it streamed, at the tampered 1 KiB chunk: the chunks before it were
+    // verified and kept, so the next try resumes there.
+    let kept = std::fs::metadata(
+        inspector
+            .join("blobs")
+            .join("partial")
+            .join(format!("{hash}.partial")),
+    )
+    .expect("the verified bytes before the tampered chunk are kept")
+    .len();
+    assert_eq!(
+        kept,
+        1_234_567 / 1024 * 1024,
+        "kept up to the tampered chunk"
+    );
     std::fs::write(&stored, &bytes).expect("repair");
     let o = fetched(&inspector, &hash, &tmp.path().join("inspector.jpg"));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

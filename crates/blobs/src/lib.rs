@@ -51,6 +51,9 @@ pub const DEFAULT_MAX_BLOB_BYTES: u64 = 256 << 20;
 pub const DEFAULT_QUOTA_BYTES: u64 = 10 << 30;
 
 const TMP_DIR: &str = "tmp";
+/// Each served blob's BLAKE3 tree (bao outboard, about 6 % of its size), made on first
+/// serve: what lets a receiver check every 1 KiB chunk as it arrives.
+const OUTBOARD_DIR: &str = "outboard";
 /// Transfers from peers under way: kept across restarts, so they resume.
 const PARTIAL_DIR: &str = "partial";
 
@@ -274,11 +277,7 @@ impl BlobStore {
                 });
             }
         }
-        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .root
-            .join(TMP_DIR)
-            .join(format!("{}-{n}.partial", std::process::id()));
+        let tmp = self.tmp_path();
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -292,6 +291,14 @@ impl BlobStore {
             written: 0,
             keep: false,
         })
+    }
+
+    /// A new name in the store's temporary directory (emptied on open).
+    fn tmp_path(&self) -> PathBuf {
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        self.root
+            .join(TMP_DIR)
+            .join(format!("{}-{n}.partial", std::process::id()))
     }
 
     /// Where the bytes of a transfer of `hash` under way are kept.
@@ -479,6 +486,62 @@ impl BlobStore {
         self.usage().bytes
     }
 
+    fn outboard_path(&self, hash: &Hash) -> PathBuf {
+        self.root.join(OUTBOARD_DIR).join(hash.to_string())
+    }
+
+    /// The blob and its BLAKE3 tree (bao outboard encoding), to serve it as verified
+    /// slices; the tree is made from the file on first use and kept beside it. A file
+    /// whose bytes no longer hash to its name (damaged on disk) is
+    /// [`Error::HashMismatch`]: it is never served.
+    pub fn open_with_outboard(&self, hash: &Hash) -> Result<(File, File, u64)> {
+        let (mut file, size) = self.open_blob(hash)?;
+        let path = self.outboard_path(hash);
+        let outboard = match File::open(&path) {
+            Ok(outboard) => outboard,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let dir = self.root.join(OUTBOARD_DIR);
+                std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+                let tmp = self.tmp_path();
+                let made = (|| {
+                    let out = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .open(&tmp)?;
+                    let mut encoder = bao::encode::Encoder::new_outboard(out);
+                    std::io::copy(&mut file, &mut encoder)?;
+                    let root = encoder.finalize()?;
+                    let mut out = encoder.into_inner();
+                    // (Readers of the tree start where the file's cursor is.)
+                    out.seek(SeekFrom::Start(0))?;
+                    Ok::<_, std::io::Error>((root, out))
+                })();
+                let (root, out) = match made {
+                    Ok(made) => made,
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        return Err(io_at(&tmp)(e));
+                    }
+                };
+                if root.as_bytes() != hash.as_bytes() {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(Error::HashMismatch {
+                        expected: *hash,
+                        actual: Hash(*root.as_bytes()),
+                    });
+                }
+                // Not fsynced: a tree lost in a crash is made again.
+                std::fs::rename(&tmp, &path).map_err(io_at(&path))?;
+                file.seek(SeekFrom::Start(0))
+                    .map_err(io_at(&self.path(hash)))?;
+                out
+            }
+            Err(e) => return Err(io_at(&path)(e)),
+        };
+        Ok((file, outboard, size))
+    }
+
     /// Removes the blob; `false` if it was not here.
     pub fn remove(&self, hash: &Hash) -> Result<bool> {
         let path = self.path(hash);
@@ -488,6 +551,7 @@ impl BlobStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(io_at(&path)(e)),
         };
+        let _ = std::fs::remove_file(self.outboard_path(hash));
         std::fs::remove_file(&path).map_err(io_at(&path))?;
         u.count = u.count.saturating_sub(1);
         u.bytes = u.bytes.saturating_sub(size);

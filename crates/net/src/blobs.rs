@@ -1,14 +1,16 @@
-//! The attachments' file protocol, `/fieldsync/blobs/1`, beside the sync protocol: one
+//! The attachments' file protocol, `/fieldsync/blobs/2`, beside the sync protocol: one
 //! stream per request, so a file moving never delays entity sync (each stream has its own
 //! yamux flow control).
 //!
-//! Request: the file's BLAKE3 hash (32 bytes), the offset to start at (u64 BE: what an
-//! interrupted transfer already holds) and a flags byte ([`MAY_FORWARD`]: the server may
-//! fetch the file from its own peers first). Answer: one status byte — [`OK`],
-//! [`NOT_HERE`] or [`REFUSED`] — then, when OK, the file's size and the offset its bytes
-//! start at (u64 BE each: the offset asked, or 0 if it is past the end), then the bytes.
-//! An interrupted transfer keeps its bytes (also across restarts) and the next request
-//! resumes from there; the whole file is checked against the hash at the end.
+//! Request: the file's BLAKE3 hash (32 bytes), the offset to start at (u64 BE: the
+//! verified bytes an interrupted transfer already holds) and a flags byte
+//! ([`MAY_FORWARD`]: the server may fetch the file from its own peers first). Answer: one
+//! status byte — [`OK`], [`NOT_HERE`] or [`REFUSED`] — then, when OK, the file's size and
+//! the offset its bytes start at (u64 BE each: the offset asked, or 0 if it is past the
+//! end), then the bao slice of the bytes from there: 1 KiB chunks with the BLAKE3 tree
+//! nodes that prove them, so the asker checks each chunk as it arrives. An interrupted or
+//! tampered transfer keeps its verified bytes (also across restarts) and the next request
+//! resumes after them.
 //!
 //! Forwarding: a relay asked for a file it lacks fetches it from its other peers (never
 //! the asker, and without the flag, so a request travels one hop at most), stores it, then
@@ -16,8 +18,8 @@
 //!
 //! Serving: only to peers the sync engine admitted, and only a file that a live entity the
 //! peer's member may see references (partitions apply). Fetching: the bytes stream into the
-//! blob store as they arrive (bounded queue, never whole in memory) and become a blob only
-//! if they hash to the hash asked for: a corrupt or truncated transfer is dropped.
+//! blob store as they are verified (bounded queues, never whole in memory) and become a
+//! blob only if the whole file hashes to the hash asked for.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +30,7 @@ use futures::{AsyncReadExt as _, AsyncWriteExt as _};
 use libp2p::{PeerId, StreamProtocol};
 
 /// The file protocol's libp2p name.
-pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/fieldsync/blobs/1");
+pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/fieldsync/blobs/2");
 
 /// Files served at once; a request beyond it is dropped (the asker tries another peer).
 pub(crate) const MAX_SERVING: usize = 8;
@@ -36,6 +38,8 @@ pub(crate) const MAX_SERVING: usize = 8;
 const PIECE: usize = 64 << 10;
 /// Pieces queued between the stream and the blob writer.
 const WRITE_QUEUE: usize = 8;
+/// Pieces read ahead of the stream when serving.
+const SEND_QUEUE: usize = 4;
 /// How long a peer may take to send the request, or to send the next piece.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long opening the stream may take.
@@ -155,17 +159,13 @@ pub(crate) async fn serve(
             }
         }
     }
-    let mut file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(_) => {
-            let _ = stream.write_all(&[NOT_HERE]).await;
-            let _ = stream.close().await;
-            return;
-        }
-    };
-    let size = match file.metadata().await {
-        Ok(m) => m.len(),
-        Err(_) => return,
+    // The file with its BLAKE3 tree (made on first serve; a file damaged on disk is not
+    // served at all).
+    let opened = tokio::task::spawn_blocking(move || store_open(&replica, &hash)).await;
+    let Ok(Ok((file, outboard, size))) = opened else {
+        let _ = stream.write_all(&[NOT_HERE]).await;
+        let _ = stream.close().await;
+        return;
     };
     let start = if offset <= size { offset } else { 0 };
     let mut head = [0u8; 17];
@@ -175,26 +175,50 @@ pub(crate) async fn serve(
     if stream.write_all(&head).await.is_err() {
         return;
     }
-    if start > 0 {
-        use tokio::io::AsyncSeekExt as _;
-        if file.seek(std::io::SeekFrom::Start(start)).await.is_err() {
-            return;
+    // The slice [start, size) with the tree nodes that prove each chunk, read on the
+    // blocking pool into a bounded queue.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(SEND_QUEUE);
+    tokio::task::spawn_blocking(move || {
+        let mut slice =
+            bao::encode::SliceExtractor::new_outboard(file, outboard, start, size - start);
+        loop {
+            let mut piece = vec![0u8; PIECE];
+            let next = match std::io::Read::read(&mut slice, &mut piece) {
+                Ok(0) => return,
+                Ok(n) => {
+                    piece.truncate(n);
+                    Ok(piece)
+                }
+                Err(e) => Err(e),
+            };
+            let failed = next.is_err();
+            if tx.blocking_send(next).is_err() || failed {
+                return;
+            }
         }
-    }
-    let mut buf = vec![0u8; PIECE];
-    loop {
-        let n = match tokio::io::AsyncReadExt::read(&mut file, &mut buf).await {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(_) => return,
-        };
-        limit.take(n).await;
-        if stream.write_all(&buf[..n]).await.is_err() {
+    });
+    while let Some(piece) = rx.recv().await {
+        let Ok(piece) = piece else { return };
+        limit.take(piece.len()).await;
+        if stream.write_all(&piece).await.is_err() {
             return;
         }
     }
     let _ = stream.close().await;
     tracing::debug!(%peer, %hash, size, "blob served");
+}
+
+fn store_open(
+    replica: &Replica,
+    hash: &Hash,
+) -> Result<(std::fs::File, std::fs::File, u64), String> {
+    let store = replica.blobs().map_err(|e| e.to_string())?;
+    store.open_with_outboard(hash).map_err(|e| {
+        if matches!(e, fieldsync::blobs::Error::HashMismatch { .. }) {
+            tracing::warn!(%hash, %e, "a stored file is damaged: not served");
+        }
+        e.to_string()
+    })
 }
 
 /// Why a fetch from one peer failed.
@@ -229,13 +253,6 @@ pub(crate) async fn fetch(
         match fetch_from(&replica, control.clone(), peer, hash, forward, &stats).await {
             Ok(n) => return Ok(n),
             Err(e) => {
-                if let FetchError::Failed(_, why) = &e {
-                    if why.contains("hash to") {
-                        stats
-                            .blobs_corrupt
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
                 tracing::info!(%peer, %hash, %e, "blob fetch failed");
                 last = e;
             }
@@ -250,7 +267,7 @@ async fn fetch_from(
     peer: PeerId,
     hash: Hash,
     forward: bool,
-    stats: &super::Stats,
+    stats: &Arc<super::Stats>,
 ) -> Result<u64, FetchError> {
     let failed = |why: String| FetchError::Failed(peer, why);
     let store = replica.blobs().map_err(|e| failed(e.to_string()))?;
@@ -291,38 +308,54 @@ async fn fetch_from(
         return Err(failed(format!("it resumed at byte {start}, not {have}")));
     }
     // Checked against the limits before the first byte (a hostile size is refused here).
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(WRITE_QUEUE);
-    let writer = tokio::task::spawn_blocking(move || {
-        let mut w = store.resume_writer(&hash, size, start)?;
-        while let Some(piece) = rx.blocking_recv() {
-            match piece {
-                Some(bytes) => w.write(&bytes)?,
-                // Only bytes that hash to the hash asked for become the blob.
-                None => return w.finish_expecting(&hash),
-            }
+    // The slice goes through a verifying decoder on the blocking pool: only bytes that
+    // check against the hash's tree reach the partial file, so a tampered chunk is caught
+    // where it arrives and what came before it is kept for the next try.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
+    let received = stats.clone();
+    let decoded = tokio::task::spawn_blocking(move || {
+        let mut writer = store
+            .resume_writer(&hash, size, start)
+            .map_err(|e| Received::Ended(e.to_string()))?;
+        let root = bao::Hash::from(*hash.as_bytes());
+        let mut decoder =
+            bao::decode::SliceDecoder::new(QueueReader::new(rx), &root, start, size - start);
+        let mut buf = vec![0u8; PIECE];
+        loop {
+            let n = match std::io::Read::read(&mut decoder, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Err(Received::Corrupt(writer.written()))
+                }
+                Err(e) => return Err(Received::Ended(e.to_string())),
+            };
+            writer
+                .write(&buf[..n])
+                .map_err(|e| Received::Ended(e.to_string()))?;
+            received
+                .blob_bytes_received
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         }
-        // Dropped unfinished: the bytes so far stay for the next try.
-        Err(fieldsync::blobs::Error::Io {
-            path: "transfer".into(),
-            source: std::io::Error::other("the transfer ended early"),
+        if writer.written() < size {
+            return Err(Received::Ended(format!(
+                "the stream ended after {} of {size} bytes",
+                writer.written()
+            )));
+        }
+        writer.finish_expecting(&hash).map_err(|e| match e {
+            fieldsync::blobs::Error::HashMismatch { .. } => Received::Corrupt(size),
+            e => Received::Ended(e.to_string()),
         })
     });
-    let mut got = start;
     let mut buf = vec![0u8; PIECE];
     let mut broken = None;
-    while got < size {
-        let want = PIECE.min((size - got) as usize);
-        match tokio::time::timeout(IDLE_TIMEOUT, stream.read(&mut buf[..want])).await {
-            Ok(Ok(0)) => {
-                broken = Some(format!("the stream ended after {got} of {size} bytes"));
-                break;
-            }
+    loop {
+        match tokio::time::timeout(IDLE_TIMEOUT, stream.read(&mut buf)).await {
+            Ok(Ok(0)) => break,
             Ok(Ok(n)) => {
-                got += n as u64;
-                stats
-                    .blob_bytes_received
-                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-                if tx.send(Some(buf[..n].to_vec())).await.is_err() {
+                // The decoder has all it needs (or stopped): the rest is not read.
+                if tx.send(buf[..n].to_vec()).await.is_err() {
                     break;
                 }
             }
@@ -331,20 +364,64 @@ async fn fetch_from(
                 break;
             }
             Err(_) => {
-                broken = Some(format!("stalled after {got} of {size} bytes"));
+                broken = Some("the transfer stalled".to_owned());
                 break;
             }
         }
     }
-    if broken.is_none() && got == size {
-        let _ = tx.send(None).await;
-    }
     drop(tx);
-    let stored = writer
-        .await
-        .map_err(|e| failed(e.to_string()))?
-        .map_err(|e| failed(broken.clone().unwrap_or_else(|| e.to_string())))?;
-    Ok(stored.size)
+    match decoded.await.map_err(|e| failed(e.to_string()))? {
+        Ok(stored) => Ok(stored.size),
+        Err(Received::Corrupt(kept)) => {
+            stats
+                .blobs_corrupt
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err(failed(format!(
+                "a chunk after byte {kept} did not hash to the file's BLAKE3 tree: refused (the {kept} bytes before it are kept)"
+            )))
+        }
+        Err(Received::Ended(why)) => Err(failed(broken.unwrap_or(why))),
+    }
+}
+
+/// How receiving a slice ended, when it did not store the file.
+enum Received {
+    /// A chunk did not verify; the verified bytes written before it.
+    Corrupt(u64),
+    /// The stream ended, stalled or failed early (what was verified stays).
+    Ended(String),
+}
+
+/// The pieces a transfer task queues, as a reader for the (blocking) decoder.
+struct QueueReader {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    piece: Vec<u8>,
+    at: usize,
+}
+
+impl QueueReader {
+    fn new(rx: tokio::sync::mpsc::Receiver<Vec<u8>>) -> Self {
+        QueueReader {
+            rx,
+            piece: Vec::new(),
+            at: 0,
+        }
+    }
+}
+
+impl std::io::Read for QueueReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.piece.len() {
+            match self.rx.blocking_recv() {
+                Some(piece) => (self.piece, self.at) = (piece, 0),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.piece.len() - self.at);
+        buf[..n].copy_from_slice(&self.piece[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }
 
 #[cfg(test)]

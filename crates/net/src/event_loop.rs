@@ -233,7 +233,7 @@ pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
     control: libp2p_stream::Control,
     incoming: libp2p_stream::IncomingStreams,
-    /// Requests for attachment files (`/fieldsync/blobs/1`), and the files being served.
+    /// Requests for attachment files (`/fieldsync/blobs/2`), and the files being served.
     blob_requests: libp2p_stream::IncomingStreams,
     serving: Arc<Semaphore>,
     /// What this node may send of files, all transfers together.
