@@ -31,10 +31,7 @@ fn received(n: &LiveNode) -> u64 {
 
 /// A row for scripts/bench-report.
 fn report(metric: &str, figure: &str, target: &str, meets: bool) {
-    println!(
-        "report: | {metric} | {figure} | {target} | {} |",
-        if meets { "yes" } else { "**no**" }
-    );
+    fieldsync_tests::report(metric, figure, target, Some(meets));
 }
 
 /// Seconds to `save()` and `load()` `n` of the same tasks with Automerge alone.

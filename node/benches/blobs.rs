@@ -189,15 +189,6 @@ fn latency(samples: &[Sample], window: Option<(Instant, Instant)>) -> Latency {
     }
 }
 
-fn report(metric: &str, figure: &str, target: &str, meets: Option<bool>) {
-    let m = match meets {
-        Some(true) => "yes",
-        Some(false) => "**no**",
-        None => "—",
-    };
-    println!("report: | {metric} | {figure} | {target} | {m} |");
-}
-
 /// `size` pseudo-random bytes (xorshift: incompressible, unlike zeros).
 fn random_bytes(size: usize) -> Vec<u8> {
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
@@ -399,7 +390,7 @@ fn main() -> anyhow::Result<()> {
         ),
         ("device B (fetching through the relay)", idle[2], peaks[2]),
     ] {
-        report(
+        fieldsync_tests::report(
             &format!("{who}: peak RSS (VmHWM) moving a {mb} MB file"),
             &format!("{peak:.0} MB (idle {idle:.0} MB)"),
             &bounded,
@@ -407,7 +398,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let rate = |secs: f64| mb as f64 / secs;
-    report(
+    fieldsync_tests::report(
         &format!("{mb} MB file: A → relay (relay's pull), relay → B (B's GET)"),
         &format!("{pull_secs:.1} s ({:.0} MB/s), {fetch_secs:.1} s ({:.0} MB/s); attach on A {upload:.1} s", rate(pull_secs), rate(fetch_secs)),
         "reported (no target)",
@@ -422,7 +413,7 @@ fn main() -> anyhow::Result<()> {
         ("the relay pulls it from A", &pull),
         ("B fetches it from the relay", &fetch),
     ] {
-        report(
+        fieldsync_tests::report(
             &format!("live latency A → relay → B, a write every 50 ms while {during}"),
             &format!("{}; baseline {}", ms(l), ms(&base)),
             "p50 ≤ 5 ms, p99 ≤ 10 ms",

@@ -9,7 +9,9 @@
 //! (Debian's postgresql package, or `PG_BIN`). Lines starting `report: ` are rows for
 //! `scripts/bench-report`.
 
-// The node tests' helpers: running `fieldsync` commands and daemons, and PostgreSQL.
+// The node tests' helpers: running `fieldsync` commands and daemons, and PostgreSQL (they
+// unwrap: a step that fails ends the run).
+#[allow(clippy::unwrap_used)]
 #[path = "../tests/support/mod.rs"]
 mod support;
 

@@ -167,15 +167,6 @@ impl Drop for Relay {
     }
 }
 
-fn report(metric: &str, figure: &str, target: &str, meets: Option<bool>) {
-    let m = match meets {
-        Some(true) => "yes",
-        Some(false) => "**no**",
-        None => "—",
-    };
-    println!("report: | {metric} | {figure} | {target} | {m} |");
-}
-
 /// A relay data directory holding `lines` imported; returns its invite.
 fn relay_with(dir: &Path, lines: &str) -> anyhow::Result<(Vec<u8>, Duration)> {
     let schema = dir.with_extension("schema.toml");
@@ -245,13 +236,13 @@ async fn relay_rss(n: usize) -> anyhow::Result<()> {
     let cpu = cpu_seconds(relay.pid()) - cpu0;
     let (sampled, hwm) = relay.peak_mb();
     println!("relay process: idle {idle_rss:.0} MB, sampled peak {sampled:.0} MB, VmHWM {hwm:.0} MB, CPU {cpu:.1} s; device first sync {:.2} s", took.as_secs_f64());
-    report(
+    fieldsync_tests::report(
         &format!("relay peak RSS serving a first sync of {n} entities (relay process, VmHWM)"),
         &format!("{hwm:.0} MB (idle {idle_rss:.0} MB)"),
         "≤ 100 MB",
         Some(hwm <= 100.0),
     );
-    report(
+    fieldsync_tests::report(
         &format!(
             "relay CPU for that first sync ({:.1} s wall, device in-process)",
             took.as_secs_f64()
@@ -308,14 +299,14 @@ async fn many_devices(devices: usize, owned: usize) -> anyhow::Result<()> {
         outcome.converged.as_secs_f64(),
         outcome.entities
     );
-    report(
+    fieldsync_tests::report(
         &format!("{devices} devices × {owned} entities + 2 shared edits each, one relay process: all converge"),
         &format!("{:.0} s to converge ({} entities × {devices} devices)", outcome.converged.as_secs_f64(), outcome.entities),
         "converges (bounded run)",
         Some(true),
     );
     // The issue sets no figure for this run (< 200 MB is the single-device first sync's).
-    report(
+    fieldsync_tests::report(
         &format!("relay peak RSS / CPU during the {devices}-device run"),
         &format!("{hwm:.0} MB / {cpu:.0} s CPU"),
         "reported (no target)",

@@ -5,6 +5,17 @@ pub mod live;
 pub mod load;
 pub mod sim;
 
+/// Prints a benchmark's row for `scripts/bench-report`: the figure beside its target, and
+/// whether it meets it (`None`: a figure with no target).
+pub fn report(metric: &str, figure: &str, target: &str, meets: Option<bool>) {
+    let m = match meets {
+        Some(true) => "yes",
+        Some(false) => "**no**",
+        None => "—",
+    };
+    println!("report: | {metric} | {figure} | {target} | {m} |");
+}
+
 use std::path::Path;
 
 use fieldsync::Replica;

@@ -21,6 +21,7 @@
 //! blob store as they are verified (bounded queues, never whole in memory) and become a
 //! blob only if the whole file hashes to the hash asked for.
 
+use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -179,16 +180,22 @@ pub(crate) async fn serve(
     // blocking pool into a bounded queue.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(SEND_QUEUE);
     tokio::task::spawn_blocking(move || {
-        let mut slice =
-            bao::encode::SliceExtractor::new_outboard(file, outboard, start, size - start);
+        // Buffered: the extractor reads 1 KiB chunks and 64-byte tree nodes.
+        let mut slice = bao::encode::SliceExtractor::new_outboard(
+            std::io::BufReader::with_capacity(PIECE, file),
+            std::io::BufReader::with_capacity(PIECE, outboard),
+            start,
+            size - start,
+        );
         loop {
-            let mut piece = vec![0u8; PIECE];
-            let next = match std::io::Read::read(&mut slice, &mut piece) {
+            // Whole pieces: one read of the extractor gives a chunk or a tree node.
+            let mut piece = Vec::with_capacity(PIECE);
+            let next = match Read::by_ref(&mut slice)
+                .take(PIECE as u64)
+                .read_to_end(&mut piece)
+            {
                 Ok(0) => return,
-                Ok(n) => {
-                    piece.truncate(n);
-                    Ok(piece)
-                }
+                Ok(_) => Ok(piece),
                 Err(e) => Err(e),
             };
             let failed = next.is_err();
@@ -320,22 +327,29 @@ async fn fetch_from(
         let root = bao::Hash::from(*hash.as_bytes());
         let mut decoder =
             bao::decode::SliceDecoder::new(QueueReader::new(rx), &root, start, size - start);
-        let mut buf = vec![0u8; PIECE];
         loop {
-            let n = match std::io::Read::read(&mut decoder, &mut buf) {
+            // Whole pieces to the writer: one read of the decoder gives one chunk (1 KiB).
+            // Bytes read before a chunk that fails are verified: they are kept.
+            let mut piece = Vec::with_capacity(PIECE);
+            let read = Read::by_ref(&mut decoder)
+                .take(PIECE as u64)
+                .read_to_end(&mut piece);
+            if !piece.is_empty() {
+                writer
+                    .write(&piece)
+                    .map_err(|e| Received::Ended(e.to_string()))?;
+                received
+                    .blob_bytes_received
+                    .fetch_add(piece.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            match read {
                 Ok(0) => break,
-                Ok(n) => n,
+                Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                     return Err(Received::Corrupt(writer.written()))
                 }
                 Err(e) => return Err(Received::Ended(e.to_string())),
-            };
-            writer
-                .write(&buf[..n])
-                .map_err(|e| Received::Ended(e.to_string()))?;
-            received
-                .blob_bytes_received
-                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         if writer.written() < size {
             return Err(Received::Ended(format!(
@@ -409,7 +423,7 @@ impl QueueReader {
     }
 }
 
-impl std::io::Read for QueueReader {
+impl Read for QueueReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.at == self.piece.len() {
             match self.rx.blocking_recv() {
