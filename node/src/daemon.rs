@@ -224,6 +224,7 @@ async fn serve(
         replica.clone(),
         handle.clone(),
         options.role == Role::Relay,
+        metrics_for_traffic.clone(),
     ));
     let sampler = tokio::spawn(fieldsync_api::sample_health(
         metrics_for_traffic.clone(),
@@ -332,14 +333,28 @@ const FETCH_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 /// every file a live entity references (so devices can fetch them while the device that
 /// attached them is offline), on a device those of `prefetch` collections. Prints
 /// `blob_fetched` for each.
-async fn fetch_missing(replica: Arc<Replica>, handle: fieldsync_net::Handle, relay: bool) {
+async fn fetch_missing(
+    replica: Arc<Replica>,
+    handle: fieldsync_net::Handle,
+    relay: bool,
+    metrics: Arc<Metrics>,
+) {
     let mut tick = tokio::time::interval(FETCH_SWEEP);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut seen_seq = None;
+    let mut seen_syncs = 0;
     let mut retry: std::collections::BTreeMap<fieldsync::blobs::Hash, tokio::time::Instant> =
         Default::default();
     loop {
         tick.tick().await;
+        // A peer just synced: it may hold what no peer sent before (the device that
+        // attached a file, back after going away mid-transfer). Ask again at once.
+        let syncs = metrics.sync_completed.load(Ordering::Relaxed);
+        if syncs != seen_syncs {
+            seen_syncs = syncs;
+            retry.clear();
+            seen_seq = None;
+        }
         let now = tokio::time::Instant::now();
         let seq = replica.feed_seq();
         if seen_seq == Some(seq) && !retry.values().any(|t| *t <= now) {

@@ -488,3 +488,71 @@ fn a_20_mb_photo_taken_offline_reaches_the_relay_across_a_relay_crash_and_is_rel
     });
     assert_eq!(cli(&relay_dir, &["status"])["blobs"]["count"], 0);
 }
+
+/// The relay asks again for a file as soon as a peer has synced, not after its 30 s retry:
+/// a device that went away in the middle of sending a photo is asked for the rest as soon
+/// as it is back.
+#[test]
+fn a_device_that_went_away_mid_transfer_is_asked_for_the_rest_as_soon_as_it_is_back() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let schema = tmp.path().join("schema.toml");
+    std::fs::write(&schema, SCHEMA).expect("schema");
+    let relay_dir = tmp.path().join("relay");
+    cli(
+        &relay_dir,
+        &[
+            "init",
+            "--schema",
+            schema.to_str().expect("path"),
+            "--name",
+            "relay",
+        ],
+    );
+    let camera = join(tmp.path(), &relay_dir, "camera", &[]);
+    // Slow at first, so the camera can go away while it sends.
+    let slow = tmp.path().join("slow.toml");
+    std::fs::write(&slow, "[blobs]\nsend_bytes_per_sec = 250000\n").expect("config");
+    let (mut relay, addr) = start_relay(&relay_dir);
+    let mut cam = start_device(&camera, &addr, &["--config", slow.to_str().expect("path")]);
+    cam.wait_for("sync_completed");
+    let job = cli(&camera, &["put", "jobs", "{}"])["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    let file = tmp.path().join("meter.jpg");
+    std::fs::write(&file, &bytes).expect("file");
+    let o = run(
+        &camera,
+        &[
+            "attach",
+            "jobs",
+            &job,
+            "photos",
+            file.to_str().expect("path"),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let hash = Hash::of(&bytes).to_string();
+    let partial = relay_dir
+        .join("blobs")
+        .join("partial")
+        .join(format!("{hash}.partial"));
+    eventually("the relay holds part of the photo", || {
+        std::fs::metadata(&partial).is_ok_and(|m| m.len() > 0)
+    });
+    drop(cam);
+
+    // Back (and no longer slow): the relay asks at once, well before its 30 s retry.
+    let back = std::time::Instant::now();
+    let _cam = start_device(&camera, &addr, &[]);
+    relay.wait_until(&format!("blob_fetched {hash}"), |v| {
+        v["event"] == "blob_fetched" && v["hash"] == hash.as_str()
+    });
+    let waited = back.elapsed();
+    assert!(
+        waited < std::time::Duration::from_secs(15),
+        "the relay waited {waited:?} to ask the camera again"
+    );
+    assert_eq!(cli(&relay_dir, &["status"])["blobs"]["count"], 1);
+}

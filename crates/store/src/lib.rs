@@ -173,21 +173,32 @@ pub struct SledKv {
     handles: std::sync::RwLock<Option<(sled::Db, sled::Tree)>>,
 }
 
+/// How long opening waits for a lock that a handle closing in this process still holds
+/// (sled's last background writes hold it briefly after the store is dropped); another
+/// process holding it (a daemon) keeps it, and opening then fails with [`Error::Locked`].
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn open_sled(dir: &std::path::Path, cache_bytes: u64) -> Result<(sled::Db, sled::Tree), Error> {
     remove_unfinished_snapshots(dir)?;
-    let db = match sled::Config::new()
-        .path(dir)
-        .cache_capacity(cache_bytes)
-        .mode(sled::Mode::HighThroughput)
-        .open()
-    {
-        Ok(db) => db,
-        Err(sled::Error::Io(e))
-            if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") =>
+    let started = std::time::Instant::now();
+    let db = loop {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .open()
         {
-            return Err(Error::Locked)
+            Ok(db) => break db,
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") =>
+            {
+                if started.elapsed() > LOCK_WAIT {
+                    return Err(Error::Locked);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
         }
-        Err(e) => return Err(e.into()),
     };
     let tree = db.open_tree("fieldsync")?;
     Ok((db, tree))
