@@ -25,6 +25,24 @@ fn run(dir: &Path, args: &[&str]) -> Output {
         .expect("run fieldsync")
 }
 
+/// A workspace with `schema`, its authority (the relay) in `tmp/relay`.
+fn authority(tmp: &Path, schema: &str) -> PathBuf {
+    let file = tmp.join("schema.toml");
+    std::fs::write(&file, schema).expect("schema");
+    let dir = tmp.join("relay");
+    cli(
+        &dir,
+        &[
+            "init",
+            "--schema",
+            file.to_str().expect("path"),
+            "--name",
+            "relay",
+        ],
+    );
+    dir
+}
+
 fn join(tmp: &Path, relay: &Path, name: &str, partition: &[&str]) -> PathBuf {
     let invite = tmp.join(format!("{name}.invite"));
     let out = bin()
@@ -80,19 +98,7 @@ fn metric(dir: &Path, name: &str) -> u64 {
 #[test]
 fn a_photo_is_fetched_on_demand_within_partitions_and_verified() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let schema = tmp.path().join("schema.toml");
-    std::fs::write(&schema, SCHEMA).expect("schema");
-    let relay_dir = tmp.path().join("relay");
-    cli(
-        &relay_dir,
-        &[
-            "init",
-            "--schema",
-            schema.to_str().expect("path"),
-            "--name",
-            "relay",
-        ],
-    );
+    let relay_dir = authority(tmp.path(), SCHEMA);
     let camera = join(tmp.path(), &relay_dir, "camera", &[]);
     let office = join(tmp.path(), &relay_dir, "office", &[]);
     let inspector = join(tmp.path(), &relay_dir, "inspector", &[]);
@@ -260,19 +266,7 @@ scans = { rule = "attachments" }
 #[test]
 fn the_relay_keeps_every_file_and_prefetch_collections_arrive_unasked() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let schema = tmp.path().join("schema.toml");
-    std::fs::write(&schema, PREFETCH_SCHEMA).expect("schema");
-    let relay_dir = tmp.path().join("relay");
-    cli(
-        &relay_dir,
-        &[
-            "init",
-            "--schema",
-            schema.to_str().expect("path"),
-            "--name",
-            "relay",
-        ],
-    );
+    let relay_dir = authority(tmp.path(), PREFETCH_SCHEMA);
     let camera = join(tmp.path(), &relay_dir, "camera", &[]);
     let office = join(tmp.path(), &relay_dir, "office", &[]);
     let (mut relay, addr) = start_relay(&relay_dir);
@@ -355,19 +349,7 @@ fn relay_on(dir: &Path, config: &Path, listen: &str) -> (support::Daemon, String
 fn a_20_mb_photo_taken_offline_reaches_the_relay_across_a_relay_crash_and_is_released_after_delete()
 {
     let tmp = tempfile::tempdir().expect("tmp");
-    let schema = tmp.path().join("schema.toml");
-    std::fs::write(&schema, SCHEMA).expect("schema");
-    let relay_dir = tmp.path().join("relay");
-    cli(
-        &relay_dir,
-        &[
-            "init",
-            "--schema",
-            schema.to_str().expect("path"),
-            "--name",
-            "relay",
-        ],
-    );
+    let relay_dir = authority(tmp.path(), SCHEMA);
     let camera = join(tmp.path(), &relay_dir, "camera", &[]);
     let office = join(tmp.path(), &relay_dir, "office", &[]);
     let outsider = join(
@@ -495,19 +477,7 @@ fn a_20_mb_photo_taken_offline_reaches_the_relay_across_a_relay_crash_and_is_rel
 #[test]
 fn a_device_that_went_away_mid_transfer_is_asked_for_the_rest_as_soon_as_it_is_back() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let schema = tmp.path().join("schema.toml");
-    std::fs::write(&schema, SCHEMA).expect("schema");
-    let relay_dir = tmp.path().join("relay");
-    cli(
-        &relay_dir,
-        &[
-            "init",
-            "--schema",
-            schema.to_str().expect("path"),
-            "--name",
-            "relay",
-        ],
-    );
+    let relay_dir = authority(tmp.path(), SCHEMA);
     let camera = join(tmp.path(), &relay_dir, "camera", &[]);
     // Slow at first, so the camera can go away while it sends.
     let slow = tmp.path().join("slow.toml");
