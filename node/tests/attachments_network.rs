@@ -43,6 +43,27 @@ fn authority(tmp: &Path, schema: &str) -> PathBuf {
     dir
 }
 
+/// A new job on `dir` with `bytes` (written to `file`) attached as its photo: (job, hash).
+fn job_with_photo(dir: &Path, file: &Path, bytes: &[u8]) -> (String, String) {
+    let job = cli(dir, &["put", "jobs", "{}"])["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    std::fs::write(file, bytes).expect("photo");
+    let o = run(
+        dir,
+        &[
+            "attach",
+            "jobs",
+            &job,
+            "photos",
+            file.to_str().expect("path"),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (job, Hash::of(bytes).to_string())
+}
+
 fn join(tmp: &Path, relay: &Path, name: &str, partition: &[&str]) -> PathBuf {
     let invite = tmp.join(format!("{name}.invite"));
     let out = bin()
@@ -366,27 +387,10 @@ fn a_20_mb_photo_taken_offline_reaches_the_relay_across_a_relay_crash_and_is_rel
     std::fs::write(&relay_config, gc).expect("config");
 
     // Offline: no daemon runs on the camera; the photo goes into its own store.
-    let job = cli(&camera, &["put", "jobs", r#"{"site": "Oak Rd"}"#])["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
     let bytes: Vec<u8> = (0..20_000_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
         .collect();
-    let photo = tmp.path().join("finished-job.jpg");
-    std::fs::write(&photo, &bytes).expect("photo");
-    let hash = Hash::of(&bytes).to_string();
-    let o = run(
-        &camera,
-        &[
-            "attach",
-            "jobs",
-            &job,
-            "photos",
-            photo.to_str().expect("path"),
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (job, hash) = job_with_photo(&camera, &tmp.path().join("finished-job.jpg"), &bytes);
 
     // Online: the relay sees the reference and pulls the photo from the camera.
     let (mut relay, addr) = relay_on(&relay_dir, &relay_config, "/ip4/127.0.0.1/tcp/0");
@@ -485,25 +489,8 @@ fn a_device_that_went_away_mid_transfer_is_asked_for_the_rest_as_soon_as_it_is_b
     let (mut relay, addr) = start_relay(&relay_dir);
     let mut cam = start_device(&camera, &addr, &["--config", slow.to_str().expect("path")]);
     cam.wait_for("sync_completed");
-    let job = cli(&camera, &["put", "jobs", "{}"])["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
     let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
-    let file = tmp.path().join("meter.jpg");
-    std::fs::write(&file, &bytes).expect("file");
-    let o = run(
-        &camera,
-        &[
-            "attach",
-            "jobs",
-            &job,
-            "photos",
-            file.to_str().expect("path"),
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let hash = Hash::of(&bytes).to_string();
+    let (_, hash) = job_with_photo(&camera, &tmp.path().join("meter.jpg"), &bytes);
     let partial = relay_dir
         .join("blobs")
         .join("partial")
