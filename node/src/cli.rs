@@ -939,13 +939,13 @@ pub fn run(cli: Cli) -> Result<()> {
                     | Command::Mirror(_)
                     | Command::Authority(_)
             );
-            match daemon_api(&dir) {
+            match daemon(&dir) {
                 Some(_) if on_store => Err(CliError::invalid(match command {
                     Command::Authority(_) => "stop the daemon first: `authority export` reads the key from the store",
                     _ => "a daemon is running on this data directory; stop it (Ctrl-C) for this command",
                 })),
                 // A daemon holds the store: data commands go through its API.
-                Some(api) => crate::data::run(&Client::daemon(api, &dir), command),
+                Some(client) => crate::data::run(&client, command),
                 None => {
                     let replica = open_replica(
                         &dir,
@@ -967,17 +967,15 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// The API address of a daemon running on `dir`, if one answers.
-fn daemon_api(dir: &Path) -> Option<String> {
+/// A client of the daemon running on `dir`, if one answers.
+fn daemon(dir: &Path) -> Option<Client> {
     let text = std::fs::read_to_string(dir.join(crate::daemon::DAEMON_FILE)).ok()?;
     let api = serde_json::from_str::<Json>(&text).ok()?["api"]
         .as_str()?
         .to_owned();
+    let client = Client::daemon(api, dir);
     // A daemon killed with SIGKILL leaves its file behind: only trust one that answers.
-    Client::daemon(api.clone(), dir)
-        .get("/v1/status")
-        .ok()
-        .map(|_| api)
+    client.get("/v1/status").ok().map(|_| client)
 }
 
 /// `run` and `relay`: the node until Ctrl-C or SIGTERM.
