@@ -41,14 +41,22 @@ async fn fifty_devices_converge_through_a_relay_with_a_tiny_cache() -> anyhow::R
         },
         timeout: Duration::from_secs(300),
     };
-    let outcome = run(
+    let outcome = match run(
         tmp.path(),
         &mut || Ok(relay.replica.invite()),
         &relay.addr,
         &shared,
         &spec,
     )
-    .await?;
+    .await
+    {
+        Ok(outcome) => outcome,
+        Err(e) => anyhow::bail!(
+            "{e:#}\nthe relay: {}; its shared entities: {}",
+            relay.describe(),
+            fieldsync_tests::load::shared_report(&relay.replica, &shared)
+        ),
+    };
     assert_eq!(outcome.entities, 4 + 50 * 5);
     assert_eq!(relay.replica.status()?.entities["tasks"], 4 + 50 * 5);
     let (_, bytes) = relay.replica.doc_cache_usage();

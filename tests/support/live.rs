@@ -2,6 +2,7 @@
 //! listening on 127.0.0.1. Used by the examples that run seed scenarios over the network.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,8 @@ pub struct LiveNode {
     pub handle: Handle,
     /// Its first listening address, `/ip4/127.0.0.1/tcp/…/p2p/…`.
     pub addr: String,
+    /// Sync sessions opened and closed so far (from its notices), for failure reports.
+    pub sessions: Arc<Sessions>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), fieldsync_net::Error>>,
 }
@@ -68,16 +71,47 @@ impl LiveNode {
                 _ => anyhow::bail!("{name} did not start listening"),
             }
         };
-        // Keep draining notices so the node never waits on them.
-        tokio::spawn(async move { while notices.recv().await.is_some() {} });
+        // Keep draining notices so the node never waits on them; count its sessions.
+        let sessions = Arc::new(Sessions::default());
+        let counts = sessions.clone();
+        tokio::spawn(async move {
+            while let Some(notice) = notices.recv().await {
+                match notice {
+                    Notice::PeerConnected(_) => counts.opened.fetch_add(1, Ordering::Relaxed),
+                    Notice::PeerDisconnected(_) => counts.closed.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+            }
+        });
         Ok(LiveNode {
             name: name.to_owned(),
             replica,
             handle,
             addr,
+            sessions,
             stop,
             task,
         })
+    }
+
+    /// Its sessions and what it refused, in one line (for the error of a test that fails).
+    pub fn describe(&self) -> String {
+        let security = &self.handle.stats.security;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "{}: sessions {} opened {} closed, feed {}, refused {} sessions {} writes, \
+             {} violations, {} floods, {} bans, {} frames ignored",
+            self.name,
+            get(&self.sessions.opened),
+            get(&self.sessions.closed),
+            self.replica.feed_seq(),
+            get(&security.sessions_refused),
+            get(&security.writes_refused),
+            get(&security.protocol_violations),
+            get(&security.floods),
+            get(&security.peers_banned),
+            get(&security.frames_ignored),
+        )
     }
 
     /// Writes through the replica and tells the node to offer the change.
@@ -98,6 +132,13 @@ impl LiveNode {
         let _ = self.task.await;
         self.replica
     }
+}
+
+/// Sync sessions a [`LiveNode`] opened and closed.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    pub opened: AtomicU64,
+    pub closed: AtomicU64,
 }
 
 /// Opens (or creates) the replicas of an authority and devices under `root`.

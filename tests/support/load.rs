@@ -130,8 +130,9 @@ pub async fn run(
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "devices hold {total} entities each but differ (timed out after {:?})",
-            spec.timeout
+            "devices hold {total} entities each but differ (timed out after {:?}): {}",
+            spec.timeout,
+            differences(&nodes, shared, spec)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -145,27 +146,74 @@ pub async fn run(
     })
 }
 
+/// The tags and highest progress every node must end with on shared entity `s`.
+fn expected(s: usize, shared: &[EntityId], spec: &Spec) -> (BTreeSet<String>, Option<u64>) {
+    let edits = spec.edits.min(shared.len());
+    // Devices d with (d + k) % len == s for some k < edits edited entity s.
+    let editors: Vec<usize> = (0..spec.devices)
+        .filter(|d| (0..edits).any(|k| (d + k) % shared.len() == s))
+        .collect();
+    let tags = editors.iter().map(|d| format!("d{d}")).collect();
+    (tags, editors.iter().map(|&d| d as u64 + 1).max())
+}
+
+/// The device tags and progress a node holds on a shared entity.
+fn shared_state(r: &Replica, id: EntityId) -> anyhow::Result<(BTreeSet<String>, Option<u64>)> {
+    let v = r.get("tasks", id)?;
+    let tags = v["tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.as_str())
+        .filter(|t| t.starts_with('d'))
+        .map(str::to_owned)
+        .collect();
+    Ok((tags, v["progress"].as_u64()))
+}
+
+/// The device tags and progress `r` holds on each shared entity.
+pub fn shared_report(r: &Replica, shared: &[EntityId]) -> String {
+    let states: Vec<String> = shared
+        .iter()
+        .enumerate()
+        .map(|(s, id)| match shared_state(r, *id) {
+            Ok((tags, p)) => format!("{s}: {tags:?} progress {p:?}"),
+            Err(e) => format!("{s}: {e}"),
+        })
+        .collect();
+    states.join("; ")
+}
+
+/// What each device lacks of the shared edits (for the error when they never converge).
+fn differences(nodes: &[LiveNode], shared: &[EntityId], spec: &Spec) -> String {
+    let mut out = Vec::new();
+    for (s, id) in shared.iter().enumerate() {
+        let (tags, progress) = expected(s, shared, spec);
+        for n in nodes {
+            match shared_state(&n.replica, *id) {
+                Ok((have, p)) if have == tags && (progress.is_none() || p == progress) => {}
+                Ok((have, p)) => out.push(format!(
+                    "{} on shared {s}: lacks tags {:?}, progress {p:?} (want {progress:?})",
+                    n.describe(),
+                    tags.difference(&have).collect::<Vec<_>>()
+                )),
+                Err(e) => out.push(format!("{} on shared {s}: {e}", n.name)),
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push("the shared entities agree; other views differ".into());
+    }
+    out.join("; ")
+}
+
 /// Whether every device has the expected shared values and the same views overall.
 fn converged(nodes: &[LiveNode], shared: &[EntityId], spec: &Spec) -> anyhow::Result<bool> {
-    let edits = spec.edits.min(shared.len());
     for (s, id) in shared.iter().enumerate() {
-        // Devices d with (d + k) % len == s for some k < edits edited entity s.
-        let editors: Vec<usize> = (0..spec.devices)
-            .filter(|d| (0..edits).any(|k| (d + k) % shared.len() == s))
-            .collect();
-        let tags: BTreeSet<String> = editors.iter().map(|d| format!("d{d}")).collect();
-        let progress = editors.iter().map(|d| d + 1).max();
+        let (tags, progress) = expected(s, shared, spec);
         for n in nodes {
-            let v = n.replica.get("tasks", *id)?;
-            let have: BTreeSet<String> = v["tags"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|t| t.as_str())
-                .filter(|t| t.starts_with('d'))
-                .map(str::to_owned)
-                .collect();
-            if have != tags || progress.is_some_and(|p| v["progress"].as_u64() != Some(p as u64)) {
+            let (have, p) = shared_state(&n.replica, *id)?;
+            if have != tags || (progress.is_some() && p != progress) {
                 return Ok(false);
             }
         }
