@@ -38,7 +38,7 @@
 //! ```
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -198,8 +198,55 @@ pub struct BlobInfo {
 struct Usage {
     count: u64,
     bytes: u64,
+    /// The BLAKE3 trees of the stored blobs, made or not yet (counted against the quota,
+    /// so serving a file never needs room the store does not have).
+    trees: u64,
     /// Bytes promised to writers still running (counted against the quota).
     reserved: u64,
+}
+
+impl Usage {
+    /// What counts against the quota now.
+    fn used(&self) -> u64 {
+        self.bytes + self.trees + self.reserved
+    }
+
+    /// Stored blobs and their trees (what the quota error reports as used).
+    fn stored(&self) -> u64 {
+        self.bytes + self.trees
+    }
+}
+
+/// A file written through a buffer that is flushed before any read or seek: bao's tree
+/// encoder writes its 64-byte nodes one at a time, then reads them back once to reorder.
+struct Buffered(BufWriter<File>);
+
+impl Write for Buffered {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl Read for Buffered {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.flush()?;
+        self.0.get_mut().read(buf)
+    }
+}
+
+impl Seek for Buffered {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        // BufWriter flushes before it seeks.
+        self.0.seek(to)
+    }
+}
+
+/// Bytes of the BLAKE3 tree (bao outboard) of a blob of `size` bytes: about 6 % of it.
+pub fn tree_size(size: u64) -> u64 {
+    u64::try_from(bao::encode::outboard_size(size)).unwrap_or(u64::MAX)
 }
 
 /// A content-addressed store of files in one directory.
@@ -236,6 +283,7 @@ impl BlobStore {
         *store.usage() = Usage {
             count: blobs.len() as u64,
             bytes: blobs.iter().map(|b| b.size).sum(),
+            trees: blobs.iter().map(|b| tree_size(b.size)).sum(),
             reserved: 0,
         };
         Ok(store)
@@ -269,11 +317,11 @@ impl BlobStore {
                 });
             }
             let u = self.usage();
-            if u.bytes + u.reserved + size > self.config.quota_bytes {
+            if u.used() + size + tree_size(size) > self.config.quota_bytes {
                 return Err(Error::QuotaExceeded {
                     quota: self.config.quota_bytes,
-                    used: u.bytes,
-                    needed: size,
+                    used: u.stored(),
+                    needed: size + tree_size(size),
                 });
             }
         }
@@ -335,11 +383,11 @@ impl BlobStore {
         }
         {
             let mut u = self.usage();
-            if u.bytes + u.reserved + size > self.config.quota_bytes {
+            if u.used() + size + tree_size(size) > self.config.quota_bytes {
                 return Err(Error::QuotaExceeded {
                     quota: self.config.quota_bytes,
-                    used: u.bytes,
-                    needed: size,
+                    used: u.stored(),
+                    needed: size + tree_size(size),
                 });
             }
             // The bytes already there count as written by this writer.
@@ -509,10 +557,11 @@ impl BlobStore {
                         .write(true)
                         .create_new(true)
                         .open(&tmp)?;
-                    let mut encoder = bao::encode::Encoder::new_outboard(out);
-                    std::io::copy(&mut file, &mut encoder)?;
+                    let mut encoder =
+                        bao::encode::Encoder::new_outboard(Buffered(BufWriter::new(out)));
+                    std::io::copy(&mut BufReader::with_capacity(64 << 10, &mut file), &mut encoder)?;
                     let root = encoder.finalize()?;
-                    let mut out = encoder.into_inner();
+                    let mut out = encoder.into_inner().0.into_inner().map_err(|e| e.into_error())?;
                     // (Readers of the tree start where the file's cursor is.)
                     out.seek(SeekFrom::Start(0))?;
                     Ok::<_, std::io::Error>((root, out))
@@ -555,6 +604,7 @@ impl BlobStore {
         std::fs::remove_file(&path).map_err(io_at(&path))?;
         u.count = u.count.saturating_sub(1);
         u.bytes = u.bytes.saturating_sub(size);
+        u.trees = u.trees.saturating_sub(tree_size(size));
         Ok(true)
     }
 
@@ -644,14 +694,16 @@ impl BlobWriter<'_> {
         }
         {
             let mut u = self.store.usage();
-            if u.bytes + u.reserved + n > config.quota_bytes {
-                let used = u.bytes;
+            // The blob's tree will need room too (counted once the blob is stored).
+            let total = self.written + n;
+            if u.used() + n + tree_size(total) > config.quota_bytes {
+                let used = u.stored();
                 drop(u);
                 self.file = None;
                 return Err(Error::QuotaExceeded {
                     quota: config.quota_bytes,
                     used,
-                    needed: self.written + n,
+                    needed: total + tree_size(total),
                 });
             }
             u.reserved += n;
@@ -736,6 +788,7 @@ impl BlobWriter<'_> {
         sync_dir(&shard)?;
         u.count += 1;
         u.bytes += size;
+        u.trees += tree_size(size);
         Ok(Stored {
             hash,
             size,

@@ -144,6 +144,37 @@ fn a_blob_over_the_size_limit_is_refused_and_not_kept() {
     );
 }
 
+/// A blob's tree (made when it is first served) counts against the quota from the start:
+/// a quota of exactly the file and its tree takes it, one byte less does not.
+#[test]
+fn the_quota_counts_each_blobs_tree_too() {
+    let data = bytes(100_000);
+    let need = 100_000 + tree_size(100_000);
+    assert!(tree_size(100_000) > 6000, "about 6 % of the file");
+    let (_d, s) = store(Config::default().with_quota_bytes(need - 1));
+    assert!(matches!(
+        write_all(&s, &data, 4096),
+        Err(Error::QuotaExceeded { .. })
+    ));
+    assert!(matches!(
+        s.writer(Some(100_000)),
+        Err(Error::QuotaExceeded { .. })
+    ));
+    let (_d, s) = store(Config::default().with_quota_bytes(need));
+    let stored = write_all(&s, &data, 4096).expect("the file and its tree fit");
+    // Serving makes the tree; its size is what was counted.
+    let (_, outboard, _) = s.open_with_outboard(&stored.hash).expect("served");
+    assert_eq!(outboard.metadata().expect("tree").len(), tree_size(100_000));
+    // Reopened, the store counts the same.
+    let (dir, s) = (_d, s);
+    drop(s);
+    let s = BlobStore::open(dir.path(), Config::default().with_quota_bytes(need)).expect("reopen");
+    assert!(matches!(
+        s.writer(Some(1)),
+        Err(Error::QuotaExceeded { .. })
+    ));
+}
+
 #[test]
 fn the_quota_counts_stored_and_in_flight_bytes() {
     let (_d, s) = store(Config::default().with_quota_bytes(10_000));
@@ -153,7 +184,9 @@ fn the_quota_counts_stored_and_in_flight_bytes() {
     w.write(&[1u8; 3000]).expect("fits");
     let err = w.write(&[1u8; 3000]).expect_err("over the quota");
     match &err {
-        Error::QuotaExceeded { quota, used, .. } => assert_eq!((*quota, *used), (10_000, 6000)),
+        Error::QuotaExceeded { quota, used, .. } => {
+            assert_eq!((*quota, *used), (10_000, 6000 + tree_size(6000)))
+        }
         other => panic!("{other:?}"),
     }
     assert!(err.to_string().contains("quota_bytes"), "{err}");
