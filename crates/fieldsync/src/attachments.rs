@@ -7,7 +7,11 @@
 //! local write path (put, attach, import) pins each new reference's blob first (a
 //! collection running at the same time then keeps it) and refuses a reference to a file
 //! this node does not hold. References that arrive from peers are not checked: their
-//! bytes are on the writer's node (moving them between nodes is not built yet).
+//! bytes are on the writer's node, and the network layer fetches them (on demand, or
+//! eagerly on relays and for `prefetch` collections).
+//!
+//! Which live entities reference which file is kept in the store's `blob` index, written
+//! with each entity: serving a file and collecting unreferenced ones never scan the views.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -19,6 +23,7 @@ use fieldsync_core::{EntityId, FieldOp, Patch, Rule};
 use serde::Serialize;
 use serde_json::{json, Value as Json};
 
+use crate::replica::INDEX_BLOB;
 use crate::{Error, Replica};
 
 /// The blob store's directory inside the data directory.
@@ -195,33 +200,13 @@ impl Replica {
             Admission::Admitted(grant) => grant,
             _ => return Ok(false),
         };
-        let wanted = hash.to_string();
-        let ws = self.ws();
-        for (name, coll) in &ws.schema.collections {
-            let fields = attachment_fields(coll);
-            if fields.is_empty() {
-                continue;
-            }
-            let mut ids = Vec::new();
-            self.list(name, &[], false, &mut |view| {
-                let refers = fields
-                    .iter()
-                    .any(|f| in_view(view.get(*f)).iter().any(|r| r.hash == wanted));
-                if refers {
-                    if let Some(id) = view
-                        .get("_id")
-                        .and_then(Json::as_str)
-                        .and_then(|i| i.parse::<EntityId>().ok())
-                    {
-                        ids.push(id);
-                    }
-                }
-                true
-            })?;
-            for id in ids {
-                if self.visible(&grant, name, id)? {
-                    return Ok(true);
-                }
+        for (key, collection) in self.store.index_prefix(INDEX_BLOB, hash.as_bytes())? {
+            let (Some(id), Ok(collection)) = (index_entity(&key), std::str::from_utf8(&collection))
+            else {
+                return Err(Error::CorruptMeta("blob index entry".into()));
+            };
+            if self.visible(&grant, collection, id)? {
+                return Ok(true);
             }
         }
         Ok(false)
@@ -256,23 +241,62 @@ impl Replica {
     ) -> Result<HashSet<Hash>, Error> {
         let ws = self.ws();
         let mut out = HashSet::new();
-        for (name, coll) in ws.schema.collections.iter().filter(|(_, c)| pick(c)) {
+        for (key, collection) in self.store.index(INDEX_BLOB)? {
+            let picked = std::str::from_utf8(&collection)
+                .ok()
+                .and_then(|c| ws.schema.collections.get(c))
+                .is_some_and(pick);
+            if picked {
+                let hash: [u8; 32] = key
+                    .get(..32)
+                    .and_then(|h| h.try_into().ok())
+                    .ok_or_else(|| Error::CorruptMeta("blob index entry".into()))?;
+                out.insert(Hash::from_bytes(hash));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the `blob` index for entities stored before it existed (once per store):
+    /// every live entity that references a file is stored again, with its index entries.
+    pub(crate) fn index_blob_references(&self) -> Result<(), Error> {
+        if self.store.meta(META_BLOB_INDEX)?.is_some() {
+            return Ok(());
+        }
+        let ws = self.ws();
+        for (name, coll) in &ws.schema.collections {
             let fields = attachment_fields(coll);
             if fields.is_empty() {
                 continue;
             }
+            let mut ids = Vec::new();
             self.list(name, &[], false, &mut |view| {
-                for f in &fields {
-                    out.extend(
-                        in_view(view.get(*f))
-                            .iter()
-                            .filter_map(|r| r.hash.parse::<Hash>().ok()),
-                    );
+                let refers = fields.iter().any(|f| !in_view(view.get(*f)).is_empty());
+                if let Some(id) = view
+                    .get("_id")
+                    .and_then(Json::as_str)
+                    .and_then(|i| i.parse::<EntityId>().ok())
+                    .filter(|_| refers)
+                {
+                    ids.push(id);
                 }
                 true
             })?;
+            for page in ids.chunks(256) {
+                let _guards = self.lock_many(page.iter().copied());
+                let mut writes = Vec::with_capacity(page.len());
+                for id in page {
+                    if let Some(mut entity) = self.load(*id)? {
+                        writes.push(self.entity_write(&mut entity)?);
+                    }
+                }
+                self.commit_durable(writes, vec![])?;
+            }
+            if !ids.is_empty() {
+                tracing::info!(collection = %name, entities = ids.len(), "indexed the files entities reference");
+            }
         }
-        Ok(out)
+        self.commit_durable(vec![], vec![(META_BLOB_INDEX.to_owned(), Some(vec![1]))])
     }
 
     /// The blobs the attachment fields of entities `ids` reference (as stored now).
@@ -339,6 +363,36 @@ impl Replica {
     }
 }
 
+/// Marks a store whose `blob` index covers every entity.
+pub(crate) const META_BLOB_INDEX: &str = "blob_index";
+
+/// The `blob` index keys of an entity with view `view` in `coll`: (hash, entity id) for
+/// each file its attachment fields reference; none once it is deleted.
+pub(crate) fn blob_index_keys(
+    coll: &fieldsync_core::Collection,
+    id: EntityId,
+    view: &serde_json::Map<String, Json>,
+) -> Vec<Vec<u8>> {
+    if view.contains_key("_deleted") {
+        return Vec::new();
+    }
+    let mut keys: Vec<Vec<u8>> = attachment_fields(coll)
+        .into_iter()
+        .flat_map(|f| in_view(view.get(f)))
+        .filter_map(|r| r.hash.parse::<Hash>().ok())
+        .map(|h| [h.as_bytes().as_slice(), id.as_bytes().as_slice()].concat())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// The entity of a `blob` index key.
+fn index_entity(key: &[u8]) -> Option<EntityId> {
+    let id: [u8; 16] = key.get(32..48)?.try_into().ok()?;
+    Some(EntityId::from_bytes(id))
+}
+
 /// The fields of `coll` under the `attachments` rule.
 fn attachment_fields(coll: &fieldsync_core::Collection) -> Vec<&String> {
     coll.fields
@@ -346,4 +400,75 @@ fn attachment_fields(coll: &fieldsync_core::Collection) -> Vec<&String> {
         .filter(|(_, f)| f.rule == Rule::Attachments)
         .map(|(n, _)| n)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SCHEMA: &str = r#"
+[collections.jobs.fields]
+photos = { rule = "attachments" }
+"#;
+
+    fn attached_photo(replica: &Replica, job: EntityId, bytes: &[u8]) -> (Hash, Json) {
+        let stored = replica
+            .blobs()
+            .expect("blob store")
+            .write_from(&mut &bytes[..], Some(bytes.len() as u64))
+            .expect("store the photo");
+        let reference = json!({ "hash": stored.hash.to_string(), "size": stored.size, "mime": "image/jpeg", "name": "p.jpg" });
+        replica
+            .attach("jobs", job, "photos", &reference)
+            .expect("attach");
+        (stored.hash, reference)
+    }
+
+    /// The index follows the views: a photo removed from its job is no longer referenced,
+    /// one in a second job is until that job is deleted too.
+    #[test]
+    fn the_file_index_follows_references_as_they_come_and_go() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let hq = Replica::init_authority(&tmp.path().join("hq"), SCHEMA, "hq").expect("init");
+        let (a, b) = (
+            hq.put("jobs", None, r#"{"title": "A"}"#).expect("job"),
+            hq.put("jobs", None, r#"{"title": "B"}"#).expect("job"),
+        );
+        let (first, first_ref) = attached_photo(&hq, a, b"first photo");
+        let (shared, _) = attached_photo(&hq, a, b"shared photo");
+        attached_photo(&hq, b, b"shared photo");
+        assert_eq!(
+            hq.referenced_blobs().expect("referenced"),
+            [first, shared].into()
+        );
+        let removal = json!({ "photos": { "$remove": [first_ref] } });
+        hq.put("jobs", Some(a), &removal.to_string())
+            .expect("remove the photo");
+        assert_eq!(hq.referenced_blobs().expect("referenced"), [shared].into());
+        hq.delete("jobs", a).expect("delete");
+        assert_eq!(hq.referenced_blobs().expect("referenced"), [shared].into());
+        hq.delete("jobs", b).expect("delete");
+        assert!(hq.referenced_blobs().expect("referenced").is_empty());
+    }
+
+    /// A store written before the index existed gets it when it is opened.
+    #[test]
+    fn a_store_without_the_file_index_is_indexed_when_opened() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("hq");
+        let hq = Replica::init_authority(&dir, SCHEMA, "hq").expect("init");
+        let job = hq.put("jobs", None, r#"{"title": "A"}"#).expect("job");
+        let (hash, _) = attached_photo(&hq, job, b"an old photo");
+        // As an older version stored it: no index entries, no mark.
+        let mut entity = hq.load(job).expect("load").expect("held");
+        let mut write = hq.entity_write(&mut entity).expect("write");
+        write.index.retain(|(name, _, _)| name != INDEX_BLOB);
+        hq.commit_durable(vec![write], vec![(META_BLOB_INDEX.to_owned(), None)])
+            .expect("commit");
+        assert!(hq.referenced_blobs().expect("referenced").is_empty());
+        drop(hq);
+        let hq = Replica::open(&dir).expect("reopen");
+        assert_eq!(hq.referenced_blobs().expect("referenced"), [hash].into());
+        assert!(hq.store.meta(META_BLOB_INDEX).expect("meta").is_some());
+    }
 }

@@ -35,6 +35,10 @@ pub(crate) const META_INVITE_TOKEN: &str = "invite_token";
 pub(crate) const META_INVITE_SECRET: &str = "invite_secret";
 pub(crate) const INDEX_CONFLICT: &str = "conflict";
 pub(crate) const INDEX_PROPOSAL: &str = "proposal";
+/// Files referenced by live entities: key = BLAKE3 hash (32 bytes) then entity id (16),
+/// value = the entity's collection. Serving a file and collecting unreferenced ones read it
+/// instead of every view.
+pub(crate) const INDEX_BLOB: &str = "blob";
 
 /// Compact a document when this many chunks were appended since its snapshot…
 const COMPACT_AFTER_CHUNKS: u32 = 32;
@@ -321,6 +325,8 @@ impl Replica {
                 Some(serde_json::to_vec(&node).map_err(|e| Error::CorruptMeta(e.to_string()))?),
             ),
             (META_WORKSPACE.to_owned(), Some(invite)),
+            // Empty, so its `blob` index covers every entity from the start.
+            (crate::attachments::META_BLOB_INDEX.to_owned(), Some(vec![1])),
         ];
         let ticket = store.commit(vec![], meta)?;
         store.wait_durable(ticket)?;
@@ -381,6 +387,7 @@ impl Replica {
         // The newest schema version held, and views that follow it (after a crash mid-way).
         replica.adopt_newest_schema()?;
         replica.finish_purges()?;
+        replica.index_blob_references()?;
         Ok(replica)
     }
 
@@ -650,6 +657,11 @@ impl Replica {
                 p.id.as_bytes().to_vec(),
                 to_json_bytes(p),
             ));
+        }
+        if let Some(coll) = self.ws().schema.collections.get(&collection) {
+            for key in crate::attachments::blob_index_keys(coll, id, &derived.view) {
+                index.push((INDEX_BLOB.to_owned(), key, collection.as_bytes().to_vec()));
+            }
         }
         Ok(EntityWrite {
             id: *id.as_bytes(),

@@ -399,6 +399,8 @@ pub trait Store: Send + Sync {
     fn index(&self, name: &str) -> Result<Vec<IndexEntry>, Error>;
     /// One derived index entry.
     fn index_get(&self, name: &str, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
+    /// The entries of one derived index whose keys start with `prefix`, in key order.
+    fn index_prefix(&self, name: &str, prefix: &[u8]) -> Result<Vec<IndexEntry>, Error>;
     /// A metadata value.
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, Error>;
     /// Metadata values whose names start with `prefix`.
@@ -887,6 +889,17 @@ impl<K: Kv> Store for KvStore<K> {
 
     fn index_get(&self, name: &str, k: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         self.kv.get(&index_key(name, k))
+    }
+
+    fn index_prefix(&self, name: &str, prefix: &[u8]) -> Result<Vec<IndexEntry>, Error> {
+        let start = index_key(name, prefix);
+        let skip = index_key(name, &[]).len();
+        Ok(self
+            .kv
+            .scan(&start, usize::MAX, &mut |k| k.starts_with(&start))?
+            .into_iter()
+            .map(|(k, v)| (k[skip..].to_vec(), v))
+            .collect())
     }
 
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, Error> {
