@@ -59,28 +59,43 @@ const REFUSED: u8 = 2;
 /// Behind the send schedule by more than this, the sender was idle: the schedule restarts.
 const IDLE_SPELL: Duration = Duration::from_millis(100);
 
-/// The pace of sending files, shared by every transfer of a node: at most `rate` bytes a
-/// second in all (0: no limit); counts what was sent.
+/// Sync frames this recent (queued to send, or received) make file sends wait: an entity
+/// exchange takes a few round trips, each of a few milliseconds.
+const SYNC_QUIET: Duration = Duration::from_millis(5);
+/// The longest one piece waits for sync to go quiet, so files still move (at least a piece
+/// per this, per transfer) beside a sync that never stops.
+const MAX_YIELD: Duration = Duration::from_millis(20);
+
+/// The pace of sending files, shared by every transfer of a node: entity sync first (a
+/// piece waits while sync frames are moving), then at most `rate` bytes a second in all
+/// (0: no limit); counts what was sent.
 pub(crate) struct SendLimit {
     rate: u64,
-    sent: Arc<std::sync::atomic::AtomicU64>,
+    stats: Arc<crate::Stats>,
     /// (when the pace started, bytes sent since): the schedule every transfer follows.
     pace: tokio::sync::Mutex<(tokio::time::Instant, u64)>,
+    /// (sync frames counted, when that count was first seen).
+    sync_seen: std::sync::Mutex<(u64, tokio::time::Instant)>,
 }
 
 impl SendLimit {
-    pub(crate) fn new(rate: u64, sent: Arc<std::sync::atomic::AtomicU64>) -> Self {
+    pub(crate) fn new(rate: u64, stats: Arc<crate::Stats>) -> Self {
+        let now = tokio::time::Instant::now();
         SendLimit {
             rate,
-            sent,
-            pace: tokio::sync::Mutex::new((tokio::time::Instant::now(), 0)),
+            stats,
+            pace: tokio::sync::Mutex::new((now, 0)),
+            sync_seen: std::sync::Mutex::new((0, now.checked_sub(SYNC_QUIET).unwrap_or(now))),
         }
     }
 
-    /// Counts `n` bytes about to be sent, waiting until the rate allows them.
+    /// Counts `n` bytes about to be sent, waiting until sync is quiet and the rate allows
+    /// them.
     async fn take(&self, n: usize) {
-        self.sent
+        self.stats
+            .blob_bytes_sent
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        self.yield_to_sync().await;
         if self.rate == 0 {
             return;
         }
@@ -98,6 +113,31 @@ impl SendLimit {
             pace.0 + Duration::from_secs_f64(pace.1 as f64 / self.rate as f64)
         };
         tokio::time::sleep_until(due).await;
+    }
+
+    /// Waits (up to [`MAX_YIELD`]) until no sync frame was queued or received for
+    /// [`SYNC_QUIET`]: a file's bytes then never sit in the connection ahead of an entity
+    /// exchange that is under way.
+    async fn yield_to_sync(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let give_up = tokio::time::Instant::now() + MAX_YIELD;
+        loop {
+            let frames =
+                self.stats.frames_queued.load(Relaxed) + self.stats.frames_received.load(Relaxed);
+            let now = tokio::time::Instant::now();
+            let last_seen = {
+                let mut seen = self.sync_seen.lock().unwrap_or_else(|p| p.into_inner());
+                if seen.0 != frames {
+                    *seen = (frames, now);
+                }
+                seen.1
+            };
+            let quiet_at = (last_seen + SYNC_QUIET).min(give_up);
+            if quiet_at <= now {
+                return;
+            }
+            tokio::time::sleep_until(quiet_at).await;
+        }
     }
 }
 
@@ -472,5 +512,40 @@ mod tests {
         let start = tokio::time::Instant::now();
         limit.take(500_000).await;
         assert!(start.elapsed() >= Duration::from_millis(500));
+    }
+
+    /// A piece waits while sync frames move, and goes once they stop for `SYNC_QUIET`.
+    #[tokio::test(start_paused = true)]
+    async fn a_piece_waits_for_sync_frames_to_go_quiet() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = Arc::new(crate::Stats::default());
+        let limit = SendLimit::new(0, stats.clone());
+        // Quiet: no wait at all.
+        let start = tokio::time::Instant::now();
+        limit.take(1).await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        // A frame now, then none: the piece goes SYNC_QUIET later.
+        stats.frames_queued.fetch_add(1, Relaxed);
+        let start = tokio::time::Instant::now();
+        limit.take(1).await;
+        assert_eq!(start.elapsed(), SYNC_QUIET);
+        // Frames every millisecond without end: the piece still goes after MAX_YIELD.
+        stats.frames_received.fetch_add(1, Relaxed);
+        let busy = stats.clone();
+        let chatter = tokio::spawn(async move {
+            loop {
+                busy.frames_received.fetch_add(1, Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        let start = tokio::time::Instant::now();
+        limit.take(1).await;
+        let waited = start.elapsed();
+        assert!(
+            waited >= MAX_YIELD && waited <= MAX_YIELD + SYNC_QUIET,
+            "waited {waited:?}"
+        );
+        chatter.abort();
+        assert_eq!(stats.blob_bytes_sent.load(Relaxed), 3);
     }
 }

@@ -307,7 +307,7 @@ impl EventLoop {
             serving: Arc::new(Semaphore::new(crate::blobs::MAX_SERVING)),
             send_limit: Arc::new(crate::blobs::SendLimit::new(
                 config.blob_send_rate,
-                stats.blob_bytes_sent.clone(),
+                stats.clone(),
             )),
             core,
             io_results,

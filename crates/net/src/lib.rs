@@ -190,6 +190,9 @@ pub enum Notice {
 #[derive(Debug, Default)]
 pub struct Stats {
     pub frames_sent: AtomicU64,
+    /// Sync frames taken for sending, counted before they are written: file transfers
+    /// pause while sync frames move.
+    pub frames_queued: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub frames_received: AtomicU64,
     pub bytes_received: AtomicU64,

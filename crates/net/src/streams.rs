@@ -50,6 +50,7 @@ pub(crate) fn spawn_writer(
     tokio::spawn(async move {
         let mut sink = FramedWrite::new(write.compat_write(), codec(side.max_frame));
         while let Some((bytes, _budget)) = frames.recv().await {
+            side.stats.frames_queued.fetch_add(1, Ordering::Relaxed);
             let len = bytes.len() as u64;
             // `send` flushes: the frame is with the muxer before the next is taken.
             if sink.send(bytes::Bytes::from(bytes)).await.is_err() {
