@@ -9,7 +9,9 @@
 //! baseline without a transfer from the same run. The relay's and B's copies must hash to
 //! the reference's BLAKE3 hash, else the benchmark fails.
 //!
-//! Run: `cargo bench --locked -p fieldsync-node --bench blobs`. `BENCH_BLOB_WRITES` (200)
+//! Run: `cargo bench --locked -p fieldsync-node --bench blobs`. `BENCH_BLOB_SLOW=MS`
+//! lists the writes slower than MS with when they came; `BENCH_BLOB_DIR` puts the nodes'
+//! data in another directory (e.g. `/dev/shm`). `BENCH_BLOB_WRITES` (200)
 //! sets the baseline's writes, `BENCH_BLOB_SEND_CAP` every node's `send_bytes_per_sec`
 //! (default 0: no cap). Lines starting `report: ` are rows for `scripts/bench-report`.
 
@@ -166,6 +168,9 @@ struct Latency {
     p50: f64,
     p99: f64,
     write_p50: f64,
+    /// From A's write acknowledged until B serves it: the sync part alone.
+    sync_p50: f64,
+    sync_p99: f64,
     n: usize,
 }
 
@@ -174,6 +179,22 @@ fn latency(samples: &[Sample], window: Option<(Instant, Instant)>) -> Latency {
         .iter()
         .filter(|(t, ..)| window.is_none_or(|(start, end)| (start..end).contains(t)))
         .collect();
+    // BENCH_BLOB_SLOW=MS: when in the window the writes slower than MS came (to tell a
+    // steady cost from stalls at one moment, e.g. the file's final flush).
+    if let (Some(slow), Some(first)) = (
+        std::env::var("BENCH_BLOB_SLOW").ok().and_then(|v| v.parse::<f64>().ok()),
+        within.first(),
+    ) {
+        let start = window.map_or(first.0, |(s, _)| s);
+        for s in within.iter().filter(|s| s.1 > slow) {
+            println!(
+                "slow write: {:.1} ms at {:.2} s into the window (A's write {:.1} ms)",
+                s.1,
+                (s.0 - start).as_secs_f64(),
+                s.2
+            );
+        }
+    }
     let p = |q: f64, pick: fn(&Sample) -> f64| {
         let mut ms: Vec<f64> = within.iter().map(|s| pick(s)).collect();
         ms.sort_by(f64::total_cmp);
@@ -185,6 +206,8 @@ fn latency(samples: &[Sample], window: Option<(Instant, Instant)>) -> Latency {
         p50: p(0.5, |s| s.1),
         p99: p(0.99, |s| s.1),
         write_p50: p(0.5, |s| s.2),
+        sync_p50: p(0.5, |s| s.1 - s.2),
+        sync_p99: p(0.99, |s| s.1 - s.2),
         n: within.len(),
     }
 }
@@ -210,7 +233,12 @@ fn main() -> anyhow::Result<()> {
     // At least 1 MB/s, or the transfer counts as stalled.
     let timeout = Duration::from_secs(60 + mb);
 
-    let tmp = tempfile::tempdir()?;
+    // BENCH_BLOB_DIR: where the three nodes keep their data (e.g. /dev/shm, to take the
+    // one disk they share here out of the figures).
+    let tmp = match std::env::var("BENCH_BLOB_DIR") {
+        Ok(dir) => tempfile::tempdir_in(dir)?,
+        Err(_) => tempfile::tempdir()?,
+    };
     let path = |name: &str| tmp.path().join(name);
     std::fs::write(path("schema.toml"), SCHEMA)?;
     // The default per-file limit (256 MiB) is below the file's size.
@@ -413,6 +441,15 @@ fn main() -> anyhow::Result<()> {
         ("the relay pulls it from A", &pull),
         ("B fetches it from the relay", &fetch),
     ] {
+        fieldsync_tests::report(
+            &format!("sync part of it (A's write acknowledged → B serves it) while {during}"),
+            &format!(
+                "p50 {:.1} ms, p99 {:.1} ms; baseline p50 {:.1} ms, p99 {:.1} ms",
+                l.sync_p50, l.sync_p99, base.sync_p50, base.sync_p99
+            ),
+            "unaffected: p99 ≤ 1.5× baseline p99",
+            Some(l.sync_p99 <= 1.5 * base.sync_p99),
+        );
         fieldsync_tests::report(
             &format!("live latency A → relay → B, a write every 50 ms while {during}"),
             &format!("{}; baseline {}", ms(l), ms(&base)),

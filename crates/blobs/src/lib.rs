@@ -338,6 +338,7 @@ impl BlobStore {
             hasher: blake3::Hasher::new(),
             written: 0,
             keep: false,
+            flusher: Flusher::default(),
         })
     }
 
@@ -411,6 +412,7 @@ impl BlobStore {
             hasher,
             written: start,
             keep: true,
+            flusher: Flusher::default(),
         })
     }
 
@@ -678,6 +680,56 @@ pub struct BlobWriter<'a> {
     written: u64,
     /// A resumable transfer: dropped unfinished, its bytes stay for the next try.
     keep: bool,
+    /// Flushes the file in the background while it is written (see [`FLUSH_EVERY`]).
+    flusher: Flusher,
+}
+
+/// Bytes a writer lets pile up unflushed before it flushes them in the background: a large
+/// file then never leaves hundreds of MB for its final flush, which would stall every other
+/// fsync on the disk for as long (the node's entity commits among them).
+const FLUSH_EVERY: u64 = 8 << 20;
+/// Unflushed bytes at which the writer waits for the flush under way (the disk is slower
+/// than the bytes arrive).
+const FLUSH_BEHIND: u64 = 4 * FLUSH_EVERY;
+
+/// A writer's background flushes, one at a time.
+#[derive(Debug, Default)]
+struct Flusher {
+    unflushed: u64,
+    running: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Flusher {
+    /// Counts `n` bytes written to `file`; starts a flush of it when enough are unflushed,
+    /// and waits for the one under way when too many are.
+    fn wrote(&mut self, file: &File, n: u64) -> std::io::Result<()> {
+        self.unflushed += n;
+        if self.unflushed < FLUSH_EVERY {
+            return Ok(());
+        }
+        if self.running.as_ref().is_some_and(|r| !r.is_finished()) && self.unflushed < FLUSH_BEHIND {
+            return Ok(());
+        }
+        self.wait()?;
+        let file = file.try_clone()?;
+        self.unflushed = 0;
+        self.running = Some(
+            std::thread::Builder::new()
+                .name("blob-flush".into())
+                .spawn(move || file.sync_data())?,
+        );
+        Ok(())
+    }
+
+    /// Waits for the flush under way; its error, if it failed (the bytes it covered may
+    /// not be on disk, so the blob must not be stored).
+    fn wait(&mut self) -> std::io::Result<()> {
+        match self.running.take().map(|r| r.join()) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(_)) => Err(std::io::Error::other("a background flush panicked")),
+        }
+    }
 }
 
 impl BlobWriter<'_> {
@@ -717,6 +769,7 @@ impl BlobWriter<'_> {
             });
         };
         std::io::Write::write_all(file, bytes).map_err(io_at(&self.tmp))?;
+        self.flusher.wrote(file, n).map_err(io_at(&self.tmp))?;
         self.hasher.update(bytes);
         Ok(())
     }
@@ -745,6 +798,7 @@ impl BlobWriter<'_> {
                 source: std::io::Error::other("this write failed earlier; start a new one"),
             });
         };
+        self.flusher.wait().map_err(io_at(&self.tmp))?;
         file.sync_all().map_err(io_at(&self.tmp))?;
         drop(file);
         let hash = Hash(*self.hasher.finalize().as_bytes());

@@ -440,3 +440,33 @@ fn bytes_changed_after_the_tree_was_made_fail_at_their_chunk_and_a_damaged_file_
         Err(Error::HashMismatch { .. })
     ));
 }
+
+/// A file several flush windows long is flushed in the background as it is written, and
+/// stored whole (resumed halfway too).
+#[test]
+fn a_large_file_is_flushed_as_it_is_written_and_stored_whole() {
+    let (_d, s) = store(Config::default());
+    let data = bytes(3 * FLUSH_EVERY as usize + 12_345);
+    let stored = write_all(&s, &data, 64 << 10).expect("stored");
+    assert_eq!(stored.hash, Hash::of(&data));
+    let mut back = Vec::new();
+    s.read_range(&stored.hash, 0..data.len() as u64)
+        .expect("read")
+        .read_to_end(&mut back)
+        .expect("read");
+    assert!(back == data, "the stored bytes differ");
+    // Resumed from the middle of a window.
+    let (_d, s) = store(Config::default());
+    let hash = Hash::of(&data);
+    let half = FLUSH_EVERY + 7;
+    let mut w = s.resume_writer(&hash, data.len() as u64, 0).expect("writer");
+    w.write(&data[..half as usize]).expect("first half");
+    drop(w);
+    let mut w = s
+        .resume_writer(&hash, data.len() as u64, half)
+        .expect("resume");
+    for piece in data[half as usize..].chunks(1 << 20) {
+        w.write(piece).expect("rest");
+    }
+    assert_eq!(w.finish_expecting(&hash).expect("stored").size, data.len() as u64);
+}

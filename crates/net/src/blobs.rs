@@ -141,6 +141,30 @@ impl SendLimit {
     }
 }
 
+/// Nice value of the threads that read, verify and write files: entity sync (on the async
+/// threads and the blocking pool) gets the CPU first when both are busy.
+const FILE_THREAD_NICE: i32 = 10;
+
+/// Runs `work` on a thread of its own at a lower priority; its result comes on the receiver.
+fn background<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<T>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            // Only this thread (Linux takes a thread id here); a failure leaves it as it was.
+            #[cfg(target_os = "linux")]
+            let _ = rustix::process::setpriority_process(
+                Some(rustix::thread::gettid()),
+                FILE_THREAD_NICE,
+            );
+            let _ = tx.send(work());
+        })?;
+    Ok(rx)
+}
+
 /// Serves one request from `peer` (`admitted`: the sync engine admitted it); `inputs`
 /// reaches the node's owner task, for forwarding.
 pub(crate) async fn serve(
@@ -216,10 +240,10 @@ pub(crate) async fn serve(
     if stream.write_all(&head).await.is_err() {
         return;
     }
-    // The slice [start, size) with the tree nodes that prove each chunk, read on the
-    // blocking pool into a bounded queue.
+    // The slice [start, size) with the tree nodes that prove each chunk, read on a
+    // low-priority thread into a bounded queue.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(SEND_QUEUE);
-    tokio::task::spawn_blocking(move || {
+    let reader = background("blob-send", move || {
         // Buffered: the extractor reads 1 KiB chunks and 64-byte tree nodes.
         let mut slice = bao::encode::SliceExtractor::new_outboard(
             std::io::BufReader::with_capacity(PIECE, file),
@@ -244,6 +268,9 @@ pub(crate) async fn serve(
             }
         }
     });
+    if reader.is_err() {
+        return; // no thread: the stream closes, and the asker tries again
+    }
     while let Some(piece) = rx.recv().await {
         let Ok(piece) = piece else { return };
         limit.take(piece.len()).await;
@@ -355,12 +382,12 @@ async fn fetch_from(
         return Err(failed(format!("it resumed at byte {start}, not {have}")));
     }
     // Checked against the limits before the first byte (a hostile size is refused here).
-    // The slice goes through a verifying decoder on the blocking pool: only bytes that
+    // The slice goes through a verifying decoder on a low-priority thread: only bytes that
     // check against the hash's tree reach the partial file, so a tampered chunk is caught
     // where it arrives and what came before it is kept for the next try.
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
     let received = stats.clone();
-    let decoded = tokio::task::spawn_blocking(move || {
+    let decoded = background("blob-receive", move || {
         let mut writer = store
             .resume_writer(&hash, size, start)
             .map_err(|e| Received::Ended(e.to_string()))?;
@@ -424,7 +451,8 @@ async fn fetch_from(
         }
     }
     drop(tx);
-    match decoded.await.map_err(|e| failed(e.to_string()))? {
+    let decoded = decoded.map_err(|e| failed(e.to_string()))?;
+    match decoded.await.map_err(|_| failed("the decoder stopped".into()))? {
         Ok(stored) => Ok(stored.size),
         Err(Received::Corrupt(kept)) => {
             stats
