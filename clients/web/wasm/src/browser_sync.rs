@@ -224,25 +224,16 @@ async fn serve_blob(
     let Ok(Request { hash, offset, .. }) = Request::decode(&request) else {
         return;
     };
-    let answer = |status: Status| [status.to_byte()];
     if !(from_relay && replica.may_serve_blob(&peer, &hash).unwrap_or(false)) {
-        let _ = stream.write_all(&answer(Status::Refused)).await;
-        let _ = stream.close().await;
-        return;
+        return answer_only(stream, Status::Refused).await;
     }
     let content = match load(load_blob, &hash).await {
         Some(content) if content.len() as u64 <= crate::MAX_BLOB_BYTES => content,
-        _ => {
-            let _ = stream.write_all(&answer(Status::NotHere)).await;
-            let _ = stream.close().await;
-            return;
-        }
+        _ => return answer_only(stream, Status::NotHere).await,
     };
     let head = Head::answering(content.len() as u64, offset);
     let Some(mut slice) = wire::slice_from_memory(&content, &hash, head.start) else {
-        let _ = stream.write_all(&answer(Status::NotHere)).await;
-        let _ = stream.close().await;
-        return;
+        return answer_only(stream, Status::NotHere).await;
     };
     if stream.write_all(&head.encode_ok()).await.is_err() {
         return;
@@ -268,6 +259,12 @@ async fn serve_blob(
             return;
         }
     }
+    let _ = stream.close().await;
+}
+
+/// Answers with `status` alone (not here, refused) and closes the stream.
+async fn answer_only(mut stream: libp2p::Stream, status: Status) {
+    let _ = stream.write_all(&[status.to_byte()]).await;
     let _ = stream.close().await;
 }
 
