@@ -383,7 +383,7 @@ mod tests {
         }
         let mut unknown_flags = bytes;
         unknown_flags[40] = 0b1111_1110;
-        assert!(!Request::decode(&unknown_flags).unwrap().may_forward);
+        assert!(!Request::decode(&unknown_flags).expect("request").may_forward);
     }
 
     #[test]
@@ -444,9 +444,9 @@ mod tests {
     fn slice(content: &[u8], start: u64) -> Vec<u8> {
         let mut out = Vec::new();
         slice_from_memory(content, &Hash::of(content), start)
-            .unwrap()
+            .expect("the content's own hash")
             .read_to_end(&mut out)
-            .unwrap();
+            .expect("in memory");
         out
     }
 
@@ -491,7 +491,7 @@ mod tests {
                 9000 - start,
             )
             .read_to_end(&mut native)
-            .unwrap();
+            .expect("in memory");
             assert_eq!(slice(&bytes, start), native);
         }
         assert!(slice_from_memory(&bytes, &Hash::of(b"other"), 0).is_none());
