@@ -294,6 +294,9 @@ async function main() {
     const refused = await tab.evaluate(async (job) =>
       window.device.attach("jobs", job, "notes", new Uint8Array([1, 2, 3])).then(() => null, (e) => e.message), job);
     assert(refused?.includes("not attachments"), `notes: ${refused}`);
+    const tooBig = await tab.evaluate(async (job) =>
+      window.device.attach("jobs", job, "photos", new Blob([new Uint8Array((64 << 20) + 1)])).then(() => null, (e) => e.message), job);
+    assert(tooBig?.includes("over the browser's limit of 64 MiB"), `a 64 MiB + 1 file: ${tooBig}`);
     await second.close();
   });
 

@@ -233,6 +233,8 @@ export class Device {
   async attach(collection, id, field, data, { mime, name } = {}) {
     const node = this.#open();
     node.checkAttach(collection, id, field);
+    // A Blob (File) over the limit is refused before its bytes are read into memory.
+    if (typeof Blob !== "undefined" && data instanceof Blob) node.checkBlobSize(data.size);
     const bytes = await toBytes(data);
     const hash = node.hashBlob(bytes);
     await saveBlob(this.#db, hash, bytes);

@@ -87,6 +87,8 @@ test("a field under another rule, a missing entity and a file over the limit are
   assert.throws(() => tab.attach("jobs", job, "notes", JSON.stringify({ hash, size: 10, mime: "image/png", name: "x" })),
     /not attachments/);
   assert.throws(() => tab.hashBlob(new Uint8Array((64 << 20) + 1)), /over the browser's limit of 64 MiB/);
+  assert.throws(() => tab.checkBlobSize((64 << 20) + 1), /over the browser's limit of 64 MiB/);
+  tab.checkBlobSize(64 << 20);
   assert.throws(() => tab.holdBlob("not-a-hash", 1), /invalid blob hash/);
   assert.throws(() => tab.holdBlob(hash, -1), /not the size/);
   assert.throws(() => tab.attach("jobs", job, "photos", "{"), /not JSON/);

@@ -229,6 +229,17 @@ impl Node {
         Ok(Hash::of(bytes).to_string())
     }
 
+    /// Refuses a file of `size` bytes over [`MAX_BLOB_BYTES`] (a `Blob`'s size, before its
+    /// bytes are read).
+    #[wasm_bindgen(js_name = checkBlobSize)]
+    pub fn check_blob_size(&self, size: f64) -> Result<(), JsError> {
+        check_blob_size(if size.is_finite() && size >= 0.0 {
+            size as u64
+        } else {
+            u64::MAX
+        })
+    }
+
     /// Records that IndexedDB durably holds the file `hash` of `size` bytes (after saving
     /// it, and for each saved file when the device opens).
     #[wasm_bindgen(js_name = holdBlob)]
