@@ -282,3 +282,53 @@ fn a_purge_erases_the_entitys_photos_at_once_but_not_one_another_job_shares() {
     assert!(held(&shared), "a photo another job references was removed");
     assert_eq!(photos(&hq, other), vec![shared]);
 }
+
+/// What a browser tab keeps in IndexedDB, as the replica sees it.
+#[derive(Default)]
+struct Held(std::sync::Mutex<std::collections::HashMap<Hash, u64>>);
+
+impl fieldsync::HeldBlobs for Held {
+    fn pin(&self, hash: &Hash) -> Option<u64> {
+        self.0.lock().expect("held").get(hash).copied()
+    }
+}
+
+/// A node that keeps its files outside a blob store on disk (a browser tab) writes a
+/// reference only to a file its `HeldBlobs` holds, with that size; nothing else changes.
+#[test]
+fn a_node_with_held_blobs_references_only_what_it_holds() {
+    let held = std::sync::Arc::new(Held::default());
+    let hq = Replica::init_authority_on(
+        std::sync::Arc::new(fieldsync_store::MemoryStore::new()),
+        std::path::Path::new("tab"),
+        SCHEMA,
+        "tab",
+        libp2p_identity::ed25519::Keypair::generate(),
+    )
+    .expect("init")
+    .with_held_blobs(held.clone());
+    let job = hq.put("jobs", None, "{}").expect("job");
+    let bytes = b"a photo in IndexedDB";
+    let hash = Hash::of(bytes);
+    let reference = json!({ "hash": hash.to_string(), "size": bytes.len(), "mime": "image/jpeg", "name": "p.jpg" });
+    assert!(matches!(
+        hq.attach("jobs", job, "photos", &reference),
+        Err(Error::BlobMissing { .. })
+    ));
+    held.0.lock().expect("held").insert(hash, bytes.len() as u64);
+    let wrong = json!({ "hash": hash.to_string(), "size": 3, "mime": "image/jpeg", "name": "p.jpg" });
+    assert!(matches!(
+        hq.attach("jobs", job, "photos", &wrong),
+        Err(Error::BlobSizeMismatch { actual: 20, .. })
+    ));
+    assert!(matches!(
+        hq.check_attach_target("jobs", job, "tags"),
+        Err(Error::NotAttachments { .. })
+    ));
+    hq.attach("jobs", job, "photos", &reference).expect("attach");
+    assert_eq!(photos(&hq, job), vec![reference]);
+    assert!(
+        !std::path::Path::new("tab").exists(),
+        "no blob store on disk was made"
+    );
+}

@@ -100,7 +100,8 @@ async function main() {
   await bundleReactApp();
   const base = await serveWeb();
   const schema = join(work, "schema.toml");
-  writeFileSync(schema, readFileSync(join(repo, "examples/schema.toml")));
+  // The examples' schema, and jobs whose photos are attachments.
+  writeFileSync(schema, readFileSync(join(repo, "examples/schema.toml")) + '\n[collections.jobs.fields]\nphotos = { rule = "attachments" }\n');
   const relayDir = join(work, "office");
   const nativeDir = join(work, "ben");
   cli(relayDir, ["init", "--schema", schema, "--name", "office"]);
@@ -230,6 +231,104 @@ async function main() {
     assert((await tabGet(tab, "tasks", doomed))._deleted === true, "deleted in the tab");
     const listed = (await tabList(tab, "tasks")).map((t) => t._id);
     assert(!listed.includes(doomed), "a deleted task is not listed");
+  });
+
+  await step("a photo attached in the tab reaches the relay, the native device and a second tab", async () => {
+    const job = cli(relayDir, ["put", "jobs", JSON.stringify({})]).id;
+    await until("the job in the tab", async () => (await tabGet(tab, "jobs", job).catch(() => null))?._id === job);
+    // 300 KiB of a pattern both sides can make again.
+    const SIZE = 300 * 1024;
+    const pattern = (n) => Uint8Array.from({ length: n }, (_, i) => (i * 31 + (i >> 10)) & 0xff);
+    const ref = await tab.evaluate(async ([job, n]) => {
+      const bytes = Uint8Array.from({ length: n }, (_, i) => (i * 31 + (i >> 10)) & 0xff);
+      return window.device.attach("jobs", job, "photos", new Blob([bytes], { type: "image/jpeg" }), { name: "boiler.jpg" });
+    }, [job, SIZE]);
+    assert(/^[0-9a-f]{64}$/.test(ref.hash) && ref.size === SIZE && ref.mime === "image/jpeg" && ref.name === "boiler.jpg",
+      `reference ${JSON.stringify(ref)}`);
+    const shown = (await tabGet(tab, "jobs", job)).photos;
+    assert(shown?.length === 1 && ["hash", "size", "mime", "name"].every((k) => shown[0][k] === ref[k]), `the tab shows the reference: ${JSON.stringify(shown)}`);
+    // The relay pulls the file from the tab by itself once the reference syncs.
+    await relay.waitFor("the relay fetching the tab's file", (e) => e.event === "blob_fetched" && e.hash === ref.hash);
+    const atRelay = join(work, "at-relay.jpg");
+    cli(relayDir, ["blob", "get", ref.hash, "--out", atRelay]);
+    assert(Buffer.compare(readFileSync(atRelay), Buffer.from(pattern(SIZE))) === 0, "the relay holds the same bytes");
+    // The native device fetches it through the relay.
+    const atBen = join(work, "at-ben.jpg");
+    await until("the reference on the native device", () => cli(nativeDir, ["get", "jobs", job], { allowFail: true })?.photos?.length === 1);
+    cli(nativeDir, ["blob", "get", ref.hash, "--out", atBen]);
+    assert(Buffer.compare(readFileSync(atBen), Buffer.from(pattern(SIZE))) === 0, "the native device got the same bytes");
+    // A second tab (another member) gets it by hash from the relay, verified, and keeps it.
+    const second = await openTab(await browser.newContext(), base);
+    await openDevice(second, { name: "cara", invite: cli(relayDir, ["invite", "--user", "cara"]), relay: relayWs });
+    await until("the job in the second tab", async () => (await tabGet(second, "jobs", job).catch(() => null))?.photos?.length === 1);
+    const got = await second.evaluate(async ([hash, n]) => {
+      const bytes = await window.device.blob(hash);
+      const expected = Uint8Array.from({ length: n }, (_, i) => (i * 31 + (i >> 10)) & 0xff);
+      const same = bytes.length === expected.length && bytes.every((b, i) => b === expected[i]);
+      const status = await window.device.status();
+      return { same, length: bytes.length, held: status.blobs.count };
+    }, [ref.hash, SIZE]);
+    assert(got.same && got.length === SIZE && got.held === 1, `second tab: ${JSON.stringify(got)}`);
+    // A hash no entity references: the relay refuses it. Not connected: said so.
+    const errors = await second.evaluate(async (hash) => {
+      const out = {};
+      try {
+        await window.device.blob("ab".repeat(32));
+      } catch (e) {
+        out.unknown = { code: e.code, message: e.message };
+      }
+      await window.device.close();
+      window.device = await window.fieldsync.Device.open({ name: "cara" });
+      out.offline = await window.device.blob(hash).then((b) => b.length, (e) => e.code);
+      try {
+        await window.device.blob("cd".repeat(32));
+      } catch (e) {
+        out.disconnected = e.code;
+      }
+      return out;
+    }, ref.hash);
+    assert(errors.unknown?.code === "REFUSED" && errors.unknown.message.includes("no entity"), `unknown hash: ${JSON.stringify(errors)}`);
+    assert(errors.offline === SIZE, `a fetched file is kept: ${JSON.stringify(errors)}`);
+    assert(errors.disconnected === "NOT_CONNECTED", `offline: ${JSON.stringify(errors)}`);
+    // A field under another rule is refused before anything is stored.
+    const refused = await tab.evaluate(async (job) =>
+      window.device.attach("jobs", job, "notes", new Uint8Array([1, 2, 3])).then(() => null, (e) => e.message), job);
+    assert(refused?.includes("not attachments"), `notes: ${refused}`);
+    const tooBig = await tab.evaluate(async (job) =>
+      window.device.attach("jobs", job, "photos", new Blob([new Uint8Array((64 << 20) + 1)])).then(() => null, (e) => e.message), job);
+    assert(tooBig?.includes("over the browser's limit of 64 MiB"), `a 64 MiB + 1 file: ${tooBig}`);
+    await second.close();
+  });
+
+  await step("a file referenced but held by no peer is NOT_HERE", async () => {
+    // A device attaches offline, loses the file (its storage cleared), then syncs.
+    const dora = await openTab(await browser.newContext(), base);
+    const invite = cli(relayDir, ["invite", "--user", "dora"]);
+    const { job, hash } = await dora.evaluate(async (invite) => {
+      const d = await window.fieldsync.Device.open({ name: "dora", invite });
+      const job = await d.put("jobs", null, {});
+      const ref = await d.attach("jobs", job, "photos", new Uint8Array([9, 8, 7, 6]));
+      await d.close();
+      const db = await new Promise((ok, fail) => {
+        const r = indexedDB.open("fieldsync:dora", 2);
+        r.onsuccess = () => ok(r.result);
+        r.onerror = () => fail(r.error);
+      });
+      await new Promise((ok, fail) => {
+        const tx = db.transaction(["blobs", "blob_sizes"], "readwrite");
+        tx.objectStore("blobs").delete(ref.hash);
+        tx.objectStore("blob_sizes").delete(ref.hash);
+        tx.oncomplete = ok;
+        tx.onerror = () => fail(tx.error);
+      });
+      db.close();
+      return { job, hash: ref.hash };
+    }, invite);
+    await openDevice(dora, { name: "dora", relay: relayWs });
+    await until("dora's job at the relay", () => cli(relayDir, ["get", "jobs", job], { allowFail: true })?.photos?.length === 1);
+    const answer = await dora.evaluate((hash) => window.device.blob(hash).then(() => "got it", (e) => e.code), hash);
+    assert(answer === "NOT_HERE", `asked for a file nobody holds: ${answer}`);
+    await dora.close();
   });
 
   await step("a stranger tab (an invite of another workspace) is refused and receives nothing", async () => {

@@ -20,6 +20,15 @@ export interface OpenOptions {
   relay?: string;
 }
 
+/** An entry of an `attachments` field: the file's BLAKE3 hash (hex), size in bytes,
+ * media type and name. */
+export type Reference = { hash: string; size: number; mime: string; name: string };
+
+/** Why `blob` failed: `code` tells the cases apart. */
+export interface BlobError extends Error {
+  code: "NOT_CONNECTED" | "NOT_HERE" | "REFUSED" | "FAILED";
+}
+
 export class Device {
   static open(options: OpenOptions): Promise<Device>;
   readonly peerId: string;
@@ -27,6 +36,13 @@ export class Device {
   get(collection: string, id: string): Promise<View>;
   list(collection: string, options?: { where?: Record<string, string | number | boolean> | string[] }): Promise<View[]>;
   delete(collection: string, id: string): Promise<void>;
+  /** Saves the file in IndexedDB, then adds its reference to the `attachments` field
+   * `field` (a file is at most 64 MiB in the browser). */
+  attach(collection: string, id: string, field: string, data: Uint8Array | ArrayBuffer | ArrayBufferView | Blob,
+    options?: { mime?: string; name?: string }): Promise<Reference>;
+  /** The file's bytes, from IndexedDB or fetched (verified) from the relay; rejects with a
+   * {@link BlobError}. */
+  blob(hash: string): Promise<Uint8Array>;
   conflicts(): Promise<Array<Record<string, unknown>>>;
   resolve(conflictId: string, value: unknown): Promise<string>;
   status(): Promise<{ peer_id: string; connected: boolean; membership?: unknown; [key: string]: unknown }>;

@@ -29,6 +29,15 @@ use crate::{Error, Replica};
 /// The blob store's directory inside the data directory.
 pub const BLOBS_DIR: &str = "blobs";
 
+/// The files of a node that keeps them outside a blob store on disk — a browser tab keeps
+/// them in IndexedDB — as the reference check sees them: a local write may reference a
+/// file only once [`Self::pin`] finds it durably held. Set with
+/// [`Replica::with_held_blobs`]; a node without it uses its blob store (`DATA/blobs`).
+pub trait HeldBlobs: Send + Sync {
+    /// The size of the file `hash` if it is durably held here (and marks it as just used).
+    fn pin(&self, hash: &Hash) -> Option<u64>;
+}
+
 /// The blob store in `status`.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct BlobStatus {
@@ -45,6 +54,13 @@ impl Replica {
     /// Sets the blob store's limits (before its first use).
     pub fn with_blob_config(self, config: fieldsync_blobs::Config) -> Self {
         *self.blob_config.lock().unwrap_or_else(|p| p.into_inner()) = config;
+        self
+    }
+
+    /// Keeps this node's files in `held` instead of a blob store on disk (see
+    /// [`HeldBlobs`]).
+    pub fn with_held_blobs(self, held: Arc<dyn HeldBlobs>) -> Self {
+        let _ = self.held_blobs.set(held);
         self
     }
 
@@ -109,6 +125,22 @@ impl Replica {
         field: &str,
         reference: &Json,
     ) -> Result<Reference, Error> {
+        self.check_attach_target(collection, id, field)?;
+        let checked = Reference::from_json(field, reference)?;
+        let patch = json!({ field: { "$add": [checked.to_json()] } });
+        self.put_op(collection, Some(id), &patch.to_string(), None)?;
+        Ok(checked)
+    }
+
+    /// Whether a file may be attached to `field` of entity `id`: the field is an
+    /// `attachments` field and the entity exists. [`Self::attach`] checks it too; a caller
+    /// that must store the bytes first (a browser tab) asks before it does.
+    pub fn check_attach_target(
+        &self,
+        collection: &str,
+        id: EntityId,
+        field: &str,
+    ) -> Result<(), Error> {
         let ws = self.ws();
         let coll = ws.schema.collection(collection)?;
         let rule = coll.rule(field);
@@ -119,12 +151,9 @@ impl Replica {
                 rule: rule.name(),
             });
         }
-        let checked = Reference::from_json(field, reference)?;
         // Attaching creates nothing: the entity must exist (a mistyped id is not found).
         self.get(collection, id)?;
-        let patch = json!({ field: { "$add": [checked.to_json()] } });
-        self.put_op(collection, Some(id), &patch.to_string(), None)?;
-        Ok(checked)
+        Ok(())
     }
 
     /// Refuses a local write that adds a reference to a blob this node does not hold (or
@@ -169,7 +198,11 @@ impl Replica {
     /// Pins the blob of `r`, checking its size.
     fn pin_reference(&self, r: &Reference) -> Result<(), Error> {
         let hash: Hash = r.hash.parse()?;
-        let size = match self.blobs()?.pin(&hash) {
+        let held = match self.held_blobs.get() {
+            Some(held) => held.pin(&hash).ok_or(fieldsync_blobs::Error::NotFound(hash)),
+            None => self.blobs()?.pin(&hash),
+        };
+        let size = match held {
             Ok(size) => size,
             Err(fieldsync_blobs::Error::NotFound(_)) => {
                 return Err(Error::BlobMissing {

@@ -28,7 +28,7 @@ mod schemas;
 pub mod sync_host;
 mod transfer;
 
-pub use attachments::{BlobStatus, BLOBS_DIR};
+pub use attachments::{BlobStatus, HeldBlobs, BLOBS_DIR};
 pub use cache::MemoryOptions;
 pub use error::{Error, ErrorKind};
 /// The node's content-addressed file store (its own crate).

@@ -161,6 +161,9 @@ pub struct Replica {
     /// The blob store's limits, and the store once opened (see `attachments`).
     pub(crate) blob_config: Mutex<fieldsync_blobs::Config>,
     pub(crate) blobs: Mutex<Option<Arc<fieldsync_blobs::BlobStore>>>,
+    /// Where this node keeps its files when not in a blob store on disk (a browser tab's
+    /// IndexedDB); see [`crate::HeldBlobs`].
+    pub(crate) held_blobs: std::sync::OnceLock<Arc<dyn crate::HeldBlobs>>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -440,6 +443,7 @@ impl Replica {
             background: std::sync::OnceLock::new(),
             blob_config: Mutex::new(fieldsync_blobs::Config::default()),
             blobs: Mutex::new(None),
+            held_blobs: std::sync::OnceLock::new(),
         }
     }
 

@@ -2,15 +2,14 @@
 //! stream per request, so a file moving never delays entity sync (each stream has its own
 //! yamux flow control).
 //!
-//! Request: the file's BLAKE3 hash (32 bytes), the offset to start at (u64 BE: the
-//! verified bytes an interrupted transfer already holds) and a flags byte
-//! ([`MAY_FORWARD`]: the server may fetch the file from its own peers first). Answer: one
-//! status byte — [`OK`], [`NOT_HERE`] or [`REFUSED`] — then, when OK, the file's size and
-//! the offset its bytes start at (u64 BE each: the offset asked, or 0 if it is past the
-//! end), then the bao slice of the bytes from there: 1 KiB chunks with the BLAKE3 tree
-//! nodes that prove them, so the asker checks each chunk as it arrives. An interrupted or
-//! tampered transfer keeps its verified bytes (also across restarts) and the next request
-//! resumes after them.
+//! The messages (request, status, head) and their limits are
+//! [`fieldsync::blobs::wire`], shared with the browser package: the file's BLAKE3 hash, the
+//! offset to start at and a flags byte ([`wire::MAY_FORWARD`]: the server may fetch the
+//! file from its own peers first); answered by a status (OK, not here, refused), then, when
+//! OK, the file's size and the offset its bytes start at, then the bao slice of the bytes
+//! from there: 1 KiB chunks with the BLAKE3 tree nodes that prove them, so the asker checks
+//! each chunk as it arrives. An interrupted or tampered transfer keeps its verified bytes
+//! (also across restarts) and the next request resumes after them.
 //!
 //! Forwarding: a relay asked for a file it lacks fetches it from its other peers (never
 //! the asker, and without the flag, so a request travels one hop at most), stores it, then
@@ -25,13 +24,14 @@ use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fieldsync::blobs::wire::{self, Head, Request, Status, IDLE_TIMEOUT};
 use fieldsync::blobs::Hash;
 use fieldsync::Replica;
 use futures::{AsyncReadExt as _, AsyncWriteExt as _};
 use libp2p::{PeerId, StreamProtocol};
 
 /// The file protocol's libp2p name.
-pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/fieldsync/blobs/2");
+pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new(wire::PROTOCOL);
 
 /// Files served at once; a request beyond it is dropped (the asker tries another peer).
 pub(crate) const MAX_SERVING: usize = 8;
@@ -41,20 +41,8 @@ const PIECE: usize = 64 << 10;
 const WRITE_QUEUE: usize = 8;
 /// Pieces read ahead of the stream when serving.
 const SEND_QUEUE: usize = 4;
-/// How long a peer may take to send the request, or to send the next piece.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long opening the stream may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long an asker waits for the answer while the server may be fetching the file.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
-/// Request flag: the server may fetch the file from its own peers first.
-const MAY_FORWARD: u8 = 1;
-const REQUEST_LEN: usize = 41;
-
-const OK: u8 = 0;
-const NOT_HERE: u8 = 1;
-const REFUSED: u8 = 2;
 
 /// Behind the send schedule by more than this, the sender was idle: the schedule restarts.
 const IDLE_SPELL: Duration = Duration::from_millis(100);
@@ -175,16 +163,19 @@ pub(crate) async fn serve(
     inputs: tokio::sync::mpsc::Sender<crate::event_loop::Owned>,
     limit: Arc<SendLimit>,
 ) {
-    let mut request = [0u8; REQUEST_LEN];
+    let mut request = [0u8; wire::REQUEST_LEN];
     match tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut request)).await {
         Ok(Ok(())) => {}
         _ => return,
     }
-    let mut hash = [0u8; 32];
-    hash.copy_from_slice(&request[..32]);
-    let hash = Hash::from_bytes(hash);
-    let offset = u64::from_be_bytes(request[32..40].try_into().unwrap_or([0; 8]));
-    let may_forward = request[40] & MAY_FORWARD != 0;
+    let Ok(Request {
+        hash,
+        offset,
+        may_forward,
+    }) = Request::decode(&request)
+    else {
+        return;
+    };
     let r = replica.clone();
     let allowed = admitted
         && tokio::task::spawn_blocking(move || r.may_serve_blob(&peer, &hash))
@@ -194,14 +185,14 @@ pub(crate) async fn serve(
             .unwrap_or(false);
     if !allowed {
         tracing::info!(%peer, %hash, "blob request refused: not admitted, or no entity it may see references the file");
-        let _ = stream.write_all(&[REFUSED]).await;
+        let _ = stream.write_all(&[Status::Refused.to_byte()]).await;
         let _ = stream.close().await;
         return;
     }
     let path = match replica.blobs() {
         Ok(store) => store.path(&hash),
         Err(_) => {
-            let _ = stream.write_all(&[NOT_HERE]).await;
+            let _ = stream.write_all(&[Status::NotHere.to_byte()]).await;
             let _ = stream.close().await;
             return;
         }
@@ -218,7 +209,7 @@ pub(crate) async fn serve(
             })
             .await;
         if asked.is_ok() {
-            match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
+            match tokio::time::timeout(wire::ANSWER_TIMEOUT, answer).await {
                 Ok(Ok(Ok(_))) => tracing::info!(%peer, %hash, "blob fetched for a peer"),
                 other => tracing::info!(%peer, %hash, ?other, "blob not found for a peer"),
             }
@@ -228,16 +219,13 @@ pub(crate) async fn serve(
     // served at all).
     let opened = tokio::task::spawn_blocking(move || store_open(&replica, &hash)).await;
     let Ok(Ok((file, outboard, size))) = opened else {
-        let _ = stream.write_all(&[NOT_HERE]).await;
+        let _ = stream.write_all(&[Status::NotHere.to_byte()]).await;
         let _ = stream.close().await;
         return;
     };
-    let start = if offset <= size { offset } else { 0 };
-    let mut head = [0u8; 17];
-    head[0] = OK;
-    head[1..9].copy_from_slice(&size.to_be_bytes());
-    head[9..].copy_from_slice(&start.to_be_bytes());
-    if stream.write_all(&head).await.is_err() {
+    let head = Head::answering(size, offset);
+    let start = head.start;
+    if stream.write_all(&head.encode_ok()).await.is_err() {
         return;
     }
     // The slice [start, size) with the tree nodes that prove each chunk, read on a
@@ -351,36 +339,40 @@ async fn fetch_from(
         .await
         .map_err(|_| failed("opening the stream timed out".into()))?
         .map_err(|e| failed(e.to_string()))?;
-    let mut request = [0u8; REQUEST_LEN];
-    request[..32].copy_from_slice(hash.as_bytes());
-    request[32..40].copy_from_slice(&have.to_be_bytes());
-    request[40] = if forward { MAY_FORWARD } else { 0 };
+    let request = Request {
+        hash,
+        offset: have,
+        may_forward: forward,
+    };
     stream
-        .write_all(&request)
+        .write_all(&request.encode())
         .await
         .map_err(|e| failed(e.to_string()))?;
     stream.flush().await.map_err(|e| failed(e.to_string()))?;
     let mut status = [0u8; 1];
-    tokio::time::timeout(ANSWER_TIMEOUT, stream.read_exact(&mut status))
+    tokio::time::timeout(wire::ANSWER_TIMEOUT, stream.read_exact(&mut status))
         .await
         .map_err(|_| failed("no answer".into()))?
         .map_err(|e| failed(e.to_string()))?;
-    match status[0] {
-        OK => {}
-        NOT_HERE => return Err(FetchError::NotHere(peer)),
-        REFUSED => return Err(FetchError::Refused(peer)),
-        other => return Err(failed(format!("unknown answer {other}"))),
+    match Status::from_byte(status[0]).map_err(|e| failed(e.to_string()))? {
+        Status::Ok => {}
+        Status::NotHere => return Err(FetchError::NotHere(peer)),
+        Status::Refused => return Err(FetchError::Refused(peer)),
     }
-    let mut head = [0u8; 16];
+    let mut head = [0u8; wire::HEAD_LEN];
     tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut head))
         .await
         .map_err(|_| failed("no size".into()))?
         .map_err(|e| failed(e.to_string()))?;
-    let size = u64::from_be_bytes(head[..8].try_into().unwrap_or([0; 8]));
-    let start = u64::from_be_bytes(head[8..].try_into().unwrap_or([0; 8]));
-    if start != 0 && start != have {
-        return Err(failed(format!("it resumed at byte {start}, not {have}")));
-    }
+    // Checked against this node's limit before the first byte of the file.
+    let Head { size, start } = Head::decode(&head, have, store.config().max_blob_bytes)
+        .map_err(|e| match e {
+            // Said as the store says it (names the setting to raise).
+            wire::WireError::TooLarge { limit, .. } => {
+                failed(fieldsync::blobs::Error::TooLarge { limit }.to_string())
+            }
+            e => failed(e.to_string()),
+        })?;
     // Checked against the limits before the first byte (a hostile size is refused here).
     // The slice goes through a verifying decoder on a low-priority thread: only bytes that
     // check against the hash's tree reach the partial file, so a tampered chunk is caught

@@ -6,17 +6,25 @@
 //! them in one IndexedDB transaction and only then reports a write done. The sync loop
 //! does the same before it sends anything, so an `Ack` never leaves before the data it
 //! covers is in IndexedDB.
+//!
+//! Attachments: the files live in IndexedDB too (the JavaScript package keeps them, each
+//! whole, in a store of their own), and [`BlobIndex`] is what the replica knows of them —
+//! which hashes are durably held, with their sizes — so a reference is written only once
+//! its file is saved, exactly as on a native node. Files move over `/fieldsync/blobs/2`
+//! to and from the relay (see `browser_sync`).
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use fieldsync::{Clock, Replica};
+use fieldsync::blobs::Hash;
+use fieldsync::{Clock, HeldBlobs, Replica};
 use fieldsync_core::{ConflictId, EntityId};
 use fieldsync_store::{MemoryStore, Store};
 use libp2p_identity::ed25519;
 use wasm_bindgen::prelude::*;
 
-use crate::{js_error, v7};
+use crate::{js_error, v7, MAX_BLOB_BYTES};
 
 /// Stands for the data directory in `status`.
 const LABEL: &str = "indexeddb";
@@ -43,11 +51,32 @@ impl Clock for PageClock {
     }
 }
 
+/// The files this tab holds in IndexedDB: hash and size of each (the bytes stay there).
+#[derive(Debug, Default)]
+pub(crate) struct BlobIndex(Mutex<HashMap<Hash, u64>>);
+
+impl BlobIndex {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<Hash, u64>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl HeldBlobs for BlobIndex {
+    fn pin(&self, hash: &Hash) -> Option<u64> {
+        self.held().get(hash).copied()
+    }
+}
+
+fn parse_hash(hash: &str) -> Result<Hash, JsError> {
+    hash.parse::<Hash>().map_err(js_error)
+}
+
 /// One device: its replica and store (the sync loop shares them).
 #[wasm_bindgen]
 pub struct Node {
     replica: Arc<Replica>,
     store: Arc<MemoryStore>,
+    blobs: Arc<BlobIndex>,
     #[cfg(target_arch = "wasm32")]
     sync: Option<crate::browser_sync::Handle>,
 }
@@ -103,9 +132,15 @@ impl Node {
     }
 
     fn assemble(replica: Replica, store: Arc<MemoryStore>) -> Node {
+        let blobs = Arc::new(BlobIndex::default());
         Node {
-            replica: Arc::new(replica.with_clock(Arc::new(PageClock))),
+            replica: Arc::new(
+                replica
+                    .with_clock(Arc::new(PageClock))
+                    .with_held_blobs(blobs.clone()),
+            ),
             store,
+            blobs,
             #[cfg(target_arch = "wasm32")]
             sync: None,
         }
@@ -186,11 +221,77 @@ impl Node {
         Ok(entity.to_string())
     }
 
+    /// The BLAKE3 hash (hex) of a file to attach, checked against the browser's limit
+    /// ([`MAX_BLOB_BYTES`]) before anything is stored.
+    #[wasm_bindgen(js_name = hashBlob)]
+    pub fn hash_blob(&self, bytes: &[u8]) -> Result<String, JsError> {
+        check_blob_size(bytes.len() as u64)?;
+        Ok(Hash::of(bytes).to_string())
+    }
+
+    /// Refuses a file of `size` bytes over [`MAX_BLOB_BYTES`] (a `Blob`'s size, before its
+    /// bytes are read).
+    #[wasm_bindgen(js_name = checkBlobSize)]
+    pub fn check_blob_size(&self, size: f64) -> Result<(), JsError> {
+        check_blob_size(if size.is_finite() && size >= 0.0 {
+            size as u64
+        } else {
+            u64::MAX
+        })
+    }
+
+    /// Records that IndexedDB durably holds the file `hash` of `size` bytes (after saving
+    /// it, and for each saved file when the device opens).
+    #[wasm_bindgen(js_name = holdBlob)]
+    pub fn hold_blob(&self, hash: &str, size: f64) -> Result<(), JsError> {
+        let hash = parse_hash(hash)?;
+        if !(0.0..=MAX_BLOB_BYTES as f64).contains(&size) {
+            return Err(js_error(format!("{size} is not the size of a file here")));
+        }
+        self.blobs.held().insert(hash, size as u64);
+        Ok(())
+    }
+
+    /// Whether a file may be attached to `field` of entity `id` (an `attachments` field,
+    /// an entity that exists): asked before the bytes are stored.
+    #[wasm_bindgen(js_name = checkAttach)]
+    pub fn check_attach(&self, collection: &str, id: &str, field: &str) -> Result<(), JsError> {
+        self.replica
+            .check_attach_target(collection, parse_entity_id(id)?, field)
+            .map_err(js_error)
+    }
+
+    /// Adds `reference_json` (`{hash, size, mime, name}`) to the `attachments` field
+    /// `field`, once its file is held ([`Self::hold_blob`]); the reference (JSON).
+    pub fn attach(
+        &self,
+        collection: &str,
+        id: &str,
+        field: &str,
+        reference_json: &str,
+    ) -> Result<String, JsError> {
+        let reference: serde_json::Value = serde_json::from_str(reference_json)
+            .map_err(|e| js_error(format!("the reference is not JSON: {e}")))?;
+        let checked = self
+            .replica
+            .attach(collection, parse_entity_id(id)?, field, &reference)
+            .map_err(js_error)?;
+        self.changed();
+        Ok(checked.to_json().to_string())
+    }
+
     /// `fieldsync status` (JSON), with `connected` (whether the relay session is up) and
     /// `pending_to_relay`.
     pub fn status(&self) -> Result<String, JsError> {
         let mut status =
             serde_json::to_value(self.replica.status().map_err(js_error)?).map_err(js_error)?;
+        // The files are in IndexedDB, not in a store on disk: counted from the index.
+        {
+            let held = self.blobs.held();
+            status["blobs"]["count"] = serde_json::Value::from(held.len());
+            status["blobs"]["bytes"] = serde_json::Value::from(held.values().sum::<u64>());
+            status["blobs"]["max_blob_bytes"] = serde_json::Value::from(MAX_BLOB_BYTES);
+        }
         status["connected"] = serde_json::Value::Bool(self.connected());
         // Local changes the relay has not acknowledged yet (as the daemon's status says).
         let acked = self.replica.acknowledged().map_err(js_error)?;
@@ -228,13 +329,16 @@ impl Node {
     /// Starts syncing with the relay at `relay` (a `/ws` or `/tls/ws` multiaddr ending in
     /// `/p2p/<id>`), redialing while it is unreachable. `persist(writes)` must save
     /// [`Self::take_writes`]-shaped writes and return a Promise that settles once they are
-    /// in IndexedDB; `on_event(json)` receives the daemon's JSON Lines events.
+    /// in IndexedDB; `on_event(json)` receives the daemon's JSON Lines events;
+    /// `load_blob(hash)` returns a Promise of a held file's bytes (a `Uint8Array`, or
+    /// `undefined`), for serving it to the relay.
     #[wasm_bindgen(js_name = startSync)]
     pub fn start_sync(
         &mut self,
         relay: &str,
         persist: js_sys::Function,
         on_event: js_sys::Function,
+        load_blob: js_sys::Function,
     ) -> Result<(), JsError> {
         if self.sync.is_some() {
             return Err(js_error("this device is already syncing"));
@@ -245,8 +349,30 @@ impl Node {
             relay,
             persist,
             on_event,
+            load_blob,
         )?);
         Ok(())
+    }
+
+    /// Fetches the file `hash` from the relay (which asks its other peers when it lacks
+    /// it), verified chunk by chunk against the hash as it arrives; a Promise of its bytes,
+    /// not yet stored (the page saves them, then calls [`Self::hold_blob`]). Rejects with
+    /// an `Error` whose `code` is `NOT_CONNECTED`, `NOT_HERE` (no peer sent it),
+    /// `REFUSED` (no entity this device may see references it) or `FAILED`.
+    #[wasm_bindgen(js_name = fetchBlob)]
+    pub fn fetch_blob(&self, hash: &str) -> Result<js_sys::Promise, JsError> {
+        let hash = parse_hash(hash)?;
+        let fetch = self.sync.as_ref().map(|s| s.fetch_blob(hash));
+        Ok(wasm_bindgen_futures::future_to_promise(async move {
+            let Some(fetch) = fetch else {
+                return Err(crate::browser_sync::coded_error(
+                    "NOT_CONNECTED",
+                    "this device is not syncing with a relay (open it with `relay`)",
+                ));
+            };
+            let bytes = fetch.await?;
+            Ok(js_sys::Uint8Array::from(bytes.as_slice()).into())
+        }))
     }
 
     /// Stops syncing (the connection closes).
@@ -256,6 +382,17 @@ impl Node {
             sync.stop();
         }
     }
+}
+
+/// Refuses a file over [`MAX_BLOB_BYTES`].
+pub(crate) fn check_blob_size(size: u64) -> Result<(), JsError> {
+    if size > MAX_BLOB_BYTES {
+        return Err(js_error(format!(
+            "the file has {size} bytes, over the browser's limit of {} MiB per attachment (a tab holds a file whole while it hashes or sends it); it was not stored",
+            MAX_BLOB_BYTES >> 20
+        )));
+    }
+    Ok(())
 }
 
 /// Writes as JavaScript `[key, value | null]` pairs.

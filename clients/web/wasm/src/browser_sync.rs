@@ -3,12 +3,19 @@
 //! run inline on the page's only thread. Before any frame is sent, what the engine's tasks
 //! wrote is saved through the page's `persist` (IndexedDB), so an `Ack` follows the data
 //! it covers to disk.
+//!
+//! Attachments travel over `/fieldsync/blobs/2` on the same connection, with the messages
+//! of `fieldsync::blobs::wire` (as a native node): the tab fetches a file from the relay
+//! (which asks its other peers when it lacks it), and serves the relay the files attached
+//! here, one at a time, to a peer whose member may see an entity referencing them.
 
 use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fieldsync::blobs::wire::{self, Head, Request, Status, Verifier};
+use fieldsync::blobs::Hash;
 use fieldsync::core::protocol::{Limits, Role};
 use fieldsync::sync::{Config, Event, Input};
 use fieldsync::sync_host::Inline;
@@ -30,6 +37,11 @@ use crate::browser::writes_to_js;
 use crate::js_error;
 
 const PROTOCOL: StreamProtocol = StreamProtocol::new("/fieldsync/sync/1");
+const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new(wire::PROTOCOL);
+/// Bytes of a file written or read at once.
+const PIECE: usize = 64 << 10;
+/// How long opening a stream to the relay may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Frames read ahead of the engine (each at most `Limits::max_frame`).
 const READ_AHEAD: usize = 2;
 /// Redial delays: from the first up to the last, doubling.
@@ -47,6 +59,8 @@ pub(crate) struct Handle {
     nudge: mpsc::Sender<()>,
     connected: Rc<Cell<bool>>,
     stopped: Rc<Cell<bool>>,
+    control: libp2p_stream::Control,
+    relay: PeerId,
 }
 
 impl Handle {
@@ -64,6 +78,208 @@ impl Handle {
         self.stopped.set(true);
         self.nudge();
     }
+
+    /// Fetches the file `hash` from the relay, verified; its bytes.
+    pub(crate) fn fetch_blob(
+        &self,
+        hash: Hash,
+    ) -> impl std::future::Future<Output = Result<Vec<u8>, JsValue>> {
+        let up = self.connected.get() && !self.stopped.get();
+        let (control, relay) = (self.control.clone(), self.relay);
+        async move {
+            if !up {
+                return Err(coded_error(
+                    "NOT_CONNECTED",
+                    "not connected to the relay: the file can be fetched once the device is back online",
+                ));
+            }
+            fetch_blob(control, relay, hash).await
+        }
+    }
+}
+
+/// An `Error` with `code` set (`NOT_HERE`, `REFUSED`…), for the page to tell cases apart.
+pub(crate) fn coded_error(code: &str, message: &str) -> JsValue {
+    let error = js_sys::Error::new(message);
+    let _ = js_sys::Reflect::set(&error, &"code".into(), &code.into());
+    error.into()
+}
+
+/// `f`, or an error after `d`.
+async fn within<T>(
+    d: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, String> {
+    futures::select! {
+        r = f.fuse() => r.map_err(|e| format!("{what}: {e}")),
+        _ = sleep(d).fuse() => Err(format!("{what}: nothing within {} s", d.as_secs())),
+    }
+}
+
+/// Asks the relay for the whole file `hash` (it may fetch it from its other peers first)
+/// and checks every chunk against the hash's BLAKE3 tree as it arrives; the bytes, only
+/// if all of them came and verified.
+async fn fetch_blob(
+    mut control: libp2p_stream::Control,
+    relay: PeerId,
+    hash: Hash,
+) -> Result<Vec<u8>, JsValue> {
+    let failed = |why: String| coded_error("FAILED", &format!("fetching file {hash}: {why}"));
+    let mut stream = futures::select! {
+        s = control.open_stream(relay, BLOB_PROTOCOL).fuse() => s.map_err(|e| failed(e.to_string()))?,
+        _ = sleep(OPEN_TIMEOUT).fuse() => return Err(failed("opening a stream to the relay timed out".into())),
+    };
+    let request = Request {
+        hash,
+        offset: 0,
+        may_forward: true,
+    };
+    within(wire::IDLE_TIMEOUT, "sending the request", async {
+        stream.write_all(&request.encode()).await?;
+        stream.flush().await
+    })
+    .await
+    .map_err(failed)?;
+    let mut status = [0u8; 1];
+    within(
+        wire::ANSWER_TIMEOUT,
+        "the answer",
+        stream.read_exact(&mut status),
+    )
+    .await
+    .map_err(failed)?;
+    match Status::from_byte(status[0]).map_err(|e| failed(e.to_string()))? {
+        Status::Ok => {}
+        Status::NotHere => {
+            return Err(coded_error(
+                "NOT_HERE",
+                &format!("file {hash} is not here: the relay does not hold it and no peer connected to it sent it"),
+            ))
+        }
+        Status::Refused => {
+            return Err(coded_error(
+                "REFUSED",
+                &format!("the relay refused file {hash}: no entity this device may see references it (outside its partitions)"),
+            ))
+        }
+    }
+    let mut head = [0u8; wire::HEAD_LEN];
+    within(wire::IDLE_TIMEOUT, "the size", stream.read_exact(&mut head))
+        .await
+        .map_err(failed)?;
+    // Checked against the tab's limit before the first byte of the file.
+    let head =
+        Head::decode(&head, 0, crate::MAX_BLOB_BYTES).map_err(|e| failed(e.to_string()))?;
+    let mut verifier = Verifier::new(&hash, head.size);
+    let mut bytes = Vec::with_capacity(head.size as usize);
+    let mut buf = vec![0u8; PIECE];
+    loop {
+        let n = within(wire::IDLE_TIMEOUT, "the transfer", stream.read(&mut buf))
+            .await
+            .map_err(failed)?;
+        if n == 0 {
+            break;
+        }
+        verifier
+            .push(&buf[..n], &mut bytes)
+            .map_err(|e| failed(e.to_string()))?;
+    }
+    verifier.finish().map_err(|e| failed(e.to_string()))?;
+    let _ = stream.close().await;
+    Ok(bytes)
+}
+
+/// Answers the relay's requests for files, one at a time (a tab holds each whole while it
+/// sends it; further requests wait in libp2p-stream's bounded queue, or are dropped).
+/// Ends with the swarm (the device stopped syncing).
+async fn serve_blobs(
+    mut requests: libp2p_stream::IncomingStreams,
+    replica: Arc<Replica>,
+    relay: PeerId,
+    load_blob: js_sys::Function,
+) {
+    while let Some((peer, stream)) = requests.next().await {
+        serve_blob(&replica, peer == relay, peer, stream, &load_blob).await;
+    }
+}
+
+/// Answers one request as a native node does: only to the relay this tab syncs with, and
+/// only a file that a live entity its member may see references; a held copy that does
+/// not hash to its name is not served.
+async fn serve_blob(
+    replica: &Replica,
+    from_relay: bool,
+    peer: PeerId,
+    mut stream: libp2p::Stream,
+    load_blob: &js_sys::Function,
+) {
+    let mut request = [0u8; wire::REQUEST_LEN];
+    if within(wire::IDLE_TIMEOUT, "request", stream.read_exact(&mut request))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let Ok(Request { hash, offset, .. }) = Request::decode(&request) else {
+        return;
+    };
+    if !(from_relay && replica.may_serve_blob(&peer, &hash).unwrap_or(false)) {
+        return answer_only(stream, Status::Refused).await;
+    }
+    let content = match load(load_blob, &hash).await {
+        Some(content) if content.len() as u64 <= crate::MAX_BLOB_BYTES => content,
+        _ => return answer_only(stream, Status::NotHere).await,
+    };
+    let head = Head::answering(content.len() as u64, offset);
+    let Some(mut slice) = wire::slice_from_memory(&content, &hash, head.start) else {
+        return answer_only(stream, Status::NotHere).await;
+    };
+    if stream.write_all(&head.encode_ok()).await.is_err() {
+        return;
+    }
+    let mut piece = vec![0u8; PIECE];
+    loop {
+        // Whole pieces: one read of the extractor gives a chunk or a tree node.
+        let mut filled = 0;
+        while filled < PIECE {
+            match std::io::Read::read(&mut slice, &mut piece[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(_) => return,
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        if within(wire::IDLE_TIMEOUT, "sending", stream.write_all(&piece[..filled]))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    let _ = stream.close().await;
+}
+
+/// Answers with `status` alone (not here, refused) and closes the stream.
+async fn answer_only(mut stream: libp2p::Stream, status: Status) {
+    let _ = stream.write_all(&[status.to_byte()]).await;
+    let _ = stream.close().await;
+}
+
+/// The bytes of a held file, through the page's `load_blob(hash)`.
+async fn load(load_blob: &js_sys::Function, hash: &Hash) -> Option<Vec<u8>> {
+    let promise = load_blob
+        .call1(&JsValue::NULL, &JsValue::from_str(&hash.to_string()))
+        .ok()?;
+    let value = JsFuture::from(js_sys::Promise::resolve(&promise))
+        .await
+        .ok()?;
+    value
+        .dyn_into::<js_sys::Uint8Array>()
+        .ok()
+        .map(|a| a.to_vec())
 }
 
 /// What the loop waits on.
@@ -161,6 +377,7 @@ pub(crate) fn start(
     relay: &str,
     persist: js_sys::Function,
     on_event: js_sys::Function,
+    load_blob: js_sys::Function,
 ) -> Result<Handle, JsError> {
     let addr: Multiaddr = relay
         .parse()
@@ -197,10 +414,17 @@ pub(crate) fn start(
         .map_err(js_error)?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
-    let control = swarm.behaviour().stream.new_control();
+    let mut control = swarm.behaviour().stream.new_control();
+    let blob_requests = control.accept(BLOB_PROTOCOL).map_err(js_error)?;
     let engine_config = Config::default()
         .with_role(Role::Device)
         .with_name(replica.name());
+    wasm_bindgen_futures::spawn_local(serve_blobs(
+        blob_requests,
+        replica.clone(),
+        relay_peer,
+        load_blob,
+    ));
     let inline = Inline::new(replica, engine_config).map_err(js_error)?;
     let (nudge_tx, nudge_rx) = mpsc::channel(1);
     let (dial_tx, dial_rx) = mpsc::channel::<()>(1);
@@ -242,7 +466,7 @@ pub(crate) fn start(
     };
     wasm_bindgen_futures::spawn_local(sessions(
         driver,
-        control,
+        control.clone(),
         relay_peer,
         dial_tx,
         nudge_rx,
@@ -253,6 +477,8 @@ pub(crate) fn start(
         nudge: nudge_tx,
         connected,
         stopped,
+        control,
+        relay: relay_peer,
     })
 }
 

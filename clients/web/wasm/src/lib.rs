@@ -20,6 +20,12 @@ mod browser_sync;
 /// The largest document `Doc.load` takes (the native per-entity limit).
 pub const MAX_DOC_BYTES: usize = fieldsync_sync::MAX_ENTITY_BYTES;
 
+/// The largest file a browser device attaches, serves or fetches: 64 MiB (a native node's
+/// default is 256 MiB). A tab holds a file whole in memory while it hashes, sends or
+/// receives it, so its limit is lower; a larger file on the relay is refused with a clear
+/// error before any of it is fetched.
+pub const MAX_BLOB_BYTES: u64 = 64 << 20;
+
 fn js_error(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
 }
