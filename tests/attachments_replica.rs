@@ -315,8 +315,12 @@ fn a_node_with_held_blobs_references_only_what_it_holds() {
         hq.attach("jobs", job, "photos", &reference),
         Err(Error::BlobMissing { .. })
     ));
-    held.0.lock().expect("held").insert(hash, bytes.len() as u64);
-    let wrong = json!({ "hash": hash.to_string(), "size": 3, "mime": "image/jpeg", "name": "p.jpg" });
+    held.0
+        .lock()
+        .expect("held")
+        .insert(hash, bytes.len() as u64);
+    let wrong =
+        json!({ "hash": hash.to_string(), "size": 3, "mime": "image/jpeg", "name": "p.jpg" });
     assert!(matches!(
         hq.attach("jobs", job, "photos", &wrong),
         Err(Error::BlobSizeMismatch { actual: 20, .. })
@@ -325,7 +329,8 @@ fn a_node_with_held_blobs_references_only_what_it_holds() {
         hq.check_attach_target("jobs", job, "tags"),
         Err(Error::NotAttachments { .. })
     ));
-    hq.attach("jobs", job, "photos", &reference).expect("attach");
+    hq.attach("jobs", job, "photos", &reference)
+        .expect("attach");
     assert_eq!(photos(&hq, job), vec![reference]);
     assert!(
         !std::path::Path::new("tab").exists(),

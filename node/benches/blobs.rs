@@ -182,7 +182,9 @@ fn latency(samples: &[Sample], window: Option<(Instant, Instant)>) -> Latency {
     // BENCH_BLOB_SLOW=MS: when in the window the writes slower than MS came (to tell a
     // steady cost from stalls at one moment, e.g. the file's final flush).
     if let (Some(slow), Some(first)) = (
-        std::env::var("BENCH_BLOB_SLOW").ok().and_then(|v| v.parse::<f64>().ok()),
+        std::env::var("BENCH_BLOB_SLOW")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok()),
         within.first(),
     ) {
         let start = window.map_or(first.0, |(s, _)| s);

@@ -43,6 +43,13 @@ fn authority(tmp: &Path, schema: &str) -> PathBuf {
     dir
 }
 
+/// Where the node in `dir` keeps the bytes of file `hash` received so far.
+fn partial_of(dir: &Path, hash: &str) -> PathBuf {
+    dir.join("blobs")
+        .join("partial")
+        .join(format!("{hash}.partial"))
+}
+
 /// A new job on `dir` with `bytes` (written to `file`) attached as its photo: (job, hash).
 fn job_with_photo(dir: &Path, file: &Path, bytes: &[u8]) -> (String, String) {
     let job = cli(dir, &["put", "jobs", "{}"])["id"]
@@ -253,14 +260,9 @@ fn a_photo_is_fetched_on_demand_within_partitions_and_verified() {
     });
     // Caught as it streamed, at the tampered 1 KiB chunk: the chunks before it were
     // verified and kept, so the next try resumes there.
-    let kept = std::fs::metadata(
-        inspector
-            .join("blobs")
-            .join("partial")
-            .join(format!("{hash}.partial")),
-    )
-    .expect("the verified bytes before the tampered chunk are kept")
-    .len();
+    let kept = std::fs::metadata(partial_of(&inspector, &hash))
+        .expect("the verified bytes before the tampered chunk are kept")
+        .len();
     assert_eq!(
         kept,
         1_234_567 / 1024 * 1024,
@@ -396,10 +398,7 @@ fn a_20_mb_photo_taken_offline_reaches_the_relay_across_a_relay_crash_and_is_rel
     let (mut relay, addr) = relay_on(&relay_dir, &relay_config, "/ip4/127.0.0.1/tcp/0");
     let listen = addr.split("/p2p/").next().expect("address").to_owned();
     let mut cam = start_device(&camera, &addr, &["--config", slow.to_str().expect("path")]);
-    let partial = relay_dir
-        .join("blobs")
-        .join("partial")
-        .join(format!("{hash}.partial"));
+    let partial = partial_of(&relay_dir, &hash);
     eventually("the relay holds part of the photo", || {
         std::fs::metadata(&partial).is_ok_and(|m| m.len() > 4_000_000)
     });
@@ -491,10 +490,7 @@ fn a_device_that_went_away_mid_transfer_is_asked_for_the_rest_as_soon_as_it_is_b
     cam.wait_for("sync_completed");
     let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
     let (_, hash) = job_with_photo(&camera, &tmp.path().join("meter.jpg"), &bytes);
-    let partial = relay_dir
-        .join("blobs")
-        .join("partial")
-        .join(format!("{hash}.partial"));
+    let partial = partial_of(&relay_dir, &hash);
     eventually("the relay holds part of the photo", || {
         std::fs::metadata(&partial).is_ok_and(|m| m.len() > 0)
     });

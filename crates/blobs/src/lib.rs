@@ -563,9 +563,16 @@ impl BlobStore {
                         .open(&tmp)?;
                     let mut encoder =
                         bao::encode::Encoder::new_outboard(Buffered(BufWriter::new(out)));
-                    std::io::copy(&mut BufReader::with_capacity(64 << 10, &mut file), &mut encoder)?;
+                    std::io::copy(
+                        &mut BufReader::with_capacity(64 << 10, &mut file),
+                        &mut encoder,
+                    )?;
                     let root = encoder.finalize()?;
-                    let mut out = encoder.into_inner().0.into_inner().map_err(|e| e.into_error())?;
+                    let mut out = encoder
+                        .into_inner()
+                        .0
+                        .into_inner()
+                        .map_err(|e| e.into_error())?;
                     // (Readers of the tree start where the file's cursor is.)
                     out.seek(SeekFrom::Start(0))?;
                     Ok::<_, std::io::Error>((root, out))
@@ -709,7 +716,8 @@ impl Flusher {
         if self.unflushed < FLUSH_EVERY {
             return Ok(());
         }
-        if self.running.as_ref().is_some_and(|r| !r.is_finished()) && self.unflushed < FLUSH_BEHIND {
+        if self.running.as_ref().is_some_and(|r| !r.is_finished()) && self.unflushed < FLUSH_BEHIND
+        {
             return Ok(());
         }
         self.wait()?;

@@ -459,7 +459,9 @@ fn a_large_file_is_flushed_as_it_is_written_and_stored_whole() {
     let (_d, s) = store(Config::default());
     let hash = Hash::of(&data);
     let half = FLUSH_EVERY + 7;
-    let mut w = s.resume_writer(&hash, data.len() as u64, 0).expect("writer");
+    let mut w = s
+        .resume_writer(&hash, data.len() as u64, 0)
+        .expect("writer");
     w.write(&data[..half as usize]).expect("first half");
     drop(w);
     let mut w = s
@@ -468,5 +470,8 @@ fn a_large_file_is_flushed_as_it_is_written_and_stored_whole() {
     for piece in data[half as usize..].chunks(1 << 20) {
         w.write(piece).expect("rest");
     }
-    assert_eq!(w.finish_expecting(&hash).expect("stored").size, data.len() as u64);
+    assert_eq!(
+        w.finish_expecting(&hash).expect("stored").size,
+        data.len() as u64
+    );
 }

@@ -203,11 +203,7 @@ pub fn max_slice_len(size: u64) -> u64 {
 /// held in memory (a browser tab's): the BLAKE3 tree is computed first (about 6 % of the
 /// size), then the slice reads out in pieces. `None` if `content` does not hash to `hash`
 /// (a damaged copy is never served).
-pub fn slice_from_memory<'a>(
-    content: &'a [u8],
-    hash: &Hash,
-    start: u64,
-) -> Option<impl Read + 'a> {
+pub fn slice_from_memory<'a>(content: &'a [u8], hash: &Hash, start: u64) -> Option<impl Read + 'a> {
     let (outboard, root) = bao::encode::outboard(content);
     if root.as_bytes() != hash.as_bytes() {
         return None;
@@ -366,7 +362,11 @@ mod tests {
     fn a_request_round_trips_and_a_wrong_length_is_refused() {
         let r = request();
         let bytes = r.encode();
-        assert_eq!(&bytes[32..40], &[1, 2, 3, 4, 5, 6, 7, 8], "offset is big-endian");
+        assert_eq!(
+            &bytes[32..40],
+            &[1, 2, 3, 4, 5, 6, 7, 8],
+            "offset is big-endian"
+        );
         assert_eq!(bytes[40], MAY_FORWARD);
         assert_eq!(Request::decode(&bytes), Ok(r));
         for len in [0, 40, 42] {
@@ -383,7 +383,11 @@ mod tests {
         }
         let mut unknown_flags = bytes;
         unknown_flags[40] = 0b1111_1110;
-        assert!(!Request::decode(&unknown_flags).expect("request").may_forward);
+        assert!(
+            !Request::decode(&unknown_flags)
+                .expect("request")
+                .may_forward
+        );
     }
 
     #[test]

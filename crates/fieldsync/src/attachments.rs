@@ -199,7 +199,9 @@ impl Replica {
     fn pin_reference(&self, r: &Reference) -> Result<(), Error> {
         let hash: Hash = r.hash.parse()?;
         let held = match self.held_blobs.get() {
-            Some(held) => held.pin(&hash).ok_or(fieldsync_blobs::Error::NotFound(hash)),
+            Some(held) => held
+                .pin(&hash)
+                .ok_or(fieldsync_blobs::Error::NotFound(hash)),
             None => self.blobs()?.pin(&hash),
         };
         let size = match held {

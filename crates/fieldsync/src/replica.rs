@@ -329,7 +329,10 @@ impl Replica {
             ),
             (META_WORKSPACE.to_owned(), Some(invite)),
             // Empty, so its `blob` index covers every entity from the start.
-            (crate::attachments::META_BLOB_INDEX.to_owned(), Some(vec![1])),
+            (
+                crate::attachments::META_BLOB_INDEX.to_owned(),
+                Some(vec![1]),
+            ),
         ];
         let ticket = store.commit(vec![], meta)?;
         store.wait_durable(ticket)?;

@@ -365,8 +365,8 @@ async fn fetch_from(
         .map_err(|_| failed("no size".into()))?
         .map_err(|e| failed(e.to_string()))?;
     // Checked against this node's limit before the first byte of the file.
-    let Head { size, start } = Head::decode(&head, have, store.config().max_blob_bytes)
-        .map_err(|e| match e {
+    let Head { size, start } =
+        Head::decode(&head, have, store.config().max_blob_bytes).map_err(|e| match e {
             // Said as the store says it (names the setting to raise).
             wire::WireError::TooLarge { limit, .. } => {
                 failed(fieldsync::blobs::Error::TooLarge { limit }.to_string())
@@ -444,7 +444,10 @@ async fn fetch_from(
     }
     drop(tx);
     let decoded = decoded.map_err(|e| failed(e.to_string()))?;
-    match decoded.await.map_err(|_| failed("the decoder stopped".into()))? {
+    match decoded
+        .await
+        .map_err(|_| failed("the decoder stopped".into()))?
+    {
         Ok(stored) => Ok(stored.size),
         Err(Received::Corrupt(kept)) => {
             stats

@@ -878,13 +878,7 @@ impl<K: Kv> Store for KvStore<K> {
     }
 
     fn index(&self, name: &str) -> Result<Vec<IndexEntry>, Error> {
-        let prefix = index_key(name, &[]);
-        Ok(self
-            .kv
-            .scan(&prefix, usize::MAX, &mut |k| k.starts_with(&prefix))?
-            .into_iter()
-            .map(|(k, v)| (k[prefix.len()..].to_vec(), v))
-            .collect())
+        self.index_prefix(name, &[])
     }
 
     fn index_get(&self, name: &str, k: &[u8]) -> Result<Option<Vec<u8>>, Error> {

@@ -169,8 +169,7 @@ async fn fetch_blob(
         .await
         .map_err(failed)?;
     // Checked against the tab's limit before the first byte of the file.
-    let head =
-        Head::decode(&head, 0, crate::MAX_BLOB_BYTES).map_err(|e| failed(e.to_string()))?;
+    let head = Head::decode(&head, 0, crate::MAX_BLOB_BYTES).map_err(|e| failed(e.to_string()))?;
     let mut verifier = Verifier::new(&hash, head.size);
     let mut bytes = Vec::with_capacity(head.size as usize);
     let mut buf = vec![0u8; PIECE];
@@ -215,9 +214,13 @@ async fn serve_blob(
     load_blob: &js_sys::Function,
 ) {
     let mut request = [0u8; wire::REQUEST_LEN];
-    if within(wire::IDLE_TIMEOUT, "request", stream.read_exact(&mut request))
-        .await
-        .is_err()
+    if within(
+        wire::IDLE_TIMEOUT,
+        "request",
+        stream.read_exact(&mut request),
+    )
+    .await
+    .is_err()
     {
         return;
     }
@@ -252,9 +255,13 @@ async fn serve_blob(
         if filled == 0 {
             break;
         }
-        if within(wire::IDLE_TIMEOUT, "sending", stream.write_all(&piece[..filled]))
-            .await
-            .is_err()
+        if within(
+            wire::IDLE_TIMEOUT,
+            "sending",
+            stream.write_all(&piece[..filled]),
+        )
+        .await
+        .is_err()
         {
             return;
         }
