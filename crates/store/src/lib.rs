@@ -102,6 +102,29 @@ pub struct EntityRecord {
     /// The document's heads.
     pub heads: Vec<[u8; 32]>,
     index_keys: Vec<Vec<u8>>,
+    /// A hash of the view and index entries last written ([`derived_fingerprint`]; zero:
+    /// unknown, as in records from before it). An update that derives the same skips
+    /// writing them again.
+    derived: [u8; 16],
+}
+
+/// What identifies a write's view and index entries: BLAKE2b over their length-prefixed
+/// bytes, 128 bits, so two different derivations never pass for the same.
+fn derived_fingerprint(view: &[u8], index: &[(String, Vec<u8>, Vec<u8>)]) -> [u8; 16] {
+    use blake2::digest::consts::U16;
+    use blake2::{Blake2b, Digest};
+    let mut h = Blake2b::<U16>::new();
+    let mut part = |b: &[u8]| {
+        h.update((b.len() as u64).to_be_bytes());
+        h.update(b);
+    };
+    part(view);
+    for (name, k, v) in index {
+        part(name.as_bytes());
+        part(k);
+        part(v);
+    }
+    h.finalize().into()
 }
 
 /// Writes gathered for one [`Kv::apply`].
@@ -461,6 +484,8 @@ impl EntityRecord {
         for h in &self.heads {
             out.extend_from_slice(h);
         }
+        // Last, so records from before it decode (as unknown) and older code ignores it.
+        out.extend_from_slice(&self.derived);
         out
     }
 
@@ -495,6 +520,10 @@ impl EntityRecord {
         for _ in 0..n {
             heads.push(take(32)?.try_into().map_err(|_| corrupt())?);
         }
+        let derived = match take(16) {
+            Ok(b) => b.try_into().map_err(|_| corrupt())?,
+            Err(_) => [0; 16],
+        };
         Ok(EntityRecord {
             collection,
             seq,
@@ -503,6 +532,7 @@ impl EntityRecord {
             snapshot_bytes,
             heads,
             index_keys,
+            derived,
         })
     }
 }
@@ -722,8 +752,18 @@ impl<K: Kv> Store for KvStore<K> {
         let mut seq = self.last_seq.load(Ordering::SeqCst);
         let mut moved: Vec<(String, i64)> = Vec::new();
         let mut created = std::collections::HashSet::new();
+        let mut written = std::collections::HashSet::new();
         for w in entities {
             let old = self.record(&w.id)?;
+            let derived = derived_fingerprint(&w.view, &w.index);
+            // The view and index entries are written only when they change; not when the
+            // same entity came earlier in this batch (`old` is the stored record, not that
+            // write).
+            let first_in_batch = written.insert(w.id);
+            let same_derived = first_in_batch
+                && old.as_ref().is_some_and(|o| {
+                    o.collection == w.collection && o.derived != [0; 16] && o.derived == derived
+                });
             match &old {
                 None if created.insert(w.id) => moved.push((w.collection.clone(), 1)),
                 None => {}
@@ -741,11 +781,16 @@ impl<K: Kv> Store for KvStore<K> {
                 snapshot_bytes: 0,
                 heads: w.heads,
                 index_keys: Vec::with_capacity(w.index.len()),
+                derived,
             };
             if let Some(old) = &old {
                 batch.remove(key(b'f', &[&old.seq.to_be_bytes()]));
-                for k in &old.index_keys {
-                    batch.remove(k.as_slice());
+                if same_derived {
+                    rec.index_keys = old.index_keys.clone();
+                } else {
+                    for k in &old.index_keys {
+                        batch.remove(k.as_slice());
+                    }
                 }
                 if old.collection != w.collection {
                     batch.remove(view_key(&old.collection, &w.id));
@@ -770,12 +815,14 @@ impl<K: Kv> Store for KvStore<K> {
                     rec.chunks += 1;
                 }
             }
-            for (name, k, v) in w.index {
-                let full = index_key(&name, &k);
-                batch.insert(full.clone(), v);
-                rec.index_keys.push(full);
+            if !same_derived {
+                for (name, k, v) in w.index {
+                    let full = index_key(&name, &k);
+                    batch.insert(full.clone(), v);
+                    rec.index_keys.push(full);
+                }
+                batch.insert(view_key(&w.collection, &w.id), w.view);
             }
-            batch.insert(view_key(&w.collection, &w.id), w.view);
             batch.insert(key(b'f', &[&seq.to_be_bytes()]), &w.id[..]);
             batch.insert(key(b'e', &[&w.id]), rec.encode());
         }
@@ -1016,6 +1063,69 @@ mod tests {
             heads: vec![[id; 32]],
             index,
         }
+    }
+
+    #[test]
+    fn views_and_index_entries_are_written_only_when_they_change() {
+        let s = MemoryStore::journaled([]).unwrap();
+        let flushed_keys = |s: &MemoryStore| -> Vec<Vec<u8>> {
+            s.kv.flush().unwrap();
+            s.take_flushed().into_iter().map(|(k, _)| k).collect()
+        };
+        let entry = |k: &[u8], v: &[u8]| ("blob".to_owned(), k.to_vec(), v.to_vec());
+        let mut w = write(1, DocWrite::Snapshot(vec![1]), vec![entry(b"k1", b"v1")]);
+        s.commit(vec![w.clone()], vec![]).unwrap();
+        let first = flushed_keys(&s);
+        let view = view_key("tasks", &[1; 16]);
+        let k1 = index_key("blob", b"k1");
+        assert!(first.contains(&view) && first.contains(&k1));
+
+        // The same view and index: only the document, record and feed are written.
+        w.doc = DocWrite::Append(vec![2]);
+        s.commit(vec![w.clone()], vec![]).unwrap();
+        let second = flushed_keys(&s);
+        assert!(!second.contains(&view), "unchanged view rewritten");
+        assert!(
+            !second.contains(&k1),
+            "unchanged index entry rewritten or removed"
+        );
+        assert!(second.contains(&chunk_key(&[1; 16], 0)));
+        assert_eq!(s.view("tasks", &[1; 16]).unwrap(), Some(vec![1]));
+        assert_eq!(s.index_get("blob", b"k1").unwrap(), Some(b"v1".to_vec()));
+
+        // A change to either is written, and the entries the skipped write kept are still
+        // known: the old one goes.
+        w.doc = DocWrite::Append(vec![3]);
+        w.index = vec![entry(b"k2", b"v2")];
+        s.commit(vec![w.clone()], vec![]).unwrap();
+        assert_eq!(s.index_get("blob", b"k1").unwrap(), None);
+        assert_eq!(s.index_get("blob", b"k2").unwrap(), Some(b"v2".to_vec()));
+        w.doc = DocWrite::Append(vec![4]);
+        w.view = vec![9];
+        s.commit(vec![w], vec![]).unwrap();
+        assert_eq!(s.view("tasks", &[1; 16]).unwrap(), Some(vec![9]));
+        assert_eq!(s.index_get("blob", b"k2").unwrap(), Some(b"v2".to_vec()));
+    }
+
+    #[test]
+    fn a_record_from_before_the_fingerprint_reads_as_unknown_and_is_rewritten_whole() {
+        let mut rec = EntityRecord {
+            collection: "tasks".into(),
+            seq: 7,
+            chunks: 1,
+            chunk_bytes: 3,
+            snapshot_bytes: 9,
+            heads: vec![[5; 32]],
+            index_keys: vec![b"ik".to_vec()],
+            derived: [7; 16],
+        };
+        let bytes = rec.encode();
+        assert_eq!(EntityRecord::decode(&bytes).unwrap().derived, [7; 16]);
+        let old = &bytes[..bytes.len() - 16];
+        rec.derived = [0; 16];
+        let decoded = EntityRecord::decode(old).unwrap();
+        assert_eq!(decoded.derived, [0; 16]);
+        assert_eq!(decoded.encode(), rec.encode());
     }
 
     #[test]

@@ -201,7 +201,7 @@ impl Entity {
             .map_err(Error::automerge)?;
         let time = deps
             .iter()
-            .filter_map(|h| ReadDoc::get_change_by_hash(&self.doc, h).map(|c| c.timestamp()))
+            .filter_map(|h| self.doc.get_change_meta_by_hash(h).map(|m| m.timestamp))
             .max()
             .unwrap_or(0);
         let note = ChangeNote {

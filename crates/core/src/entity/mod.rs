@@ -185,13 +185,15 @@ impl Entity {
                 .with_message(serde_json::to_string(&note).unwrap_or_default())
                 .with_time(0),
         );
+        // The only change so far is the creation change, at time 0.
+        let seen_heads = doc.get_heads();
         let mut entity = Entity {
             id,
             doc,
             persisted: vec![],
             collection: Some(collection.to_owned()),
             seen_ms: 0,
-            seen_heads: vec![],
+            seen_heads,
             resolve_record: None,
         };
         entity.set_writer(w);
@@ -285,9 +287,10 @@ impl Entity {
         self.doc.set_actor(w.actor());
         let heads = self.doc.get_heads();
         if heads != self.seen_heads {
+            // The change's metadata, not the change: rebuilding a change re-encodes its ops.
             self.seen_ms = heads
                 .iter()
-                .filter_map(|h| ReadDoc::get_change_by_hash(&self.doc, h).map(|c| c.timestamp()))
+                .filter_map(|h| self.doc.get_change_meta_by_hash(h).map(|m| m.timestamp))
                 .max()
                 .unwrap_or(0);
             self.seen_heads = heads;
@@ -351,7 +354,7 @@ impl Entity {
     pub fn changes_after(&mut self, have: &[ChangeHash]) -> Vec<u8> {
         let known: Vec<ChangeHash> = have
             .iter()
-            .filter(|h| self.doc.get_change_by_hash(h).is_some())
+            .filter(|h| self.doc.get_change_meta_by_hash(h).is_some())
             .copied()
             .collect();
         self.doc.save_after(&known)
