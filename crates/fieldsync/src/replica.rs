@@ -788,6 +788,13 @@ impl Replica {
             self.cache(entity);
             return Ok((id, applied));
         }
+        // Nothing changed (the values were there already): nothing to store or to sync. It
+        // returns once what is stored is durable, like any write.
+        if !entity.is_new() && !entity.has_unsaved_changes() {
+            self.cache(entity);
+            self.commit_durable(vec![], vec![])?;
+            return Ok((id, applied));
+        }
         // Refused here as every peer would; the changed document is dropped, unstored.
         self.check_own_write(before.as_ref(), &entity)?;
         let write = self.entity_write(&mut entity)?;
@@ -1294,4 +1301,63 @@ fn conflict_from_json(v: &Json) -> Option<Conflict> {
         },
         resolution: serde_json::from_value(v["resolution"].clone()).ok(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The keys each flush wrote, for a journaled memory store.
+    fn flushed_keys(store: &fieldsync_store::MemoryStore) -> Vec<Vec<u8>> {
+        store.take_flushed().into_iter().map(|(k, _)| k).collect()
+    }
+
+    #[test]
+    fn updates_write_only_what_they_change() {
+        let store = Arc::new(fieldsync_store::MemoryStore::journaled([]).unwrap());
+        let replica = Replica::init_authority_on(
+            store.clone(),
+            Path::new("mem"),
+            "[collections.tasks.fields]\nprogress = { rule = \"max\" }\n",
+            "test",
+            ed25519::Keypair::generate(),
+        )
+        .unwrap();
+        let id = replica
+            .put("tasks", None, r#"{"title":"a","progress":50}"#)
+            .unwrap();
+        // What the last flushes wrote of this entity, by key kind (b'e' record, b'v' view).
+        let written = || {
+            let keys = flushed_keys(&store);
+            move |k: u8| {
+                keys.iter()
+                    .any(|key| key.first() == Some(&k) && key.ends_with(id.as_bytes()))
+            }
+        };
+        let first = written();
+        assert!(first(b'v') && first(b'e'));
+        // The values already there: the document does not change, nothing is written.
+        replica
+            .put("tasks", Some(id), r#"{"progress":50}"#)
+            .unwrap();
+        let same = written();
+        assert!(
+            !same(b'e') && !same(b'v'),
+            "a write that changed nothing was stored"
+        );
+        // The same value under an operation id: the document records the op, the view is
+        // as it was and is not written again.
+        let op: fieldsync_core::OpId = "op-1".parse().unwrap();
+        replica
+            .put_op("tasks", Some(id), r#"{"progress":50}"#, Some(&op))
+            .unwrap();
+        let recorded = written();
+        assert!(recorded(b'e'), "the op's change was not stored");
+        assert!(!recorded(b'v'), "the unchanged view was written again");
+        replica
+            .put("tasks", Some(id), r#"{"progress":70}"#)
+            .unwrap();
+        assert!(written()(b'v'));
+        assert_eq!(replica.get("tasks", id).unwrap()["progress"], 70);
+    }
 }

@@ -326,6 +326,12 @@ impl Entity {
     }
 
     /// The changes not yet persisted (since load or the last save), as one chunk.
+    /// Whether the document holds changes not saved yet (a put of the value already there
+    /// makes none: Automerge drops it).
+    pub fn has_unsaved_changes(&mut self) -> bool {
+        self.doc.get_heads() != self.persisted
+    }
+
     pub fn save_incremental(&mut self) -> Vec<u8> {
         let bytes = self.doc.save_after(&self.persisted);
         self.persisted = self.doc.get_heads();
