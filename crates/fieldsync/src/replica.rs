@@ -1360,4 +1360,62 @@ mod tests {
         assert!(written()(b'v'));
         assert_eq!(replica.get("tasks", id).unwrap()["progress"], 70);
     }
+
+    #[test]
+    fn a_bulk_import_over_many_chunks_creates_and_updates_every_line_once() {
+        let store = Arc::new(fieldsync_store::MemoryStore::new());
+        let replica = Replica::init_authority_on(
+            store,
+            Path::new("mem"),
+            "[collections.tasks.fields]\nprogress = { rule = \"max\" }\n",
+            "test",
+            ed25519::Keypair::generate(),
+        )
+        .unwrap();
+        let stored: Vec<EntityId> = (0..3)
+            .map(|i| {
+                replica
+                    .put(
+                        "tasks",
+                        None,
+                        &format!(r#"{{"title":"old {i}","progress":1}}"#),
+                    )
+                    .unwrap()
+            })
+            .collect();
+        // 1,300 new lines (three chunks), with the stored entities named in the first,
+        // second and last chunk.
+        let mut lines: Vec<String> = (0..1300)
+            .map(|i| format!(r#"{{"title":"new {i}","progress":{i}}}"#))
+            .collect();
+        for (at, id) in [10, 700, 1290].into_iter().zip(&stored) {
+            lines[at] = format!(r#"{{"_id":"{id}","title":"updated","progress":5}}"#);
+        }
+        let mut seen = vec![];
+        let n = replica
+            .bulk_import("tasks", &lines.join("\n"), &mut |done, total| {
+                seen.push((done, total))
+            })
+            .unwrap();
+        assert_eq!(n, 1300);
+        assert!(
+            seen.windows(2).all(|w| w[0].0 < w[1].0),
+            "progress goes forward"
+        );
+        assert_eq!(seen.last(), Some(&(1300, 1300)));
+        let mut titles = std::collections::BTreeMap::new();
+        replica
+            .list("tasks", &[], false, &mut |v| {
+                *titles
+                    .entry(v["title"].as_str().unwrap_or_default().to_owned())
+                    .or_insert(0) += 1;
+                true
+            })
+            .unwrap();
+        assert_eq!(titles.values().sum::<usize>(), 1300 - 3 + 3);
+        assert_eq!(titles.get("updated"), Some(&3));
+        assert!(titles.keys().all(|t| !t.starts_with("old")));
+        assert_eq!(titles.get("new 0"), Some(&1));
+        assert_eq!(titles.get("new 1299"), Some(&1));
+    }
 }

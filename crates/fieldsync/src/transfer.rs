@@ -25,6 +25,9 @@ use crate::Error;
 /// Entities per store commit during bulk work.
 const BATCH: usize = 512;
 
+/// A chunk of a bulk import, built: writes of new entities, and lines naming stored ones.
+type Built = (Vec<fieldsync_store::EntityWrite>, Vec<(EntityId, Patch)>);
+
 /// A bundle ready to be written to a file.
 #[derive(Debug)]
 pub struct ExportedBundle {
@@ -579,30 +582,54 @@ impl Replica {
         }
         let total = parsed.len();
         let mut done = 0;
-        for chunk in parsed.chunks(BATCH) {
-            // New entities are built in parallel and committed together; updates go one by one.
-            let (fresh, existing): (Vec<_>, Vec<_>) = chunk
-                .iter()
-                .map(|(id, p)| (id.unwrap_or_else(|| EntityId(self.new_id())), p))
-                .partition(|(id, _)| matches!(self.store.record(id.as_bytes()), Ok(None)));
+        // New entities are built in parallel, a chunk at a time; while one chunk is
+        // committed (serial work in the store), the next is built, so both cores stay busy.
+        // Ids are unique across lines, so a chunk never needs what the one before it commits.
+        let build = |chunk: &[(Option<EntityId>, Patch)]| -> Result<Built, Error> {
             let now = self.now_ms();
-            let writes = fresh
+            let built = chunk
                 .par_iter()
                 .map(|(id, patch)| {
+                    let id = id.unwrap_or_else(|| EntityId(self.new_id()));
+                    if self.store.record(id.as_bytes())?.is_some() {
+                        return Ok(Err((id, patch.clone())));
+                    }
                     let w = self.writer(now);
-                    let mut e =
-                        Entity::create(&self.ws(), *id, collection, &w, patch, &mut || {
-                            self.new_proposal_id()
-                        })?;
-                    self.entity_write(&mut e)
+                    let mut e = Entity::create(&self.ws(), id, collection, &w, patch, &mut || {
+                        self.new_proposal_id()
+                    })?;
+                    self.entity_write(&mut e).map(Ok)
                 })
                 .collect::<Result<Vec<_>, Error>>()?;
-            self.store.commit(writes, vec![])?;
-            for (id, patch) in existing {
-                self.put_patch(collection, Some(id), patch)?;
+            let (fresh, existing): (Vec<_>, Vec<_>) = built.into_iter().partition(Result::is_ok);
+            Ok((
+                fresh.into_iter().filter_map(Result::ok).collect(),
+                existing.into_iter().filter_map(Result::err).collect(),
+            ))
+        };
+        let mut pending: Option<Built> = None;
+        for chunk in parsed.chunks(BATCH).map(Some).chain([None]) {
+            let (next, committed) = rayon::join(
+                || chunk.map(build).transpose(),
+                || match pending.take() {
+                    Some((writes, existing)) => {
+                        let n = writes.len() + existing.len();
+                        self.store.commit(writes, vec![])?;
+                        // Lines naming stored entities update them, one by one.
+                        for (id, patch) in existing {
+                            self.put_patch(collection, Some(id), &patch)?;
+                        }
+                        Ok::<usize, Error>(n)
+                    }
+                    None => Ok(0),
+                },
+            );
+            let n = committed?;
+            if n > 0 {
+                done += n;
+                progress(done, total);
             }
-            done += chunk.len();
-            progress(done, total);
+            pending = next?;
         }
         self.commit_durable(vec![], vec![])?;
         Ok(total)
