@@ -8,7 +8,8 @@
 //!    process; time until all converge (same entities, same values), relay peak RSS and CPU.
 //!
 //! Run: `cargo bench -p fieldsync-node --bench scale`. `BENCH_SCALE=rss` or `=devices` runs
-//! one part; `BENCH_RELAY_CACHE_MB` / `BENCH_RELAY_STORE_CACHE_MB` size the relay's caches.
+//! one part; `BENCH_RELAY_CACHE_MB` / `BENCH_RELAY_STORE_CACHE_MB` size the relay's caches
+//! (its defaults otherwise).
 //! Lines starting `report: ` are rows for `scripts/bench-report`.
 
 use std::io::{BufRead, BufReader, Write};
@@ -91,8 +92,16 @@ fn clock_ticks() -> f64 {
 
 impl Relay {
     fn start(dir: &Path) -> anyhow::Result<Relay> {
-        let cache = std::env::var("BENCH_RELAY_CACHE_MB").unwrap_or_else(|_| "32".into());
-        let store = std::env::var("BENCH_RELAY_STORE_CACHE_MB").unwrap_or_else(|_| "32".into());
+        // The relay's own defaults unless the environment sizes its caches.
+        let mut caches = Vec::new();
+        for (var, flag) in [
+            ("BENCH_RELAY_CACHE_MB", "--cache-mb"),
+            ("BENCH_RELAY_STORE_CACHE_MB", "--store-cache-mb"),
+        ] {
+            if let Ok(mb) = std::env::var(var) {
+                caches.extend([flag.to_owned(), mb]);
+            }
+        }
         let mut child = fieldsync(dir)
             .args([
                 "relay",
@@ -100,11 +109,8 @@ impl Relay {
                 "/ip4/127.0.0.1/tcp/0",
                 "--api",
                 "127.0.0.1:0",
-                "--cache-mb",
-                &cache,
-                "--store-cache-mb",
-                &store,
             ])
+            .args(&caches)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;

@@ -13,6 +13,13 @@ use crate::cli::CliError;
 const DEFAULT_CACHE_MB: u64 = (fieldsync::MemoryOptions::DEFAULT.doc_cache_bytes >> 20) as u64;
 /// Default `store_cache_mb`: the store's page cache (MiB).
 const DEFAULT_STORE_CACHE_MB: u64 = fieldsync::MemoryOptions::DEFAULT.store_cache_bytes >> 20;
+/// Default `store_cache_mb` of a relay. A relay's reads are mostly first syncs, which stream
+/// the whole store once (larger than any cache), so a big page cache only holds pages that
+/// are not read again — and sled's in-memory pages weigh 2–3× the on-disk bytes it counts
+/// against the capacity (32 MiB made ~65 MB of heap serving a 100,000-entity first sync).
+/// 8 MiB still holds the tree's index pages and the feed's tail; first-sync time and relay
+/// CPU measured the same (node/benches/scale.rs).
+pub(crate) const RELAY_DEFAULT_STORE_CACHE_MB: u64 = 8;
 
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
@@ -132,7 +139,7 @@ impl Default for Relay {
             open_relay: false,
             api: SocketAddr::from(([127, 0, 0, 1], 7070)),
             cache_mb: DEFAULT_CACHE_MB,
-            store_cache_mb: DEFAULT_STORE_CACHE_MB,
+            store_cache_mb: RELAY_DEFAULT_STORE_CACHE_MB,
             postgres: None,
             postgres_tables: Default::default(),
         }
