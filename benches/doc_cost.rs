@@ -14,18 +14,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const SCHEMA: &str = "[collections.tasks.fields]\nstatus = { rule = \"rank\", order = [\"open\", \"in_progress\", \"completed\"] }\nprogress = { rule = \"max\" }\ntags = { rule = \"set\" }\n";
 
-fn task(i: usize) -> String {
-    format!(
-        r#"{{"title":"Task {i}","status":"open","progress":{},"tags":["t{}"],"site":"Site {}","assignee":"user{}","priority":{},"notes_short":"call before","customer":"Customer {}","due":"2026-12-01"}}"#,
-        i % 100,
-        i % 7,
-        i % 50,
-        i % 20,
-        i % 5,
-        i % 1000
-    )
-}
-
 /// Microseconds per item of `f` over `n` items.
 fn per_item(n: usize, f: impl FnOnce()) -> f64 {
     let t = Instant::now();
@@ -56,7 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         authority_key: None,
         delegation: None,
     };
-    let json: Vec<String> = (0..n).map(task).collect();
+    let json: Vec<String> = (0..n).map(fieldsync_tests::floors::ten_fields).collect();
     let patches = json
         .iter()
         .map(|j| Patch::parse(coll, j))

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use fieldsync::Replica;
+use fieldsync_tests::floors::ten_fields;
 
 // The allocator the `fieldsync` binary uses.
 #[global_allocator]
@@ -23,19 +24,6 @@ status   = { rule = "rank", order = ["open", "in_progress", "completed"] }
 progress = { rule = "max" }
 tags     = { rule = "set" }
 "#;
-
-fn ten_fields(i: usize) -> String {
-    format!(
-        r#"{{"title":"Task {i}","status":"open","progress":{p},"tags":["t{t}"],"site":"Site {s}","assignee":"user{u}","priority":{pr},"notes_short":"call before","customer":"Customer {c}","due":"2026-12-{d:02}"}}"#,
-        p = i % 100,
-        t = i % 7,
-        s = i % 50,
-        u = i % 20,
-        pr = i % 5,
-        c = i % 1000,
-        d = i % 28 + 1
-    )
-}
 
 fn new_replica(dir: &std::path::Path, encrypted: bool) -> Replica {
     let secret = encrypted.then(|| fieldsync::Secret::KeyFile(vec![42; 32]));

@@ -54,3 +54,17 @@ pub fn creation_rate(n: usize, threads: usize, json: impl Fn(usize) -> String + 
     });
     n as f64 / start.elapsed().as_secs_f64()
 }
+
+/// Task `i` of the benchmarks: a 10-field task as JSON (strings, integers, a one-tag set).
+pub fn ten_fields(i: usize) -> String {
+    format!(
+        r#"{{"title":"Task {i}","status":"open","progress":{p},"tags":["t{t}"],"site":"Site {s}","assignee":"user{u}","priority":{pr},"notes_short":"call before","customer":"Customer {c}","due":"2026-12-{d:02}"}}"#,
+        p = i % 100,
+        t = i % 7,
+        s = i % 50,
+        u = i % 20,
+        pr = i % 5,
+        c = i % 1000,
+        d = i % 28 + 1
+    )
+}
