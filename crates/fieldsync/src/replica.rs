@@ -625,7 +625,13 @@ impl Replica {
         } else {
             snapshot
         };
-        let derived = entity.derive(&self.ws())?;
+        // A new entity (created, or received whole) is rarely written again soon: keeping
+        // its derivation would only cost a copy.
+        let derived = if entity.is_new() {
+            entity.derive(&self.ws())?
+        } else {
+            entity.derive_for_write(&self.ws())?
+        };
         let collection = entity.collection().unwrap_or_default();
         // A given snapshot is stored as it is: no need to look up the stored record.
         let compact = snapshot.is_none()

@@ -590,10 +590,14 @@ impl Replica {
             let built = chunk
                 .par_iter()
                 .map(|(id, patch)| {
-                    let id = id.unwrap_or_else(|| EntityId(self.new_id()));
-                    if self.store.record(id.as_bytes())?.is_some() {
-                        return Ok(Err((id, patch.clone())));
-                    }
+                    // Only a line's own `_id` can name a stored entity; a new id cannot.
+                    let id = match id {
+                        Some(id) if self.store.record(id.as_bytes())?.is_some() => {
+                            return Ok(Err((*id, patch.clone())));
+                        }
+                        Some(id) => *id,
+                        None => EntityId(self.new_id()),
+                    };
                     let w = self.writer(now);
                     let mut e = Entity::create(&self.ws(), id, collection, &w, patch, &mut || {
                         self.new_proposal_id()

@@ -105,6 +105,7 @@ impl Entity {
             seen_ms: 0,
             seen_heads: vec![],
             resolve_record: None,
+            rederive: Default::default(),
         };
         then.view(ws).unwrap_or_default()
     }

@@ -119,6 +119,9 @@ pub struct Entity {
     seen_heads: Vec<ChangeHash>,
     /// During `resolve`: the record of the resolution, written in the same change.
     resolve_record: Option<(String, String)>,
+    /// The last derivation and the local write after it, so that write re-derives only
+    /// the fields it touched (`derive::Rederive`).
+    rederive: derive::Rederive,
 }
 
 /// Runs an Automerge decode of received bytes, turning a panic into an error: Automerge 0.12
@@ -195,6 +198,7 @@ impl Entity {
             seen_ms: 0,
             seen_heads,
             resolve_record: None,
+            rederive: Default::default(),
         };
         entity.set_writer(w);
         let created = entity.map(K_CREATED)?;
@@ -258,6 +262,7 @@ impl Entity {
             seen_ms: 0,
             seen_heads: vec![],
             resolve_record: None,
+            rederive: Default::default(),
         })
     }
 
@@ -275,6 +280,7 @@ impl Entity {
             seen_ms: 0,
             seen_heads: vec![],
             resolve_record: None,
+            rederive: Default::default(),
         };
         if entity.collection().is_none() {
             return Err(Error::Document(format!("entity {id} has no _collection")));
@@ -348,6 +354,7 @@ impl Entity {
             + s.num_ops as usize * MEM_PER_OP
             + s.num_changes as usize * MEM_PER_CHANGE
             + s.num_actors as usize * MEM_PER_ACTOR
+            + self.rederive.memory_estimate()
     }
 
     /// Whether the document was never persisted (created here or received whole).
@@ -436,6 +443,8 @@ impl Entity {
             return Err(Error::Deleted(self.id));
         }
         self.set_writer(w);
+        // `set_writer` read the heads: the state this write starts from.
+        let before = self.seen_heads.clone();
         let res = (|| {
             if coll.on_delete == OnDelete::UpdateWins {
                 // Every update re-asserts "alive"; a delete that saw it overwrites it, a
@@ -469,6 +478,9 @@ impl Entity {
             return Err(e);
         }
         self.commit(w, kind, patch.fields(), op.map(|(o, _)| o));
+        let only_fields = self.resolve_record.is_none();
+        self.rederive
+            .note_write(coll, before, &self.seen_heads, patch, only_fields);
         Ok(())
     }
 
