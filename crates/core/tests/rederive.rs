@@ -95,7 +95,8 @@ fn check(collection: &str, steps: &[Step]) -> Result<(), TestCaseError> {
         ProposalId(uuid::Uuid::from_u128(ids))
     };
     let created = Patch::from_json(coll, &json!({ "title": "first", "tags": ["g0"] })).unwrap();
-    let mut a = Entity::create(&ws, id, collection, &writer(0, 1), &created, &mut proposal).unwrap();
+    let mut a =
+        Entity::create(&ws, id, collection, &writer(0, 1), &created, &mut proposal).unwrap();
     let mut b = Entity::load(id, &a.save(), &[]).unwrap();
     let copies = [&mut a, &mut b];
     for (t, s) in steps.iter().enumerate() {
@@ -151,6 +152,11 @@ proptest! {
 /// A fixed case: a concurrent write merged in after the last derivation, then a local write.
 #[test]
 fn a_merge_after_the_last_derivation_is_derived_in_full() {
-    let steps = [Step::Write(0, 2, 1), Step::Write(1, 2, 4), Step::Merge(0), Step::Write(0, 0, 1)];
+    let steps = [
+        Step::Write(0, 2, 1),
+        Step::Write(1, 2, 4),
+        Step::Merge(0),
+        Step::Write(0, 0, 1),
+    ];
     check("tasks", &steps).unwrap();
 }

@@ -12,8 +12,8 @@ use super::json::to_json;
 use super::{Entity, View};
 use crate::authority::Confirmation;
 use crate::ids::{ConflictId, EntityId, ProposalId};
-use crate::rules::{self, Values};
 use crate::patch::Patch;
+use crate::rules::{self, Values};
 use crate::schema::{Collection, Rule};
 use crate::workspace::Workspace;
 use crate::Error;
@@ -102,11 +102,31 @@ pub struct Derived {
 /// about a fifth of a write's instructions otherwise go to re-reading every field.
 #[derive(Debug, Default)]
 pub(super) struct Rederive {
-    /// The heads and schema version of the last derivation, and what it gave.
-    last: Option<Box<(Vec<ChangeHash>, u64, Derived)>>,
+    last: Option<Box<Kept>>,
     /// The write since: the heads it started from and ended at, and the fields it wrote;
     /// `None` when the write may have changed anything else.
     write: Option<(Vec<ChangeHash>, Vec<ChangeHash>, Vec<String>)>,
+}
+
+/// The last derivation, with the heads and schema version it was made at.
+#[derive(Debug)]
+struct Kept {
+    heads: Vec<ChangeHash>,
+    version: u64,
+    derived: Derived,
+}
+
+/// The view's `_conflicts`: each open conflict's values, by field; absent when none is open.
+fn set_open_conflicts(view: &mut View, conflicts: &[Conflict]) {
+    let open: Map<String, Json> = conflicts
+        .iter()
+        .filter(|c| c.state == ConflictState::Open)
+        .map(|c| (c.field.clone(), Json::Array(c.values.clone())))
+        .collect();
+    view.remove("_conflicts");
+    if !open.is_empty() {
+        view.insert("_conflicts".into(), Json::Object(open));
+    }
 }
 
 impl Rederive {
@@ -121,8 +141,13 @@ impl Rederive {
             }
         }
         self.last.as_ref().map_or(0, |l| {
-            256 + l.2.view.iter().map(|(k, v)| 32 + k.len() + json(v)).sum::<usize>()
-                + (l.2.conflicts.len() + l.2.proposals.len() + l.2.resolved.len()) * 256
+            let d = &l.derived;
+            256 + d
+                .view
+                .iter()
+                .map(|(k, v)| 32 + k.len() + json(v))
+                .sum::<usize>()
+                + (d.conflicts.len() + d.proposals.len() + d.resolved.len()) * 256
         })
     }
 
@@ -164,13 +189,17 @@ impl Entity {
         let write = self.rederive.write.take();
         let derived = match (last, write) {
             (Some(last), Some((before, after, fields)))
-                if last.0 == before && after == heads && last.1 == version =>
+                if last.heads == before && after == heads && last.version == version =>
             {
-                self.rederive_fields(ws, last.2, &fields)?
+                self.rederive_fields(ws, last.derived, &fields)?
             }
             _ => self.derive(ws)?,
         };
-        self.rederive.last = Some(Box::new((heads, version, derived.clone())));
+        self.rederive.last = Some(Box::new(Kept {
+            heads,
+            version,
+            derived: derived.clone(),
+        }));
         Ok(derived)
     }
 
@@ -200,7 +229,10 @@ impl Entity {
                 all: &all,
             };
             // No value left (a removal): no entry, as a full derive finds no key.
-            if let Some(v) = (!all.is_empty()).then(|| semantics.merged(&values)).flatten() {
+            if let Some(v) = (!all.is_empty())
+                .then(|| semantics.merged(&values))
+                .flatten()
+            {
                 view.insert(field.clone(), v);
             }
             if let (true, Some(state)) = (all.len() > 1, semantics.conflict()) {
@@ -217,16 +249,7 @@ impl Entity {
                 view.insert(field.clone(), d.clone());
             }
         }
-        let open: Map<String, Json> = last
-            .conflicts
-            .iter()
-            .filter(|c| c.state == ConflictState::Open)
-            .map(|c| (c.field.clone(), Json::Array(c.values.clone())))
-            .collect();
-        view.remove("_conflicts");
-        if !open.is_empty() {
-            view.insert("_conflicts".into(), Json::Object(open));
-        }
+        set_open_conflicts(view, &last.conflicts);
         // A local write leaves the entity alive: `delete_wins` refuses to write a deleted
         // one, and in `update_wins` the write's marker replaces every tombstone it saw.
         view.remove("_deleted");
@@ -315,14 +338,7 @@ impl Entity {
                 view.insert((*field).to_owned(), c.value.clone());
             }
         }
-        let open: Map<String, Json> = conflicts
-            .iter()
-            .filter(|c| c.state == ConflictState::Open)
-            .map(|c| (c.field.clone(), Json::Array(c.values.clone())))
-            .collect();
-        if !open.is_empty() {
-            view.insert("_conflicts".into(), Json::Object(open));
-        }
+        set_open_conflicts(&mut view, &conflicts);
         let proposals = self.pending(&collection, &confirmed);
         let mut pending = Map::new();
         for p in &proposals {
